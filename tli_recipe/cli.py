@@ -1,0 +1,158 @@
+"""The `tli-recipe` command: validate, plan, run, verify, schema.
+
+`validate` and `plan` never import torch or transformers; tensor work is imported
+lazily by `run` and `verify`. Bad input exits with status 2 and a located message,
+never a traceback; a failed verification exits with status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import RecipeError, TliError
+
+SET_HELP = "Override a recipe field: key.path=value (value parsed as YAML), e.g. base_model=/models/llama. Repeatable."
+
+
+def _reported(func):
+    """Turn the project's errors into messages and exit codes (2: bad input, 1: failed check)."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except RecipeError as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(2)
+        except TliError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def _load(recipe: str, overrides: tuple[str, ...]):
+    from .load import load_recipe
+
+    return load_recipe(recipe, overrides)
+
+
+def _compile(recipe: str, overrides: tuple[str, ...]):
+    from .plan import compile_plan
+
+    return compile_plan(_load(recipe, overrides))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tli-recipe")
+def main() -> None:
+    """Grow a trained decoder-only language model deeper, exactly, from a YAML recipe.
+
+    recipe -> plan -> run (checkpoint + plan.json) -> verify.
+    """
+
+
+@main.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@_reported
+def validate(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+    """Check recipe files against the schema (no checkpoint needed). All errors at once."""
+    problems = []
+    for recipe in recipes:
+        try:
+            _load(recipe, overrides)
+            click.echo(f"ok: {recipe}")
+        except RecipeError as exc:
+            problems += exc.problems
+    if problems:
+        raise RecipeError(problems)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
+@_reported
+def plan(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Compile a recipe against its base model's config and headers; print the layer map and totals."""
+    compiled = _compile(recipe, overrides)
+    if as_json:
+        click.echo(compiled.model_dump_json(indent=2))
+        return
+    from .report import plan_table
+
+    click.echo(plan_table(compiled))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output directory (default: the recipe's output, else out/<name>).")
+@click.option("--device", default="auto", show_default=True, help="Where tensor arithmetic runs: auto, cpu, cuda or cuda:N.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@_reported
+def run(recipe: str, overrides: tuple[str, ...], output: str | None, device: str, force: bool, no_progress: bool) -> None:
+    """Write the grown checkpoint: shards, index, config, tokenizer, recipe, plan.json, model card."""
+    compiled = _compile(recipe, overrides)
+    for warning in compiled.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    from .execute import execute_plan
+
+    execute_plan(compiled, output, device=device, force=force, progress=not no_progress,
+                 log=lambda msg: click.echo(msg, err=True))
+
+
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False, exists=True))
+@click.option("--atol", default=1e-5, show_default=True, help="Largest allowed |logits - base logits| for a function-preserving plan.")
+@click.option("--no-tensors", is_flag=True, help="Skip the tensor-by-tensor check against the plan.")
+@click.option("--no-logits", is_flag=True, help="Skip loading both models with transformers.")
+@click.option("--device", default="cpu", show_default=True, help="Device for the logits comparison.")
+@_reported
+def verify(output: str, atol: float, no_tensors: bool, no_logits: bool, device: str) -> None:
+    """Check an output directory against its plan.json and its base model."""
+    from .verify import raise_for, verify_output
+
+    report = verify_output(output, atol=atol, tensors=not no_tensors, logits=not no_logits, device=device)
+    if not no_tensors:
+        click.echo(f"tensors: {report.tensors_checked} checked against the plan, {len(report.tensor_problems)} problems")
+    if report.max_abs_diff is not None:
+        verdict = ("within" if report.max_abs_diff <= atol else "BEYOND") + f" tolerance {atol:g}"
+        if not report.function_preserving:
+            verdict = "the plan is not function-preserving, so a difference is expected"
+        click.echo(f"logits: max |output - base| = {report.max_abs_diff:.3g} over {report.tokens} tokens ({verdict})")
+    raise_for(report, Path(output))
+    click.echo(f"ok: {output}")
+
+
+@main.command()
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write the schema here instead of stdout.")
+@click.option("--check", is_flag=True, help="Exit 1 if --output differs from the current schema.")
+@_reported
+def schema(output: str | None, check: bool) -> None:
+    """Print (or write) the recipe's JSON schema, generated from the pydantic models."""
+    from .recipe import recipe_schema
+
+    text = json.dumps(recipe_schema(), indent=2) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    elif check:
+        if not Path(output).is_file() or Path(output).read_text() != text:
+            raise TliError(f"{output} is stale; regenerate it with `tli-recipe schema -o {output}`")
+        click.echo(f"ok: {output} is current")
+    else:
+        Path(output).write_text(text)
+        click.echo(f"wrote {output}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,74 @@
+"""Errors that reach the user, and the one place their messages are formatted.
+
+Every problem with a recipe is reported as ``file:line:col: field.path: message``.
+All problems found in one pass are collected into a single :class:`RecipeError`,
+so the user fixes them together instead of one run at a time.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+Path = tuple  # a field path: str keys and int indices, e.g. ("slices", 0, "layer_range")
+
+
+def format_path(path: Sequence[object]) -> str:
+    """``("slices", 0, "layer_range")`` -> ``slices[0].layer_range``; the root is ``(root)``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(root)"
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'o_proj'?)`` when a close match exists, else an empty string."""
+    match = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One message about one place of a recipe."""
+
+    path: Path
+    message: str
+    file: str = "<recipe>"
+    line: int = 1
+    column: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}: {format_path(self.path)}: {self.message}"
+
+
+@dataclass
+class RecipeError(Exception):
+    """All problems found in a recipe; the CLI prints them and exits with status 2."""
+
+    problems: list[Problem] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+
+class TliError(Exception):
+    """A failure outside the recipe text (a checkpoint, the output directory...).
+
+    The message names the file or tensor and says how to fix it. ``exit_code`` is
+    2 for bad input and 1 for a failed check.
+    """
+
+    exit_code = 2
+
+
+class VerifyError(TliError):
+    """An output checkpoint does not match its plan or its base model."""
+
+    exit_code = 1

@@ -1,0 +1,195 @@
+"""execute_plan(plan) -> output directory: apply a Plan tensor by tensor.
+
+Each output tensor is read (one at a time, plain file reads), transformed on the
+chosen device, cast, and streamed into a shard whose header was written first.
+Everything is written into a temporary directory beside the target, which is
+renamed into place only when complete: a failure or Ctrl-C leaves no partial output.
+Sources are opened read-only and never modified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import yaml
+
+from . import __version__
+from .checkpoint import SIDE_FILES, CheckpointError, ShardWriter, TensorReader, layout_shards, open_checkpoint, torch_dtype
+from .errors import TliError
+from .plan import Plan, TensorOp
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TliError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise TliError(f"--device {device}: unknown device; expected auto, cpu or cuda[:N]")
+    return device
+
+
+def make_tensor(op: TensorOp, reader: TensorReader, source, device: str):
+    """The output tensor of one TensorOp (on the CPU, in the output dtype).
+
+    Random streams are drawn on the CPU from a per-tensor seed, so cpu and cuda runs
+    give the same values; only the arithmetic runs on ``device``.
+    """
+    import torch
+
+    out_dtype = torch_dtype(op.dtype)
+    if op.op == "zero":
+        return torch.zeros(op.shape, dtype=out_dtype)
+    if op.op == "random":
+        gen = torch.Generator().manual_seed(op.seed)
+        return (torch.randn(op.shape, generator=gen, dtype=torch.float32) * op.value).to(out_dtype)
+    info = source.tensors.get(op.source_name)
+    if info is None:
+        raise CheckpointError(f"{source.path}: tensor '{op.source_name}' is in the plan but not in the checkpoint; "
+                              "the checkpoint changed since the plan was made, plan again")
+    tensor = reader.read(info)
+    if op.op == "copy":
+        return tensor.to(out_dtype)
+    work = tensor.to(device=device, dtype=torch.float32)
+    if op.op == "scale":
+        work = work * op.value
+    elif op.op == "noise":
+        gen = torch.Generator().manual_seed(op.seed)
+        work = work + (torch.randn(op.shape, generator=gen, dtype=torch.float32) * op.value).to(device)
+    else:  # pragma: no cover - the plan's Literal admits nothing else
+        raise TliError(f"unknown operation {op.op!r} for tensor '{op.name}'")
+    return work.to(out_dtype).cpu()
+
+
+def _check_sources(plan: Plan) -> dict:
+    """Open every source checkpoint and check it still matches the plan (names, shapes, dtypes)."""
+    opened = {}
+    for key, src in plan.sources.items():
+        if not src.has_weights:
+            raise TliError(f"{src.path}: holds only config.json, no safetensors weights; download the weights before `run`")
+        opened[key] = open_checkpoint(Path(src.path))
+    mismatched = []
+    for op in plan.tensors:
+        if op.op in ("zero", "random"):
+            continue
+        info = opened[op.source].tensors.get(op.source_name)
+        if info is None or info.shape != tuple(op.shape) or info.dtype != op.source_dtype:
+            mismatched.append(op.source_name)
+    if mismatched:
+        raise TliError(f"{len(mismatched)} of {len(plan.tensors)} planned source tensors are missing or differ in "
+                       f"shape/dtype (first: '{mismatched[0]}'); the checkpoint changed since the plan was made, plan again")
+    return opened
+
+
+def _check_output(target: Path, plan: Plan, force: bool) -> None:
+    resolved = target.resolve()
+    for src in plan.sources.values():
+        root = Path(src.path).resolve()
+        if resolved == root or root in resolved.parents or resolved in root.parents:
+            raise TliError(f"output {target} overlaps the source model {src.path}; choose an output outside it (--output DIR)")
+    if target.exists() and not force:
+        raise TliError(f"output {target} already exists; pass --force to replace it, or choose another --output")
+    if target.exists() and not target.is_dir():
+        raise TliError(f"output {target} exists and is not a directory; remove it or choose another --output")
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C so the temporary directory is cleaned up either way."""
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str = "auto", force: bool = False,
+                 progress: bool = True, log=print) -> Path:
+    """Write the output checkpoint of ``plan``; returns its directory."""
+    from tqdm import tqdm
+
+    target = Path(output or plan.output)
+    _check_output(target, plan, force)
+    device = pick_device(device)
+    sources = _check_sources(plan)
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    metadata = {"format": "pt", "tli_recipe_version": __version__, "recipe_sha256": plan.recipe_sha256,
+                "recipe_name": plan.name}
+    shards = layout_shards(((op.name, op.dtype, tuple(op.shape)) for op in plan.tensors), plan.shard_size)
+    started = time.perf_counter()
+    with _sigterm_as_interrupt():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary directory
+        writer = ShardWriter(tmp, shards, metadata)
+        reader = TensorReader()
+        try:
+            bar = tqdm(total=plan.totals.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=f"writing {plan.name}", disable=not progress, dynamic_ncols=True)
+            with bar:
+                for i, op in enumerate(plan.tensors, 1):
+                    written = writer.write(op.name, make_tensor(op, reader, sources[op.source], device))
+                    bar.update(written)
+                    bar.set_postfix_str(f"{i}/{len(plan.tensors)} tensors", refresh=False)
+            writer.close()
+            _write_side_files(plan, tmp, Path(plan.sources[plan.base_model].path))
+            _swap_into_place(tmp, target)
+        except BaseException:
+            writer.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            reader.close()
+    log(f"wrote {target} ({len(shards)} shard{'s' * (len(shards) > 1)}, {plan.totals.bytes_to_write / 2**20:.1f} MiB, "
+        f"{plan.totals.layers_before} -> {plan.totals.layers_after} layers) in {time.perf_counter() - started:.1f} s on {device}")
+    return target
+
+
+def _write_side_files(plan: Plan, folder: Path, base: Path) -> None:
+    from .report import model_card
+
+    (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+    for name in SIDE_FILES:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, folder / name)
+    header = (f"# Resolved recipe of {plan.name} (after --set overrides and defaults), written by tli-recipe {__version__}.\n"
+              f"# recipe_sha256: {plan.recipe_sha256}\n")
+    (folder / "recipe.yaml").write_text(header + yaml.safe_dump(plan.recipe, sort_keys=False))
+    (folder / "plan.json").write_text(plan.model_dump_json(indent=2) + "\n")
+    (folder / "README.md").write_text(model_card(plan))
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished directory onto the target; an old target is removed only afterwards."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rmdir(old)
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

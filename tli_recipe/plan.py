@@ -1,0 +1,468 @@
+"""compile_plan(recipe) -> Plan: pure data saying what every output tensor is made of.
+
+The plan is computed from the recipe, the architecture definition, ``config.json``
+and the safetensors headers; no tensor is read and torch is never imported. It holds
+the output layer map, one :class:`TensorOp` per output tensor, the output config,
+and the training stages resolved to layer indices and parameter names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import __version__
+from .arch import Architecture, ArchError, find_architecture
+from .checkpoint import CODES, DTYPE_SIZES, NAMES, Checkpoint, TliError, open_checkpoint, resolve_model
+from .errors import Problem, RecipeError
+from .load import LoadedRecipe
+from .recipe import LAYER_GROUPS, LayerSpan, Policy, Recipe
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceModel(Frozen):
+    """One checkpoint the plan reads."""
+
+    ref: str = Field(description="As written in the recipe: a directory or hub id.")
+    path: str = Field(description="The resolved local directory.")
+    architecture: str
+    num_layers: int
+    dtype: Optional[str]
+    has_weights: bool = Field(description="False when the directory holds only config.json (plan only; run refuses).")
+
+
+class LayerEntry(Frozen):
+    """One output layer: where it comes from and what it is."""
+
+    output: int = Field(description="Output layer index, 0-based.")
+    source: str = Field(description="Key of the source model in Plan.sources.")
+    layer: int = Field(description="Source layer index, 0-based.")
+    role: Literal["original", "injected"]
+    slice: Optional[int] = Field(default=None, description="Index of the recipe slice this layer (or the layer it copies) came from.")
+
+
+class TensorOp(Frozen):
+    """How one output tensor is made."""
+
+    name: str = Field(description="Output tensor name.")
+    source: str = Field(description="Key of the source model in Plan.sources.")
+    source_name: str = Field(description="Source tensor name (read unless op is zero or random).")
+    op: Literal["copy", "zero", "scale", "noise", "random"]
+    value: Optional[float] = Field(default=None, description="scale factor or standard deviation.")
+    seed: Optional[int] = Field(default=None, description="Seed of this tensor's random stream (noise, random).")
+    shape: tuple[int, ...]
+    dtype: str = Field(description="Output safetensors dtype code (F32, BF16...).")
+    source_dtype: str
+    layer: Optional[int] = Field(default=None, description="Output layer index; None outside the decoder layers.")
+    projection: Optional[str] = None
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+class ConfigChange(Frozen):
+    key: str
+    before: Any = None
+    after: Any = None
+    why: str
+
+
+class LoraPlan(Frozen):
+    r: int
+    alpha: float
+    dropout: float
+    targets: list[str]
+    layers: list[int] = Field(description="Output layers that get adapters (peft layers_to_transform).")
+
+
+class StagePlan(Frozen):
+    """A training stage resolved against the output model."""
+
+    name: str
+    trainable_layers: list[int] = Field(description="Output layer indices that train.")
+    trainable_groups: list[str] = Field(description="Non-layer groups that train fully (embeddings, head).")
+    parameters: list[str] = Field(description="Names of the output tensors that train (for LoRA: the weights that get adapters).")
+    lora: Optional[LoraPlan] = None
+    trainable_parameters: int = Field(description="Element count of the parameters above (LoRA adapters not counted).")
+
+
+class Totals(Frozen):
+    layers_before: int
+    layers_after: int
+    parameters_before: int
+    parameters_after: int
+    bytes_to_write: int
+    tensors: int
+
+
+class Plan(Frozen):
+    """Everything the executor does, as data. ``tli-recipe plan --json`` prints it."""
+
+    tli_recipe_version: str
+    name: str
+    recipe_file: str
+    recipe_sha256: str = Field(description="sha256 of the resolved recipe (after --set), canonical JSON.")
+    recipe: dict[str, Any] = Field(description="The resolved recipe.")
+    architecture: str
+    base_model: str
+    sources: dict[str, SourceModel]
+    dtype: str = Field(description="Output dtype name.")
+    layers: list[LayerEntry]
+    requires_grad_layers: list[int] = Field(description="Output indices of the injected layers (the TLI paper's Algorithm 1).")
+    init: dict[str, str] = Field(description="Init policy of each projection of the injected layers; others are copied.")
+    function_preserving: bool = Field(description="True when the output computes exactly the base model's function.")
+    tensors: list[TensorOp]
+    config: dict[str, Any] = Field(description="The output config.json.")
+    config_changes: list[ConfigChange]
+    stages: list[StagePlan]
+    warnings: list[str]
+    totals: Totals
+    output: str
+    shard_size: int
+
+    def injected(self) -> list[LayerEntry]:
+        return [entry for entry in self.layers if entry.role == "injected"]
+
+
+def numel(shape: tuple[int, ...] | list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A seed for one tensor's stream, independent of the order tensors are made in."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def recipe_hash(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class _Problems:
+    """Collects plan-time problems located in the recipe; raised together at the end."""
+
+    def __init__(self, loaded: LoadedRecipe) -> None:
+        self.marks = loaded.marks
+        self.items: list[Problem] = []
+
+    def add(self, path: tuple, message: str, prefer_key: bool = False) -> None:
+        self.items.append(self.marks.problem(path, message, prefer_key))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise RecipeError(self.items)
+
+
+def _open_source(ref: str, path: tuple, problems: _Problems, cache: dict) -> Optional[Checkpoint]:
+    if ref in cache:
+        return cache[ref]
+    try:
+        ckpt = open_checkpoint(resolve_model(ref))
+    except TliError as exc:
+        problems.add(path, str(exc))
+        ckpt = None
+    cache[ref] = ckpt
+    return ckpt
+
+
+def _source_tensors(ckpt: Checkpoint, arch: Architecture, num_layers: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype code, shape): from the headers, or from config.json when there are no weights."""
+    if ckpt.has_weights:
+        return {name: (t.dtype, t.shape) for name, t in ckpt.tensors.items()}
+    code = CODES.get(ckpt.dtype() or "float32", "F32")
+    return {name: (code, shape) for name, shape in arch.expected_tensors(ckpt.config, num_layers).items()}
+
+
+def compile_plan(loaded: LoadedRecipe) -> Plan:
+    """Compile a validated recipe into a Plan; every problem is reported at its recipe line."""
+    recipe: Recipe = loaded.recipe
+    problems = _Problems(loaded)
+    warnings: list[str] = []
+    opened: dict[str, Optional[Checkpoint]] = {}
+
+    base = _open_source(recipe.base_model, ("base_model",), problems, opened)
+    problems.raise_if_any()
+    assert base is not None
+    try:
+        arch = find_architecture(base.config)
+    except ArchError as exc:
+        problems.add(("base_model",), str(exc))
+        problems.raise_if_any()
+        raise
+    num_layers_key = "num_hidden_layers"
+    base_layers = base.config.get(num_layers_key)
+    if not isinstance(base_layers, int) or base_layers < 1:
+        problems.add(("base_model",), f"{base.path / 'config.json'} has no positive integer {num_layers_key}; expected the decoder layer count")
+        problems.raise_if_any()
+    if not base.has_weights:
+        warnings.append(f"{base.path} holds no safetensors weights: tensor shapes were derived from config.json "
+                        f"with the {arch.name} definition; `run` needs the weights")
+
+    # Source models and their tensors -------------------------------------------------
+    sources: dict[str, SourceModel] = {}
+    tensors_of: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    layers_of: dict[str, dict[int, list[str]]] = {}  # source -> layer -> suffixes in file order
+
+    def add_source(ref: str, path: tuple) -> Optional[str]:
+        if ref in sources:
+            return ref
+        ckpt = _open_source(ref, path, problems, opened)
+        if ckpt is None:
+            return None
+        try:
+            src_arch = find_architecture(ckpt.config)
+        except ArchError as exc:
+            problems.add(path, str(exc))
+            return None
+        if src_arch.name != arch.name:
+            problems.add(path, f"{ref} is a {src_arch.name} model but base_model is {arch.name}; expected slices of one architecture")
+            return None
+        n = ckpt.config.get(num_layers_key)
+        tensors = _source_tensors(ckpt, arch, n)
+        per_layer: dict[int, list[str]] = {}
+        for name in tensors:
+            split = arch.split_layer_key(name)
+            if split is not None:
+                per_layer.setdefault(split[0], []).append(split[1])
+        if ckpt.has_weights and sorted(per_layer) != list(range(n)):
+            found = f"layers {min(per_layer)}..{max(per_layer)}" if per_layer else "no layer tensors"
+            problems.add(path, f"{ckpt.path}: config.json says {num_layers_key}={n} but the weights hold {found} "
+                               f"(prefix {arch.layer_prefix!r}); the checkpoint is inconsistent")
+            return None
+        sources[ref] = SourceModel(ref=ref, path=str(ckpt.path), architecture=arch.name, num_layers=n,
+                                   dtype=ckpt.dtype(), has_weights=ckpt.has_weights)
+        tensors_of[ref] = tensors
+        layers_of[ref] = per_layer
+        return ref
+
+    add_source(recipe.base_model, ("base_model",))
+    problems.raise_if_any()
+
+    # The stack: slices, or every base layer once ---------------------------------------
+    stack: list[tuple[str, int, Optional[int]]] = []
+    if recipe.slices is None:
+        stack = [(recipe.base_model, i, None) for i in range(base_layers)]
+    else:
+        for i, piece in enumerate(recipe.slices):
+            ref = piece.model or recipe.base_model
+            key = add_source(ref, ("slices", i, "model") if piece.model else ("base_model",))
+            if key is None:
+                continue
+            start, end = piece.layer_range
+            n = sources[key].num_layers
+            if end > n:
+                problems.add(("slices", i, "layer_range"),
+                             f"[{start}, {end}] ends past the {n} layers of {ref}; expected end <= {n} (half-open range)")
+                continue
+            stack += [(key, layer, i) for layer in range(start, end)]
+    problems.raise_if_any()
+
+    # Injection ------------------------------------------------------------------------
+    inject = recipe.inject
+    policies: dict[str, Policy] = {}
+    if inject is not None:
+        if inject.every > len(stack):
+            problems.add(("inject", "every"),
+                         f"{inject.every} is larger than the {len(stack)} layers of the stack"
+                         f"{' of ' + recipe.base_model if recipe.slices is None else ''}; no layer would be injected")
+        if inject.init is not None:
+            policies = inject.init.policies()
+            for proj in policies:
+                if proj not in arch.projections:
+                    problems.add(("inject", "init", proj),
+                                 f"the {arch.name} architecture has no projection '{proj}'; expected one of: {', '.join(arch.projections)}",
+                                 prefer_key=True)
+        else:
+            policies = {p: Policy(kind=k) for p, k in arch.function_preserving_init.items()}
+
+    # Stages are checked against the output layer count below; LoRA targets now.
+    for i, stage in enumerate(recipe.stages):
+        if stage.lora is not None:
+            for j, target in enumerate(stage.lora.targets):
+                if target not in arch.projections:
+                    problems.add(("stages", i, "lora", "targets", j),
+                                 f"the {arch.name} architecture has no projection '{target}'; expected one of: "
+                                 f"{', '.join(p for p in arch.projections if p.endswith('_proj'))}")
+    problems.raise_if_any()
+
+    # Layer map (Algorithm 1: after stack position j when (j + 1) % K == 0) ------------------
+    layers: list[LayerEntry] = []
+    for j, (key, layer, piece) in enumerate(stack):
+        layers.append(LayerEntry(output=len(layers), source=key, layer=layer, role="original", slice=piece))
+        if inject is not None and (j + 1) % inject.every == 0:
+            for _ in range(inject.copies):
+                layers.append(LayerEntry(output=len(layers), source=key, layer=layer, role="injected", slice=piece))
+    if inject is not None and len(stack) % inject.every:
+        rest = len(stack) % inject.every
+        tail = [e.output for e in layers[-rest:]]
+        warnings.append(f"inject.every={inject.every} does not divide the {len(stack)} layers of the stack: the last {rest} "
+                        f"(output layers {tail[0]}..{tail[-1]}) have no injected layer after them")
+
+    # dtype ------------------------------------------------------------------------------
+    out_dtype = recipe.dtype or sources[recipe.base_model].dtype or "float32"
+    out_code = CODES[out_dtype]
+
+    def target_code(code: str) -> str:
+        return out_code if code in NAMES else code  # integer buffers keep their dtype
+
+    # Tensor operations ----------------------------------------------------------------------
+    ops: list[TensorOp] = []
+    base_tensors = tensors_of[recipe.base_model]
+    for name, (code, shape) in base_tensors.items():
+        if arch.split_layer_key(name) is None:
+            ops.append(TensorOp(name=name, source=recipe.base_model, source_name=name, op="copy", shape=shape,
+                                dtype=target_code(code), source_dtype=code))
+    reference = {s: base_tensors[arch.layer_key(0, s)] for s in layers_of[recipe.base_model][0]}
+    unknown = sorted({s for s in reference if arch.projection_of(s) is None})
+    if unknown:
+        warnings.append(f"layer tensors not in the {arch.name} definition are copied as they are: {', '.join(unknown)}")
+    for entry in layers:
+        suffixes = layers_of[entry.source][entry.layer]
+        if set(suffixes) != set(reference):
+            problems.add(("slices", entry.slice) if entry.slice is not None else ("base_model",),
+                         f"layer {entry.layer} of {entry.source} has tensors {sorted(set(suffixes) ^ set(reference))} "
+                         f"that layer 0 of {recipe.base_model} does not share; expected identical layer structure")
+            continue
+        for suffix in suffixes:
+            code, shape = tensors_of[entry.source][arch.layer_key(entry.layer, suffix)]
+            if shape != reference[suffix][1]:
+                problems.add(("slices", entry.slice) if entry.slice is not None else ("base_model",),
+                             f"{suffix} of layer {entry.layer} of {entry.source} has shape {list(shape)}, "
+                             f"{recipe.base_model} has {list(reference[suffix][1])}; expected the same widths")
+                continue
+            proj = arch.projection_of(suffix)
+            policy = policies.get(proj) if entry.role == "injected" and proj is not None else None
+            kind = policy.kind if policy is not None else "copy"
+            target = arch.layer_key(entry.output, suffix)
+            ops.append(TensorOp(
+                name=target, source=entry.source, source_name=arch.layer_key(entry.layer, suffix), op=kind,
+                value=policy.value if policy is not None else None,
+                seed=tensor_seed(recipe.seed, target) if kind in ("noise", "random") else None,
+                shape=shape, dtype=target_code(code), source_dtype=code, layer=entry.output, projection=proj,
+            ))
+    problems.raise_if_any()
+
+    injected = [e.output for e in layers if e.role == "injected"]
+    identity_stack = [(k, l) for k, l, _ in stack] == [(recipe.base_model, i) for i in range(base_layers)]
+    zeroed = all(policies.get(p, Policy(kind="copy")).preserves_zero for p in arch.function_preserving_init)
+    function_preserving = identity_stack and (not injected or zeroed)
+
+    config, changes = _output_config(base.config, arch, layers, base_layers, injected, out_dtype, warnings)
+    stages = _resolve_stages(recipe, problems, layers, ops, arch, policies, warnings)
+    problems.raise_if_any()
+
+    name = recipe.name or Path(loaded.file).stem
+    recipe_dict = loaded.resolved()
+    before = sum(numel(s) for _, s in base_tensors.values())
+    totals = Totals(layers_before=base_layers, layers_after=len(layers), parameters_before=before,
+                    parameters_after=sum(numel(op.shape) for op in ops),
+                    bytes_to_write=sum(op.nbytes for op in ops), tensors=len(ops))
+    return Plan(
+        tli_recipe_version=__version__, name=name, recipe_file=str(loaded.file), recipe_sha256=recipe_hash(recipe_dict),
+        recipe=recipe_dict, architecture=arch.name, base_model=recipe.base_model, sources=sources, dtype=out_dtype,
+        layers=layers, requires_grad_layers=injected, init={p: str(v) for p, v in policies.items()},
+        function_preserving=function_preserving, tensors=ops, config=config, config_changes=changes, stages=stages,
+        warnings=warnings, totals=totals, output=recipe.output or f"out/{name}", shard_size=recipe.shard_size,
+    )
+
+
+def _output_config(config: dict, arch: Architecture, layers: list[LayerEntry], n_before: int, injected: list[int],
+                   dtype: str, warnings: list[str]) -> tuple[dict, list[ConfigChange]]:
+    """The output config.json: new layer count, per-layer lists re-indexed by the layer map."""
+    out = json.loads(json.dumps(config))
+    changes: list[ConfigChange] = []
+
+    def change(key: str, after: Any, why: str) -> None:
+        changes.append(ConfigChange(key=key, before=out.get(key), after=after, why=why))
+        out[key] = after
+
+    change("num_hidden_layers", len(layers), "layer count of the output stack")
+    handled = set()
+    for key in sorted(set(arch.per_layer_lists) | set(arch.derived_lists)):
+        values = config.get(key)
+        derived = False
+        if values is None:
+            values = arch.derive_list(key, config, n_before)
+            derived = True
+        if values is None:
+            continue
+        handled.add(key)
+        if not isinstance(values, list) or len(values) != n_before:
+            raise TliError(f"config.json: {key} has {len(values) if isinstance(values, list) else 'no list of'} entries "
+                           f"for {n_before} layers; the config is inconsistent")
+        # Layers from another model take that model's entry only if it has the same list; the
+        # base model's entry for the same source index is used otherwise (same architecture).
+        change(key, [values[e.layer] for e in layers],
+               ("derived from the config as transformers does, then " if derived else "") + "re-indexed by the layer map (an injected layer takes its source's entry)")
+    for key, value in config.items():
+        if key not in handled and isinstance(value, list) and len(value) == n_before and n_before > 2 and key != "architectures":
+            warnings.append(f"config.json: {key} has one entry per layer but the {arch.name} definition does not list it "
+                            f"as a per-layer list; it is left unchanged (add it to per_layer_lists if it is one)")
+    change("requires_grad_layers", injected, "output indices of the injected layers (TLI Algorithm 1)")
+    dtype_key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
+    if out.get(dtype_key) != dtype:
+        change(dtype_key, dtype, "dtype of the output tensors")
+    return out, changes
+
+
+def _resolve_stages(recipe: Recipe, problems: _Problems, layers: list[LayerEntry], ops: list[TensorOp],
+                    arch: Architecture, policies: dict[str, Policy], warnings: list[str]) -> list[StagePlan]:
+    groups_of = {name: spec.get("group") for name, spec in arch.tensors.items()}
+    stages = []
+    for i, stage in enumerate(recipe.stages):
+        chosen: set[int] = set()
+        groups: set[str] = set()
+        for j, sel in enumerate(stage.trainable):
+            if isinstance(sel, LayerSpan):
+                start, end = sel.layers
+                if end > len(layers):
+                    problems.add(("stages", i, "trainable", j, "layers"),
+                                 f"[{start}, {end}] ends past the {len(layers)} output layers; expected end <= {len(layers)}")
+                chosen |= set(range(start, min(end, len(layers))))
+            elif sel == "all":
+                chosen |= {e.output for e in layers}
+                if stage.lora is None:  # a full stage trains everything; LoRA adapts the layers
+                    groups |= {"embeddings", "head"}
+            elif sel in ("injected", "original"):
+                chosen |= {e.output for e in layers if e.role == sel}
+            else:
+                groups.add(sel)
+        layer_ops = [op for op in ops if op.layer in chosen]
+        if stage.lora is None:
+            params = [op.name for op in layer_ops] + [op.name for op in ops if op.layer is None and groups_of.get(op.name) in groups]
+            lora = None
+        else:
+            targets = set(stage.lora.targets)
+            params = [op.name for op in layer_ops if op.projection in targets and op.name.endswith(".weight")]
+            if groups:
+                problems.add(("stages", i, "trainable"),
+                             f"LoRA adapts linear layers only; {', '.join(sorted(groups))} cannot get adapters; "
+                             "expected layer groups (injected, original, all, {layers: [start, end]}) in a LoRA stage")
+            zeroed = sorted(p for p, pol in policies.items() if pol.preserves_zero)
+            injected_here = [e.output for e in layers if e.role == "injected" and e.output in chosen]
+            missing = [p for p in zeroed if p not in targets]
+            if injected_here and missing:
+                warnings.append(f"stage '{stage.name}': LoRA targets leave out {', '.join(missing)}, which are zero in the "
+                                f"injected layers {injected_here}; adapters on the other projections of those layers get no "
+                                "gradient through a zero output, so the injected layers never move")
+            lora = LoraPlan(r=stage.lora.r, alpha=stage.lora.alpha, dropout=stage.lora.dropout,
+                            targets=list(stage.lora.targets), layers=sorted(chosen))
+        count = sum(numel(op.shape) for op in ops if op.name in set(params))
+        if not params:
+            problems.add(("stages", i, "trainable"), "selects no parameter of the output model; expected at least one layer")
+        stages.append(StagePlan(name=stage.name, trainable_layers=sorted(chosen), trainable_groups=sorted(groups),
+                                parameters=params, lora=lora, trainable_parameters=count))
+    return stages
+
+
+__all__ = ["Plan", "LayerEntry", "TensorOp", "StagePlan", "compile_plan", "LAYER_GROUPS"]

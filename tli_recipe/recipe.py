@@ -1,0 +1,297 @@
+"""The recipe: pydantic models of the YAML a user writes. No I/O, no torch.
+
+Key names are the public contract (see README). Indices are 0-based and ranges
+half-open ``[start, end)``, as in Python slices. Checks that need the checkpoint
+(layer counts, which projections exist) run later, in ``plan.compile_plan``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StrictInt,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from .errors import did_you_mean
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+#: Every per-layer tensor group a recipe may name in ``inject.init``. Which of
+#: them a checkpoint really has is the architecture's business (checked at plan time).
+PROJECTIONS: tuple[str, ...] = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj",
+    "gate_proj", "up_proj", "down_proj", "gate_up_proj",
+    "input_layernorm", "post_attention_layernorm",
+    "pre_feedforward_layernorm", "post_feedforward_layernorm",
+    "q_norm", "k_norm",
+)
+#: The linear projections LoRA can target (norms cannot).
+LINEAR_PROJECTIONS: tuple[str, ...] = tuple(p for p in PROJECTIONS if p.endswith("_proj"))
+
+LAYER_GROUPS: tuple[str, ...] = ("injected", "original", "all", "embeddings", "head")
+
+
+def _fail(message: str) -> PydanticCustomError:
+    return PydanticCustomError("tli", "{message}", {"message": message})
+
+
+class Strict(BaseModel):
+    """Base of every recipe model: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    key_noun: ClassVar[str] = "key"  # what "unknown ..." errors call a key of this mapping
+
+
+# --- init policies ---------------------------------------------------------------
+
+POLICY_FORMS = "copy, zero, {scale: x}, {noise: std}, {random: std}"
+
+
+class Policy(Strict):
+    """How an injected layer's tensor is initialised from its source tensor.
+
+    ``copy``: the source unchanged. ``zero``: all zeros. ``scale``: source times
+    ``value``. ``noise``: source plus N(0, value^2), seeded. ``random``: N(0, value^2), seeded.
+    """
+
+    kind: Literal["copy", "zero", "scale", "noise", "random"]
+    value: Optional[float] = None
+
+    def __str__(self) -> str:
+        return self.kind if self.value is None else f"{self.kind}({self.value:g})"
+
+    @property
+    def preserves_zero(self) -> bool:
+        """True when the result is exactly zero (what makes an output projection an identity)."""
+        return self.kind == "zero" or (self.kind == "scale" and self.value == 0)
+
+
+def _parse_policy(value: Any) -> Any:
+    if isinstance(value, Policy):
+        return value
+    if isinstance(value, str):
+        if value in ("copy", "zero"):
+            return {"kind": value}
+        raise _fail(f"'{value}' is not an init policy{did_you_mean(value, ['copy', 'zero'])}; expected one of: {POLICY_FORMS}")
+    if isinstance(value, dict) and len(value) == 1:
+        (kind, number), = value.items()
+        if kind not in ("scale", "noise", "random"):
+            raise _fail(f"'{kind}' is not an init policy{did_you_mean(kind, ['scale', 'noise', 'random'])}; expected one of: {POLICY_FORMS}")
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise _fail(f"{kind} needs a number, got {number!r}; expected for example {{{kind}: 0.01}}")
+        if kind in ("noise", "random") and number < 0:
+            raise _fail(f"{kind} is a standard deviation and must be >= 0, got {number}")
+        return {"kind": kind, "value": float(number)}
+    raise _fail(f"{value!r} is not an init policy; expected one of: {POLICY_FORMS}")
+
+
+def _dump_policy(policy: Policy) -> Any:
+    return policy.kind if policy.value is None else {policy.kind: policy.value}
+
+
+_POLICY_SCHEMA = {
+    "oneOf": [
+        {"enum": ["copy", "zero"]},
+        {"type": "object", "properties": {"scale": {"type": "number"}}, "required": ["scale"], "additionalProperties": False},
+        {"type": "object", "properties": {"noise": {"type": "number", "minimum": 0}}, "required": ["noise"], "additionalProperties": False},
+        {"type": "object", "properties": {"random": {"type": "number", "minimum": 0}}, "required": ["random"], "additionalProperties": False},
+    ],
+    "description": "copy: the source tensor; zero: zeros; scale: source times x; noise: source plus seeded N(0, std^2); random: seeded N(0, std^2).",
+}
+
+PolicyField = Annotated[
+    Policy,
+    BeforeValidator(_parse_policy),
+    PlainSerializer(_dump_policy),
+    WithJsonSchema(_POLICY_SCHEMA),
+]
+
+
+def _init_fields() -> dict:
+    return {
+        name: (Optional[PolicyField], Field(default=None, description=f"Init policy of every tensor of `{name}` (weight and bias)."))
+        for name in PROJECTIONS
+    }
+
+
+class _InitBase(Strict):
+    key_noun: ClassVar[str] = "projection"
+
+    def policies(self) -> dict[str, Policy]:
+        """The projections this recipe names, with their policies (unnamed ones are copied)."""
+        return {name: getattr(self, name) for name in PROJECTIONS if getattr(self, name) is not None}
+
+
+# One optional field per projection: the field list is data, so it is built, not typed out.
+Init = create_model(  # type: ignore[call-overload]
+    "Init",
+    __base__=_InitBase,
+    __doc__="Per-projection init policy of the injected layers; a projection not named is copied.",
+    **_init_fields(),
+)
+
+
+# --- layout ------------------------------------------------------------------------
+
+def _check_range(value: tuple[int, int]) -> tuple[int, int]:
+    start, end = value
+    if start < 0:
+        raise _fail(f"start must be >= 0, got {start}; layer indices are 0-based")
+    if end <= start:
+        raise _fail(f"[{start}, {end}] is empty; expected [start, end) with start < end (half-open, 0-based)")
+    return value
+
+
+class Slice(Strict):
+    """A run of consecutive source layers copied into the output stack."""
+
+    model: Optional[str] = Field(default=None, min_length=1, description="Model the layers come from (local directory or hub id); default: base_model.")
+    layer_range: tuple[StrictInt, StrictInt] = Field(description="Source layers [start, end): half-open, 0-based.")
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        return _check_range(value)
+
+
+class Inject(Strict):
+    """Transformer Layer Injection: after every `every` layers of the stack, insert `copies` new layers."""
+
+    every: StrictInt = Field(ge=1, description="K: insert after every K layers of the sliced stack (Algorithm 1: after layer i when (i + 1) % K == 0).")
+    copies: StrictInt = Field(default=1, ge=1, description="Number of layers inserted at each position (LLaMA Pro's P).")
+    source: Literal["previous"] = Field(default="previous", description="Which layer each injected layer copies: `previous`, the layer just before it.")
+    init: Optional[Init] = Field(  # type: ignore[valid-type]
+        default=None,
+        description="Per-projection init policy; tensors not named are copied. Default: the architecture's function-preserving init (o_proj and down_proj zero for Llama-family models). A given `init` replaces the default entirely.",
+    )
+
+
+# --- training stages ---------------------------------------------------------------
+
+class LayerSpan(Strict):
+    """An explicit range of output layers: ``{layers: [start, end]}``, half-open, 0-based."""
+
+    layers: tuple[StrictInt, StrictInt] = Field(description="Output layers [start, end): half-open, 0-based.")
+
+    @field_validator("layers")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        return _check_range(value)
+
+
+def _parse_selector(value: Any) -> Any:
+    if isinstance(value, str):
+        if value not in LAYER_GROUPS:
+            raise _fail(f"'{value}' is not a layer group{did_you_mean(value, LAYER_GROUPS)}; expected one of: {', '.join(LAYER_GROUPS)}, or {{layers: [start, end]}}")
+        return value
+    if isinstance(value, dict):
+        return value
+    raise _fail(f"{value!r} is not a layer group; expected one of: {', '.join(LAYER_GROUPS)}, or {{layers: [start, end]}}")
+
+
+Selector = Annotated[
+    Union[Literal["injected", "original", "all", "embeddings", "head"], LayerSpan],
+    BeforeValidator(_parse_selector),
+]
+
+
+class Lora(Strict):
+    """LoRA adapters on the stage's trainable layers."""
+
+    r: StrictInt = Field(ge=1, description="LoRA rank.")
+    alpha: float = Field(gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
+    targets: list[Literal[LINEAR_PROJECTIONS]] = Field(  # type: ignore[valid-type]
+        min_length=1,
+        description="Projections that get adapters. Leaving out o_proj/down_proj on zero-initialised injected layers means they never move.",
+    )
+
+
+class Stage(Strict):
+    """One training stage: which parameters train, and how."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Stage name: letters, digits, '.', '_' and '-'.")
+    trainable: list[Selector] = Field(min_length=1, description="Layer groups that train: injected, original, all, embeddings, head, or {layers: [start, end]} of output layers.")
+    lora: Optional[Lora] = Field(default=None, description="Train LoRA adapters on the trainable layers instead of their full weights.")
+
+
+# --- the recipe --------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """``"5GB"`` -> 5_000_000_000 bytes; an integer is a byte count."""
+    if isinstance(value, bool):
+        raise _fail(f"{value!r} is not a size; expected bytes or a string such as 5GB or 500MiB")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise _fail(f"{value!r} is not a size; expected bytes or a string such as 5GB or 500MiB")
+        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
+    if size < 1:
+        raise _fail(f"must be at least 1 byte, got {value!r}")
+    return size
+
+
+ShardSize = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _SIZE.pattern}],
+                    "description": "Largest output shard: bytes, or a string such as 5GB or 500MiB."}),
+]
+
+
+class Recipe(Strict):
+    """A growth recipe: which layers the output has, how new layers start, how they train."""
+
+    name: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the output model; default: the recipe file's stem.")
+    base_model: str = Field(min_length=1, description="Source checkpoint: a local directory, or a hub id resolved through the local Hugging Face cache (id or id@revision).")
+    dtype: Optional[Dtype] = Field(default=None, description="dtype of the output tensors; default: the source dtype.")
+    slices: Optional[list[Slice]] = Field(default=None, min_length=1, description="The output stack before injection, as source layer ranges; default: every layer of base_model once. Two overlapping slices are SOLAR-style depth up-scaling.")
+    inject: Optional[Inject] = Field(default=None, description="Layer injection (TLI / LLaMA Pro); absent: no layer is injected.")
+    stages: list[Stage] = Field(default_factory=list, description="Training stages, resolved in the plan to trainable layers and parameter names.")
+    output: Optional[str] = Field(default=None, min_length=1, description="Output directory; default: out/<name>.")
+    shard_size: ShardSize = Field(default=5 * 10**9, description="Largest output shard in bytes (or 5GB, 500MiB...).")
+    seed: StrictInt = Field(default=0, ge=0, description="Seed of the noise and random policies; each tensor draws from its own stream derived from this seed and its name.")
+
+
+def recipe_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Cross-field checks that need no checkpoint: ``(field path, message)`` pairs."""
+    problems: list[tuple[tuple, str]] = []
+    seen: dict[str, int] = {}
+    for i, stage in enumerate(recipe.stages):
+        if stage.name in seen:
+            problems.append((("stages", i, "name"), f"duplicate stage name '{stage.name}' (also stages[{seen[stage.name]}]); expected unique names"))
+        seen.setdefault(stage.name, i)
+        groups = [s for s in stage.trainable if isinstance(s, str)]
+        for j, sel in enumerate(stage.trainable):
+            if sel == "all" and len(stage.trainable) > 1:
+                problems.append((("stages", i, "trainable", j), "'all' already selects every layer; expected it alone"))
+        if "injected" in groups and recipe.inject is None:
+            problems.append((("stages", i, "trainable", stage.trainable.index("injected")), "'injected' selects nothing: the recipe has no inject section; add inject or pick another group"))
+        if stage.lora is not None and len(set(stage.lora.targets)) != len(stage.lora.targets):
+            problems.append((("stages", i, "lora", "targets"), "a projection is listed twice; expected each once"))
+    return problems
+
+
+def recipe_schema() -> dict:
+    """The JSON schema of a recipe file (``schemas/recipe.schema.json``)."""
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "tli-recipe recipe"
+    return schema

@@ -1,0 +1,116 @@
+"""Human-readable views of a Plan: the `plan` table and the output's model card."""
+
+from __future__ import annotations
+
+from .plan import Plan
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _layer_policy(plan: Plan, output: int) -> str:
+    ops = [op for op in plan.tensors if op.layer == output and op.op != "copy"]
+    if not ops:
+        return "copy"
+    by_proj: dict[str, str] = {}
+    for op in ops:
+        by_proj[op.projection or op.name] = op.op if op.value is None else f"{op.op}({op.value:g})"
+    return ", ".join(f"{p}={v}" for p, v in by_proj.items()) + ", rest copy"
+
+
+def plan_table(plan: Plan) -> str:
+    """The layer map and totals, as `tli-recipe plan` prints them."""
+    multi = len(plan.sources) > 1
+    rows = [("out", "source", "role", "policy")]
+    for e in plan.layers:
+        src = f"{e.source}:{e.layer}" if multi else f"{e.layer}"
+        rows.append((str(e.output), src, e.role + ("*" if e.role == "injected" else ""), _layer_policy(plan, e.output)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"plan {plan.name}: {plan.architecture} from {plan.base_model}"]
+    for r in rows:
+        lines.append(f"  {r[0]:>{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
+    t = plan.totals
+    lines += [
+        "",
+        f"layers      {t.layers_before} -> {t.layers_after} ({len(plan.requires_grad_layers)} injected: {plan.requires_grad_layers})",
+        f"parameters  {human_count(t.parameters_before)} -> {human_count(t.parameters_after)} ({t.parameters_before:,} -> {t.parameters_after:,})",
+        f"write       {t.tensors} tensors, {human_bytes(t.bytes_to_write)} as {plan.dtype}, shards of at most {human_bytes(plan.shard_size)}",
+        f"preserving  {'yes: the output computes exactly the base model' if plan.function_preserving else 'no: the output differs from the base model until trained'}",
+        f"output      {plan.output}",
+    ]
+    if plan.init:
+        lines.append(f"init        {', '.join(f'{k}={v}' for k, v in plan.init.items())}; other tensors copied")
+    for c in plan.config_changes:
+        after = c.after if not isinstance(c.after, list) or len(c.after) <= 12 else f"[{len(c.after)} entries]"
+        before = c.before if not isinstance(c.before, list) or len(c.before) <= 12 else f"[{len(c.before)} entries]"
+        lines.append(f"config      {c.key}: {before} -> {after} ({c.why})")
+    for s in plan.stages:
+        what = f"LoRA r={s.lora.r} on {', '.join(s.lora.targets)}" if s.lora else "full weights"
+        groups = f" + {', '.join(s.trainable_groups)}" if s.trainable_groups else ""
+        lines.append(f"stage       {s.name}: {len(s.trainable_layers)} layers{groups}, {what}, "
+                     f"{human_count(s.trainable_parameters)} parameters")
+    for w in plan.warnings:
+        lines.append(f"warning     {w}")
+    return "\n".join(lines)
+
+
+def model_card(plan: Plan) -> str:
+    """README.md of an output checkpoint."""
+    t = plan.totals
+    stages = "\n".join(
+        f"{i}. **{s.name}**: trains {'LoRA adapters (r=' + str(s.lora.r) + ') on ' + ', '.join(s.lora.targets) if s.lora else 'the full weights'} "
+        f"of output layers {_ranges(s.trainable_layers)}{' and ' + ', '.join(s.trainable_groups) if s.trainable_groups else ''} "
+        f"({s.trainable_parameters:,} parameters)."
+        for i, s in enumerate(plan.stages, 1)
+    ) or "The recipe defines no training stages. The paper's schedule: first train only the injected layers " \
+         f"({plan.requires_grad_layers}), then the whole model (often with LoRA)."
+    return f"""---
+base_model: {plan.base_model}
+tags: [tli-recipe, depth-up-scaling]
+---
+# {plan.name}
+
+Grown from `{plan.base_model}` ({plan.architecture}) by [tli-recipe](https://github.com/) {plan.tli_recipe_version}:
+{t.layers_before} -> {t.layers_after} decoder layers, {t.parameters_before:,} -> {t.parameters_after:,} parameters, {plan.dtype}.
+
+- Injected layers (output indices, also `requires_grad_layers` in config.json): {plan.requires_grad_layers or 'none'}
+- Init of the injected layers: {', '.join(f'{k}={v}' for k, v in plan.init.items()) or 'n/a'}; other tensors copied.
+- Function-preserving: {'yes, the model computes exactly what the base model computes' if plan.function_preserving else 'no: it differs from the base model until trained'}.
+- Recipe: `recipe.yaml` (resolved), sha256 `{plan.recipe_sha256}`; full plan: `plan.json`.
+
+## Layer map
+
+| output | source layer | role |
+|---|---|---|
+""" + "\n".join(f"| {e.output} | {e.source}:{e.layer} | {e.role} |" for e in plan.layers) + f"""
+
+## Training next
+
+{stages}
+
+Check the checkpoint against its base model: `tli-recipe verify {plan.output}`.
+"""
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(f"{start}-{v}" if v != start else f"{v}")
+            start = None
+    return ", ".join(out) or "none"
