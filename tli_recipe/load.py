@@ -144,6 +144,9 @@ def apply_overrides(data: dict, marks: Marks, overrides: Iterable[str]) -> dict:
                 target = target.setdefault(part, [] if isinstance(nxt, int) else {})
             elif isinstance(target, list) and isinstance(part, int) and part < len(target):
                 target = target[part]
+            elif isinstance(target, list) and part == len(target):  # slices[N].x with N = len: a new item
+                target.append([] if isinstance(nxt, int) else {})
+                target = target[-1]
             else:
                 problems.append(Problem(tuple(path[: depth + 1]), "cannot descend here; expected an existing key or list index", where, 1, 1))
                 ok = False

@@ -1,0 +1,238 @@
+"""The executor on tiny checkpoints: exact tensors, transformers logits, atomic output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import logits_of, tree_digest, write_recipe
+from tli_recipe.execute import execute_plan
+from tli_recipe.load import load_recipe
+from tli_recipe.plan import compile_plan
+
+
+def grow(tmp_path, base, body: str, name="grown", **kwargs):
+    recipe = write_recipe(tmp_path, f"base_model: {base}\noutput: {tmp_path / name}\n{body}", f"{name}.yaml")
+    plan = compile_plan(load_recipe(recipe))
+    return plan, execute_plan(plan, progress=False, log=lambda m: None, **kwargs)
+
+
+def load_all(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+def reference_tli(source: dict[str, torch.Tensor], layers: int, every: int) -> dict[str, torch.Tensor]:
+    """Algorithm 1 written independently of the plan: what every output tensor must be."""
+    out = {k: v for k, v in source.items() if not k.startswith("model.layers.")}
+    j = 0
+    for i in range(layers):
+        prefix = f"model.layers.{i}."
+        own = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
+        out.update({f"model.layers.{j}.{k}": v for k, v in own.items()})
+        j += 1
+        if (i + 1) % every == 0:
+            for k, v in own.items():
+                zero = k.startswith(("self_attn.o_proj.", "mlp.down_proj."))
+                out[f"model.layers.{j}.{k}"] = torch.zeros_like(v) if zero else v
+            j += 1
+    return out
+
+
+@pytest.mark.parametrize("layers,every", [(8, 4), (12, 4), (12, 5)])
+def test_tli_tensors_equal_the_reference_map_and_logits_equal(tmp_path, tiny, layers, every):
+    base = tiny(layers=layers)
+    plan, out = grow(tmp_path, base, f"inject: {{every: {every}}}\n")
+    got, expected = load_all(out), reference_tli(load_all(base), layers, every)
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == layers + layers // every
+    assert config["requires_grad_layers"] == [k * (every + 1) + every for k in range(layers // every)]
+    torch.testing.assert_close(logits_of(out), logits_of(base), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch,extra", [
+    ("mistral", {}),
+    ("qwen2", {}),
+    ("qwen3", {"head_dim": 8}),
+    ("qwen3", {"head_dim": 8, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 5}),
+    ("granite", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.3, "logits_scaling": 1.5}),
+])
+def test_llama_family_is_exact(tmp_path, tiny, arch, extra):
+    base = tiny(arch=arch, layers=8, **extra)
+    _, out = grow(tmp_path, base, "inject: {every: 3}\n")
+    config = json.loads((out / "config.json").read_text())
+    if "layer_types" in config:
+        assert len(config["layer_types"]) == config["num_hidden_layers"] == 10
+    torch.testing.assert_close(logits_of(out), logits_of(base), atol=1e-5, rtol=0)
+
+
+def test_dus_slices_map_and_logits_change(tmp_path, tiny):
+    base = tiny(layers=8)
+    _, out = grow(tmp_path, base, "slices:\n  - layer_range: [0, 6]\n  - layer_range: [2, 8]\n")
+    src, got = load_all(base), load_all(out)
+    for j, i in enumerate([0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 6, 7]):
+        assert torch.equal(got[f"model.layers.{j}.mlp.down_proj.weight"], src[f"model.layers.{i}.mlp.down_proj.weight"])
+        assert torch.equal(got[f"model.layers.{j}.input_layernorm.weight"], src[f"model.layers.{i}.input_layernorm.weight"])
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 12
+    assert (logits_of(out) - logits_of(base)).abs().max() > 1e-2
+
+
+def test_tied_embeddings_stay_tied(tmp_path, tiny):
+    base = tiny(layers=4, tie=True)
+    with safe_open(str(next(base.glob("*.safetensors"))), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    _, out = grow(tmp_path, base, "inject: {every: 2}\n")
+    assert "lm_head.weight" not in load_all(out)
+    torch.testing.assert_close(logits_of(out), logits_of(base), atol=1e-5, rtol=0)
+
+
+def test_bfloat16_output_and_small_shards(tmp_path, tiny, cli):
+    base = tiny(layers=4)
+    plan, out = grow(tmp_path, base, "dtype: bfloat16\nshard_size: 40KB\ninject: {every: 2}\n")
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 3 and all(s.stat().st_size <= 40_000 + 4096 for s in shards)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == {op.name for op in plan.tensors}
+    got = load_all(out)
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    src = load_all(base)
+    assert torch.equal(got["model.layers.0.self_attn.q_proj.weight"], src["model.layers.0.self_attn.q_proj.weight"].bfloat16())
+    with safe_open(str(shards[0]), "pt") as f:
+        assert f.metadata()["recipe_sha256"] == plan.recipe_sha256
+    result = cli("verify", out)  # the base is rounded to bf16 before comparing, so this is exact too
+    assert result.exit_code == 0, result.output
+    assert "max |output - base| = 0 " in result.stdout
+
+
+def test_policies_are_applied_and_deterministic(tmp_path, tiny):
+    base = tiny(layers=4)
+    body = "seed: 7\ninject:\n  every: 2\n  init: {o_proj: {scale: 0.5}, down_proj: {noise: 0.1}, q_proj: {random: 0.02}, k_proj: zero}\n"
+    _, first = grow(tmp_path, base, body, name="a")
+    _, second = grow(tmp_path, base, body, name="b")
+    a, b, src = load_all(first), load_all(second), load_all(base)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert torch.equal(a["model.layers.2.self_attn.o_proj.weight"], src["model.layers.1.self_attn.o_proj.weight"] * 0.5)
+    delta = a["model.layers.2.mlp.down_proj.weight"] - src["model.layers.1.mlp.down_proj.weight"]
+    assert 0.07 < delta.std() < 0.13
+    assert 0.01 < a["model.layers.2.self_attn.q_proj.weight"].std() < 0.03
+    assert not a["model.layers.2.self_attn.k_proj.weight"].any()
+    # noise differs between injected layers (each tensor has its own stream)
+    assert not torch.equal(a["model.layers.2.mlp.down_proj.weight"] - src["model.layers.1.mlp.down_proj.weight"],
+                           a["model.layers.5.mlp.down_proj.weight"] - src["model.layers.3.mlp.down_proj.weight"])
+
+
+def test_output_files_and_model_card(tmp_path, tiny):
+    base = tiny(layers=4)
+    plan, out = grow(tmp_path, base, "inject: {every: 2}\nstages:\n  - name: new\n    trainable: [injected]\n")
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "plan.json", "recipe.yaml", "README.md",
+            "model.safetensors.index.json", "model-00001-of-00001.safetensors"} <= names
+    card = (out / "README.md").read_text()
+    assert "[2, 5]" in card and "**new**" in card and plan.recipe_sha256 in card
+    assert not list(tmp_path.glob(".grown.tmp-*"))
+
+
+def test_existing_output_is_refused_unless_force(tmp_path, tiny, cli):
+    base = tiny(layers=4)
+    recipe = write_recipe(tmp_path, f"base_model: {base}\noutput: {tmp_path / 'out'}\ninject: {{every: 2}}\n")
+    assert cli("run", recipe, "--no-progress").exit_code == 0
+    marker = tmp_path / "out" / "config.json"
+    before = marker.stat().st_mtime_ns
+    again = cli("run", recipe, "--no-progress")
+    assert again.exit_code == 2 and "already exists; pass --force" in again.stderr
+    assert marker.stat().st_mtime_ns == before
+    assert cli("run", recipe, "--no-progress", "--force").exit_code == 0
+
+
+def test_output_inside_the_source_is_refused(tmp_path, tiny, cli):
+    base = tiny(layers=4)
+    recipe = write_recipe(tmp_path, f"base_model: {base}\ninject: {{every: 2}}\n")
+    result = cli("run", recipe, "--output", base / "grown", "--force")
+    assert result.exit_code == 2 and "overlaps the source model" in result.stderr
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
+def test_interrupted_run_leaves_nothing_and_inputs_untouched(tmp_path, tiny, monkeypatch, interrupt):
+    import tli_recipe.execute as execute
+
+    base = tiny(layers=8)
+    before = tree_digest(base)
+    real, calls = execute.make_tensor, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 40:
+            raise interrupt("stop")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(execute, "make_tensor", failing)
+    with pytest.raises(interrupt):
+        grow(tmp_path, base, "inject: {every: 4}\n")
+    assert list(tmp_path.iterdir()) == [tmp_path / "grown.yaml"]
+    assert tree_digest(base) == before
+
+
+def test_interrupted_force_run_keeps_the_previous_output(tmp_path, tiny, monkeypatch):
+    import tli_recipe.execute as execute
+
+    base = tiny(layers=4)
+    _, out = grow(tmp_path, base, "inject: {every: 2}\n")
+    previous = tree_digest(out)
+    monkeypatch.setattr(execute, "make_tensor", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        grow(tmp_path, base, "inject: {every: 2}\n", force=True)
+    assert tree_digest(out) == previous
+
+
+def test_cli_run_reports_interrupt_without_traceback(tmp_path, tiny, monkeypatch, cli):
+    import tli_recipe.execute as execute
+
+    base = tiny(layers=4)
+    recipe = write_recipe(tmp_path, f"base_model: {base}\noutput: {tmp_path / 'out'}\ninject: {{every: 2}}\n")
+    monkeypatch.setattr(execute, "make_tensor", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    result = cli("run", recipe, "--no-progress")
+    assert result.exit_code == 130 and "interrupted: nothing was written" in result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_verify_detects_a_tampered_tensor(tmp_path, tiny, cli):
+    base = tiny(layers=4)
+    _, out = grow(tmp_path, base, "inject: {every: 2}\n")
+    assert cli("verify", out).exit_code == 0
+    # flip one byte inside an injected layer's zero o_proj
+    shard = next(out.glob("model-*.safetensors"))
+    with safe_open(str(shard), "pt") as f:
+        names = list(f.keys())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert "model.layers.2.self_attn.o_proj.weight" in index["weight_map"] and names
+    from tli_recipe.checkpoint import open_checkpoint
+
+    info = open_checkpoint(out).tensors["model.layers.2.self_attn.o_proj.weight"]
+    data = bytearray(shard.read_bytes())
+    data[info.start + 3] ^= 0x40
+    shard.write_bytes(bytes(data))
+    result = cli("verify", out)
+    assert result.exit_code == 1
+    assert "model.layers.2.self_attn.o_proj.weight" in result.stderr and "BEYOND tolerance" in result.stdout
+
+
+def test_cuda_matches_cpu(tmp_path, tiny):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    base = tiny(layers=4)
+    body = "inject:\n  every: 2\n  init: {o_proj: {scale: 0.5}, down_proj: {noise: 0.1}}\n"
+    _, cpu = grow(tmp_path, base, body, name="cpu", device="cpu")
+    _, gpu = grow(tmp_path, base, body, name="gpu", device="cuda")
+    a, b = load_all(cpu), load_all(gpu)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
