@@ -132,9 +132,9 @@ def resolve_model(ref: str) -> Path:
         if snapshot.is_dir():
             return snapshot
         raise CheckpointError(
-            f"'{ref}' is not a local directory and is not in the Hugging Face cache ({hub_cache_dir()}); "
-            f"download it first (huggingface-cli download {repo}{' --revision ' + revision if revision != 'main' else ''}) "
-            "or point at a local copy (--set base_model=/path/to/model)"
+            f"'{ref}' is neither a local directory nor a model in the local Hugging Face cache; check the path, "
+            f"or download it (huggingface-cli download {repo}{' --revision ' + revision if revision != 'main' else ''}; "
+            "HF_HUB_CACHE or HF_HOME locate the cache), or point at a local copy (--set base_model=/path/to/model)"
         )
     raise CheckpointError(f"'{ref}' is not a directory; expected a model directory with config.json, or a hub id org/name")
 

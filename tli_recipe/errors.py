@@ -27,8 +27,31 @@ def format_path(path: Sequence[object]) -> str:
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """`` (did you mean 'o_proj'?)`` when a close match exists, else an empty string."""
-    match = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    choices = [str(c) for c in choices]
+    word = str(word)
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if not match and len(word) >= 3:  # 'base' -> 'base_model'
+        match = [c for c in choices if c.startswith(word)][:1]
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def suggestion(word: str, choices: Iterable[str]) -> str | None:
+    """The name ``did_you_mean`` would suggest, or None."""
+    hint = did_you_mean(word, choices)
+    return hint.split("'")[1] if hint else None
+
+
+def show(value: object) -> str:
+    """A value as the user wrote it in YAML: true, null, 'text', 4."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    return str(value)
 
 
 @dataclass(frozen=True)

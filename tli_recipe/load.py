@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import Problem, RecipeError, did_you_mean, format_path
+from .errors import Problem, RecipeError, did_you_mean, format_path, show, suggestion
 
 
 @dataclass
@@ -98,7 +98,10 @@ def read_recipe(path: str | Path, text: str | None = None) -> tuple[dict, Marks]
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        what = " ".join(x for x in (exc.context, exc.problem) if x)
+        what = exc.problem or exc.context or "cannot parse"
+        if exc.context and exc.problem and exc.context_mark:
+            where = exc.context.removeprefix("while parsing ").removeprefix("while scanning ").removeprefix("a ")
+            what += f" (in the {where} opened at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
         raise RecipeError([Problem((), f"invalid YAML: {what}; fix the syntax", file, line, col)]) from None
     if node is None:
         raise RecipeError([Problem((), "the recipe is empty; expected a mapping with at least base_model", file, 1, 1)])
@@ -177,12 +180,20 @@ def apply_overrides(data: dict, marks: Marks, overrides: Iterable[str]) -> dict:
     return data
 
 
-def _message(err: dict) -> str:
+def _message(err: dict, model: type[BaseModel]) -> str:
     """A pydantic error as 'what is wrong; what is expected'."""
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
-    shown = repr(value) if isinstance(value, str) else value
+    shown = show(value)
+    names = [p for p in err["loc"] if isinstance(p, str)]
+    noun = names[-1] if names else "value"
     if kind == "missing":
-        return "is required"
+        field = _field_at(model, err["loc"])
+        described = f"; expected {field.description[0].lower()}{field.description[1:].rstrip('.')}" if field and field.description else ""
+        return f"is required{described}"
+    if kind == "string_pattern_mismatch":
+        return f"{shown} is not a valid {noun}; expected letters, digits, '.', '_' and '-', starting with a letter or digit"
+    if kind == "string_too_short":
+        return f"is empty; expected a non-empty {noun}"
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
         bound = next(iter(ctx.values()))
@@ -199,13 +210,18 @@ def _message(err: dict) -> str:
         return f"must be a list, got {shown}"
     if kind in ("dict_type", "model_type", "model_attributes_type"):
         return f"must be a mapping of keys, got {shown}"
+    if kind in ("too_short", "too_long") and noun in ("layer_range", "layers"):
+        return f"{shown} has {ctx.get('actual_length')} items; expected [start, end] (half-open, 0-based)"
+    if kind == "too_short" and not ctx.get("actual_length"):
+        return f"is empty; expected at least {ctx.get('min_length')} item{'s' * (ctx.get('min_length') != 1)}"
     if kind in ("too_short", "too_long"):
         n = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
-        return f"must have {'at least' if kind == 'too_short' else 'at most'} {n} items, got {ctx.get('actual_length')}"
+        return f"has {ctx.get('actual_length')} items; expected {'at least' if kind == 'too_short' else 'at most'} {n}"
     if kind == "literal_error":
         expected = ctx.get("expected", "")
         choices = [c.strip(" '") for c in expected.replace(" or ", ",").split(",") if c.strip()]
-        return f"{shown} is not allowed; expected one of: {', '.join(choices)}{did_you_mean(value, choices)}"
+        noun = "LoRA target" if noun == "targets" else noun
+        return f"{shown} is not a valid {noun}{did_you_mean(value, choices)}; expected one of: {', '.join(choices)}"
     msg = err["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
@@ -215,19 +231,56 @@ def _message(err: dict) -> str:
 
 def validate_model(model: type[BaseModel], data: Any, marks: Marks) -> BaseModel:
     """``model.model_validate(data)`` with every error located in the recipe file."""
+    nulls = _drop_nulls(model, data, ())
     try:
-        return model.model_validate(data)
+        validated = model.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_url=False):
-            path = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        problems = [marks.problem(p, NULL_MESSAGE) for p in nulls]
+        errors = exc.errors(include_url=False)
+        for err in errors:
+            err["loc"] = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        # A typo'd key already says "did you mean 'x'"; a second "x is required" adds nothing.
+        meant = set()
+        for err in errors:
+            if err["type"] == "extra_forbidden":
+                owner = _model_at(model, err["loc"][:-1])
+                hint = suggestion(err["loc"][-1], owner.model_fields) if owner else None
+                if hint:
+                    meant.add(err["loc"][:-1] + (hint,))
+        for err in errors:
+            path = err["loc"]
             if err["type"] == "extra_forbidden":
                 problems.append(marks.problem(path, _unknown_key(model, path), prefer_key=True))
-            elif err["type"] == "missing":
-                problems.append(marks.problem(path, _message(err)))
-            else:
-                problems.append(marks.problem(path, _message(err)))
+            elif not (err["type"] == "missing" and path in meant):
+                problems.append(marks.problem(path, _message(err, model)))
         raise RecipeError(sorted(problems, key=lambda p: (p.file != marks.file, p.line, p.column))) from None
+    if nulls:
+        raise RecipeError([marks.problem(p, NULL_MESSAGE) for p in nulls])
+    return validated
+
+
+NULL_MESSAGE = "is empty (null); expected a value, or remove the key"
+
+
+def _drop_nulls(model: type[BaseModel], data: Any, path: tuple) -> list[tuple]:
+    """Remove known keys written with no value (``inject:`` alone) and return their paths.
+
+    An empty key is never what the user meant: ``inject:`` with its body commented out
+    must not silently mean "no injection".
+    """
+    found = []
+    if isinstance(data, dict):
+        owner = _model_at(model, path)
+        for key in list(data):
+            if data[key] is None and owner is not None and key in owner.model_fields:
+                found.append(path + (key,))
+                del data[key]
+            else:
+                found += _drop_nulls(model, data[key], path + (key,))
+    elif isinstance(data, list):
+        for i, item in enumerate(data):
+            found += _drop_nulls(model, item, path + (i,))
+    return found
 
 
 def _unknown_key(model: type[BaseModel], path: tuple) -> str:
@@ -255,6 +308,11 @@ def _model_at(model: type[BaseModel], path: tuple) -> type[BaseModel] | None:
     if isinstance(current, type) and issubclass(current, BaseModel):
         return current
     return None
+
+
+def _field_at(model: type[BaseModel], path: tuple):
+    owner = _model_at(model, tuple(path[:-1]))
+    return owner.model_fields.get(path[-1]) if owner is not None and path else None
 
 
 def _first_model(annotation: Any) -> Any:

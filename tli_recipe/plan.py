@@ -274,7 +274,8 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
         if inject.every > len(stack):
             problems.add(("inject", "every"),
                          f"{inject.every} is larger than the {len(stack)} layers of the stack"
-                         f"{' of ' + recipe.base_model if recipe.slices is None else ''}; no layer would be injected")
+                         f"{' of ' + recipe.base_model if recipe.slices is None else ''}; no layer would be injected; "
+                         f"expected every <= {len(stack)}")
         if inject.init is not None:
             policies = inject.init.policies()
             for proj in policies:
@@ -426,8 +427,10 @@ def _resolve_stages(recipe: Recipe, problems: _Problems, layers: list[LayerEntry
             if isinstance(sel, LayerSpan):
                 start, end = sel.layers
                 if end > len(layers):
+                    n_injected = sum(e.role == "injected" for e in layers)
                     problems.add(("stages", i, "trainable", j, "layers"),
-                                 f"[{start}, {end}] ends past the {len(layers)} output layers; expected end <= {len(layers)}")
+                                 f"[{start}, {end}] ends past the {len(layers)} output layers ({len(layers) - n_injected} "
+                                 f"original + {n_injected} injected); expected end <= {len(layers)}")
                 chosen |= set(range(start, min(end, len(layers))))
             elif sel == "all":
                 chosen |= {e.output for e in layers}
@@ -444,10 +447,11 @@ def _resolve_stages(recipe: Recipe, problems: _Problems, layers: list[LayerEntry
         else:
             targets = set(stage.lora.targets)
             params = [op.name for op in layer_ops if op.projection in targets and op.name.endswith(".weight")]
-            if groups:
-                problems.add(("stages", i, "trainable"),
-                             f"LoRA adapts linear layers only; {', '.join(sorted(groups))} cannot get adapters; "
-                             "expected layer groups (injected, original, all, {layers: [start, end]}) in a LoRA stage")
+            for j, sel in enumerate(stage.trainable):
+                if sel in ("embeddings", "head"):
+                    problems.add(("stages", i, "trainable", j),
+                                 f"LoRA adapts linear layers only; '{sel}' cannot get adapters; expected layer groups "
+                                 "(injected, original, all, {layers: [start, end]}) in a LoRA stage, or a stage without lora")
             zeroed = sorted(p for p, pol in policies.items() if pol.preserves_zero)
             injected_here = [e.output for e in layers if e.role == "injected" and e.output in chosen]
             missing = [p for p in zeroed if p not in targets]

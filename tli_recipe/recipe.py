@@ -260,7 +260,7 @@ class Recipe(Strict):
     """A growth recipe: which layers the output has, how new layers start, how they train."""
 
     name: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the output model; default: the recipe file's stem.")
-    base_model: str = Field(min_length=1, description="Source checkpoint: a local directory, or a hub id resolved through the local Hugging Face cache (id or id@revision).")
+    base_model: str = Field(min_length=1, description="The source checkpoint: a local directory, or a hub id resolved through the local Hugging Face cache (id or id@revision).")
     dtype: Optional[Dtype] = Field(default=None, description="dtype of the output tensors; default: the source dtype.")
     slices: Optional[list[Slice]] = Field(default=None, min_length=1, description="The output stack before injection, as source layer ranges; default: every layer of base_model once. Two overlapping slices are SOLAR-style depth up-scaling.")
     inject: Optional[Inject] = Field(default=None, description="Layer injection (TLI / LLaMA Pro); absent: no layer is injected.")
