@@ -33,6 +33,18 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
               "chat_template.json", "preprocessor_config.json")
 
 
+def numel(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def nbytes(code: str, shape: Iterable[int]) -> int:
+    """Size in bytes of a tensor of safetensors dtype ``code`` and ``shape``."""
+    return DTYPE_SIZES[code] * numel(shape)
+
+
 class CheckpointError(TliError):
     """A checkpoint cannot be found or read."""
 
@@ -54,10 +66,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return numel(self.shape)
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -237,9 +246,7 @@ def layout_shards(tensors: Iterable[tuple[str, str, tuple[int, ...]]], shard_siz
     groups: list[list] = [[]]
     size = 0
     for name, code, shape in tensors:
-        n = DTYPE_SIZES[code]
-        for d in shape:
-            n *= d
+        n = nbytes(code, shape)
         if groups[-1] and size + n > shard_size:
             groups.append([])
             size = 0
@@ -253,9 +260,7 @@ def _header_bytes(spec: ShardSpec, metadata: dict[str, str]) -> bytes:
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for name, code, shape in spec.tensors:
-        n = DTYPE_SIZES[code]
-        for d in shape:
-            n *= d
+        n = nbytes(code, shape)
         header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -316,10 +321,7 @@ class ShardWriter:
         weight_map = {}
         for shard in self.shards:
             for name, code, shape in shard.tensors:
-                n = DTYPE_SIZES[code]
-                for d in shape:
-                    n *= d
-                total += n
+                total += nbytes(code, shape)
                 weight_map[name] = shard.file
         index = {"metadata": {"total_size": total, **self.metadata}, "weight_map": weight_map}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import __version__
 from .arch import Architecture, ArchError, find_architecture
-from .checkpoint import CODES, DTYPE_SIZES, NAMES, Checkpoint, TliError, open_checkpoint, resolve_model
-from .errors import Problem, RecipeError
+from .checkpoint import CODES, NAMES, Checkpoint, nbytes, numel, open_checkpoint, resolve_model
+from .errors import Problem, RecipeError, TliError
 from .load import LoadedRecipe
 from .recipe import LAYER_GROUPS, LayerSpan, Policy, Recipe
 
@@ -65,7 +65,7 @@ class TensorOp(Frozen):
 
     @property
     def nbytes(self) -> int:
-        return numel(self.shape) * DTYPE_SIZES[self.dtype]
+        return nbytes(self.dtype, self.shape)
 
 
 class ConfigChange(Frozen):
@@ -130,13 +130,6 @@ class Plan(Frozen):
 
     def injected(self) -> list[LayerEntry]:
         return [entry for entry in self.layers if entry.role == "injected"]
-
-
-def numel(shape: tuple[int, ...] | list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def tensor_seed(seed: int, name: str) -> int:
