@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import logits_of, tree_digest, write_recipe
+from tli_recipe.checkpoint import ShardWriter
 from tli_recipe.execute import execute_plan
 from tli_recipe.load import load_recipe
 from tli_recipe.plan import compile_plan
@@ -161,21 +162,23 @@ def test_output_inside_the_source_is_refused(tmp_path, tiny, cli):
     assert result.exit_code == 2 and "overlaps the source model" in result.stderr
 
 
+def interrupt_at_once(self, name):
+    raise KeyboardInterrupt
+
+
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
 def test_interrupted_run_leaves_nothing_and_inputs_untouched(tmp_path, tiny, monkeypatch, interrupt):
-    import tli_recipe.execute as execute
-
     base = tiny(layers=8)
     before = tree_digest(base)
-    real, calls = execute.make_tensor, []
+    real, calls = ShardWriter._next, []
 
-    def failing(*args, **kwargs):
+    def failing(self, name):
         calls.append(1)
         if len(calls) == 40:
             raise interrupt("stop")
-        return real(*args, **kwargs)
+        return real(self, name)
 
-    monkeypatch.setattr(execute, "make_tensor", failing)
+    monkeypatch.setattr(ShardWriter, "_next", failing)
     with pytest.raises(interrupt):
         grow(tmp_path, base, "inject: {every: 4}\n")
     assert list(tmp_path.iterdir()) == [tmp_path / "grown.yaml"]
@@ -183,23 +186,19 @@ def test_interrupted_run_leaves_nothing_and_inputs_untouched(tmp_path, tiny, mon
 
 
 def test_interrupted_force_run_keeps_the_previous_output(tmp_path, tiny, monkeypatch):
-    import tli_recipe.execute as execute
-
     base = tiny(layers=4)
     _, out = grow(tmp_path, base, "inject: {every: 2}\n")
     previous = tree_digest(out)
-    monkeypatch.setattr(execute, "make_tensor", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(ShardWriter, "_next", interrupt_at_once)
     with pytest.raises(KeyboardInterrupt):
         grow(tmp_path, base, "inject: {every: 2}\n", force=True)
     assert tree_digest(out) == previous
 
 
 def test_cli_run_reports_interrupt_without_traceback(tmp_path, tiny, monkeypatch, cli):
-    import tli_recipe.execute as execute
-
     base = tiny(layers=4)
     recipe = write_recipe(tmp_path, f"base_model: {base}\noutput: {tmp_path / 'out'}\ninject: {{every: 2}}\n")
-    monkeypatch.setattr(execute, "make_tensor", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(ShardWriter, "_next", interrupt_at_once)
     result = cli("run", recipe, "--no-progress")
     assert result.exit_code == 130 and "interrupted: nothing was written" in result.stderr
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
@@ -236,3 +235,66 @@ def test_cuda_matches_cpu(tmp_path, tiny):
     a, b = load_all(cpu), load_all(gpu)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_force_refuses_a_directory_that_is_not_a_tli_output(tmp_path, tiny, cli):
+    base = tiny(layers=4)
+    precious = tmp_path / "models"
+    precious.mkdir()
+    (precious / "weights.bin").write_bytes(b"keep me")
+    recipe = write_recipe(tmp_path, f"base_model: {base}\ninject: {{every: 2}}\n")
+    result = cli("run", recipe, "--output", precious, "--force", "--no-progress")
+    assert result.exit_code == 2 and "not a tli-recipe output" in result.stderr
+    assert (precious / "weights.bin").read_bytes() == b"keep me"
+
+
+def test_mixed_dtypes_are_kept_unless_the_recipe_casts(tmp_path, tiny):
+    from safetensors.torch import save_file
+
+    base = tiny(layers=4, dtype="bfloat16")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for f in base.iterdir():
+        (mixed / f.name).write_bytes(f.read_bytes())
+    tensors = load_all(base)
+    tensors = {k: v.float() if "norm" in k else v for k, v in tensors.items()}
+    save_file(tensors, str(mixed / "model.safetensors"), metadata={"format": "pt"})
+    _, out = grow(tmp_path, mixed, "inject: {every: 2}\n")
+    got = load_all(out)
+    assert got["model.layers.2.input_layernorm.weight"].dtype == torch.float32
+    assert got["model.layers.2.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    _, cast = grow(tmp_path, mixed, "dtype: float16\ninject: {every: 2}\n", name="cast")
+    assert {t.dtype for t in load_all(cast).values()} == {torch.float16}
+
+
+def test_per_layer_lists_come_from_each_layers_own_source(tmp_path, tiny):
+    shallow = tiny(arch="qwen3", layers=4, head_dim=8, use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    deep = tiny(arch="qwen3", layers=8, head_dim=8, use_sliding_window=True, sliding_window=4, max_window_layers=6)
+    plan = compile_plan(load_recipe(write_recipe(tmp_path, f"""base_model: {shallow}
+slices:
+  - layer_range: [0, 4]
+  - model: {deep}
+    layer_range: [4, 8]
+""")))
+    # shallow: layers 2, 3 slide; deep: layers 6, 7 slide (4, 5 do not)
+    assert plan.config["layer_types"] == ["full_attention"] * 2 + ["sliding_attention"] * 2 + \
+        ["full_attention"] * 2 + ["sliding_attention"] * 2
+
+
+def test_verify_checks_the_config(tmp_path, tiny, cli):
+    base = tiny(layers=4)
+    _, out = grow(tmp_path, base, "inject: {every: 2}\n")
+    config = json.loads((out / "config.json").read_text())
+    config["requires_grad_layers"] = [0]
+    (out / "config.json").write_text(json.dumps(config))
+    result = cli("verify", out, "--no-logits")
+    assert result.exit_code == 1 and "requires_grad_layers" in result.stderr
+    assert cli("verify", out, "--no-logits", "--no-tensors").exit_code == 2
+
+
+def test_zero_tensors_are_holes_that_read_as_zeros(tmp_path, tiny):
+    base = tiny(layers=4)
+    _, out = grow(tmp_path, base, "shard_size: 1KB\ninject: {every: 4}\n")  # the last tensor of a shard may be zero
+    got = load_all(out)
+    assert not got["model.layers.4.mlp.down_proj.weight"].any()
+    assert not got["model.layers.4.self_attn.o_proj.weight"].any()

@@ -186,6 +186,9 @@ def open_checkpoint(path: Path) -> Checkpoint:
             begin, end = spec["data_offsets"]
             if tensor in tensors:
                 raise CheckpointError(f"{file}: tensor '{tensor}' is also in {tensors[tensor].file}; the checkpoint is inconsistent")
+            if spec.get("dtype") not in DTYPE_SIZES:
+                raise CheckpointError(f"{file}: tensor '{tensor}' has dtype {spec.get('dtype')!r}, which tli-recipe does not "
+                                      f"handle; supported: {', '.join(DTYPE_SIZES)}")
             tensors[tensor] = TensorInfo(tensor, str(file), spec["dtype"], tuple(spec["shape"]), data_start + begin, data_start + end)
     if weight_map is not None:
         for tensor, name in weight_map.items():
@@ -202,32 +205,59 @@ def torch_dtype(code: str):
 
     return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-            "BOOL": torch.bool}[code]
+            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[code]
+
+
+def _truncated(info: TensorInfo, got: int) -> CheckpointError:
+    return CheckpointError(f"{info.file}: tensor '{info.name}' is truncated ({got} of {info.nbytes} bytes); re-download the file")
 
 
 class TensorReader:
-    """Reads one tensor at a time with plain file reads; keeps one file open."""
+    """Reads one tensor at a time with plain file reads (no mmap); keeps one file open."""
 
     def __init__(self) -> None:
         self._file: Optional[str] = None
         self._handle = None
 
-    def read(self, info: TensorInfo):
-        import torch
-
+    def _open(self, info: TensorInfo):
         if self._file != info.file:
             self.close()
             self._handle = open(info.file, "rb")
             self._file = info.file
-        buf = bytearray(info.nbytes)
-        self._handle.seek(info.start)
-        got = self._handle.readinto(buf)
-        if got != info.nbytes:
-            raise CheckpointError(f"{info.file}: tensor '{info.name}' is truncated ({got} of {info.nbytes} bytes); re-download the file")
-        dtype = torch_dtype(info.dtype)
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+        return self._handle
+
+    def read(self, info: TensorInfo):
+        """The tensor as a new torch tensor (read straight into its storage)."""
+        import torch
+
+        tensor = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        if info.nbytes:
+            handle = self._open(info)
+            handle.seek(info.start)
+            got = handle.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            if got != info.nbytes:
+                raise _truncated(info, got)
+        return tensor
+
+    def copy_to(self, info: TensorInfo, out) -> None:
+        """Copy the tensor's bytes into the open binary file ``out`` without a pass through Python
+        (``os.copy_file_range`` where the kernel has it)."""
+        handle = self._open(info)
+        src, dst, offset, left = handle.fileno(), out.fileno(), info.start, info.nbytes
+        out.flush()
+        fast = hasattr(os, "copy_file_range")
+        while left:
+            try:
+                n = os.copy_file_range(src, dst, left, offset) if fast else 0
+            except OSError:  # e.g. EXDEV on old kernels, or filesystems without support
+                fast, n = False, 0
+            if not fast:
+                handle.seek(offset)
+                n = out.write(handle.read(min(left, 64 * 2**20)))
+            if n == 0:
+                raise _truncated(info, info.nbytes - left)
+            offset += n
+            left -= n
 
     def close(self) -> None:
         if self._handle is not None:
@@ -275,39 +305,64 @@ class ShardWriter:
     differs from the plan, so the files always match their headers.
     """
 
-    def __init__(self, folder: Path, shards: list[ShardSpec], metadata: dict[str, str]) -> None:
-        self.folder, self.shards, self.metadata = folder, shards, metadata
+    def __init__(self, folder: Path, shards: list[ShardSpec], metadata: dict[str, str], sync: bool = False) -> None:
+        self.folder, self.shards, self.metadata, self.sync = folder, shards, metadata, sync
         self._queue = [(s, t) for s in shards for t in s.tensors]
         self._pos = 0
         self._handle = None
         self._shard: Optional[ShardSpec] = None
 
-    def write(self, name: str, tensor) -> int:
-        """Append one tensor; returns its size in bytes."""
-        import torch
-
+    def _next(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """Check that ``name`` is the next planned tensor and open its shard; returns (dtype code, shape)."""
         if self._pos >= len(self._queue):
             raise TliError(f"tensor '{name}' is not in the plan; the plan lists {len(self._queue)} tensors")
         shard, (planned, code, shape) = self._queue[self._pos]
         if name != planned:
             raise TliError(f"tensor '{name}' arrived where the plan has '{planned}'; the executor and the plan disagree")
-        if tuple(tensor.shape) != shape or tensor.dtype != torch_dtype(code):
-            raise TliError(f"tensor '{name}': got shape {tuple(tensor.shape)} {tensor.dtype}, the plan says {shape} {code}")
         if shard is not self._shard:
             self._close_file()
             self._handle = open(self.folder / shard.file, "wb")
             self._handle.write(_header_bytes(shard, self.metadata))
             self._shard = shard
+        self._pos += 1
+        return code, shape
+
+    def write(self, name: str, tensor) -> int:
+        """Append one tensor; returns its size in bytes."""
+        import torch
+
+        code, shape = self._next(name)
+        if tuple(tensor.shape) != shape or tensor.dtype != torch_dtype(code):
+            raise TliError(f"tensor '{name}': got shape {tuple(tensor.shape)} {tensor.dtype}, the plan says {shape} {code}")
         data = tensor.detach().to("cpu").contiguous()
         if data.numel():
-            self._handle.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
-        self._pos += 1
-        return data.numel() * data.element_size()
+            self._handle.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        return nbytes(code, shape)
+
+    def copy(self, name: str, info: TensorInfo, reader: TensorReader) -> int:
+        """Append a source tensor's bytes unchanged (same dtype and shape): no torch, no user-space copy."""
+        code, shape = self._next(name)
+        if info.shape != shape or info.dtype != code:
+            raise TliError(f"tensor '{name}': source '{info.name}' is {list(info.shape)} {info.dtype}, the plan says {list(shape)} {code}")
+        reader.copy_to(info, self._handle)
+        return info.nbytes
+
+    def zeros(self, name: str) -> int:
+        """Append a tensor of zero bytes (exact 0.0 in every float format).
+
+        The bytes are a hole: seeking past them costs nothing, a read returns zeros, and the
+        file is extended to its full size when the shard is closed (a sparse file).
+        """
+        code, shape = self._next(name)
+        self._handle.seek(nbytes(code, shape), os.SEEK_CUR)
+        return nbytes(code, shape)
 
     def _close_file(self) -> None:
         if self._handle is not None:
+            self._handle.truncate()  # a trailing hole (zeros last) still needs the file's full length
             self._handle.flush()
-            os.fsync(self._handle.fileno())
+            if self.sync:
+                os.fsync(self._handle.fileno())
             self._handle.close()
             self._handle = None
 

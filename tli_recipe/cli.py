@@ -32,6 +32,10 @@ def _reported(func):
         except TliError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}; check the path, permissions and free space", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written", err=True)
             sys.exit(130)
@@ -99,15 +103,17 @@ def plan(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="Where tensor arithmetic runs: auto, cpu, cuda or cuda:N.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--sync", is_flag=True, help="fsync every output file before the final rename (durable against power loss; slower).")
 @_reported
-def run(recipe: str, overrides: tuple[str, ...], output: str | None, device: str, force: bool, no_progress: bool) -> None:
+def run(recipe: str, overrides: tuple[str, ...], output: str | None, device: str, force: bool, no_progress: bool,
+        sync: bool) -> None:
     """Write the grown checkpoint: shards, index, config, tokenizer, recipe, plan.json, model card."""
     compiled = _compile(recipe, overrides)
     for warning in compiled.warnings:
         click.echo(f"warning: {warning}", err=True)
     from .execute import execute_plan
 
-    execute_plan(compiled, output, device=device, force=force, progress=not no_progress,
+    execute_plan(compiled, output, device=device, force=force, progress=not no_progress, sync=sync,
                  log=lambda msg: click.echo(msg, err=True))
 
 

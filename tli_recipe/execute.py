@@ -39,6 +39,11 @@ def pick_device(device: str) -> str:
     return device
 
 
+def needs_torch(op: TensorOp) -> bool:
+    """False for tensors written as bytes: an unchanged copy, or zeros."""
+    return not (op.op == "zero" or (op.op == "copy" and op.dtype == op.source_dtype))
+
+
 def make_tensor(op: TensorOp, reader: TensorReader, source, device: str):
     """The output tensor of one TensorOp (on the CPU, in the output dtype).
 
@@ -91,16 +96,23 @@ def _check_sources(plan: Plan) -> dict:
     return opened
 
 
-def _check_output(target: Path, plan: Plan, force: bool) -> None:
+def _check_output(target: Path, plan: Plan, sources: dict, force: bool) -> None:
     resolved = target.resolve()
-    for src in plan.sources.values():
-        root = Path(src.path).resolve()
-        if resolved == root or root in resolved.parents or resolved in root.parents:
-            raise TliError(f"output {target} overlaps the source model {src.path}; choose an output outside it (--output DIR)")
-    if target.exists() and not force:
-        raise TliError(f"output {target} already exists; pass --force to replace it, or choose another --output")
-    if target.exists() and not target.is_dir():
+    for key, src in plan.sources.items():
+        # The directory and every file it points to (hub-cache snapshots are symlinks into blobs/).
+        roots = {Path(src.path).resolve()} | {Path(f).resolve().parent for f in sources[key].files()}
+        for root in roots:
+            if resolved == root or root in resolved.parents or resolved in root.parents:
+                raise TliError(f"output {target} overlaps the source model {src.path} ({root}); "
+                               "choose an output outside it (--output DIR)")
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise TliError(f"output {target} exists and is not a directory; remove it or choose another --output")
+    if target.exists():
+        if not force:
+            raise TliError(f"output {target} already exists; pass --force to replace it, or choose another --output")
+        if any(target.iterdir()) and not (target / "plan.json").is_file():
+            raise TliError(f"output {target} is not empty and holds no plan.json, so it is not a tli-recipe output; "
+                           "--force replaces only those: remove it yourself or choose another --output")
 
 
 @contextmanager
@@ -121,14 +133,20 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str = "auto", force: bool = False,
-                 progress: bool = True, log=print) -> Path:
-    """Write the output checkpoint of ``plan``; returns its directory."""
+                 progress: bool = True, sync: bool = False, log=print) -> Path:
+    """Write the output checkpoint of ``plan``; returns its directory.
+
+    Unchanged copies and zeros are written as bytes (``copy_file_range``), without torch;
+    torch is imported only when some tensor needs arithmetic or a dtype cast. With
+    ``sync`` every file is flushed to disk before the final rename.
+    """
     from tqdm import tqdm
 
     target = Path(output or plan.output)
-    _check_output(target, plan, force)
-    device = pick_device(device)
+    computed = [op for op in plan.tensors if needs_torch(op)]
+    device = pick_device(device) if computed else "none (byte copies)"
     sources = _check_sources(plan)
+    _check_output(target, plan, sources, force)
     target.parent.mkdir(parents=True, exist_ok=True)
 
     metadata = {"format": "pt", "tli_recipe_version": __version__, "recipe_sha256": plan.recipe_sha256,
@@ -140,18 +158,25 @@ def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary directory
-        writer = ShardWriter(tmp, shards, metadata)
+        writer = ShardWriter(tmp, shards, metadata, sync=sync)
         reader = TensorReader()
         try:
             bar = tqdm(total=plan.totals.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024,
                        desc=f"writing {plan.name}", disable=not progress, dynamic_ncols=True)
             with bar:
                 for i, op in enumerate(plan.tensors, 1):
-                    written = writer.write(op.name, make_tensor(op, reader, sources[op.source], device))
+                    if op.op == "zero":
+                        written = writer.zeros(op.name)
+                    elif not needs_torch(op):
+                        written = writer.copy(op.name, sources[op.source].tensors[op.source_name], reader)
+                    else:
+                        written = writer.write(op.name, make_tensor(op, reader, sources[op.source], device))
                     bar.update(written)
                     bar.set_postfix_str(f"{i}/{len(plan.tensors)} tensors", refresh=False)
             writer.close()
             _write_side_files(plan, tmp, Path(plan.sources[plan.base_model].path))
+            if sync:
+                _fsync_tree(tmp)
             _swap_into_place(tmp, target)
         except BaseException:
             writer.abort()
@@ -160,8 +185,18 @@ def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str
         finally:
             reader.close()
     log(f"wrote {target} ({len(shards)} shard{'s' * (len(shards) > 1)}, {plan.totals.bytes_to_write / 2**20:.1f} MiB, "
-        f"{plan.totals.layers_before} -> {plan.totals.layers_after} layers) in {time.perf_counter() - started:.1f} s on {device}")
+        f"{plan.totals.layers_before} -> {plan.totals.layers_after} layers) in {time.perf_counter() - started:.1f} s; "
+        f"{len(computed)} of {len(plan.tensors)} tensors computed (device: {device}), the rest byte copies or zeros")
     return target
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in [*folder.iterdir(), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _write_side_files(plan: Plan, folder: Path, base: Path) -> None:

@@ -93,8 +93,10 @@ def read_recipe(path: str | Path, text: str | None = None) -> tuple[dict, Marks]
         except (OSError, UnicodeDecodeError) as exc:
             raise RecipeError([Problem((), f"cannot read the recipe: {exc}", file, 1, 1)]) from None
     marks = Marks(file)
+    problems: list[Problem] = []
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = _walk(node, (), marks, problems) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -103,10 +105,10 @@ def read_recipe(path: str | Path, text: str | None = None) -> tuple[dict, Marks]
             where = exc.context.removeprefix("while parsing ").removeprefix("while scanning ").removeprefix("a ")
             what += f" (in the {where} opened at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
         raise RecipeError([Problem((), f"invalid YAML: {what}; fix the syntax", file, line, col)]) from None
+    except yaml.YAMLError as exc:  # reader errors (control characters) carry no mark
+        raise RecipeError([Problem((), f"invalid YAML: {str(exc).splitlines()[0]}; fix the file", file, 1, 1)]) from None
     if node is None:
         raise RecipeError([Problem((), "the recipe is empty; expected a mapping with at least base_model", file, 1, 1)])
-    problems: list[Problem] = []
-    data = _walk(node, (), marks, problems)
     if not isinstance(data, dict):
         problems.append(Problem((), f"a recipe must be a mapping of keys, got {type(data).__name__}", file, 1, 1))
     if problems:

@@ -194,9 +194,6 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
         raise
     num_layers_key = "num_hidden_layers"
     base_layers = base.config.get(num_layers_key)
-    if not isinstance(base_layers, int) or base_layers < 1:
-        problems.add(("base_model",), f"{base.path / 'config.json'} has no positive integer {num_layers_key}; expected the decoder layer count")
-        problems.raise_if_any()
     if not base.has_weights:
         warnings.append(f"{base.path} holds no safetensors weights: tensor shapes were derived from config.json "
                         f"with the {arch.name} definition; `run` needs the weights")
@@ -221,6 +218,14 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
             problems.add(path, f"{ref} is a {src_arch.name} model but base_model is {arch.name}; expected slices of one architecture")
             return None
         n = ckpt.config.get(num_layers_key)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            problems.add(path, f"{ckpt.path / 'config.json'} has no positive integer {num_layers_key}; expected the decoder layer count")
+            return None
+        if ckpt.config.get("quantization_config"):
+            method = ckpt.config["quantization_config"].get("quant_method", "?") if isinstance(ckpt.config["quantization_config"], dict) else "?"
+            problems.add(path, f"{ref} is quantized ({method}): zeroing packed weights does not give zero; "
+                               "expected a full-precision checkpoint (dequantize it first)")
+            return None
         tensors = _source_tensors(ckpt, arch, n)
         per_layer: dict[int, list[str]] = {}
         for name in tensors:
@@ -232,7 +237,7 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
             problems.add(path, f"{ckpt.path}: config.json says {num_layers_key}={n} but the weights hold {found} "
                                f"(prefix {arch.layer_prefix!r}); the checkpoint is inconsistent")
             return None
-        sources[ref] = SourceModel(ref=ref, path=str(ckpt.path), architecture=arch.name, num_layers=n,
+        sources[ref] = SourceModel(ref=ref, path=str(ckpt.path.resolve()), architecture=arch.name, num_layers=n,
                                    dtype=ckpt.dtype(), has_weights=ckpt.has_weights)
         tensors_of[ref] = tensors
         layers_of[ref] = per_layer
@@ -304,10 +309,11 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
 
     # dtype ------------------------------------------------------------------------------
     out_dtype = recipe.dtype or sources[recipe.base_model].dtype or "float32"
-    out_code = CODES[out_dtype]
 
     def target_code(code: str) -> str:
-        return out_code if code in NAMES else code  # integer buffers keep their dtype
+        # A recipe dtype casts every floating tensor; without one each tensor keeps its own
+        # dtype (a float32 norm in a bfloat16 checkpoint stays float32). Integers never change.
+        return CODES[recipe.dtype] if recipe.dtype and code in NAMES else code
 
     # Tensor operations ----------------------------------------------------------------------
     ops: list[TensorOp] = []
@@ -348,10 +354,10 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
 
     injected = [e.output for e in layers if e.role == "injected"]
     identity_stack = [(k, l) for k, l, _ in stack] == [(recipe.base_model, i) for i in range(base_layers)]
-    zeroed = all(policies.get(p, Policy(kind="copy")).preserves_zero for p in arch.function_preserving_init)
-    function_preserving = identity_stack and (not injected or zeroed)
+    function_preserving = identity_stack and all(_is_identity(out, arch, ops) for out in injected)
 
-    config, changes = _output_config(base.config, arch, layers, base_layers, injected, out_dtype, warnings)
+    configs = {key: opened[key].config for key in sources}
+    config, changes = _output_config(base.config, configs, arch, layers, base_layers, injected, out_dtype, warnings)
     stages = _resolve_stages(recipe, problems, layers, ops, arch, policies, warnings)
     problems.raise_if_any()
 
@@ -370,8 +376,18 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
     )
 
 
-def _output_config(config: dict, arch: Architecture, layers: list[LayerEntry], n_before: int, injected: list[int],
-                   dtype: str, warnings: list[str]) -> tuple[dict, list[ConfigChange]]:
+def _is_identity(layer: int, arch: Architecture, ops: list[TensorOp]) -> bool:
+    """True when the injected ``layer`` adds nothing to the residual stream: every tensor of
+    each projection in the architecture's function-preserving init is written as exact zeros."""
+    for proj in arch.function_preserving_init:
+        mine = [op for op in ops if op.layer == layer and op.projection == proj]
+        if not mine or not all(op.op == "zero" or (op.op == "scale" and op.value == 0) for op in mine):
+            return False
+    return True
+
+
+def _output_config(config: dict, configs: dict[str, dict], arch: Architecture, layers: list[LayerEntry], n_before: int,
+                   injected: list[int], dtype: str, warnings: list[str]) -> tuple[dict, list[ConfigChange]]:
     """The output config.json: new layer count, per-layer lists re-indexed by the layer map."""
     out = json.loads(json.dumps(config))
     changes: list[ConfigChange] = []
@@ -383,20 +399,28 @@ def _output_config(config: dict, arch: Architecture, layers: list[LayerEntry], n
     change("num_hidden_layers", len(layers), "layer count of the output stack")
     handled = set()
     for key in sorted(set(arch.per_layer_lists) | set(arch.derived_lists)):
-        values = config.get(key)
-        derived = False
-        if values is None:
-            values = arch.derive_list(key, config, n_before)
-            derived = True
-        if values is None:
+        # Each output layer takes the entry of its own source layer, in its own source's config.
+        per_source, derived = {}, False
+        for ref, cfg in configs.items():
+            n = cfg["num_hidden_layers"]
+            values = cfg.get(key)
+            if values is None:
+                values = arch.derive_list(key, cfg, n)
+                derived = derived or values is not None
+            if values is None:
+                continue
+            if not isinstance(values, list) or len(values) != n:
+                raise TliError(f"{ref}: config.json {key} has {len(values) if isinstance(values, list) else 'no list of'} "
+                               f"entries for {n} layers; the config is inconsistent")
+            per_source[ref] = values
+        if not per_source:
             continue
         handled.add(key)
-        if not isinstance(values, list) or len(values) != n_before:
-            raise TliError(f"config.json: {key} has {len(values) if isinstance(values, list) else 'no list of'} entries "
-                           f"for {n_before} layers; the config is inconsistent")
-        # Layers from another model take that model's entry only if it has the same list; the
-        # base model's entry for the same source index is used otherwise (same architecture).
-        change(key, [values[e.layer] for e in layers],
+        missing = sorted({e.source for e in layers} - set(per_source))
+        if missing:
+            raise TliError(f"{missing[0]}: config.json has no {key}, which the base model's config has; "
+                           "expected slices of models with the same config layout")
+        change(key, [per_source[e.source][e.layer] for e in layers],
                ("derived from the config as transformers does, then " if derived else "") + "re-indexed by the layer map (an injected layer takes its source's entry)")
     for key, value in config.items():
         if key not in handled and isinstance(value, list) and len(value) == n_before and n_before > 2 and key != "architectures":

@@ -195,8 +195,13 @@ def _parse_selector(value: Any) -> Any:
         if value not in LAYER_GROUPS:
             raise _fail(f"'{value}' is not a layer group{did_you_mean(value, LAYER_GROUPS)}; expected one of: {', '.join(LAYER_GROUPS)}, or {{layers: [start, end]}}")
         return value
-    if isinstance(value, dict):
+    if isinstance(value, LayerSpan):
         return value
+    if isinstance(value, dict) and set(value) == {"layers"}:
+        span = value["layers"]
+        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in span)):
+            raise _fail(f"layers: {span!r} is not a range; expected {{layers: [start, end]}} with integer output layer indices (half-open, 0-based)")
+        return LayerSpan(layers=(span[0], _check_range(tuple(span))[1]))
     raise _fail(f"{value!r} is not a layer group; expected one of: {', '.join(LAYER_GROUPS)}, or {{layers: [start, end]}}")
 
 

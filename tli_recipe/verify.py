@@ -50,6 +50,9 @@ def check_tensors(plan: Plan, folder: Path, report: VerifyReport) -> None:
     from .execute import make_tensor
 
     output = open_checkpoint(folder)
+    if output.config != plan.config:
+        keys = sorted(k for k in set(output.config) | set(plan.config) if output.config.get(k) != plan.config.get(k))
+        report.tensor_problems.append(f"config.json differs from the plan's config in: {', '.join(keys)}")
     sources = {key: open_checkpoint(Path(src.path)) for key, src in plan.sources.items()}
     planned = {op.name for op in plan.tensors}
     extra = sorted(set(output.tensors) - planned)
@@ -91,7 +94,9 @@ def compare_logits(plan: Plan, folder: Path, report: VerifyReport, *, device: st
     base_path = plan.sources[plan.base_model].path
     vocab = int(plan.config.get("vocab_size") or 32000)
     ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-    out_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[plan.dtype]
+    # Only a recipe dtype casts the weights; without one every tensor kept its own dtype.
+    cast = plan.recipe.get("dtype")
+    out_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cast] if cast else torch.float32
 
     def logits(path: str, round_to=None):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -114,6 +119,8 @@ def compare_logits(plan: Plan, folder: Path, report: VerifyReport, *, device: st
 def verify_output(folder: str | Path, *, atol: float = 1e-5, tensors: bool = True, logits: bool = True,
                   device: str = "cpu") -> VerifyReport:
     folder = Path(folder)
+    if not tensors and not logits:
+        raise TliError("nothing to verify: --no-tensors and --no-logits together skip every check")
     plan = load_plan(folder)
     report = VerifyReport(function_preserving=plan.function_preserving, atol=atol)
     if tensors:
