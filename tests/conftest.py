@@ -27,25 +27,46 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key
             max_position_embeddings=128)
 
 
+#: test name -> (config class, model class) in transformers
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "granite": ("GraniteConfig", "GraniteForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "gemma3-vlm": ("Gemma3Config", "Gemma3ForConditionalGeneration"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+}
+
+
 def build_tiny(folder: Path, arch: str = "llama", layers: int = 8, tie: bool = False, dtype: str = "float32",
                seed: int = 0, **extra) -> Path:
     """A random checkpoint saved with transformers; norms are random too, so a wrong copy shows in the logits."""
     import torch
     import transformers
 
-    config_cls, model_cls = {
-        "llama": ("LlamaConfig", "LlamaForCausalLM"),
-        "mistral": ("MistralConfig", "MistralForCausalLM"),
-        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-        "granite": ("GraniteConfig", "GraniteForCausalLM"),
-    }[arch]
-    config = getattr(transformers, config_cls)(num_hidden_layers=layers, tie_word_embeddings=tie, **{**TINY, **extra})
+    config_cls, model_cls = ARCHS[arch]
+    tokens = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "gemma3-vlm":  # the text decoder nests in text_config, beside a tiny vision tower
+        text = {**TINY, "num_hidden_layers": layers, "vocab_size": 300, "head_dim": 8, **tokens, **extra}
+        config = transformers.Gemma3Config(
+            text_config=text, vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=28, patch_size=14),
+            mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298,
+            tie_word_embeddings=tie)
+    else:
+        config = getattr(transformers, config_cls)(num_hidden_layers=layers, tie_word_embeddings=tie,
+                                                   **{**TINY, **tokens, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or "layernorm" in name:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
             else:
                 p.normal_(0, 0.2)
@@ -59,9 +80,9 @@ def tiny(tmp_path_factory) -> Callable[..., Path]:
     cache: dict[tuple, Path] = {}
 
     def make(**kwargs) -> Path:
-        key = tuple(sorted(kwargs.items()))
+        key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
         if key not in cache:
-            name = "-".join(f"{k}{v}" for k, v in key) or "default"
+            name = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
             cache[key] = build_tiny(tmp_path_factory.mktemp(f"tiny-{name}"), **kwargs)
         return cache[key]
 
@@ -99,7 +120,10 @@ def logits_of(folder: Path, ids=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    assert not problems, f"{folder}: {problems}"
+    model.eval()
     if ids is None:
         ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

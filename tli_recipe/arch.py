@@ -11,10 +11,10 @@ from __future__ import annotations
 import ast
 import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import yaml
 
@@ -29,13 +29,15 @@ class ArchError(TliError):
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
 _COMPARE = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
-            ast.Eq: operator.eq, ast.NotEq: operator.ne}
+            ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b,
+}
+_BINOPS[ast.Mod] = operator.mod
 
 
 def evaluate(expr: Any, names: Mapping[str, Any]) -> Any:
     """Evaluate a shape or condition expression over config values.
 
-    Allowed: numbers, quoted strings, config key names, ``+ - * //``, comparisons,
+    Allowed: numbers, quoted strings, config key names, ``+ - * // %``, comparisons (``in`` too),
     ``and``/``or``/``not``, ``x if cond else y`` and parentheses. Nothing else, so a
     definition file cannot run code.
     """
@@ -69,12 +71,29 @@ def evaluate(expr: Any, names: Mapping[str, Any]) -> Any:
 
 # --- definitions -----------------------------------------------------------------------
 
+_INDEX = r"(?:0|[1-9][0-9]*)"  # a layer or expert index: one whole path segment, no leading zeros
+
+
+@dataclass(frozen=True)
+class Module:
+    """One spelling of a projection: a module path under the layer prefix, with its weight shape."""
+
+    path: str                        # e.g. "self_attn.o_proj" or "mlp.experts.{expert}.down_proj"
+    shape: tuple                     # weight shape expressions
+    bias: Any = 0                    # expression: does the module have a bias?
+    when: Any = 1                    # expression over config + `layer`: does this layer have it?
+    experts: Any = None              # expression: how many experts fill {expert}
+
+
 @dataclass(frozen=True)
 class Projection:
     name: str
-    module: str                      # path under the layer prefix, e.g. "self_attn.o_proj"
-    shape: tuple                     # weight shape expressions
-    bias: Any = 0                    # expression: does the module have a bias?
+    modules: tuple[Module, ...]
+    norm: bool = False               # a norm gain (policies such as zero_gain apply)
+
+
+def _compile_module(path: str) -> re.Pattern:
+    return re.compile("^" + re.escape(path).replace(re.escape("{expert}"), _INDEX) + r"\.[^.]+$")
 
 
 @dataclass(frozen=True)
@@ -82,21 +101,44 @@ class Architecture:
     name: str
     architectures: tuple[str, ...]
     model_types: tuple[str, ...]
-    layer_prefix: str                # "model.layers.{layer}."
+    layer_prefixes: tuple[str, ...]  # ("model.layers.{layer}.", ...): the first that the checkpoint uses
     defaults: dict[str, Any]
-    tensors: dict[str, dict]         # non-layer tensors: name -> {shape, when}
+    tensors: dict[str, dict]         # non-layer tensors: name -> {shape, when, group}
     projections: dict[str, Projection]
-    function_preserving_init: dict[str, str]
+    identity_branches: dict[str, tuple[dict[str, str], ...]]  # branch -> options that make it add zero
+    recommended_init: dict[str, str]
+    norm_offset: float = 0.0         # a norm multiplies by (offset + weight): Gemma stores 1 + w
     per_layer_lists: tuple[str, ...] = ()
     derived_lists: dict[str, str] = field(default_factory=dict)  # list key -> expression over config + `layer`
+    derived_from: dict[str, tuple[str, ...]] = field(default_factory=dict)  # list key -> config keys its rule reads
+    index_lists: dict[str, str] = field(default_factory=dict)    # key listing layer indices -> membership expression
+    index_list_resets: dict[str, Any] = field(default_factory=dict)  # keys set when index lists are rewritten
+    config_path: tuple[str, ...] = ()  # where the decoder's config lives (("text_config",) for a VLM)
+    notes: str = ""
     source_file: str = ""
+    inferred: bool = False           # built from tensor names, not from a definition file
+    layer_prefix: str = ""           # the prefix in use (set by for_checkpoint)
     _layer_re: re.Pattern = field(init=False, repr=False, compare=False)
+    _module_res: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        head, sep, tail = self.layer_prefix.partition("{layer}")
+        prefix = self.layer_prefix or self.layer_prefixes[0]
+        object.__setattr__(self, "layer_prefix", prefix)
+        head, sep, tail = prefix.partition("{layer}")
         if not sep:
-            raise ArchError(f"{self.source_file}: layer_prefix {self.layer_prefix!r} has no {{layer}} placeholder")
-        object.__setattr__(self, "_layer_re", re.compile("^" + re.escape(head) + r"(0|[1-9][0-9]*)" + re.escape(tail) + "(.+)$"))
+            raise ArchError(f"{self.source_file}: layer prefix {prefix!r} has no {{layer}} placeholder")
+        object.__setattr__(self, "_layer_re", re.compile("^" + re.escape(head) + f"({_INDEX})" + re.escape(tail) + "(.+)$"))
+        object.__setattr__(self, "_module_res", tuple(
+            (proj.name, _compile_module(m.path)) for proj in self.projections.values() for m in proj.modules))
+
+    def for_checkpoint(self, names: Iterable[str]) -> "Architecture":
+        """This definition with the layer prefix that the checkpoint's tensor names use."""
+        names = list(names)
+        for prefix in self.layer_prefixes:
+            candidate = replace(self, layer_prefix=prefix)
+            if any(candidate.split_layer_key(n) for n in names):
+                return candidate
+        return self
 
     # names -------------------------------------------------------------------------
     def layer_key(self, layer: int, suffix: str) -> str:
@@ -108,15 +150,26 @@ class Architecture:
         return (int(match.group(1)), match.group(2)) if match else None
 
     def projection_of(self, suffix: str) -> Optional[str]:
-        """The projection a layer tensor belongs to (``mlp.down_proj.bias`` -> ``down_proj``), or None."""
-        for proj in self.projections.values():
-            if suffix.startswith(proj.module + ".") and "." not in suffix[len(proj.module) + 1:]:
-                return proj.name
+        """The projection a layer tensor belongs to: ``mlp.down_proj.bias`` and
+        ``mlp.experts.7.down_proj.weight`` -> ``down_proj``; None for tensors of no projection."""
+        for name, pattern in self._module_res:
+            if pattern.match(suffix):
+                return name
         return None
 
-    # shapes from config.json ----------------------------------------------------------
+    def offset_of(self, projection: str) -> float:
+        return self.norm_offset if self.projections[projection].norm else 0.0
+
+    # config.json ---------------------------------------------------------------------
+    def decoder_config(self, config: Mapping[str, Any]) -> dict:
+        """The part of config.json that describes the decoder (a VLM nests it in text_config)."""
+        for key in self.config_path:
+            config = config.get(key) or {}
+        return dict(config)
+
     def names(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        values = {k: v for k, v in config.items() if isinstance(v, (int, float, bool)) or v is None}
+        values = {k: v for k, v in self.decoder_config(config).items()
+                  if isinstance(v, (int, float, bool, str, list)) or v is None}
         for key, expr in self.defaults.items():
             if values.get(key) is None:
                 values[key] = evaluate(expr, values)
@@ -130,8 +183,12 @@ class Architecture:
         names = self.names(config)
         return [evaluate(expr, {**names, "layer": i}) for i in range(num_layers)]
 
+    def layer_flags(self, expr: str, config: Mapping[str, Any], num_layers: int) -> list[bool]:
+        names = self.names(config)
+        return [bool(evaluate(expr, {**names, "layer": i})) for i in range(num_layers)]
+
     def expected_tensors(self, config: Mapping[str, Any], num_layers: int) -> dict[str, tuple[int, ...]]:
-        """Every tensor a checkpoint of this architecture has, with its shape, from config.json alone."""
+        """Every decoder tensor a checkpoint of this architecture has, with its shape, from config.json alone."""
         names = self.names(config)
         try:
             out: dict[str, tuple[int, ...]] = {}
@@ -139,11 +196,19 @@ class Architecture:
                 if evaluate(spec.get("when", 1), names):
                     out[tensor] = tuple(int(evaluate(e, names)) for e in spec["shape"])
             for layer in range(num_layers):
+                scope = {**names, "layer": layer}
                 for proj in self.projections.values():
-                    shape = tuple(int(evaluate(e, names)) for e in proj.shape)
-                    out[self.layer_key(layer, proj.module + ".weight")] = shape
-                    if evaluate(proj.bias, names):
-                        out[self.layer_key(layer, proj.module + ".bias")] = shape[:1]
+                    for m in proj.modules:
+                        if not evaluate(m.when, scope):
+                            continue
+                        shape = tuple(int(evaluate(e, scope)) for e in m.shape)
+                        count = int(evaluate(m.experts, scope)) if m.experts is not None else None
+                        for e in range(count) if count is not None else [None]:
+                            path = m.path.replace("{expert}", str(e)) if e is not None else m.path
+                            out[self.layer_key(layer, path + ".weight")] = shape
+                            if evaluate(m.bias, scope):
+                                out[self.layer_key(layer, path + ".bias")] = shape[:1]
+                        break  # the first spelling that applies is the one a checkpoint has
             return out
         except KeyError as exc:
             raise ArchError(f"config.json has no '{exc.args[0]}', which the {self.name} definition needs for tensor shapes") from None
@@ -157,9 +222,24 @@ def _load_file(path: str, text: str) -> dict:
     return data
 
 
+def _projection(name: str, spec: Any, path: str) -> Projection:
+    """``{module, shape, bias}`` or ``{modules: [...]}`` -> Projection."""
+    entries = spec.get("modules") if isinstance(spec, dict) and "modules" in spec else [spec]
+    modules = []
+    for entry in entries:
+        if not isinstance(entry, dict) or "module" not in entry or "shape" not in entry:
+            raise ArchError(f"{path}: projection {name!r} needs module and shape")
+        modules.append(Module(path=entry["module"], shape=tuple(entry["shape"]), bias=entry.get("bias", 0),
+                              when=entry.get("when", 1), experts=entry.get("experts")))
+    return Projection(name=name, modules=tuple(modules), norm=bool(spec.get("norm", False)) if isinstance(spec, dict) else False)
+
+
+_MERGED = ("defaults", "tensors", "projections", "derived_lists", "identity_branches", "index_lists", "index_list_resets")
+
+
 @lru_cache(maxsize=1)
 def load_architectures() -> dict[str, Architecture]:
-    """All shipped definitions, by name (``extends`` merges a parent's mappings)."""
+    """All shipped definitions, by name (``extends`` merges a parent's mappings; ``drop`` removes entries)."""
     folder = resources.files("tli_recipe") / "_data" / "architectures"
     raw = {}
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
@@ -176,44 +256,105 @@ def load_architectures() -> dict[str, Architecture]:
             raise ArchError(f"{data['source_file']}: extends unknown or circular definition {parent!r}")
         base = resolved(parent, seen + (name,))
         merged = {**base, **data}
-        for key in ("defaults", "tensors", "projections", "function_preserving_init", "derived_lists"):
+        for key in _MERGED:
             merged[key] = {**base.get(key, {}), **data.get(key, {})}
+        for key, names in (data.get("drop") or {}).items():
+            merged[key] = {k: v for k, v in merged[key].items() if k not in names}
         return merged
 
     out = {}
     for name in raw:
         d = resolved(name)
+        path = d["source_file"]
+        projections = {k: _projection(k, v, path) for k, v in d.get("projections", {}).items()}
+        branches = {b: tuple(dict(o) for o in options) for b, options in d.get("identity_branches", {}).items()}
+        for branch, options in branches.items():
+            for option in options:
+                unknown = [p for p in option if p not in projections]
+                if unknown:
+                    raise ArchError(f"{path}: identity branch {branch!r} names unknown projections {unknown}")
+        prefixes = d.get("layer_prefix")
         out[name] = Architecture(
             name=d["name"],
             architectures=tuple(d.get("architectures", ())),
             model_types=tuple(d.get("model_types", ())),
-            layer_prefix=d["layer_prefix"],
+            layer_prefixes=tuple(prefixes if isinstance(prefixes, list) else [prefixes]),
             defaults=dict(d.get("defaults", {})),
             tensors={k: dict(v) for k, v in d.get("tensors", {}).items()},
-            projections={k: Projection(name=k, module=v["module"], shape=tuple(v["shape"]), bias=v.get("bias", 0))
-                         for k, v in d.get("projections", {}).items()},
-            function_preserving_init=dict(d.get("function_preserving_init", {})),
+            projections=projections,
+            identity_branches=branches,
+            recommended_init=dict(d.get("recommended_init") or {p: k for opts in branches.values() for p, k in opts[0].items()}),
+            norm_offset=float(d.get("norm_offset", 0)),
             per_layer_lists=tuple(d.get("per_layer_lists", ())),
-            derived_lists=dict(d.get("derived_lists", {})),
-            source_file=d["source_file"],
+            derived_lists={k: v["rule"] if isinstance(v, dict) else v for k, v in d.get("derived_lists", {}).items()},
+            derived_from={k: tuple(v.get("from", ())) for k, v in d.get("derived_lists", {}).items() if isinstance(v, dict)},
+            index_lists=dict(d.get("index_lists", {})),
+            index_list_resets=dict(d.get("index_list_resets", {})),
+            config_path=tuple(d.get("config_path", ())),
+            notes=str(d.get("notes", "")).strip(),
+            source_file=path,
         )
     return out
 
 
-def find_architecture(config: Mapping[str, Any]) -> Architecture:
-    """The definition for a config.json, by ``architectures[0]`` then ``model_type``."""
+def find_architecture(config: Mapping[str, Any], tensor_names: Iterable[str] = ()) -> Architecture:
+    """The definition for a config.json (by ``architectures`` then ``model_type``), with the layer
+    prefix its tensors use; an unknown architecture is inferred from tensor names when possible."""
     archs = load_architectures()
+    names = list(tensor_names)
     declared = list(config.get("architectures") or [])
     for arch in archs.values():
         if any(a in arch.architectures for a in declared):
-            return arch
+            return arch.for_checkpoint(names)
     model_type = config.get("model_type")
     for arch in archs.values():
         if model_type in arch.model_types:
-            return arch
-    known = sorted(a for arch in archs.values() for a in arch.architectures)
+            return arch.for_checkpoint(names)
     what = declared[0] if declared else f"model_type {model_type!r}"
+    if names:
+        inferred = infer_architecture(what, names)
+        if inferred is not None:
+            return inferred
+    known = sorted(a for arch in archs.values() for a in arch.architectures)
     raise ArchError(
-        f"architecture {what} has no definition; supported: {', '.join(known)}. "
-        "To add one, write a data file in tli_recipe/_data/architectures/ (see README: Adding an architecture)"
+        f"architecture {what} has no definition{' and its layer structure could not be inferred from the tensor names' if names else ''}; "
+        f"supported: {', '.join(known)}. To add one, write a data file in tli_recipe/_data/architectures/ "
+        "(README: Adding an architecture)"
+    )
+
+
+_LAYER_GUESS = re.compile(r"^(.*?\b(?:layers|layer|h|blocks|block|decoder_layers)\.)(" + _INDEX + r")\.(.+)$")
+
+
+def infer_architecture(what: str, names: list[str]) -> Optional[Architecture]:
+    """A definition guessed from tensor names: the most common ``<prefix>.<N>.`` run is the layer
+    stack; a tensor whose module is named like a known projection (``o_proj``, ``down_proj``...)
+    belongs to it. Returns None when no layer stack is found."""
+    from .recipe import PROJECTIONS
+
+    counts: dict[str, set[int]] = {}
+    for n in names:
+        m = _LAYER_GUESS.match(n)
+        if m:
+            counts.setdefault(m.group(1), set()).add(int(m.group(2)))
+    if not counts:
+        return None
+    head = max(counts, key=lambda k: len(counts[k]))
+    prefix = head + "{layer}."
+    suffixes = sorted({m.group(3) for n in names if (m := _LAYER_GUESS.match(n)) and m.group(1) == head})
+    modules: dict[str, set[str]] = {}
+    for suffix in suffixes:
+        module = suffix.rsplit(".", 1)[0]
+        leaf = module.rsplit(".", 1)[-1]
+        if leaf in PROJECTIONS:
+            modules.setdefault(leaf, set()).add(re.sub(r"\.(?:0|[1-9][0-9]*)\.", ".{expert}.", module))
+    projections = {p: Projection(p, tuple(Module(path=m, shape=()) for m in sorted(ms)), norm="norm" in p)
+                   for p, ms in modules.items()}
+    branches = {b: ({p: "zero"},) for b, p in (("attention", "o_proj"), ("mlp", "down_proj")) if p in projections}
+    return Architecture(
+        name=f"inferred:{what}", architectures=(what,), model_types=(), layer_prefixes=(prefix,), defaults={},
+        tensors={}, projections=projections, identity_branches=branches,
+        recommended_init={p: "zero" for opts in branches.values() for p in opts[0]},
+        notes=f"inferred from tensor names: layer prefix {prefix!r}, projections {', '.join(sorted(projections)) or 'none'}",
+        source_file="(inferred)", inferred=True,
     )

@@ -141,6 +141,22 @@ def verify(output: str, atol: float, no_tensors: bool, no_logits: bool, device: 
 
 
 @main.command()
+@click.option("--markdown", is_flag=True, help="Print the README's table.")
+def architectures(markdown: bool) -> None:
+    """List the supported architectures (from tli_recipe/_data/architectures/)."""
+    from .arch import load_architectures
+    from .report import architecture_table
+
+    if markdown:
+        click.echo(architecture_table())
+        return
+    for name, arch in sorted(load_architectures().items()):
+        click.echo(f"{name:<12} {', '.join(arch.architectures)}")
+        if arch.notes:
+            click.echo(f"{'':<12} {arch.notes}")
+
+
+@main.command()
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write the schema here instead of stdout.")
 @click.option("--check", is_flag=True, help="Exit 1 if --output differs from the current schema.")
 @_reported

@@ -55,6 +55,8 @@ def make_tensor(op: TensorOp, reader: TensorReader, source, device: str):
     out_dtype = torch_dtype(op.dtype)
     if op.op == "zero":
         return torch.zeros(op.shape, dtype=out_dtype)
+    if op.op == "fill":
+        return torch.full(op.shape, op.value, dtype=out_dtype)
     if op.op == "random":
         gen = torch.Generator().manual_seed(op.seed)
         return (torch.randn(op.shape, generator=gen, dtype=torch.float32) * op.value).to(out_dtype)
@@ -142,6 +144,8 @@ def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str
     """
     from tqdm import tqdm
 
+    if plan.blocking:
+        raise TliError("the plan needs choices the recipe does not state:\n  " + "\n  ".join(plan.blocking))
     target = Path(output or plan.output)
     computed = [op for op in plan.tensors if needs_torch(op)]
     device = pick_device(device) if computed else "none (byte copies)"

@@ -54,8 +54,8 @@ class TensorOp(Frozen):
     name: str = Field(description="Output tensor name.")
     source: str = Field(description="Key of the source model in Plan.sources.")
     source_name: str = Field(description="Source tensor name (read unless op is zero or random).")
-    op: Literal["copy", "zero", "scale", "noise", "random"]
-    value: Optional[float] = Field(default=None, description="scale factor or standard deviation.")
+    op: Literal["copy", "zero", "fill", "scale", "noise", "random"]
+    value: Optional[float] = Field(default=None, description="scale factor, standard deviation, or fill value.")
     seed: Optional[int] = Field(default=None, description="Seed of this tensor's random stream (noise, random).")
     shape: tuple[int, ...]
     dtype: str = Field(description="Output safetensors dtype code (F32, BF16...).")
@@ -118,10 +118,13 @@ class Plan(Frozen):
     layers: list[LayerEntry]
     requires_grad_layers: list[int] = Field(description="Output indices of the injected layers (the TLI paper's Algorithm 1).")
     init: dict[str, str] = Field(description="Init policy of each projection of the injected layers; others are copied.")
+    init_recommended: dict[str, str] = Field(default_factory=dict, description="The architecture's recommended function-preserving init (used when the recipe gives none).")
+    identity_options: dict[str, list[str]] = Field(default_factory=dict, description="Per residual branch, the inits that make an injected layer add zero to it.")
     function_preserving: bool = Field(description="True when the output computes exactly the base model's function.")
     tensors: list[TensorOp]
     config: dict[str, Any] = Field(description="The output config.json.")
     config_changes: list[ConfigChange]
+    blocking: list[str] = Field(default_factory=list, description="Choices the recipe must state before `run` (config fields that cannot follow the layer map by themselves).")
     stages: list[StagePlan]
     warnings: list[str]
     totals: Totals
@@ -187,13 +190,16 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
     problems.raise_if_any()
     assert base is not None
     try:
-        arch = find_architecture(base.config)
+        arch = find_architecture(base.config, base.tensors)
     except ArchError as exc:
         problems.add(("base_model",), str(exc))
         problems.raise_if_any()
         raise
+    if arch.inferred:
+        warnings.append(f"{base.config.get('architectures', ['?'])[0]} has no definition; {arch.notes}. Layer tensors of "
+                        "no recognised projection are copied; check the result with `tli-recipe verify`")
     num_layers_key = "num_hidden_layers"
-    base_layers = base.config.get(num_layers_key)
+    base_layers = arch.decoder_config(base.config).get(num_layers_key)
     if not base.has_weights:
         warnings.append(f"{base.path} holds no safetensors weights: tensor shapes were derived from config.json "
                         f"with the {arch.name} definition; `run` needs the weights")
@@ -210,14 +216,14 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
         if ckpt is None:
             return None
         try:
-            src_arch = find_architecture(ckpt.config)
+            src_arch = find_architecture(ckpt.config, ckpt.tensors)
         except ArchError as exc:
             problems.add(path, str(exc))
             return None
-        if src_arch.name != arch.name:
+        if (src_arch.name, src_arch.layer_prefix) != (arch.name, arch.layer_prefix):
             problems.add(path, f"{ref} is a {src_arch.name} model but base_model is {arch.name}; expected slices of one architecture")
             return None
-        n = ckpt.config.get(num_layers_key)
+        n = arch.decoder_config(ckpt.config).get(num_layers_key)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             problems.add(path, f"{ckpt.path / 'config.json'} has no positive integer {num_layers_key}; expected the decoder layer count")
             return None
@@ -282,7 +288,11 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
                                  f"the {arch.name} architecture has no projection '{proj}'; expected one of: {', '.join(arch.projections)}",
                                  prefer_key=True)
         else:
-            policies = {p: Policy(kind=k) for p, k in arch.function_preserving_init.items()}
+            policies = {p: Policy(kind=k) for p, k in arch.recommended_init.items()}
+        for proj, policy in policies.items():
+            if policy.kind == "zero_gain" and proj in arch.projections and not arch.projections[proj].norm:
+                problems.add(("inject", "init", proj), f"zero_gain sets a norm gain, and '{proj}' is not a norm; "
+                             f"expected zero (or a norm: {', '.join(p for p, d in arch.projections.items() if d.norm)})")
 
     # Stages are checked against the output layer count below; LoRA targets now.
     for i, stage in enumerate(recipe.stages):
@@ -322,31 +332,34 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
         if arch.split_layer_key(name) is None:
             ops.append(TensorOp(name=name, source=recipe.base_model, source_name=name, op="copy", shape=shape,
                                 dtype=target_code(code), source_dtype=code))
-    reference = {s: base_tensors[arch.layer_key(0, s)] for s in layers_of[recipe.base_model][0]}
+    # Shapes of every layer tensor of the base model, by suffix: slices from another model must
+    # match them (layers may differ from each other, as dense and MoE layers of one model do).
+    reference: dict[str, tuple[int, ...]] = {}
+    for layer, suffixes in layers_of[recipe.base_model].items():
+        for suffix in suffixes:
+            reference.setdefault(suffix, base_tensors[arch.layer_key(layer, suffix)][1])
     unknown = sorted({s for s in reference if arch.projection_of(s) is None})
     if unknown:
-        warnings.append(f"layer tensors not in the {arch.name} definition are copied as they are: {', '.join(unknown)}")
+        warnings.append(f"layer tensors not in the {arch.name} definition are copied as they are: {', '.join(unknown[:8])}"
+                        f"{f' and {len(unknown) - 8} more' if len(unknown) > 8 else ''}")
     for entry in layers:
-        suffixes = layers_of[entry.source][entry.layer]
-        if set(suffixes) != set(reference):
-            problems.add(("slices", entry.slice) if entry.slice is not None else ("base_model",),
-                         f"layer {entry.layer} of {entry.source} has tensors {sorted(set(suffixes) ^ set(reference))} "
-                         f"that layer 0 of {recipe.base_model} does not share; expected identical layer structure")
-            continue
-        for suffix in suffixes:
+        where = ("slices", entry.slice) if entry.slice is not None else ("base_model",)
+        for suffix in layers_of[entry.source][entry.layer]:
             code, shape = tensors_of[entry.source][arch.layer_key(entry.layer, suffix)]
-            if shape != reference[suffix][1]:
-                problems.add(("slices", entry.slice) if entry.slice is not None else ("base_model",),
-                             f"{suffix} of layer {entry.layer} of {entry.source} has shape {list(shape)}, "
-                             f"{recipe.base_model} has {list(reference[suffix][1])}; expected the same widths")
-                continue
+            if reference.get(suffix, shape) != shape or suffix not in reference:
+                problems.add(where, f"{suffix} of layer {entry.layer} of {entry.source} has shape {list(shape)}, "
+                                    f"{recipe.base_model} has {list(reference[suffix]) if suffix in reference else 'no such tensor'}; "
+                                    "expected the same widths")
+                break
             proj = arch.projection_of(suffix)
             policy = policies.get(proj) if entry.role == "injected" and proj is not None else None
-            kind = policy.kind if policy is not None else "copy"
+            kind, value = (policy.kind, policy.value) if policy is not None else ("copy", None)
+            if kind == "zero_gain":  # the stored value whose effective gain is 0
+                offset = arch.offset_of(proj)
+                kind, value = ("fill", -offset) if offset else ("zero", None)
             target = arch.layer_key(entry.output, suffix)
             ops.append(TensorOp(
-                name=target, source=entry.source, source_name=arch.layer_key(entry.layer, suffix), op=kind,
-                value=policy.value if policy is not None else None,
+                name=target, source=entry.source, source_name=arch.layer_key(entry.layer, suffix), op=kind, value=value,
                 seed=tensor_seed(recipe.seed, target) if kind in ("noise", "random") else None,
                 shape=shape, dtype=target_code(code), source_dtype=code, layer=entry.output, projection=proj,
             ))
@@ -356,8 +369,9 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
     identity_stack = [(k, l) for k, l, _ in stack] == [(recipe.base_model, i) for i in range(base_layers)]
     function_preserving = identity_stack and all(_is_identity(out, arch, ops) for out in injected)
 
-    configs = {key: opened[key].config for key in sources}
-    config, changes = _output_config(base.config, configs, arch, layers, base_layers, injected, out_dtype, warnings)
+    configs = {key: arch.decoder_config(opened[key].config) for key in sources}
+    config, changes, blocking = _output_config(base.config, configs, arch, layers, base_layers, injected, out_dtype,
+                                               warnings, recipe.output_config)
     stages = _resolve_stages(recipe, problems, layers, ops, arch, policies, warnings)
     problems.raise_if_any()
 
@@ -371,30 +385,55 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
         tli_recipe_version=__version__, name=name, recipe_file=str(loaded.file), recipe_sha256=recipe_hash(recipe_dict),
         recipe=recipe_dict, architecture=arch.name, base_model=recipe.base_model, sources=sources, dtype=out_dtype,
         layers=layers, requires_grad_layers=injected, init={p: str(v) for p, v in policies.items()},
-        function_preserving=function_preserving, tensors=ops, config=config, config_changes=changes, stages=stages,
+        init_recommended=dict(arch.recommended_init),
+        identity_options={b: [", ".join(f"{p}={k}" for p, k in o.items()) for o in opts] for b, opts in arch.identity_branches.items()},
+        function_preserving=function_preserving, tensors=ops, config=config, config_changes=changes, blocking=blocking, stages=stages,
         warnings=warnings, totals=totals, output=recipe.output or f"out/{name}", shard_size=recipe.shard_size,
     )
 
 
 def _is_identity(layer: int, arch: Architecture, ops: list[TensorOp]) -> bool:
-    """True when the injected ``layer`` adds nothing to the residual stream: every tensor of
-    each projection in the architecture's function-preserving init is written as exact zeros."""
-    for proj in arch.function_preserving_init:
-        mine = [op for op in ops if op.layer == layer and op.projection == proj]
-        if not mine or not all(op.op == "zero" or (op.op == "scale" and op.value == 0) for op in mine):
-            return False
-    return True
+    """True when the injected ``layer`` adds nothing to the residual stream: each residual branch
+    of the architecture has one option whose projections are all written as an exact zero
+    (``zero``: every tensor 0; ``zero_gain``: every gain at its effective 0)."""
+    mine = [op for op in ops if op.layer == layer]
+
+    def exact(proj: str, kind: str) -> bool:
+        tensors = [op for op in mine if op.projection == proj]
+        if kind == "zero_gain":
+            offset = arch.offset_of(proj)
+            ok = lambda op: (op.op == "fill" and op.value == -offset) or (offset == 0 and op.op == "zero")  # noqa: E731
+        else:
+            ok = lambda op: op.op == "zero" or (op.op == "scale" and op.value == 0)  # noqa: E731
+        return bool(tensors) and all(ok(op) for op in tensors)
+
+    return bool(arch.identity_branches) and all(
+        any(all(exact(p, k) for p, k in option.items()) for option in options)
+        for options in arch.identity_branches.values())
 
 
 def _output_config(config: dict, configs: dict[str, dict], arch: Architecture, layers: list[LayerEntry], n_before: int,
-                   injected: list[int], dtype: str, warnings: list[str]) -> tuple[dict, list[ConfigChange]]:
-    """The output config.json: new layer count, per-layer lists re-indexed by the layer map."""
-    out = json.loads(json.dumps(config))
-    changes: list[ConfigChange] = []
+                   injected: list[int], dtype: str, warnings: list[str],
+                   overrides: dict[str, Any]) -> tuple[dict, list[ConfigChange], list[str]]:
+    """The output config.json, its changes, and what blocks `run` until the recipe chooses.
 
-    def change(key: str, after: Any, why: str) -> None:
-        changes.append(ConfigChange(key=key, before=out.get(key), after=after, why=why))
-        out[key] = after
+    ``configs`` holds each source's decoder config; the decoder part of the output is
+    nested under ``arch.config_path`` for a VLM. Every per-layer list follows the layer map;
+    config keys that list layer indices are rewritten from each output layer's source.
+    """
+    out = json.loads(json.dumps(config))
+    decoder = out
+    for key in arch.config_path:
+        decoder = decoder.setdefault(key, {})
+    dotted = "".join(f"{k}." for k in arch.config_path)
+    changes: list[ConfigChange] = []
+    blocking: list[str] = []
+
+    def change(key: str, after: Any, why: str, where: dict | None = None, name: str | None = None) -> None:
+        where = decoder if where is None else where
+        if where.get(key) != after:
+            changes.append(ConfigChange(key=name or dotted + key, before=where.get(key), after=after, why=why))
+            where[key] = after
 
     change("num_hidden_layers", len(layers), "layer count of the output stack")
     handled = set()
@@ -420,17 +459,53 @@ def _output_config(config: dict, configs: dict[str, dict], arch: Architecture, l
         if missing:
             raise TliError(f"{missing[0]}: config.json has no {key}, which the base model's config has; "
                            "expected slices of models with the same config layout")
-        change(key, [per_source[e.source][e.layer] for e in layers],
-               ("derived from the config as transformers does, then " if derived else "") + "re-indexed by the layer map (an injected layer takes its source's entry)")
-    for key, value in config.items():
+        grown = [per_source[e.source][e.layer] for e in layers]
+        change(key, grown, ("derived from the config as transformers does, then " if derived else "")
+               + "re-indexed by the layer map (an injected layer takes its source's entry)")
+        # A rule key (a threshold, a period) that would now derive a different list no longer
+        # describes the stack: transformers reads the explicit list, other tools may read the rule.
+        rule_keys = [k for k in arch.derived_from.get(key, ()) if k in decoder and k not in handled]
+        if rule_keys and arch.derive_list(key, decoder, len(layers)) != grown:
+            for rule_key in rule_keys:
+                handled.add(rule_key)
+                if rule_key in overrides or dotted + rule_key in overrides:
+                    continue
+                fits = [v for v in range(1, len(layers) + 1) if isinstance(decoder[rule_key], int)
+                        and arch.derive_list(key, {**decoder, rule_key: v}, len(layers)) == grown]
+                hint = f" ({rule_key}: {fits[0]} reproduces the grown {key})" if fits else ""
+                blocking.append(
+                    f"config.json {dotted}{rule_key}={decoder[rule_key]!r} derives {key} by a rule that the grown stack "
+                    f"no longer follows ({key} is written explicitly and transformers uses it; other tools may read "
+                    f"{rule_key}); state the choice in the recipe: output_config: {{{dotted}{rule_key}: null}} to remove it, "
+                    f"or a value to keep{hint}")
+    for key, expr in arch.index_lists.items():
+        flags = {ref: arch.layer_flags(expr, cfg, cfg["num_hidden_layers"]) for ref, cfg in configs.items()}
+        listed = [e.output for e in layers if flags[e.source][e.layer]]
+        before = decoder.get(key)
+        if key in decoder or listed:
+            change(key, listed, "layer indices of this kind, re-indexed from each output layer's source")
+            if decoder.get(key) != before:
+                for reset_key, value in arch.index_list_resets.items():
+                    change(reset_key, value, f"{key} now lists every such layer explicitly")
+        handled.add(key)
+    for key, value in decoder.items():
         if key not in handled and isinstance(value, list) and len(value) == n_before and n_before > 2 and key != "architectures":
-            warnings.append(f"config.json: {key} has one entry per layer but the {arch.name} definition does not list it "
-                            f"as a per-layer list; it is left unchanged (add it to per_layer_lists if it is one)")
-    change("requires_grad_layers", injected, "output indices of the injected layers (TLI Algorithm 1)")
+            warnings.append(f"config.json: {dotted}{key} has one entry per layer but the {arch.name} definition does not "
+                            f"list it as a per-layer list; it is left unchanged (add it to per_layer_lists if it is one)")
+    change("requires_grad_layers", injected, "output indices of the injected layers (TLI Algorithm 1)", out, "requires_grad_layers")
     dtype_key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
-    if out.get(dtype_key) != dtype:
-        change(dtype_key, dtype, "dtype of the output tensors")
-    return out, changes
+    change(dtype_key, dtype, "dtype of the output tensors", out, dtype_key)
+    for key, value in overrides.items():  # the recipe's explicit choices come last
+        *parents, leaf = key.split(".")
+        where = out
+        for parent in parents:
+            where = where.setdefault(parent, {})
+        if value is None:
+            if leaf in where:
+                changes.append(ConfigChange(key=key, before=where.pop(leaf), after=None, why="removed by output_config"))
+        else:
+            change(leaf, value, "set by output_config", where, key)
+    return out, changes, blocking
 
 
 def _resolve_stages(recipe: Recipe, problems: _Problems, layers: list[LayerEntry], ops: list[TensorOp],

@@ -34,10 +34,10 @@ PROJECTIONS: tuple[str, ...] = (
     "gate_proj", "up_proj", "down_proj", "gate_up_proj",
     "input_layernorm", "post_attention_layernorm",
     "pre_feedforward_layernorm", "post_feedforward_layernorm",
-    "q_norm", "k_norm",
+    "q_norm", "k_norm", "router",
 )
 #: The linear projections LoRA can target (norms cannot).
-LINEAR_PROJECTIONS: tuple[str, ...] = tuple(p for p in PROJECTIONS if p.endswith("_proj"))
+LINEAR_PROJECTIONS: tuple[str, ...] = tuple(p for p in PROJECTIONS if p.endswith("_proj") or p == "router")
 
 LAYER_GROUPS: tuple[str, ...] = ("injected", "original", "all", "embeddings", "head")
 
@@ -55,7 +55,8 @@ class Strict(BaseModel):
 
 # --- init policies ---------------------------------------------------------------
 
-POLICY_FORMS = "copy, zero, {scale: x}, {noise: std}, {random: std}"
+POLICY_FORMS = "copy, zero, zero_gain, {scale: x}, {noise: std}, {random: std}"
+SIMPLE_POLICIES = ("copy", "zero", "zero_gain")
 
 
 class Policy(Strict):
@@ -63,9 +64,11 @@ class Policy(Strict):
 
     ``copy``: the source unchanged. ``zero``: all zeros. ``scale``: source times
     ``value``. ``noise``: source plus N(0, value^2), seeded. ``random``: N(0, value^2), seeded.
+    ``zero_gain``: a norm gain whose effective value is 0, in the form the architecture stores
+    it (0 for most models, -1 for Gemma's ``1 + w``).
     """
 
-    kind: Literal["copy", "zero", "scale", "noise", "random"]
+    kind: Literal["copy", "zero", "zero_gain", "scale", "noise", "random"]
     value: Optional[float] = None
 
     def __str__(self) -> str:
@@ -81,9 +84,9 @@ def _parse_policy(value: Any) -> Any:
     if isinstance(value, Policy):
         return value
     if isinstance(value, str):
-        if value in ("copy", "zero"):
+        if value in SIMPLE_POLICIES:
             return {"kind": value}
-        raise _fail(f"'{value}' is not an init policy{did_you_mean(value, ['copy', 'zero'])}; expected one of: {POLICY_FORMS}")
+        raise _fail(f"'{value}' is not an init policy{did_you_mean(value, SIMPLE_POLICIES)}; expected one of: {POLICY_FORMS}")
     if isinstance(value, dict) and len(value) == 1:
         (kind, number), = value.items()
         if kind not in ("scale", "noise", "random"):
@@ -102,12 +105,12 @@ def _dump_policy(policy: Policy) -> Any:
 
 _POLICY_SCHEMA = {
     "oneOf": [
-        {"enum": ["copy", "zero"]},
+        {"enum": list(SIMPLE_POLICIES)},
         {"type": "object", "properties": {"scale": {"type": "number"}}, "required": ["scale"], "additionalProperties": False},
         {"type": "object", "properties": {"noise": {"type": "number", "minimum": 0}}, "required": ["noise"], "additionalProperties": False},
         {"type": "object", "properties": {"random": {"type": "number", "minimum": 0}}, "required": ["random"], "additionalProperties": False},
     ],
-    "description": "copy: the source tensor; zero: zeros; scale: source times x; noise: source plus seeded N(0, std^2); random: seeded N(0, std^2).",
+    "description": "copy: the source tensor; zero: zeros; zero_gain: a norm gain set to an effective 0 (Gemma: -1); scale: source times x; noise: source plus seeded N(0, std^2); random: seeded N(0, std^2).",
 }
 
 PolicyField = Annotated[
@@ -273,6 +276,7 @@ class Recipe(Strict):
     output: Optional[str] = Field(default=None, min_length=1, description="Output directory; default: out/<name>.")
     shard_size: ShardSize = Field(default=5 * 10**9, description="Largest output shard in bytes (or 5GB, 500MiB...).")
     seed: StrictInt = Field(default=0, ge=0, description="Seed of the noise and random policies; each tensor draws from its own stream derived from this seed and its name.")
+    output_config: dict[str, Any] = Field(default_factory=dict, description="Fields of the output config.json set explicitly (null removes a field); applied last. Needed where a config field cannot follow the layer map by itself (plan says which).")
 
 
 def recipe_problems(recipe: Recipe) -> list[tuple[tuple, str]]:

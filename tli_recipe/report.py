@@ -51,7 +51,14 @@ def plan_table(plan: Plan) -> str:
         f"output      {plan.output}",
     ]
     if plan.init:
-        lines.append(f"init        {', '.join(f'{k}={v}' for k, v in plan.init.items())}; other tensors copied")
+        recommended = plan.init == plan.init_recommended
+        lines.append(f"init        {', '.join(f'{k}={v}' for k, v in plan.init.items())}; other tensors copied"
+                     + (f" (recommended for {plan.architecture})" if recommended else ""))
+        if not recommended and plan.init_recommended:
+            lines.append(f"            recommended for {plan.architecture}: {', '.join(f'{k}={v}' for k, v in plan.init_recommended.items())}")
+        options = "; ".join(f"{b}: {' | '.join(o)}" for b, o in plan.identity_options.items())
+        if options:
+            lines.append(f"            exact when each branch has one of: {options}")
     for c in plan.config_changes:
         after = c.after if not isinstance(c.after, list) or len(c.after) <= 12 else f"[{len(c.after)} entries]"
         before = c.before if not isinstance(c.before, list) or len(c.before) <= 12 else f"[{len(c.before)} entries]"
@@ -63,6 +70,8 @@ def plan_table(plan: Plan) -> str:
                      f"{human_count(s.trainable_parameters)} parameters")
     for w in plan.warnings:
         lines.append(f"warning     {w}")
+    for b in plan.blocking:
+        lines.append(f"blocking    {b}")
     return "\n".join(lines)
 
 
@@ -114,3 +123,16 @@ def _ranges(values: list[int]) -> str:
             out.append(f"{start}-{v}" if v != start else f"{v}")
             start = None
     return ", ".join(out) or "none"
+
+
+def architecture_table() -> str:
+    """The README's table of supported architectures, generated from the definitions."""
+    from .arch import load_architectures
+
+    rows = ["| definition | `architectures` | layer prefix | recommended init of an injected layer |",
+            "|---|---|---|---|"]
+    for name, arch in sorted(load_architectures().items()):
+        init = ", ".join(f"{p}={k}" for p, k in arch.recommended_init.items())
+        prefixes = " or ".join(f"`{p}`" for p in arch.layer_prefixes)
+        rows.append(f"| {name} | {', '.join(arch.architectures)} | {prefixes} | {init} |")
+    return "\n".join(rows)
