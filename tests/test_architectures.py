@@ -244,3 +244,23 @@ def test_every_definition_is_tested():
                      "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}
     assert {c.removesuffix("-mixed") for c in CASES} == set(definition_of)
     assert set(load_architectures()) == set(definition_of.values())
+
+
+@pytest.mark.parametrize("model,params,arch", [
+    ("Qwen__Qwen3-30B-A3B", 30_532_122_624, "qwen3_moe"),        # "30.5B" on the model card
+    ("mistralai__Mixtral-8x7B-v0.1", 46_702_792_704, "mixtral"),   # "46.7B"
+    ("microsoft__Phi-3-mini-4k-instruct", 3_821_079_552, "phi3"),  # "3.8B"
+    ("allenai__OLMo-2-1124-7B", 7_298_617_344, "olmo2"),           # "7.30B"
+    ("google__gemma-3-1b-pt", 999_885_952, "gemma3"),              # "1B"
+    ("google__gemma-3-4b-pt", 3_880_263_168, "gemma3-vlm"),        # text decoder of the 4.3B VLM
+    ("Qwen__Qwen3-8B", 8_190_735_360, "qwen3"),                   # "8.2B"
+    ("Qwen__Qwen2.5-7B", 7_615_616_512, "qwen2"),                 # "7.61B"
+])
+def test_published_configs_give_published_parameter_counts(tmp_path, model, params, arch):
+    """Shapes derived from config.json alone (no weights) add up to the published counts."""
+    from conftest import CONFIGS
+
+    plan = compile_plan(load_recipe(write_recipe(tmp_path, f"base_model: {CONFIGS / model}\ninject: {{every: 4}}\noutput_config: {{sliding_window_pattern: null}}\n")))
+    assert plan.architecture == arch
+    assert plan.totals.parameters_before == params
+    assert not plan.blocking
