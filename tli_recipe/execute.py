@@ -44,7 +44,8 @@ def needs_torch(op: TensorOp) -> bool:
     return not (op.op == "zero" or (op.op == "copy" and op.dtype == op.source_dtype))
 
 
-def make_tensor(op: TensorOp, reader: TensorReader, source, device: str):
+def make_tensor(op: TensorOp, reader: TensorReader, source, device: str, sources: Optional[dict] = None,
+                precomputed: Optional[dict] = None):
     """The output tensor of one TensorOp (on the CPU, in the output dtype).
 
     Random streams are drawn on the CPU from a per-tensor seed, so cpu and cuda runs
@@ -57,6 +58,10 @@ def make_tensor(op: TensorOp, reader: TensorReader, source, device: str):
         return torch.zeros(op.shape, dtype=out_dtype)
     if op.op == "fill":
         return torch.full(op.shape, op.value, dtype=out_dtype)
+    if op.op == "lesa":
+        if not precomputed or op.name not in precomputed:
+            raise TliError(f"tensor '{op.name}': its lesa prediction was not computed; run lesa_tensors first")
+        return precomputed[op.name].to(out_dtype)
     if op.op == "random":
         gen = torch.Generator().manual_seed(op.seed)
         return (torch.randn(op.shape, generator=gen, dtype=torch.float32) * op.value).to(out_dtype)
@@ -73,9 +78,32 @@ def make_tensor(op: TensorOp, reader: TensorReader, source, device: str):
     elif op.op == "noise":
         gen = torch.Generator().manual_seed(op.seed)
         work = work + (torch.randn(op.shape, generator=gen, dtype=torch.float32) * op.value).to(device)
+    elif op.op == "interpolate":
+        other = (sources or {}).get(op.second_source, source).tensors.get(op.second_name)
+        if other is None:
+            raise CheckpointError(f"{source.path}: tensor '{op.second_name}' is in the plan but not in the checkpoint; "
+                                  "the checkpoint changed since the plan was made, plan again")
+        nxt = reader.read(other).to(device=device, dtype=torch.float32)
+        work = (1 - op.value) * work + op.value * nxt
     else:  # pragma: no cover - the plan's Literal admits nothing else
         raise TliError(f"unknown operation {op.op!r} for tensor '{op.name}'")
     return work.to(out_dtype).cpu()
+
+
+def _lesa(plan: Plan, sources: dict, device: str, log) -> dict:
+    """Predict every ``lesa`` tensor up front (it needs all layers of a projection type at once)."""
+    if not any(op.op == "lesa" for op in plan.tensors):
+        return {}
+    from .arch import find_architecture
+    from .lesa import lesa_tensors
+    from .recipe import Lesa
+
+    base = sources[plan.base_model]
+    arch = find_architecture(base.config, base.tensors)
+    settings = Lesa(**(plan.recipe.get("inject") or {}).get("lesa", {}))
+    result = lesa_tensors(plan, arch, sources, settings, device, log)
+    log(f"lesa: {len(result.tensors)} tensors predicted in {sum(result.seconds.values()):.1f} s on {device}")
+    return result.tensors
 
 
 def _check_sources(plan: Plan) -> dict:
@@ -151,6 +179,7 @@ def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str
     device = pick_device(device) if computed else "none (byte copies)"
     sources = _check_sources(plan)
     _check_output(target, plan, sources, force)
+    precomputed = _lesa(plan, sources, device, log)
     target.parent.mkdir(parents=True, exist_ok=True)
 
     metadata = {"format": "pt", "tli_recipe_version": __version__, "recipe_sha256": plan.recipe_sha256,
@@ -174,7 +203,8 @@ def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str
                     elif not needs_torch(op):
                         written = writer.copy(op.name, sources[op.source].tensors[op.source_name], reader)
                     else:
-                        written = writer.write(op.name, make_tensor(op, reader, sources[op.source], device))
+                        written = writer.write(op.name, make_tensor(op, reader, sources[op.source], device, sources,
+                                                                    precomputed))
                     bar.update(written)
                     bar.set_postfix_str(f"{i}/{len(plan.tensors)} tensors", refresh=False)
             writer.close()

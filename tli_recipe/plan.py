@@ -46,6 +46,8 @@ class LayerEntry(Frozen):
     layer: int = Field(description="Source layer index, 0-based.")
     role: Literal["original", "injected"]
     slice: Optional[int] = Field(default=None, description="Index of the recipe slice this layer (or the layer it copies) came from.")
+    next_source: Optional[str] = Field(default=None, description="Injected layers: source model of the stack layer after the injection point (None at the end of the stack).")
+    next_layer: Optional[int] = Field(default=None, description="Injected layers: source layer index after the injection point.")
 
 
 class TensorOp(Frozen):
@@ -54,8 +56,10 @@ class TensorOp(Frozen):
     name: str = Field(description="Output tensor name.")
     source: str = Field(description="Key of the source model in Plan.sources.")
     source_name: str = Field(description="Source tensor name (read unless op is zero or random).")
-    op: Literal["copy", "zero", "fill", "scale", "noise", "random"]
-    value: Optional[float] = Field(default=None, description="scale factor, standard deviation, or fill value.")
+    op: Literal["copy", "zero", "fill", "scale", "noise", "random", "interpolate", "lesa"]
+    value: Optional[float] = Field(default=None, description="scale factor, standard deviation, fill value, or interpolation weight.")
+    second_source: Optional[str] = Field(default=None, description="interpolate, lesa: source model of the next layer's tensor.")
+    second_name: Optional[str] = Field(default=None, description="interpolate, lesa: the next layer's tensor.")
     seed: Optional[int] = Field(default=None, description="Seed of this tensor's random stream (noise, random).")
     shape: tuple[int, ...]
     dtype: str = Field(description="Output safetensors dtype code (F32, BF16...).")
@@ -275,11 +279,18 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
     inject = recipe.inject
     policies: dict[str, Policy] = {}
     if inject is not None:
-        if inject.every > len(stack):
+        if inject.every is not None and inject.every > len(stack):
             problems.add(("inject", "every"),
                          f"{inject.every} is larger than the {len(stack)} layers of the stack"
                          f"{' of ' + recipe.base_model if recipe.slices is None else ''}; no layer would be injected; "
                          f"expected every <= {len(stack)}")
+        for j, position in enumerate(inject.after or []):
+            if position >= len(stack):
+                problems.add(("inject", "after", j), f"stack position {position} does not exist; expected < {len(stack)} "
+                                                     "(the stack's layers are 0-based)")
+        if inject.between is not None and inject.between[1] > len(stack):
+            problems.add(("inject", "between"), f"{list(inject.between)} ends past the {len(stack)} layers of the stack; "
+                                                f"expected end <= {len(stack)} (half-open range)")
         if inject.init is not None:
             policies = inject.init.policies()
             for proj in policies:
@@ -306,12 +317,15 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
 
     # Layer map (Algorithm 1: after stack position j when (j + 1) % K == 0) ------------------
     layers: list[LayerEntry] = []
+    positions = set(inject.positions(len(stack))) if inject is not None else set()
     for j, (key, layer, piece) in enumerate(stack):
         layers.append(LayerEntry(output=len(layers), source=key, layer=layer, role="original", slice=piece))
-        if inject is not None and (j + 1) % inject.every == 0:
+        if j in positions:
+            after = stack[j + 1] if j + 1 < len(stack) else (None, None, None)
             for _ in range(inject.copies):
-                layers.append(LayerEntry(output=len(layers), source=key, layer=layer, role="injected", slice=piece))
-    if inject is not None and len(stack) % inject.every:
+                layers.append(LayerEntry(output=len(layers), source=key, layer=layer, role="injected", slice=piece,
+                                         next_source=after[0], next_layer=after[1]))
+    if inject is not None and inject.every is not None and len(stack) % inject.every:
         rest = len(stack) % inject.every
         tail = [e.output for e in layers[-rest:]]
         warnings.append(f"inject.every={inject.every} does not divide the {len(stack)} layers of the stack: the last {rest} "
@@ -332,6 +346,7 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
         if arch.split_layer_key(name) is None:
             ops.append(TensorOp(name=name, source=recipe.base_model, source_name=name, op="copy", shape=shape,
                                 dtype=target_code(code), source_dtype=code))
+    fallbacks: dict[str, set[int]] = {}  # what a neighbour policy does instead -> output layers
     # Shapes of every layer tensor of the base model, by suffix: slices from another model must
     # match them (layers may differ from each other, as dense and MoE layers of one model do).
     reference: dict[str, tuple[int, ...]] = {}
@@ -354,16 +369,23 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
             proj = arch.projection_of(suffix)
             policy = policies.get(proj) if entry.role == "injected" and proj is not None else None
             kind, value = (policy.kind, policy.value) if policy is not None else ("copy", None)
+            second = None
             if kind == "zero_gain":  # the stored value whose effective gain is 0
                 offset = arch.offset_of(proj)
                 kind, value = ("fill", -offset) if offset else ("zero", None)
+            elif kind in ("interpolate", "lesa"):
+                kind, second = _neighbour_op(kind, entry, suffix, proj, arch, tensors_of, shape, fallbacks)
             target = arch.layer_key(entry.output, suffix)
             ops.append(TensorOp(
-                name=target, source=entry.source, source_name=arch.layer_key(entry.layer, suffix), op=kind, value=value,
+                name=target, source=entry.source, source_name=arch.layer_key(entry.layer, suffix), op=kind,
+                value=value if kind != "lesa" else None,
+                second_source=second and entry.next_source, second_name=second,
                 seed=tensor_seed(recipe.seed, target) if kind in ("noise", "random") else None,
                 shape=shape, dtype=target_code(code), source_dtype=code, layer=entry.output, projection=proj,
             ))
     problems.raise_if_any()
+    for why, outputs in sorted(fallbacks.items()):
+        warnings.append(f"output layers {sorted(outputs)}: {why}")
 
     injected = [e.output for e in layers if e.role == "injected"]
     identity_stack = [(k, l) for k, l, _ in stack] == [(recipe.base_model, i) for i in range(base_layers)]
@@ -390,6 +412,32 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
         function_preserving=function_preserving, tensors=ops, config=config, config_changes=changes, blocking=blocking, stages=stages,
         warnings=warnings, totals=totals, output=recipe.output or f"out/{name}", shard_size=recipe.shard_size,
     )
+
+
+def _neighbour_op(kind: str, entry: LayerEntry, suffix: str, proj: str, arch: Architecture, tensors_of: dict,
+                  shape: tuple, fallbacks: dict[str, set[int]]) -> tuple[str, Optional[str]]:
+    """interpolate and lesa read the layer after the injection point too; where that layer is
+    missing (an injection after the last layer) or does not fit, the tensor is copied instead."""
+    if kind == "lesa" and (arch.projections[proj].norm or not suffix.endswith(".weight")):
+        fallbacks.setdefault("lesa predicts the weights of linear projections; norms and biases are copied (as in the paper)", set()).add(entry.output)
+        return "copy", None
+    if kind == "lesa" and "{expert}" in "".join(m.path for m in arch.projections[proj].modules):
+        fallbacks.setdefault("lesa is not defined for MoE expert weights; they are copied", set()).add(entry.output)
+        return "copy", None
+    if entry.next_source is None:
+        fallbacks.setdefault(f"{kind} needs the layer after the injection point, and the stack ends there; "
+                             "the layer before is copied instead", set()).add(entry.output)
+        return "copy", None
+    if kind == "lesa" and entry.next_source != entry.source:
+        fallbacks.setdefault("lesa needs both neighbours from one model (one SVD basis); the layer before is copied instead",
+                             set()).add(entry.output)
+        return "copy", None
+    second = arch.layer_key(entry.next_layer, suffix)
+    if tensors_of[entry.next_source].get(second, (None, None))[1] != shape:
+        fallbacks.setdefault(f"the layer after has no {suffix} of the same shape; the layer before is copied instead",
+                             set()).add(entry.output)
+        return "copy", None
+    return kind, second
 
 
 def _is_identity(layer: int, arch: Architecture, ops: list[TensorOp]) -> bool:

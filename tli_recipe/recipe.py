@@ -55,8 +55,9 @@ class Strict(BaseModel):
 
 # --- init policies ---------------------------------------------------------------
 
-POLICY_FORMS = "copy, zero, zero_gain, {scale: x}, {noise: std}, {random: std}"
-SIMPLE_POLICIES = ("copy", "zero", "zero_gain")
+POLICY_FORMS = "copy, zero, zero_gain, lesa, {scale: x}, {noise: std}, {random: std}, {interpolate: w}"
+SIMPLE_POLICIES = ("copy", "zero", "zero_gain", "lesa")
+VALUE_POLICIES = ("scale", "noise", "random", "interpolate")
 
 
 class Policy(Strict):
@@ -65,10 +66,11 @@ class Policy(Strict):
     ``copy``: the source unchanged. ``zero``: all zeros. ``scale``: source times
     ``value``. ``noise``: source plus N(0, value^2), seeded. ``random``: N(0, value^2), seeded.
     ``zero_gain``: a norm gain whose effective value is 0, in the form the architecture stores
-    it (0 for most models, -1 for Gemma's ``1 + w``).
+    it (0 for most models, -1 for Gemma's ``1 + w``). ``interpolate``: ``(1 - w) * previous + w *
+    next`` layer. ``lesa``: predicted from both neighbours through an SVD basis (LESA).
     """
 
-    kind: Literal["copy", "zero", "zero_gain", "scale", "noise", "random"]
+    kind: Literal["copy", "zero", "zero_gain", "lesa", "scale", "noise", "random", "interpolate"]
     value: Optional[float] = None
 
     def __str__(self) -> str:
@@ -89,12 +91,14 @@ def _parse_policy(value: Any) -> Any:
         raise _fail(f"'{value}' is not an init policy{did_you_mean(value, SIMPLE_POLICIES)}; expected one of: {POLICY_FORMS}")
     if isinstance(value, dict) and len(value) == 1:
         (kind, number), = value.items()
-        if kind not in ("scale", "noise", "random"):
-            raise _fail(f"'{kind}' is not an init policy{did_you_mean(kind, ['scale', 'noise', 'random'])}; expected one of: {POLICY_FORMS}")
+        if kind not in VALUE_POLICIES:
+            raise _fail(f"'{kind}' is not an init policy{did_you_mean(kind, VALUE_POLICIES)}; expected one of: {POLICY_FORMS}")
         if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise _fail(f"{kind} needs a number, got {number!r}; expected for example {{{kind}: 0.01}}")
         if kind in ("noise", "random") and number < 0:
             raise _fail(f"{kind} is a standard deviation and must be >= 0, got {number}")
+        if kind == "interpolate" and not 0 <= number <= 1:
+            raise _fail(f"interpolate is a weight in [0, 1], got {number}; expected (1 - w) * previous + w * next")
         return {"kind": kind, "value": float(number)}
     raise _fail(f"{value!r} is not an init policy; expected one of: {POLICY_FORMS}")
 
@@ -109,8 +113,9 @@ _POLICY_SCHEMA = {
         {"type": "object", "properties": {"scale": {"type": "number"}}, "required": ["scale"], "additionalProperties": False},
         {"type": "object", "properties": {"noise": {"type": "number", "minimum": 0}}, "required": ["noise"], "additionalProperties": False},
         {"type": "object", "properties": {"random": {"type": "number", "minimum": 0}}, "required": ["random"], "additionalProperties": False},
+        {"type": "object", "properties": {"interpolate": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["interpolate"], "additionalProperties": False},
     ],
-    "description": "copy: the source tensor; zero: zeros; zero_gain: a norm gain set to an effective 0 (Gemma: -1); scale: source times x; noise: source plus seeded N(0, std^2); random: seeded N(0, std^2).",
+    "description": "copy: the source tensor; zero: zeros; zero_gain: a norm gain set to an effective 0 (Gemma: -1); scale: source times x; noise: source plus seeded N(0, std^2); random: seeded N(0, std^2); interpolate: (1 - w) * previous + w * next layer; lesa: predicted from both neighbours (LESA).",
 }
 
 PolicyField = Annotated[
@@ -168,16 +173,67 @@ class Slice(Strict):
         return _check_range(value)
 
 
-class Inject(Strict):
-    """Transformer Layer Injection: after every `every` layers of the stack, insert `copies` new layers."""
+class Lesa(Strict):
+    """Settings of the `lesa` policy (LESA, arXiv 2502.13794); defaults follow the paper's public setup."""
 
-    every: StrictInt = Field(ge=1, description="K: insert after every K layers of the sliced stack (Algorithm 1: after layer i when (i + 1) % K == 0).")
+    hidden: StrictInt = Field(default=256, ge=1, description="Width of the predictor's two hidden layers.")
+    epochs: StrictInt = Field(default=10, ge=1, description="Training epochs of each projection type's predictor.")
+    lr: float = Field(default=1e-3, gt=0, description="AdamW learning rate.")
+    norm_weight: float = Field(default=5e-4, ge=0, lt=1, description="lambda: weight of the row-norm term in the loss (1 - lambda) * MSE + lambda * MSE(norms).")
+    batch_size: StrictInt = Field(default=64, ge=1, description="Rows (singular directions) per batch.")
+    seed: StrictInt = Field(default=0, ge=0, description="Seed of the predictor's initialisation and batch order.")
+
+
+class Inject(Strict):
+    """Layer injection: new layers after chosen positions of the stack, each initialised from its neighbours.
+
+    Exactly one of `every`, `after` and `between` says where.
+    """
+
+    every: Optional[StrictInt] = Field(default=None, ge=1, description="K: insert after every K layers of the sliced stack (Algorithm 1: after stack position i when (i + 1) % K == 0).")
+    after: Optional[list[StrictInt]] = Field(default=None, min_length=1, description="Insert after these stack positions (0-based, ascending, each once).")
+    between: Optional[tuple[StrictInt, StrictInt]] = Field(default=None, description="Insert one layer between each pair of neighbouring stack positions in [start, end) (half-open, 0-based): end - start - 1 new layers, as LESA does over the upper half.")
     copies: StrictInt = Field(default=1, ge=1, description="Number of layers inserted at each position (LLaMA Pro's P).")
-    source: Literal["previous"] = Field(default="previous", description="Which layer each injected layer copies: `previous`, the layer just before it.")
+    source: Literal["previous"] = Field(default="previous", description="Which layer each injected layer copies: `previous`, the layer just before it (`interpolate` and `lesa` also read the layer after it).")
     init: Optional[Init] = Field(  # type: ignore[valid-type]
         default=None,
         description="Per-projection init policy; tensors not named are copied. Default: the architecture's function-preserving init (o_proj and down_proj zero for Llama-family models). A given `init` replaces the default entirely.",
     )
+    lesa: Lesa = Field(default_factory=Lesa, description="Settings of the lesa policy.")
+
+    @field_validator("after")
+    @classmethod
+    def _after(cls, value: Optional[list[int]]) -> Optional[list[int]]:
+        if value is not None and (any(v < 0 for v in value) or value != sorted(set(value))):
+            raise _fail(f"{value} must be ascending stack positions >= 0, each once; expected for example [15, 16, 17]")
+        return value
+
+    @field_validator("between")
+    @classmethod
+    def _between(cls, value: Optional[tuple[int, int]]) -> Optional[tuple[int, int]]:
+        if value is not None:
+            start, end = _check_range(value)
+            if end - start < 2:
+                raise _fail(f"[{start}, {end}] holds no pair of neighbouring positions; expected end - start >= 2")
+        return value
+
+    def positions(self, stack: int) -> list[int]:
+        """Stack positions an injection follows, for a stack of ``stack`` layers."""
+        if self.every is not None:
+            return [i for i in range(stack) if (i + 1) % self.every == 0]
+        if self.after is not None:
+            return list(self.after)
+        start, end = self.between
+        return list(range(start, end - 1))
+
+
+# One injection site, exactly: checked here so the message points at inject.
+def _one_site(inject: "Inject") -> list[tuple[tuple, str]]:
+    given = [k for k in ("every", "after", "between") if getattr(inject, k) is not None]
+    if len(given) != 1:
+        what = "none of them" if not given else ", ".join(given)
+        return [(("inject",), f"got {what}; expected exactly one of every, after, between")]
+    return []
 
 
 # --- training stages ---------------------------------------------------------------
@@ -282,6 +338,8 @@ class Recipe(Strict):
 def recipe_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     """Cross-field checks that need no checkpoint: ``(field path, message)`` pairs."""
     problems: list[tuple[tuple, str]] = []
+    if recipe.inject is not None:
+        problems += _one_site(recipe.inject)
     seen: dict[str, int] = {}
     for i, stage in enumerate(recipe.stages):
         if stage.name in seen:

@@ -34,8 +34,11 @@ def plan_table(plan: Plan) -> str:
     """The layer map and totals, as `tli-recipe plan` prints them."""
     multi = len(plan.sources) > 1
     rows = [("out", "source", "role", "policy")]
+    with_next = {op.layer for op in plan.tensors if op.second_name}
     for e in plan.layers:
         src = f"{e.source}:{e.layer}" if multi else f"{e.layer}"
+        if e.output in with_next:
+            src += f"+{e.next_layer}"
         rows.append((str(e.output), src, e.role + ("*" if e.role == "injected" else ""), _layer_policy(plan, e.output)))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"plan {plan.name}: {plan.architecture} from {plan.base_model}"]

@@ -21,6 +21,7 @@ from .plan import Plan
 @dataclass
 class VerifyReport:
     tensors_checked: int = 0
+    not_recomputed: int = 0
     tensor_problems: list[str] = field(default_factory=list)
     max_abs_diff: Optional[float] = None
     function_preserving: bool = True
@@ -71,8 +72,11 @@ def check_tensors(plan: Plan, folder: Path, report: VerifyReport) -> None:
             got = out_reader.read(info)
             if op.op == "zero":
                 ok = not bool(got.any())
+            elif op.op == "lesa":  # a trained predictor's output: checked for shape, dtype and finiteness only
+                ok = bool(torch.isfinite(got.float()).all())
+                report.not_recomputed += 1
             else:
-                ok = torch.equal(got, make_tensor(op, src_reader, sources[op.source], "cpu"))
+                ok = torch.equal(got, make_tensor(op, src_reader, sources[op.source], "cpu", sources))
             if not ok:
                 report.tensor_problems.append(f"'{op.name}': values differ from the plan's {op.op} of '{op.source_name}'")
             report.tensors_checked += 1
