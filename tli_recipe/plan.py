@@ -595,10 +595,11 @@ def _resolve_stages(recipe: Recipe, problems: _Problems, layers: list[LayerEntry
             zeroed = sorted(p for p, pol in policies.items() if pol.preserves_zero)
             injected_here = [e.output for e in layers if e.role == "injected" and e.output in chosen]
             missing = [p for p in zeroed if p not in targets]
-            if injected_here and missing:
+            if injected_here and missing and not stage.lora.allow_frozen_injected:
                 warnings.append(f"stage '{stage.name}': LoRA targets leave out {', '.join(missing)}, which are zero in the "
                                 f"injected layers {injected_here}; adapters on the other projections of those layers get no "
-                                "gradient through a zero output, so the injected layers never move")
+                                "gradient through a zero output, so the injected layers never move; `train` and `emit` "
+                                "refuse this stage unless lora.allow_frozen_injected is true")
             lora = LoraPlan(r=stage.lora.r, alpha=stage.lora.alpha, dropout=stage.lora.dropout,
                             targets=list(stage.lora.targets), layers=sorted(chosen))
         count = sum(numel(op.shape) for op in ops if op.name in set(params))

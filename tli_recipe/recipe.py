@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    StrictBool,
     StrictInt,
     WithJsonSchema,
     create_model,
@@ -280,6 +281,21 @@ class Lora(Strict):
         min_length=1,
         description="Projections that get adapters. Leaving out o_proj/down_proj on zero-initialised injected layers means they never move.",
     )
+    quantize: Optional[Literal[4, 8]] = Field(
+        default=None,
+        description="QLoRA: hold the frozen weights in 4 or 8 bits while training (bitsandbytes, CUDA only); the adapters are merged into the unquantized weights at the end of the stage.",
+    )
+    allow_frozen_injected: StrictBool = Field(
+        default=False,
+        description="Accept targets that leave out projections zero-initialised in the injected layers (o_proj, down_proj): those layers then stay the identity through this stage. Without it `train` and `emit` refuse such a stage.",
+    )
+
+
+class Dataset(Strict):
+    """Training text for a stage."""
+
+    path: str = Field(min_length=1, description="A plain-text file (one document per non-empty line, as the `datasets` text loader reads it) or a .jsonl/.json file (one JSON object per line); relative to the working directory.")
+    text_field: str = Field(default="text", min_length=1, description="The JSONL field holding each document's text.")
 
 
 class Stage(Strict):
@@ -288,6 +304,21 @@ class Stage(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Stage name: letters, digits, '.', '_' and '-'.")
     trainable: list[Selector] = Field(min_length=1, description="Layer groups that train: injected, original, all, embeddings, head, or {layers: [start, end]} of output layers.")
     lora: Optional[Lora] = Field(default=None, description="Train LoRA adapters on the trainable layers instead of their full weights.")
+    datasets: list[Dataset] = Field(default_factory=list, description="Training text of this stage; `tli-recipe train --data` and `emit --data` replace it.")
+    learning_rate: float = Field(default=1e-4, gt=0, description="Peak learning rate of AdamW, reached after warmup.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Learning-rate schedule after warmup: cosine or linear decay to 0, or constant.")
+    warmup_steps: StrictInt = Field(default=0, ge=0, description="Optimizer steps of linear warmup from 0 to learning_rate.")
+    max_steps: Optional[StrictInt] = Field(default=None, ge=1, description="Optimizer steps to train; give max_steps or epochs, not both.")
+    epochs: Optional[float] = Field(default=None, gt=0, description="Passes over the training data; default 1 when max_steps is absent.")
+    batch_size: StrictInt = Field(default=1, ge=1, description="Packed sequences per device in one forward pass (the micro batch).")
+    gradient_accumulation: StrictInt = Field(default=1, ge=1, description="Micro batches per optimizer step; sequences per step = batch_size x gradient_accumulation x devices.")
+    sequence_length: StrictInt = Field(default=2048, ge=2, description="Tokens per packed training sequence (documents are joined with the EOS token, then cut).")
+    precision: Literal["bfloat16", "float16", "float32"] = Field(default="bfloat16", description="Mixed-precision compute dtype (autocast); float32 turns it off. Weights keep the checkpoint's dtype.")
+    gradient_checkpointing: StrictBool = Field(default=False, description="Recompute activations in the backward pass (non-reentrant): less memory, about a third slower.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay; applies only to the parameters that train.")
+    validation_fraction: float = Field(default=0.05, ge=0, lt=1, description="Share of the packed sequences held out for the validation loss, in [0, 1); 0: no validation.")
+    eval_steps: StrictInt = Field(default=100, ge=1, description="Optimizer steps between validation losses.")
+    save_steps: StrictInt = Field(default=500, ge=1, description="Optimizer steps between resumable checkpoints (an interrupted stage resumes from the last one).")
 
 
 # --- the recipe --------------------------------------------------------------------
@@ -353,6 +384,8 @@ def recipe_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
             problems.append((("stages", i, "trainable", stage.trainable.index("injected")), "'injected' selects nothing: the recipe has no inject section; add inject or pick another group"))
         if stage.lora is not None and len(set(stage.lora.targets)) != len(stage.lora.targets):
             problems.append((("stages", i, "lora", "targets"), "a projection is listed twice; expected each once"))
+        if stage.max_steps is not None and stage.epochs is not None:
+            problems.append((("stages", i, "epochs"), f"both max_steps ({stage.max_steps}) and epochs ({stage.epochs:g}) are given; expected one of them"))
     return problems
 
 
