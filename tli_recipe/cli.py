@@ -176,5 +176,7 @@ def schema(output: str | None, check: bool) -> None:
         click.echo(f"wrote {output}")
 
 
+from .commands_training import register as _register_training; _register_training(main)  # noqa: E402  emit, train, eval
+
 if __name__ == "__main__":  # pragma: no cover
     main()
