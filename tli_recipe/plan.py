@@ -592,7 +592,8 @@ def _resolve_stages(recipe: Recipe, problems: _Problems, layers: list[LayerEntry
                     problems.add(("stages", i, "trainable", j),
                                  f"LoRA adapts linear layers only; '{sel}' cannot get adapters; expected layer groups "
                                  "(injected, original, all, {layers: [start, end]}) in a LoRA stage, or a stage without lora")
-            zeroed = sorted(p for p, pol in policies.items() if pol.preserves_zero)
+            # Norm gains at zero (zero_gain) block the branch too, and LoRA cannot adapt a norm.
+            zeroed = sorted(p for p, pol in policies.items() if pol.preserves_zero or pol.kind == "zero_gain")
             injected_here = [e.output for e in layers if e.role == "injected" and e.output in chosen]
             missing = [p for p in zeroed if p not in targets]
             if injected_here and missing and not stage.lora.allow_frozen_injected:
