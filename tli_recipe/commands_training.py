@@ -1,4 +1,4 @@
-"""The training commands of `tli-recipe`: emit, train, eval.
+"""The training commands of `tli-recipe`: emit, train, eval, compare.
 
 `emit` needs no torch (it reads plan.json, or compiles a recipe); `train` and `eval`
 import torch, transformers and peft only when they run. Errors follow the rest of the
@@ -163,6 +163,38 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], text_field: str, seque
         click.echo(results_table(results))
 
 
+@click.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--data", multiple=True, required=True, type=click.Path(dir_okay=False, exists=True), help=DATA_HELP)
+@click.option("--heldout", multiple=True, required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Held-out text for the losses at init and after training (same formats as --data).")
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="Optimizer steps per recipe.")
+@click.option("--stage", help="The stage to train in every recipe (default: each recipe's first stage).")
+@click.option("--sequence-length", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--eval-sequences", type=click.IntRange(min=1), help="Held-out sequences to score (default: all).")
+@click.option("--work", type=click.Path(file_okay=False), default="out/compare", show_default=True,
+              help="Where grown and trained models go.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--device", default="auto", show_default=True)
+@_reported
+def compare(recipes: tuple[str, ...], data: tuple[str, ...], heldout: tuple[str, ...], steps: int, stage: str | None,
+            sequence_length: int, batch_size: int, eval_sequences: int | None, work: str, overrides: tuple[str, ...],
+            device: str) -> None:
+    """Grow the same base model with each recipe, train each for the same token budget, compare held-out losses.
+
+    Writes compare.md, compare.csv, compare.json and compare.png (loss curves) into --work.
+    """
+    from .compare import compare_recipes, table, write_outputs
+
+    rows = compare_recipes(recipes, data, heldout, work=Path(work), steps=steps, stage=stage, overrides=overrides,
+                           sequence_length=sequence_length, batch_size=batch_size, eval_sequences=eval_sequences,
+                           device=device, log=lambda msg: click.echo(msg, err=True))
+    files = write_outputs(rows, Path(work), steps)
+    click.echo(table(rows, steps))
+    click.echo(f"wrote {', '.join(str(f) for f in files)}", err=True)
+
+
 def register(main: click.Group) -> None:
-    for command in (emit, train, eval_):
+    for command in (emit, train, eval_, compare):
         main.add_command(command)
