@@ -25,6 +25,8 @@ from . import __version__
 from .checkpoint import SIDE_FILES, CheckpointError, ShardWriter, TensorReader, layout_shards, open_checkpoint, torch_dtype
 from .errors import TliError
 from .plan import Plan, TensorOp
+from .provenance import hash_sources
+from .provenance import metadata as provenance_metadata
 
 
 def pick_device(device: str) -> str:
@@ -179,11 +181,13 @@ def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str
     device = pick_device(device) if computed else "none (byte copies)"
     sources = _check_sources(plan)
     _check_output(target, plan, sources, force)
+    # Provenance before any byte is written: a source file that differs from the recipe's pin stops the run.
+    plan = plan.model_copy(update={"source_files": hash_sources(plan, sources)})
     precomputed = _lesa(plan, sources, device, log)
     target.parent.mkdir(parents=True, exist_ok=True)
 
     metadata = {"format": "pt", "tli_recipe_version": __version__, "recipe_sha256": plan.recipe_sha256,
-                "recipe_name": plan.name}
+                "recipe_name": plan.name, **provenance_metadata(plan)}
     shards = layout_shards(((op.name, op.dtype, tuple(op.shape)) for op in plan.tensors), plan.shard_size)
     started = time.perf_counter()
     with _sigterm_as_interrupt():

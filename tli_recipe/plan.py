@@ -20,6 +20,7 @@ from .arch import Architecture, ArchError, find_architecture
 from .checkpoint import CODES, NAMES, Checkpoint, nbytes, numel, open_checkpoint, resolve_model
 from .errors import Problem, RecipeError, TliError
 from .load import LoadedRecipe
+from .provenance import check_pin, source_revision
 from .recipe import LAYER_GROUPS, LayerSpan, Policy, Recipe
 
 
@@ -36,6 +37,7 @@ class SourceModel(Frozen):
     num_layers: int
     dtype: Optional[str]
     has_weights: bool = Field(description="False when the directory holds only config.json (plan only; run refuses).")
+    revision: Optional[str] = Field(default=None, description="The commit the directory holds (hub cache snapshot, download metadata or git HEAD); None when unknown.")
 
 
 class LayerEntry(Frozen):
@@ -134,6 +136,7 @@ class Plan(Frozen):
     totals: Totals
     output: str
     shard_size: int
+    source_files: dict[str, dict[str, str]] = Field(default_factory=dict, description="sha256 of every file each source contributes, by source key and file name; filled in by `run` (empty in `plan`).")
 
     def injected(self) -> list[LayerEntry]:
         return [entry for entry in self.layers if entry.role == "injected"]
@@ -247,8 +250,13 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
             problems.add(path, f"{ckpt.path}: config.json says {num_layers_key}={n} but the weights hold {found} "
                                f"(prefix {arch.layer_prefix!r}); the checkpoint is inconsistent")
             return None
+        pin_problems, pin_warnings = check_pin(ref, ckpt.path)
+        for sub, message in pin_problems:
+            problems.add(path + sub, message)
+        warnings.extend(pin_warnings)
+        revision = source_revision(ckpt.path)
         sources[ref] = SourceModel(ref=ref, path=str(ckpt.path.resolve()), architecture=arch.name, num_layers=n,
-                                   dtype=ckpt.dtype(), has_weights=ckpt.has_weights)
+                                   dtype=ckpt.dtype(), has_weights=ckpt.has_weights, revision=revision and revision[0])
         tensors_of[ref] = tensors
         layers_of[ref] = per_layer
         return ref

@@ -11,11 +11,13 @@ import re
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
+    PrivateAttr,
     StrictBool,
     StrictInt,
     WithJsonSchema,
@@ -151,6 +153,87 @@ Init = create_model(  # type: ignore[call-overload]
 )
 
 
+# --- source models -----------------------------------------------------------------
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
+
+
+def _check_sha256(value: str) -> str:
+    if not _SHA256.match(value):
+        raise _fail(f"{value!r} is not a sha256; expected 64 lowercase hex digits (as sha256sum prints them)")
+    return value
+
+
+class ModelRef(Strict):
+    """A source checkpoint, pinned to a revision and/or to the checksums of its files."""
+
+    path: str = Field(min_length=1, description="A local directory, or a hub id (org/name) resolved through the local Hugging Face cache.")
+    revision: Optional[str] = Field(default=None, min_length=1, description="The commit the model must be at: a hub id resolves to this cache snapshot (a branch or tag name resolves through refs/ but moves: plan warns); a local directory is checked against the commit `huggingface-cli download --local-dir` recorded, or its git HEAD.")
+    checksums: dict[str, Annotated[str, AfterValidator(_check_sha256)]] = Field(
+        default_factory=dict,
+        description="Expected sha256 of source files by name, relative to the model directory (config.json, model-00001-of-00004.safetensors...); `run` checks them and refuses a mismatch. `tli-recipe pin MODEL` prints them.",
+    )
+    _form: str = PrivateAttr(default="mapping")
+
+    @field_validator("checksums")
+    @classmethod
+    def _names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not name or name.startswith("/") or ".." in name.split("/"):
+                raise _fail(f"{name!r} is not a file of the model directory; expected a name relative to it, such as config.json")
+        return value
+
+
+class SourceRef(str):
+    """A validated model reference: the string plan and checkpoint code resolve (``path`` or
+    ``org/name@revision``), carrying the pin: ``path``, ``revision``, ``checksums``."""
+
+    def __new__(cls, text: str, path: Optional[str] = None, revision: Optional[str] = None,
+                checksums: Optional[dict[str, str]] = None, form: str = "string") -> "SourceRef":
+        self = super().__new__(cls, text)
+        self.path, self.revision, self.checksums, self.form = path or text, revision, dict(checksums or {}), form
+        return self
+
+
+def _parse_ref(value: Any) -> Any:
+    if isinstance(value, (ModelRef, dict)):
+        return value
+    if isinstance(value, SourceRef):
+        return _parse_ref(_dump_ref(value))
+    if not isinstance(value, str):
+        raise _fail(f"{value!r} is not a model; expected a directory, a hub id (org/name or org/name@revision), or {{path: ..., revision: ..., checksums: ...}}")
+    if not value:
+        raise _fail("is empty; expected a directory, a hub id (org/name or org/name@revision), or {path: ..., revision: ...}")
+    repo, at, revision = value.partition("@")
+    ref = ModelRef(path=repo, revision=revision) if at and revision and _HUB_ID.match(repo) else ModelRef(path=value)
+    ref._form = "string"
+    return ref
+
+
+def _to_source_ref(ref: ModelRef) -> SourceRef:
+    hub = ref.revision is not None and _HUB_ID.match(ref.path)
+    # A hub id at a revision is written id@revision, which resolve_model understands; a local
+    # directory is its path (its revision is checked against the directory itself).
+    text = f"{ref.path}@{ref.revision}" if hub else ref.path
+    return SourceRef(text, ref.path, ref.revision, ref.checksums, ref._form)
+
+
+def _dump_ref(ref: Any) -> Any:
+    if getattr(ref, "form", "string") == "string" or not isinstance(ref, SourceRef):
+        return str(ref)
+    return {"path": ref.path, **({"revision": ref.revision} if ref.revision else {}), **({"checksums": dict(ref.checksums)} if ref.checksums else {})}
+
+
+class _RefSchema:
+    def __get_pydantic_json_schema__(self, core_schema, handler):
+        return {"anyOf": [{"type": "string", "minLength": 1}, handler(core_schema)]}
+
+
+#: A model reference: ``org/name``, ``org/name@revision``, a directory, or a ModelRef mapping.
+ModelField = Annotated[ModelRef, BeforeValidator(_parse_ref), AfterValidator(_to_source_ref), PlainSerializer(_dump_ref), _RefSchema()]
+
+
 # --- layout ------------------------------------------------------------------------
 
 def _check_range(value: tuple[int, int]) -> tuple[int, int]:
@@ -165,7 +248,7 @@ def _check_range(value: tuple[int, int]) -> tuple[int, int]:
 class Slice(Strict):
     """A run of consecutive source layers copied into the output stack."""
 
-    model: Optional[str] = Field(default=None, min_length=1, description="Model the layers come from (local directory or hub id); default: base_model.")
+    model: Optional[ModelField] = Field(default=None, description="Model the layers come from (local directory, hub id, or {path, revision, checksums} as base_model); default: base_model.")
     layer_range: tuple[StrictInt, StrictInt] = Field(description="Source layers [start, end): half-open, 0-based.")
 
     @field_validator("layer_range")
@@ -355,7 +438,7 @@ class Recipe(Strict):
     """A growth recipe: which layers the output has, how new layers start, how they train."""
 
     name: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the output model; default: the recipe file's stem.")
-    base_model: str = Field(min_length=1, description="The source checkpoint: a local directory, or a hub id resolved through the local Hugging Face cache (id or id@revision).")
+    base_model: ModelField = Field(description="The source checkpoint: a local directory, or a hub id resolved through the local Hugging Face cache (id or id@revision), or {path, revision, checksums} to pin it.")
     dtype: Optional[Dtype] = Field(default=None, description="dtype of the output tensors; default: the source dtype.")
     slices: Optional[list[Slice]] = Field(default=None, min_length=1, description="The output stack before injection, as source layer ranges; default: every layer of base_model once. Two overlapping slices are SOLAR-style depth up-scaling.")
     inject: Optional[Inject] = Field(default=None, description="Layer injection (TLI / LLaMA Pro); absent: no layer is injected.")

@@ -113,7 +113,19 @@ Grown from `{plan.base_model}` ({plan.architecture}) by [tli-recipe](https://git
 {stages}
 
 Check the checkpoint against its base model: `tli-recipe verify {plan.output}`.
-"""
+""" + _provenance(plan)
+
+
+def _provenance(plan: Plan) -> str:
+    """The model card's record of what the output was made from (filled by `run`)."""
+    lines = ["", "## Provenance", "",
+             f"Made by tli-recipe {plan.tli_recipe_version} from the recipe with sha256 `{plan.recipe_sha256}`.", ""]
+    for key, src in plan.sources.items():
+        lines.append(f"- `{key}`: revision `{src.revision or 'unknown'}`, {len(plan.source_files.get(key, {}))} files hashed")
+    rows = [f"| `{key}` | {name} | `{digest}` |" for key, files in plan.source_files.items() for name, digest in files.items()]
+    if rows:
+        lines += ["", "| source | file | sha256 |", "|---|---|---|", *rows]
+    return "\n".join(lines) + "\n"
 
 
 def _ranges(values: list[int]) -> str:
