@@ -177,6 +177,7 @@ def schema(output: str | None, check: bool) -> None:
 
 
 from .commands_training import register as _register_training; _register_training(main)  # noqa: E402  emit, train, eval
+from .commands_recipes import register as _register_recipes; _register_recipes(main)  # noqa: E402  render, variants, list, diff, pin
 
 if __name__ == "__main__":  # pragma: no cover
     main()
