@@ -117,6 +117,7 @@ def variants(source: str, var_items: tuple[str, ...], grid_items: tuple[str, ...
 
 
 def _table(made, status) -> None:
+    from .library import format_columns
     from .report import human_count
 
     rows = [("name", "file", "layers", "parameters", "counts from", "status")]
@@ -125,9 +126,7 @@ def _table(made, status) -> None:
         layers = f"{plan.totals.layers_before} -> {plan.totals.layers_after}" if plan else "?"
         params = human_count(plan.totals.parameters_after) if plan else "?"
         rows.append((v.rendered.loaded.recipe.name or v.file.stem, str(v.file), layers, params, v.rendered.found, status[v.file]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    click.echo(format_columns(rows))
 
 
 @click.command(name="list")

@@ -141,8 +141,13 @@ def format_rows(rows: list[Row], markdown: bool = False) -> str:
         lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
         lines += [f"| `{r.file}` | {c[1]} | {c[2]} | {c[3]} | {c[4]} | {c[5]} |" for r, c in zip(rows, cells)]
         return "\n".join(lines)
-    widths = [max(len(str(x)) for x in col) for col in zip(HEADERS, *cells)]
-    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [HEADERS, *cells])
+    return format_columns([HEADERS, *cells])
+
+
+def format_columns(rows: list[tuple]) -> str:
+    """Rows of cells as left-aligned columns (the first row is the header)."""
+    widths = [max(len(str(x)) for x in col) for col in zip(*rows)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows)
 
 
 # --- diff ---------------------------------------------------------------------------

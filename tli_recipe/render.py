@@ -37,7 +37,7 @@ from jinja2 import StrictUndefined, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from pydantic import Field
 
-from .errors import Problem, RecipeError, did_you_mean, show
+from .errors import Problem, RecipeError, TliError, did_you_mean, show
 from .load import LoadedRecipe, Marks, load_recipe, read_recipe, validate_model
 from .recipe import Strict
 
@@ -164,7 +164,8 @@ def read_template(path: str | Path, text: Optional[str] = None) -> Template:
     except jinja2.TemplateSyntaxError as exc:
         raise RecipeError([Problem(("template",), f"{exc.message.rstrip('.')}; fix the jinja syntax", file,
                                    (exc.lineno or 1) + offset, 1)]) from None
-    used = jinja2.meta.find_undeclared_variables(ast) - set(RESERVED) - set(env.globals)
+    undeclared = jinja2.meta.find_undeclared_variables(ast)
+    used = undeclared - set(RESERVED) - set(env.globals)
     if front is None:  # no front matter: every name the body uses is a required string
         variables = {name: Variable() for name in sorted(used)}
     else:
@@ -178,7 +179,7 @@ def read_template(path: str | Path, text: Optional[str] = None) -> Template:
         if problems:
             raise RecipeError(problems)
     template = Template(file=file, body=body, offset=offset, description=matter.description, variables=variables,
-                        marks=marks, uses_plan="plan" in jinja2.meta.find_undeclared_variables(ast))
+                        marks=marks, uses_plan="plan" in undeclared)
     template.compiled = compiled
     return template
 
@@ -565,7 +566,7 @@ def render_variants(sweep: Sweep, out_dir: Path, configs: Iterable[Path] = ()) -
             variant.rendered = render_recipe(sweep.template, values, str(variant.file), configs)
         except RecipeError as exc:
             variant.problems = exc.problems
-        except Exception as exc:  # a TliError of the plan (a config that is inconsistent...)
+        except TliError as exc:  # a source that cannot be planned (an inconsistent config...)
             variant.problems = [Problem((), str(exc), str(variant.file), 1, 1)]
         variants.append(variant)
     seen: dict[Path, Variant] = {}
