@@ -522,8 +522,12 @@ def _dump(data: dict) -> str:
 
 def write_training_configs(plan: Plan, folder: Path, model_dir: Path, *, formats: Sequence[str] = TRAINERS,
                            stages: Optional[Sequence[str]] = None, data: Optional[Sequence[str | Path]] = None,
-                           log: Optional[Callable[[str], None]] = None) -> tuple[list[Path], list[Refusal]]:
+                           log: Optional[Callable[[str], None]] = None,
+                           final_folder: Optional[Path] = None) -> tuple[list[Path], list[Refusal]]:
     """Write ``folder/<trainer>/NN-<stage>.yaml`` for each trainer and stage.
+
+    ``final_folder``: where ``folder`` will be once `run` renames its temporary directory into
+    place; the paths written inside the configs (commands, LLaMA-Factory's dataset_dir) use it.
 
     A stage a trainer cannot express gets ``NN-<stage>.refused.txt`` (the reason) instead;
     the refusals are returned, not raised, so that ``run`` always finishes. ``model_dir`` is
@@ -540,17 +544,19 @@ def write_training_configs(plan: Plan, folder: Path, model_dir: Path, *, formats
     for trainer in formats:
         out = folder / trainer
         out.mkdir(parents=True, exist_ok=True)
+        shown = Path(final_folder or folder).resolve() / trainer  # the path the configs will have
         commands = []
         dataset_info: dict[str, dict] = {}
         for spec in chosen:
             target = out / f"{spec.file_stem}.yaml"
+            shown_target, shown_merge = shown / target.name, shown / f"{spec.file_stem}.merge.yaml"
             for stale in (target, out / f"{spec.file_stem}.refused.txt", out / f"{spec.file_stem}.merge.yaml",
                           out / f"{spec.file_stem}.parameters.txt"):
                 stale.unlink(missing_ok=True)
             try:
                 if trainer == "axolotl":
                     cfg = axolotl_config(plan, specs, spec, model_dir, data)
-                    run = f"axolotl train {target}" + (f" && axolotl merge-lora {target}" if spec.plan.lora else "")
+                    run = f"axolotl train {shown_target}" + (f" && axolotl merge-lora {shown_target}" if spec.plan.lora else "")
                     files = {target: _header(plan, spec, "Axolotl", run) + _dump(cfg)}
                 elif trainer == "llamafactory":
                     info = llamafactory_dataset_info(resolve_datasets(spec, data))
@@ -560,17 +566,17 @@ def write_training_configs(plan: Plan, folder: Path, model_dir: Path, *, formats
                         if not same:
                             dataset_info[key] = entry
                         names.append(same[0] if same else key)
-                    cfg = llamafactory_config(plan, specs, spec, model_dir, names, out.resolve())
+                    cfg = llamafactory_config(plan, specs, spec, model_dir, names, shown)
                     merge = out / f"{spec.file_stem}.merge.yaml"
-                    run = f"llamafactory-cli train {target}" + (f" && llamafactory-cli export {merge}" if spec.plan.lora else "")
+                    run = f"llamafactory-cli train {shown_target}" + (f" && llamafactory-cli export {shown_merge}" if spec.plan.lora else "")
                     files = {target: _header(plan, spec, "LLaMA-Factory", run) + _dump(cfg)}
                     if spec.plan.lora:
                         files[merge] = (f"# Merge the LoRA adapter of stage '{spec.plan.name}' into {cfg['output_dir']}/merged\n"
-                                        f"# Run: llamafactory-cli export {merge}\n"
+                                        f"# Run: llamafactory-cli export {shown_merge}\n"
                                         + _dump(llamafactory_merge_config(plan, specs, spec, model_dir)))
                 else:
                     cfg = trl_config(plan, specs, spec, model_dir, data)
-                    run = f"tli-recipe train {model_dir} --stage {spec.plan.name}   (or: tli-recipe train --config {target})"
+                    run = f"tli-recipe train {model_dir} --stage {spec.plan.name}   (or: tli-recipe train --config {shown_target})"
                     files = {target: _header(plan, spec, "tli-recipe (Hugging Face Trainer)", run) + _dump(cfg),
                              out / f"{spec.file_stem}.parameters.txt": "\n".join(spec.plan.parameters) + "\n"}
             except Refusal as refusal:

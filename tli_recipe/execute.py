@@ -213,7 +213,7 @@ def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str
                     bar.set_postfix_str(f"{i}/{len(plan.tensors)} tensors", refresh=False)
             writer.close()
             _write_side_files(plan, tmp, Path(plan.sources[plan.base_model].path))
-            from .emit import write_training_configs; write_training_configs(plan, tmp / "training", target, log=log)  # noqa: E702
+            from .emit import write_training_configs; write_training_configs(plan, tmp / "training", target, log=log, final_folder=target / "training")  # noqa: E702
             if sync:
                 _fsync_tree(tmp)
             _swap_into_place(tmp, target)
