@@ -264,3 +264,43 @@ def test_published_configs_give_published_parameter_counts(tmp_path, model, para
     assert plan.architecture == arch
     assert plan.totals.parameters_before == params
     assert not plan.blocking
+
+
+def test_inferred_architecture_without_a_known_output_projection_is_not_called_exact(tmp_path, tiny, cli):
+    from safetensors.torch import save_file
+
+    base = tiny(layers=4)
+    alien = tmp_path / "alien2"
+    alien.mkdir()
+    tensors = {k.replace("self_attn.o_proj", "self_attn.out_proj"): v for k, v in load_all(base).items()}
+    save_file(tensors, str(alien / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    config["architectures"], config["model_type"] = ["OutProjForCausalLM"], "outproj"
+    (alien / "config.json").write_text(json.dumps(config))
+    recipe = write_recipe(tmp_path, f"base_model: {alien}\noutput: {tmp_path / 'out'}\ninject: {{every: 2}}\n"
+                                    "stages:\n  - name: new\n    trainable: [injected]\n")
+    plan = compile_plan(load_recipe(recipe))
+    assert not plan.function_preserving
+    assert {op.projection for op in plan.tensors if op.op == "zero"} == {"down_proj"}
+    result = cli("run", recipe, "--no-progress")  # emitting training configs needs no definition either
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "out" / "training" / "axolotl" / "01-new.yaml").is_file()
+
+
+def test_lora_after_a_full_stage_on_the_injected_layers_is_not_refused(tmp_path, tiny):
+    base = tiny(arch="gemma2", layers=4, head_dim=8)
+    lora = "  - name: lora\n    trainable: [all]\n    lora: {r: 4, alpha: 8, targets: [q_proj, o_proj, down_proj]}\n"
+    alone = plan_of_text(tmp_path, f"base_model: {base}\ninject: {{every: 2}}\nstages:\n" + lora)
+    assert any("never move" in w for w in alone.warnings)
+    after = plan_of_text(tmp_path, f"base_model: {base}\ninject: {{every: 2}}\nstages:\n"
+                                   "  - name: new\n    trainable: [injected]\n" + lora)
+    assert not any("never move" in w for w in after.warnings)
+    from tli_recipe.emit import frozen_injected_problem, stage_specs
+
+    specs = stage_specs(after)
+    assert frozen_injected_problem(after, specs[1]) is None
+    assert frozen_injected_problem(alone, stage_specs(alone)[0]) is not None
+
+
+def plan_of_text(tmp_path, text):
+    return compile_plan(load_recipe(write_recipe(tmp_path, text, "stages.yaml")))

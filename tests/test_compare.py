@@ -33,3 +33,15 @@ def test_compare_grows_trains_and_reports(tmp_path, cli):
     assert all(len(c) == 4 for c in curves.values())
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
     assert "| tli | new | 6 |" in result.stdout
+
+
+def test_compare_checks_every_recipe_before_growing(tmp_path, cli):
+    base = add_char_tokenizer(build_tiny(tmp_path / "base", layers=4))
+    data = write_text(tmp_path / "train.txt")
+    ok = write_recipe(tmp_path, f"name: ok\nbase_model: {base}\ninject: {{every: 2}}\nstages:\n  - name: new\n    trainable: [injected]\n", "ok.yaml")
+    bare = write_recipe(tmp_path, f"name: bare\nbase_model: {base}\ninject: {{every: 2}}\n", "bare.yaml")
+    result = cli("compare", ok, bare, "--data", data, "--heldout", data, "--steps", "1", "--work", tmp_path / "cmp")
+    assert result.exit_code == 2 and "bare.yaml: defines no stages" in result.stderr
+    assert not (tmp_path / "cmp").exists()
+    result = cli("compare", ok, "--stage", "nope", "--data", data, "--heldout", data, "--steps", "1", "--work", tmp_path / "cmp")
+    assert result.exit_code == 2 and "has no stage 'nope'; its stages: new" in result.stderr

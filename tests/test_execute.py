@@ -299,3 +299,12 @@ def test_zero_tensors_are_holes_that_read_as_zeros(tmp_path, tiny):
     got = load_all(out)
     assert not got["model.layers.4.mlp.down_proj.weight"].any()
     assert not got["model.layers.4.self_attn.o_proj.weight"].any()
+
+
+def test_output_option_is_recorded_in_the_plan_and_card(tmp_path, tiny, cli):
+    base = tiny(layers=4)
+    recipe = write_recipe(tmp_path, f"base_model: {base}\noutput: {tmp_path / 'elsewhere'}\ninject: {{every: 2}}\n")
+    out = tmp_path / "here"
+    assert cli("run", recipe, "--output", out, "--no-progress").exit_code == 0
+    assert json.loads((out / "plan.json").read_text())["output"] == str(out)
+    assert f"tli-recipe verify {out}" in (out / "README.md").read_text()

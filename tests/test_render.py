@@ -92,6 +92,14 @@ def test_front_matter_errors_are_located(tmp_path, cli):
                      f"{t2}:4:3: variables.plan: 'plan' is reserved (the rendered recipe's plan); expected letters, digits and '_', not starting with a digit"]
 
 
+def test_min_and_max_on_a_non_numeric_variable_is_a_located_error(tmp_path, cli):
+    t = template_file(tmp_path, "---\nvariables:\n  base: {type: str, default: x, min: 1}\n---\nbase_model: x\n")
+    result = cli("render", t)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.startswith(f"{t}:3:")
+    assert "min and max apply to int and float variables" in result.stderr
+
+
 def test_template_errors_are_located_in_the_template_file(tmp_path, cli):
     front = "---\nvariables:\n  every: {type: int, default: 4}\n---\n"
     syntax = template_file(tmp_path, front + "base_model: x\ninject: {every: {{ every }\n", "syntax.yaml.j2")

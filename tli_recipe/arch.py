@@ -350,11 +350,13 @@ def infer_architecture(what: str, names: list[str]) -> Optional[Architecture]:
             modules.setdefault(leaf, set()).add(re.sub(r"\.(?:0|[1-9][0-9]*)\.", ".{expert}.", module))
     projections = {p: Projection(p, tuple(Module(path=m, shape=()) for m in sorted(ms)), norm="norm" in p)
                    for p, ms in modules.items()}
-    branches = {b: ({p: "zero"},) for b, p in (("attention", "o_proj"), ("mlp", "down_proj")) if p in projections}
+    # Both branches are always checked: a branch whose output projection was not recognised
+    # cannot be shown to add zero, so such a plan is never called function-preserving.
+    branches = {"attention": ({"o_proj": "zero"},), "mlp": ({"down_proj": "zero"},)}
     return Architecture(
         name=f"inferred:{what}", architectures=(what,), model_types=(), layer_prefixes=(prefix,), defaults={},
         tensors={}, projections=projections, identity_branches=branches,
-        recommended_init={p: "zero" for opts in branches.values() for p in opts[0]},
+        recommended_init={p: "zero" for p in ("o_proj", "down_proj") if p in projections},
         notes=f"inferred from tensor names: layer prefix {prefix!r}, projections {', '.join(sorted(projections)) or 'none'}",
         source_file="(inferred)", inferred=True,
     )

@@ -57,10 +57,23 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
     from .plan import compile_plan
     from .train import stage_configs, train_stage
 
+    from .errors import TliError
+
+    # Every recipe and its stage are checked before anything is grown or trained.
+    plans = [compile_plan(load_recipe(recipe, overrides)) for recipe in recipes]
+    for recipe, plan in zip(recipes, plans):
+        names = [s.name for s in plan.stages]
+        if not names:
+            raise TliError(f"{recipe}: defines no stages; add the stage to compare (e.g. one that trains [injected])")
+        if stage and stage not in names:
+            raise TliError(f"{recipe}: has no stage '{stage}'; its stages: {', '.join(names)}")
+    seen = [p.name for p in plans]
+    if len(set(seen)) != len(seen):
+        raise TliError(f"two recipes share a name ({', '.join(sorted({n for n in seen if seen.count(n) > 1}))}); "
+                       "give each a distinct name (their outputs go to --work/<name>)")
     rows = []
     work.mkdir(parents=True, exist_ok=True)
-    for recipe in recipes:
-        plan = compile_plan(load_recipe(recipe, overrides))
+    for recipe, plan in zip(recipes, plans):
         folder = work / plan.name
         started = time.perf_counter()
         grown = execute_plan(plan, folder / "grown", force=True, progress=False, log=log)
@@ -71,10 +84,7 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
                                    device=device)[0].loss
 
         init = held_out(grown)
-        names = [stage] if stage else [plan.stages[0].name] if plan.stages else None
-        if not names:
-            raise ValueError(f"{recipe}: defines no stages; add one (the stage to compare) or pass --stage")
-        cfg = stage_configs(grown, data=data, stages=names, into=folder / "trained")[0]
+        cfg = stage_configs(grown, data=data, stages=[stage or plan.stages[0].name], into=folder / "trained")[0]
         cfg["sequence_length"] = sequence_length
         cfg["validation_fraction"] = 0.0
         cfg["training_arguments"].update(

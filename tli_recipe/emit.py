@@ -30,7 +30,6 @@ from .recipe import LINEAR_PROJECTIONS, Dataset, Recipe, Stage
 
 TRAINERS: tuple[str, ...] = ("axolotl", "llamafactory", "trl")
 #: Init policies (as the plan prints them) after which a projection's output is exactly zero.
-ZERO_INIT = ("zero", "zero_gain", "scale(0)")
 #: The HF scheduler of each recipe schedule, without and with warmup.
 SCHEDULERS = {"cosine": ("cosine", "cosine"), "linear": ("linear", "linear"), "constant": ("constant", "constant_with_warmup")}
 
@@ -115,10 +114,12 @@ def frozen_injected_problem(plan: Plan, spec: StageSpec) -> Optional[str]:
     lora = spec.plan.lora
     if lora is None or (spec.settings.lora is not None and spec.settings.lora.allow_frozen_injected):
         return None
-    injected = [i for i in plan.requires_grad_layers if i in set(lora.layers)]
-    zero = sorted(p for p, policy in plan.init.items() if policy in ZERO_INIT)
-    missing = [p for p in zero if p not in lora.targets]
-    if not injected or not missing:
+    from .plan import unmoved_injected
+
+    earlier = plan.stages[:[s.name for s in plan.stages].index(spec.plan.name)]
+    injected, missing = unmoved_injected(earlier, list(lora.layers), list(lora.targets), plan.tensors, plan.init,
+                                         plan.requires_grad_layers)
+    if not injected:
         return None
     linear = [p for p in missing if p in LINEAR_PROJECTIONS]
     fix = (f"add {', '.join(linear)} to lora.targets, or " if linear == missing else
@@ -140,9 +141,7 @@ def _integer_alpha(spec: StageSpec, trainer: str) -> int:
 
 def _layer_prefix(plan: Plan) -> tuple[str, str]:
     """The architecture's layer prefix split at ``{layer}``: ``("model.layers.", ".")``."""
-    from .arch import load_architectures
-
-    head, _, tail = load_architectures()[plan.architecture].layer_prefix.partition("{layer}")
+    head, _, tail = plan.layer_prefix.partition("{layer}")
     return head, tail
 
 
@@ -169,29 +168,28 @@ def axolotl_patterns(plan: Plan, parameters: Iterable[str]) -> list[str]:
     pattern starts with ``^`` and ends at a dot after the layer index, or with ``$``.
     Layers trained whole share one pattern: ``^model.layers.(4|9|14).``.
     """
-    from .arch import load_architectures
-
-    arch = load_architectures()[plan.architecture]
     head, tail = _layer_prefix(plan)
+    layer_re = re.compile("^" + re.escape(head) + r"(0|[1-9][0-9]*)" + re.escape(tail) + "(.+)$")
     chosen = set(parameters)
     by_layer: dict[int, set[str]] = {}
     every: dict[int, set[str]] = {}
     loose: list[str] = []
     for name in _names(plan):
-        split = arch.split_layer_key(name)
-        if split is None:
+        match = layer_re.match(name)
+        if match is None:
             if name in chosen:
                 loose.append(name)
             continue
-        every.setdefault(split[0], set()).add(split[1])
+        layer, suffix = int(match.group(1)), match.group(2)
+        every.setdefault(layer, set()).add(suffix)
         if name in chosen:
-            by_layer.setdefault(split[0], set()).add(split[1])
+            by_layer.setdefault(layer, set()).add(suffix)
     whole = sorted(i for i, suffixes in by_layer.items() if suffixes == every[i])
     patterns = []
     if whole:
         patterns.append("^" + _axolotl_literal(head) + "(" + "|".join(map(str, whole)) + ")" + _axolotl_literal(tail))
     for i in sorted(set(by_layer) - set(whole)):
-        patterns += ["^" + _axolotl_literal(arch.layer_key(i, s)) + "$" for s in sorted(by_layer[i])]
+        patterns += ["^" + _axolotl_literal(f"{head}{i}{tail}{s}") + "$" for s in sorted(by_layer[i])]
     patterns += ["^" + _axolotl_literal(n) + "$" for n in loose]
     return patterns
 

@@ -177,6 +177,8 @@ def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str
     if plan.blocking:
         raise TliError("the plan needs choices the recipe does not state:\n  " + "\n  ".join(plan.blocking))
     target = Path(output or plan.output)
+    if str(target) != plan.output:  # plan.json and the model card name where the output really is
+        plan = plan.model_copy(update={"output": str(target)})
     computed = [op for op in plan.tensors if needs_torch(op)]
     device = pick_device(device) if computed else "none (byte copies)"
     sources = _check_sources(plan)

@@ -118,6 +118,7 @@ class Plan(Frozen):
     recipe_sha256: str = Field(description="sha256 of the resolved recipe (after --set), canonical JSON.")
     recipe: dict[str, Any] = Field(description="The resolved recipe.")
     architecture: str
+    layer_prefix: str = Field(default="model.layers.{layer}.", description="Tensor-name template of a decoder layer in the source and output checkpoints.")
     base_model: str
     sources: dict[str, SourceModel]
     dtype: str = Field(description="Output dtype name.")
@@ -382,7 +383,8 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
                 offset = arch.offset_of(proj)
                 kind, value = ("fill", -offset) if offset else ("zero", None)
             elif kind in ("interpolate", "lesa"):
-                kind, second = _neighbour_op(kind, entry, suffix, proj, arch, tensors_of, shape, fallbacks)
+                kind, second = _neighbour_op(kind, entry, suffix, proj, arch, tensors_of, shape, fallbacks,
+                                             {k: src.num_layers for k, src in sources.items()})
             target = arch.layer_key(entry.output, suffix)
             ops.append(TensorOp(
                 name=target, source=entry.source, source_name=arch.layer_key(entry.layer, suffix), op=kind,
@@ -413,7 +415,7 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
                     bytes_to_write=sum(op.nbytes for op in ops), tensors=len(ops))
     return Plan(
         tli_recipe_version=__version__, name=name, recipe_file=str(loaded.file), recipe_sha256=recipe_hash(recipe_dict),
-        recipe=recipe_dict, architecture=arch.name, base_model=recipe.base_model, sources=sources, dtype=out_dtype,
+        recipe=recipe_dict, architecture=arch.name, layer_prefix=arch.layer_prefix, base_model=recipe.base_model, sources=sources, dtype=out_dtype,
         layers=layers, requires_grad_layers=injected, init={p: str(v) for p, v in policies.items()},
         init_recommended=dict(arch.recommended_init),
         identity_options={b: [", ".join(f"{p}={k}" for p, k in o.items()) for o in opts] for b, opts in arch.identity_branches.items()},
@@ -422,8 +424,34 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
     )
 
 
+ZERO_INIT = ("zero", "zero_gain", "scale(0)")
+
+
+def unmoved_injected(earlier: list["StagePlan"], lora_layers: list[int], targets: list[str], ops: list[TensorOp],
+                     init: dict[str, str], injected: list[int]) -> tuple[list[int], list[str]]:
+    """Injected layers that a LoRA stage can never move, and the zeroed projections its targets leave out.
+
+    In an injected layer whose output projections (or output norm gains) are zero, the block
+    outputs exactly 0 and adapters on its other projections get no gradient (METHODS.md
+    section 3). A layer whose zeroed tensors an earlier full-weight stage trained is no
+    longer zero, so it is not counted.
+    """
+    zeroed = sorted(p for p, policy in init.items() if policy in ZERO_INIT)
+    missing = [p for p in zeroed if p not in targets]
+    if not missing:
+        return [], []
+    trained = {name for stage in earlier if stage.lora is None for name in stage.parameters}
+    stuck = []
+    for layer in injected:
+        if layer in lora_layers:
+            names = [op.name for op in ops if op.layer == layer and op.projection in missing]
+            if names and not all(name in trained for name in names):
+                stuck.append(layer)
+    return stuck, (missing if stuck else [])
+
+
 def _neighbour_op(kind: str, entry: LayerEntry, suffix: str, proj: str, arch: Architecture, tensors_of: dict,
-                  shape: tuple, fallbacks: dict[str, set[int]]) -> tuple[str, Optional[str]]:
+                  shape: tuple, fallbacks: dict[str, set[int]], num_layers: dict[str, int]) -> tuple[str, Optional[str]]:
     """interpolate and lesa read the layer after the injection point too; where that layer is
     missing (an injection after the last layer) or does not fit, the tensor is copied instead."""
     if kind == "lesa" and (arch.projections[proj].norm or not suffix.endswith(".weight")):
@@ -439,6 +467,11 @@ def _neighbour_op(kind: str, entry: LayerEntry, suffix: str, proj: str, arch: Ar
     if kind == "lesa" and entry.next_source != entry.source:
         fallbacks.setdefault("lesa needs both neighbours from one model (one SVD basis); the layer before is copied instead",
                              set()).add(entry.output)
+        return "copy", None
+    if kind == "lesa" and any(tensors_of[entry.source].get(arch.layer_key(i, suffix), (None, None))[1] != shape
+                              for i in range(num_layers[entry.source])):
+        fallbacks.setdefault(f"lesa needs {suffix} in every layer of the source (one SVD basis over all layers); "
+                             "the layer before is copied instead", set()).add(entry.output)
         return "copy", None
     second = arch.layer_key(entry.next_layer, suffix)
     if tensors_of[entry.next_source].get(second, (None, None))[1] != shape:
@@ -600,11 +633,10 @@ def _resolve_stages(recipe: Recipe, problems: _Problems, layers: list[LayerEntry
                     problems.add(("stages", i, "trainable", j),
                                  f"LoRA adapts linear layers only; '{sel}' cannot get adapters; expected layer groups "
                                  "(injected, original, all, {layers: [start, end]}) in a LoRA stage, or a stage without lora")
-            # Norm gains at zero (zero_gain) block the branch too, and LoRA cannot adapt a norm.
-            zeroed = sorted(p for p, pol in policies.items() if pol.preserves_zero or pol.kind == "zero_gain")
-            injected_here = [e.output for e in layers if e.role == "injected" and e.output in chosen]
-            missing = [p for p in zeroed if p not in targets]
-            if injected_here and missing and not stage.lora.allow_frozen_injected:
+            injected_here, missing = unmoved_injected(stages, sorted(chosen), list(stage.lora.targets), ops,
+                                                      {p: str(pol) for p, pol in policies.items()},
+                                                      [e.output for e in layers if e.role == "injected"])
+            if injected_here and not stage.lora.allow_frozen_injected:
                 warnings.append(f"stage '{stage.name}': LoRA targets leave out {', '.join(missing)}, which are zero in the "
                                 f"injected layers {injected_here}; adapters on the other projections of those layers get no "
                                 "gradient through a zero output, so the injected layers never move; `train` and `emit` "
