@@ -220,7 +220,7 @@ def test_variants_refuse_names_that_collide(tmp_path, cli):
 
 
 def test_matrix_file_is_a_shareable_sweep(tmp_path, cli):
-    t = template_file(tmp_path, SMALL)
+    template_file(tmp_path, SMALL)
     matrix = write_recipe(tmp_path, f"template: t.yaml.j2\nout_dir: made\nconfigs: [{CONFIGS}]\nvars: {{dtype: float32}}\n"
                                     "grid:\n  every: [2, 8]\n", "sweep.yaml")
     result = cli("variants", matrix)

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import Problem, RecipeError, did_you_mean, format_path, show, suggestion
+from .errors import Problem, RecipeError, did_you_mean, show, suggestion
 
 
 @dataclass
@@ -82,16 +82,21 @@ def _scalar(node: yaml.ScalarNode) -> Any:
     return yaml.SafeLoader("").construct_object(node)
 
 
+def read_text(path: str | Path, what: str, expected: str) -> str:
+    """A UTF-8 file's text; a missing or unreadable file is a located RecipeError."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError([Problem((), f"no such {what}; expected {expected}", str(path), 1, 1)]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError([Problem((), f"cannot read the {what}: {exc}", str(path), 1, 1)]) from None
+
+
 def read_recipe(path: str | Path, text: str | None = None) -> tuple[dict, Marks]:
     """Parse a recipe file into plain data and marks; YAML errors become a RecipeError."""
     file = str(path)
     if text is None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise RecipeError([Problem((), "no such recipe file; expected a path to a .yaml recipe", file, 1, 1)]) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RecipeError([Problem((), f"cannot read the recipe: {exc}", file, 1, 1)]) from None
+        text = read_text(path, "recipe file", "a path to a .yaml recipe")
     marks = Marks(file)
     problems: list[Problem] = []
     try:
@@ -298,8 +303,6 @@ def _unknown_key(model: type[BaseModel], path: tuple) -> str:
 
 def _model_at(model: type[BaseModel], path: tuple) -> type[BaseModel] | None:
     """The pydantic model class that validates the mapping at ``path``."""
-    import typing
-
     current: Any = model
     for part in path:
         if isinstance(part, int):

@@ -38,7 +38,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from pydantic import Field
 
 from .errors import Problem, RecipeError, TliError, did_you_mean, show
-from .load import LoadedRecipe, Marks, load_recipe, read_recipe, validate_model
+from .load import LoadedRecipe, Marks, load_recipe, read_recipe, read_text, validate_model
 from .recipe import Strict
 
 TYPES = ("str", "int", "float", "bool", "list", "mapping")
@@ -137,12 +137,7 @@ def read_template(path: str | Path, text: Optional[str] = None) -> Template:
     """Read and check a template: front matter, body syntax, names the body uses."""
     file = str(path)
     if text is None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise RecipeError([Problem((), "no such template; expected a path to a .yaml.j2 template", file, 1, 1)]) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RecipeError([Problem((), f"cannot read the template: {exc}", file, 1, 1)]) from None
+        text = read_text(path, "template", "a path to a .yaml.j2 template")
     front, body, offset = _split_front_matter(text)
     if offset < 0:
         raise RecipeError([Problem(("front matter",), "the front matter opened by '---' on line 1 is never closed; "

@@ -33,7 +33,7 @@ import yaml
 
 from . import __version__
 from .data import pack, split_validation, tokenize
-from .emit import Refusal, select_stages, stage_specs, trl_config
+from .emit import select_stages, stage_specs, trl_config
 from .errors import TliError
 
 COMPLETE = "training_metrics.json"  # present only in a finished stage directory
