@@ -4,10 +4,11 @@
 # LESA, by depth up-scaling (37 and SOLAR-style 36 layers), plus the control: the base model itself.
 # Every model is trained for the same token budget (STEPS x BATCH x SEQ tokens of the Python docs
 # from Debian's python3.11-doc), twice: stage "new" (7 decoder layers, 24.8M parameters, in every
-# model: an equal trainable-parameter budget) and stage "all" (each model's whole set).
+# model: an equal trainable-parameter budget) and stage "full" (each model's whole set).
 #
 #   apt-get install python3.11-doc && make setup demo   # the venv, the SmolLM2 checkpoint
-#   bash benchmarks/compare_growth.sh [STEPS]            # writes benchmarks/results/compare-{new,all}.{md,png}
+#   bash benchmarks/compare_growth.sh [STEPS]            # writes benchmarks/results/compare-{new,full}.{md,png}
+#   STAGES=full bash benchmarks/compare_growth.sh 30     # one of the two comparisons
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-30}
@@ -16,7 +17,7 @@ MODEL=.demo/smollm2-135m-instruct
 [ -f $MODEL/config.json ] || $BIN/python scripts/make_smollm2.py $MODEL
 [ -f .bench/pydocs/train.jsonl ] || $BIN/python benchmarks/prepare_pydocs.py .bench/pydocs
 mkdir -p benchmarks/results
-for stage in new all; do
+for stage in ${STAGES:-new full}; do
   $BIN/tli-recipe compare benchmarks/growth/{base,tli-k4,copy-k4,interp-k4,lesa-k4,dus-37,dus-36}.yaml \
     --set base_model=$MODEL --data .bench/pydocs/train.jsonl --heldout .bench/pydocs/heldout.jsonl \
     --steps "$STEPS" --stage $stage --sequence-length 256 --batch-size 4 --eval-sequences 48 \

@@ -45,3 +45,17 @@ def test_compare_checks_every_recipe_before_growing(tmp_path, cli):
     assert not (tmp_path / "cmp").exists()
     result = cli("compare", ok, "--stage", "nope", "--data", data, "--heldout", data, "--steps", "1", "--work", tmp_path / "cmp")
     assert result.exit_code == 2 and "has no stage 'nope'; its stages: new" in result.stderr
+
+
+def test_a_stage_named_all_is_that_stage(tmp_path):
+    from tli_recipe.execute import execute_plan
+    from tli_recipe.load import load_recipe
+    from tli_recipe.plan import compile_plan
+    from tli_recipe.train import stage_configs
+
+    base = build_tiny(tmp_path / "base", layers=4)
+    recipe = write_recipe(tmp_path, f"base_model: {base}\noutput: {tmp_path / 'out'}\ninject: {{every: 2}}\nstages:\n"
+                                    "  - name: new\n    trainable: [injected]\n  - name: all\n    trainable: [all]\n")
+    out = execute_plan(compile_plan(load_recipe(recipe)), progress=False, log=lambda m: None)
+    assert [c["stage"] for c in stage_configs(out, stages=["all"])] == ["all"]
+    assert [c["stage"] for c in stage_configs(out)] == ["new", "all"]

@@ -69,7 +69,9 @@ def stage_configs(model_dir: str | Path, *, data: Optional[Sequence[str | Path]]
     if not specs:
         raise TrainError(f"{model_dir}/plan.json: the recipe defines no stages; add `stages` to the recipe and run it "
                          "again (see README: Recipes)")
-    chosen = select_stages(specs, None if not stages or "all" in stages else stages)
+    # "all" means every stage, unless a stage is itself named "all" (then it is that stage).
+    every = not stages or ("all" in stages and "all" not in [s.plan.name for s in specs])
+    chosen = select_stages(specs, None if every else stages)
     return [trl_config(plan, specs, spec, model_dir, data, into) for spec in chosen]
 
 
