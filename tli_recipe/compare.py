@@ -119,6 +119,11 @@ def table(rows: Sequence[CompareRow], steps: int) -> str:
     return "\n".join(lines)
 
 
+def load_rows(path: Path) -> list[CompareRow]:
+    """Rows from a compare.json (to re-plot or re-tabulate without training again)."""
+    return [CompareRow(**{**r, "curve": [tuple(p) for p in r["curve"]]}) for r in json.loads(Path(path).read_text())]
+
+
 def write_outputs(rows: Sequence[CompareRow], folder: Path, steps: int, title: str = "") -> list[Path]:
     """compare.md, compare.csv, compare.json and compare.png (training loss curves) in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -143,8 +148,9 @@ def write_outputs(rows: Sequence[CompareRow], folder: Path, steps: int, title: s
     for r in rows:
         if r.curve:
             xs, ys = zip(*r.curve)
-            # a light moving average: single-step losses on small batches are noisy
-            k = max(1, len(ys) // 20)
+            # a moving average over 5 steps (or a fifth of the run): single-step losses on small
+            # batches are noisy, and every model sees the same batches, so the curves stay comparable
+            k = max(1, min(5, len(ys) // 5))
             smooth = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
             line, = ax.plot(xs, smooth, label=f"{r.name} ({r.stage})")
             ax.scatter([0], [r.init_loss], color=line.get_color(), marker="o", s=18)
