@@ -13,13 +13,14 @@ def test_compare_grows_trains_and_reports(tmp_path, cli):
     base = add_char_tokenizer(build_tiny(tmp_path / "base", layers=4))
     data = write_text(tmp_path / "train.txt")
     held = write_text(tmp_path / "held.txt")
-    stage = "stages:\n  - name: new\n    trainable: [{trainable}]\n    learning_rate: 0.001\n"
+    stage = ("stages:\n  - name: warm\n    trainable: [all]\n"
+             "  - name: new\n    trainable: [{trainable}]\n    learning_rate: 0.001\n")
     recipes = [
         write_recipe(tmp_path, f"name: tli\nbase_model: {base}\ninject: {{every: 2}}\n" + stage.format(trainable="injected"), "tli.yaml"),
         write_recipe(tmp_path, f"name: copy\nbase_model: {base}\ninject: {{every: 2, init: {{}}}}\n" + stage.format(trainable="injected"), "copy.yaml"),
         write_recipe(tmp_path, f"name: control\nbase_model: {base}\n" + stage.format(trainable="{layers: [2, 4]}"), "control.yaml"),
     ]
-    result = cli("compare", *recipes, "--data", data, "--heldout", held, "--steps", "4", "--sequence-length", "32",
+    result = cli("compare", *recipes, "--stage", "new", "--data", data, "--heldout", held, "--steps", "4", "--sequence-length", "32",
                  "--batch-size", "2", "--work", tmp_path / "cmp", "--device", "cpu")
     assert result.exit_code == 0, result.stderr
     rows = {r["recipe"]: r for r in csv.DictReader(open(tmp_path / "cmp" / "compare.csv"))}

@@ -85,6 +85,7 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
 
         init = held_out(grown)
         cfg = stage_configs(grown, data=data, stages=[stage or plan.stages[0].name], into=folder / "trained")[0]
+        cfg["model"] = str(grown)  # every compared stage starts from the grown model, whatever its position
         cfg["sequence_length"] = sequence_length
         cfg["validation_fraction"] = 0.0
         cfg["training_arguments"].update(
