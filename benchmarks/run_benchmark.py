@@ -36,7 +36,6 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -528,7 +527,7 @@ def main(argv=None) -> int:
           f"copy+sync {', '.join(f'{x:.2f}' for x in res['copysync'])} s | "
           f"run {', '.join(f'{x:.2f}' for x in res['run'])} s | "
           f"run RSS {', '.join(fmt_bytes(x) for x in res['run_rss'])}")
-    print(f"  (times are wall clock of the child only; outputs are sync'ed and deleted outside the timed part)")
+    print("  (times are wall clock of the child only; outputs are sync'ed and deleted outside the timed part)")
     print(f"  overall: {'PASS' if ratio_ok and rss_ok else 'FAIL'} | logs: {logs}")
     summary = {"checkpoint_bytes": src_bytes, "output_bytes": out_bytes, "rounds": args.rounds,
                "copy_s": res["copy"], "copy_sync_s": res["copysync"], "run_s": res["run"], "run_maxrss": res["run_rss"],
