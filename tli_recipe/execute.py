@@ -23,6 +23,7 @@ import yaml
 
 from . import __version__
 from .checkpoint import SIDE_FILES, CheckpointError, ShardWriter, TensorReader, layout_shards, open_checkpoint, torch_dtype
+from .emit import write_training_configs
 from .errors import TliError
 from .plan import Plan, TensorOp
 from .provenance import hash_sources
@@ -215,7 +216,7 @@ def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str
                     bar.set_postfix_str(f"{i}/{len(plan.tensors)} tensors", refresh=False)
             writer.close()
             _write_side_files(plan, tmp, Path(plan.sources[plan.base_model].path))
-            from .emit import write_training_configs; write_training_configs(plan, tmp / "training", target, log=log, final_folder=target / "training")  # noqa: E702
+            write_training_configs(plan, tmp / "training", target, log=log, final_folder=target / "training")
             if sync:
                 _fsync_tree(tmp)
             _swap_into_place(tmp, target)

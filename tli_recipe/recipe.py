@@ -79,11 +79,6 @@ class Policy(Strict):
     def __str__(self) -> str:
         return self.kind if self.value is None else f"{self.kind}({self.value:g})"
 
-    @property
-    def preserves_zero(self) -> bool:
-        """True when the result is exactly zero (what makes an output projection an identity)."""
-        return self.kind == "zero" or (self.kind == "scale" and self.value == 0)
-
 
 def _parse_policy(value: Any) -> Any:
     if isinstance(value, Policy):
