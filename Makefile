@@ -31,7 +31,7 @@ test-light:
 	$(VENV)-light/bin/pip install -q --no-deps -e .
 	$(VENV)-light/bin/pip install -q "pydantic>=2.6,<3" "pyyaml>=6" "click>=8.1" "jinja2>=3.1"
 	$(VENV)-light/bin/tli-recipe validate recipes/*.yaml
-	$(VENV)-light/bin/tli-recipe plan recipes/llama3-8b-k4.yaml --set base_model=tests/configs/meta-llama__Meta-Llama-3-8B > /dev/null
+	$(VENV)-light/bin/tli-recipe plan recipes/llama3-8b-k4.yaml --set base_model=tli_recipe/_data/configs/meta-llama__Meta-Llama-3-8B > /dev/null
 	! $(VENV)-light/bin/python -c "import torch" 2>/dev/null
 	@echo "test-light: validate and plan ran without torch"
 

@@ -1,0 +1,229 @@
+"""Provenance: byte-identical reruns, recorded checksums and revisions, pins that `run` enforces."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import tree_digest, write_recipe
+
+from tli_recipe import compile_plan, load_recipe
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+OTHER = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run(cli, recipe: Path, output: Path, *extra):
+    return cli("run", recipe, "--output", output, "--device", "cpu", "--no-progress", *extra)
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+SEEDED = """base_model: {base}
+dtype: bfloat16
+seed: {seed}
+inject:
+  every: 4
+  init:
+    q_proj: {{scale: 0.5}}
+    k_proj: {{interpolate: 0.25}}
+    o_proj: {{noise: 0.02}}
+    down_proj: {{random: 0.02}}
+stages:
+  - name: new
+    trainable: [injected]
+"""
+
+
+def test_reruns_are_byte_identical_with_seeded_random_policies(tmp_path, tiny, cli):
+    base = tiny()
+    recipe = write_recipe(tmp_path, SEEDED.format(base=base, seed=7))
+    out = tmp_path / "out"  # the output path is an input too (training configs name it)
+    assert run(cli, recipe, out).exit_code == 0
+    a = files_of(out)
+    assert run(cli, recipe, out, "--force").exit_code == 0
+    b = files_of(out)
+    assert sorted(a) == sorted(b) and "model-00001-of-00001.safetensors" in a and "plan.json" in a and "README.md" in a
+    # training/ (emitted trainer configs) is checked on its own below.
+    assert [name for name in a if a[name] != b[name] and not name.startswith("training/")] == []
+    plan = json.loads(a["plan.json"])
+    assert {op["op"] for op in plan["tensors"]} >= {"noise", "random", "scale", "interpolate"}
+    # The seed is what makes the draws: another seed gives other bytes.
+    other = tmp_path / "other"
+    assert run(cli, write_recipe(tmp_path, SEEDED.format(base=base, seed=8), "seed8.yaml"), other).exit_code == 0
+    assert files_of(other)["model-00001-of-00001.safetensors"] != a["model-00001-of-00001.safetensors"]
+
+
+def test_reruns_give_byte_identical_training_configs(tmp_path, tiny, cli):
+    recipe = write_recipe(tmp_path, SEEDED.format(base=tiny(), seed=7))
+    out = tmp_path / "out"
+    assert run(cli, recipe, out).exit_code == 0
+    a = files_of(out)
+    assert run(cli, recipe, out, "--force").exit_code == 0
+    b = files_of(out)
+    assert [name for name in a if a[name] != b[name]] == []
+    assert any(name.startswith("training/") for name in a)
+    assert not [name for name in a if ".tmp-" in (out / name).read_text(errors="replace")]
+
+
+def test_output_records_source_checksums_everywhere(tmp_path, tiny, cli):
+    base = tiny()
+    recipe = write_recipe(tmp_path, f"base_model: {base}\ninject: {{every: 4}}\n")
+    out = tmp_path / "out"
+    assert run(cli, recipe, out).exit_code == 0
+    expected = {name: sha(base / name) for name in ("config.json", "generation_config.json", "model.safetensors")}
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["source_files"] == {str(base): expected}
+    assert plan["sources"][str(base)]["revision"] is None
+    card = (out / "README.md").read_text()
+    assert "## Provenance" in card and f"recipe with sha256 `{plan['recipe_sha256']}`" in card
+    for name, digest in expected.items():
+        assert f"| `{base}` | {name} | `{digest}` |" in card
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model-00001-of-00001.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["sources"]) == {str(base): {"revision": None, "sha256": expected}}
+    assert meta["recipe_sha256"] == plan["recipe_sha256"] and meta["tli_recipe_version"] == plan["tli_recipe_version"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["sources"] == meta["sources"]
+
+
+def pinned(tmp_path, base: Path, checksums: dict[str, str], name: str = "pinned.yaml") -> Path:
+    lines = "".join(f"    {k}: \"{v}\"\n" for k, v in checksums.items())
+    return write_recipe(tmp_path, f"base_model:\n  path: {base}\n  checksums:\n{lines}inject: {{every: 4}}\n", name)
+
+
+def test_run_checks_pinned_checksums(tmp_path, tiny, cli):
+    base = tiny()
+    good = {"config.json": sha(base / "config.json"), "model.safetensors": sha(base / "model.safetensors")}
+    recipe = pinned(tmp_path, base, good)
+    out = tmp_path / "out"
+    assert run(cli, recipe, out).exit_code == 0
+    assert "checksums:" in (out / "recipe.yaml").read_text()  # the pin travels with the output
+    before = tree_digest(base)
+    wrong = pinned(tmp_path, base, {**good, "model.safetensors": "0" * 63 + "1"}, "wrong.yaml")
+    result = run(cli, wrong, tmp_path / "refused")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr == (f"{wrong}:5:24: base_model.checksums.model.safetensors: {base / 'model.safetensors'} has sha256 "
+                             f"{good['model.safetensors']}, the recipe expects {'0' * 63 + '1'}; the file changed: download the "
+                             "pinned revision again, or update the checksum if the change is intended\n")
+    assert not (tmp_path / "refused").exists() and not list(tmp_path.glob(".refused*"))
+    assert tree_digest(base) == before
+
+
+def test_a_pinned_file_that_is_missing_is_named(tmp_path, tiny, cli):
+    base = tiny()
+    recipe = pinned(tmp_path, base, {"tokenizer.json": "a" * 64})
+    result = run(cli, recipe, tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.stderr == (f"{recipe}:4:5: base_model.checksums.tokenizer.json: {base} has no file 'tokenizer.json'; "
+                             "expected one of: config.json, generation_config.json, model.safetensors\n")
+
+
+def test_pin_prints_a_block_that_run_accepts(tmp_path, tiny, cli):
+    base = tiny()
+    block = cli("pin", base)
+    assert block.exit_code == 0, block.stderr
+    assert f'"model.safetensors": "{sha(base / "model.safetensors")}"' in block.stdout
+    recipe = write_recipe(tmp_path, block.stdout + "inject: {every: 4}\n")
+    assert load_recipe(recipe).recipe.base_model.checksums["config.json"] == sha(base / "config.json")
+    assert run(cli, recipe, tmp_path / "out").exit_code == 0
+
+
+@pytest.fixture
+def hub_cache(tmp_path, tiny, monkeypatch):
+    """A Hugging Face cache holding org/tiny at COMMIT, with refs/main pointing at it."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny"
+    shutil.copytree(tiny(), repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return repo / "snapshots" / COMMIT
+
+
+def test_hub_revision_pin_is_resolved_and_recorded(tmp_path, hub_cache):
+    for text in (f"base_model: org/tiny@{COMMIT}\n", f"base_model: {{path: org/tiny, revision: {COMMIT}}}\n"):
+        loaded = load_recipe(write_recipe(tmp_path, text + "inject: {every: 4}\n"))
+        assert loaded.recipe.base_model.path == "org/tiny" and loaded.recipe.base_model.revision == COMMIT
+        plan = compile_plan(loaded)
+        assert plan.sources[f"org/tiny@{COMMIT}"].revision == COMMIT
+        assert not [w for w in plan.warnings if "branch" in w]
+    assert load_recipe(write_recipe(tmp_path, f"base_model: org/tiny@{COMMIT}\n")).resolved()["base_model"] == f"org/tiny@{COMMIT}"
+    unpinned = compile_plan(load_recipe(write_recipe(tmp_path, "base_model: org/tiny\n")))
+    assert unpinned.sources["org/tiny"].revision == COMMIT  # recorded even without a pin
+
+
+def test_a_branch_is_not_a_pin(tmp_path, hub_cache):
+    plan = compile_plan(load_recipe(write_recipe(tmp_path, "base_model: org/tiny@main\ninject: {every: 4}\n")))
+    assert f"org/tiny@main: revision 'main' is a branch or tag name, now commit {COMMIT}; it moves, so pin the commit " \
+           f"for a reproducible recipe (revision: {COMMIT})" in plan.warnings
+
+
+def test_a_hub_revision_not_in_the_cache_is_refused(tmp_path, hub_cache, cli):
+    recipe = write_recipe(tmp_path, f"base_model: org/tiny@{OTHER}\n")
+    result = cli("plan", recipe)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"{recipe}:1:13: base_model: 'org/tiny@{OTHER}' is neither a local directory nor a model "
+                                    "in the local Hugging Face cache")
+
+
+def local_copy(tmp_path, tiny, how: str | None) -> Path:
+    folder = tmp_path / f"local-{how}"
+    shutil.copytree(tiny(), folder)
+    if how == "download":
+        meta = folder / ".cache" / "huggingface" / "download"
+        meta.mkdir(parents=True)
+        (meta / "config.json.metadata").write_text(f"{COMMIT}\n\"etag\"\n1700000000.0\n")
+    elif how == "git":
+        (folder / ".git" / "refs" / "heads").mkdir(parents=True)
+        (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+        (folder / ".git" / "refs" / "heads" / "main").write_text(COMMIT + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("how", ["download", "git"])
+def test_local_directory_revision_is_checked(tmp_path, tiny, cli, how):
+    folder = local_copy(tmp_path, tiny, how)
+    ok = write_recipe(tmp_path, f"base_model:\n  path: {folder}\n  revision: {COMMIT}\n", "ok.yaml")
+    assert compile_plan(load_recipe(ok)).sources[str(folder)].revision == COMMIT
+    short = write_recipe(tmp_path, f"base_model:\n  path: {folder}\n  revision: {COMMIT[:10]}\n", "short.yaml")
+    assert compile_plan(load_recipe(short)).sources[str(folder)].revision == COMMIT
+    bad = write_recipe(tmp_path, f"base_model:\n  path: {folder}\n  revision: {OTHER}\n", "bad.yaml")
+    result = cli("plan", bad)
+    assert result.exit_code == 2
+    source = ".cache/huggingface/download/config.json.metadata" if how == "download" else "its git HEAD"
+    assert result.stderr == (f"{bad}:3:13: base_model.revision: {folder} is at revision {COMMIT} (from {source}), the recipe "
+                             f"pins {OTHER}; expected the pinned revision: download it again (huggingface-cli download ORG/NAME "
+                             f"--revision {OTHER} --local-dir DIR), or change the pin\n")
+
+
+def test_a_revision_that_cannot_be_told_is_an_error(tmp_path, tiny, cli):
+    folder = local_copy(tmp_path, tiny, None)
+    recipe = write_recipe(tmp_path, f"base_model: {{path: {folder}, revision: {COMMIT}}}\n")
+    result = cli("plan", recipe)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"{recipe}:1:{len('base_model: {path: ') + len(str(folder)) + 13}: base_model.revision: "
+                                    f"cannot tell which revision {folder} holds")
+    assert "pin its files with checksums instead of a revision" in result.stderr
+
+
+def test_model_reference_forms(tmp_path):
+    def base(text):
+        return load_recipe("x.yaml", text=f"base_model: {text}\n").recipe.base_model
+
+    assert (base("org/name").path, base("org/name").revision) == ("org/name", None)
+    assert (base("org/name@v1.0").path, base("org/name@v1.0").revision) == ("org/name", "v1.0")
+    assert (base("/models/x@2").path, base("/models/x@2").revision) == ("/models/x@2", None)  # a directory, not a pin
+    assert str(base("{path: /models/x, revision: abc1234}")) == "/models/x"
+    assert str(base("{path: org/name, revision: abc1234}")) == "org/name@abc1234"

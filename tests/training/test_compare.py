@@ -1,0 +1,60 @@
+"""compare: several recipes, one base model, the same token budget."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from conftest import build_tiny, write_recipe
+from tiny_text import add_char_tokenizer, write_text
+
+
+def test_compare_grows_trains_and_reports(tmp_path, cli):
+    base = add_char_tokenizer(build_tiny(tmp_path / "base", layers=4))
+    data = write_text(tmp_path / "train.txt")
+    held = write_text(tmp_path / "held.txt")
+    stage = ("stages:\n  - name: warm\n    trainable: [all]\n"
+             "  - name: new\n    trainable: [{trainable}]\n    learning_rate: 0.001\n")
+    recipes = [
+        write_recipe(tmp_path, f"name: tli\nbase_model: {base}\ninject: {{every: 2}}\n" + stage.format(trainable="injected"), "tli.yaml"),
+        write_recipe(tmp_path, f"name: copy\nbase_model: {base}\ninject: {{every: 2, init: {{}}}}\n" + stage.format(trainable="injected"), "copy.yaml"),
+        write_recipe(tmp_path, f"name: control\nbase_model: {base}\n" + stage.format(trainable="{layers: [2, 4]}"), "control.yaml"),
+    ]
+    result = cli("compare", *recipes, "--stage", "new", "--data", data, "--heldout", held, "--steps", "4", "--sequence-length", "32",
+                 "--batch-size", "2", "--work", tmp_path / "cmp", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    rows = {r["recipe"]: r for r in csv.DictReader(open(tmp_path / "cmp" / "compare.csv"))}
+    assert set(rows) == {"tli", "copy", "control"}
+    # a function-preserving plan starts exactly where the base model (the control) starts
+    assert float(rows["tli"]["init_loss"]) == float(rows["control"]["init_loss"])
+    assert float(rows["copy"]["init_loss"]) != float(rows["control"]["init_loss"])
+    assert rows["tli"]["layers"] == "6" and rows["control"]["layers"] == "4"
+    assert all(float(r["final_loss"]) < float(r["init_loss"]) for r in rows.values())
+    curves = {r["name"]: r["curve"] for r in json.loads((tmp_path / "cmp" / "compare.json").read_text())}
+    assert all(len(c) == 4 for c in curves.values())
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+    assert "| tli | new | 6 |" in result.stdout
+
+
+def test_compare_checks_every_recipe_before_growing(tmp_path, cli):
+    base = add_char_tokenizer(build_tiny(tmp_path / "base", layers=4))
+    data = write_text(tmp_path / "train.txt")
+    ok = write_recipe(tmp_path, f"name: ok\nbase_model: {base}\ninject: {{every: 2}}\nstages:\n  - name: new\n    trainable: [injected]\n", "ok.yaml")
+    bare = write_recipe(tmp_path, f"name: bare\nbase_model: {base}\ninject: {{every: 2}}\n", "bare.yaml")
+    result = cli("compare", ok, bare, "--data", data, "--heldout", data, "--steps", "1", "--work", tmp_path / "cmp")
+    assert result.exit_code == 2 and "bare.yaml: defines no stages" in result.stderr
+    assert not (tmp_path / "cmp").exists()
+    result = cli("compare", ok, "--stage", "nope", "--data", data, "--heldout", data, "--steps", "1", "--work", tmp_path / "cmp")
+    assert result.exit_code == 2 and "has no stage 'nope'; its stages: new" in result.stderr
+
+
+def test_a_stage_named_all_is_that_stage(tmp_path):
+    from tli_recipe import compile_plan, execute_plan, load_recipe
+    from tli_recipe.training.train import stage_configs
+
+    base = build_tiny(tmp_path / "base", layers=4)
+    recipe = write_recipe(tmp_path, f"base_model: {base}\noutput: {tmp_path / 'out'}\ninject: {{every: 2}}\nstages:\n"
+                                    "  - name: new\n    trainable: [injected]\n  - name: all\n    trainable: [all]\n")
+    out = execute_plan(compile_plan(load_recipe(recipe)), progress=False, log=lambda m: None)
+    assert [c["stage"] for c in stage_configs(out, stages=["all"])] == ["all"]
+    assert [c["stage"] for c in stage_configs(out)] == ["new", "all"]

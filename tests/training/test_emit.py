@@ -1,0 +1,302 @@
+"""Emitted training configs: exact parameter selection for Axolotl, LLaMA-Factory and the built-in trainer.
+
+The selection checks use each trainer's matching rule written out here, independently of
+tli_recipe.emit, on the real parameter names of transformers models. When Axolotl or
+LLaMA-Factory is installed, the last tests also run their own validation and freezing code.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import write_recipe
+from tiny_text import write_text
+
+from tli_recipe.execute.verify import load_plan
+
+STAGES = """stages:
+  - name: injected-only
+    trainable: [injected]
+    precision: float32
+  - name: layer-one
+    trainable: [{layers: [1, 2]}]
+    precision: float32
+  - name: top-and-head
+    trainable: [{layers: [10, 12]}, head]
+    precision: float32
+  - name: embeddings
+    trainable: [embeddings, {layers: [0, 1]}]
+    precision: float32
+  - name: lora
+    trainable: [all]
+    lora: {r: 4, alpha: 8, targets: [q_proj, o_proj, down_proj]}
+    precision: float32
+"""
+
+
+def grown(tmp_path, tiny, inject: str, stages: str = STAGES, layers: int = 12, name: str = "grown", cli=None) -> Path:
+    base = tiny(layers=layers)
+    stages = stages if "inject" in inject else stages.replace("  - name: injected-only\n    trainable: [injected]\n    precision: float32\n", "")
+    recipe = write_recipe(tmp_path, f"base_model: {base}\n{inject}\noutput: {tmp_path / name}\n{stages}", f"{name}.yaml")
+    from tli_recipe import compile_plan, execute_plan, load_recipe
+
+    return execute_plan(compile_plan(load_recipe(recipe)), progress=False, log=lambda m: None)
+
+
+def real_names(folder: Path) -> list[str]:
+    """The parameter names transformers gives the model (what Axolotl and LLaMA-Factory match against)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    return [n for n, _ in model.named_parameters()]
+
+
+def axolotl_rule(patterns: list[str], name: str) -> bool:
+    """Axolotl's documented rule: every '.' not followed by '+' is literal; re.match (anchored at the start)."""
+    return any(re.match(re.sub(r"\.(?!\+)", "\\\\.", p), name) for p in patterns)
+
+
+def emitted(folder: Path, trainer: str) -> dict[str, dict]:
+    out = {}
+    for path in sorted((folder / "training" / trainer).glob("[0-9][0-9]-*.yaml")):
+        if not path.name.endswith(".merge.yaml"):
+            out[path.stem.split("-", 1)[1]] = yaml.safe_load(path.read_text())
+    return out
+
+
+# --- Axolotl -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("inject", ["", "inject: {every: 4}", "inject: {every: 1}"], ids=["12-layers", "k4-15-layers", "k1-24-layers"])
+def test_axolotl_patterns_select_exactly_the_stage(tmp_path, tiny, inject):
+    out = grown(tmp_path, tiny, inject)
+    plan = load_plan(out)
+    names = real_names(out)
+    assert len(plan.layers) in (12, 15, 24) and any(".layers.1." in n for n in names)
+    assert any(".layers.10." in n for n in names) and any(".layers.11." in n for n in names)
+    configs = emitted(out, "axolotl")
+    assert set(configs) == {s.name for s in plan.stages}
+    for stage in plan.stages:
+        cfg = configs[stage.name]
+        assert set(stage.parameters) <= set(names), stage.name
+        if stage.lora is not None:
+            assert "unfrozen_parameters" not in cfg and cfg["adapter"] == "lora"
+            assert cfg["lora_target_modules"] == ["q_proj", "o_proj", "down_proj"] and "peft_layers_to_transform" not in cfg
+            continue
+        selected = {n for n in names if axolotl_rule(cfg["unfrozen_parameters"], n)}
+        assert selected == set(stage.parameters), stage.name
+        if stage.trainable_layers and stage.trainable_groups == []:
+            assert cfg["unfrozen_parameters"] == [f"^model.layers.({'|'.join(map(str, stage.trainable_layers))})."]
+
+
+def test_the_naive_axolotl_pattern_is_the_trap_it_looks_like(tmp_path, tiny):
+    """The hand-written `model.layers.1.*` also unfreezes layers 10-19; the emitted pattern does not."""
+    out = grown(tmp_path, tiny, "inject: {every: 1}")
+    names = real_names(out)
+    naive = {n for n in names if axolotl_rule(["model.layers.1.*"], n)}
+    assert {n.split(".")[2] for n in naive} == {"1", *(str(i) for i in range(10, 20))}
+    emitted_layer_one = emitted(out, "axolotl")["layer-one"]["unfrozen_parameters"]
+    assert emitted_layer_one == ["^model.layers.(1)."]
+    assert {n.split(".")[2] for n in names if axolotl_rule(emitted_layer_one, n)} == {"1"}
+
+
+def test_axolotl_config_keys(tmp_path, tiny):
+    out = grown(tmp_path, tiny, "inject: {every: 4}", stages="""stages:
+  - name: injected-only
+    trainable: [injected]
+    datasets: [{path: data.jsonl}]
+    max_steps: 100
+    warmup_steps: 10
+    scheduler: constant
+    gradient_checkpointing: true
+  - name: qlora
+    trainable: [injected]
+    lora: {r: 8, alpha: 16, targets: [o_proj, down_proj], quantize: 4}
+    epochs: 2
+""")
+    first, second = emitted(out, "axolotl").values()
+    assert first["base_model"] == str(out.resolve()) and first["output_dir"] == str(out.resolve()) + "-injected-only-axolotl"
+    assert first["datasets"] == [{"path": str(Path("data.jsonl").resolve()), "ds_type": "json", "type": "completion", "field": "text"}]
+    assert first["lr_scheduler"] == "constant_with_warmup" and first["max_steps"] == 100
+    assert first["gradient_checkpointing_kwargs"] == {"use_reentrant": False} and first["bf16"] is True
+    assert second["base_model"] == first["output_dir"]
+    assert second["adapter"] == "qlora" and second["load_in_4bit"] is True and second["num_epochs"] == 2
+    assert second["peft_layers_to_transform"] == [4, 9, 14] and second["lora_alpha"] == 16
+
+
+# --- LLaMA-Factory ----------------------------------------------------------------------------------
+
+def llamafactory_freeze(cfg: dict, names: list[str], num_layers: int) -> set[str]:
+    """LLaMA-Factory's freeze rule (model/adapter.py _setup_freeze_tuning), written out."""
+    n = cfg["freeze_trainable_layers"]
+    if cfg.get("use_llama_pro"):
+        stride = num_layers // n
+        ids = range(stride - 1, num_layers + stride - 1, stride)
+    elif n > 0:
+        ids = range(max(0, num_layers - n), num_layers)
+    else:
+        ids = range(min(-n, num_layers))
+    keys = [f".{i}." for i in ids] + (cfg.get("freeze_extra_modules") or "").split(",") * bool(cfg.get("freeze_extra_modules"))
+    return {name for name in names if any(k in name for k in keys)}
+
+
+def test_llamafactory_expresses_evenly_spaced_injected_layers(tmp_path, tiny):
+    out = grown(tmp_path, tiny, "inject: {every: 4}")  # 15 layers, injected 4, 9, 14 = range(4, 15, 5)
+    plan = load_plan(out)
+    configs = emitted(out, "llamafactory")
+    cfg = configs["injected-only"]
+    assert cfg["finetuning_type"] == "freeze" and cfg["use_llama_pro"] is True and cfg["freeze_trainable_layers"] == 3
+    names = real_names(out)
+    assert llamafactory_freeze(cfg, names, 15) == set(plan.stages[0].parameters)
+    assert configs["embeddings"]["freeze_trainable_layers"] == -1 and configs["embeddings"]["freeze_extra_modules"] == "embed_tokens"
+    assert configs["lora"]["finetuning_type"] == "lora" and configs["lora"]["lora_target"] == "q_proj,o_proj,down_proj"
+    assert (out / "training" / "llamafactory" / "05-lora.merge.yaml").is_file()
+
+
+def test_llamafactory_refuses_what_it_cannot_express(tmp_path, tiny, cli):
+    # 10 layers, K = 4: 12 output layers, injected 4 and 9; use_llama_pro would train 5 and 11.
+    out = grown(tmp_path, tiny, "inject: {every: 4}", layers=10, stages="""stages:
+  - name: injected-only
+    trainable: [injected]
+  - name: top-and-head
+    trainable: [{layers: [8, 12]}, head]
+  - name: lora-injected
+    trainable: [injected]
+    lora: {r: 4, alpha: 8, targets: [o_proj, down_proj]}
+  - name: half-alpha
+    trainable: [all]
+    lora: {r: 4, alpha: 8.5, targets: [o_proj, down_proj]}
+""")
+    folder = out / "training" / "llamafactory"
+    assert not list(folder.glob("*.yaml"))
+    reasons = {p.name: p.read_text() for p in folder.glob("*.refused.txt")}
+    assert set(reasons) == {"01-injected-only.refused.txt", "02-top-and-head.refused.txt", "03-lora-injected.refused.txt",
+                            "04-half-alpha.refused.txt"}
+    assert "output layers [4, 9] (the injected layers) are neither the first N, the last N, nor LLaMA Pro's" in reasons["01-injected-only.refused.txt"]
+    assert "model.layers.0.input_layernorm.weight" in reasons["02-top-and-head.refused.txt"]
+    assert "evenly spaced" in reasons["03-lora-injected.refused.txt"]
+    assert "8.5 is not an integer" in reasons["04-half-alpha.refused.txt"]
+    result = cli("emit", out, "--format", "llamafactory", "--stage", "injected-only", "-o", tmp_path / "again")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: llamafactory: stage 'injected-only': output layers [4, 9]")
+    assert "no config is written" in result.stderr and not list((tmp_path / "again").rglob("*.yaml"))
+    # The other trainers express all of it.
+    assert len(emitted(out, "axolotl")) == 3 and (out / "training" / "axolotl" / "04-half-alpha.refused.txt").is_file()
+    assert len(emitted(out, "trl")) == 4
+
+
+# --- the zero-initialised projections ----------------------------------------------------------------
+
+def test_lora_leaving_out_zeroed_projections_is_refused_unless_intended(tmp_path, tiny, cli):
+    stages = """stages:
+  - name: lora
+    trainable: [all]
+    lora: {r: 4, alpha: 8, targets: [q_proj, v_proj]%s}
+"""
+    out = grown(tmp_path, tiny, "inject: {every: 4}", stages=stages % "", layers=8)
+    for trainer in ("axolotl", "llamafactory", "trl"):
+        text = (out / "training" / trainer / "01-lora.refused.txt").read_text()
+        assert "leave out down_proj, o_proj, which are zero in the injected layers [4, 9]" in text
+        assert "allow_frozen_injected: true" in text
+    result = cli("emit", out, "--format", "trl", "-o", tmp_path / "cfg")
+    assert result.exit_code == 2 and "never move" in result.stderr
+    result = cli("train", out, "--data", write_text(tmp_path / "t.txt", 10))
+    assert result.exit_code == 2 and "never move" in result.stderr and "Traceback" not in result.stderr
+    meant = grown(tmp_path, tiny, "inject: {every: 4}", stages=stages % ", allow_frozen_injected: true", layers=8, name="meant")
+    assert not list((meant / "training").rglob("*.refused.txt")) and len(emitted(meant, "trl")) == 1
+    assert not [w for w in load_plan(meant).warnings if "never move" in w]
+
+
+# --- the built-in trainer's config; the command ----------------------------------------------------------
+
+def test_trl_config_is_valid_training_arguments(tmp_path, tiny):
+    from transformers import TrainingArguments
+
+    out = grown(tmp_path, tiny, "inject: {every: 4}")
+    plan = load_plan(out)
+    for stage, cfg in zip(plan.stages, emitted(out, "trl").values()):
+        TrainingArguments(output_dir=str(tmp_path / "x"), **cfg["training_arguments"])
+        assert cfg["trainable_parameters"] == stage.parameters
+        listed = (out / "training" / "trl" / f"{plan.stages.index(stage) + 1:02d}-{stage.name}.parameters.txt").read_text()
+        assert listed.split() == stage.parameters
+    lora = emitted(out, "trl")["lora"]["lora"]
+    assert lora["targets"] == ["q_proj", "o_proj", "down_proj"] and lora["all_layers"] and lora["layers_pattern"] == "layers"
+
+
+def test_emit_command(tmp_path, tiny, cli):
+    base = tiny(layers=8)
+    recipe = write_recipe(tmp_path, f"base_model: {base}\ninject: {{every: 4}}\noutput: {tmp_path / 'm'}\n"
+                                    "stages:\n  - name: new\n    trainable: [injected]\n")
+    result = cli("emit", recipe)
+    assert result.exit_code == 2 and "needs --output DIR" in result.stderr
+    data = write_text(tmp_path / "d.txt", 5)
+    result = cli("emit", recipe, "-o", tmp_path / "cfg", "--format", "axolotl", "--data", data)
+    assert result.exit_code == 0, result.stderr
+    cfg = yaml.safe_load((tmp_path / "cfg" / "axolotl" / "01-new.yaml").read_text())
+    assert cfg["datasets"][0]["path"] == str(data.resolve()) and cfg["base_model"] == str((tmp_path / "m").resolve())
+    assert not (tmp_path / "cfg" / "trl").exists()
+    result = cli("emit", recipe, "-o", tmp_path / "cfg", "--stage", "nw")
+    assert result.exit_code == 2 and "--stage nw: no such stage (did you mean 'new'?)" in result.stderr
+    assert cli("run", recipe, "--no-progress").exit_code == 0
+    assert (tmp_path / "m" / "training" / "trl" / "01-new.yaml").is_file()
+    readme = (tmp_path / "m" / "training" / "axolotl" / "README.txt").read_text()
+    assert "axolotl train" in readme and "name no datasets" in readme
+
+
+def test_recipe_rejects_steps_and_epochs_together(tmp_path, tiny, cli):
+    recipe = write_recipe(tmp_path, f"base_model: {tiny(layers=8)}\nstages:\n  - name: a\n    trainable: [all]\n"
+                                    "    max_steps: 10\n    epochs: 2\n")
+    result = cli("validate", recipe)
+    assert result.exit_code == 2
+    assert result.stderr.endswith(":6:13: stages[0].epochs: both max_steps (10) and epochs (2) are given; expected one of them\n")
+
+
+# --- the trainers' own code, when installed ------------------------------------------------------------
+
+def _external_case(tmp_path, tiny):
+    data = write_text(tmp_path / "train.txt", 20)
+    out = grown(tmp_path, tiny, "inject: {every: 4}", stages=STAGES.replace("precision: float32", f"precision: float32\n    datasets: [{{path: {data}}}]"))
+    return out, load_plan(out)
+
+
+def test_axolotl_own_validation_and_freezing(tmp_path, tiny):
+    pytest.importorskip("axolotl")
+    from axolotl.utils.config import validate_config
+    from axolotl.utils.dict import DictDefault
+    from axolotl.utils.freeze import freeze_layers_except
+    from transformers import AutoModelForCausalLM
+
+    out, plan = _external_case(tmp_path, tiny)
+    configs = emitted(out, "axolotl")
+    for stage in plan.stages:
+        validate_config(DictDefault(configs[stage.name]))
+        if stage.lora is None:
+            model = AutoModelForCausalLM.from_pretrained(out)
+            freeze_layers_except(model, configs[stage.name]["unfrozen_parameters"])
+            assert {n for n, p in model.named_parameters() if p.requires_grad} == set(stage.parameters), stage.name
+
+
+def test_llamafactory_own_validation_and_freezing(tmp_path, tiny):
+    pytest.importorskip("llamafactory")
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model.adapter import init_adapter
+    from transformers import AutoModelForCausalLM
+
+    out, plan = _external_case(tmp_path, tiny)
+    configs = emitted(out, "llamafactory")
+    assert set(configs) == {"injected-only", "embeddings", "lora"}  # layer-one, top-and-head: refused
+    for stage in plan.stages:
+        if stage.name not in configs:
+            continue
+        model_args, _, _, finetuning_args, _ = get_train_args(dict(configs[stage.name]))
+        model = AutoModelForCausalLM.from_pretrained(out)
+        model = init_adapter(model.config, model, model_args, finetuning_args, is_trainable=True)
+        if stage.lora is None:
+            assert {n for n, p in model.named_parameters() if p.requires_grad} == set(stage.parameters), stage.name
+        else:
+            adapted = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A")}
+            assert adapted == {p.removesuffix(".weight") for p in stage.parameters}

@@ -1,0 +1,133 @@
+"""The build commands: validate, plan, run, verify, architectures, schema.
+
+`validate` and `plan` never import torch or transformers; `run` and `verify` import
+tensor code only when they start working.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from tli_recipe.cli.common import SET_HELP, compile_recipe, load, reported
+from tli_recipe.errors import RecipeError, TliError
+
+
+@click.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@reported
+def validate(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+    """Check recipe files against the schema (no checkpoint needed). All errors at once."""
+    problems = []
+    for recipe in recipes:
+        try:
+            load(recipe, overrides)
+            click.echo(f"ok: {recipe}")
+        except RecipeError as exc:
+            problems += exc.problems
+    if problems:
+        raise RecipeError(problems)
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
+@reported
+def plan(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Compile a recipe against its base model's config and headers; print the layer map and totals."""
+    compiled = compile_recipe(recipe, overrides)
+    if as_json:
+        click.echo(compiled.model_dump_json(indent=2))
+        return
+    from tli_recipe.plan.report import plan_table
+
+    click.echo(plan_table(compiled))
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output directory (default: the recipe's output, else out/<name>).")
+@click.option("--device", default="auto", show_default=True, help="Where tensor arithmetic runs: auto, cpu, cuda or cuda:N.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--sync", is_flag=True, help="fsync every output file before the final rename (durable against power loss; slower).")
+@reported
+def run(recipe: str, overrides: tuple[str, ...], output: str | None, device: str, force: bool, no_progress: bool,
+        sync: bool) -> None:
+    """Write the grown checkpoint: shards, index, config, tokenizer, recipe, plan.json, model card."""
+    compiled = compile_recipe(recipe, overrides)
+    for warning in compiled.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    from tli_recipe import execute_plan
+
+    execute_plan(compiled, output, device=device, force=force, progress=not no_progress, sync=sync,
+                 log=lambda msg: click.echo(msg, err=True))
+
+
+@click.command()
+@click.argument("output", type=click.Path(file_okay=False, exists=True))
+@click.option("--atol", default=1e-5, show_default=True, help="Largest allowed |logits - base logits| for a function-preserving plan.")
+@click.option("--no-tensors", is_flag=True, help="Skip the tensor-by-tensor check against the plan.")
+@click.option("--no-logits", is_flag=True, help="Skip loading both models with transformers.")
+@click.option("--device", default="cpu", show_default=True, help="Device for the logits comparison.")
+@reported
+def verify(output: str, atol: float, no_tensors: bool, no_logits: bool, device: str) -> None:
+    """Check an output directory against its plan.json and its base model."""
+    from tli_recipe import verify_output
+    from tli_recipe.execute.verify import raise_for
+
+    report = verify_output(output, atol=atol, tensors=not no_tensors, logits=not no_logits, device=device)
+    if not no_tensors:
+        click.echo(f"tensors: {report.tensors_checked} checked against the plan, {len(report.tensor_problems)} problems")
+    if report.max_abs_diff is not None:
+        verdict = ("within" if report.max_abs_diff <= atol else "BEYOND") + f" tolerance {atol:g}"
+        if not report.function_preserving:
+            verdict = "the plan is not function-preserving, so a difference is expected"
+        click.echo(f"logits: max |output - base| = {report.max_abs_diff:.3g} over {report.tokens} tokens ({verdict})")
+    raise_for(report, Path(output))
+    click.echo(f"ok: {output}")
+
+
+@click.command()
+@click.option("--markdown", is_flag=True, help="Print the README's table.")
+def architectures(markdown: bool) -> None:
+    """List the supported architectures (from tli_recipe/_data/architectures/)."""
+    from tli_recipe.plan.report import architecture_table
+    from tli_recipe.source.arch import load_architectures
+
+    if markdown:
+        click.echo(architecture_table())
+        return
+    for name, arch in sorted(load_architectures().items()):
+        click.echo(f"{name:<12} {', '.join(arch.architectures)}")
+        if arch.notes:
+            click.echo(f"{'':<12} {arch.notes}")
+
+
+@click.command()
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write the schema here instead of stdout.")
+@click.option("--check", is_flag=True, help="Exit 1 if --output differs from the current schema.")
+@reported
+def schema(output: str | None, check: bool) -> None:
+    """Print (or write) the recipe's JSON schema, generated from the pydantic models."""
+    from tli_recipe.recipe.schema import recipe_schema
+
+    text = json.dumps(recipe_schema(), indent=2) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    elif check:
+        if not Path(output).is_file() or Path(output).read_text() != text:
+            raise TliError(f"{output} is stale; regenerate it with `tli-recipe schema -o {output}`")
+        click.echo(f"ok: {output} is current")
+    else:
+        Path(output).write_text(text)
+        click.echo(f"wrote {output}")
+
+
+
+COMMANDS = (validate, plan, run, verify, architectures, schema)

@@ -1,0 +1,52 @@
+"""What every command shares: the error-to-exit-code wrapper and recipe loading.
+
+Commands never print a traceback for bad input: a RecipeError prints its located
+problems and exits 2, a TliError its message and its exit code (1 for a failed check).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from tli_recipe.errors import RecipeError, TliError
+
+SET_HELP = "Override a recipe field: key.path=value (value parsed as YAML), e.g. base_model=/models/llama. Repeatable."
+
+
+def reported(func):
+    """Turn the project's errors into messages and exit codes (2: bad input, 1: failed check)."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except RecipeError as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(2)
+        except TliError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}; check the path, permissions and free space", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def load(recipe: str, overrides: tuple[str, ...]):
+    from tli_recipe import load_recipe
+
+    return load_recipe(recipe, overrides)
+
+
+def compile_recipe(recipe: str, overrides: tuple[str, ...]):
+    from tli_recipe import compile_plan
+
+    return compile_plan(load(recipe, overrides))
+
+

@@ -1,0 +1,198 @@
+"""The training commands of `tli-recipe`: emit, train, eval, compare.
+
+`emit` needs no torch (it reads plan.json, or compiles a recipe); `train` and `eval`
+import torch, transformers and peft only when they run. Errors follow the rest of the
+CLI: a message, exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from tli_recipe.cli.common import SET_HELP, reported
+from tli_recipe.errors import TliError
+from tli_recipe.training.emit import TRAINERS
+
+DATA_HELP = ("Training text: a plain-text file (one document per line) or JSONL with a 'text' field; repeatable. "
+             "Replaces the stages' datasets.")
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--format", "formats", type=click.Choice([*TRAINERS, "all"]), multiple=True, default=("all",),
+              show_default=True, help="Which trainer's configs to write; repeatable.")
+@click.option("--stage", "stages", multiple=True, metavar="NAME", help="Only this stage (repeatable; default: every stage).")
+@click.option("--data", multiple=True, type=click.Path(dir_okay=False), help=DATA_HELP)
+@click.option("--output", "-o", type=click.Path(file_okay=False),
+              help="Folder for the configs (default: SOURCE/training when SOURCE is a grown checkpoint).")
+@click.option("--model-dir", type=click.Path(file_okay=False),
+              help="With a recipe: where the grown checkpoint is or will be (default: the recipe's output).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@reported
+def emit(source: str, formats: tuple[str, ...], stages: tuple[str, ...], data: tuple[str, ...], output: str | None,
+         model_dir: str | None, overrides: tuple[str, ...]) -> None:
+    """Write one training config per stage for Axolotl, LLaMA-Factory and the built-in trainer.
+
+    SOURCE is a directory written by `run` (its plan.json) or a recipe file. The configs
+    select exactly the plan's parameters; a stage a trainer cannot express exactly is
+    refused with the reason (exit 2) instead of an approximate config.
+    """
+    from tli_recipe.training.emit import write_training_configs
+
+    path = Path(source)
+    if path.is_dir():
+        from tli_recipe.execute.verify import load_plan
+
+        if overrides:
+            raise TliError("--set applies to a recipe; SOURCE is a grown checkpoint, whose plan.json is final")
+        plan = load_plan(path)
+        folder = Path(output) if output else path / "training"
+        where = Path(model_dir) if model_dir else path
+    else:
+        from tli_recipe.cli.common import compile_recipe
+
+        plan = compile_recipe(source, overrides)
+        if output is None:
+            raise TliError(f"{source}: emitting from a recipe needs --output DIR (`run` writes the configs into the "
+                           "grown checkpoint by itself)")
+        folder = Path(output)
+        where = Path(model_dir or plan.output)
+    if not plan.stages:
+        raise TliError(f"{source}: the recipe defines no stages; nothing to emit (add `stages`, see README: Recipes)")
+    chosen = TRAINERS if "all" in formats else tuple(dict.fromkeys(formats))
+    written, refusals = write_training_configs(plan, folder, where, formats=chosen, stages=stages or None, data=data or None)
+    for file in written:
+        click.echo(f"wrote {file}")
+    if refusals:
+        raise TliError("\n".join(str(r) for r in refusals))
+
+
+@click.command()
+@click.argument("model_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--data", multiple=True, type=click.Path(dir_okay=False), help=DATA_HELP)
+@click.option("--stage", "stages", multiple=True, metavar="NAME|all", help="Stage to train (repeatable; default: all, in order).")
+@click.option("--config", "config", type=click.Path(dir_okay=False, exists=True),
+              help="Train one stage from a config written by `emit --format trl` (instead of MODEL_DIR).")
+@click.option("--into", type=click.Path(file_okay=False), help="Write stage N to INTO/<stage> (default: MODEL_DIR-<stage>, beside it).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (one process; several GPUs: --print-launch).")
+@click.option("--tokenizer", type=click.Path(file_okay=False, exists=True), help="Tokenizer directory when the checkpoint has none.")
+@click.option("--restart", is_flag=True, help="Discard an interrupted run's checkpoints instead of resuming from them.")
+@click.option("--force", is_flag=True, help="Train a stage again even when its directory is complete.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--print-launch", is_flag=True, help="Print the `accelerate launch` command for all visible GPUs and exit.")
+@reported
+def train(model_dir: str | None, data: tuple[str, ...], stages: tuple[str, ...], config: str | None, into: str | None,
+          device: str, tokenizer: str | None, restart: bool, force: bool, no_progress: bool, print_launch: bool) -> None:
+    """Train the stages of a grown checkpoint in order (Hugging Face Trainer; peft for LoRA).
+
+    Each stage freezes everything it does not name, trains on packed text, merges LoRA
+    adapters at its end, and writes MODEL_DIR-<stage> with the plan, metrics, a CSV of
+    losses and a plot. Rerunning an interrupted command resumes from its last checkpoint.
+    """
+    from tli_recipe.training import train as trainer
+
+    if (model_dir is None) == (config is None):
+        raise TliError("give either MODEL_DIR (a directory written by `run`) or --config FILE (from `emit --format trl`)")
+    # This same command, for `accelerate launch` (each process then takes its own GPU).
+    argv = ["train", *([model_dir] if model_dir else ["--config", config]), *(x for d in data for x in ("--data", d)),
+            *(x for s in stages for x in ("--stage", s)), *(["--into", into] if into else []),
+            *(["--tokenizer", tokenizer] if tokenizer else []), *(["--restart"] if restart else []),
+            *(["--force"] if force else []), *(["--no-progress"] if no_progress else [])]
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if print_launch:
+        click.echo(trainer.launch_command(argv, max(1, gpus)))
+        click.echo(f"# {gpus} GPU{'s' * (gpus != 1)} visible here. Several machines: add --num_machines N --machine_rank R "
+                   "--main_process_ip HOST --main_process_port PORT (or run `accelerate config` once).", err=True)
+        return
+    if gpus > 1 and not trainer.under_launcher():
+        click.echo(f"note: {gpus} GPUs are visible and this process uses one; for all of them run:\n  "
+                   + trainer.launch_command(argv, gpus), err=True)
+    log = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    kwargs = dict(device=device, tokenizer=tokenizer, restart=restart, force=force, progress=not no_progress, log=log)
+    try:
+        if config is not None:
+            cfg = trainer.load_stage_config(config)
+            if data:
+                from tli_recipe.recipe.schema import Dataset
+
+                cfg["datasets"] = [Dataset(path=str(Path(d).resolve())).model_dump() for d in data]
+            if into:
+                cfg["output_dir"] = str(Path(into) / cfg["stage"])
+            outputs = [trainer.train_stage(cfg, **kwargs)]
+        else:
+            outputs = trainer.train_output(model_dir, data=data or None, stages=stages or None,
+                                           into=Path(into) if into else None, **kwargs)
+    except KeyboardInterrupt:
+        click.echo("interrupted: the last saved checkpoint is kept; run the same command again to resume from it "
+                   "(--restart to start over)", err=True)
+        sys.exit(130)
+    for out in outputs:
+        click.echo(str(out))
+
+
+@click.command(name="eval")
+@click.argument("models", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--data", multiple=True, required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Held-out text: plain text (one document per line) or JSONL; repeatable.")
+@click.option("--text-field", default="text", show_default=True, help="The JSONL field holding the text.")
+@click.option("--sequence-length", type=click.IntRange(min=2), help="Tokens per sequence (default: min(1024, the first model's context)).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-sequences", type=click.IntRange(min=1), help="Evaluate only the first N sequences.")
+@click.option("--tokenizer", type=click.Path(file_okay=False, exists=True), help="Tokenizer directory (default: the first model's).")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@reported
+def eval_(models: tuple[str, ...], data: tuple[str, ...], text_field: str, sequence_length: int | None, batch_size: int,
+          max_sequences: int | None, tokenizer: str | None, dtype: str, device: str, as_json: bool) -> None:
+    """Mean loss and perplexity of each model on the same held-out tokens (base vs grown vs trained)."""
+    from tli_recipe.training.evaluate import evaluate_models, results_table
+
+    results = evaluate_models(models, data, sequence_length=sequence_length, batch_size=batch_size,
+                              max_sequences=max_sequences, tokenizer=tokenizer, text_field=text_field, device=device,
+                              dtype=dtype, log=lambda msg: click.echo(msg, err=True))
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        click.echo(results_table(results))
+
+
+@click.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--data", multiple=True, required=True, type=click.Path(dir_okay=False, exists=True), help=DATA_HELP)
+@click.option("--heldout", multiple=True, required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Held-out text for the losses at init and after training (same formats as --data).")
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="Optimizer steps per recipe.")
+@click.option("--stage", help="The stage to train in every recipe (default: each recipe's first stage).")
+@click.option("--sequence-length", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--eval-sequences", type=click.IntRange(min=1), help="Held-out sequences to score (default: all).")
+@click.option("--work", type=click.Path(file_okay=False), default="out/compare", show_default=True,
+              help="Where grown and trained models go.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--device", default="auto", show_default=True)
+@reported
+def compare(recipes: tuple[str, ...], data: tuple[str, ...], heldout: tuple[str, ...], steps: int, stage: str | None,
+            sequence_length: int, batch_size: int, eval_sequences: int | None, work: str, overrides: tuple[str, ...],
+            device: str) -> None:
+    """Grow the same base model with each recipe, train each for the same token budget, compare held-out losses.
+
+    Writes compare.md, compare.csv, compare.json and compare.png (loss curves) into --work.
+    """
+    from tli_recipe.training.compare import compare_recipes, table, write_outputs
+
+    rows = compare_recipes(recipes, data, heldout, work=Path(work), steps=steps, stage=stage, overrides=overrides,
+                           sequence_length=sequence_length, batch_size=batch_size, eval_sequences=eval_sequences,
+                           device=device, log=lambda msg: click.echo(msg, err=True))
+    files = write_outputs(rows, Path(work), steps)
+    click.echo(table(rows, steps))
+    click.echo(f"wrote {', '.join(str(f) for f in files)}", err=True)
+
+
+COMMANDS = (emit, train, eval_, compare)

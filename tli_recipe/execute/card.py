@@ -1,0 +1,57 @@
+"""The model card (README.md) of a grown checkpoint, from its Plan.
+"""
+
+from __future__ import annotations
+
+from tli_recipe.plan.model import Plan
+from tli_recipe.plan.report import ranges
+
+
+def model_card(plan: Plan) -> str:
+    """README.md of an output checkpoint."""
+    t = plan.totals
+    stages = "\n".join(
+        f"{i}. **{s.name}**: trains {'LoRA adapters (r=' + str(s.lora.r) + ') on ' + ', '.join(s.lora.targets) if s.lora else 'the full weights'} "
+        f"of output layers {ranges(s.trainable_layers)}{' and ' + ', '.join(s.trainable_groups) if s.trainable_groups else ''} "
+        f"({s.trainable_parameters:,} parameters)."
+        for i, s in enumerate(plan.stages, 1)
+    ) or "The recipe defines no training stages. The paper's schedule: first train only the injected layers " \
+         f"({plan.requires_grad_layers}), then the whole model (often with LoRA)."
+    return f"""---
+base_model: {plan.base_model}
+tags: [tli-recipe, depth-up-scaling]
+---
+# {plan.name}
+
+Grown from `{plan.base_model}` ({plan.architecture}) by [tli-recipe](https://github.com/) {plan.tli_recipe_version}:
+{t.layers_before} -> {t.layers_after} decoder layers, {t.parameters_before:,} -> {t.parameters_after:,} parameters, {plan.dtype}.
+
+- Injected layers (output indices, also `requires_grad_layers` in config.json): {plan.requires_grad_layers or 'none'}
+- Init of the injected layers: {', '.join(f'{k}={v}' for k, v in plan.init.items()) or 'n/a'}; other tensors copied.
+- Function-preserving: {'yes, the model computes exactly what the base model computes' if plan.function_preserving else 'no: it differs from the base model until trained'}.
+- Recipe: `recipe.yaml` (resolved), sha256 `{plan.recipe_sha256}`; full plan: `plan.json`.
+
+## Layer map
+
+| output | source layer | role |
+|---|---|---|
+""" + "\n".join(f"| {e.output} | {e.source}:{e.layer} | {e.role} |" for e in plan.layers) + f"""
+
+## Training next
+
+{stages}
+
+Check the checkpoint against its base model: `tli-recipe verify {plan.output}`.
+""" + _provenance(plan)
+
+
+def _provenance(plan: Plan) -> str:
+    """The model card's record of what the output was made from (filled by `run`)."""
+    lines = ["", "## Provenance", "",
+             f"Made by tli-recipe {plan.tli_recipe_version} from the recipe with sha256 `{plan.recipe_sha256}`.", ""]
+    for key, src in plan.sources.items():
+        lines.append(f"- `{key}`: revision `{src.revision or 'unknown'}`, {len(plan.source_files.get(key, {}))} files hashed")
+    rows = [f"| `{key}` | {name} | `{digest}` |" for key, files in plan.source_files.items() for name, digest in files.items()]
+    if rows:
+        lines += ["", "| source | file | sha256 |", "|---|---|---|", *rows]
+    return "\n".join(lines) + "\n"

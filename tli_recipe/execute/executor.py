@@ -1,0 +1,224 @@
+"""execute_plan(plan) -> output directory: apply a Plan tensor by tensor.
+
+Each output tensor is read (one at a time, plain file reads), transformed on the
+chosen device, cast, and streamed into a shard whose header was written first.
+Everything is written into a temporary directory beside the target, which is
+renamed into place only when complete: a failure or Ctrl-C leaves no partial output.
+Sources are opened read-only and never modified."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import yaml
+
+from tli_recipe._version import __version__
+from tli_recipe.errors import TliError
+from tli_recipe.execute.output import (
+    check_output,
+    fsync_tree,
+    sigterm_as_interrupt,
+    swap_into_place,
+)
+from tli_recipe.execute.shards import (
+    ShardWriter,
+    TensorReader,
+    layout_shards,
+    torch_dtype,
+)
+from tli_recipe.plan.model import Plan, TensorOp
+from tli_recipe.source.checkpoint import SIDE_FILES, CheckpointError, open_checkpoint
+from tli_recipe.source.provenance import hash_sources
+from tli_recipe.source.provenance import metadata as provenance_metadata
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TliError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise TliError(f"--device {device}: unknown device; expected auto, cpu or cuda[:N]")
+    return device
+
+
+def needs_torch(op: TensorOp) -> bool:
+    """False for tensors written as bytes: an unchanged copy, or zeros."""
+    return not (op.op == "zero" or (op.op == "copy" and op.dtype == op.source_dtype))
+
+
+def make_tensor(op: TensorOp, reader: TensorReader, source, device: str, sources: Optional[dict] = None,
+                precomputed: Optional[dict] = None):
+    """The output tensor of one TensorOp (on the CPU, in the output dtype).
+
+    Random streams are drawn on the CPU from a per-tensor seed, so cpu and cuda runs
+    give the same values; only the arithmetic runs on ``device``.
+    """
+    import torch
+
+    out_dtype = torch_dtype(op.dtype)
+    if op.op == "zero":
+        return torch.zeros(op.shape, dtype=out_dtype)
+    if op.op == "fill":
+        return torch.full(op.shape, op.value, dtype=out_dtype)
+    if op.op == "lesa":
+        if not precomputed or op.name not in precomputed:
+            raise TliError(f"tensor '{op.name}': its lesa prediction was not computed; run lesa_tensors first")
+        return precomputed[op.name].to(out_dtype)
+    if op.op == "random":
+        gen = torch.Generator().manual_seed(op.seed)
+        return (torch.randn(op.shape, generator=gen, dtype=torch.float32) * op.value).to(out_dtype)
+    info = source.tensors.get(op.source_name)
+    if info is None:
+        raise CheckpointError(f"{source.path}: tensor '{op.source_name}' is in the plan but not in the checkpoint; "
+                              "the checkpoint changed since the plan was made, plan again")
+    tensor = reader.read(info)
+    if op.op == "copy":
+        return tensor.to(out_dtype)
+    work = tensor.to(device=device, dtype=torch.float32)
+    if op.op == "scale":
+        work = work * op.value
+    elif op.op == "noise":
+        gen = torch.Generator().manual_seed(op.seed)
+        work = work + (torch.randn(op.shape, generator=gen, dtype=torch.float32) * op.value).to(device)
+    elif op.op == "interpolate":
+        other = (sources or {}).get(op.second_source, source).tensors.get(op.second_name)
+        if other is None:
+            raise CheckpointError(f"{source.path}: tensor '{op.second_name}' is in the plan but not in the checkpoint; "
+                                  "the checkpoint changed since the plan was made, plan again")
+        nxt = reader.read(other).to(device=device, dtype=torch.float32)
+        work = (1 - op.value) * work + op.value * nxt
+    else:  # pragma: no cover - the plan's Literal admits nothing else
+        raise TliError(f"unknown operation {op.op!r} for tensor '{op.name}'")
+    return work.to(out_dtype).cpu()
+
+
+def _lesa(plan: Plan, sources: dict, device: str, log) -> dict:
+    """Predict every ``lesa`` tensor up front (it needs all layers of a projection type at once)."""
+    if not any(op.op == "lesa" for op in plan.tensors):
+        return {}
+    from tli_recipe.execute.lesa import lesa_tensors
+    from tli_recipe.recipe.schema import Lesa
+    from tli_recipe.source.arch import find_architecture
+
+    base = sources[plan.base_model]
+    arch = find_architecture(base.config, base.tensors)
+    settings = Lesa(**(plan.recipe.get("inject") or {}).get("lesa", {}))
+    result = lesa_tensors(plan, arch, sources, settings, device, log)
+    log(f"lesa: {len(result.tensors)} tensors predicted in {sum(result.seconds.values()):.1f} s on {device}")
+    return result.tensors
+
+
+def _check_sources(plan: Plan) -> dict:
+    """Open every source checkpoint and check it still matches the plan (names, shapes, dtypes)."""
+    opened = {}
+    for key, src in plan.sources.items():
+        if not src.has_weights:
+            raise TliError(f"{src.path}: holds only config.json, no safetensors weights; download the weights before `run`")
+        opened[key] = open_checkpoint(Path(src.path))
+    mismatched = []
+    for op in plan.tensors:
+        if op.op in ("zero", "random"):
+            continue
+        info = opened[op.source].tensors.get(op.source_name)
+        if info is None or info.shape != tuple(op.shape) or info.dtype != op.source_dtype:
+            mismatched.append(op.source_name)
+    if mismatched:
+        raise TliError(f"{len(mismatched)} of {len(plan.tensors)} planned source tensors are missing or differ in "
+                       f"shape/dtype (first: '{mismatched[0]}'); the checkpoint changed since the plan was made, plan again")
+    return opened
+
+
+#: Writes more files into the output before it becomes visible: (plan, temporary folder, final folder).
+SideWriter = Callable[[Plan, Path, Path], None]
+
+
+def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str = "auto", force: bool = False,
+                 progress: bool = True, sync: bool = False, log=print, side_writers: Sequence[SideWriter] = ()) -> Path:
+    """Write the output checkpoint of ``plan``; returns its directory.
+
+    Unchanged copies and zeros are written as bytes (``copy_file_range``), without torch;
+    torch is imported only when some tensor needs arithmetic or a dtype cast. With
+    ``sync`` every file is flushed to disk before the final rename. Each of ``side_writers``
+    adds files (the public API adds the training configs) inside the same all-or-nothing swap.
+    """
+    from tqdm import tqdm
+
+    if plan.blocking:
+        raise TliError("the plan needs choices the recipe does not state:\n  " + "\n  ".join(plan.blocking))
+    target = Path(output or plan.output)
+    if str(target) != plan.output:  # plan.json and the model card name where the output really is
+        plan = plan.model_copy(update={"output": str(target)})
+    computed = [op for op in plan.tensors if needs_torch(op)]
+    device = pick_device(device) if computed else "none (byte copies)"
+    sources = _check_sources(plan)
+    check_output(target, plan, sources, force)
+    # Provenance before any byte is written: a source file that differs from the recipe's pin stops the run.
+    plan = plan.model_copy(update={"source_files": hash_sources(plan, sources)})
+    precomputed = _lesa(plan, sources, device, log)
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    metadata = {"format": "pt", "tli_recipe_version": __version__, "recipe_sha256": plan.recipe_sha256,
+                "recipe_name": plan.name, **provenance_metadata(plan)}
+    shards = layout_shards(((op.name, op.dtype, tuple(op.shape)) for op in plan.tensors), plan.shard_size)
+    started = time.perf_counter()
+    with sigterm_as_interrupt():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary directory
+        writer = ShardWriter(tmp, shards, metadata, sync=sync)
+        reader = TensorReader()
+        try:
+            bar = tqdm(total=plan.totals.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=f"writing {plan.name}", disable=not progress, dynamic_ncols=True)
+            with bar:
+                for i, op in enumerate(plan.tensors, 1):
+                    if op.op == "zero":
+                        written = writer.zeros(op.name)
+                    elif not needs_torch(op):
+                        written = writer.copy(op.name, sources[op.source].tensors[op.source_name], reader)
+                    else:
+                        written = writer.write(op.name, make_tensor(op, reader, sources[op.source], device, sources,
+                                                                    precomputed))
+                    bar.update(written)
+                    bar.set_postfix_str(f"{i}/{len(plan.tensors)} tensors", refresh=False)
+            writer.close()
+            _write_side_files(plan, tmp, Path(plan.sources[plan.base_model].path))
+            for side_writer in side_writers:
+                side_writer(plan, tmp, target)
+            if sync:
+                fsync_tree(tmp)
+            swap_into_place(tmp, target)
+        except BaseException:
+            writer.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            reader.close()
+    log(f"wrote {target} ({len(shards)} shard{'s' * (len(shards) > 1)}, {plan.totals.bytes_to_write / 2**20:.1f} MiB, "
+        f"{plan.totals.layers_before} -> {plan.totals.layers_after} layers) in {time.perf_counter() - started:.1f} s; "
+        f"{len(computed)} of {len(plan.tensors)} tensors computed (device: {device}), the rest byte copies or zeros")
+    return target
+
+
+def _write_side_files(plan: Plan, folder: Path, base: Path) -> None:
+    from tli_recipe.execute.card import model_card
+
+    (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+    for name in SIDE_FILES:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, folder / name)
+    header = (f"# Resolved recipe of {plan.name} (after --set overrides and defaults), written by tli-recipe {__version__}.\n"
+              f"# recipe_sha256: {plan.recipe_sha256}\n")
+    (folder / "recipe.yaml").write_text(header + yaml.safe_dump(plan.recipe, sort_keys=False))
+    (folder / "plan.json").write_text(plan.model_dump_json(indent=2) + "\n")
+    (folder / "README.md").write_text(model_card(plan))

@@ -1,0 +1,119 @@
+"""LESA (arXiv 2502.13794): predict a new layer's weights from its two neighbours.
+
+For each projection type separately (one tensor suffix, e.g. ``self_attn.q_proj.weight``):
+
+1. concatenate every layer's weight ``[out, in]`` along the input dimension:
+   ``W = [W_0 | ... | W_{L-1}]``, shape ``[out, L*in]``;
+2. ``U, S, Vh = svd(W)``; layer i's block is ``V_i = Vh[:, i*in:(i+1)*in]`` (``[r, in]``);
+3. train a small MLP ``G`` (``2*in -> h -> h -> in``, ReLU) to predict each row of ``V_i`` from
+   the same row of ``concat(V_{i-1}, V_{i+1})``, for i = 1..L-2, with loss
+   ``(1 - lambda) * MSE(G(x), y) + lambda * MSE(|G(x)|, |y|)``, AdamW;
+4. a layer between i and j gets ``(U diag(S)) @ G(concat(V_i, V_j))``.
+
+This is the one policy that cannot stream tensor by tensor: it holds every layer of one
+projection type at a time (in float32), plus its SVD.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tli_recipe.source.arch import Architecture
+
+
+@dataclass
+class LesaResult:
+    """Predicted tensors and what training them cost."""
+
+    tensors: dict[str, object] = field(default_factory=dict)       # output name -> float32 CPU tensor
+    losses: dict[str, list[float]] = field(default_factory=dict)   # suffix -> training loss per epoch
+    seconds: dict[str, float] = field(default_factory=dict)        # suffix -> SVD + training time
+
+
+def _predictor(width: int, hidden: int):
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Linear(2 * width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, width))
+
+
+def fit_basis(weights: list, settings, device: str = "cpu", log: Callable[[str], None] = lambda m: None, label: str = ""):
+    """SVD basis of one projection type and a predictor trained on it.
+
+    ``weights``: the L layers' ``[out, in]`` tensors in layer order. Returns
+    ``(US, blocks, predictor, losses)`` where ``blocks[i]`` is ``V_i``.
+    """
+    import torch
+
+    width = weights[0].shape[1]
+    stacked = torch.cat([w.to(device=device, dtype=torch.float32) for w in weights], dim=1)
+    u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+    us = u * s
+    blocks = [vh[:, i * width:(i + 1) * width] for i in range(len(weights))]
+    del stacked, u, vh
+
+    gen = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)  # layer initialisation below draws from the global stream
+    model = _predictor(width, settings.hidden).to(device)
+    if len(blocks) < 3:
+        return us, blocks, model.eval(), []
+    x = torch.cat([torch.cat([blocks[i - 1], blocks[i + 1]], dim=1) for i in range(1, len(blocks) - 1)])
+    y = torch.cat([blocks[i] for i in range(1, len(blocks) - 1)])
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr)
+    lam = settings.norm_weight
+    losses = []
+    for epoch in range(settings.epochs):
+        order = torch.randperm(len(x), generator=gen).to(device)
+        total, count = 0.0, 0
+        for start in range(0, len(x), settings.batch_size):
+            idx = order[start:start + settings.batch_size]
+            pred, target = model(x[idx]), y[idx]
+            loss = (1 - lam) * torch.mean((pred - target) ** 2) + \
+                lam * torch.mean((pred.norm(dim=1) - target.norm(dim=1)) ** 2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        losses.append(total / count)
+    log(f"lesa {label}: {len(x)} rows, loss {losses[0]:.3g} -> {losses[-1]:.3g} over {settings.epochs} epochs")
+    return us, blocks, model.eval(), losses
+
+
+def predict(us, blocks, model, before: int, after: int):
+    """The weight of a new layer between layers ``before`` and ``after``."""
+    import torch
+
+    with torch.no_grad():
+        return (us @ model(torch.cat([blocks[before], blocks[after]], dim=1))).cpu()
+
+
+def lesa_tensors(plan, arch: Architecture, sources: dict, settings, device: str,
+                 log: Callable[[str], None] = print) -> LesaResult:
+    """Every tensor that ``plan`` initialises with ``lesa``, computed one projection type at a time."""
+    from tli_recipe.execute.shards import TensorReader
+
+    result = LesaResult()
+    groups: dict[tuple[str, str], list] = {}
+    for op in plan.tensors:
+        if op.op == "lesa":
+            groups.setdefault((op.source, arch.split_layer_key(op.source_name)[1]), []).append(op)
+    reader = TensorReader()
+    try:
+        for (source, suffix), ops in groups.items():
+            started = time.perf_counter()
+            n = plan.sources[source].num_layers
+            weights = [reader.read(sources[source].tensors[arch.layer_key(i, suffix)]) for i in range(n)]
+            us, blocks, model, losses = fit_basis(weights, settings, device, log, f"{suffix} ({source})")
+            del weights
+            for op in ops:
+                before = arch.split_layer_key(op.source_name)[0]
+                after = arch.split_layer_key(op.second_name)[0]
+                result.tensors[op.name] = predict(us, blocks, model, before, after)
+            result.losses[suffix] = losses
+            result.seconds[suffix] = time.perf_counter() - started
+    finally:
+        reader.close()
+    return result

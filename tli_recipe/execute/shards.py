@@ -1,0 +1,206 @@
+"""Tensor bytes in and out: read one tensor at a time, write shards whose headers are known first.
+
+Tensor data is read with plain file reads at the header's offsets and written into
+shards laid out in advance from the plan: peak memory is about one tensor, whatever
+the size of the model. torch is imported only here, lazily, when a tensor is computed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from tli_recipe.errors import TliError
+from tli_recipe.source.checkpoint import INDEX_FILE, CheckpointError, TensorInfo, nbytes
+
+
+def torch_dtype(code: str):
+    import torch
+
+    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[code]
+
+
+def _truncated(info: TensorInfo, got: int) -> CheckpointError:
+    return CheckpointError(f"{info.file}: tensor '{info.name}' is truncated ({got} of {info.nbytes} bytes); re-download the file")
+
+
+class TensorReader:
+    """Reads one tensor at a time with plain file reads (no mmap); keeps one file open."""
+
+    def __init__(self) -> None:
+        self._file: Optional[str] = None
+        self._handle = None
+
+    def _open(self, info: TensorInfo):
+        if self._file != info.file:
+            self.close()
+            self._handle = open(info.file, "rb")
+            self._file = info.file
+        return self._handle
+
+    def read(self, info: TensorInfo):
+        """The tensor as a new torch tensor (read straight into its storage)."""
+        import torch
+
+        tensor = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        if info.nbytes:
+            handle = self._open(info)
+            handle.seek(info.start)
+            got = handle.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            if got != info.nbytes:
+                raise _truncated(info, got)
+        return tensor
+
+    def copy_to(self, info: TensorInfo, out) -> None:
+        """Copy the tensor's bytes into the open binary file ``out`` without a pass through Python
+        (``os.copy_file_range`` where the kernel has it)."""
+        handle = self._open(info)
+        src, dst, offset, left = handle.fileno(), out.fileno(), info.start, info.nbytes
+        out.flush()
+        fast = hasattr(os, "copy_file_range")
+        while left:
+            try:
+                n = os.copy_file_range(src, dst, left, offset) if fast else 0
+            except OSError:  # e.g. EXDEV on old kernels, or filesystems without support
+                fast, n = False, 0
+            if not fast:
+                handle.seek(offset)
+                n = out.write(handle.read(min(left, 64 * 2**20)))
+            if n == 0:
+                raise _truncated(info, info.nbytes - left)
+            offset += n
+            left -= n
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        self._handle, self._file = None, None
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    file: str
+    tensors: tuple[tuple[str, str, tuple[int, ...]], ...]  # (name, dtype code, shape)
+
+
+def layout_shards(tensors: Iterable[tuple[str, str, tuple[int, ...]]], shard_size: int) -> list[ShardSpec]:
+    """Split tensors, in order, into shards of at most ``shard_size`` bytes (a bigger tensor gets its own)."""
+    groups: list[list] = [[]]
+    size = 0
+    for name, code, shape in tensors:
+        n = nbytes(code, shape)
+        if groups[-1] and size + n > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, code, tuple(shape)))
+        size += n
+    total = len(groups)
+    return [ShardSpec(f"model-{i + 1:05d}-of-{total:05d}.safetensors", tuple(g)) for i, g in enumerate(groups)]
+
+
+def _header_bytes(spec: ShardSpec, metadata: dict[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, code, shape in spec.tensors:
+        n = nbytes(code, shape)
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Writes tensors, in the planned order, into shards whose headers are written first.
+
+    ``write`` refuses a tensor that is not the next planned one or whose dtype or shape
+    differs from the plan, so the files always match their headers.
+    """
+
+    def __init__(self, folder: Path, shards: list[ShardSpec], metadata: dict[str, str], sync: bool = False) -> None:
+        self.folder, self.shards, self.metadata, self.sync = folder, shards, metadata, sync
+        self._queue = [(s, t) for s in shards for t in s.tensors]
+        self._pos = 0
+        self._handle = None
+        self._shard: Optional[ShardSpec] = None
+
+    def _next(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """Check that ``name`` is the next planned tensor and open its shard; returns (dtype code, shape)."""
+        if self._pos >= len(self._queue):
+            raise TliError(f"tensor '{name}' is not in the plan; the plan lists {len(self._queue)} tensors")
+        shard, (planned, code, shape) = self._queue[self._pos]
+        if name != planned:
+            raise TliError(f"tensor '{name}' arrived where the plan has '{planned}'; the executor and the plan disagree")
+        if shard is not self._shard:
+            self._close_file()
+            self._handle = open(self.folder / shard.file, "wb")
+            self._handle.write(_header_bytes(shard, self.metadata))
+            self._shard = shard
+        self._pos += 1
+        return code, shape
+
+    def write(self, name: str, tensor) -> int:
+        """Append one tensor; returns its size in bytes."""
+        import torch
+
+        code, shape = self._next(name)
+        if tuple(tensor.shape) != shape or tensor.dtype != torch_dtype(code):
+            raise TliError(f"tensor '{name}': got shape {tuple(tensor.shape)} {tensor.dtype}, the plan says {shape} {code}")
+        data = tensor.detach().to("cpu").contiguous()
+        if data.numel():
+            self._handle.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        return nbytes(code, shape)
+
+    def copy(self, name: str, info: TensorInfo, reader: TensorReader) -> int:
+        """Append a source tensor's bytes unchanged (same dtype and shape): no torch, no user-space copy."""
+        code, shape = self._next(name)
+        if info.shape != shape or info.dtype != code:
+            raise TliError(f"tensor '{name}': source '{info.name}' is {list(info.shape)} {info.dtype}, the plan says {list(shape)} {code}")
+        reader.copy_to(info, self._handle)
+        return info.nbytes
+
+    def zeros(self, name: str) -> int:
+        """Append a tensor of zero bytes (exact 0.0 in every float format).
+
+        The bytes are a hole: seeking past them costs nothing, a read returns zeros, and the
+        file is extended to its full size when the shard is closed (a sparse file).
+        """
+        code, shape = self._next(name)
+        self._handle.seek(nbytes(code, shape), os.SEEK_CUR)
+        return nbytes(code, shape)
+
+    def _close_file(self) -> None:
+        if self._handle is not None:
+            self._handle.truncate()  # a trailing hole (zeros last) still needs the file's full length
+            self._handle.flush()
+            if self.sync:
+                os.fsync(self._handle.fileno())
+            self._handle.close()
+            self._handle = None
+
+    def close(self) -> dict:
+        """Finish the last shard and write the index; every planned tensor must have been written."""
+        self._close_file()
+        if self._pos != len(self._queue):
+            missing = self._queue[self._pos][1][0]
+            raise TliError(f"{len(self._queue) - self._pos} planned tensors were not written (first: '{missing}')")
+        total = 0
+        weight_map = {}
+        for shard in self.shards:
+            for name, code, shape in shard.tensors:
+                total += nbytes(code, shape)
+                weight_map[name] = shard.file
+        index = {"metadata": {"total_size": total, **self.metadata}, "weight_map": weight_map}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return index
+
+    def abort(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None

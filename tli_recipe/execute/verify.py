@@ -1,0 +1,145 @@
+"""verify_output(dir): check a written checkpoint against its plan and its base model.
+
+Two checks: every tensor is what the plan says (present, shape, dtype, and its
+exact values: the plan is deterministic, so each tensor is recomputed and compared
+byte for byte), and the logits of the output and of the base model, loaded with
+real ``transformers``, agree on a fixed batch of token ids when the plan is
+function-preserving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from tli_recipe.errors import TliError, VerifyError
+from tli_recipe.execute.shards import TensorReader
+from tli_recipe.plan.model import Plan
+from tli_recipe.source.checkpoint import open_checkpoint
+
+
+@dataclass
+class VerifyReport:
+    tensors_checked: int = 0
+    not_recomputed: int = 0
+    tensor_problems: list[str] = field(default_factory=list)
+    max_abs_diff: Optional[float] = None
+    function_preserving: bool = True
+    atol: float = 1e-5
+    tokens: int = 0
+
+    @property
+    def ok(self) -> bool:
+        logits_ok = self.max_abs_diff is None or not self.function_preserving or self.max_abs_diff <= self.atol
+        return not self.tensor_problems and logits_ok
+
+
+def load_plan(folder: Path) -> Plan:
+    path = folder / "plan.json"
+    try:
+        return Plan.model_validate_json(path.read_text())
+    except FileNotFoundError:
+        raise TliError(f"{path}: not found; verify works on a directory written by `tli-recipe run`") from None
+    except ValueError as exc:
+        raise TliError(f"{path}: not a plan of this tli-recipe version ({str(exc).splitlines()[0]})") from None
+
+
+def check_tensors(plan: Plan, folder: Path, report: VerifyReport) -> None:
+    """Recompute every planned tensor and compare it with the file, exactly."""
+    import torch
+
+    from tli_recipe.execute.executor import make_tensor
+
+    output = open_checkpoint(folder)
+    if output.config != plan.config:
+        keys = sorted(k for k in set(output.config) | set(plan.config) if output.config.get(k) != plan.config.get(k))
+        report.tensor_problems.append(f"config.json differs from the plan's config in: {', '.join(keys)}")
+    sources = {key: open_checkpoint(Path(src.path)) for key, src in plan.sources.items()}
+    planned = {op.name for op in plan.tensors}
+    extra = sorted(set(output.tensors) - planned)
+    if extra:
+        report.tensor_problems.append(f"{len(extra)} tensors not in the plan (first: '{extra[0]}')")
+    src_reader, out_reader = TensorReader(), TensorReader()
+    try:
+        for op in plan.tensors:
+            info = output.tensors.get(op.name)
+            if info is None:
+                report.tensor_problems.append(f"'{op.name}': missing from the output")
+                continue
+            if info.shape != tuple(op.shape) or info.dtype != op.dtype:
+                report.tensor_problems.append(f"'{op.name}': {list(info.shape)} {info.dtype}, the plan says {list(op.shape)} {op.dtype}")
+                continue
+            got = out_reader.read(info)
+            if op.op == "zero":
+                ok = not bool(got.any())
+            elif op.op == "lesa":  # a trained predictor's output: checked for shape, dtype and finiteness only
+                ok = bool(torch.isfinite(got.float()).all())
+                report.not_recomputed += 1
+            else:
+                ok = torch.equal(got, make_tensor(op, src_reader, sources[op.source], "cpu", sources))
+            if not ok:
+                report.tensor_problems.append(f"'{op.name}': values differ from the plan's {op.op} of '{op.source_name}'")
+            report.tensors_checked += 1
+    finally:
+        src_reader.close()
+        out_reader.close()
+
+
+def compare_logits(plan: Plan, folder: Path, report: VerifyReport, *, device: str = "cpu",
+                   batch: int = 2, length: int = 24, seed: int = 0) -> None:
+    """Max |logits(output) - logits(base)| on fixed random token ids, both in float32.
+
+    When the output dtype is lower than the base's, the base weights are rounded to it
+    first, so the comparison measures the layer map, not the cast.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base_path = plan.sources[plan.base_model].path
+    vocab = int(plan.config.get("vocab_size") or 32000)
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+    # Only a recipe dtype casts the weights; without one every tensor kept its own dtype.
+    cast = plan.recipe.get("dtype")
+    out_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cast] if cast else torch.float32
+
+    def logits(path: str, round_to=None):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if round_to is not None:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(p.to(round_to).to(torch.float32))
+        model.to(device).eval()
+        with torch.no_grad():
+            out = model(input_ids=ids.to(device)).logits.float().cpu()
+        del model
+        return out
+
+    base = logits(base_path, round_to=out_dtype if out_dtype != torch.float32 else None)
+    grown = logits(str(folder))
+    report.max_abs_diff = float((base - grown).abs().max())
+    report.tokens = ids.numel()
+
+
+def verify_output(folder: str | Path, *, atol: float = 1e-5, tensors: bool = True, logits: bool = True,
+                  device: str = "cpu") -> VerifyReport:
+    folder = Path(folder)
+    if not tensors and not logits:
+        raise TliError("nothing to verify: --no-tensors and --no-logits together skip every check")
+    plan = load_plan(folder)
+    report = VerifyReport(function_preserving=plan.function_preserving, atol=atol)
+    if tensors:
+        check_tensors(plan, folder, report)
+    if logits:
+        compare_logits(plan, folder, report, device=device)
+    return report
+
+
+def raise_for(report: VerifyReport, folder: Path) -> None:
+    if not report.ok:
+        lines = list(report.tensor_problems[:20])
+        if len(report.tensor_problems) > 20:
+            lines.append(f"... and {len(report.tensor_problems) - 20} more")
+        if report.max_abs_diff is not None and report.function_preserving and report.max_abs_diff > report.atol:
+            lines.append(f"max |logits - base logits| = {report.max_abs_diff:.3g} > tolerance {report.atol:g}")
+        raise VerifyError(f"{folder}: verification failed:\n  " + "\n  ".join(lines))

@@ -1,0 +1,143 @@
+"""The Plan and its parts: pure data saying what every output tensor is made of.
+
+``tli-recipe plan --json`` prints a Plan; `run` writes it as ``plan.json`` beside the
+checkpoint, and everything after (verify, emit, train) reads only that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tli_recipe.source.checkpoint import nbytes
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceModel(Frozen):
+    """One checkpoint the plan reads."""
+
+    ref: str = Field(description="As written in the recipe: a directory or hub id.")
+    path: str = Field(description="The resolved local directory.")
+    architecture: str
+    num_layers: int
+    dtype: Optional[str]
+    has_weights: bool = Field(description="False when the directory holds only config.json (plan only; run refuses).")
+    revision: Optional[str] = Field(default=None, description="The commit the directory holds (hub cache snapshot, download metadata or git HEAD); None when unknown.")
+
+
+class LayerEntry(Frozen):
+    """One output layer: where it comes from and what it is."""
+
+    output: int = Field(description="Output layer index, 0-based.")
+    source: str = Field(description="Key of the source model in Plan.sources.")
+    layer: int = Field(description="Source layer index, 0-based.")
+    role: Literal["original", "injected"]
+    slice: Optional[int] = Field(default=None, description="Index of the recipe slice this layer (or the layer it copies) came from.")
+    next_source: Optional[str] = Field(default=None, description="Injected layers: source model of the stack layer after the injection point (None at the end of the stack).")
+    next_layer: Optional[int] = Field(default=None, description="Injected layers: source layer index after the injection point.")
+
+
+class TensorOp(Frozen):
+    """How one output tensor is made."""
+
+    name: str = Field(description="Output tensor name.")
+    source: str = Field(description="Key of the source model in Plan.sources.")
+    source_name: str = Field(description="Source tensor name (read unless op is zero or random).")
+    op: Literal["copy", "zero", "fill", "scale", "noise", "random", "interpolate", "lesa"]
+    value: Optional[float] = Field(default=None, description="scale factor, standard deviation, fill value, or interpolation weight.")
+    second_source: Optional[str] = Field(default=None, description="interpolate, lesa: source model of the next layer's tensor.")
+    second_name: Optional[str] = Field(default=None, description="interpolate, lesa: the next layer's tensor.")
+    seed: Optional[int] = Field(default=None, description="Seed of this tensor's random stream (noise, random).")
+    shape: tuple[int, ...]
+    dtype: str = Field(description="Output safetensors dtype code (F32, BF16...).")
+    source_dtype: str
+    layer: Optional[int] = Field(default=None, description="Output layer index; None outside the decoder layers.")
+    projection: Optional[str] = None
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.dtype, self.shape)
+
+
+class ConfigChange(Frozen):
+    key: str
+    before: Any = None
+    after: Any = None
+    why: str
+
+
+class LoraPlan(Frozen):
+    r: int
+    alpha: float
+    dropout: float
+    targets: list[str]
+    layers: list[int] = Field(description="Output layers that get adapters (peft layers_to_transform).")
+
+
+class StagePlan(Frozen):
+    """A training stage resolved against the output model."""
+
+    name: str
+    trainable_layers: list[int] = Field(description="Output layer indices that train.")
+    trainable_groups: list[str] = Field(description="Non-layer groups that train fully (embeddings, head).")
+    parameters: list[str] = Field(description="Names of the output tensors that train (for LoRA: the weights that get adapters).")
+    lora: Optional[LoraPlan] = None
+    trainable_parameters: int = Field(description="Element count of the parameters above (LoRA adapters not counted).")
+
+
+class Totals(Frozen):
+    layers_before: int
+    layers_after: int
+    parameters_before: int
+    parameters_after: int
+    bytes_to_write: int
+    tensors: int
+
+
+class Plan(Frozen):
+    """Everything the executor does, as data. ``tli-recipe plan --json`` prints it."""
+
+    tli_recipe_version: str
+    name: str
+    recipe_file: str
+    recipe_sha256: str = Field(description="sha256 of the resolved recipe (after --set), canonical JSON.")
+    recipe: dict[str, Any] = Field(description="The resolved recipe.")
+    architecture: str
+    layer_prefix: str = Field(default="model.layers.{layer}.", description="Tensor-name template of a decoder layer in the source and output checkpoints.")
+    base_model: str
+    sources: dict[str, SourceModel]
+    dtype: str = Field(description="Output dtype name.")
+    layers: list[LayerEntry]
+    requires_grad_layers: list[int] = Field(description="Output indices of the injected layers (the TLI paper's Algorithm 1).")
+    init: dict[str, str] = Field(description="Init policy of each projection of the injected layers; others are copied.")
+    init_recommended: dict[str, str] = Field(default_factory=dict, description="The architecture's recommended function-preserving init (used when the recipe gives none).")
+    identity_options: dict[str, list[str]] = Field(default_factory=dict, description="Per residual branch, the inits that make an injected layer add zero to it.")
+    function_preserving: bool = Field(description="True when the output computes exactly the base model's function.")
+    tensors: list[TensorOp]
+    config: dict[str, Any] = Field(description="The output config.json.")
+    config_changes: list[ConfigChange]
+    blocking: list[str] = Field(default_factory=list, description="Choices the recipe must state before `run` (config fields that cannot follow the layer map by themselves).")
+    stages: list[StagePlan]
+    warnings: list[str]
+    totals: Totals
+    output: str
+    shard_size: int
+    source_files: dict[str, dict[str, str]] = Field(default_factory=dict, description="sha256 of every file each source contributes, by source key and file name; filled in by `run` (empty in `plan`).")
+
+    def injected(self) -> list[LayerEntry]:
+        return [entry for entry in self.layers if entry.role == "injected"]
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A seed for one tensor's stream, independent of the order tensors are made in."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def recipe_hash(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

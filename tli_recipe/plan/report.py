@@ -1,0 +1,104 @@
+"""Human-readable views of a Plan: the `plan` table, counts and ranges, the architecture table.
+"""
+
+from __future__ import annotations
+
+from tli_recipe.plan.model import Plan
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def layer_policy(plan: Plan, output: int) -> str:
+    ops = [op for op in plan.tensors if op.layer == output and op.op != "copy"]
+    if not ops:
+        return "copy"
+    by_proj: dict[str, str] = {}
+    for op in ops:
+        by_proj[op.projection or op.name] = op.op if op.value is None else f"{op.op}({op.value:g})"
+    return ", ".join(f"{p}={v}" for p, v in by_proj.items()) + ", rest copy"
+
+
+def plan_table(plan: Plan) -> str:
+    """The layer map and totals, as `tli-recipe plan` prints them."""
+    multi = len(plan.sources) > 1
+    rows = [("out", "source", "role", "policy")]
+    with_next = {op.layer for op in plan.tensors if op.second_name}
+    for e in plan.layers:
+        src = f"{e.source}:{e.layer}" if multi else f"{e.layer}"
+        if e.output in with_next:
+            src += f"+{e.next_layer}"
+        rows.append((str(e.output), src, e.role + ("*" if e.role == "injected" else ""), layer_policy(plan, e.output)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"plan {plan.name}: {plan.architecture} from {plan.base_model}"]
+    for r in rows:
+        lines.append(f"  {r[0]:>{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
+    t = plan.totals
+    lines += [
+        "",
+        f"layers      {t.layers_before} -> {t.layers_after} ({len(plan.requires_grad_layers)} injected: {plan.requires_grad_layers})",
+        f"parameters  {human_count(t.parameters_before)} -> {human_count(t.parameters_after)} ({t.parameters_before:,} -> {t.parameters_after:,})",
+        f"write       {t.tensors} tensors, {human_bytes(t.bytes_to_write)} as {plan.dtype}, shards of at most {human_bytes(plan.shard_size)}",
+        f"preserving  {'yes: the output computes exactly the base model' if plan.function_preserving else 'no: the output differs from the base model until trained'}",
+        f"output      {plan.output}",
+    ]
+    if plan.init:
+        recommended = plan.init == plan.init_recommended
+        lines.append(f"init        {', '.join(f'{k}={v}' for k, v in plan.init.items())}; other tensors copied"
+                     + (f" (recommended for {plan.architecture})" if recommended else ""))
+        if not recommended and plan.init_recommended:
+            lines.append(f"            recommended for {plan.architecture}: {', '.join(f'{k}={v}' for k, v in plan.init_recommended.items())}")
+        options = "; ".join(f"{b}: {' | '.join(o)}" for b, o in plan.identity_options.items())
+        if options:
+            lines.append(f"            exact when each branch has one of: {options}")
+    for c in plan.config_changes:
+        after = c.after if not isinstance(c.after, list) or len(c.after) <= 12 else f"[{len(c.after)} entries]"
+        before = c.before if not isinstance(c.before, list) or len(c.before) <= 12 else f"[{len(c.before)} entries]"
+        lines.append(f"config      {c.key}: {before} -> {after} ({c.why})")
+    for s in plan.stages:
+        what = f"LoRA r={s.lora.r} on {', '.join(s.lora.targets)}" if s.lora else "full weights"
+        groups = f" + {', '.join(s.trainable_groups)}" if s.trainable_groups else ""
+        lines.append(f"stage       {s.name}: {len(s.trainable_layers)} layers{groups}, {what}, "
+                     f"{human_count(s.trainable_parameters)} parameters")
+    for w in plan.warnings:
+        lines.append(f"warning     {w}")
+    for b in plan.blocking:
+        lines.append(f"blocking    {b}")
+    return "\n".join(lines)
+
+
+def ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(f"{start}-{v}" if v != start else f"{v}")
+            start = None
+    return ", ".join(out) or "none"
+
+
+def architecture_table() -> str:
+    """The README's table of supported architectures, generated from the definitions."""
+    from tli_recipe.source.arch import load_architectures
+
+    rows = ["| definition | `architectures` | layer prefix | recommended init of an injected layer |",
+            "|---|---|---|---|"]
+    for name, arch in sorted(load_architectures().items()):
+        init = ", ".join(f"{p}={k}" for p, k in arch.recommended_init.items())
+        prefixes = " or ".join(f"`{p}`" for p in arch.layer_prefixes)
+        rows.append(f"| {name} | {', '.join(arch.architectures)} | {prefixes} | {init} |")
+    return "\n".join(rows)

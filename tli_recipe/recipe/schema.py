@@ -1,0 +1,475 @@
+"""The recipe: pydantic models of the YAML a user writes. No I/O, no torch.
+
+Key names are the public contract (see README). Indices are 0-based and ranges
+half-open ``[start, end)``, as in Python slices. Checks that need the checkpoint
+(layer counts, which projections exist) run later, in ``plan.compile_plan``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PrivateAttr,
+    StrictBool,
+    StrictInt,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from tli_recipe.errors import did_you_mean
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+#: Every per-layer tensor group a recipe may name in ``inject.init``. Which of
+#: them a checkpoint really has is the architecture's business (checked at plan time).
+PROJECTIONS: tuple[str, ...] = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj",
+    "gate_proj", "up_proj", "down_proj", "gate_up_proj",
+    "input_layernorm", "post_attention_layernorm",
+    "pre_feedforward_layernorm", "post_feedforward_layernorm",
+    "q_norm", "k_norm", "router",
+)
+#: The linear projections LoRA can target (norms cannot).
+LINEAR_PROJECTIONS: tuple[str, ...] = tuple(p for p in PROJECTIONS if p.endswith("_proj") or p == "router")
+
+LAYER_GROUPS: tuple[str, ...] = ("injected", "original", "all", "embeddings", "head")
+
+
+def _fail(message: str) -> PydanticCustomError:
+    return PydanticCustomError("tli", "{message}", {"message": message})
+
+
+class Strict(BaseModel):
+    """Base of every recipe model: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    key_noun: ClassVar[str] = "key"  # what "unknown ..." errors call a key of this mapping
+
+
+# --- init policies ---------------------------------------------------------------
+
+POLICY_FORMS = "copy, zero, zero_gain, lesa, {scale: x}, {noise: std}, {random: std}, {interpolate: w}"
+SIMPLE_POLICIES = ("copy", "zero", "zero_gain", "lesa")
+VALUE_POLICIES = ("scale", "noise", "random", "interpolate")
+
+
+class Policy(Strict):
+    """How an injected layer's tensor is initialised from its source tensor.
+
+    ``copy``: the source unchanged. ``zero``: all zeros. ``scale``: source times
+    ``value``. ``noise``: source plus N(0, value^2), seeded. ``random``: N(0, value^2), seeded.
+    ``zero_gain``: a norm gain whose effective value is 0, in the form the architecture stores
+    it (0 for most models, -1 for Gemma's ``1 + w``). ``interpolate``: ``(1 - w) * previous + w *
+    next`` layer. ``lesa``: predicted from both neighbours through an SVD basis (LESA).
+    """
+
+    kind: Literal["copy", "zero", "zero_gain", "lesa", "scale", "noise", "random", "interpolate"]
+    value: Optional[float] = None
+
+    def __str__(self) -> str:
+        return self.kind if self.value is None else f"{self.kind}({self.value:g})"
+
+
+def _parse_policy(value: Any) -> Any:
+    if isinstance(value, Policy):
+        return value
+    if isinstance(value, str):
+        if value in SIMPLE_POLICIES:
+            return {"kind": value}
+        raise _fail(f"'{value}' is not an init policy{did_you_mean(value, SIMPLE_POLICIES)}; expected one of: {POLICY_FORMS}")
+    if isinstance(value, dict) and len(value) == 1:
+        (kind, number), = value.items()
+        if kind not in VALUE_POLICIES:
+            raise _fail(f"'{kind}' is not an init policy{did_you_mean(kind, VALUE_POLICIES)}; expected one of: {POLICY_FORMS}")
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise _fail(f"{kind} needs a number, got {number!r}; expected for example {{{kind}: 0.01}}")
+        if kind in ("noise", "random") and number < 0:
+            raise _fail(f"{kind} is a standard deviation and must be >= 0, got {number}")
+        if kind == "interpolate" and not 0 <= number <= 1:
+            raise _fail(f"interpolate is a weight in [0, 1], got {number}; expected (1 - w) * previous + w * next")
+        return {"kind": kind, "value": float(number)}
+    raise _fail(f"{value!r} is not an init policy; expected one of: {POLICY_FORMS}")
+
+
+def _dump_policy(policy: Policy) -> Any:
+    return policy.kind if policy.value is None else {policy.kind: policy.value}
+
+
+_POLICY_SCHEMA = {
+    "oneOf": [
+        {"enum": list(SIMPLE_POLICIES)},
+        {"type": "object", "properties": {"scale": {"type": "number"}}, "required": ["scale"], "additionalProperties": False},
+        {"type": "object", "properties": {"noise": {"type": "number", "minimum": 0}}, "required": ["noise"], "additionalProperties": False},
+        {"type": "object", "properties": {"random": {"type": "number", "minimum": 0}}, "required": ["random"], "additionalProperties": False},
+        {"type": "object", "properties": {"interpolate": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["interpolate"], "additionalProperties": False},
+    ],
+    "description": "copy: the source tensor; zero: zeros; zero_gain: a norm gain set to an effective 0 (Gemma: -1); scale: source times x; noise: source plus seeded N(0, std^2); random: seeded N(0, std^2); interpolate: (1 - w) * previous + w * next layer; lesa: predicted from both neighbours (LESA).",
+}
+
+PolicyField = Annotated[
+    Policy,
+    BeforeValidator(_parse_policy),
+    PlainSerializer(_dump_policy),
+    WithJsonSchema(_POLICY_SCHEMA),
+]
+
+
+def _init_fields() -> dict:
+    return {
+        name: (Optional[PolicyField], Field(default=None, description=f"Init policy of every tensor of `{name}` (weight and bias)."))
+        for name in PROJECTIONS
+    }
+
+
+class _InitBase(Strict):
+    key_noun: ClassVar[str] = "projection"
+
+    def policies(self) -> dict[str, Policy]:
+        """The projections this recipe names, with their policies (unnamed ones are copied)."""
+        return {name: getattr(self, name) for name in PROJECTIONS if getattr(self, name) is not None}
+
+
+# One optional field per projection: the field list is data, so it is built, not typed out.
+Init = create_model(  # type: ignore[call-overload]
+    "Init",
+    __base__=_InitBase,
+    __doc__="Per-projection init policy of the injected layers; a projection not named is copied.",
+    **_init_fields(),
+)
+
+
+# --- source models -----------------------------------------------------------------
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
+
+
+def _check_sha256(value: str) -> str:
+    if not _SHA256.match(value):
+        raise _fail(f"{value!r} is not a sha256; expected 64 lowercase hex digits (as sha256sum prints them)")
+    return value
+
+
+class ModelRef(Strict):
+    """A source checkpoint, pinned to a revision and/or to the checksums of its files."""
+
+    path: str = Field(min_length=1, description="A local directory, or a hub id (org/name) resolved through the local Hugging Face cache.")
+    revision: Optional[str] = Field(default=None, min_length=1, description="The commit the model must be at: a hub id resolves to this cache snapshot (a branch or tag name resolves through refs/ but moves: plan warns); a local directory is checked against the commit `huggingface-cli download --local-dir` recorded, or its git HEAD.")
+    checksums: dict[str, Annotated[str, AfterValidator(_check_sha256)]] = Field(
+        default_factory=dict,
+        description="Expected sha256 of source files by name, relative to the model directory (config.json, model-00001-of-00004.safetensors...); `run` checks them and refuses a mismatch. `tli-recipe pin MODEL` prints them.",
+    )
+    _form: str = PrivateAttr(default="mapping")
+
+    @field_validator("checksums")
+    @classmethod
+    def _names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not name or name.startswith("/") or ".." in name.split("/"):
+                raise _fail(f"{name!r} is not a file of the model directory; expected a name relative to it, such as config.json")
+        return value
+
+
+class SourceRef(str):
+    """A validated model reference: the string plan and checkpoint code resolve (``path`` or
+    ``org/name@revision``), carrying the pin: ``path``, ``revision``, ``checksums``."""
+
+    def __new__(cls, text: str, path: Optional[str] = None, revision: Optional[str] = None,
+                checksums: Optional[dict[str, str]] = None, form: str = "string") -> "SourceRef":
+        self = super().__new__(cls, text)
+        self.path, self.revision, self.checksums, self.form = path or text, revision, dict(checksums or {}), form
+        return self
+
+
+def _parse_ref(value: Any) -> Any:
+    if isinstance(value, (ModelRef, dict)):
+        return value
+    if isinstance(value, SourceRef):
+        return _parse_ref(_dump_ref(value))
+    if not isinstance(value, str):
+        raise _fail(f"{value!r} is not a model; expected a directory, a hub id (org/name or org/name@revision), or {{path: ..., revision: ..., checksums: ...}}")
+    if not value:
+        raise _fail("is empty; expected a directory, a hub id (org/name or org/name@revision), or {path: ..., revision: ...}")
+    repo, at, revision = value.partition("@")
+    ref = ModelRef(path=repo, revision=revision) if at and revision and _HUB_ID.match(repo) else ModelRef(path=value)
+    ref._form = "string"
+    return ref
+
+
+def _to_source_ref(ref: ModelRef) -> SourceRef:
+    hub = ref.revision is not None and _HUB_ID.match(ref.path)
+    # A hub id at a revision is written id@revision, which resolve_model understands; a local
+    # directory is its path (its revision is checked against the directory itself).
+    text = f"{ref.path}@{ref.revision}" if hub else ref.path
+    return SourceRef(text, ref.path, ref.revision, ref.checksums, ref._form)
+
+
+def _dump_ref(ref: Any) -> Any:
+    if getattr(ref, "form", "string") == "string" or not isinstance(ref, SourceRef):
+        return str(ref)
+    return {"path": ref.path, **({"revision": ref.revision} if ref.revision else {}), **({"checksums": dict(ref.checksums)} if ref.checksums else {})}
+
+
+class _RefSchema:
+    def __get_pydantic_json_schema__(self, core_schema, handler):
+        return {"anyOf": [{"type": "string", "minLength": 1}, handler(core_schema)]}
+
+
+#: A model reference: ``org/name``, ``org/name@revision``, a directory, or a ModelRef mapping.
+ModelField = Annotated[ModelRef, BeforeValidator(_parse_ref), AfterValidator(_to_source_ref), PlainSerializer(_dump_ref), _RefSchema()]
+
+
+# --- layout ------------------------------------------------------------------------
+
+def _check_range(value: tuple[int, int]) -> tuple[int, int]:
+    start, end = value
+    if start < 0:
+        raise _fail(f"start must be >= 0, got {start}; layer indices are 0-based")
+    if end <= start:
+        raise _fail(f"[{start}, {end}] is empty; expected [start, end) with start < end (half-open, 0-based)")
+    return value
+
+
+class Slice(Strict):
+    """A run of consecutive source layers copied into the output stack."""
+
+    model: Optional[ModelField] = Field(default=None, description="Model the layers come from (local directory, hub id, or {path, revision, checksums} as base_model); default: base_model.")
+    layer_range: tuple[StrictInt, StrictInt] = Field(description="Source layers [start, end): half-open, 0-based.")
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        return _check_range(value)
+
+
+class Lesa(Strict):
+    """Settings of the `lesa` policy (LESA, arXiv 2502.13794); defaults follow the paper's public setup."""
+
+    hidden: StrictInt = Field(default=256, ge=1, description="Width of the predictor's two hidden layers.")
+    epochs: StrictInt = Field(default=10, ge=1, description="Training epochs of each projection type's predictor.")
+    lr: float = Field(default=1e-3, gt=0, description="AdamW learning rate.")
+    norm_weight: float = Field(default=5e-4, ge=0, lt=1, description="lambda: weight of the row-norm term in the loss (1 - lambda) * MSE + lambda * MSE(norms).")
+    batch_size: StrictInt = Field(default=64, ge=1, description="Rows (singular directions) per batch.")
+    seed: StrictInt = Field(default=0, ge=0, description="Seed of the predictor's initialisation and batch order.")
+
+
+class Inject(Strict):
+    """Layer injection: new layers after chosen positions of the stack, each initialised from its neighbours.
+
+    Exactly one of `every`, `after` and `between` says where.
+    """
+
+    every: Optional[StrictInt] = Field(default=None, ge=1, description="K: insert after every K layers of the sliced stack (Algorithm 1: after stack position i when (i + 1) % K == 0).")
+    after: Optional[list[StrictInt]] = Field(default=None, min_length=1, description="Insert after these stack positions (0-based, ascending, each once).")
+    between: Optional[tuple[StrictInt, StrictInt]] = Field(default=None, description="Insert one layer between each pair of neighbouring stack positions in [start, end) (half-open, 0-based): end - start - 1 new layers, as LESA does over the upper half.")
+    copies: StrictInt = Field(default=1, ge=1, description="Number of layers inserted at each position (LLaMA Pro's P).")
+    source: Literal["previous"] = Field(default="previous", description="Which layer each injected layer copies: `previous`, the layer just before it (`interpolate` and `lesa` also read the layer after it).")
+    init: Optional[Init] = Field(  # type: ignore[valid-type]
+        default=None,
+        description="Per-projection init policy; tensors not named are copied. Default: the architecture's function-preserving init (o_proj and down_proj zero for Llama-family models). A given `init` replaces the default entirely.",
+    )
+    lesa: Lesa = Field(default_factory=Lesa, description="Settings of the lesa policy.")
+
+    @field_validator("after")
+    @classmethod
+    def _after(cls, value: Optional[list[int]]) -> Optional[list[int]]:
+        if value is not None and (any(v < 0 for v in value) or value != sorted(set(value))):
+            raise _fail(f"{value} must be ascending stack positions >= 0, each once; expected for example [15, 16, 17]")
+        return value
+
+    @field_validator("between")
+    @classmethod
+    def _between(cls, value: Optional[tuple[int, int]]) -> Optional[tuple[int, int]]:
+        if value is not None:
+            start, end = _check_range(value)
+            if end - start < 2:
+                raise _fail(f"[{start}, {end}] holds no pair of neighbouring positions; expected end - start >= 2")
+        return value
+
+    def positions(self, stack: int) -> list[int]:
+        """Stack positions an injection follows, for a stack of ``stack`` layers."""
+        if self.every is not None:
+            return [i for i in range(stack) if (i + 1) % self.every == 0]
+        if self.after is not None:
+            return list(self.after)
+        start, end = self.between
+        return list(range(start, end - 1))
+
+
+# One injection site, exactly: checked here so the message points at inject.
+def _one_site(inject: "Inject") -> list[tuple[tuple, str]]:
+    given = [k for k in ("every", "after", "between") if getattr(inject, k) is not None]
+    if len(given) != 1:
+        what = "none of them" if not given else ", ".join(given)
+        return [(("inject",), f"got {what}; expected exactly one of every, after, between")]
+    return []
+
+
+# --- training stages ---------------------------------------------------------------
+
+class LayerSpan(Strict):
+    """An explicit range of output layers: ``{layers: [start, end]}``, half-open, 0-based."""
+
+    layers: tuple[StrictInt, StrictInt] = Field(description="Output layers [start, end): half-open, 0-based.")
+
+    @field_validator("layers")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        return _check_range(value)
+
+
+def _parse_selector(value: Any) -> Any:
+    if isinstance(value, str):
+        if value not in LAYER_GROUPS:
+            raise _fail(f"'{value}' is not a layer group{did_you_mean(value, LAYER_GROUPS)}; expected one of: {', '.join(LAYER_GROUPS)}, or {{layers: [start, end]}}")
+        return value
+    if isinstance(value, LayerSpan):
+        return value
+    if isinstance(value, dict) and set(value) == {"layers"}:
+        span = value["layers"]
+        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in span)):
+            raise _fail(f"layers: {span!r} is not a range; expected {{layers: [start, end]}} with integer output layer indices (half-open, 0-based)")
+        return LayerSpan(layers=(span[0], _check_range(tuple(span))[1]))
+    raise _fail(f"{value!r} is not a layer group; expected one of: {', '.join(LAYER_GROUPS)}, or {{layers: [start, end]}}")
+
+
+Selector = Annotated[
+    Union[Literal["injected", "original", "all", "embeddings", "head"], LayerSpan],
+    BeforeValidator(_parse_selector),
+]
+
+
+class Lora(Strict):
+    """LoRA adapters on the stage's trainable layers."""
+
+    r: StrictInt = Field(ge=1, description="LoRA rank.")
+    alpha: float = Field(gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
+    targets: list[Literal[LINEAR_PROJECTIONS]] = Field(  # type: ignore[valid-type]
+        min_length=1,
+        description="Projections that get adapters. Leaving out o_proj/down_proj on zero-initialised injected layers means they never move.",
+    )
+    quantize: Optional[Literal[4, 8]] = Field(
+        default=None,
+        description="QLoRA: hold the frozen weights in 4 or 8 bits while training (bitsandbytes, CUDA only); the adapters are merged into the unquantized weights at the end of the stage.",
+    )
+    allow_frozen_injected: StrictBool = Field(
+        default=False,
+        description="Accept targets that leave out projections zero-initialised in the injected layers (o_proj, down_proj): those layers then stay the identity through this stage. Without it `train` and `emit` refuse such a stage.",
+    )
+
+
+class Dataset(Strict):
+    """Training text for a stage."""
+
+    path: str = Field(min_length=1, description="A plain-text file (one document per non-empty line, as the `datasets` text loader reads it) or a .jsonl/.json file (one JSON object per line); relative to the working directory.")
+    text_field: str = Field(default="text", min_length=1, description="The JSONL field holding each document's text.")
+
+
+class Stage(Strict):
+    """One training stage: which parameters train, and how."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Stage name: letters, digits, '.', '_' and '-'.")
+    trainable: list[Selector] = Field(min_length=1, description="Layer groups that train: injected, original, all, embeddings, head, or {layers: [start, end]} of output layers.")
+    lora: Optional[Lora] = Field(default=None, description="Train LoRA adapters on the trainable layers instead of their full weights.")
+    datasets: list[Dataset] = Field(default_factory=list, description="Training text of this stage; `tli-recipe train --data` and `emit --data` replace it.")
+    learning_rate: float = Field(default=1e-4, gt=0, description="Peak learning rate of AdamW, reached after warmup.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Learning-rate schedule after warmup: cosine or linear decay to 0, or constant.")
+    warmup_steps: StrictInt = Field(default=0, ge=0, description="Optimizer steps of linear warmup from 0 to learning_rate.")
+    max_steps: Optional[StrictInt] = Field(default=None, ge=1, description="Optimizer steps to train; give max_steps or epochs, not both.")
+    epochs: Optional[float] = Field(default=None, gt=0, description="Passes over the training data; default 1 when max_steps is absent.")
+    batch_size: StrictInt = Field(default=1, ge=1, description="Packed sequences per device in one forward pass (the micro batch).")
+    gradient_accumulation: StrictInt = Field(default=1, ge=1, description="Micro batches per optimizer step; sequences per step = batch_size x gradient_accumulation x devices.")
+    sequence_length: StrictInt = Field(default=2048, ge=2, description="Tokens per packed training sequence (documents are joined with the EOS token, then cut).")
+    precision: Literal["bfloat16", "float16", "float32"] = Field(default="bfloat16", description="Mixed-precision compute dtype (autocast); float32 turns it off. Weights keep the checkpoint's dtype.")
+    gradient_checkpointing: StrictBool = Field(default=False, description="Recompute activations in the backward pass (non-reentrant): less memory, about a third slower.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay; applies only to the parameters that train.")
+    validation_fraction: float = Field(default=0.05, ge=0, lt=1, description="Share of the packed sequences held out for the validation loss, in [0, 1); 0: no validation.")
+    eval_steps: StrictInt = Field(default=100, ge=1, description="Optimizer steps between validation losses.")
+    save_steps: StrictInt = Field(default=500, ge=1, description="Optimizer steps between resumable checkpoints (an interrupted stage resumes from the last one).")
+
+
+# --- the recipe --------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """``"5GB"`` -> 5_000_000_000 bytes; an integer is a byte count."""
+    if isinstance(value, bool):
+        raise _fail(f"{value!r} is not a size; expected bytes or a string such as 5GB or 500MiB")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise _fail(f"{value!r} is not a size; expected bytes or a string such as 5GB or 500MiB")
+        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
+    if size < 1:
+        raise _fail(f"must be at least 1 byte, got {value!r}")
+    return size
+
+
+ShardSize = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _SIZE.pattern}],
+                    "description": "Largest output shard: bytes, or a string such as 5GB or 500MiB."}),
+]
+
+
+class Recipe(Strict):
+    """A growth recipe: which layers the output has, how new layers start, how they train."""
+
+    name: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the output model; default: the recipe file's stem.")
+    base_model: ModelField = Field(description="The source checkpoint: a local directory, or a hub id resolved through the local Hugging Face cache (id or id@revision), or {path, revision, checksums} to pin it.")
+    dtype: Optional[Dtype] = Field(default=None, description="dtype of the output tensors; default: the source dtype.")
+    slices: Optional[list[Slice]] = Field(default=None, min_length=1, description="The output stack before injection, as source layer ranges; default: every layer of base_model once. Two overlapping slices are SOLAR-style depth up-scaling.")
+    inject: Optional[Inject] = Field(default=None, description="Layer injection (TLI / LLaMA Pro); absent: no layer is injected.")
+    stages: list[Stage] = Field(default_factory=list, description="Training stages, resolved in the plan to trainable layers and parameter names.")
+    output: Optional[str] = Field(default=None, min_length=1, description="Output directory; default: out/<name>.")
+    shard_size: ShardSize = Field(default=5 * 10**9, description="Largest output shard in bytes (or 5GB, 500MiB...).")
+    seed: StrictInt = Field(default=0, ge=0, description="Seed of the noise and random policies; each tensor draws from its own stream derived from this seed and its name.")
+    output_config: dict[str, Any] = Field(default_factory=dict, description="Fields of the output config.json set explicitly (null removes a field); applied last. Needed where a config field cannot follow the layer map by itself (plan says which).")
+
+
+def recipe_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Cross-field checks that need no checkpoint: ``(field path, message)`` pairs."""
+    problems: list[tuple[tuple, str]] = []
+    if recipe.inject is not None:
+        problems += _one_site(recipe.inject)
+    seen: dict[str, int] = {}
+    for i, stage in enumerate(recipe.stages):
+        if stage.name in seen:
+            problems.append((("stages", i, "name"), f"duplicate stage name '{stage.name}' (also stages[{seen[stage.name]}]); expected unique names"))
+        seen.setdefault(stage.name, i)
+        groups = [s for s in stage.trainable if isinstance(s, str)]
+        for j, sel in enumerate(stage.trainable):
+            if sel == "all" and len(stage.trainable) > 1:
+                problems.append((("stages", i, "trainable", j), "'all' already selects every layer; expected it alone"))
+        if "injected" in groups and recipe.inject is None:
+            problems.append((("stages", i, "trainable", stage.trainable.index("injected")), "'injected' selects nothing: the recipe has no inject section; add inject or pick another group"))
+        if stage.lora is not None and len(set(stage.lora.targets)) != len(stage.lora.targets):
+            problems.append((("stages", i, "lora", "targets"), "a projection is listed twice; expected each once"))
+        if stage.max_steps is not None and stage.epochs is not None:
+            problems.append((("stages", i, "epochs"), f"both max_steps ({stage.max_steps}) and epochs ({stage.epochs:g}) are given; expected one of them"))
+    return problems
+
+
+def recipe_schema() -> dict:
+    """The JSON schema of a recipe file (``schemas/recipe.schema.json``)."""
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "tli-recipe recipe"
+    return schema

@@ -1,0 +1,362 @@
+"""Architecture definitions: tensor-name templates, projections and per-layer config lists.
+
+Knowledge of an architecture lives in a data file under ``_data/architectures/``;
+this module loads those files and answers questions about tensor names. Layer keys
+are matched by a regular expression built from the layer prefix template, so the
+layer index is always one whole path segment (``layers.1.`` never matches ``layers.10.``).
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import re
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Iterable, Mapping, Optional
+
+import yaml
+
+from tli_recipe.errors import TliError
+
+
+class ArchError(TliError):
+    """No definition fits a checkpoint, or a definition file is broken."""
+
+
+# --- shape expressions ---------------------------------------------------------------
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
+_COMPARE = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
+            ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b,
+}
+_BINOPS[ast.Mod] = operator.mod
+
+
+def evaluate(expr: Any, names: Mapping[str, Any]) -> Any:
+    """Evaluate a shape or condition expression over config values.
+
+    Allowed: numbers, quoted strings, config key names, ``+ - * // %``, comparisons (``in`` too),
+    ``and``/``or``/``not``, ``x if cond else y`` and parentheses. Nothing else, so a
+    definition file cannot run code.
+    """
+    if isinstance(expr, (int, float, bool)) or expr is None:
+        return expr
+
+    def walk(node: ast.AST) -> Any:
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool, str)):
+            return node.value
+        if isinstance(node, ast.Name):
+            if node.id not in names:
+                raise KeyError(node.id)
+            return names[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            return _BINOPS[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return not walk(node.operand)
+        if isinstance(node, ast.BoolOp):
+            values = [walk(v) for v in node.values]
+            return all(values) if isinstance(node.op, ast.And) else any(values)
+        if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _COMPARE:
+            return _COMPARE[type(node.ops[0])](walk(node.left), walk(node.comparators[0]))
+        if isinstance(node, ast.IfExp):
+            return walk(node.body) if walk(node.test) else walk(node.orelse)
+        raise ValueError(f"unsupported expression {ast.dump(node)}")
+
+    return walk(ast.parse(str(expr), mode="eval"))
+
+
+# --- definitions -----------------------------------------------------------------------
+
+_INDEX = r"(?:0|[1-9][0-9]*)"  # a layer or expert index: one whole path segment, no leading zeros
+
+
+@dataclass(frozen=True)
+class Module:
+    """One spelling of a projection: a module path under the layer prefix, with its weight shape."""
+
+    path: str                        # e.g. "self_attn.o_proj" or "mlp.experts.{expert}.down_proj"
+    shape: tuple                     # weight shape expressions
+    bias: Any = 0                    # expression: does the module have a bias?
+    when: Any = 1                    # expression over config + `layer`: does this layer have it?
+    experts: Any = None              # expression: how many experts fill {expert}
+
+
+@dataclass(frozen=True)
+class Projection:
+    name: str
+    modules: tuple[Module, ...]
+    norm: bool = False               # a norm gain (policies such as zero_gain apply)
+
+
+def _compile_module(path: str) -> re.Pattern:
+    return re.compile("^" + re.escape(path).replace(re.escape("{expert}"), _INDEX) + r"\.[^.]+$")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+    layer_prefixes: tuple[str, ...]  # ("model.layers.{layer}.", ...): the first that the checkpoint uses
+    defaults: dict[str, Any]
+    tensors: dict[str, dict]         # non-layer tensors: name -> {shape, when, group}
+    projections: dict[str, Projection]
+    identity_branches: dict[str, tuple[dict[str, str], ...]]  # branch -> options that make it add zero
+    recommended_init: dict[str, str]
+    norm_offset: float = 0.0         # a norm multiplies by (offset + weight): Gemma stores 1 + w
+    per_layer_lists: tuple[str, ...] = ()
+    derived_lists: dict[str, str] = field(default_factory=dict)  # list key -> expression over config + `layer`
+    derived_from: dict[str, tuple[str, ...]] = field(default_factory=dict)  # list key -> config keys its rule reads
+    index_lists: dict[str, str] = field(default_factory=dict)    # key listing layer indices -> membership expression
+    index_list_resets: dict[str, Any] = field(default_factory=dict)  # keys set when index lists are rewritten
+    config_path: tuple[str, ...] = ()  # where the decoder's config lives (("text_config",) for a VLM)
+    notes: str = ""
+    source_file: str = ""
+    inferred: bool = False           # built from tensor names, not from a definition file
+    layer_prefix: str = ""           # the prefix in use (set by for_checkpoint)
+    _layer_re: re.Pattern = field(init=False, repr=False, compare=False)
+    _module_res: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        prefix = self.layer_prefix or self.layer_prefixes[0]
+        object.__setattr__(self, "layer_prefix", prefix)
+        head, sep, tail = prefix.partition("{layer}")
+        if not sep:
+            raise ArchError(f"{self.source_file}: layer prefix {prefix!r} has no {{layer}} placeholder")
+        object.__setattr__(self, "_layer_re", re.compile("^" + re.escape(head) + f"({_INDEX})" + re.escape(tail) + "(.+)$"))
+        object.__setattr__(self, "_module_res", tuple(
+            (proj.name, _compile_module(m.path)) for proj in self.projections.values() for m in proj.modules))
+
+    def for_checkpoint(self, names: Iterable[str]) -> "Architecture":
+        """This definition with the layer prefix that the checkpoint's tensor names use."""
+        names = list(names)
+        for prefix in self.layer_prefixes:
+            candidate = replace(self, layer_prefix=prefix)
+            if any(candidate.split_layer_key(n) for n in names):
+                return candidate
+        return self
+
+    # names -------------------------------------------------------------------------
+    def layer_key(self, layer: int, suffix: str) -> str:
+        return self.layer_prefix.format(layer=layer) + suffix
+
+    def split_layer_key(self, name: str) -> Optional[tuple[int, str]]:
+        """``model.layers.12.mlp.down_proj.weight`` -> ``(12, "mlp.down_proj.weight")``; None outside layers."""
+        match = self._layer_re.match(name)
+        return (int(match.group(1)), match.group(2)) if match else None
+
+    def projection_of(self, suffix: str) -> Optional[str]:
+        """The projection a layer tensor belongs to: ``mlp.down_proj.bias`` and
+        ``mlp.experts.7.down_proj.weight`` -> ``down_proj``; None for tensors of no projection."""
+        for name, pattern in self._module_res:
+            if pattern.match(suffix):
+                return name
+        return None
+
+    def offset_of(self, projection: str) -> float:
+        return self.norm_offset if self.projections[projection].norm else 0.0
+
+    # config.json ---------------------------------------------------------------------
+    def decoder_config(self, config: Mapping[str, Any]) -> dict:
+        """The part of config.json that describes the decoder (a VLM nests it in text_config)."""
+        for key in self.config_path:
+            config = config.get(key) or {}
+        return dict(config)
+
+    def names(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        values = {k: v for k, v in self.decoder_config(config).items()
+                  if isinstance(v, (int, float, bool, str, list)) or v is None}
+        for key, expr in self.defaults.items():
+            if values.get(key) is None:
+                values[key] = evaluate(expr, values)
+        return values
+
+    def derive_list(self, key: str, config: Mapping[str, Any], num_layers: int) -> Optional[list]:
+        """A per-layer list that the config leaves implicit, computed as transformers would."""
+        expr = self.derived_lists.get(key)
+        if expr is None:
+            return None
+        names = self.names(config)
+        return [evaluate(expr, {**names, "layer": i}) for i in range(num_layers)]
+
+    def layer_flags(self, expr: str, config: Mapping[str, Any], num_layers: int) -> list[bool]:
+        names = self.names(config)
+        return [bool(evaluate(expr, {**names, "layer": i})) for i in range(num_layers)]
+
+    def expected_tensors(self, config: Mapping[str, Any], num_layers: int) -> dict[str, tuple[int, ...]]:
+        """Every decoder tensor a checkpoint of this architecture has, with its shape, from config.json alone."""
+        names = self.names(config)
+        try:
+            out: dict[str, tuple[int, ...]] = {}
+            for tensor, spec in self.tensors.items():
+                if evaluate(spec.get("when", 1), names):
+                    out[tensor] = tuple(int(evaluate(e, names)) for e in spec["shape"])
+            for layer in range(num_layers):
+                scope = {**names, "layer": layer}
+                for proj in self.projections.values():
+                    for m in proj.modules:
+                        if not evaluate(m.when, scope):
+                            continue
+                        shape = tuple(int(evaluate(e, scope)) for e in m.shape)
+                        count = int(evaluate(m.experts, scope)) if m.experts is not None else None
+                        for e in range(count) if count is not None else [None]:
+                            path = m.path.replace("{expert}", str(e)) if e is not None else m.path
+                            out[self.layer_key(layer, path + ".weight")] = shape
+                            if evaluate(m.bias, scope):
+                                out[self.layer_key(layer, path + ".bias")] = shape[:1]
+                        break  # the first spelling that applies is the one a checkpoint has
+            return out
+        except KeyError as exc:
+            raise ArchError(f"config.json has no '{exc.args[0]}', which the {self.name} definition needs for tensor shapes") from None
+
+
+def _load_file(path: str, text: str) -> dict:
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict) or "name" not in data:
+        raise ArchError(f"{path}: an architecture definition must be a mapping with a name")
+    data["source_file"] = path
+    return data
+
+
+def _projection(name: str, spec: Any, path: str) -> Projection:
+    """``{module, shape, bias}`` or ``{modules: [...]}`` -> Projection."""
+    entries = spec.get("modules") if isinstance(spec, dict) and "modules" in spec else [spec]
+    modules = []
+    for entry in entries:
+        if not isinstance(entry, dict) or "module" not in entry or "shape" not in entry:
+            raise ArchError(f"{path}: projection {name!r} needs module and shape")
+        modules.append(Module(path=entry["module"], shape=tuple(entry["shape"]), bias=entry.get("bias", 0),
+                              when=entry.get("when", 1), experts=entry.get("experts")))
+    return Projection(name=name, modules=tuple(modules), norm=bool(spec.get("norm", False)) if isinstance(spec, dict) else False)
+
+
+_MERGED = ("defaults", "tensors", "projections", "derived_lists", "identity_branches", "index_lists", "index_list_resets")
+
+
+@lru_cache(maxsize=1)
+def load_architectures() -> dict[str, Architecture]:
+    """All shipped definitions, by name (``extends`` merges a parent's mappings; ``drop`` removes entries)."""
+    folder = resources.files("tli_recipe") / "_data" / "architectures"
+    raw = {}
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".yaml"):
+            data = _load_file(f"tli_recipe/_data/architectures/{entry.name}", entry.read_text(encoding="utf-8"))
+            raw[data["name"]] = data
+
+    def resolved(name: str, seen: tuple = ()) -> dict:
+        data = dict(raw[name])
+        parent = data.pop("extends", None)
+        if parent is None:
+            return data
+        if parent not in raw or parent in seen:
+            raise ArchError(f"{data['source_file']}: extends unknown or circular definition {parent!r}")
+        base = resolved(parent, seen + (name,))
+        merged = {**base, **data}
+        for key in _MERGED:
+            merged[key] = {**base.get(key, {}), **data.get(key, {})}
+        for key, names in (data.get("drop") or {}).items():
+            merged[key] = {k: v for k, v in merged[key].items() if k not in names}
+        return merged
+
+    out = {}
+    for name in raw:
+        d = resolved(name)
+        path = d["source_file"]
+        projections = {k: _projection(k, v, path) for k, v in d.get("projections", {}).items()}
+        branches = {b: tuple(dict(o) for o in options) for b, options in d.get("identity_branches", {}).items()}
+        for branch, options in branches.items():
+            for option in options:
+                unknown = [p for p in option if p not in projections]
+                if unknown:
+                    raise ArchError(f"{path}: identity branch {branch!r} names unknown projections {unknown}")
+        prefixes = d.get("layer_prefix")
+        out[name] = Architecture(
+            name=d["name"],
+            architectures=tuple(d.get("architectures", ())),
+            model_types=tuple(d.get("model_types", ())),
+            layer_prefixes=tuple(prefixes if isinstance(prefixes, list) else [prefixes]),
+            defaults=dict(d.get("defaults", {})),
+            tensors={k: dict(v) for k, v in d.get("tensors", {}).items()},
+            projections=projections,
+            identity_branches=branches,
+            recommended_init=dict(d.get("recommended_init") or {p: k for opts in branches.values() for p, k in opts[0].items()}),
+            norm_offset=float(d.get("norm_offset", 0)),
+            per_layer_lists=tuple(d.get("per_layer_lists", ())),
+            derived_lists={k: v["rule"] if isinstance(v, dict) else v for k, v in d.get("derived_lists", {}).items()},
+            derived_from={k: tuple(v.get("from", ())) for k, v in d.get("derived_lists", {}).items() if isinstance(v, dict)},
+            index_lists=dict(d.get("index_lists", {})),
+            index_list_resets=dict(d.get("index_list_resets", {})),
+            config_path=tuple(d.get("config_path", ())),
+            notes=str(d.get("notes", "")).strip(),
+            source_file=path,
+        )
+    return out
+
+
+def find_architecture(config: Mapping[str, Any], tensor_names: Iterable[str] = ()) -> Architecture:
+    """The definition for a config.json (by ``architectures`` then ``model_type``), with the layer
+    prefix its tensors use; an unknown architecture is inferred from tensor names when possible."""
+    archs = load_architectures()
+    names = list(tensor_names)
+    declared = list(config.get("architectures") or [])
+    for arch in archs.values():
+        if any(a in arch.architectures for a in declared):
+            return arch.for_checkpoint(names)
+    model_type = config.get("model_type")
+    for arch in archs.values():
+        if model_type in arch.model_types:
+            return arch.for_checkpoint(names)
+    what = declared[0] if declared else f"model_type {model_type!r}"
+    if names:
+        inferred = infer_architecture(what, names)
+        if inferred is not None:
+            return inferred
+    known = sorted(a for arch in archs.values() for a in arch.architectures)
+    raise ArchError(
+        f"architecture {what} has no definition{' and its layer structure could not be inferred from the tensor names' if names else ''}; "
+        f"supported: {', '.join(known)}. To add one, write a data file in tli_recipe/_data/architectures/ "
+        "(README: Adding an architecture)"
+    )
+
+
+_LAYER_GUESS = re.compile(r"^(.*?\b(?:layers|layer|h|blocks|block|decoder_layers)\.)(" + _INDEX + r")\.(.+)$")
+
+
+def infer_architecture(what: str, names: list[str]) -> Optional[Architecture]:
+    """A definition guessed from tensor names: the most common ``<prefix>.<N>.`` run is the layer
+    stack; a tensor whose module is named like a known projection (``o_proj``, ``down_proj``...)
+    belongs to it. Returns None when no layer stack is found."""
+    from tli_recipe.recipe.schema import PROJECTIONS
+
+    counts: dict[str, set[int]] = {}
+    for n in names:
+        m = _LAYER_GUESS.match(n)
+        if m:
+            counts.setdefault(m.group(1), set()).add(int(m.group(2)))
+    if not counts:
+        return None
+    head = max(counts, key=lambda k: len(counts[k]))
+    prefix = head + "{layer}."
+    suffixes = sorted({m.group(3) for n in names if (m := _LAYER_GUESS.match(n)) and m.group(1) == head})
+    modules: dict[str, set[str]] = {}
+    for suffix in suffixes:
+        module = suffix.rsplit(".", 1)[0]
+        leaf = module.rsplit(".", 1)[-1]
+        if leaf in PROJECTIONS:
+            modules.setdefault(leaf, set()).add(re.sub(r"\.(?:0|[1-9][0-9]*)\.", ".{expert}.", module))
+    projections = {p: Projection(p, tuple(Module(path=m, shape=()) for m in sorted(ms)), norm="norm" in p)
+                   for p, ms in modules.items()}
+    # Both branches are always checked: a branch whose output projection was not recognised
+    # cannot be shown to add zero, so such a plan is never called function-preserving.
+    branches = {"attention": ({"o_proj": "zero"},), "mlp": ({"down_proj": "zero"},)}
+    return Architecture(
+        name=f"inferred:{what}", architectures=(what,), model_types=(), layer_prefixes=(prefix,), defaults={},
+        tensors={}, projections=projections, identity_branches=branches,
+        recommended_init={p: "zero" for p in ("o_proj", "down_proj") if p in projections},
+        notes=f"inferred from tensor names: layer prefix {prefix!r}, projections {', '.join(sorted(projections)) or 'none'}",
+        source_file="(inferred)", inferred=True,
+    )

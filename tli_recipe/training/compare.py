@@ -1,0 +1,166 @@
+"""compare: grow one base model with several recipes, train each for the same token budget, compare.
+
+For every recipe: grow (``execute_plan``), held-out loss at init (``evaluate_models``), then one
+stage of the recipe (its first, or ``--stage NAME``) trained for exactly ``steps`` optimizer
+steps of ``batch_size`` packed sequences of ``sequence_length`` tokens, so every model sees the
+same tokens in the same order, then the held-out loss again. A recipe with neither ``slices``
+nor ``inject`` is the control: the base model itself, trained for the same budget.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+
+@dataclass
+class CompareRow:
+    recipe: str
+    name: str
+    stage: str
+    layers: int
+    parameters: int
+    trainable: int
+    function_preserving: bool
+    init_loss: float
+    final_loss: float
+    grow_seconds: float
+    train_seconds: float
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
+
+
+def _loss_logger():
+    from transformers import TrainerCallback
+
+    class Logger(TrainerCallback):
+        def __init__(self) -> None:
+            self.curve: list[tuple[int, float]] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ARG002
+            if logs and "loss" in logs:
+                self.curve.append((state.global_step, float(logs["loss"])))
+
+    return Logger()
+
+
+def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], heldout: Sequence[str | Path], *,
+                    work: Path, steps: int, stage: Optional[str] = None, overrides: Sequence[str] = (),
+                    sequence_length: int = 256, batch_size: int = 4, eval_sequences: Optional[int] = None,
+                    device: str = "auto", log: Callable[[str], None] = print) -> list[CompareRow]:
+    from tli_recipe.errors import TliError
+    from tli_recipe.execute.executor import execute_plan
+    from tli_recipe.plan.compile import compile_plan
+    from tli_recipe.recipe.load import load_recipe
+    from tli_recipe.training.evaluate import evaluate_models
+    from tli_recipe.training.train import stage_configs, train_stage
+
+    # Every recipe and its stage are checked before anything is grown or trained.
+    plans = [compile_plan(load_recipe(recipe, overrides)) for recipe in recipes]
+    for recipe, plan in zip(recipes, plans):
+        names = [s.name for s in plan.stages]
+        if not names:
+            raise TliError(f"{recipe}: defines no stages; add the stage to compare (e.g. one that trains [injected])")
+        if stage and stage not in names:
+            raise TliError(f"{recipe}: has no stage '{stage}'; its stages: {', '.join(names)}")
+    seen = [p.name for p in plans]
+    if len(set(seen)) != len(seen):
+        raise TliError(f"two recipes share a name ({', '.join(sorted({n for n in seen if seen.count(n) > 1}))}); "
+                       "give each a distinct name (their outputs go to --work/<name>)")
+    rows = []
+    work.mkdir(parents=True, exist_ok=True)
+    for recipe, plan in zip(recipes, plans):
+        folder = work / plan.name
+        started = time.perf_counter()
+        grown = execute_plan(plan, folder / "grown", force=True, progress=False, log=log)
+        grow_seconds = time.perf_counter() - started
+
+        def held_out(model: Path) -> float:
+            return evaluate_models([model], heldout, sequence_length=sequence_length, max_sequences=eval_sequences,
+                                   device=device)[0].loss
+
+        init = held_out(grown)
+        cfg = stage_configs(grown, data=data, stages=[stage or plan.stages[0].name], into=folder / "trained")[0]
+        cfg["model"] = str(grown)  # every compared stage starts from the grown model, whatever its position
+        cfg["sequence_length"] = sequence_length
+        cfg["validation_fraction"] = 0.0
+        cfg["training_arguments"].update(
+            max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
+            logging_steps=1, eval_strategy="no", save_strategy="no", report_to=[], seed=0, data_seed=0)
+        cfg["training_arguments"].pop("num_train_epochs", None)
+        cfg["training_arguments"].pop("eval_steps", None)
+        cfg["training_arguments"].pop("save_steps", None)
+        logger = _loss_logger()
+        started = time.perf_counter()
+        trained = train_stage(cfg, device=device, force=True, progress=False, log=log, callbacks=[logger])
+        train_seconds = time.perf_counter() - started
+        final = held_out(trained)
+        sp = next(s for s in plan.stages if s.name == cfg["stage"])
+        metrics = json.loads((trained / "training_metrics.json").read_text()) if (trained / "training_metrics.json").is_file() else {}
+        rows.append(CompareRow(
+            recipe=str(recipe), name=plan.name, stage=cfg["stage"], layers=plan.totals.layers_after,
+            parameters=plan.totals.parameters_after, trainable=int(metrics.get("trainable_parameters", sp.trainable_parameters)),
+            function_preserving=plan.function_preserving, init_loss=init, final_loss=final,
+            grow_seconds=grow_seconds, train_seconds=train_seconds, curve=logger.curve))
+        log(f"{plan.name}: held-out loss {init:.4f} at init, {final:.4f} after {steps} steps of '{cfg['stage']}'")
+    return rows
+
+
+def table(rows: Sequence[CompareRow], steps: int) -> str:
+    head = ("| recipe | stage | layers | trainable params | preserving | held-out loss at init | "
+            f"after {steps} steps | train time (s) |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.name} | {r.stage} | {r.layers} | {r.trainable / 1e6:.1f}M | {'yes' if r.function_preserving else 'no'} "
+                     f"| {r.init_loss:.3f} | {r.final_loss:.3f} | {r.train_seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def load_rows(path: Path) -> list[CompareRow]:
+    """Rows from a compare.json (to re-plot or re-tabulate without training again)."""
+    return [CompareRow(**{**r, "curve": [tuple(p) for p in r["curve"]]}) for r in json.loads(Path(path).read_text())]
+
+
+def write_outputs(rows: Sequence[CompareRow], folder: Path, steps: int, title: str = "") -> list[Path]:
+    """compare.md, compare.csv, compare.json and compare.png (training loss curves) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [folder / "compare.md", folder / "compare.csv", folder / "compare.json"]
+    written[0].write_text(table(rows, steps) + "\n")
+    with open(written[1], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["recipe", "stage", "layers", "parameters", "trainable", "function_preserving", "init_loss",
+                    "final_loss", "grow_seconds", "train_seconds"])
+        for r in rows:
+            w.writerow([r.name, r.stage, r.layers, r.parameters, r.trainable, r.function_preserving,
+                        f"{r.init_loss:.5f}", f"{r.final_loss:.5f}", f"{r.grow_seconds:.2f}", f"{r.train_seconds:.2f}"])
+    written[2].write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        if r.curve:
+            xs, ys = zip(*r.curve)
+            # a moving average over 5 steps (or a fifth of the run): single-step losses on small
+            # batches are noisy, and every model sees the same batches, so the curves stay comparable
+            k = max(1, min(5, len(ys) // 5))
+            smooth = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
+            line, = ax.plot(xs, smooth, label=f"{r.name} ({r.stage})")
+            ax.scatter([0], [r.init_loss], color=line.get_color(), marker="o", s=18)
+            ax.scatter([xs[-1]], [r.final_loss], color=line.get_color(), marker="s", s=18)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (moving average); dots: held-out loss")
+    ax.set_title(title or "growth methods at the same token budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = folder / "compare.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return written + [png]
