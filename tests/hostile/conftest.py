@@ -86,3 +86,14 @@ def hostile_cli():
         return result
 
     return invoke
+
+
+@pytest.fixture(name="refused")
+def refused_fixture():
+    """The ``refused`` check above, as a fixture (test modules cannot import a conftest by name reliably)."""
+    return refused
+
+
+@pytest.fixture(name="leftovers")
+def leftovers_fixture():
+    return leftovers
