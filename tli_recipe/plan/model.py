@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tli_recipe.recipe.schema import Lesa, Stage
 from tli_recipe.source.checkpoint import nbytes
 
 
@@ -89,6 +90,15 @@ class StagePlan(Frozen):
     parameters: list[str] = Field(description="Names of the output tensors that train (for LoRA: the weights that get adapters).")
     lora: Optional[LoraPlan] = None
     trainable_parameters: int = Field(description="Element count of the parameters above (LoRA adapters not counted).")
+    settings: Stage = Field(description="The recipe's typed stage: datasets, learning rate, precision, LoRA settings...")
+
+
+class SourcePin(Frozen):
+    """What the recipe pins a source to, with the recipe locations to report a mismatch at."""
+
+    revision: Optional[str] = Field(default=None, description="The commit the recipe pins (None: not pinned).")
+    checksums: dict[str, str] = Field(default_factory=dict, description="Expected sha256 by file name.")
+    locations: dict[str, str] = Field(default_factory=dict, description="'revision' and 'checksums.<file name>' -> the recipe location prefix 'file:line:col: field.path'.")
 
 
 class Totals(Frozen):
@@ -128,6 +138,15 @@ class Plan(Frozen):
     totals: Totals
     output: str
     shard_size: int
+    seed: int = Field(description="The recipe seed (noise and random policies, training).")
+    lesa: Optional[Lesa] = Field(default=None, description="Settings of the lesa policy; None when no tensor is made by lesa.")
+    recipe_dtype: Optional[str] = Field(default=None, description="The dtype the recipe asked for; None: each tensor keeps its dtype.")
+    pins: dict[str, SourcePin] = Field(default_factory=dict, description="Each source's pin from the recipe, by source key.")
+    layers_pattern: str = Field(description="The peft layers_pattern of the decoder layer list (e.g. 'layers'), from the architecture.")
+    num_layers_key: str = Field(description="The config.json key holding the decoder layer count, from the architecture.")
+    vocab_key: str = Field(description="The config.json key holding the vocabulary size, from the architecture.")
+    vocab_size: Optional[int] = Field(default=None, description="The vocabulary size (the decoder config's vocab_key, or the architecture's default for it); None when unknown.")
+    decoder_config_path: list[str] = Field(default_factory=list, description="Where the decoder's config sits in config (['text_config'] for a VLM; [] when at the top).")
     source_files: dict[str, dict[str, str]] = Field(default_factory=dict, description="sha256 of every file each source contributes, by source key and file name; filled in by `run` (empty in `plan`).")
 
     def injected(self) -> list[LayerEntry]:

@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
-from tli_recipe.plan.model import Plan
+from tli_recipe.plan.model import Plan, TensorOp
+from tli_recipe.plan.ops import OPS
+from tli_recipe.plan.stages import ops_by_layer
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
+    return f"{n:.1f} TiB"
 
 
 def human_count(n: int) -> str:
@@ -21,26 +23,31 @@ def human_count(n: int) -> str:
     return str(n)
 
 
-def layer_policy(plan: Plan, output: int) -> str:
-    ops = [op for op in plan.tensors if op.layer == output and op.op != "copy"]
-    if not ops:
-        return "copy"
+def _describe(ops: list[TensorOp]) -> str:
+    """The policy column of one output layer: each projection not copied, by its op and value."""
     by_proj: dict[str, str] = {}
     for op in ops:
-        by_proj[op.projection or op.name] = op.op if op.value is None else f"{op.op}({op.value:g})"
-    return ", ".join(f"{p}={v}" for p, v in by_proj.items()) + ", rest copy"
+        if op.op != "copy":
+            shown = OPS[op.op].value is not None and op.value is not None
+            by_proj[op.projection or op.name] = f"{op.op}({op.value:g})" if shown else op.op
+    return ", ".join(f"{p}={v}" for p, v in by_proj.items()) + ", rest copy" if by_proj else "copy"
+
+
+def layer_policy(plan: Plan, output: int) -> str:
+    return _describe([op for op in plan.tensors if op.layer == output])
 
 
 def plan_table(plan: Plan) -> str:
     """The layer map and totals, as `tli-recipe plan` prints them."""
     multi = len(plan.sources) > 1
     rows = [("out", "source", "role", "policy")]
+    by_layer = ops_by_layer(plan.tensors)  # one pass: the table stays linear in the plan's size
     with_next = {op.layer for op in plan.tensors if op.second_name}
     for e in plan.layers:
         src = f"{e.source}:{e.layer}" if multi else f"{e.layer}"
         if e.output in with_next:
             src += f"+{e.next_layer}"
-        rows.append((str(e.output), src, e.role + ("*" if e.role == "injected" else ""), layer_policy(plan, e.output)))
+        rows.append((str(e.output), src, e.role + ("*" if e.role == "injected" else ""), _describe(by_layer.get(e.output, []))))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"plan {plan.name}: {plan.architecture} from {plan.base_model}"]
     for r in rows:

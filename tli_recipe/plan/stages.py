@@ -1,89 +1,126 @@
-"""Training stages resolved against the output model: trainable layers, parameters, LoRA.
-"""
+"""Step 5 of compile_plan: training stages resolved against the output model (trainable layers,
+parameters, LoRA). The work is linear in the number of output tensors: ops are grouped by
+layer once, and each stage looks its layers up."""
 
 from __future__ import annotations
 
+from typing import Iterable, Optional
+
 from tli_recipe.plan.model import LayerEntry, LoraPlan, StagePlan, TensorOp
+from tli_recipe.plan.ops import zero_effect
 from tli_recipe.plan.problems import Problems
-from tli_recipe.recipe.schema import LayerSpan, Policy, Recipe
+from tli_recipe.recipe.schema import LayerSpan, Recipe, Stage
 from tli_recipe.source.arch import Architecture
 from tli_recipe.source.checkpoint import numel
 
-ZERO_INIT = ("zero", "zero_gain", "scale(0)")
+
+def ops_by_layer(ops: Iterable[TensorOp]) -> dict[Optional[int], list[TensorOp]]:
+    """Output layer -> its TensorOps (None: the tensors outside the decoder layers), in plan order."""
+    grouped: dict[Optional[int], list[TensorOp]] = {}
+    for op in ops:
+        grouped.setdefault(op.layer, []).append(op)
+    return grouped
 
 
-def unmoved_injected(earlier: list["StagePlan"], lora_layers: list[int], targets: list[str], ops: list[TensorOp],
+def _zeroed(op: TensorOp, arch: Optional[Architecture]) -> bool:
+    offset = arch.offset_of(op.projection) if arch is not None and op.projection in arch.projections else None
+    return op.projection is not None and zero_effect(op, offset)
+
+
+def zeroed_projections(by_layer: dict[Optional[int], list[TensorOp]], injected: list[int],
+                       arch: Optional[Architecture] = None) -> set[str]:
+    """Projections at an effective exact zero in the injected layers, judged from the ops themselves."""
+    return {op.projection for layer in injected for op in by_layer.get(layer, ()) if _zeroed(op, arch)}
+
+
+def unmoved_injected(earlier: list[StagePlan], lora_layers: list[int], targets: list[str], ops: list[TensorOp],
                      init: dict[str, str], injected: list[int]) -> tuple[list[int], list[str]]:
     """Injected layers that a LoRA stage can never move, and the zeroed projections its targets leave out.
 
-    In an injected layer whose output projections (or output norm gains) are zero, the block
-    outputs exactly 0 and adapters on its other projections get no gradient (METHODS.md
-    section 3). A layer whose zeroed tensors an earlier full-weight stage trained is no
-    longer zero, so it is not counted.
+    In an injected layer whose output projections (or output norm gains) are exactly zero, the
+    block outputs 0 and adapters on its other projections get no gradient through it. A layer
+    whose zeroed tensors an earlier full-weight stage trained is no longer zero, so it is not
+    counted. ``init`` is kept for callers; the zeros are read from the ops themselves.
     """
-    zeroed = sorted(p for p, policy in init.items() if policy in ZERO_INIT)
-    missing = [p for p in zeroed if p not in targets]
+    return _unmoved(earlier, set(lora_layers), set(targets), ops_by_layer(ops), injected, None)
+
+
+def _selected(stage: Stage, i: int, layers: list[LayerEntry], problems: Problems) -> tuple[set[int], set[str]]:
+    """The output layers and non-layer groups a stage's trainable selectors choose."""
+    chosen: set[int] = set()
+    groups: set[str] = set()
+    for j, sel in enumerate(stage.trainable):
+        if isinstance(sel, LayerSpan):
+            start, end = sel.layers
+            if end > len(layers):
+                n_injected = sum(e.role == "injected" for e in layers)
+                problems.add(("stages", i, "trainable", j, "layers"),
+                             f"[{start}, {end}] ends past the {len(layers)} output layers ({len(layers) - n_injected} "
+                             f"original + {n_injected} injected); expected end <= {len(layers)}")
+            chosen |= set(range(start, min(end, len(layers))))
+        elif sel == "all":
+            chosen |= {e.output for e in layers}
+            if stage.lora is None:  # a full stage trains everything; LoRA adapts the layers
+                groups |= {"embeddings", "head"}
+        elif sel in ("injected", "original"):
+            chosen |= {e.output for e in layers if e.role == sel}
+        else:
+            groups.add(sel)
+    return chosen, groups
+
+
+def resolve_stage(stage: Stage, i: int, layers: list[LayerEntry], by_layer: dict[Optional[int], list[TensorOp]],
+                  arch: Architecture, earlier: list[StagePlan], problems: Problems, warnings: list[str]) -> StagePlan:
+    """One stage: its trainable layers, the names and element count of what trains, its LoRA."""
+    chosen, groups = _selected(stage, i, layers, problems)
+    layer_ops = [op for layer in sorted(chosen) for op in by_layer.get(layer, ())]
+    lora = None
+    if stage.lora is None:
+        groups_of = {name: spec.get("group") for name, spec in arch.tensors.items()}
+        trained = layer_ops + [op for op in by_layer.get(None, ()) if groups_of.get(op.name) in groups]
+    else:
+        targets = set(stage.lora.targets)
+        trained = [op for op in layer_ops if op.projection in targets and op.name.endswith(".weight")]
+        for j, sel in enumerate(stage.trainable):
+            if sel in ("embeddings", "head"):
+                problems.add(("stages", i, "trainable", j),
+                             f"LoRA adapts linear layers only; '{sel}' cannot get adapters; expected layer groups "
+                             "(injected, original, all, {layers: [start, end]}) in a LoRA stage, or a stage without lora")
+        injected = [e.output for e in layers if e.role == "injected"]
+        stuck, missing = _unmoved(earlier, chosen, targets, by_layer, injected, arch)
+        if stuck and not stage.lora.allow_frozen_injected:
+            warnings.append(f"stage '{stage.name}': LoRA targets leave out {', '.join(missing)}, which are zero in the "
+                            f"injected layers {stuck}; adapters on the other projections of those layers get no "
+                            "gradient through a zero output, so the injected layers never move; `train` and `emit` "
+                            "refuse this stage unless lora.allow_frozen_injected is true")
+        lora = LoraPlan(r=stage.lora.r, alpha=stage.lora.alpha, dropout=stage.lora.dropout,
+                        targets=list(stage.lora.targets), layers=sorted(chosen))
+    # LoRA targets the architecture lacks are reported by check_lora_targets; an empty
+    # selection that follows from them is not a second problem.
+    unknown_targets = stage.lora is not None and any(t not in arch.projections for t in stage.lora.targets)
+    if not trained and not unknown_targets:
+        problems.add(("stages", i, "trainable"), "selects no parameter of the output model; expected at least one layer")
+    return StagePlan(name=stage.name, trainable_layers=sorted(chosen), trainable_groups=sorted(groups),
+                     parameters=[op.name for op in trained], lora=lora,
+                     trainable_parameters=sum(numel(op.shape) for op in trained), settings=stage)
+
+
+def _unmoved(earlier: list[StagePlan], chosen: set[int], targets: set[str], by_layer: dict[Optional[int], list[TensorOp]],
+             injected: list[int], arch: Optional[Architecture]) -> tuple[list[int], list[str]]:
+    missing = sorted(zeroed_projections(by_layer, injected, arch) - targets)
     if not missing:
         return [], []
     trained = {name for stage in earlier if stage.lora is None for name in stage.parameters}
-    stuck = []
-    for layer in injected:
-        if layer in lora_layers:
-            names = [op.name for op in ops if op.layer == layer and op.projection in missing]
-            if names and not all(name in trained for name in names):
-                stuck.append(layer)
+    stuck = [layer for layer in injected if layer in chosen
+             and (names := [op.name for op in by_layer.get(layer, ()) if op.projection in missing and _zeroed(op, arch)])
+             and not all(name in trained for name in names)]
     return stuck, (missing if stuck else [])
 
 
 def resolve_stages(recipe: Recipe, problems: Problems, layers: list[LayerEntry], ops: list[TensorOp],
-                    arch: Architecture, policies: dict[str, Policy], warnings: list[str]) -> list[StagePlan]:
-    groups_of = {name: spec.get("group") for name, spec in arch.tensors.items()}
-    stages = []
+                   arch: Architecture, warnings: list[str]) -> list[StagePlan]:
+    by_layer = ops_by_layer(ops)
+    stages: list[StagePlan] = []
     for i, stage in enumerate(recipe.stages):
-        chosen: set[int] = set()
-        groups: set[str] = set()
-        for j, sel in enumerate(stage.trainable):
-            if isinstance(sel, LayerSpan):
-                start, end = sel.layers
-                if end > len(layers):
-                    n_injected = sum(e.role == "injected" for e in layers)
-                    problems.add(("stages", i, "trainable", j, "layers"),
-                                 f"[{start}, {end}] ends past the {len(layers)} output layers ({len(layers) - n_injected} "
-                                 f"original + {n_injected} injected); expected end <= {len(layers)}")
-                chosen |= set(range(start, min(end, len(layers))))
-            elif sel == "all":
-                chosen |= {e.output for e in layers}
-                if stage.lora is None:  # a full stage trains everything; LoRA adapts the layers
-                    groups |= {"embeddings", "head"}
-            elif sel in ("injected", "original"):
-                chosen |= {e.output for e in layers if e.role == sel}
-            else:
-                groups.add(sel)
-        layer_ops = [op for op in ops if op.layer in chosen]
-        if stage.lora is None:
-            params = [op.name for op in layer_ops] + [op.name for op in ops if op.layer is None and groups_of.get(op.name) in groups]
-            lora = None
-        else:
-            targets = set(stage.lora.targets)
-            params = [op.name for op in layer_ops if op.projection in targets and op.name.endswith(".weight")]
-            for j, sel in enumerate(stage.trainable):
-                if sel in ("embeddings", "head"):
-                    problems.add(("stages", i, "trainable", j),
-                                 f"LoRA adapts linear layers only; '{sel}' cannot get adapters; expected layer groups "
-                                 "(injected, original, all, {layers: [start, end]}) in a LoRA stage, or a stage without lora")
-            injected_here, missing = unmoved_injected(stages, sorted(chosen), list(stage.lora.targets), ops,
-                                                      {p: str(pol) for p, pol in policies.items()},
-                                                      [e.output for e in layers if e.role == "injected"])
-            if injected_here and not stage.lora.allow_frozen_injected:
-                warnings.append(f"stage '{stage.name}': LoRA targets leave out {', '.join(missing)}, which are zero in the "
-                                f"injected layers {injected_here}; adapters on the other projections of those layers get no "
-                                "gradient through a zero output, so the injected layers never move; `train` and `emit` "
-                                "refuse this stage unless lora.allow_frozen_injected is true")
-            lora = LoraPlan(r=stage.lora.r, alpha=stage.lora.alpha, dropout=stage.lora.dropout,
-                            targets=list(stage.lora.targets), layers=sorted(chosen))
-        count = sum(numel(op.shape) for op in ops if op.name in set(params))
-        if not params:
-            problems.add(("stages", i, "trainable"), "selects no parameter of the output model; expected at least one layer")
-        stages.append(StagePlan(name=stage.name, trainable_layers=sorted(chosen), trainable_groups=sorted(groups),
-                                parameters=params, lora=lora, trainable_parameters=count))
+        stages.append(resolve_stage(stage, i, layers, by_layer, arch, stages, problems, warnings))
     return stages

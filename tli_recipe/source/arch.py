@@ -8,8 +8,6 @@ layer index is always one whole path segment (``layers.1.`` never matches ``laye
 
 from __future__ import annotations
 
-import ast
-import operator
 import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -18,55 +16,10 @@ from typing import Any, Iterable, Mapping, Optional
 
 import yaml
 
-from tli_recipe.errors import TliError
+from tli_recipe.source.rules import ArchError, config_value, evaluate, evaluate_rule
 
-
-class ArchError(TliError):
-    """No definition fits a checkpoint, or a definition file is broken."""
-
-
-# --- shape expressions ---------------------------------------------------------------
-
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
-_COMPARE = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
-            ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b,
-}
-_BINOPS[ast.Mod] = operator.mod
-
-
-def evaluate(expr: Any, names: Mapping[str, Any]) -> Any:
-    """Evaluate a shape or condition expression over config values.
-
-    Allowed: numbers, quoted strings, config key names, ``+ - * // %``, comparisons (``in`` too),
-    ``and``/``or``/``not``, ``x if cond else y`` and parentheses. Nothing else, so a
-    definition file cannot run code.
-    """
-    if isinstance(expr, (int, float, bool)) or expr is None:
-        return expr
-
-    def walk(node: ast.AST) -> Any:
-        if isinstance(node, ast.Expression):
-            return walk(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool, str)):
-            return node.value
-        if isinstance(node, ast.Name):
-            if node.id not in names:
-                raise KeyError(node.id)
-            return names[node.id]
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            return _BINOPS[type(node.op)](walk(node.left), walk(node.right))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-            return not walk(node.operand)
-        if isinstance(node, ast.BoolOp):
-            values = [walk(v) for v in node.values]
-            return all(values) if isinstance(node.op, ast.And) else any(values)
-        if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _COMPARE:
-            return _COMPARE[type(node.ops[0])](walk(node.left), walk(node.comparators[0]))
-        if isinstance(node, ast.IfExp):
-            return walk(node.body) if walk(node.test) else walk(node.orelse)
-        raise ValueError(f"unsupported expression {ast.dump(node)}")
-
-    return walk(ast.parse(str(expr), mode="eval"))
+__all__ = ["ArchError", "Architecture", "Module", "Projection", "evaluate", "evaluate_rule", "find_architecture",
+           "infer_architecture", "load_architectures"]
 
 
 # --- definitions -----------------------------------------------------------------------
@@ -114,12 +67,16 @@ class Architecture:
     index_lists: dict[str, str] = field(default_factory=dict)    # key listing layer indices -> membership expression
     index_list_resets: dict[str, Any] = field(default_factory=dict)  # keys set when index lists are rewritten
     config_path: tuple[str, ...] = ()  # where the decoder's config lives (("text_config",) for a VLM)
+    num_layers_key: str = ""         # the decoder config key holding the layer count
+    vocab_key: str = ""              # the decoder config key holding the vocabulary size
+    layers_pattern: str = ""         # the peft layers_pattern: the module list holding the decoder layers
     notes: str = ""
     source_file: str = ""
     inferred: bool = False           # built from tensor names, not from a definition file
     layer_prefix: str = ""           # the prefix in use (set by for_checkpoint)
     _layer_re: re.Pattern = field(init=False, repr=False, compare=False)
     _module_res: tuple = field(init=False, repr=False, compare=False)
+    _projections_of: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         prefix = self.layer_prefix or self.layer_prefixes[0]
@@ -128,6 +85,7 @@ class Architecture:
         if not sep:
             raise ArchError(f"{self.source_file}: layer prefix {prefix!r} has no {{layer}} placeholder")
         object.__setattr__(self, "_layer_re", re.compile("^" + re.escape(head) + f"({_INDEX})" + re.escape(tail) + "(.+)$"))
+        object.__setattr__(self, "_projections_of", {})
         object.__setattr__(self, "_module_res", tuple(
             (proj.name, _compile_module(m.path)) for proj in self.projections.values() for m in proj.modules))
 
@@ -152,10 +110,15 @@ class Architecture:
     def projection_of(self, suffix: str) -> Optional[str]:
         """The projection a layer tensor belongs to: ``mlp.down_proj.bias`` and
         ``mlp.experts.7.down_proj.weight`` -> ``down_proj``; None for tensors of no projection."""
-        for name, pattern in self._module_res:
-            if pattern.match(suffix):
-                return name
-        return None
+        cache = self._projections_of
+        if suffix not in cache:  # suffixes repeat in every layer: match each one once
+            cache[suffix] = next((name for name, pattern in self._module_res if pattern.match(suffix)), None)
+        return cache[suffix]
+
+    @property
+    def linear_projections(self) -> list[str]:
+        """The projections that are linear layers (LoRA can target them): every one that is not a norm."""
+        return [name for name, proj in self.projections.items() if not proj.norm]
 
     def offset_of(self, projection: str) -> float:
         return self.norm_offset if self.projections[projection].norm else 0.0
@@ -165,6 +128,8 @@ class Architecture:
         """The part of config.json that describes the decoder (a VLM nests it in text_config)."""
         for key in self.config_path:
             config = config.get(key) or {}
+            if not isinstance(config, Mapping):
+                raise ArchError(f"config.json {key} is {config_value(config)}; expected the decoder's config as a mapping")
         return dict(config)
 
     def names(self, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -172,7 +137,7 @@ class Architecture:
                   if isinstance(v, (int, float, bool, str, list)) or v is None}
         for key, expr in self.defaults.items():
             if values.get(key) is None:
-                values[key] = evaluate(expr, values)
+                values[key] = evaluate_rule(expr, values, key)
         return values
 
     def derive_list(self, key: str, config: Mapping[str, Any], num_layers: int) -> Optional[list]:
@@ -181,11 +146,11 @@ class Architecture:
         if expr is None:
             return None
         names = self.names(config)
-        return [evaluate(expr, {**names, "layer": i}) for i in range(num_layers)]
+        return [evaluate_rule(expr, {**names, "layer": i}, key) for i in range(num_layers)]
 
-    def layer_flags(self, expr: str, config: Mapping[str, Any], num_layers: int) -> list[bool]:
+    def layer_flags(self, expr: str, config: Mapping[str, Any], num_layers: int, what: str = "the layer list") -> list[bool]:
         names = self.names(config)
-        return [bool(evaluate(expr, {**names, "layer": i})) for i in range(num_layers)]
+        return [bool(evaluate_rule(expr, {**names, "layer": i}, what)) for i in range(num_layers)]
 
     def expected_tensors(self, config: Mapping[str, Any], num_layers: int) -> dict[str, tuple[int, ...]]:
         """Every decoder tensor a checkpoint of this architecture has, with its shape, from config.json alone."""
@@ -193,25 +158,28 @@ class Architecture:
         try:
             out: dict[str, tuple[int, ...]] = {}
             for tensor, spec in self.tensors.items():
-                if evaluate(spec.get("when", 1), names):
-                    out[tensor] = tuple(int(evaluate(e, names)) for e in spec["shape"])
+                if evaluate_rule(spec.get("when", 1), names, tensor):
+                    out[tensor] = tuple(int(evaluate_rule(e, names, tensor)) for e in spec["shape"])
             for layer in range(num_layers):
                 scope = {**names, "layer": layer}
                 for proj in self.projections.values():
                     for m in proj.modules:
-                        if not evaluate(m.when, scope):
+                        if not evaluate_rule(m.when, scope, m.path):
                             continue
-                        shape = tuple(int(evaluate(e, scope)) for e in m.shape)
-                        count = int(evaluate(m.experts, scope)) if m.experts is not None else None
+                        shape = tuple(int(evaluate_rule(e, scope, m.path)) for e in m.shape)
+                        count = int(evaluate_rule(m.experts, scope, m.path)) if m.experts is not None else None
                         for e in range(count) if count is not None else [None]:
                             path = m.path.replace("{expert}", str(e)) if e is not None else m.path
                             out[self.layer_key(layer, path + ".weight")] = shape
-                            if evaluate(m.bias, scope):
+                            if evaluate_rule(m.bias, scope, m.path):
                                 out[self.layer_key(layer, path + ".bias")] = shape[:1]
                         break  # the first spelling that applies is the one a checkpoint has
             return out
         except KeyError as exc:
             raise ArchError(f"config.json has no '{exc.args[0]}', which the {self.name} definition needs for tensor shapes") from None
+        except (TypeError, ValueError):
+            raise ArchError(f"config.json holds a non-integer tensor width, which the {self.name} definition needs for "
+                            "tensor shapes; expected integer sizes (hidden_size, intermediate_size, ...)") from None
 
 
 def _load_file(path: str, text: str) -> dict:
@@ -232,6 +200,13 @@ def _projection(name: str, spec: Any, path: str) -> Projection:
         modules.append(Module(path=entry["module"], shape=tuple(entry["shape"]), bias=entry.get("bias", 0),
                               when=entry.get("when", 1), experts=entry.get("experts")))
     return Projection(name=name, modules=tuple(modules), norm=bool(spec.get("norm", False)) if isinstance(spec, dict) else False)
+
+
+def _required(data: dict, key: str, path: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise ArchError(f"{path}: {key} must be a non-empty string (set in the definition or the one it extends)")
+    return value
 
 
 _MERGED = ("defaults", "tensors", "projections", "derived_lists", "identity_branches", "index_lists", "index_list_resets")
@@ -291,6 +266,9 @@ def load_architectures() -> dict[str, Architecture]:
             index_lists=dict(d.get("index_lists", {})),
             index_list_resets=dict(d.get("index_list_resets", {})),
             config_path=tuple(d.get("config_path", ())),
+            num_layers_key=_required(d, "num_layers_key", path),
+            vocab_key=_required(d, "vocab_key", path),
+            layers_pattern=_required(d, "layers_pattern", path),
             notes=str(d.get("notes", "")).strip(),
             source_file=path,
         )
@@ -302,11 +280,16 @@ def find_architecture(config: Mapping[str, Any], tensor_names: Iterable[str] = (
     prefix its tensors use; an unknown architecture is inferred from tensor names when possible."""
     archs = load_architectures()
     names = list(tensor_names)
-    declared = list(config.get("architectures") or [])
+    declared = config.get("architectures") or []
+    if not isinstance(declared, list) or not all(isinstance(a, str) for a in declared):
+        raise ArchError(f"config.json architectures is {config_value(declared)}; expected a list of model class "
+                        "names such as [\"LlamaForCausalLM\"]")
     for arch in archs.values():
         if any(a in arch.architectures for a in declared):
             return arch.for_checkpoint(names)
     model_type = config.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise ArchError(f"config.json model_type is {config_value(model_type)}; expected a string such as \"llama\"")
     for arch in archs.values():
         if model_type in arch.model_types:
             return arch.for_checkpoint(names)
@@ -323,40 +306,45 @@ def find_architecture(config: Mapping[str, Any], tensor_names: Iterable[str] = (
     )
 
 
-_LAYER_GUESS = re.compile(r"^(.*?\b(?:layers|layer|h|blocks|block|decoder_layers)\.)(" + _INDEX + r")\.(.+)$")
+_LAYER_GUESS = re.compile(r"^(.*?\b(layers|layer|h|blocks|block|decoder_layers)\.)(" + _INDEX + r")\.(.+)$")
 
 
 def infer_architecture(what: str, names: list[str]) -> Optional[Architecture]:
     """A definition guessed from tensor names: the most common ``<prefix>.<N>.`` run is the layer
-    stack; a tensor whose module is named like a known projection (``o_proj``, ``down_proj``...)
-    belongs to it. Returns None when no layer stack is found."""
-    from tli_recipe.recipe.schema import PROJECTIONS
-
+    stack; a tensor whose module is named like a projection of any definition (``o_proj``,
+    ``down_proj``, ``router``...) belongs to it. Returns None when no layer stack is found."""
+    archs = load_architectures()
+    known = {p for arch in archs.values() for p in arch.projections}
     counts: dict[str, set[int]] = {}
+    pattern_of: dict[str, str] = {}
     for n in names:
         m = _LAYER_GUESS.match(n)
         if m:
-            counts.setdefault(m.group(1), set()).add(int(m.group(2)))
+            counts.setdefault(m.group(1), set()).add(int(m.group(3)))
+            pattern_of[m.group(1)] = m.group(2)
     if not counts:
         return None
     head = max(counts, key=lambda k: len(counts[k]))
     prefix = head + "{layer}."
-    suffixes = sorted({m.group(3) for n in names if (m := _LAYER_GUESS.match(n)) and m.group(1) == head})
+    suffixes = sorted({m.group(4) for n in names if (m := _LAYER_GUESS.match(n)) and m.group(1) == head})
     modules: dict[str, set[str]] = {}
     for suffix in suffixes:
         module = suffix.rsplit(".", 1)[0]
         leaf = module.rsplit(".", 1)[-1]
-        if leaf in PROJECTIONS:
+        if leaf in known:
             modules.setdefault(leaf, set()).add(re.sub(r"\.(?:0|[1-9][0-9]*)\.", ".{expert}.", module))
     projections = {p: Projection(p, tuple(Module(path=m, shape=()) for m in sorted(ms)), norm="norm" in p)
                    for p, ms in modules.items()}
     # Both branches are always checked: a branch whose output projection was not recognised
     # cannot be shown to add zero, so such a plan is never called function-preserving.
     branches = {"attention": ({"o_proj": "zero"},), "mlp": ({"down_proj": "zero"},)}
+    # Config keys follow the Hugging Face conventions that the llama definition states.
+    conventions = archs["llama"]
     return Architecture(
         name=f"inferred:{what}", architectures=(what,), model_types=(), layer_prefixes=(prefix,), defaults={},
         tensors={}, projections=projections, identity_branches=branches,
         recommended_init={p: "zero" for p in ("o_proj", "down_proj") if p in projections},
+        num_layers_key=conventions.num_layers_key, vocab_key=conventions.vocab_key, layers_pattern=pattern_of[head],
         notes=f"inferred from tensor names: layer prefix {prefix!r}, projections {', '.join(sorted(projections)) or 'none'}",
         source_file="(inferred)", inferred=True,
     )
