@@ -1,4 +1,4 @@
-"""Templates -> plain YAML recipes: sandboxed jinja2, typed variables, variants.
+"""Templates -> plain YAML recipes: sandboxed jinja2, typed variables (``values``), one rendering at a time.
 
 A template (``recipes/templates/*.yaml.j2``) is YAML front matter declaring its
 variables, then a jinja2 body that renders to a recipe::
@@ -18,29 +18,29 @@ mutates, no file access (no loader: include, import and extends fail), no enviro
 and no source of randomness (``random`` and ``lipsum`` are removed), so a template
 renders the same text every time. ``plan`` is a reserved name: the layer and
 parameter counts of the rendered recipe's plan, for comment headers (rendered twice,
-and the recipe data must not depend on it). jinja2 is imported only here.
+and the recipe data must not depend on it). jinja2 is imported only here and in
+``variants`` (grids and matrix files of many renderings).
 """
 
 from __future__ import annotations
 
-import itertools
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Optional
 
 import jinja2
 import jinja2.meta
-import yaml
 from jinja2 import StrictUndefined, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from pydantic import Field
 
-from tli_recipe.errors import Problem, RecipeError, TliError, did_you_mean, show
+from tli_recipe.errors import Problem, RecipeError, did_you_mean
+from tli_recipe.library.values import Variable, _range_error, _type_error
 from tli_recipe.recipe.load import (
     LoadedRecipe,
     Marks,
+    load_data,
     load_recipe,
     read_recipe,
     read_text,
@@ -48,7 +48,6 @@ from tli_recipe.recipe.load import (
 )
 from tli_recipe.recipe.schema import Strict
 
-TYPES = ("str", "int", "float", "bool", "list", "mapping")
 RESERVED = ("plan",)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Largest string or list a template may build with * (a shared template must not exhaust memory).
@@ -56,21 +55,6 @@ MAX_SIZE = 1_000_000
 
 
 # --- front matter -------------------------------------------------------------------
-
-class Variable(Strict):
-    """One template variable: its type, default and allowed values."""
-
-    type: Literal["str", "int", "float", "bool", "list", "mapping"] = Field(default="str", description="Type of the value: --var values are parsed and checked as this type.")
-    default: Any = Field(default=None, description="Value when none is given; without a default the variable is required.")
-    choices: Optional[list[Any]] = Field(default=None, min_length=1, description="The allowed values.")
-    min: Optional[float] = Field(default=None, description="Smallest allowed value (int and float).")
-    max: Optional[float] = Field(default=None, description="Largest allowed value (int and float).")
-    help: Optional[str] = Field(default=None, description="What the variable means, shown in errors.")
-
-    @property
-    def required(self) -> bool:
-        return "default" not in self.model_fields_set
-
 
 class FrontMatter(Strict):
     """The YAML between the two ``---`` lines at the top of a template."""
@@ -205,123 +189,6 @@ def _variable_problems(name: str, var: Variable) -> list[tuple[tuple, str]]:
     return problems
 
 
-# --- values --------------------------------------------------------------------------
-
-def _type_error(kind: str, value: Any) -> Optional[str]:
-    ok = {
-        "str": isinstance(value, str),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "list": isinstance(value, list),
-        "mapping": isinstance(value, dict),
-    }[kind]
-    if ok:
-        return None
-    hint = f" (quote it: '{value}')" if kind == "str" and isinstance(value, (int, float, bool)) else ""
-    return f"{show(value)} is not {'an' if kind == 'int' else 'a'} {kind}{hint}; expected a value of type {kind}"
-
-
-def _range_error(var: Variable, value: Any) -> Optional[str]:
-    if var.choices is not None and value not in var.choices:
-        return f"{show(value)} is not allowed{did_you_mean(str(value), [str(c) for c in var.choices])}; expected one of: {', '.join(show(c) for c in var.choices)}"
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if (var.min is not None or var.max is not None) and not numeric:
-        return f"min and max apply to int and float variables, and {show(value)} is a {type(value).__name__}; remove them or change the type"
-    if var.min is not None and value < var.min:
-        return f"must be >= {var.min:g}, got {show(value)}"
-    if var.max is not None and value > var.max:
-        return f"must be <= {var.max:g}, got {show(value)}"
-    return None
-
-
-def parse_text(kind: str, raw: str) -> Any:
-    """A --var value as its declared type; ValueError with 'what is wrong; what is expected'."""
-    if kind == "str":
-        return raw
-    if kind == "int":
-        if not re.fullmatch(r"[+-]?\d+", raw.strip()):
-            raise ValueError(f"'{raw}' is not an int; expected an integer such as 4")
-        return int(raw)
-    if kind == "float":
-        try:
-            return float(raw)
-        except ValueError:
-            raise ValueError(f"'{raw}' is not a float; expected a number such as 0.01") from None
-    if kind == "bool":
-        if raw.strip().lower() not in ("true", "false"):
-            raise ValueError(f"'{raw}' is not a bool; expected true or false")
-        return raw.strip().lower() == "true"
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = None
-    if kind == "list" and not isinstance(value, list):
-        raise ValueError(f"'{raw}' is not a list; expected YAML such as [0, 8]")
-    if kind == "mapping" and not isinstance(value, dict):
-        raise ValueError(f"'{raw}' is not a mapping; expected YAML such as {{key: value}}")
-    return value
-
-
-def check_value(template: Template, name: str, value: Any, where: tuple[str, int, int], from_text: bool) -> tuple[Any, Optional[Problem]]:
-    """``value`` for variable ``name`` typed and checked; (value, None) or (None, problem at ``where``)."""
-    if name not in template.variables:
-        known = list(template.variables)
-        return None, Problem((name,), f"unknown variable '{name}'{did_you_mean(name, known)}; expected one of: "
-                                      f"{', '.join(known) or '(the template declares none)'}", *where)
-    var = template.variables[name]
-    if from_text:
-        try:
-            value = parse_text(var.type, value)
-        except ValueError as exc:
-            return None, Problem((name,), str(exc) + _help(var), *where)
-    error = _type_error(var.type, value) or _range_error(var, value)
-    if error:
-        return None, Problem((name,), error + _help(var), *where)
-    return value, None
-
-
-def _help(var: Variable) -> str:
-    return f" ({var.help})" if var.help else ""
-
-
-def parse_var_options(template: Template, items: Iterable[str], option: str = "--var") -> dict[str, Any]:
-    """``--var key=value`` options -> typed values; all problems together."""
-    values: dict[str, Any] = {}
-    problems: list[Problem] = []
-    for item in items:
-        key, sep, raw = item.partition("=")
-        where = (f"{option} {item}", 1, len(option) + 2)
-        if not sep or not key.strip():
-            problems.append(Problem((), "expected name=value", *where))
-            continue
-        value, problem = check_value(template, key.strip(), raw, (where[0], 1, len(option) + len(key) + 3), from_text=True)
-        if problem:
-            problems.append(problem)
-        else:
-            values[key.strip()] = value
-    if problems:
-        raise RecipeError(problems)
-    return values
-
-
-def complete(template: Template, values: dict[str, Any]) -> dict[str, Any]:
-    """Defaults filled in; a required variable without a value is an error at its declaration."""
-    out = {}
-    problems = []
-    for name, var in template.variables.items():
-        if name in values:
-            out[name] = values[name]
-        elif not var.required:
-            out[name] = var.default
-        else:
-            problems.append(Problem((name,), f"has no default and no value; expected --var {name}=VALUE{_help(var)}",
-                                    *template.where(name)))
-    if problems:
-        raise RecipeError(problems)
-    return out
-
-
 # --- rendering -----------------------------------------------------------------------
 
 def render_text(template: Template, values: dict[str, Any], plan: Optional[dict] = None) -> str:
@@ -401,186 +268,9 @@ def render_recipe(template: Template, values: dict[str, Any], label: str, config
                                        f"stored configs ({', '.join(map(str, configs)) or 'none given'}); expected --configs DIR "
                                        f"holding {base.path.replace('/', '__')}/config.json", template.file, 1, 1)])
         final = render_text(template, values, plan_values(plan))
-        if yaml.safe_load(final) != yaml.safe_load(text):
+        if load_data(final, template.file) != load_data(text, template.file):
             raise RecipeError([Problem(("template",), "the recipe's data depends on `plan`; expected `plan` in comments only "
                                        "(the plan is computed from the recipe)", template.file, 1, 1)])
         text = final
         loaded = load_recipe(label, text=text)
     return Rendered(values=values, text=text, loaded=loaded, plan=plan, found=found)
-
-
-# --- variants -------------------------------------------------------------------------
-
-def combinations(grid: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any]]]:
-    """The cartesian product of the grid as (label, values); an axis value that is a mapping sets
-    several variables at once (labelled by its first value)."""
-    axes = [[(name, v) for v in values] for name, values in grid.items()]
-    out = []
-    for combo in itertools.product(*axes):
-        values: dict[str, Any] = {}
-        labels = []
-        for name, v in combo:
-            values.update(v if isinstance(v, dict) else {name: v})
-            shown = next(iter(v.values()), "") if isinstance(v, dict) else v
-            labels.append(f"{name}={shown if isinstance(shown, str) else show(shown)}")
-        out.append((" ".join(labels) or "(no grid)", values))
-    return out
-
-
-def variant_name(rendered_name: Optional[str], template: Template, values: dict[str, Any], keys: list[str]) -> str:
-    """The recipe's own ``name`` when it has one, else the template's stem and the grid values."""
-    if rendered_name:
-        return rendered_name
-    stem = Path(template.file).name.removesuffix(".j2").removesuffix(".yaml")
-    slug = "-".join(re.sub(r"[^A-Za-z0-9.]+", "-", f"{k}{values[k]}").strip("-") for k in keys if k in values)
-    return f"{stem}-{slug}" if slug else stem
-
-
-class Matrix(Strict):
-    """A shareable sweep: a template, fixed values and a grid (``recipes/matrices/*.yaml``)."""
-
-    template: str = Field(min_length=1, description="The template, relative to this file.")
-    out_dir: str = Field(default=".", min_length=1, description="Where the recipes are written, relative to this file.")
-    configs: list[str] = Field(default_factory=list, description="Folders of stored configs (org__name/config.json), relative to this file, for models that are not local.")
-    vars: dict[str, Any] = Field(default_factory=dict, description="Values of every combination.")
-    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict, description="Variable -> values; one recipe per combination. A value that is a mapping sets several variables at once.")
-
-
-@dataclass
-class Sweep:
-    """What `variants` renders: a template, typed fixed values, typed combinations, where to write."""
-
-    template: Template
-    fixed: dict[str, Any]
-    combos: list[tuple[str, dict[str, Any]]]  # (label, values)
-    grid_keys: list[str]
-    out_dir: Optional[Path]
-    configs: list[Path]
-
-
-def read_matrix(path: str | Path) -> tuple[Matrix, Marks]:
-    data, marks = read_recipe(path)
-    return validate_model(Matrix, data, marks), marks
-
-
-def sweep_from_matrix(path: str | Path) -> Sweep:
-    matrix, marks = read_matrix(path)
-    here = Path(path).parent
-    template = read_template(here / matrix.template)
-    problems: list[Problem] = []
-    fixed = {}
-    for name, value in matrix.vars.items():
-        checked, problem = check_value(template, name, value, marks.locate(("vars", name), prefer_key=True), from_text=False)
-        problems += [problem] if problem else []
-        fixed[name] = checked
-    grid: dict[str, list[Any]] = {}
-    for axis, values in matrix.grid.items():
-        if axis in matrix.vars:
-            problems.append(marks.problem(("grid", axis), f"'{axis}' is also in vars; expected each variable in vars or grid, not both", prefer_key=True))
-        grid[axis] = []
-        if axis not in template.variables and not all(isinstance(v, dict) for v in values):
-            problems.append(check_value(template, axis, None, marks.locate(("grid", axis), prefer_key=True), from_text=False)[1])
-            continue
-        for i, value in enumerate(values):
-            if isinstance(value, dict):
-                for name, v in value.items():
-                    checked, problem = check_value(template, name, v, marks.locate(("grid", axis, i, name), prefer_key=True), from_text=False)
-                    problems += [problem] if problem else []
-                grid[axis].append(value)
-            else:
-                checked, problem = check_value(template, axis, value, marks.locate(("grid", axis, i)), from_text=False)
-                problems += [problem] if problem else []
-                grid[axis].append(checked)
-    if problems:
-        raise RecipeError(problems)
-    keys = list(dict.fromkeys(k for axis, values in grid.items() for v in values for k in (v if isinstance(v, dict) else {axis: v})))
-    return Sweep(template, fixed, combinations(grid), keys, here / matrix.out_dir,
-                 [Path(os.path.normpath(here / c)) for c in matrix.configs])
-
-
-def sweep_from_options(template_path: str, var_items: Iterable[str], grid_items: Iterable[str]) -> Sweep:
-    """A sweep from ``--var key=value`` and ``--grid key=v1,v2`` options (scalar types only in --grid)."""
-    template = read_template(template_path)
-    fixed = parse_var_options(template, var_items)
-    grid: dict[str, list[Any]] = {}
-    problems = []
-    for item in grid_items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key or not raw.strip():
-            problems.append(Problem((), "expected name=value1,value2,...", f"--grid {item}", 1, 8))
-            continue
-        if key in fixed or key in grid:
-            problems.append(Problem((key,), f"'{key}' is given twice (--var or --grid); expected each variable once", f"--grid {item}", 1, 8))
-            continue
-        grid[key] = []
-        column = len("--grid ") + len(key) + 2
-        for part in raw.split(","):
-            value, problem = check_value(template, key, part.strip(), (f"--grid {item}", 1, column), from_text=True)
-            column += len(part) + 1
-            if problem:
-                problems.append(problem)
-            else:
-                grid[key].append(value)
-    if problems:
-        raise RecipeError(problems)
-    return Sweep(template, fixed, combinations(grid), list(grid), None, [])
-
-
-@dataclass
-class Variant:
-    label: str  # the combination, e.g. "every=2 size=1b"
-    file: Path
-    rendered: Optional[Rendered] = None
-    problems: list[Problem] = field(default_factory=list)
-
-
-@dataclass
-class VariantsError(RecipeError):
-    """Invalid combinations, each named, with its problems located in its rendered recipe."""
-
-    failed: list[Variant] = field(default_factory=list)
-    total: int = 0
-
-    def __str__(self) -> str:
-        lines = [f"{len(self.failed)} of {self.total} combinations {'is' if len(self.failed) == 1 else 'are'} invalid; nothing was written"]
-        for v in self.failed:
-            lines.append(f"combination {v.label} ({v.file}):")
-            lines += [str(p) for p in v.problems]
-        return "\n".join(lines)
-
-
-def render_variants(sweep: Sweep, out_dir: Path, configs: Iterable[Path] = ()) -> list[Variant]:
-    """Render and validate every combination; a VariantsError names each invalid one (then nothing may be written)."""
-    configs = list(sweep.configs) + [c for c in configs if c not in sweep.configs]
-    out_dir = Path(os.path.normpath(out_dir))
-    complete(sweep.template, {**sweep.fixed, **sweep.combos[0][1]})  # a missing value: one message, not one per combination
-    variants: list[Variant] = []
-    for label, combo in sweep.combos:
-        values = complete(sweep.template, {**sweep.fixed, **combo})
-        try:
-            data = yaml.safe_load(render_text(sweep.template, values))
-        except yaml.YAMLError:
-            data = None
-        except RecipeError as exc:
-            variants.append(Variant(label, out_dir / f"{variant_name(None, sweep.template, values, sweep.grid_keys)}.yaml", problems=exc.problems))
-            continue
-        own = data.get("name") if isinstance(data, dict) and isinstance(data.get("name"), str) else None
-        variant = Variant(label, out_dir / f"{variant_name(own, sweep.template, values, sweep.grid_keys)}.yaml")
-        try:
-            variant.rendered = render_recipe(sweep.template, values, str(variant.file), configs)
-        except RecipeError as exc:
-            variant.problems = exc.problems
-        except TliError as exc:  # a source that cannot be planned (an inconsistent config...)
-            variant.problems = [Problem((), str(exc), str(variant.file), 1, 1)]
-        variants.append(variant)
-    seen: dict[Path, Variant] = {}
-    for v in variants:
-        if v.file in seen and not v.problems:
-            v.problems = [v.rendered.loaded.marks.problem(("name",), f"the combinations {seen[v.file].label} and {v.label} both "
-                                                          f"render to {v.file.name}; expected a name that depends on every grid variable")]
-        seen.setdefault(v.file, v)
-    failed = [v for v in variants if v.problems]
-    if failed:
-        raise VariantsError(problems=[p for v in failed for p in v.problems], failed=failed, total=len(variants))
-    return variants

@@ -1,20 +1,25 @@
 """Read a recipe file, keeping the line and column of every key and value.
 
-``read_recipe`` returns the plain data plus a :class:`Marks` table; ``validate_recipe``
-runs the pydantic models and turns their errors into ``file:line:col`` problems.
+``read_recipe`` returns the plain data plus a :class:`Marks` table; ``validate_model`` (in
+``recipe/validate.py``) runs the pydantic models and turns their errors into ``file:line:col`` problems.
 No torch, no transformers: this module is on the fast path of ``validate`` and ``plan``.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
-from pydantic import BaseModel, ValidationError
 
-from tli_recipe.errors import Problem, RecipeError, did_you_mean, show, suggestion
+from tli_recipe.errors import Problem, RecipeError
+from tli_recipe.recipe.read import compose, load_data, read_text
+from tli_recipe.recipe.validate import NULL_MESSAGE, non_finite, validate_model
+
+__all__ = ["Marks", "LoadedRecipe", "read_recipe", "read_text", "load_data", "apply_overrides", "validate_model",
+           "load_recipe", "NULL_MESSAGE", "non_finite"]
 
 
 @dataclass
@@ -51,8 +56,15 @@ def _mark(file: str, node: yaml.Node) -> tuple[str, int, int]:
     return (file, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _walk(node: yaml.Node, path: tuple, marks: Marks, problems: list[Problem]) -> Any:
-    """Build plain Python data from a composed node, recording marks and duplicate keys."""
+    """Build plain Python data from a composed node, recording marks and duplicate keys.
+
+    The composer bounds the depth (``read.MAX_DEPTH``) and refuses aliases, so this recursion is bounded
+    and every node is visited once.
+    """
     marks.values[path] = _mark(marks.file, node)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
@@ -60,7 +72,11 @@ def _walk(node: yaml.Node, path: tuple, marks: Marks, problems: list[Problem]) -
             if not isinstance(key_node, yaml.ScalarNode):
                 problems.append(Problem(path, "a key must be a plain name; expected name: value", *_mark(marks.file, key_node)))
                 continue
-            key = str(_scalar(key_node))
+            if key_node.tag == MERGE_TAG:
+                problems.append(Problem(path, "YAML merge keys (<<) are not supported; expected the keys written out in full",
+                                        *_mark(marks.file, key_node)))
+                continue
+            key = str(_scalar(key_node, path, marks, problems))
             child = path + (key,)
             if key in out:
                 first = marks.keys[child]
@@ -74,22 +90,30 @@ def _walk(node: yaml.Node, path: tuple, marks: Marks, problems: list[Problem]) -
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_walk(item, path + (i,), marks, problems) for i, item in enumerate(node.value)]
-    return _scalar(node)
+    return _scalar(node, path, marks, problems)
 
 
-def _scalar(node: yaml.ScalarNode) -> Any:
+class _ScalarLoader(yaml.SafeLoader):
+    """One constructor for every scalar (a fresh SafeLoader per scalar is slow), keeping no cache of nodes."""
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        finally:
+            self.constructed_objects.clear()
+
+
+_SCALARS = _ScalarLoader("")
+
+
+def _scalar(node: yaml.ScalarNode, path: tuple, marks: Marks, problems: list[Problem]) -> Any:
     # Resolve the scalar exactly as safe_load would (ints, floats, bools, null, strings).
-    return yaml.SafeLoader("").construct_object(node)
-
-
-def read_text(path: str | Path, what: str, expected: str) -> str:
-    """A UTF-8 file's text; a missing or unreadable file is a located RecipeError."""
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError([Problem((), f"no such {what}; expected {expected}", str(path), 1, 1)]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError([Problem((), f"cannot read the {what}: {exc}", str(path), 1, 1)]) from None
+        return _SCALARS.construct_object(node)
+    except ValueError:  # an integer of more than 4300 digits (Python's int limit)
+        problems.append(Problem(path, f"cannot read this number ({len(node.value)} digits); expected a number of usual size",
+                                *_mark(marks.file, node)))
+        return None
 
 
 def read_recipe(path: str | Path, text: str | None = None) -> tuple[dict, Marks]:
@@ -99,19 +123,13 @@ def read_recipe(path: str | Path, text: str | None = None) -> tuple[dict, Marks]
         text = read_text(path, "recipe file", "a path to a .yaml recipe")
     marks = Marks(file)
     problems: list[Problem] = []
+    node = compose(text, file)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = _walk(node, (), marks, problems) if node is not None else None
-    except yaml.MarkedYAMLError as exc:
+    except yaml.MarkedYAMLError as exc:  # a tag no safe constructor knows (!!python/object...)
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        what = exc.problem or exc.context or "cannot parse"
-        if exc.context and exc.problem and exc.context_mark:
-            where = exc.context.removeprefix("while parsing ").removeprefix("while scanning ").removeprefix("a ")
-            what += f" (in the {where} opened at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
-        raise RecipeError([Problem((), f"invalid YAML: {what}; fix the syntax", file, line, col)]) from None
-    except yaml.YAMLError as exc:  # reader errors (control characters) carry no mark
-        raise RecipeError([Problem((), f"invalid YAML: {str(exc).splitlines()[0]}; fix the file", file, 1, 1)]) from None
+        raise RecipeError([Problem((), f"invalid YAML: {exc.problem or exc.context}; fix the syntax", file, line, col)]) from None
     if node is None:
         raise RecipeError([Problem((), "the recipe is empty; expected a mapping with at least base_model", file, 1, 1)])
     if not isinstance(data, dict):
@@ -142,8 +160,12 @@ def apply_overrides(data: dict, marks: Marks, overrides: Iterable[str]) -> dict:
             continue
         try:
             path = _split_path(key.strip())
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except (ValueError, yaml.YAMLError) as exc:
+            value = load_data(raw, where) if raw.strip() else ""
+        except RecipeError as exc:
+            problems.append(Problem((), f"cannot parse the override ({exc.problems[0].message}); expected key.path=value",
+                                    where, 1, 1))
+            continue
+        except ValueError as exc:
             problems.append(Problem((), f"cannot parse the override ({exc}); expected key.path=value", where, 1, 1))
             continue
         target: Any = data
@@ -187,154 +209,6 @@ def apply_overrides(data: dict, marks: Marks, overrides: Iterable[str]) -> dict:
     return data
 
 
-def _message(err: dict, model: type[BaseModel]) -> str:
-    """A pydantic error as 'what is wrong; what is expected'."""
-    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
-    shown = show(value)
-    names = [p for p in err["loc"] if isinstance(p, str)]
-    noun = names[-1] if names else "value"
-    if kind == "missing":
-        field = _field_at(model, err["loc"])
-        described = f"; expected {field.description[0].lower()}{field.description[1:].rstrip('.')}" if field and field.description else ""
-        return f"is required{described}"
-    if kind == "string_pattern_mismatch":
-        return f"{shown} is not a valid {noun}; expected letters, digits, '.', '_' and '-', starting with a letter or digit"
-    if kind == "string_too_short":
-        return f"is empty; expected a non-empty {noun}"
-    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
-        bound = next(iter(ctx.values()))
-        return f"must be {op} {bound}, got {shown}"
-    if kind in ("int_type", "int_parsing", "int_from_float"):
-        return f"must be an integer, got {shown}"
-    if kind in ("float_type", "float_parsing"):
-        return f"must be a number, got {shown}"
-    if kind in ("string_type",):
-        return f"must be a string, got {shown}"
-    if kind in ("bool_type", "bool_parsing"):
-        return f"must be true or false, got {shown}"
-    if kind in ("list_type", "tuple_type"):
-        return f"must be a list, got {shown}"
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return f"must be a mapping of keys, got {shown}"
-    if kind in ("too_short", "too_long") and noun in ("layer_range", "layers"):
-        return f"{shown} has {ctx.get('actual_length')} items; expected [start, end] (half-open, 0-based)"
-    if kind == "too_short" and not ctx.get("actual_length"):
-        return f"is empty; expected at least {ctx.get('min_length')} item{'s' * (ctx.get('min_length') != 1)}"
-    if kind in ("too_short", "too_long"):
-        n = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
-        return f"has {ctx.get('actual_length')} items; expected {'at least' if kind == 'too_short' else 'at most'} {n}"
-    if kind == "literal_error":
-        expected = ctx.get("expected", "")
-        choices = [c.strip(" '") for c in expected.replace(" or ", ",").split(",") if c.strip()]
-        noun = "LoRA target" if noun == "targets" else noun
-        return f"{shown} is not a valid {noun}{did_you_mean(value, choices)}; expected one of: {', '.join(choices)}"
-    msg = err["msg"]
-    for prefix in ("Value error, ", "Assertion failed, "):
-        if msg.startswith(prefix):
-            msg = msg[len(prefix):]
-    return msg
-
-
-def validate_model(model: type[BaseModel], data: Any, marks: Marks) -> BaseModel:
-    """``model.model_validate(data)`` with every error located in the recipe file."""
-    nulls = _drop_nulls(model, data, ())
-    try:
-        validated = model.model_validate(data)
-    except ValidationError as exc:
-        problems = [marks.problem(p, NULL_MESSAGE) for p in nulls]
-        errors = exc.errors(include_url=False)
-        for err in errors:
-            err["loc"] = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        # A typo'd key already says "did you mean 'x'"; a second "x is required" adds nothing.
-        meant = set()
-        for err in errors:
-            if err["type"] == "extra_forbidden":
-                owner = _model_at(model, err["loc"][:-1])
-                hint = suggestion(err["loc"][-1], owner.model_fields) if owner else None
-                if hint:
-                    meant.add(err["loc"][:-1] + (hint,))
-        for err in errors:
-            path = err["loc"]
-            if err["type"] == "extra_forbidden":
-                problems.append(marks.problem(path, _unknown_key(model, path), prefer_key=True))
-            elif not (err["type"] == "missing" and path in meant):
-                problems.append(marks.problem(path, _message(err, model)))
-        raise RecipeError(sorted(problems, key=lambda p: (p.file != marks.file, p.line, p.column))) from None
-    if nulls:
-        raise RecipeError([marks.problem(p, NULL_MESSAGE) for p in nulls])
-    return validated
-
-
-NULL_MESSAGE = "is empty (null); expected a value, or remove the key"
-
-
-def _drop_nulls(model: type[BaseModel], data: Any, path: tuple) -> list[tuple]:
-    """Remove known keys written with no value (``inject:`` alone) and return their paths.
-
-    An empty key is never what the user meant: ``inject:`` with its body commented out
-    must not silently mean "no injection".
-    """
-    found = []
-    if isinstance(data, dict):
-        owner = _model_at(model, path)
-        for key in list(data):
-            if data[key] is None and owner is not None and key in owner.model_fields:
-                found.append(path + (key,))
-                del data[key]
-            else:
-                found += _drop_nulls(model, data[key], path + (key,))
-    elif isinstance(data, list):
-        for i, item in enumerate(data):
-            found += _drop_nulls(model, item, path + (i,))
-    return found
-
-
-def _unknown_key(model: type[BaseModel], path: tuple) -> str:
-    """'unknown key' with the allowed names of the model that holds it."""
-    owner = _model_at(model, path[:-1])
-    key = path[-1]
-    if owner is None:
-        return f"unknown key '{key}'"
-    names = list(owner.model_fields)
-    noun = getattr(owner, "key_noun", "key")
-    return f"unknown {noun} '{key}'{did_you_mean(key, names)}; expected one of: {', '.join(names)}"
-
-
-def _model_at(model: type[BaseModel], path: tuple) -> type[BaseModel] | None:
-    """The pydantic model class that validates the mapping at ``path``."""
-    current: Any = model
-    for part in path:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
-            return None
-        current = _first_model(current.model_fields[part].annotation)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return current
-    return None
-
-
-def _field_at(model: type[BaseModel], path: tuple):
-    owner = _model_at(model, tuple(path[:-1]))
-    return owner.model_fields.get(path[-1]) if owner is not None and path else None
-
-
-def _first_model(annotation: Any) -> Any:
-    import typing
-
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _first_model(arg)
-        if found is not None:
-            return found
-    return None
-
-
-
-
-
 @dataclass
 class LoadedRecipe:
     """A validated recipe with the marks that locate its fields."""
@@ -349,13 +223,45 @@ class LoadedRecipe:
 
 
 def load_recipe(path: str | Path, overrides: Iterable[str] = (), text: str | None = None) -> LoadedRecipe:
-    """Read, override and validate a recipe; every problem is raised together as a RecipeError."""
-    from tli_recipe.recipe.schema import Recipe, recipe_problems
+    """Read, override and validate a recipe; every problem is raised together as a RecipeError.
+
+    ``output`` and dataset paths written in the recipe are resolved against the recipe file's folder
+    (a shared recipe must not write or read relative to wherever it is run from); values given with
+    ``--set`` stay relative to the working directory.
+    """
+    from tli_recipe.recipe.checks import output_config_problems, recipe_problems
+    from tli_recipe.recipe.schema import Recipe
 
     data, marks = read_recipe(path, text)
     data = apply_overrides(data, marks, overrides)
     recipe = validate_model(Recipe, data, marks)
     problems = [marks.problem(p, m) for p, m in recipe_problems(recipe)]
+    problems += [marks.problem(p, m, prefer_key=True) for p, m in output_config_problems(recipe.output_config)]
     if problems:
-        raise RecipeError(problems)
-    return LoadedRecipe(recipe=recipe, marks=marks, file=str(path))
+        raise RecipeError(sorted(problems, key=lambda p: (p.file != marks.file, p.line, p.column)))
+    return LoadedRecipe(recipe=recipe_relative(recipe, marks), marks=marks, file=str(path))
+
+
+def recipe_relative(recipe: Any, marks: Marks) -> Any:
+    """``recipe`` with ``output`` and ``stages[i].datasets[j].path`` absolute: a path written in the
+    recipe file is joined to the file's folder, one from ``--set`` to the working directory."""
+    folder = Path(marks.file).parent
+
+    def resolve(path: tuple, value: str) -> str:
+        written_here = marks.locate(path)[0] == marks.file
+        try:
+            expanded = os.path.expanduser(value)
+        except (RuntimeError, KeyError):  # ~user that does not exist: kept as written
+            expanded = value
+        return os.path.abspath(os.path.join(folder, expanded) if written_here else expanded)
+
+    update: dict[str, Any] = {}
+    if recipe.output is not None:
+        update["output"] = resolve(("output",), recipe.output)
+    stages = []
+    for i, stage in enumerate(recipe.stages):
+        datasets = [d.model_copy(update={"path": resolve(("stages", i, "datasets", j, "path"), d.path)})
+                    for j, d in enumerate(stage.datasets)]
+        stages.append(stage.model_copy(update={"datasets": datasets}))
+    update["stages"] = stages
+    return recipe.model_copy(update=update)

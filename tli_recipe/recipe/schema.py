@@ -7,26 +7,24 @@ half-open ``[start, end)``, as in Python slices. Checks that need the checkpoint
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import (
-    AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     PlainSerializer,
-    PrivateAttr,
     StrictBool,
     StrictInt,
     WithJsonSchema,
     create_model,
     field_validator,
 )
-from pydantic_core import PydanticCustomError
 
 from tli_recipe.errors import did_you_mean
+from tli_recipe.recipe.base import Strict, _fail
+from tli_recipe.recipe.sources import ModelField, ModelRef, SourceRef  # noqa: F401 - ModelRef, SourceRef exported here too
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 
@@ -44,16 +42,16 @@ LINEAR_PROJECTIONS: tuple[str, ...] = tuple(p for p in PROJECTIONS if p.endswith
 
 LAYER_GROUPS: tuple[str, ...] = ("injected", "original", "all", "embeddings", "head")
 
+# Bounds that keep a tiny file from making ``plan`` allocate without limit. No released model has
+# more than a few hundred layers; the plan bounds the output further by the checkpoint it reads.
+MAX_LAYERS = 1024  # layer indices, stack positions, every, slices and injection sites
+MAX_COPIES = 64  # layers injected at one position (LLaMA Pro uses 1 to 8)
+MAX_STAGES = 64
+MAX_DATASETS = 256
+MAX_SELECTORS = 32  # entries of a stage's trainable list
+MAX_CONFIG_KEYS = 256  # keys of output_config
 
-def _fail(message: str) -> PydanticCustomError:
-    return PydanticCustomError("tli", "{message}", {"message": message})
-
-
-class Strict(BaseModel):
-    """Base of every recipe model: unknown keys are errors, instances are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    key_noun: ClassVar[str] = "key"  # what "unknown ..." errors call a key of this mapping
+Position = Annotated[StrictInt, Field(lt=MAX_LAYERS)]  # >= 0 is checked with the order, in one message
 
 
 # --- init policies ---------------------------------------------------------------
@@ -93,6 +91,8 @@ def _parse_policy(value: Any) -> Any:
             raise _fail(f"'{kind}' is not an init policy{did_you_mean(kind, VALUE_POLICIES)}; expected one of: {POLICY_FORMS}")
         if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise _fail(f"{kind} needs a number, got {number!r}; expected for example {{{kind}: 0.01}}")
+        if not math.isfinite(number):  # refused by Policy.value (allow_inf_nan), reported once by the loader
+            return {"kind": kind, "value": number}
         if kind in ("noise", "random") and number < 0:
             raise _fail(f"{kind} is a standard deviation and must be >= 0, got {number}")
         if kind == "interpolate" and not 0 <= number <= 1:
@@ -148,87 +148,6 @@ Init = create_model(  # type: ignore[call-overload]
 )
 
 
-# --- source models -----------------------------------------------------------------
-
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
-
-
-def _check_sha256(value: str) -> str:
-    if not _SHA256.match(value):
-        raise _fail(f"{value!r} is not a sha256; expected 64 lowercase hex digits (as sha256sum prints them)")
-    return value
-
-
-class ModelRef(Strict):
-    """A source checkpoint, pinned to a revision and/or to the checksums of its files."""
-
-    path: str = Field(min_length=1, description="A local directory, or a hub id (org/name) resolved through the local Hugging Face cache.")
-    revision: Optional[str] = Field(default=None, min_length=1, description="The commit the model must be at: a hub id resolves to this cache snapshot (a branch or tag name resolves through refs/ but moves: plan warns); a local directory is checked against the commit `huggingface-cli download --local-dir` recorded, or its git HEAD.")
-    checksums: dict[str, Annotated[str, AfterValidator(_check_sha256)]] = Field(
-        default_factory=dict,
-        description="Expected sha256 of source files by name, relative to the model directory (config.json, model-00001-of-00004.safetensors...); `run` checks them and refuses a mismatch. `tli-recipe pin MODEL` prints them.",
-    )
-    _form: str = PrivateAttr(default="mapping")
-
-    @field_validator("checksums")
-    @classmethod
-    def _names(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
-            if not name or name.startswith("/") or ".." in name.split("/"):
-                raise _fail(f"{name!r} is not a file of the model directory; expected a name relative to it, such as config.json")
-        return value
-
-
-class SourceRef(str):
-    """A validated model reference: the string plan and checkpoint code resolve (``path`` or
-    ``org/name@revision``), carrying the pin: ``path``, ``revision``, ``checksums``."""
-
-    def __new__(cls, text: str, path: Optional[str] = None, revision: Optional[str] = None,
-                checksums: Optional[dict[str, str]] = None, form: str = "string") -> "SourceRef":
-        self = super().__new__(cls, text)
-        self.path, self.revision, self.checksums, self.form = path or text, revision, dict(checksums or {}), form
-        return self
-
-
-def _parse_ref(value: Any) -> Any:
-    if isinstance(value, (ModelRef, dict)):
-        return value
-    if isinstance(value, SourceRef):
-        return _parse_ref(_dump_ref(value))
-    if not isinstance(value, str):
-        raise _fail(f"{value!r} is not a model; expected a directory, a hub id (org/name or org/name@revision), or {{path: ..., revision: ..., checksums: ...}}")
-    if not value:
-        raise _fail("is empty; expected a directory, a hub id (org/name or org/name@revision), or {path: ..., revision: ...}")
-    repo, at, revision = value.partition("@")
-    ref = ModelRef(path=repo, revision=revision) if at and revision and _HUB_ID.match(repo) else ModelRef(path=value)
-    ref._form = "string"
-    return ref
-
-
-def _to_source_ref(ref: ModelRef) -> SourceRef:
-    hub = ref.revision is not None and _HUB_ID.match(ref.path)
-    # A hub id at a revision is written id@revision, which resolve_model understands; a local
-    # directory is its path (its revision is checked against the directory itself).
-    text = f"{ref.path}@{ref.revision}" if hub else ref.path
-    return SourceRef(text, ref.path, ref.revision, ref.checksums, ref._form)
-
-
-def _dump_ref(ref: Any) -> Any:
-    if getattr(ref, "form", "string") == "string" or not isinstance(ref, SourceRef):
-        return str(ref)
-    return {"path": ref.path, **({"revision": ref.revision} if ref.revision else {}), **({"checksums": dict(ref.checksums)} if ref.checksums else {})}
-
-
-class _RefSchema:
-    def __get_pydantic_json_schema__(self, core_schema, handler):
-        return {"anyOf": [{"type": "string", "minLength": 1}, handler(core_schema)]}
-
-
-#: A model reference: ``org/name``, ``org/name@revision``, a directory, or a ModelRef mapping.
-ModelField = Annotated[ModelRef, BeforeValidator(_parse_ref), AfterValidator(_to_source_ref), PlainSerializer(_dump_ref), _RefSchema()]
-
-
 # --- layout ------------------------------------------------------------------------
 
 def _check_range(value: tuple[int, int]) -> tuple[int, int]:
@@ -237,6 +156,8 @@ def _check_range(value: tuple[int, int]) -> tuple[int, int]:
         raise _fail(f"start must be >= 0, got {start}; layer indices are 0-based")
     if end <= start:
         raise _fail(f"[{start}, {end}] is empty; expected [start, end) with start < end (half-open, 0-based)")
+    if end > MAX_LAYERS:
+        raise _fail(f"end {end} is past any checkpoint's layers; expected layer indices of at most {MAX_LAYERS}")
     return value
 
 
@@ -269,10 +190,10 @@ class Inject(Strict):
     Exactly one of `every`, `after` and `between` says where.
     """
 
-    every: Optional[StrictInt] = Field(default=None, ge=1, description="K: insert after every K layers of the sliced stack (Algorithm 1: after stack position i when (i + 1) % K == 0).")
-    after: Optional[list[StrictInt]] = Field(default=None, min_length=1, description="Insert after these stack positions (0-based, ascending, each once).")
+    every: Optional[StrictInt] = Field(default=None, ge=1, le=MAX_LAYERS, description="K: insert after every K layers of the sliced stack (Algorithm 1: after stack position i when (i + 1) % K == 0).")
+    after: Optional[list[Position]] = Field(default=None, min_length=1, max_length=MAX_LAYERS, description="Insert after these stack positions (0-based, ascending, each once).")
     between: Optional[tuple[StrictInt, StrictInt]] = Field(default=None, description="Insert one layer between each pair of neighbouring stack positions in [start, end) (half-open, 0-based): end - start - 1 new layers, as LESA does over the upper half.")
-    copies: StrictInt = Field(default=1, ge=1, description="Number of layers inserted at each position (LLaMA Pro's P).")
+    copies: StrictInt = Field(default=1, ge=1, le=MAX_COPIES, description="Number of layers inserted at each position (LLaMA Pro's P).")
     source: Literal["previous"] = Field(default="previous", description="Which layer each injected layer copies: `previous`, the layer just before it (`interpolate` and `lesa` also read the layer after it).")
     init: Optional[Init] = Field(  # type: ignore[valid-type]
         default=None,
@@ -357,6 +278,7 @@ class Lora(Strict):
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
     targets: list[Literal[LINEAR_PROJECTIONS]] = Field(  # type: ignore[valid-type]
         min_length=1,
+        max_length=len(LINEAR_PROJECTIONS),
         description="Projections that get adapters. Leaving out o_proj/down_proj on zero-initialised injected layers means they never move.",
     )
     quantize: Optional[Literal[4, 8]] = Field(
@@ -372,7 +294,7 @@ class Lora(Strict):
 class Dataset(Strict):
     """Training text for a stage."""
 
-    path: str = Field(min_length=1, description="A plain-text file (one document per non-empty line, as the `datasets` text loader reads it) or a .jsonl/.json file (one JSON object per line); relative to the working directory.")
+    path: str = Field(min_length=1, description="A plain-text file (one document per non-empty line, as the `datasets` text loader reads it) or a .jsonl/.json file (one JSON object per line); relative to the recipe file's folder (`~` is the home directory).")
     text_field: str = Field(default="text", min_length=1, description="The JSONL field holding each document's text.")
 
 
@@ -380,9 +302,9 @@ class Stage(Strict):
     """One training stage: which parameters train, and how."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Stage name: letters, digits, '.', '_' and '-'.")
-    trainable: list[Selector] = Field(min_length=1, description="Layer groups that train: injected, original, all, embeddings, head, or {layers: [start, end]} of output layers.")
+    trainable: list[Selector] = Field(min_length=1, max_length=MAX_SELECTORS, description="Layer groups that train: injected, original, all, embeddings, head, or {layers: [start, end]} of output layers.")
     lora: Optional[Lora] = Field(default=None, description="Train LoRA adapters on the trainable layers instead of their full weights.")
-    datasets: list[Dataset] = Field(default_factory=list, description="Training text of this stage; `tli-recipe train --data` and `emit --data` replace it.")
+    datasets: list[Dataset] = Field(default_factory=list, max_length=MAX_DATASETS, description="Training text of this stage; `tli-recipe train --data` and `emit --data` replace it.")
     learning_rate: float = Field(default=1e-4, gt=0, description="Peak learning rate of AdamW, reached after warmup.")
     scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Learning-rate schedule after warmup: cosine or linear decay to 0, or constant.")
     warmup_steps: StrictInt = Field(default=0, ge=0, description="Optimizer steps of linear warmup from 0 to learning_rate.")
@@ -435,36 +357,13 @@ class Recipe(Strict):
     name: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the output model; default: the recipe file's stem.")
     base_model: ModelField = Field(description="The source checkpoint: a local directory, or a hub id resolved through the local Hugging Face cache (id or id@revision), or {path, revision, checksums} to pin it.")
     dtype: Optional[Dtype] = Field(default=None, description="dtype of the output tensors; default: the source dtype.")
-    slices: Optional[list[Slice]] = Field(default=None, min_length=1, description="The output stack before injection, as source layer ranges; default: every layer of base_model once. Two overlapping slices are SOLAR-style depth up-scaling.")
+    slices: Optional[list[Slice]] = Field(default=None, min_length=1, max_length=MAX_LAYERS, description="The output stack before injection, as source layer ranges; default: every layer of base_model once. Two overlapping slices are SOLAR-style depth up-scaling.")
     inject: Optional[Inject] = Field(default=None, description="Layer injection (TLI / LLaMA Pro); absent: no layer is injected.")
-    stages: list[Stage] = Field(default_factory=list, description="Training stages, resolved in the plan to trainable layers and parameter names.")
-    output: Optional[str] = Field(default=None, min_length=1, description="Output directory; default: out/<name>.")
+    stages: list[Stage] = Field(default_factory=list, max_length=MAX_STAGES, description="Training stages, resolved in the plan to trainable layers and parameter names.")
+    output: Optional[str] = Field(default=None, min_length=1, description="Output directory, relative to the recipe file's folder (a --set value: to the working directory); default: out/<name> in the working directory.")
     shard_size: ShardSize = Field(default=5 * 10**9, description="Largest output shard in bytes (or 5GB, 500MiB...).")
     seed: StrictInt = Field(default=0, ge=0, description="Seed of the noise and random policies; each tensor draws from its own stream derived from this seed and its name.")
-    output_config: dict[str, Any] = Field(default_factory=dict, description="Fields of the output config.json set explicitly (null removes a field); applied last. Needed where a config field cannot follow the layer map by itself (plan says which).")
-
-
-def recipe_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
-    """Cross-field checks that need no checkpoint: ``(field path, message)`` pairs."""
-    problems: list[tuple[tuple, str]] = []
-    if recipe.inject is not None:
-        problems += _one_site(recipe.inject)
-    seen: dict[str, int] = {}
-    for i, stage in enumerate(recipe.stages):
-        if stage.name in seen:
-            problems.append((("stages", i, "name"), f"duplicate stage name '{stage.name}' (also stages[{seen[stage.name]}]); expected unique names"))
-        seen.setdefault(stage.name, i)
-        groups = [s for s in stage.trainable if isinstance(s, str)]
-        for j, sel in enumerate(stage.trainable):
-            if sel == "all" and len(stage.trainable) > 1:
-                problems.append((("stages", i, "trainable", j), "'all' already selects every layer; expected it alone"))
-        if "injected" in groups and recipe.inject is None:
-            problems.append((("stages", i, "trainable", stage.trainable.index("injected")), "'injected' selects nothing: the recipe has no inject section; add inject or pick another group"))
-        if stage.lora is not None and len(set(stage.lora.targets)) != len(stage.lora.targets):
-            problems.append((("stages", i, "lora", "targets"), "a projection is listed twice; expected each once"))
-        if stage.max_steps is not None and stage.epochs is not None:
-            problems.append((("stages", i, "epochs"), f"both max_steps ({stage.max_steps}) and epochs ({stage.epochs:g}) are given; expected one of them"))
-    return problems
+    output_config: dict[str, Any] = Field(default_factory=dict, max_length=MAX_CONFIG_KEYS, description="Fields of the output config.json set explicitly (null removes a field); applied last. Needed where a config field cannot follow the layer map by itself (plan says which).")
 
 
 def recipe_schema() -> dict:

@@ -1,4 +1,4 @@
-"""Templates: the sandbox, typed variables, located errors, variants that write all or nothing."""
+"""Templates (library/templates.py, library/values.py): the sandbox, typed variables, located errors."""
 
 from __future__ import annotations
 
@@ -167,74 +167,6 @@ def test_plan_in_a_template_needs_the_models_config(tmp_path, cli):
     assert result.exit_code == 2
     assert "uses `plan` (layer and parameter counts), which needs the config of nobody/nothing" in result.stderr
     assert "nobody__nothing/config.json" in result.stderr
-
-
-def test_variants_with_one_invalid_combination_write_nothing_and_name_it(tmp_path, cli):
-    t = template_file(tmp_path, SMALL)
-    out = tmp_path / "out"
-    result = cli("variants", t, "--grid", "every=2,64,4,40", "--out-dir", out, "--configs", CONFIGS)
-    assert result.exit_code == 2 and "Traceback" not in result.stderr
-    assert not out.exists()
-    assert result.stderr.splitlines() == [
-        "2 of 4 combinations are invalid; nothing was written",
-        f"combination every=64 ({out / 'small-k64.yaml'}):",
-        f"{out / 'small-k64.yaml'}:5:17: inject.every: 64 is larger than the 16 layers of the stack of "
-        f"{CONFIGS / 'meta-llama__Llama-3.2-1B'}; no layer would be injected; expected every <= 16",
-        f"combination every=40 ({out / 'small-k40.yaml'}):",
-        f"{out / 'small-k40.yaml'}:5:17: inject.every: 40 is larger than the 16 layers of the stack of "
-        f"{CONFIGS / 'meta-llama__Llama-3.2-1B'}; no layer would be injected; expected every <= 16",
-    ]
-    # A schema error (not a plan-time one) is located the same way, and nothing is written either.
-    bad_dtype = template_file(tmp_path, SMALL.replace("dtype: {{ dtype }}", "dtype: {{ dtype }}{{ '16' if every == 8 else '' }}"), "b.yaml.j2")
-    result = cli("variants", bad_dtype, "--grid", "every=4,8", "--out-dir", out, "--configs", CONFIGS)
-    assert result.exit_code == 2 and not out.exists()
-    assert f"{out / 'small-k8.yaml'}:4:8: dtype: 'bfloat1616' is not a valid dtype" in result.stderr
-
-
-def test_variants_write_every_combination_and_print_a_table(tmp_path, cli):
-    t = template_file(tmp_path, SMALL)
-    out = tmp_path / "out"
-    result = cli("variants", t, "--grid", "every=2,4,8", "--out-dir", out, "--configs", CONFIGS)
-    assert result.exit_code == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["small-k2.yaml", "small-k4.yaml", "small-k8.yaml"]
-    rows = result.stdout.splitlines()
-    assert rows[0].split() == ["name", "file", "layers", "parameters", "counts", "from", "status"]
-    assert rows[1].split()[:6] == ["small-k2", str(out / "small-k2.yaml"), "16", "->", "24", "1.72B"]
-    assert rows[1].endswith("stored config  written")
-    # Again: unchanged; a changed grid value with the same name needs --force; --check reports drift.
-    assert cli("variants", t, "--grid", "every=2,4,8", "--out-dir", out, "--configs", CONFIGS).stdout.count("unchanged") == 3
-    (out / "small-k4.yaml").write_text("edited\n")
-    clash = cli("variants", t, "--grid", "every=2,4,8", "--out-dir", out, "--configs", CONFIGS)
-    assert clash.exit_code == 2 and "pass --force" in clash.stderr and (out / "small-k4.yaml").read_text() == "edited\n"
-    check = cli("variants", t, "--grid", "every=2,4,8", "--out-dir", out, "--configs", CONFIGS, "--check")
-    assert check.exit_code == 1 and "1 of 3 recipes differ" in check.stderr
-    forced = cli("variants", t, "--grid", "every=2,4,8", "--out-dir", out, "--configs", CONFIGS, "--force")
-    assert forced.exit_code == 0 and "replaced" in forced.stdout
-
-
-def test_variants_refuse_names_that_collide(tmp_path, cli):
-    t = template_file(tmp_path, SMALL)
-    result = cli("variants", t, "--grid", "dtype=float32,bfloat16", "--out-dir", tmp_path / "out", "--configs", CONFIGS)
-    assert result.exit_code == 2
-    assert "the combinations dtype=float32 and dtype=bfloat16 both render to small-k4.yaml" in result.stderr
-
-
-def test_matrix_file_is_a_shareable_sweep(tmp_path, cli):
-    template_file(tmp_path, SMALL)
-    matrix = write_recipe(tmp_path, f"template: t.yaml.j2\nout_dir: made\nconfigs: [{CONFIGS}]\nvars: {{dtype: float32}}\n"
-                                    "grid:\n  every: [2, 8]\n", "sweep.yaml")
-    result = cli("variants", matrix)
-    assert result.exit_code == 0, result.stderr
-    assert sorted(p.name for p in (tmp_path / "made").iterdir()) == ["small-k2.yaml", "small-k8.yaml"]
-    assert "dtype: float32" in (tmp_path / "made" / "small-k2.yaml").read_text()
-    bad = write_recipe(tmp_path, "template: t.yaml.j2\ngrid:\n  evry: [2]\n  every: [2, x]\n", "bad.yaml")
-    result = cli("variants", bad)
-    assert result.exit_code == 2
-    assert result.stderr.splitlines() == [
-        f"{bad}:3:3: evry: unknown variable 'evry' (did you mean 'every'?); expected one of: every, dtype, base",
-        f"{bad}:4:14: every: 'x' is not an int; expected a value of type int (K)",
-    ]
-    assert cli("variants", matrix, "--grid", "every=2").exit_code == 2
 
 
 def test_render_does_not_touch_the_plan_fast_path():
