@@ -114,7 +114,8 @@ def test_run_checks_pinned_checksums(tmp_path, tiny, cli):
     wrong = pinned(tmp_path, base, {**good, "model.safetensors": "0" * 63 + "1"}, "wrong.yaml")
     result = run(cli, wrong, tmp_path / "refused")
     assert result.exit_code == 2 and "Traceback" not in result.stderr
-    assert result.stderr == (f"{wrong}:5:24: base_model.checksums.model.safetensors: {base / 'model.safetensors'} has sha256 "
+    assert result.stderr == (f"output: {tmp_path / 'refused'}\n"  # run says where it would write, then refuses
+                             f"{wrong}:5:24: base_model.checksums.model.safetensors: {base / 'model.safetensors'} has sha256 "
                              f"{good['model.safetensors']}, the recipe expects {'0' * 63 + '1'}; the file changed: download the "
                              "pinned revision again, or update the checksum if the change is intended\n")
     assert not (tmp_path / "refused").exists() and not list(tmp_path.glob(".refused*"))
@@ -126,7 +127,8 @@ def test_a_pinned_file_that_is_missing_is_named(tmp_path, tiny, cli):
     recipe = pinned(tmp_path, base, {"tokenizer.json": "a" * 64})
     result = run(cli, recipe, tmp_path / "out")
     assert result.exit_code == 2
-    assert result.stderr == (f"{recipe}:4:5: base_model.checksums.tokenizer.json: {base} has no file 'tokenizer.json'; "
+    assert result.stderr == (f"output: {tmp_path / 'out'}\n"
+                             f"{recipe}:4:5: base_model.checksums.tokenizer.json: {base} has no file 'tokenizer.json'; "
                              "expected one of: config.json, generation_config.json, model.safetensors\n")
 
 
@@ -227,3 +229,182 @@ def test_model_reference_forms(tmp_path):
     assert (base("/models/x@2").path, base("/models/x@2").revision) == ("/models/x@2", None)  # a directory, not a pin
     assert str(base("{path: /models/x, revision: abc1234}")) == "/models/x"
     assert str(base("{path: org/name, revision: abc1234}")) == "org/name@abc1234"
+
+
+# --- revisions are validated tokens read from inside the directory -----------------
+
+SHA256 = "ab" * 32
+
+
+def git_dir(tmp_path, head: str, **files: str) -> Path:
+    """A folder with a .git holding HEAD and the given files (``refs__heads__main`` -> refs/heads/main)."""
+    folder = tmp_path / "model"
+    git = folder / ".git"
+    git.mkdir(parents=True)
+    (git / "HEAD").write_text(head)
+    for name, text in files.items():
+        path = git / name.replace("__", "/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("head, files, commit", [
+    (f"{COMMIT}\n", {}, COMMIT),                                                   # detached
+    (f"{SHA256}\n", {}, SHA256),                                                   # a sha256 repository
+    ("ref: refs/heads/main\n", {"refs__heads__main": f"{COMMIT}\n"}, COMMIT),
+    ("ref: refs/heads/main\n", {"packed-refs": f"# pack-refs with: peeled\n{OTHER} refs/tags/v1\n{COMMIT} refs/heads/main\n"},
+     COMMIT),
+])
+def test_git_revisions_that_count(tmp_path, head, files, commit):
+    from tli_recipe.source.provenance import source_revision
+
+    warnings: list[str] = []
+    assert source_revision(git_dir(tmp_path, head, **files), warnings) == (commit, "its git HEAD")
+    assert warnings == []
+
+
+def test_a_ref_file_linked_inside_git_counts(tmp_path):
+    from tli_recipe.source.provenance import source_revision
+
+    folder = git_dir(tmp_path, "ref: refs/heads/main\n", refs__heads__dev=f"{COMMIT}\n")
+    (folder / ".git" / "refs" / "heads" / "main").symlink_to("dev")
+    assert source_revision(folder) == (COMMIT, "its git HEAD")
+
+
+@pytest.mark.parametrize("head, files", [
+    ("ref: {secret}\n", {}),                                           # absolute ref
+    ("ref: ../../secret\n", {}),                                        # climbs out of .git
+    ("ref: refs/heads/../../../secret\n", {}),                          # climbs out from under refs/
+    ("ref: heads/main\n", {"heads__main": f"{COMMIT}\n"}),              # not under refs/
+    ("{COMMIT}x\n", {}),                                                # not exactly a commit
+    (f"{COMMIT.upper()}\n", {}),                                        # upper case is not how git writes it
+    ("ref: refs/heads/main\n", {"refs__heads__main": "SECRET-TEXT\n"}),
+    ("ref: refs/heads/main\n", {"packed-refs": "SECRET-TEXT refs/heads/main\n"}),
+    ("ref: refs/heads/main\n", {}),                                     # a ref that is nowhere
+])
+def test_git_revisions_that_are_ignored_with_a_warning_quoting_nothing(tmp_path, head, files):
+    from tli_recipe.source.provenance import source_revision
+
+    secret = tmp_path / "secret"
+    secret.write_text(f"{OTHER}\n")  # looks like a commit: only staying inside .git keeps it out
+    folder = git_dir(tmp_path, head.format(secret=secret, COMMIT=COMMIT), **files)
+    warnings: list[str] = []
+    assert source_revision(folder, warnings) is None
+    assert len(warnings) == 1 and warnings[0].startswith(f"{folder}: "), warnings
+    assert not [w for w in warnings if OTHER in w or "SECRET" in w or "secret" in w or COMMIT in w]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "huge", "link-out", "binary"])
+def test_a_head_that_is_no_small_regular_file_inside_git_is_not_read(tmp_path, kind):
+    import os
+
+    from tli_recipe.source.provenance import source_revision
+
+    folder = git_dir(tmp_path, "")
+    head = folder / ".git" / "HEAD"
+    head.unlink()
+    if kind == "fifo":
+        os.mkfifo(head)  # reading it would block for ever
+    elif kind == "huge":
+        head.write_text(COMMIT + "\n" * 10_000)
+    elif kind == "link-out":
+        (tmp_path / "outside").write_text(f"{COMMIT}\n")
+        head.symlink_to(tmp_path / "outside")
+    else:
+        head.write_bytes(COMMIT.encode() + b"\xff\n")
+    warnings: list[str] = []
+    assert source_revision(folder, warnings) is None
+    why = {"fifo": "is not a regular file", "huge": "is larger than 4096 bytes", "link-out": "is a link leaving the directory",
+           "binary": "is not plain text"}[kind]
+    assert warnings == [f"{folder}: .git/HEAD {why}; ignored it (a revision is 40 or 64 lowercase hex characters read "
+                        "from a small regular file inside the model directory)"]
+
+
+def test_download_metadata_is_validated_too(tmp_path):
+    from tli_recipe.source.provenance import source_revision
+
+    folder = tmp_path / "model"
+    meta = folder / ".cache" / "huggingface" / "download"
+    meta.mkdir(parents=True)
+    (meta / "config.json.metadata").write_text("SECRET-TEXT\netag\n")
+    (meta / "model.safetensors.metadata").write_text(f"{COMMIT}\netag\n")
+    warnings: list[str] = []
+    assert source_revision(folder, warnings) == (COMMIT, ".cache/huggingface/download/model.safetensors.metadata")
+    assert warnings == [f"{folder}: .cache/huggingface/download/config.json.metadata does not start with a commit; "
+                        "ignored it (a revision is 40 or 64 lowercase hex characters read from a small regular file "
+                        "inside the model directory)"]
+
+
+def test_a_hub_ref_must_hold_a_commit(tmp_path):
+    from tli_recipe.source.checkpoint import CheckpointError
+    from tli_recipe.source.provenance import hub_commit
+
+    cache = tmp_path / "models--org--x"
+    (cache / "refs").mkdir(parents=True)
+    (cache / "refs" / "main").write_text(f"{COMMIT}\n")
+    assert hub_commit(cache, "main") == COMMIT
+    assert hub_commit(cache, COMMIT) == COMMIT          # a commit names its snapshot directly
+    assert hub_commit(cache, "v1.0") == "v1.0"          # no such ref: the caller looks for snapshots/v1.0
+    for climbing in ("../../x", "/abs", "a//b", "refs/../../x", "."):
+        assert hub_commit(cache, climbing) is None
+    (cache / "refs" / "dev").write_text("SECRET-TEXT\n")
+    with pytest.raises(CheckpointError, match="holds no commit") as caught:
+        hub_commit(cache, "dev")
+    assert "SECRET" not in str(caught.value)
+
+
+# --- pins are located where the plan says they were written ------------------------
+
+WRONG = "0" * 63 + "1"
+
+
+def test_a_checksum_from_a_set_override_is_located_at_the_override(tmp_path, tiny, cli):
+    base = tiny()
+    recipe = write_recipe(tmp_path, "# grown elsewhere\nname: x\nbase_model: /nowhere\ninject: {every: 4}\n")
+    override = f'base_model={{path: {base}, checksums: {{model.safetensors: "{WRONG}"}}}}'
+    result = run(cli, recipe, tmp_path / "out", "--set", override)
+    assert result.exit_code == 2
+    # the recipe file's lines say nothing about this pin: the override is the place
+    assert f"--set {override}:1:18: base_model.checksums.model.safetensors: {base / 'model.safetensors'} has sha256 " \
+           in result.stderr
+    assert f"{recipe}:" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_checksum_of_a_rendered_recipe_is_located_in_the_rendered_text(tmp_path, tiny):
+    from tli_recipe import execute_plan
+    from tli_recipe.errors import RecipeError
+    from tli_recipe.library.templates import read_template, render_recipe
+
+    base = tiny()
+    template = tmp_path / "grow.yaml.j2"
+    template.write_text("---\ndescription: grow\nvariables:\n  every: {type: int, default: 4}\n---\n"
+                        f"base_model:\n  path: {base}\n  checksums:\n    model.safetensors: \"{WRONG}\"\n"
+                        "inject: {every: {{ every }}}\n")
+    rendered = render_recipe(read_template(template), {"every": 4}, "grow[every=4]")
+    plan = compile_plan(rendered.loaded)
+    assert plan.pins[str(base)].checksums == {"model.safetensors": WRONG}
+    # the template file itself is readable, but its lines are not the rendered recipe's: re-reading
+    # plan.recipe_file (or the template) would point at the wrong line, or at 1:1
+    with pytest.raises(RecipeError) as caught:
+        execute_plan(plan, tmp_path / "out", progress=False, training_configs=False)
+    assert [str(p).split(" has sha256")[0] for p in caught.value.problems] == [
+        f"grow[every=4]:4:24: base_model.checksums.model.safetensors: {base / 'model.safetensors'}"]
+
+
+def test_hash_sources_reads_the_plan_not_the_recipe(tmp_path, tiny):
+    """The plan alone decides: a plan whose recipe copy says nothing about pins is still checked."""
+    from tli_recipe.errors import RecipeError
+    from tli_recipe.plan.model import SourcePin
+    from tli_recipe.source.checkpoint import open_checkpoint
+    from tli_recipe.source.provenance import hash_sources
+
+    base = tiny()
+    plan = compile_plan(load_recipe(write_recipe(tmp_path, f"base_model: {base}\ninject: {{every: 4}}\n")))
+    pin = SourcePin(checksums={"config.json": WRONG}, locations={"checksums.config.json": "elsewhere.yaml:7:9: base_model.checksums.config.json"})
+    plan = plan.model_copy(update={"pins": {str(base): pin}, "recipe": {}, "recipe_file": str(tmp_path / "gone.yaml")})
+    with pytest.raises(RecipeError) as caught:
+        hash_sources(plan, {str(base): open_checkpoint(base)})
+    assert str(caught.value).startswith(f"elsewhere.yaml:7:9: base_model.checksums.config.json: {base / 'config.json'} has sha256")
+    digests = hash_sources(plan.model_copy(update={"pins": {}}), {str(base): open_checkpoint(base)})
+    assert digests[str(base)]["config.json"] == sha(base / "config.json")

@@ -97,14 +97,22 @@ def compare_logits(plan: Plan, folder: Path, report: VerifyReport, *, device: st
     from transformers import AutoModelForCausalLM
 
     base_path = plan.sources[plan.base_model].path
-    vocab = int(plan.config.get("vocab_size") or 32000)
+    vocab = plan.vocab_size
+    if not vocab:
+        raise TliError(f"{folder}: plan.json names no vocabulary size, so no input ids can be drawn; "
+                       "check the config, or pass --no-logits")
     ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
     # Only a recipe dtype casts the weights; without one every tensor kept its own dtype.
-    cast = plan.recipe.get("dtype")
+    cast = plan.recipe_dtype
     out_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cast] if cast else torch.float32
 
     def logits(path: str, round_to=None):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
+        except Exception as exc:  # transformers raises many types for a bad folder; name the folder instead
+            raise TliError(f"{path}: transformers cannot load this model ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); check its config.json "
+                              "and weights (a model that needs custom code is not supported)") from None
         if round_to is not None:
             with torch.no_grad():
                 for p in model.parameters():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,22 +76,144 @@ class TensorInfo:
         return numel(self.shape)
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the offset where its data begins."""
+#: Larger headers or JSON side files are refused: no real checkpoint comes near these sizes.
+MAX_HEADER = 100 * 2**20
+MAX_JSON_FILE = 64 * 2**20
+
+FIX = "re-download or fix the file"
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """A value read from a checkpoint, fit to echo: printable, short (it may be hostile)."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = "".join(c if c.isprintable() else f"\\x{ord(c) & 0xFF:02x}" for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _kind(value: object) -> str:
+    """What a JSON value is, in words (for 'X is a JSON list, not ...')."""
+    for types, word in ((bool, "a boolean"), (dict, "a JSON object"), (list, "a JSON list"), (str, "a string"),
+                        ((int, float), "a number")):
+        if isinstance(value, types):
+            return word
+    return "null"
+
+
+def _fix(path: Path | str, what: str, tensor: Optional[str] = None) -> CheckpointError:
+    """``file: tensor 'name': what is wrong; re-download or fix the file``."""
+    where = f"{path}: tensor '{_show(tensor, 200)}': " if tensor is not None else f"{path}: "
+    return CheckpointError(f"{where}{what}; {FIX}")
+
+
+def _open_regular(path: Path):
+    """Open ``path`` for reading, refusing anything but a regular file (a FIFO or a device would
+    block or never end); O_NONBLOCK makes opening a FIFO return at once so it can be refused."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise CheckpointError(f"{path}: too short to be a safetensors file; re-download it")
-            (length,) = struct.unpack("<Q", raw)
-            if length > 100 * 2**20:
-                raise CheckpointError(f"{path}: header length {length} is not plausible; the file is not safetensors or is corrupt")
-            header = json.loads(f.read(length))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror}); check the path and permissions") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: the safetensors header is not valid JSON; the file is corrupt, re-download it") from None
-    return header, 8 + length
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _fix(path, "is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"the key '{_show(key)}' appears twice")
+        seen[key] = value
+    return seen
+
+
+def _parse_json(raw: bytes, path: Path, what: str) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError:
+        raise _fix(path, f"{what} is not UTF-8 text") from None
+    except RecursionError:
+        raise _fix(path, f"{what} nests too deeply to be a real one") from None
+    except ValueError as exc:  # JSONDecodeError or a duplicate key
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise _fix(path, f"{what} is not valid JSON ({_show(reason, 80)})") from None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON side file (config.json, the index): a regular file of bounded size, no duplicate keys."""
+    with _open_regular(path) as f:
+        raw = f.read(MAX_JSON_FILE + 1)
+    if len(raw) > MAX_JSON_FILE:
+        raise _fix(path, f"is larger than {MAX_JSON_FILE // 2**20} MiB, too large to be a real one")
+    return _parse_json(raw, path, "the file")
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """The JSON header of a safetensors file (an object), the offset where its data begins, the file size."""
+    with _open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise _fix(path, f"is {size} bytes, too short to be a safetensors file")
+        (length,) = struct.unpack("<Q", raw)
+        if length > MAX_HEADER:
+            raise _fix(path, f"declares a header of {length} bytes (more than {MAX_HEADER // 2**20} MiB); "
+                             "it is not a safetensors file or is corrupt")
+        if 8 + length > size:
+            raise _fix(path, f"declares a header of {length} bytes but the file has only {size - 8} after the "
+                             "length; it is truncated")
+        header = _parse_json(f.read(length), path, "the safetensors header")
+    if not isinstance(header, dict):
+        raise _fix(path, f"the safetensors header is {_kind(header)}, not a JSON object of tensors")
+    return header, 8 + length, size
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_info(path: Path, name: str, spec: object, data_start: int, size: int) -> TensorInfo:
+    """One validated header entry: known dtype, a list of dims, offsets inside the data area
+    whose span is exactly numel x itemsize."""
+    if not isinstance(spec, dict):
+        raise _fix(path, f"its header entry is {_kind(spec)}, not an object with dtype, shape and data_offsets", name)
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in spec]
+    if missing:
+        raise _fix(path, f"its header entry has no {' or '.join(missing)}", name)
+    code, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    if not isinstance(code, str) or code not in DTYPE_SIZES:
+        raise _fix(path, f"dtype {_show(code)} is not one tli-recipe handles (supported: {', '.join(DTYPE_SIZES)})", name)
+    if not isinstance(shape, list) or not all(_count(d) for d in shape):
+        raise _fix(path, f"shape {_show(shape)} is not a list of non-negative integers", name)
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets):
+        raise _fix(path, f"data_offsets {_show(offsets)} is not a pair of non-negative integers", name)
+    begin, end = offsets
+    if end < begin:
+        raise _fix(path, f"data_offsets [{begin}, {end}] are reversed (the end is before the start)", name)
+    expected = nbytes(code, shape)
+    if end - begin != expected:
+        raise _fix(path, f"data_offsets [{begin}, {end}] span {end - begin} bytes, but shape {list(shape)} of {code} "
+                         f"needs {expected}", name)
+    if data_start + end > size:
+        raise _fix(path, f"data_offsets [{begin}, {end}] run past the end of the file (its data area holds "
+                         f"{size - data_start} bytes); the file is truncated or its header is wrong", name)
+    return TensorInfo(name, str(path), code, tuple(shape), data_start + begin, data_start + end)
+
+
+def read_tensors(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Every tensor of one safetensors file, validated (no two share a byte), and its ``__metadata__``."""
+    header, data_start, size = read_header(path)
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _fix(path, f"the header's __metadata__ is {_kind(metadata)}, not an object of strings"
+                   if not isinstance(metadata, dict) else "the header's __metadata__ holds a value that is not a string")
+    tensors = {name: _tensor_info(path, name, spec, data_start, size) for name, spec in header.items()}
+    previous = None
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if previous is not None and info.start < previous.end:
+            raise _fix(path, f"its bytes overlap those of tensor '{_show(previous.name, 200)}'", info.name)
+        previous = info
+    return tensors, metadata
 
 
 @dataclass
@@ -141,10 +264,13 @@ def resolve_model(ref: str) -> Path:
     if repo.count("/") == 1 and not local.exists():
         cache = hub_cache_dir() / ("models--" + repo.replace("/", "--"))
         revision = revision or "main"
-        ref_file = cache / "refs" / revision
-        commit = ref_file.read_text().strip() if ref_file.is_file() else revision
-        snapshot = cache / "snapshots" / commit
-        if snapshot.is_dir():
+        # refs/<revision> is a file anyone can plant and the revision comes from a shared recipe:
+        # only a validated commit or plain name may pick the snapshot (provenance imports this module)
+        from tli_recipe.source.provenance import hub_commit
+
+        commit = hub_commit(cache, revision)
+        snapshot = cache / "snapshots" / commit if commit else None
+        if snapshot is not None and snapshot.is_dir():
             return snapshot
         raise CheckpointError(
             f"'{ref}' is neither a local directory nor a model in the local Hugging Face cache; check the path, "
@@ -154,51 +280,71 @@ def resolve_model(ref: str) -> Path:
     raise CheckpointError(f"'{ref}' is not a directory; expected a model directory with config.json, or a hub id org/name")
 
 
-def open_checkpoint(path: Path) -> Checkpoint:
-    """Read config.json and every safetensors header of a model directory (no tensor data)."""
-    config_path = path / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{config_path}: not found; a model directory needs its config.json") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: cannot be read as JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object")
+def _read_index(index_path: Path) -> dict[str, str]:
+    """The index's weight_map: tensor name -> shard file name, each a plain file inside the folder."""
+    index = read_json(index_path)
+    if not isinstance(index, dict):
+        raise _fix(index_path, f"is {_kind(index)}, not a JSON object with a weight_map")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise _fix(index_path, "has no weight_map" if weight_map is None else
+                   f"its weight_map is {_kind(weight_map)}, not an object mapping tensor names to shard files")
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str):
+            raise _fix(index_path, f"its weight_map entry is {_kind(name)}, not a shard file name", tensor)
+        if not name.endswith(".safetensors") or name != Path(name).name or "\\" in name or "\0" in name:
+            raise _fix(index_path, f"its weight_map names the shard '{_show(name)}', which is not a .safetensors "
+                                   "file inside the model folder", tensor)
+    return weight_map
 
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{config_path}: not found; a model directory needs its config.json")
+    config = read_json(config_path)
+    if not isinstance(config, dict):
+        raise _fix(config_path, f"is {_kind(config)}, not a JSON object")
+    return config
+
+
+def _weight_files(path: Path) -> tuple[Optional[dict[str, str]], list[str]]:
+    """The index's weight_map (None without an index) and the shard files to read."""
     index_path = path / INDEX_FILE
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index_path}: no readable weight_map ({exc}); re-download or fix the index") from None
-        files = sorted(set(weight_map.values()))
-    elif (path / SINGLE_FILE).is_file():
-        weight_map, files = None, [SINGLE_FILE]
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-        weight_map = None
-        if not files and any(path.glob("*.bin")):
-            raise CheckpointError(f"{path}: only PyTorch .bin weights found; convert the model to safetensors first "
-                                  "(load it with transformers and save_pretrained(..., safe_serialization=True))")
+        weight_map = _read_index(index_path)
+        return weight_map, sorted(set(weight_map.values()))
+    if (path / SINGLE_FILE).is_file():
+        return None, [SINGLE_FILE]
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files and any(path.glob("*.bin")):
+        raise CheckpointError(f"{path}: only PyTorch .bin weights found; convert the model to safetensors first "
+                              "(load it with transformers and save_pretrained(..., safe_serialization=True))")
+    return None, files
 
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """Read config.json and every safetensors header of a model directory (no tensor data).
+
+    Every header entry is validated here, so later code can trust a TensorInfo: a bad
+    checkpoint is refused before anything is planned or written."""
+    config = _read_config(path)
+    weight_map, files = _weight_files(path)
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     for name in files:
         file = path / name
-        header, data_start = read_header(file)
-        metadata.update(header.pop("__metadata__", None) or {})
-        for tensor, spec in header.items():
-            begin, end = spec["data_offsets"]
+        found, meta = read_tensors(file)
+        metadata.update(meta)
+        for tensor, info in found.items():
             if tensor in tensors:
-                raise CheckpointError(f"{file}: tensor '{tensor}' is also in {tensors[tensor].file}; the checkpoint is inconsistent")
-            if spec.get("dtype") not in DTYPE_SIZES:
-                raise CheckpointError(f"{file}: tensor '{tensor}' has dtype {spec.get('dtype')!r}, which tli-recipe does not "
-                                      f"handle; supported: {', '.join(DTYPE_SIZES)}")
-            tensors[tensor] = TensorInfo(tensor, str(file), spec["dtype"], tuple(spec["shape"]), data_start + begin, data_start + end)
+                raise _fix(file, f"is also in {tensors[tensor].file}; the checkpoint is inconsistent", tensor)
+            if weight_map is not None and weight_map.get(tensor) != name:
+                raise _fix(file, f"is in this shard but not in {INDEX_FILE}" if tensor not in weight_map else
+                           f"is in this shard but {INDEX_FILE} puts it in {_show(weight_map[tensor])}", tensor)
+            tensors[tensor] = info
     if weight_map is not None:
         for tensor, name in weight_map.items():
-            info = tensors.get(tensor)
-            if info is None or Path(info.file).name != name:
-                raise CheckpointError(f"{path / name}: tensor '{tensor}' is in {INDEX_FILE} but not in the shard; re-download or fix the index")
+            if tensor not in tensors:
+                raise _fix(path / name, f"is in {INDEX_FILE} but not in the shard", tensor)
     return Checkpoint(path=path, config=config, tensors=tensors, metadata=metadata)

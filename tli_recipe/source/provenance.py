@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, Optional
 
 from tli_recipe.errors import Problem, RecipeError
-from tli_recipe.source.checkpoint import INDEX_FILE, SIDE_FILES, Checkpoint
+from tli_recipe.source.checkpoint import (
+    INDEX_FILE,
+    SIDE_FILES,
+    Checkpoint,
+    CheckpointError,
+)
 
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _CHUNK = 8 * 2**20
 
 
@@ -31,67 +37,198 @@ def sha256_file(path: Path) -> str:
 
 
 # --- revisions ---------------------------------------------------------------------
+#
+# A revision comes from files inside the model directory that anyone who shared it
+# controls: ``.git/HEAD`` may say ``ref: /home/u/.ssh/id_ed25519``, a ref file may be a
+# symlink or a FIFO. So a revision is only ever a validated token (40 or 64 lowercase
+# hex characters), read from a small regular file whose real path stays inside the
+# directory; anything else is ignored with a warning that quotes nothing from the file.
 
-def _git_head(git: Path) -> Optional[str]:
-    head = (git / "HEAD").read_text().strip()
-    if not head.startswith("ref: "):
-        return head if _COMMIT.match(head) else None
-    ref = head[5:]
-    if (git / ref).is_file():
-        return (git / ref).read_text().strip()
-    packed = git / "packed-refs"
-    if packed.is_file():
-        for line in packed.read_text().splitlines():
-            sha, _, name = line.partition(" ")
-            if name == ref:
+_COMMIT = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+#: a git ref name as HEAD may name it: under refs/, plain characters, no empty, "." or ".." part
+_REF = re.compile(r"^refs/[A-Za-z0-9._+-]+(?:/[A-Za-z0-9._+-]+)*$")
+#: a branch or tag name of a hub cache (``refs/<name>``) or a commit (``snapshots/<commit>``)
+_HUB_REVISION = re.compile(r"^[A-Za-z0-9._+-]+(?:/[A-Za-z0-9._+-]+)*$")
+#: a file name that may be quoted in a warning
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
+_SMALL = 4096            # HEAD, a ref file, download metadata, a hub ref: a few dozen bytes
+_PACKED = 2**20          # packed-refs lists every branch and tag
+_WHY = "a revision is 40 or 64 lowercase hex characters read from a small regular file inside the model directory"
+
+
+class _Refused(Exception):
+    """A revision file that is not read: the reason names no content of it."""
+
+
+def _plain_parts(text: str) -> bool:
+    return all(part not in ("", ".", "..") for part in text.split("/"))
+
+
+def read_small(path: Path, inside: Path, limit: int = _SMALL) -> Optional[str]:
+    """The text of ``path`` when it is a regular file of at most ``limit`` bytes whose real
+    path lies inside ``inside``; None when it does not exist. Raises _Refused otherwise.
+
+    Opened non-blocking (a FIFO must not hang us) and checked on the open descriptor.
+    """
+    if not os.path.lexists(path):
+        return None
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise _Refused("a dangling or looping link") from None
+    if not real.is_relative_to(inside.resolve()):
+        raise _Refused("a link leaving the directory")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        raise _Refused("unreadable") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _Refused("not a regular file")
+        if info.st_size > limit:
+            raise _Refused(f"larger than {limit} bytes")
+        data = os.read(fd, limit + 1)
+    except OSError:
+        raise _Refused("unreadable") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise _Refused(f"larger than {limit} bytes")
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        raise _Refused("not plain text") from None
+
+
+def _token(path: Path, inside: Path, label: str, warn: list[str], limit: int = _SMALL) -> Optional[str]:
+    """``read_small``, with a refusal turned into a warning naming only ``label``."""
+    try:
+        return read_small(path, inside, limit)
+    except _Refused as exc:
+        warn.append(f"{label} is {exc}; ignored it ({_WHY})")
+        return None
+
+
+def _git_head(git: Path, warn: list[str]) -> Optional[str]:
+    """The commit ``.git/HEAD`` names: detached, through a ref file under .git/refs/, or packed-refs."""
+    head = _token(git / "HEAD", git, ".git/HEAD", warn)
+    if head is None:
+        return None
+    head = head.strip()
+    if _COMMIT.match(head):
+        return head
+    ref = head[5:].strip() if head.startswith("ref: ") else None
+    if ref is None or not _REF.match(ref) or not _plain_parts(ref):
+        warn.append(f".git/HEAD holds neither a commit nor a ref under .git/refs/; ignored it ({_WHY})")
+        return None
+    text = _token(git / ref, git, "the ref file that .git/HEAD names", warn)
+    if text is not None:
+        if _COMMIT.match(text.strip()):
+            return text.strip()
+        warn.append(f"the ref file that .git/HEAD names holds no commit; ignored it ({_WHY})")
+        return None
+    packed = _token(git / "packed-refs", git, ".git/packed-refs", warn, _PACKED)
+    for line in (packed or "").splitlines():
+        sha, _, name = line.strip().partition(" ")
+        if name == ref:
+            if _COMMIT.match(sha):
                 return sha
+            warn.append(f".git/packed-refs holds no commit for the ref that .git/HEAD names; ignored it ({_WHY})")
+            return None
+    warn.append("the ref that .git/HEAD names is in neither .git/refs/ nor .git/packed-refs; the revision is unknown")
     return None
 
 
-def source_revision(folder: Path) -> Optional[tuple[str, str]]:
+def _download_metadata(folder: Path, warn: list[str]) -> Optional[tuple[str, str]]:
+    """The commit ``huggingface-cli download --local-dir`` recorded, and the file it is in."""
+    downloads = folder / ".cache" / "huggingface" / "download"
+    if not downloads.is_dir():
+        return None
+    if not downloads.resolve().is_relative_to(folder.resolve()):
+        warn.append(f".cache/huggingface/download is a link leaving the directory; ignored it ({_WHY})")
+        return None
+    for meta in dict.fromkeys([downloads / "config.json.metadata", *sorted(downloads.glob("*.metadata"))]):
+        name = f".cache/huggingface/download/{meta.name}" if _PLAIN_NAME.match(meta.name) else "a download metadata file"
+        text = _token(meta, folder, name, warn)
+        if text is None:
+            continue
+        first = text.splitlines()[:1]
+        if first and _COMMIT.match(first[0].strip()):
+            return first[0].strip(), name
+        warn.append(f"{name} does not start with a commit; ignored it ({_WHY})")
+    return None
+
+
+def source_revision(folder: Path, warnings: Optional[list[str]] = None) -> Optional[tuple[str, str]]:
     """The commit a model directory holds and how it is known, or None.
 
     A Hugging Face cache snapshot is named by its commit; ``huggingface-cli download
     --local-dir`` records the commit in ``.cache/huggingface/download/*.metadata``; a git
-    clone has its HEAD.
+    clone has its HEAD. Each file that gives no valid commit adds a warning to ``warnings``.
     """
     if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--") and _COMMIT.match(folder.name):
         return folder.name, "its Hugging Face cache snapshot"
-    downloads = folder / ".cache" / "huggingface" / "download"
-    for meta in [downloads / "config.json.metadata", *sorted(downloads.glob("*.metadata"))]:
-        if meta.is_file():
-            first = meta.read_text().splitlines()[:1]
-            if first and _COMMIT.match(first[0].strip()):
-                return first[0].strip(), f"{meta.relative_to(folder)}"
-    if (folder / ".git").is_dir():
-        commit = _git_head(folder / ".git")
-        if commit:
-            return commit, "its git HEAD"
-    return None
+    warn: list[str] = []
+    found = _download_metadata(folder, warn)
+    git = folder / ".git"
+    if found is None and git.is_dir():
+        if not git.resolve().is_relative_to(folder.resolve()):
+            warn.append(f".git is a link leaving the directory; ignored it ({_WHY})")
+        else:
+            commit = _git_head(git, warn)
+            found = (commit, "its git HEAD") if commit else None
+    if warnings is not None:
+        warnings += [f"{folder}: {w}" for w in warn]
+    return found
+
+
+def hub_commit(cache: Path, revision: str) -> Optional[str]:
+    """The snapshot name of ``revision`` (a commit, or a branch or tag under ``refs/``) in the
+    hub cache folder of one model; None when ``revision`` cannot name one (``..``, absolute).
+
+    Raises CheckpointError when ``refs/<revision>`` exists but holds no commit.
+    """
+    if not _HUB_REVISION.match(revision) or not _plain_parts(revision):
+        return None
+    refs = cache / "refs"
+    try:
+        text = read_small(refs / revision, refs) if refs.is_dir() else None
+    except _Refused as exc:
+        raise CheckpointError(f"{refs / revision}: is {exc}; expected the commit of '{revision}' (the Hugging Face "
+                              "cache is damaged: download the model again)") from None
+    if text is None:
+        return revision
+    if not _COMMIT.match(text.strip()):
+        raise CheckpointError(f"{refs / revision}: holds no commit; expected 40 or 64 lowercase hex characters (the "
+                              "Hugging Face cache is damaged: download the model again)")
+    return text.strip()
 
 
 def check_pin(ref: Any, folder: Path) -> tuple[list[tuple[tuple, str]], list[str]]:
-    """Problems ``(sub-path, message)`` and warnings about ``ref``'s pinned revision."""
+    """Problems ``(sub-path, message)`` and warnings about ``ref``'s pinned revision
+    (and about revision files that were ignored, pinned or not)."""
+    warnings: list[str] = []
+    found = source_revision(folder, warnings)
     wanted = getattr(ref, "revision", None)
     if not wanted:
-        return [], []
-    found = source_revision(folder)
+        return [], warnings
     if found is None:
         return [(("revision",), f"cannot tell which revision {folder} holds (not a Hugging Face cache snapshot, no "
                                 "download metadata, no git HEAD); expected a directory written by `huggingface-cli "
                                 "download --revision REV --local-dir DIR` or a git clone, or pin its files with "
-                                "checksums instead of a revision")], []
+                                "checksums instead of a revision")], warnings
     commit, how = found
     if commit == wanted:
-        return [], []
+        return [], warnings
     if str(ref) != ref.path:  # written org/name@revision: the cache resolved a branch or tag name through refs/
-        return [], [f"{ref}: revision '{wanted}' is a branch or tag name, now commit {commit}; it moves, so pin the "
-                    f"commit for a reproducible recipe (revision: {commit})"]
+        return [], warnings + [f"{ref}: revision '{wanted}' is a branch or tag name, now commit {commit}; it moves, so "
+                               f"pin the commit for a reproducible recipe (revision: {commit})"]
     if len(wanted) >= 7 and commit.startswith(wanted):  # an abbreviated commit of a local directory
-        return [], []
+        return [], warnings
     return [(("revision",), f"{folder} is at revision {commit} (from {how}), the recipe pins {wanted}; expected the "
                             f"pinned revision: download it again (huggingface-cli download ORG/NAME --revision {wanted} "
-                            "--local-dir DIR), or change the pin")], []
+                            "--local-dir DIR), or change the pin")], warnings
 
 
 # --- checksums ---------------------------------------------------------------------
@@ -108,59 +245,62 @@ def source_file_names(ckpt: Checkpoint, side_files: bool) -> list[str]:
     return sorted(set(names))
 
 
-def expected_checksums(plan) -> dict[str, tuple[tuple, dict[str, str]]]:
-    """Source key -> (field path of its pin, expected sha256 by file name), from the plan's recipe."""
-    from tli_recipe.recipe.schema import Recipe
+def expected_checksums(plan) -> dict[str, dict[str, str]]:
+    """Source key -> expected sha256 by file name, from the plan's pins (never the recipe again)."""
+    return {key: dict(pin.checksums) for key, pin in plan.pins.items() if pin.checksums}
 
-    recipe = Recipe.model_validate(plan.recipe)
-    out = {}
-    if recipe.base_model.checksums:
-        out[str(recipe.base_model)] = (("base_model",), recipe.base_model.checksums)
-    for i, piece in enumerate(recipe.slices or []):
-        if piece.model is not None and piece.model.checksums:
-            out.setdefault(str(piece.model), (("slices", i, "model"), piece.model.checksums))
-    return out
+
+def _inside(folder: Path, name: str) -> bool:
+    """Whether a pinned file name is a plain relative path that stays inside ``folder``."""
+    parts = Path(name).parts
+    if Path(name).is_absolute() or not parts or ".." in parts:
+        return False
+    return (folder / name).resolve().is_relative_to(folder.resolve())
 
 
 def hash_sources(plan, checkpoints: dict[str, Checkpoint]) -> dict[str, dict[str, str]]:
     """sha256 of every file each source contributes (config, index, shards; side files of
-    the base model) and of any other file the recipe names; checks the recipe's pins.
+    the base model) and of any other file the recipe names; checks the plan's pins.
 
-    Raises a RecipeError, located in the recipe file, for every mismatch at once.
+    Raises a RecipeError, located where the plan says each pin was written, for every
+    mismatch at once.
     """
-    expected = expected_checksums(plan)
     digests: dict[str, dict[str, str]] = {}
-    problems: list[tuple[tuple, str, bool]] = []  # (field path, message, locate the key rather than the value)
+    problems: list[Problem] = []
     for key, ckpt in checkpoints.items():
-        where, wanted = expected.get(key, ((), {}))
+        pin = plan.pins.get(key)
+        wanted = dict(pin.checksums) if pin else {}
         names = set(source_file_names(ckpt, side_files=key == plan.base_model))
-        for name in wanted:
-            if not (ckpt.path / name).is_file():
+        for name in list(wanted):
+            if not _inside(ckpt.path, name) or not (ckpt.path / name).is_file():
                 present = ", ".join(source_file_names(ckpt, side_files=True))
-                problems.append((where + ("checksums", name), f"{ckpt.path} has no file '{name}'; expected one of: {present}", True))
+                problems.append(_at(plan, pin, f"checksums.{name}#key", f"{ckpt.path} has no file '{name}'; expected one of: {present}"))
+                del wanted[name]
             else:
                 names.add(name)
         digests[key] = {name: sha256_file(ckpt.path / name) for name in sorted(names)}
         for name, digest in wanted.items():
-            got = digests[key].get(name)
-            if got is not None and got != digest:
-                problems.append((where + ("checksums", name),
-                                 f"{ckpt.path / name} has sha256 {got}, the recipe expects {digest}; the file changed: "
-                                 "download the pinned revision again, or update the checksum if the change is intended", False))
+            if digests[key][name] != digest:
+                problems.append(_at(plan, pin, f"checksums.{name}",
+                                    f"{ckpt.path / name} has sha256 {digests[key][name]}, the recipe expects {digest}; the "
+                                    "file changed: download the pinned revision again, or update the checksum if the change "
+                                    "is intended"))
     if problems:
-        raise RecipeError([_locate(plan.recipe_file, *problem) for problem in problems])
+        raise RecipeError(problems)
     return digests
 
 
-def _locate(recipe_file: str, path: tuple, message: str, prefer_key: bool) -> Problem:
-    """A problem at its place in the recipe file (re-read for its marks; line 1 when unreadable)."""
-    from tli_recipe.recipe.load import read_recipe
+_LOCATION = re.compile(r"^(?P<file>.*):(?P<line>\d+):(?P<column>\d+): (?P<path>.+)$", re.S)
 
-    try:
-        _, marks = read_recipe(recipe_file)
-    except (RecipeError, OSError):
-        return Problem(path, message, recipe_file, 1, 1)
-    return marks.problem(path, message, prefer_key)
+
+def _at(plan, pin, entry: str, message: str) -> Problem:
+    """A problem at the place the plan recorded for ``entry`` of a pin (``file:line:col: field.path``;
+    ``checksums.<name>#key`` is the key of that entry, ``checksums.<name>`` its value)."""
+    locations = pin.locations if pin is not None else {}
+    match = _LOCATION.match(locations.get(entry) or locations.get(entry.partition("#")[0], ""))
+    if match is None:  # a plan written without locations: the recipe file, at its top
+        return Problem((entry.partition("#")[0],), message, plan.recipe_file, 1, 1)
+    return Problem((match["path"],), message, match["file"], int(match["line"]), int(match["column"]))
 
 
 def metadata(plan) -> dict[str, str]:
@@ -169,9 +309,10 @@ def metadata(plan) -> dict[str, str]:
     return {"sources": json.dumps(sources, sort_keys=True, separators=(",", ":"))}
 
 
-def pin_block(ref: str, ckpt: Checkpoint) -> str:
-    """A ``base_model:`` block pinning ``ref`` to its revision and file checksums (for ``tli-recipe pin``)."""
-    found = source_revision(ckpt.path)
+def pin_block(ref: str, ckpt: Checkpoint, warnings: Optional[list[str]] = None) -> str:
+    """A ``base_model:`` block pinning ``ref`` to its revision and file checksums (for ``tli-recipe pin``);
+    revision files that were ignored add a warning to ``warnings``."""
+    found = source_revision(ckpt.path, warnings)
     path = ref if Path(ref).expanduser().exists() else ref.partition("@")[0]  # a hub id: the revision gets its own key
     lines = ["base_model:", f"  path: {json.dumps(path)}"]
     if found:
