@@ -17,7 +17,31 @@ from typing import Iterable, Optional
 
 import pytest
 
-from conftest import tree_digest
+
+def _root_helpers() -> dict:
+    """The plain helpers of tests/conftest.py (tree_digest, write_recipe, logits_of...).
+
+    Two conftest.py files outside packages share the module name ``conftest``: pytest drops
+    the root one from ``sys.modules`` when it imports this one, so ``from conftest import ...``
+    here (and in every test module collected after this folder) would find this file. Load
+    the root file under its own name and re-export its helpers, not its fixtures or hooks.
+    """
+    import importlib.util
+    import types
+
+    from _pytest.fixtures import FixtureFunctionDefinition
+
+    spec = importlib.util.spec_from_file_location("_tests_root_conftest", Path(__file__).resolve().parents[1] / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {name: value for name, value in vars(module).items()
+            if not name.startswith(("_", "pytest_")) and not isinstance(value, (FixtureFunctionDefinition, types.ModuleType))
+            # constants (ROOT, CONFIGS: Path objects whose __module__ is pathlib) and its own functions
+            and (not callable(value) or getattr(value, "__module__", module.__name__) == module.__name__)}
+
+
+globals().update(_root_helpers())
+tree_digest = globals()["tree_digest"]
 
 
 class Snapshot:

@@ -56,5 +56,5 @@ def test_a_stage_named_all_is_that_stage(tmp_path):
     recipe = write_recipe(tmp_path, f"base_model: {base}\noutput: {tmp_path / 'out'}\ninject: {{every: 2}}\nstages:\n"
                                     "  - name: new\n    trainable: [injected]\n  - name: all\n    trainable: [all]\n")
     out = execute_plan(compile_plan(load_recipe(recipe)), progress=False, log=lambda m: None)
-    assert [c["stage"] for c in stage_configs(out, stages=["all"])] == ["all"]
-    assert [c["stage"] for c in stage_configs(out)] == ["new", "all"]
+    assert [c.stage for c in stage_configs(out, stages=["all"])] == ["all"]
+    assert [c.stage for c in stage_configs(out)] == ["new", "all"]

@@ -120,7 +120,7 @@ def test_axolotl_config_keys(tmp_path, tiny):
 """)
     first, second = emitted(out, "axolotl").values()
     assert first["base_model"] == str(out.resolve()) and first["output_dir"] == str(out.resolve()) + "-injected-only-axolotl"
-    assert first["datasets"] == [{"path": str(Path("data.jsonl").resolve()), "ds_type": "json", "type": "completion", "field": "text"}]
+    assert first["datasets"] == [{"path": str((tmp_path / "data.jsonl").resolve()), "ds_type": "json", "type": "completion", "field": "text"}]
     assert first["lr_scheduler"] == "constant_with_warmup" and first["max_steps"] == 100
     assert first["gradient_checkpointing_kwargs"] == {"use_reentrant": False} and first["bf16"] is True
     assert second["base_model"] == first["output_dir"]

@@ -129,7 +129,7 @@ def test_interrupted_stage_resumes_to_the_same_final_step(tmp_path, base, data):
     steps = [int(r["step"]) for r in csv.DictReader((out / "losses.csv").open())]
     assert steps == list(range(9))
     # The same run without the interruption ends on the same step with the same weights.
-    cfg = {**cfg, "output_dir": str(tmp_path / "straight")}
+    cfg = cfg.model_copy(update={"output_dir": str(tmp_path / "straight")})
     straight = train_stage(cfg, progress=False, log=quiet)
     assert json.loads((straight / "training_metrics.json").read_text())["global_step"] == 8
     for name, tensor in tensors(straight).items():

@@ -65,6 +65,7 @@ def run(recipe: str, overrides: tuple[str, ...], output: str | None, device: str
         click.echo(f"warning: {warning}", err=True)
     from tli_recipe import execute_plan
 
+    click.echo(f"output: {Path(output or compiled.output).resolve()}", err=True)  # where a shared recipe makes run write
     execute_plan(compiled, output, device=device, force=force, progress=not no_progress, sync=sync,
                  log=lambda msg: click.echo(msg, err=True))
 

@@ -45,19 +45,16 @@ def _write(path: Path, text: str) -> None:
 @click.option("--var", "var_items", multiple=True, metavar="NAME=VALUE", help="A template variable, parsed as its declared type. Repeatable.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write the recipe here instead of stdout.")
 @click.option("--configs", multiple=True, type=click.Path(file_okay=False), help=CONFIGS_HELP)
+@click.option("--force", is_flag=True, help="Replace an existing --output file whose text differs.")
 @reported
-def render(template: str, var_items: tuple[str, ...], output: str | None, configs: tuple[str, ...]) -> None:
+def render(template: str, var_items: tuple[str, ...], output: str | None, configs: tuple[str, ...], force: bool) -> None:
     """Render one recipe from a template (sandboxed jinja2) and validate it.
 
     The recipe is also planned when its base model's config is found (local, hub cache or
     stored configs), so plan-time errors show too; nothing is written if anything is wrong.
     """
-    from tli_recipe.library.templates import (
-        complete,
-        parse_var_options,
-        read_template,
-        render_recipe,
-    )
+    from tli_recipe.library.templates import read_template, render_recipe
+    from tli_recipe.library.values import complete, parse_var_options
 
     parsed = read_template(template)
     values = complete(parsed, parse_var_options(parsed, var_items))
@@ -65,7 +62,18 @@ def render(template: str, var_items: tuple[str, ...], output: str | None, config
     if output is None:
         click.echo(rendered.text, nl=False)
         return
-    _write(Path(output), rendered.text)
+    path = Path(output)
+    if os.path.lexists(path):
+        if path.is_symlink() or not path.is_file():
+            raise TliError(f"{output} exists and is not a regular file; nothing was written; remove it or choose another --output")
+        data = rendered.text.encode("utf-8")
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            click.echo(f"unchanged {output}", err=True)
+            return
+        if not force:  # like `variants`: a recipe edited by hand is not lost to a re-render
+            raise TliError(f"{output} exists and differs from the rendering; nothing was written; "
+                           "pass --force to replace it (or choose another --output)")
+    _write(path, rendered.text)
     click.echo(f"wrote {output}", err=True)
 
 
@@ -86,7 +94,7 @@ def variants(source: str, var_items: tuple[str, ...], grid_items: tuple[str, ...
     out_dir, configs, vars, grid). Every combination is rendered, validated and, where its
     model's config is found, planned; if any is invalid, each is named and nothing is written.
     """
-    from tli_recipe.library.templates import (
+    from tli_recipe.library.variants import (
         render_variants,
         sweep_from_matrix,
         sweep_from_options,
@@ -97,7 +105,7 @@ def variants(source: str, var_items: tuple[str, ...], grid_items: tuple[str, ...
     else:
         if var_items or grid_items:
             raise TliError(f"{source} is a matrix file: its vars and grid replace --var and --grid; edit the file, or pass the template itself")
-        sweep = sweep_from_matrix(source)
+        sweep = sweep_from_matrix(source, out_dir_given=out_dir is not None)
     target = Path(out_dir) if out_dir else sweep.out_dir
     if target is None:
         raise TliError("--out-dir is required with a template (a matrix file names its out_dir)")
@@ -208,7 +216,11 @@ def pin(model: str) -> None:
     from tli_recipe.source.checkpoint import open_checkpoint, resolve_model
     from tli_recipe.source.provenance import pin_block
 
-    click.echo(pin_block(model, open_checkpoint(resolve_model(model))), nl=False)
+    warnings: list[str] = []
+    block = pin_block(model, open_checkpoint(resolve_model(model)), warnings)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(block, nl=False)
 
 
 COMMANDS = (render, variants, list_recipes, diff, pin)

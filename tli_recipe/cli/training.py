@@ -93,6 +93,7 @@ def train(model_dir: str | None, data: tuple[str, ...], stages: tuple[str, ...],
     adapters at its end, and writes MODEL_DIR-<stage> with the plan, metrics, a CSV of
     losses and a plot. Rerunning an interrupted command resumes from its last checkpoint.
     """
+    from tli_recipe.training import launch
     from tli_recipe.training import train as trainer
 
     if (model_dir is None) == (config is None):
@@ -106,24 +107,24 @@ def train(model_dir: str | None, data: tuple[str, ...], stages: tuple[str, ...],
 
     gpus = torch.cuda.device_count()
     if print_launch:
-        click.echo(trainer.launch_command(argv, max(1, gpus)))
+        click.echo(launch.launch_command(argv, max(1, gpus)))
         click.echo(f"# {gpus} GPU{'s' * (gpus != 1)} visible here. Several machines: add --num_machines N --machine_rank R "
                    "--main_process_ip HOST --main_process_port PORT (or run `accelerate config` once).", err=True)
         return
-    if gpus > 1 and not trainer.under_launcher():
+    if gpus > 1 and not launch.under_launcher():
         click.echo(f"note: {gpus} GPUs are visible and this process uses one; for all of them run:\n  "
-                   + trainer.launch_command(argv, gpus), err=True)
+                   + launch.launch_command(argv, gpus), err=True)
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
     kwargs = dict(device=device, tokenizer=tokenizer, restart=restart, force=force, progress=not no_progress, log=log)
     try:
         if config is not None:
             cfg = trainer.load_stage_config(config)
             if data:
-                from tli_recipe.recipe.schema import Dataset
+                from tli_recipe.training.builtin import DataFile
 
-                cfg["datasets"] = [Dataset(path=str(Path(d).resolve())).model_dump() for d in data]
+                cfg.datasets = [DataFile(path=str(Path(d).resolve())) for d in data]
             if into:
-                cfg["output_dir"] = str(Path(into) / cfg["stage"])
+                cfg.output_dir = str(Path(into) / cfg.stage)
             outputs = [trainer.train_stage(cfg, **kwargs)]
         else:
             outputs = trainer.train_output(model_dir, data=data or None, stages=stages or None,

@@ -9,9 +9,7 @@ Sources are opened read-only and never modified."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -20,12 +18,7 @@ import yaml
 
 from tli_recipe._version import __version__
 from tli_recipe.errors import TliError
-from tli_recipe.execute.output import (
-    check_output,
-    fsync_tree,
-    sigterm_as_interrupt,
-    swap_into_place,
-)
+from tli_recipe.execute.output import check_output, staged_output
 from tli_recipe.execute.shards import (
     ShardWriter,
     TensorReader,
@@ -164,17 +157,13 @@ def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str
     # Provenance before any byte is written: a source file that differs from the recipe's pin stops the run.
     plan = plan.model_copy(update={"source_files": hash_sources(plan, sources)})
     precomputed = _lesa(plan, sources, device, log)
-    target.parent.mkdir(parents=True, exist_ok=True)
 
     metadata = {"format": "pt", "tli_recipe_version": __version__, "recipe_sha256": plan.recipe_sha256,
                 "recipe_name": plan.name, **provenance_metadata(plan)}
     shards = layout_shards(((op.name, op.dtype, tuple(op.shape)) for op in plan.tensors), plan.shard_size)
     started = time.perf_counter()
-    with sigterm_as_interrupt():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary directory
+    # Locked, written beside the target, swapped in when the block ends; removed on any failure.
+    with staged_output(target, force=force, recipe_sha256=plan.recipe_sha256, sync=sync, log=log) as tmp:
         writer = ShardWriter(tmp, shards, metadata, sync=sync)
         reader = TensorReader()
         try:
@@ -195,12 +184,8 @@ def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str
             _write_side_files(plan, tmp, Path(plan.sources[plan.base_model].path))
             for side_writer in side_writers:
                 side_writer(plan, tmp, target)
-            if sync:
-                fsync_tree(tmp)
-            swap_into_place(tmp, target)
         except BaseException:
             writer.abort()
-            shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
             reader.close()

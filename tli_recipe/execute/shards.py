@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from tli_recipe.errors import TliError
-from tli_recipe.source.checkpoint import INDEX_FILE, CheckpointError, TensorInfo, nbytes
+from tli_recipe.source.checkpoint import FIX, INDEX_FILE, CheckpointError, TensorInfo, nbytes, read_header, read_json, read_tensors
 
 
 def torch_dtype(code: str):
@@ -27,7 +27,11 @@ def torch_dtype(code: str):
 
 
 def _truncated(info: TensorInfo, got: int) -> CheckpointError:
-    return CheckpointError(f"{info.file}: tensor '{info.name}' is truncated ({got} of {info.nbytes} bytes); re-download the file")
+    # The header was checked against the file size on open, so a short read means the file
+    # shrank (or changed) since: say so, not a byte count that contradicts the header.
+    return CheckpointError(f"{info.file}: tensor '{info.name}': only {got} of its {info.nbytes} bytes could be read; "
+                           "the file is now shorter than its header says (it changed while tli-recipe was reading it); "
+                           "re-download or fix the file")
 
 
 class TensorReader:
@@ -204,3 +208,38 @@ class ShardWriter:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def check_written(folder: Path, shards: list[ShardSpec]) -> None:
+    """Re-read every written shard and the index and check them against the layout.
+
+    Each shard's header must list exactly its planned tensors (names, dtypes, shapes, in
+    order), their bytes must cover the data area with no gap or overlap, and the file must
+    end where the last tensor ends: what safetensors itself requires to load the file.
+    Run before the output is swapped into place, so a bad shard never becomes the output.
+    """
+    for shard in shards:
+        path = folder / shard.file
+        try:
+            tensors, _ = read_tensors(path)
+        except CheckpointError as exc:
+            raise _unsound(str(exc).removesuffix(f"; {FIX}")) from None
+        found = [(t.name, t.dtype, t.shape) for t in sorted(tensors.values(), key=lambda t: t.start)]
+        if found != list(shard.tensors):
+            raise _unsound(f"{path}: its header lists other tensors than the plan ({len(found)} for {len(shard.tensors)})")
+        _, position, size = read_header(path)  # position: where the data area begins
+        for info in sorted(tensors.values(), key=lambda t: t.start):
+            if info.start != position:
+                raise _unsound(f"{path}: the bytes before tensor '{info.name}' belong to no tensor")
+            position = info.end
+        if position != size:
+            raise _unsound(f"{path}: the file is {size} bytes, its tensors end at byte {position}")
+    weight_map = {name: s.file for s in shards for name, _, _ in s.tensors}
+    index = read_json(folder / INDEX_FILE)
+    if not isinstance(index, dict) or index.get("weight_map") != weight_map:
+        raise _unsound(f"{folder / INDEX_FILE}: its weight_map differs from the shards written")
+
+
+def _unsound(what: str) -> TliError:
+    return TliError(f"the written output failed its check: {what}; nothing was kept. This is a bug in tli-recipe: "
+                    "please report it with the recipe")

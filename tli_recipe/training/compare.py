@@ -84,28 +84,25 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
 
         init = held_out(grown)
         cfg = stage_configs(grown, data=data, stages=[stage or plan.stages[0].name], into=folder / "trained")[0]
-        cfg["model"] = str(grown)  # every compared stage starts from the grown model, whatever its position
-        cfg["sequence_length"] = sequence_length
-        cfg["validation_fraction"] = 0.0
-        cfg["training_arguments"].update(
-            max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
-            logging_steps=1, eval_strategy="no", save_strategy="no", report_to=[], seed=0, data_seed=0)
-        cfg["training_arguments"].pop("num_train_epochs", None)
-        cfg["training_arguments"].pop("eval_steps", None)
-        cfg["training_arguments"].pop("save_steps", None)
+        arguments = {k: v for k, v in cfg.training_arguments.items() if k not in ("num_train_epochs", "eval_steps", "save_steps")}
+        arguments.update(max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
+                         logging_steps=1, eval_strategy="no", save_strategy="no", report_to=[], seed=0, data_seed=0)
+        # every compared stage starts from the grown model, whatever its position, and sees the same tokens
+        cfg = cfg.model_copy(update={"model": str(grown), "sequence_length": sequence_length, "validation_fraction": 0.0,
+                                     "training_arguments": arguments})
         logger = _loss_logger()
         started = time.perf_counter()
         trained = train_stage(cfg, device=device, force=True, progress=False, log=log, callbacks=[logger])
         train_seconds = time.perf_counter() - started
         final = held_out(trained)
-        sp = next(s for s in plan.stages if s.name == cfg["stage"])
+        sp = next(s for s in plan.stages if s.name == cfg.stage)
         metrics = json.loads((trained / "training_metrics.json").read_text()) if (trained / "training_metrics.json").is_file() else {}
         rows.append(CompareRow(
-            recipe=str(recipe), name=plan.name, stage=cfg["stage"], layers=plan.totals.layers_after,
+            recipe=str(recipe), name=plan.name, stage=cfg.stage, layers=plan.totals.layers_after,
             parameters=plan.totals.parameters_after, trainable=int(metrics.get("trainable_parameters", sp.trainable_parameters)),
             function_preserving=plan.function_preserving, init_loss=init, final_loss=final,
             grow_seconds=grow_seconds, train_seconds=train_seconds, curve=logger.curve))
-        log(f"{plan.name}: held-out loss {init:.4f} at init, {final:.4f} after {steps} steps of '{cfg['stage']}'")
+        log(f"{plan.name}: held-out loss {init:.4f} at init, {final:.4f} after {steps} steps of '{cfg.stage}'")
     return rows
 
 
@@ -117,11 +114,6 @@ def table(rows: Sequence[CompareRow], steps: int) -> str:
         lines.append(f"| {r.name} | {r.stage} | {r.layers} | {r.trainable / 1e6:.1f}M | {'yes' if r.function_preserving else 'no'} "
                      f"| {r.init_loss:.3f} | {r.final_loss:.3f} | {r.train_seconds:.0f} |")
     return "\n".join(lines)
-
-
-def load_rows(path: Path) -> list[CompareRow]:
-    """Rows from a compare.json (to re-plot or re-tabulate without training again)."""
-    return [CompareRow(**{**r, "curve": [tuple(p) for p in r["curve"]]}) for r in json.loads(Path(path).read_text())]
 
 
 def write_outputs(rows: Sequence[CompareRow], folder: Path, steps: int, title: str = "") -> list[Path]:

@@ -15,6 +15,12 @@ from typing import Callable, Optional, Sequence
 
 from tli_recipe.errors import TliError
 from tli_recipe.training.data import pack, tokenize
+from tli_recipe.training.loading import (
+    check_config,
+    load_config,
+    load_model,
+    load_tokenizer,
+)
 
 
 @dataclass
@@ -30,13 +36,7 @@ class EvalResult:
 
 
 def _tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as exc:
-        raise TliError(f"{path}: no tokenizer could be loaded ({str(exc).splitlines()[0][:160]}); "
-                       "pass --tokenizer DIR (the base model's)") from None
+    return load_tokenizer(path, "pass --tokenizer DIR (the base model's)")
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -48,15 +48,13 @@ def evaluate_models(models: Sequence[str | Path], data: Sequence[str | Path], *,
                     text_field: str = "text", device: str = "auto", dtype: str = "float32",
                     log: Callable[[str], None] = lambda m: None) -> list[EvalResult]:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
     paths = [Path(m) for m in models]
     for path in paths:
-        if not (path / "config.json").is_file():
-            raise TliError(f"{path}: no config.json; expected a model directory")
+        check_config(path)
     tok_path = Path(tokenizer) if tokenizer else paths[0]
     tok = _tokenizer(tok_path)
     vocab = tok.get_vocab()
@@ -65,7 +63,7 @@ def evaluate_models(models: Sequence[str | Path], data: Sequence[str | Path], *,
             raise TliError(f"{path}: its tokenizer differs from {tok_path}'s, so the models would not see the same "
                            "tokens; compare models that share a tokenizer, or force one with --tokenizer DIR")
     if sequence_length is None:
-        limit = AutoConfig.from_pretrained(paths[0]).max_position_embeddings or 1024
+        limit = getattr(load_config(paths[0]), "max_position_embeddings", None) or 1024
         sequence_length = min(1024, int(limit))
     ids = tokenize([(p, text_field) for p in data], tok)
     blocks = pack(ids, sequence_length, keep_short=True)
@@ -81,7 +79,7 @@ def evaluate_models(models: Sequence[str | Path], data: Sequence[str | Path], *,
 
     results = []
     for path in paths:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+        model = load_model(path, dtype=torch_dtype).to(device).eval()
         total, count = 0.0, 0
         with torch.no_grad():
             for start in range(0, len(blocks), batch_size):

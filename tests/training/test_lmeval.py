@@ -1,0 +1,211 @@
+"""lm-evaluation-harness on local models: a tiny JSONL multiple-choice task end to end.
+
+The accuracies come from lm-eval itself; the test recomputes them from the models' logits
+(so a row that ignored its model, or swapped acc and acc_norm, fails), and a TLI output must
+score exactly its base model: the same function gives the same choices.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+from conftest import build_tiny, write_recipe
+from tiny_text import add_char_tokenizer
+
+from tli_recipe.errors import TliError
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'tli-recipe[eval]')")
+
+#: Contexts and choices in the tiny character vocabulary; the choices differ in length, so acc
+#: (log-likelihood) and acc_norm (per character) can disagree.
+DOCS = [
+    ("the cat sat on", ["the mat", "a tree", "the big river", "a box"], 0),
+    ("a dog ran to", ["the house", "a tree", "my friend", "the red mat"], 1),
+    ("the bird looked at", ["an old man", "the river", "a cat", "the mat"], 2),
+    ("my friend jumped over", ["the box", "a red box", "a dog", "the house"], 3),
+    ("an old man slept near", ["the tree", "a river", "the mat", "my dog"], 0),
+    ("the cat ran to", ["a box", "the house", "an old cat", "the bird"], 1),
+    ("a dog slept near", ["the old tree", "a mat", "the river", "a house"], 2),
+    ("the bird sat on", ["a tree", "the box", "a red mat", "the man"], 3),
+]
+
+
+def write_task(folder, name="tiny_mc", docs=DOCS, **fields) -> "os.PathLike":
+    """A task YAML with its JSONL beside it (a relative data path) and a dataset cache inside ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"context": c, "choices": ch, "answer": a} for c, ch, a in docs]
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {"task": name, "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": f"{name}.jsonl"}, "cache_dir": str(folder / "cache")},
+            "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{context}}",
+            "doc_to_choice": "choices", "doc_to_target": "answer",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}], **fields}
+    path = folder / f"{name}.yaml"
+    path.write_text(json.dumps(spec, indent=1))  # JSON is YAML
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny base with a tokenizer, its TLI output (K = 4) and an unrelated model of the same shape."""
+    from tli_recipe import compile_plan, execute_plan, load_recipe
+
+    root = tmp_path_factory.mktemp("lmeval")
+    base = add_char_tokenizer(build_tiny(root / "base", layers=8))
+    recipe = write_recipe(root, f"base_model: {base}\ninject: {{every: 4}}\noutput: {root / 'grown'}\n")
+    grown = execute_plan(compile_plan(load_recipe(recipe)), progress=False, log=lambda m: None)
+    other = add_char_tokenizer(build_tiny(root / "other", layers=8, seed=7))
+    return root, base, grown, other
+
+
+def expected_accuracy(model_dir, docs=DOCS) -> tuple[float, float]:
+    """acc and acc_norm by hand: the choice with the highest log-likelihood (per character for acc_norm)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hits = [0, 0]
+    for context, choices, answer in docs:
+        scores = []
+        for choice in choices:
+            ctx, cont = tok(context).input_ids, tok(" " + choice).input_ids
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+            scores.append(sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont)))
+        by_byte = [s / len(c) for s, c in zip(scores, choices)]  # lm-eval divides by the characters of the choice
+        hits[0] += max(range(len(scores)), key=scores.__getitem__) == answer
+        hits[1] += max(range(len(by_byte)), key=by_byte.__getitem__) == answer
+    return hits[0] / len(docs), hits[1] / len(docs)
+
+
+@pytest.fixture(scope="module")
+def scored(models):
+    from tli_recipe.training.lmeval import run_tasks
+
+    root, base, grown, other = models
+    task = write_task(root / "task")
+    return task, run_tasks([base, grown, other], [str(task)], device="cpu")
+
+
+@pytest.mark.slow  # three models through lm-eval (a few seconds on 2 cores)
+def test_tiny_task_runs_through_lm_eval(models, scored):
+    root, base, grown, other = models
+    task, rows = scored
+    assert [(r.model, r.task, r.samples) for r in rows] == [(str(m), "tiny_mc", len(DOCS)) for m in (base, grown, other)]
+    for row, model in zip(rows, (base, grown, other)):
+        assert (row.acc, row.acc_norm) == pytest.approx(expected_accuracy(model))
+        n = len(DOCS)
+        assert row.acc_stderr == pytest.approx(math.sqrt(row.acc * (1 - row.acc) / (n - 1)))
+    # The unrelated model must score differently, or the next test could not tell models apart.
+    assert (rows[2].acc, rows[2].acc_norm) != (rows[0].acc, rows[0].acc_norm)
+
+
+@pytest.mark.slow  # three models through lm-eval (a few seconds on 2 cores)
+def test_tli_output_scores_exactly_its_base(scored):
+    base, grown, _ = scored[1]
+    assert (grown.acc, grown.acc_stderr, grown.acc_norm, grown.acc_norm_stderr) == \
+        (base.acc, base.acc_stderr, base.acc_norm, base.acc_norm_stderr)
+
+
+@pytest.mark.slow  # three models through lm-eval (a few seconds on 2 cores)
+def test_table_and_json(scored):
+    from tli_recipe.training.lmeval import scores_json, scores_table
+
+    rows = scored[1]
+    header, *lines = scores_table(rows).splitlines()
+    assert header.split() == ["model", "task", "samples", "acc", "±", "stderr", "acc_norm", "±", "stderr"]
+    assert len(lines) == 3 and lines[0].split()[:3] == [rows[0].model, "tiny_mc", str(len(DOCS))]
+    assert f"{rows[0].acc:.4f} ± {rows[0].acc_stderr:.4f}" in lines[0]
+    data = json.loads(scores_json(rows))
+    assert data[0] == {"model": rows[0].model, "task": "tiny_mc", "samples": len(DOCS), "acc": rows[0].acc,
+                       "acc_stderr": rows[0].acc_stderr, "acc_norm": rows[0].acc_norm,
+                       "acc_norm_stderr": rows[0].acc_norm_stderr, "metrics": {}}
+
+
+def test_run_is_offline_and_restores_the_environment(models, tmp_path, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    from tli_recipe.training.lmeval import session
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with session():
+        assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+        assert huggingface_hub.constants.HF_HUB_OFFLINE is True and datasets.config.HF_HUB_OFFLINE is True
+        assert lm_eval.utils.env.is_safe_attribute is not None  # the Jinja sandbox
+    assert "HF_HUB_OFFLINE" not in os.environ and huggingface_hub.constants.HF_HUB_OFFLINE is False
+
+
+def test_a_template_cannot_reach_python(models, tmp_path):
+    """lm-eval renders task templates with plain Jinja; here they render in a sandbox."""
+    from tli_recipe.training.lmeval import run_tasks
+
+    marker = tmp_path / "pwned"
+    task = write_task(tmp_path / "task", doc_to_text="{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}")
+    with pytest.raises(TliError, match=r"lm-eval (could not load it|failed).*(unsafe|SecurityError)"):
+        run_tasks([models[1]], [str(task)], device="cpu")
+    assert not marker.exists()
+
+
+def test_without_lm_eval_the_message_names_the_extra(monkeypatch):
+    from tli_recipe.training.lmeval import TaskSet
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
+    with pytest.raises(TliError, match=r"pip install 'tli-recipe\[eval\]'"):
+        TaskSet(["tiny.yaml"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("task: [unclosed\n", r"bad\.yaml:2:1: not valid YAML \(expected ',' or '\]'"),
+    ("task: t\nprocess_docs: !function utils.process\n", r"bad\.yaml:2:15: !function runs Python code"),
+    ("- a list\n", r"bad\.yaml: a list at the top level; expected a mapping"),
+    ("dataset_path: json\n", r"bad\.yaml: task: missing; expected the task's name"),
+    ("task: t\nclass: !!python/name:os.system\n", r"bad\.yaml:2:\d+: not valid YAML"),
+    ("task: t\ndataset_path: json\ndataset_kwargs: {data_files: {test: nothere.jsonl}}\n",
+     r"dataset_kwargs\.data_files: 'nothere\.jsonl' does not exist"),
+    ("include: bad.yaml\ntask: t\n", r"includes itself again"),
+])
+def test_bad_task_files_get_located_messages(tmp_path, text, message):
+    from tli_recipe.training.lmeval import TaskSet
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(TliError, match=message):
+        TaskSet([str(path)])
+
+
+def test_a_task_whose_fields_do_not_match_its_data(models, tmp_path):
+    from tli_recipe.training.lmeval import run_tasks
+
+    task = write_task(tmp_path / "task", doc_to_choice="options")  # the data has "choices"
+    with pytest.raises(TliError, match=r"task '.*tiny_mc\.yaml': lm-eval could not load it|lm-eval failed"):
+        run_tasks([models[1]], [str(task)], device="cpu")
+
+
+def test_task_lists_and_models_are_checked_first(models, tmp_path):
+    from tli_recipe.training.lmeval import run_tasks
+    from tli_recipe.training.task_files import split_specs
+
+    assert split_specs(["a,b", "c.yaml"]) == ["a", "b", "c.yaml"]
+    with pytest.raises(TliError, match="an empty task name"):
+        split_specs(["a,,b"])
+    task = write_task(tmp_path / "task")
+    with pytest.raises(TliError, match=r"nowhere: no config.json"):
+        run_tasks([models[1], tmp_path / "nowhere"], [str(task)])
+
+
+@pytest.mark.slow  # lm-eval indexes its ~200 built-in task folders (seconds)
+def test_unknown_and_hub_task_names(models):
+    from tli_recipe.training.lmeval import TaskSet
+
+    with pytest.raises(TliError, match=r"no lm-eval task named 'hellaswg' \(did you mean 'hellaswag'\?\)"):
+        TaskSet(["hellaswg"])
+    with pytest.raises(TliError, match=r"task 'kobest_copa' reads its data from the Hugging Face hub.*--online"):
+        TaskSet(["kobest_copa"])

@@ -1,0 +1,140 @@
+"""Axolotl configs: its regex rules for ``unfrozen_parameters``, and the stage config.
+
+Axolotl matches each ``unfrozen_parameters`` pattern with ``re.match`` after rewriting
+every ``.`` not followed by ``+`` into ``\\.`` (``axolotl.utils.freeze.LayerNamePattern``).
+Every emitted selection is checked against that rule on the plan's tensor names.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+from tli_recipe.errors import TliError
+from tli_recipe.plan.model import Plan
+from tli_recipe.training.fields import Key, is_bf16, is_fp16, mapped, reentrancy
+from tli_recipe.training.stages import (
+    StageFiles,
+    StageSpec,
+    TrainerFormat,
+    integer_alpha,
+    is_jsonl,
+    layer_prefix,
+    resolve_datasets,
+    stage_dir,
+    stage_input,
+    tensor_names,
+)
+
+#: Hyperparameters after the selection, in the order Axolotl configs list them.
+TRAINING_KEYS = (
+    Key("learning_rate", "learning_rate"), Key("scheduler", "lr_scheduler"), Key("warmup_steps", "warmup_steps"),
+    Key("optimizer", "optimizer"), Key("weight_decay", "weight_decay"), Key("batch_size", "micro_batch_size"),
+    Key("gradient_accumulation", "gradient_accumulation_steps"), Key("max_steps", "max_steps"),
+    Key("epochs", "num_epochs"), Key("precision", "bf16", is_bf16), Key("precision", "fp16", is_fp16),
+    Key("gradient_checkpointing", "gradient_checkpointing"),
+    Key("gradient_checkpointing", "gradient_checkpointing_kwargs", reentrancy),
+    Key("logging_steps", "logging_steps"), Key("save_steps", "save_steps"), Key("save_total_limit", "save_total_limit"),
+    Key("seed", "seed"), Key("eval_steps", "eval_steps"),
+)
+
+
+def axolotl_literal(text: str) -> str:
+    """A regex matching ``text`` literally, in Axolotl's dialect.
+
+    Axolotl rewrites every ``.`` not followed by ``+`` into ``\\.`` before compiling, so a
+    dot must be written bare (an escaped ``\\.`` would become ``\\\\.``); everything else is
+    escaped as usual.
+    """
+    return "".join(c if c == "." else re.escape(c) for c in text)
+
+
+def axolotl_patterns(plan: Plan, parameters: Iterable[str]) -> list[str]:
+    """``unfrozen_parameters`` selecting exactly ``parameters`` among the plan's tensor names.
+
+    Axolotl matches each pattern with ``re.match`` (anchored at the start only), so each
+    pattern starts with ``^`` and ends at a dot after the layer index, or with ``$``.
+    Layers trained whole share one pattern: ``^model.layers.(4|9|14).``.
+    """
+    head, tail = layer_prefix(plan)
+    layer_re = re.compile("^" + re.escape(head) + r"(0|[1-9][0-9]*)" + re.escape(tail) + "(.+)$")
+    chosen = set(parameters)
+    by_layer: dict[int, set[str]] = {}
+    every: dict[int, set[str]] = {}
+    loose: list[str] = []
+    for name in tensor_names(plan):
+        match = layer_re.match(name)
+        if match is None:
+            if name in chosen:
+                loose.append(name)
+            continue
+        layer, suffix = int(match.group(1)), match.group(2)
+        every.setdefault(layer, set()).add(suffix)
+        if name in chosen:
+            by_layer.setdefault(layer, set()).add(suffix)
+    whole = sorted(i for i, suffixes in by_layer.items() if suffixes == every[i])
+    patterns = []
+    if whole:
+        patterns.append("^" + axolotl_literal(head) + "(" + "|".join(map(str, whole)) + ")" + axolotl_literal(tail))
+    for i in sorted(set(by_layer) - set(whole)):
+        patterns += ["^" + axolotl_literal(f"{head}{i}{tail}{s}") + "$" for s in sorted(by_layer[i])]
+    patterns += ["^" + axolotl_literal(n) + "$" for n in loose]
+    return patterns
+
+
+def axolotl_selects(patterns: Iterable[str], name: str) -> bool:
+    """Axolotl's rule (``axolotl.utils.freeze.LayerNamePattern``): dots literal except in ``.+``, ``re.match``."""
+    return any(re.match(re.sub(r"\.(?!\+)", r"\\.", p), name) for p in patterns)
+
+
+class Axolotl(TrainerFormat):
+    name = "axolotl"
+    title = "Axolotl"
+
+    def stage(self, spec: StageSpec) -> StageFiles:
+        target = self.shown(spec)
+        run = f"axolotl train {target}" + (f" && axolotl merge-lora {target}" if spec.plan.lora else "")
+        return StageFiles(self.config(spec), run, {})
+
+    def config(self, spec: StageSpec) -> dict:
+        plan, s, sp, model_dir = self.ctx.plan, spec.settings, spec.plan, self.ctx.model_dir
+        cfg: dict = {
+            "base_model": str(stage_input(model_dir, self.ctx.specs, spec, self.name)),
+            "output_dir": str(stage_dir(model_dir, sp.name, self.name)),
+            "datasets": [{"path": d.path, "ds_type": "json" if is_jsonl(d.path) else "text", "type": "completion",
+                          "field": d.text_field} for d in resolve_datasets(spec, self.ctx.data)],
+            "sequence_len": s.sequence_length,
+            "sample_packing": True,
+            "pad_to_sequence_len": True,
+            "attn_implementation": "sdpa",  # keeps packed documents apart (Axolotl warns without a backend that does)
+            "val_set_size": s.validation_fraction,
+        }
+        if not cfg["datasets"]:
+            del cfg["datasets"]
+        cfg.update(self.lora(spec) if sp.lora is not None else self.selection(spec))
+        cfg.update(mapped(s, plan.seed, TRAINING_KEYS))
+        return cfg
+
+    def lora(self, spec: StageSpec) -> dict:
+        self.check_frozen_injected(spec)
+        sp, quantize = spec.plan, spec.settings.lora.quantize if spec.settings.lora is not None else None
+        keys: dict = {"adapter": "qlora" if quantize == 4 else "lora", "lora_r": sp.lora.r,
+                      "lora_alpha": integer_alpha(spec, self.name), "lora_dropout": sp.lora.dropout,
+                      "lora_target_modules": list(sp.lora.targets)}
+        if sp.lora.layers != [e.output for e in self.ctx.plan.layers]:
+            keys["peft_layers_to_transform"] = list(sp.lora.layers)
+        if quantize:
+            keys[f"load_in_{quantize}bit"] = True
+        return keys
+
+    def selection(self, spec: StageSpec) -> dict:
+        """``unfrozen_parameters`` for a full-weight stage (none when every tensor trains)."""
+        names, sp = tensor_names(self.ctx.plan), spec.plan
+        if set(sp.parameters) == set(names):
+            return {}
+        patterns = axolotl_patterns(self.ctx.plan, sp.parameters)
+        selected = {n for n in names if axolotl_selects(patterns, n)}
+        if selected != set(sp.parameters):  # pragma: no cover - a bug in axolotl_patterns
+            raise TliError(f"axolotl: stage '{sp.name}': the patterns select {len(selected)} tensors, the stage "
+                           f"{len(sp.parameters)}; please report this")
+        return {"unfrozen_parameters": patterns}

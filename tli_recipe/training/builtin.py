@@ -1,0 +1,134 @@
+"""The built-in trainer's stage config (``tli-recipe train``): a typed model, written as YAML by emit.
+
+:class:`BuiltinStageConfig` is what ``emit --format trl`` writes and what ``train`` reads
+back (``train --config``) and validates: the checkpoint to start from, the parameter names
+that train, LoRA settings, and the keyword arguments of ``transformers.TrainingArguments``
+(which transformers validates itself).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tli_recipe.plan.model import Plan
+from tli_recipe.training.fields import (
+    Key,
+    is_bf16,
+    is_fp16,
+    mapped,
+    reentrancy,
+    true_or_none,
+)
+from tli_recipe.training.stages import (
+    BUILTIN,
+    Refusal,
+    StageFiles,
+    StageSpec,
+    TrainerFormat,
+    frozen_injected_problem,
+    resolve_datasets,
+    stage_dir,
+    stage_input,
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataFile(_Strict):
+    path: str
+    text_field: str = "text"
+
+
+class LoraSettings(_Strict):
+    r: int = Field(ge=1)
+    alpha: float
+    dropout: float = Field(ge=0, lt=1)
+    targets: list[str] = Field(min_length=1)
+    layers: list[int] = Field(description="Output layers that get adapters (peft layers_to_transform).")
+    layers_pattern: str = Field(description="peft layers_pattern: the name of the decoder layer list.")
+    all_layers: bool = Field(description="Adapters on every layer (no layers_to_transform).")
+    quantize: Optional[int] = Field(default=None, description="4 or 8: QLoRA on a bitsandbytes-quantized base.")
+
+
+class BuiltinStageConfig(_Strict):
+    """One stage of the built-in trainer."""
+
+    stage: str
+    index: int = Field(default=1, ge=1)
+    stages: int = Field(default=1, ge=1)
+    plan: Optional[str] = Field(default=None, description="The grown checkpoint's plan.json (copied into the stage output).")
+    model: str = Field(description="The checkpoint the stage starts from.")
+    output_dir: str
+    datasets: list[DataFile]
+    sequence_length: int = Field(ge=2)
+    validation_fraction: float = Field(default=0.0, ge=0, lt=1)
+    trainable_parameters: list[str]
+    lora: Optional[LoraSettings] = None
+    training_arguments: dict[str, Any] = Field(description="Keyword arguments of transformers.TrainingArguments, less output_dir.")
+
+
+#: ``TrainingArguments`` from the field table, in the order the configs list them.
+ARGUMENT_KEYS = (
+    Key("learning_rate", "learning_rate"), Key("scheduler", "lr_scheduler_type"), Key("warmup_steps", "warmup_steps"),
+    Key("batch_size", "per_device_train_batch_size"), Key("batch_size", "per_device_eval_batch_size"),
+    Key("gradient_accumulation", "gradient_accumulation_steps"), Key("weight_decay", "weight_decay"),
+    Key("optimizer", "optim"), Key("precision", "bf16", is_bf16), Key("precision", "fp16", is_fp16),
+    Key("max_steps", "max_steps"), Key("epochs", "num_train_epochs", float),
+    # (renamed activation_checkpointing in recent transformers; train() translates)
+    Key("gradient_checkpointing", "gradient_checkpointing", true_or_none),
+    Key("gradient_checkpointing", "gradient_checkpointing_kwargs", reentrancy),
+    Key("logging_steps", "logging_steps"),
+)
+SAVE_KEYS = (Key("save_steps", "save_steps"), Key("save_total_limit", "save_total_limit"), Key("seed", "seed"))
+
+
+def training_arguments(plan: Plan, spec: StageSpec) -> dict:
+    """Keyword arguments of ``transformers.TrainingArguments`` (also valid for TRL's ``SFTConfig``), less output_dir."""
+    s = spec.settings
+    args = mapped(s, plan.seed, ARGUMENT_KEYS)
+    args.update({"logging_first_step": True, "eval_strategy": "steps" if s.validation_fraction > 0 else "no",
+                 "save_strategy": "steps", **mapped(s, plan.seed, SAVE_KEYS), "report_to": "none"})
+    args.update(mapped(s, plan.seed, (Key("eval_steps", "eval_steps"),)))
+    return args
+
+
+def lora_settings(plan: Plan, spec: StageSpec) -> Optional[LoraSettings]:
+    lora = spec.plan.lora
+    if lora is None:
+        return None
+    return LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=list(lora.targets),
+                        layers=list(lora.layers), layers_pattern=plan.layers_pattern,
+                        all_layers=lora.layers == [e.output for e in plan.layers],
+                        quantize=spec.settings.lora.quantize if spec.settings.lora is not None else None)
+
+
+def builtin_config(plan: Plan, specs: list[StageSpec], spec: StageSpec, model_dir: Path,
+                   data: Optional[Sequence[str | Path]] = None, into: Optional[Path] = None) -> BuiltinStageConfig:
+    """The built-in trainer's stage config: what to load, which names train, and the TrainingArguments."""
+    problem = frozen_injected_problem(plan, spec)
+    if problem:
+        raise Refusal(problem)
+    return BuiltinStageConfig(
+        stage=spec.plan.name, index=spec.index, stages=len(specs), plan=str(model_dir / "plan.json"),
+        model=str(stage_input(model_dir, specs, spec, BUILTIN, into)),
+        output_dir=str(stage_dir(model_dir, spec.plan.name, BUILTIN, into)),
+        datasets=[DataFile(path=d.path, text_field=d.text_field) for d in resolve_datasets(spec, data)],
+        sequence_length=spec.settings.sequence_length, validation_fraction=spec.settings.validation_fraction,
+        trainable_parameters=list(spec.plan.parameters), lora=lora_settings(plan, spec),
+        training_arguments=training_arguments(plan, spec))
+
+
+class Builtin(TrainerFormat):
+    name = BUILTIN
+    title = "tli-recipe (Hugging Face Trainer)"
+
+    def stage(self, spec: StageSpec) -> StageFiles:
+        ctx = self.ctx
+        cfg = builtin_config(ctx.plan, ctx.specs, spec, ctx.model_dir, ctx.data)
+        run = f"tli-recipe train {ctx.model_dir} --stage {spec.plan.name}   (or: tli-recipe train --config {self.shown(spec)})"
+        return StageFiles(cfg.model_dump(), run, {f"{spec.file_stem}.parameters.txt": "\n".join(spec.plan.parameters) + "\n"})
