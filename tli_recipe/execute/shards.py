@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from tli_recipe.errors import TliError
-from tli_recipe.source.checkpoint import FIX, INDEX_FILE, CheckpointError, TensorInfo, nbytes, read_header, read_json, read_tensors
+from tli_recipe.source.checkpoint import (
+    FIX,
+    INDEX_FILE,
+    CheckpointError,
+    TensorInfo,
+    nbytes,
+    read_header,
+    read_json,
+    read_tensors,
+)
 
 
 def torch_dtype(code: str):

@@ -164,7 +164,7 @@ class LlamaFactory(TrainerFormat):
 
     def selection(self, spec: StageSpec) -> dict:
         """The fine-tuning keys that select exactly the stage's parameters, or a Refusal."""
-        if "text_config" in self.ctx.plan.config or "vision_config" in self.ctx.plan.config:
+        if self.ctx.plan.decoder_config_path:  # a VLM: the decoder nests inside the config
             raise self.refuse(spec, "LLaMA-Factory applies its own module rules to multimodal checkpoints, which this "
                                     "check does not model")
         if spec.plan.lora is not None:
