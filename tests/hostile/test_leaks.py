@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import write_recipe
 
 TEXT_SECRET = "LEAK-MARKER-7f3a9c-do-not-publish"
