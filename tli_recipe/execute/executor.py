@@ -22,6 +22,7 @@ from tli_recipe.execute.output import check_output, staged_output
 from tli_recipe.execute.shards import (
     ShardWriter,
     TensorReader,
+    check_written,
     layout_shards,
     torch_dtype,
 )
@@ -181,6 +182,7 @@ def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str
                     bar.update(written)
                     bar.set_postfix_str(f"{i}/{len(plan.tensors)} tensors", refresh=False)
             writer.close()
+            check_written(tmp, shards)  # a shard safetensors would refuse never becomes the output
             _write_side_files(plan, tmp, Path(plan.sources[plan.base_model].path))
             for side_writer in side_writers:
                 side_writer(plan, tmp, target)
