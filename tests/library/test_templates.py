@@ -7,29 +7,14 @@ import sys
 
 import pytest
 import yaml
-from conftest import CONFIGS, RECIPES, ROOT, write_recipe
+from conftest import CONFIGS, RECIPES, ROOT
+from small_template import SMALL, template_file
 
 from tli_recipe.errors import RecipeError
 from tli_recipe.library.templates import read_template, render_recipe
 
 TEMPLATES = sorted((RECIPES / "templates").glob("*.yaml.j2"))
 
-SMALL = """---
-variables:
-  every: {type: int, default: 4, min: 1, help: K}
-  dtype: {type: str, default: bfloat16, choices: [float32, bfloat16]}
-  base: {type: str, default: meta-llama/Llama-3.2-1B}
----
-# {{ plan.layers_before }} -> {{ plan.layers_after }} layers
-name: small-k{{ every }}
-base_model: {{ base }}
-dtype: {{ dtype }}
-inject: {every: {{ every }}}
-"""
-
-
-def template_file(tmp_path, text: str, name: str = "t.yaml.j2"):
-    return write_recipe(tmp_path, text, name)
 
 
 def test_templates_exist():

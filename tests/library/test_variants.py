@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conftest import CONFIGS, write_recipe
+from small_template import SMALL, template_file
 
 from tli_recipe.library.variants import (
     MAX_COMBINATIONS,
@@ -10,23 +11,6 @@ from tli_recipe.library.variants import (
     repository,
     too_many,
 )
-
-SMALL = """---
-variables:
-  every: {type: int, default: 4, min: 1, help: K}
-  dtype: {type: str, default: bfloat16, choices: [float32, bfloat16]}
-  base: {type: str, default: meta-llama/Llama-3.2-1B}
----
-# {{ plan.layers_before }} -> {{ plan.layers_after }} layers
-name: small-k{{ every }}
-base_model: {{ base }}
-dtype: {{ dtype }}
-inject: {every: {{ every }}}
-"""
-
-
-def template_file(tmp_path, text: str, name: str = "t.yaml.j2"):
-    return write_recipe(tmp_path, text, name)
 
 
 def test_variants_with_one_invalid_combination_write_nothing_and_name_it(tmp_path, cli):
