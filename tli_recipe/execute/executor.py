@@ -100,13 +100,10 @@ def _lesa(plan: Plan, sources: dict, device: str, log) -> dict:
     if not any(op.op == "lesa" for op in plan.tensors):
         return {}
     from tli_recipe.execute.lesa import lesa_tensors
-    from tli_recipe.recipe.schema import Lesa
-    from tli_recipe.source.arch import find_architecture
 
-    base = sources[plan.base_model]
-    arch = find_architecture(base.config, base.tensors)
-    settings = Lesa(**(plan.recipe.get("inject") or {}).get("lesa", {}))
-    result = lesa_tensors(plan, arch, sources, settings, device, log)
+    if plan.lesa is None:
+        raise TliError("plan.json has lesa tensors but no lesa settings; plan again with this tli-recipe version")
+    result = lesa_tensors(plan, sources, device, log)
     log(f"lesa: {len(result.tensors)} tensors predicted in {sum(result.seconds.values()):.1f} s on {device}")
     return result.tensors
 

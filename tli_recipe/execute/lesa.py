@@ -20,8 +20,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tli_recipe.source.arch import Architecture
-
 
 @dataclass
 class LesaResult:
@@ -90,27 +88,28 @@ def predict(us, blocks, model, before: int, after: int):
         return (us @ model(torch.cat([blocks[before], blocks[after]], dim=1))).cpu()
 
 
-def lesa_tensors(plan, arch: Architecture, sources: dict, settings, device: str,
-                 log: Callable[[str], None] = print) -> LesaResult:
-    """Every tensor that ``plan`` initialises with ``lesa``, computed one projection type at a time."""
+def lesa_tensors(plan, sources: dict, device: str, log: Callable[[str], None] = print) -> LesaResult:
+    """Every tensor that ``plan`` initialises with ``lesa``, computed one projection type at a time.
+
+    Everything it needs is in the plan: the ops, the layer-name template and ``plan.lesa``."""
     from tli_recipe.execute.shards import TensorReader
 
     result = LesaResult()
     groups: dict[tuple[str, str], list] = {}
     for op in plan.tensors:
         if op.op == "lesa":
-            groups.setdefault((op.source, arch.split_layer_key(op.source_name)[1]), []).append(op)
+            groups.setdefault((op.source, plan.split_layer_key(op.source_name)[1]), []).append(op)
     reader = TensorReader()
     try:
         for (source, suffix), ops in groups.items():
             started = time.perf_counter()
             n = plan.sources[source].num_layers
-            weights = [reader.read(sources[source].tensors[arch.layer_key(i, suffix)]) for i in range(n)]
-            us, blocks, model, losses = fit_basis(weights, settings, device, log, f"{suffix} ({source})")
+            weights = [reader.read(sources[source].tensors[plan.layer_key(i, suffix)]) for i in range(n)]
+            us, blocks, model, losses = fit_basis(weights, plan.lesa, device, log, f"{suffix} ({source})")
             del weights
             for op in ops:
-                before = arch.split_layer_key(op.source_name)[0]
-                after = arch.split_layer_key(op.second_name)[0]
+                before = plan.split_layer_key(op.source_name)[0]
+                after = plan.split_layer_key(op.second_name)[0]
                 result.tensors[op.name] = predict(us, blocks, model, before, after)
             result.losses[suffix] = losses
             result.seconds[suffix] = time.perf_counter() - started

@@ -1,8 +1,9 @@
 """verify_output(dir): check a written checkpoint against its plan and its base model.
 
-Two checks: every tensor is what the plan says (present, shape, dtype, and its
-exact values: the plan is deterministic, so each tensor is recomputed and compared
-byte for byte), and the logits of the output and of the base model, loaded with
+Two checks: every tensor is what the plan says (present, shape, dtype, and its exact
+values: the plan is deterministic, so each tensor is recomputed and compared bit for bit,
+with a reference of its own for each op and a second tensor reader, so an executor bug
+cannot hide behind shared code), and the logits of the output and of the base model, loaded with
 real ``transformers``, agree on a fixed batch of token ids when the plan is
 function-preserving.
 """
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Optional
 
 from tli_recipe.errors import TliError, VerifyError
-from tli_recipe.execute.shards import TensorReader
 from tli_recipe.plan.model import Plan
 from tli_recipe.source.checkpoint import open_checkpoint
 
@@ -45,11 +45,68 @@ def load_plan(folder: Path) -> Plan:
         raise TliError(f"{path}: not a plan of this tli-recipe version ({str(exc).splitlines()[0]})") from None
 
 
-def check_tensors(plan: Plan, folder: Path, report: VerifyReport) -> None:
-    """Recompute every planned tensor and compare it with the file, exactly."""
+class _Files:
+    """Reads tensors through ``safetensors.safe_open``: a second reader, independent of the
+    executor's ``TensorReader``, so a bug in one is caught by the other."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, object] = {}
+
+    def get(self, info):
+        from safetensors import safe_open
+
+        handle = self._open.get(info.file)
+        if handle is None:
+            handle = self._open[info.file] = safe_open(info.file, framework="pt")
+        return handle.get_tensor(info.name)
+
+
+def _same_bits(a, b) -> bool:
+    """Bitwise equality: NaN equals the same NaN, and -0.0 is not +0.0."""
     import torch
 
-    from tli_recipe.execute.executor import make_tensor
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def expected_tensor(op, read_source):
+    """What the plan says ``op`` holds, computed from the op's definition alone (not by the executor's
+    code): ``read_source(source_key, tensor_name)`` gives a source tensor. None for ``lesa``, whose
+    values come from a trained predictor and are checked for finiteness only."""
+    import torch
+
+    from tli_recipe.execute.shards import torch_dtype
+
+    dtype = torch_dtype(op.dtype)
+    if op.op == "lesa":
+        return None
+    if op.op == "zero":
+        return torch.zeros(op.shape, dtype=dtype)
+    if op.op == "fill":
+        return torch.full(op.shape, float(op.value), dtype=dtype)
+    if op.op == "random":
+        draw = torch.randn(op.shape, generator=torch.Generator().manual_seed(op.seed), dtype=torch.float32)
+        return (draw * op.value).to(dtype)
+    this = read_source(op.source, op.source_name)
+    if op.op == "copy":
+        return this.to(dtype)
+    this = this.to(torch.float32)
+    if op.op == "scale":
+        return (this * op.value).to(dtype)
+    if op.op == "noise":
+        draw = torch.randn(op.shape, generator=torch.Generator().manual_seed(op.seed), dtype=torch.float32)
+        return (this + draw * op.value).to(dtype)
+    if op.op == "interpolate":
+        nxt = read_source(op.second_source, op.second_name).to(torch.float32)
+        return ((1 - op.value) * this + op.value * nxt).to(dtype)
+    raise TliError(f"plan.json: tensor '{op.name}': operation {op.op!r} is not one this tli-recipe version knows; "
+                   "plan again with this version")
+
+
+def check_tensors(plan: Plan, folder: Path, report: VerifyReport) -> None:
+    """Recompute every planned tensor from its op's definition and compare it with the file, bit for bit."""
+    import torch
 
     output = open_checkpoint(folder)
     if output.config != plan.config:
@@ -60,30 +117,33 @@ def check_tensors(plan: Plan, folder: Path, report: VerifyReport) -> None:
     extra = sorted(set(output.tensors) - planned)
     if extra:
         report.tensor_problems.append(f"{len(extra)} tensors not in the plan (first: '{extra[0]}')")
-    src_reader, out_reader = TensorReader(), TensorReader()
-    try:
-        for op in plan.tensors:
-            info = output.tensors.get(op.name)
-            if info is None:
-                report.tensor_problems.append(f"'{op.name}': missing from the output")
-                continue
-            if info.shape != tuple(op.shape) or info.dtype != op.dtype:
-                report.tensor_problems.append(f"'{op.name}': {list(info.shape)} {info.dtype}, the plan says {list(op.shape)} {op.dtype}")
-                continue
-            got = out_reader.read(info)
-            if op.op == "zero":
-                ok = not bool(got.any())
-            elif op.op == "lesa":  # a trained predictor's output: checked for shape, dtype and finiteness only
-                ok = bool(torch.isfinite(got.float()).all())
-                report.not_recomputed += 1
-            else:
-                ok = torch.equal(got, make_tensor(op, src_reader, sources[op.source], "cpu", sources))
-            if not ok:
-                report.tensor_problems.append(f"'{op.name}': values differ from the plan's {op.op} of '{op.source_name}'")
-            report.tensors_checked += 1
-    finally:
-        src_reader.close()
-        out_reader.close()
+    files = _Files()
+
+    def read_source(key: str, name: str):
+        info = sources[key].tensors.get(name) if key in sources else None
+        if info is None:
+            raise TliError(f"{plan.sources[key].path if key in plan.sources else key}: tensor '{name}' is in the plan "
+                           "but not in the source checkpoint; the source changed since the run")
+        return files.get(info)
+
+    for op in plan.tensors:
+        info = output.tensors.get(op.name)
+        if info is None:
+            report.tensor_problems.append(f"'{op.name}': missing from the output")
+            continue
+        if info.shape != tuple(op.shape) or info.dtype != op.dtype:
+            report.tensor_problems.append(f"'{op.name}': {list(info.shape)} {info.dtype}, the plan says {list(op.shape)} {op.dtype}")
+            continue
+        got = files.get(info)
+        want = expected_tensor(op, read_source)
+        if want is None:  # lesa
+            ok = bool(torch.isfinite(got.float()).all())
+            report.not_recomputed += 1
+        else:
+            ok = _same_bits(got, want)
+        if not ok:
+            report.tensor_problems.append(f"'{op.name}': values differ from the plan's {op.op} of '{op.source_name}'")
+        report.tensors_checked += 1
 
 
 def compare_logits(plan: Plan, folder: Path, report: VerifyReport, *, device: str = "cpu",

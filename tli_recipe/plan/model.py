@@ -152,6 +152,21 @@ class Plan(Frozen):
     def injected(self) -> list[LayerEntry]:
         return [entry for entry in self.layers if entry.role == "injected"]
 
+    def layer_key(self, layer: int, suffix: str) -> str:
+        """``(12, "mlp.down_proj.weight")`` -> ``model.layers.12.mlp.down_proj.weight`` under this plan's prefix."""
+        return self.layer_prefix.format(layer=layer) + suffix
+
+    def split_layer_key(self, name: str) -> Optional[tuple[int, str]]:
+        """The inverse of ``layer_key``; None for a tensor outside the decoder layers.
+        The index is one whole path segment: ``layers.1.`` never matches ``layers.10.``."""
+        head, _, tail = self.layer_prefix.partition("{layer}")
+        if not name.startswith(head):
+            return None
+        index, sep, rest = name[len(head):].partition(tail) if tail else (name[len(head):], "", "")
+        if not sep or not rest or not index.isdigit() or (len(index) > 1 and index[0] == "0"):
+            return None
+        return int(index), rest
+
 
 def tensor_seed(seed: int, name: str) -> int:
     """A seed for one tensor's stream, independent of the order tensors are made in."""
