@@ -3,7 +3,21 @@
 
 from __future__ import annotations
 
+import re
+
 from tli_recipe.plan.model import Plan
+
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _front_matter(plan: Plan) -> str:
+    """The card's YAML header: ``base_model`` only when the base is a hub id (a local path means
+    nothing on the hub and would publish a directory name of this machine)."""
+    base = plan.sources[plan.base_model]
+    lines = ["library_name: transformers", "pipeline_tag: text-generation", "tags: [tli-recipe, depth-up-scaling]"]
+    if HUB_ID.fullmatch(base.ref) and base.ref != base.path and ".." not in base.ref:
+        lines[:0] = [f"base_model: {base.ref}", "base_model_relation: finetune"]
+    return "---\n" + "\n".join(lines) + "\n---\n"
 from tli_recipe.plan.report import ranges
 
 
@@ -17,13 +31,9 @@ def model_card(plan: Plan) -> str:
         for i, s in enumerate(plan.stages, 1)
     ) or "The recipe defines no training stages. The paper's schedule: first train only the injected layers " \
          f"({plan.requires_grad_layers}), then the whole model (often with LoRA)."
-    return f"""---
-base_model: {plan.base_model}
-tags: [tli-recipe, depth-up-scaling]
----
-# {plan.name}
+    return _front_matter(plan) + f"""# {plan.name}
 
-Grown from `{plan.base_model}` ({plan.architecture}) by [tli-recipe](https://github.com/) {plan.tli_recipe_version}:
+Grown from `{plan.base_model}` ({plan.architecture}) by tli-recipe {plan.tli_recipe_version}:
 {t.layers_before} -> {t.layers_after} decoder layers, {t.parameters_before:,} -> {t.parameters_after:,} parameters, {plan.dtype}.
 
 - Injected layers (output indices, also `requires_grad_layers` in config.json): {plan.requires_grad_layers or 'none'}
@@ -42,6 +52,8 @@ Grown from `{plan.base_model}` ({plan.architecture}) by [tli-recipe](https://git
 {stages}
 
 Check the checkpoint against its base model: `tli-recipe verify {plan.output}`.
+
+The license is the base model's: copy its license and terms before you publish this checkpoint.
 """ + _provenance(plan)
 
 
