@@ -23,7 +23,7 @@ def nodes(path: Path) -> list[str]:
     docs = []
     for node in text.split("\x1f")[1:]:
         lines = node.splitlines()[2:]  # the "File: ..., Node: ..." header and its blank line
-        body = "\n".join(l for l in lines if not l.startswith("* ") or "::" not in l)  # drop menu entries
+        body = "\n".join(line for line in lines if not line.startswith("* ") or "::" not in line)  # drop menu entries
         body = re.sub(r"\n{3,}", "\n\n", body).strip()
         if len(body) > 200:
             docs.append(body)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import yaml
-from test_execute import grow
+from growing import grow
 
 from tli_recipe.execute.card import model_card
 

@@ -7,24 +7,11 @@ import json
 import pytest
 import torch
 from conftest import logits_of, tree_digest, write_recipe
+from growing import grow, load_all
 from safetensors import safe_open
-from safetensors.torch import load_file
 
-from tli_recipe import compile_plan, execute_plan, load_recipe
+from tli_recipe import compile_plan, load_recipe
 from tli_recipe.execute.shards import ShardWriter
-
-
-def grow(tmp_path, base, body: str, name="grown", **kwargs):
-    recipe = write_recipe(tmp_path, f"base_model: {base}\noutput: {tmp_path / name}\n{body}", f"{name}.yaml")
-    plan = compile_plan(load_recipe(recipe))
-    return plan, execute_plan(plan, progress=False, log=lambda m: None, **kwargs)
-
-
-def load_all(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(shard))
-    return out
 
 
 def reference_tli(source: dict[str, torch.Tensor], layers: int, every: int) -> dict[str, torch.Tensor]:

@@ -12,8 +12,8 @@ import shutil
 import pytest
 import torch
 from conftest import write_recipe
+from growing import grow, load_all
 from safetensors.torch import load_file, save_file
-from test_execute import grow, load_all
 
 from tli_recipe import compile_plan, execute_plan, load_recipe, verify_output
 from tli_recipe.errors import TliError

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import logits_of, write_recipe
-from test_execute import grow, load_all
+from growing import grow, load_all
 
 from tli_recipe import compile_plan, load_recipe
 from tli_recipe.errors import RecipeError

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from tli_recipe.plan.model import Plan
+from tli_recipe.plan.report import ranges
 
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -18,7 +19,6 @@ def _front_matter(plan: Plan) -> str:
     if HUB_ID.fullmatch(base.ref) and base.ref != base.path and ".." not in base.ref:
         lines[:0] = [f"base_model: {base.ref}", "base_model_relation: finetune"]
     return "---\n" + "\n".join(lines) + "\n---\n"
-from tli_recipe.plan.report import ranges
 
 
 def model_card(plan: Plan) -> str:
