@@ -209,3 +209,71 @@ def test_unknown_and_hub_task_names(models):
         TaskSet(["hellaswg"])
     with pytest.raises(TliError, match=r"task 'kobest_copa' reads its data from the Hugging Face hub.*--online"):
         TaskSet(["kobest_copa"])
+
+
+@pytest.mark.slow  # two models through lm-eval and the loss, via the CLI
+def test_eval_command_prints_one_table_and_writes_json(models, tmp_path, cli):
+    root, base, grown, _ = models
+    task = write_task(tmp_path / "task")
+    held = tmp_path / "held.txt"
+    held.write_text("the cat sat on the mat\na dog ran to the house\n" * 4)
+    report = tmp_path / "report.json"
+    result = cli("eval", base, grown, "--tasks", task, "--data", held, "--output", report, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    loss_table, task_table = result.stdout.strip().split("\n\n")
+    assert loss_table.splitlines()[0].split()[:3] == ["model", "loss", "perplexity"]
+    assert [line.split()[:2] for line in task_table.splitlines()[1:]] == [[str(base), "tiny_mc"], [str(grown), "tiny_mc"]]
+    data = json.loads(report.read_text())
+    assert data["models"] == [str(base), str(grown)] and len(data["loss"]) == 2
+    first, second = data["tasks"]
+    assert (first["acc"], first["acc_norm"]) == pytest.approx(expected_accuracy(base))
+    assert {k: v for k, v in second.items() if k != "model"} == {k: v for k, v in first.items() if k != "model"}
+    assert data["loss"][0]["loss"] == pytest.approx(data["loss"][1]["loss"], abs=1e-6)
+    again = cli("eval", base, "--tasks", task, "--output", report)
+    assert again.exit_code == 2 and "report.json: exists; pass --force" in again.stderr
+    assert json.loads(report.read_text()) == data  # untouched
+
+
+def test_eval_needs_data_or_tasks_and_checks_tasks_first(models, tmp_path, cli):
+    root, base, grown, _ = models
+    result = cli("eval", base)
+    assert result.exit_code == 2 and "nothing to evaluate: pass --data FILE" in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [unclosed\n")
+    held = tmp_path / "held.txt"
+    held.write_text("the cat sat on the mat\n")
+    result = cli("eval", base, "--data", held, "--tasks", bad)
+    assert result.exit_code == 2 and "bad.yaml:2:1: not valid YAML" in result.stderr
+    assert "sequences of" not in result.stderr  # the loss never ran: the task file failed first
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow  # grows, trains and scores two tiny models
+def test_compare_adds_task_accuracy_at_init_and_after(tmp_path, cli):
+    import csv
+
+    from tiny_text import write_text
+
+    base = add_char_tokenizer(build_tiny(tmp_path / "base", layers=4))
+    data = write_text(tmp_path / "train.txt")
+    stage = "stages:\n  - name: new\n    trainable: [{t}]\n    learning_rate: 0.01\n"
+    recipes = [write_recipe(tmp_path, f"name: tli\nbase_model: {base}\ninject: {{every: 2}}\n" + stage.format(t="injected"), "tli.yaml"),
+               write_recipe(tmp_path, f"name: control\nbase_model: {base}\n" + stage.format(t="all"), "control.yaml")]
+    task = write_task(tmp_path / "task")
+    args = ("--data", data, "--heldout", data, "--steps", "3", "--sequence-length", "32", "--batch-size", "2",
+            "--device", "cpu", "--tasks", task)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: t\nprocess_docs: !function utils.process\n")
+    result = cli("compare", *recipes, *args[:-1], bad, "--work", tmp_path / "refused")
+    assert result.exit_code == 2 and "!function runs Python code" in result.stderr
+    assert not (tmp_path / "refused").exists()  # the task failed before anything was grown
+    result = cli("compare", *recipes, *args, "--work", tmp_path / "cmp")
+    assert result.exit_code == 0, result.stderr
+    rows = {r["recipe"]: r for r in csv.DictReader(open(tmp_path / "cmp" / "compare.csv"))}
+    tli, control = rows["tli"], rows["control"]
+    expected = expected_accuracy(base)[0]
+    assert float(tli["tiny_mc_acc_init"]) == float(control["tiny_mc_acc_init"]) == pytest.approx(expected)
+    for name, row in rows.items():  # after training: the trained model's own accuracy, recomputed by hand
+        [trained] = [p.parent for p in (tmp_path / "cmp" / name / "trained").rglob("config.json")]
+        assert float(row["tiny_mc_acc_final"]) == pytest.approx(expected_accuracy(trained)[0])
+    assert "tiny_mc acc at init | after 3 steps |" in result.stdout.splitlines()[0]

@@ -7,7 +7,6 @@ CLI: a message, exit status 2, no traceback.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -137,10 +136,17 @@ def train(model_dir: str | None, data: tuple[str, ...], stages: tuple[str, ...],
         click.echo(str(out))
 
 
+TASKS_HELP = ("lm-evaluation-harness tasks: NAME[,NAME] or a task YAML file (a local JSONL multiple-choice set); "
+              "repeatable. Needs pip install 'tli-recipe[eval]'.")
+
+
 @click.command(name="eval")
 @click.argument("models", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
-@click.option("--data", multiple=True, required=True, type=click.Path(dir_okay=False, exists=True),
-              help="Held-out text: plain text (one document per line) or JSONL; repeatable.")
+@click.option("--data", multiple=True, type=click.Path(dir_okay=False, exists=True),
+              help="Held-out text for the loss: plain text (one document per line) or JSONL; repeatable.")
+@click.option("--tasks", multiple=True, metavar="NAME[,NAME]|FILE.yaml", help=TASKS_HELP)
+@click.option("--limit", type=click.IntRange(min=1), help="Score only the first N documents of each task.")
+@click.option("--online", is_flag=True, help="Let lm-eval fetch task data from the Hugging Face hub (default: offline).")
 @click.option("--text-field", default="text", show_default=True, help="The JSONL field holding the text.")
 @click.option("--sequence-length", type=click.IntRange(min=2), help="Tokens per sequence (default: min(1024, the first model's context)).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
@@ -149,19 +155,26 @@ def train(model_dir: str | None, data: tuple[str, ...], stages: tuple[str, ...],
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the JSON results to this file.")
+@click.option("--force", is_flag=True, help="Replace an existing --output file.")
 @reported
-def eval_(models: tuple[str, ...], data: tuple[str, ...], text_field: str, sequence_length: int | None, batch_size: int,
-          max_sequences: int | None, tokenizer: str | None, dtype: str, device: str, as_json: bool) -> None:
-    """Mean loss and perplexity of each model on the same held-out tokens (base vs grown vs trained)."""
-    from tli_recipe.training.evaluate import evaluate_models, results_table
+def eval_(models: tuple[str, ...], data: tuple[str, ...], tasks: tuple[str, ...], limit: int | None, online: bool,
+          text_field: str, sequence_length: int | None, batch_size: int, max_sequences: int | None,
+          tokenizer: str | None, dtype: str, device: str, as_json: bool, output: str | None, force: bool) -> None:
+    """Held-out loss (--data) and task accuracy (--tasks) of each model: base vs grown vs trained."""
+    from tli_recipe.files import write_text_atomic
+    from tli_recipe.training.eval_report import run_eval
 
-    results = evaluate_models(models, data, sequence_length=sequence_length, batch_size=batch_size,
-                              max_sequences=max_sequences, tokenizer=tokenizer, text_field=text_field, device=device,
-                              dtype=dtype, log=lambda msg: click.echo(msg, err=True))
-    if as_json:
-        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
-    else:
-        click.echo(results_table(results))
+    if output and Path(output).exists() and not force:
+        raise TliError(f"{output}: exists; pass --force to replace it (or choose another --output)")
+    report = run_eval(models, data=data, tasks=tasks, limit=limit, online=online, tokenizer=tokenizer,
+                      batch_size=batch_size, dtype=dtype, device=device, text_field=text_field,
+                      sequence_length=sequence_length, max_sequences=max_sequences,
+                      log=lambda msg: click.echo(msg, err=True))
+    if output:
+        write_text_atomic(Path(output), report.to_json() + "\n")
+        click.echo(f"wrote {output}", err=True)
+    click.echo(report.to_json() if as_json else report.table())
 
 
 @click.command()
@@ -178,10 +191,14 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], text_field: str, seque
               help="Where grown and trained models go.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--tasks", multiple=True, metavar="NAME[,NAME]|FILE.yaml",
+              help="Also score each model on these lm-eval tasks at init and after training. " + TASKS_HELP)
+@click.option("--task-limit", type=click.IntRange(min=1), help="Score only the first N documents of each task.")
+@click.option("--online", is_flag=True, help="Let lm-eval fetch task data from the Hugging Face hub (default: offline).")
 @reported
 def compare(recipes: tuple[str, ...], data: tuple[str, ...], heldout: tuple[str, ...], steps: int, stage: str | None,
             sequence_length: int, batch_size: int, eval_sequences: int | None, work: str, overrides: tuple[str, ...],
-            device: str) -> None:
+            device: str, tasks: tuple[str, ...], task_limit: int | None, online: bool) -> None:
     """Grow the same base model with each recipe, train each for the same token budget, compare held-out losses.
 
     Writes compare.md, compare.csv, compare.json and compare.png (loss curves) into --work.
@@ -190,7 +207,8 @@ def compare(recipes: tuple[str, ...], data: tuple[str, ...], heldout: tuple[str,
 
     rows = compare_recipes(recipes, data, heldout, work=Path(work), steps=steps, stage=stage, overrides=overrides,
                            sequence_length=sequence_length, batch_size=batch_size, eval_sequences=eval_sequences,
-                           device=device, log=lambda msg: click.echo(msg, err=True))
+                           device=device, tasks=tasks, task_limit=task_limit, online=online,
+                           log=lambda msg: click.echo(msg, err=True))
     files = write_outputs(rows, Path(work), steps)
     click.echo(table(rows, steps))
     click.echo(f"wrote {', '.join(str(f) for f in files)}", err=True)

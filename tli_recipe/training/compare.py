@@ -4,7 +4,9 @@ For every recipe: grow (``execute_plan``), held-out loss at init (``evaluate_mod
 stage of the recipe (its first, or ``--stage NAME``) trained for exactly ``steps`` optimizer
 steps of ``batch_size`` packed sequences of ``sequence_length`` tokens, so every model sees the
 same tokens in the same order, then the held-out loss again. A recipe with neither ``slices``
-nor ``inject`` is the control: the base model itself, trained for the same budget.
+nor ``inject`` is the control: the base model itself, trained for the same budget. With
+``tasks`` (lm-eval task names or task files) every model is also scored on those tasks at init
+and after training; the tasks load before anything is grown, so a bad one fails at once.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ class CompareRow:
     grow_seconds: float
     train_seconds: float
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
+    # lm-eval accuracies (--tasks): task -> {"acc": ..., "acc_stderr": ...} at init and after training
+    init_tasks: dict[str, dict] = field(default_factory=dict)
+    final_tasks: dict[str, dict] = field(default_factory=dict)
 
 
 def _loss_logger():
@@ -50,7 +55,8 @@ def _loss_logger():
 def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], heldout: Sequence[str | Path], *,
                     work: Path, steps: int, stage: Optional[str] = None, overrides: Sequence[str] = (),
                     sequence_length: int = 256, batch_size: int = 4, eval_sequences: Optional[int] = None,
-                    device: str = "auto", log: Callable[[str], None] = print) -> list[CompareRow]:
+                    device: str = "auto", tasks: Sequence[str] = (), task_limit: Optional[int] = None,
+                    online: bool = False, log: Callable[[str], None] = print) -> list[CompareRow]:
     from tli_recipe.errors import TliError
     from tli_recipe.execute.executor import execute_plan
     from tli_recipe.plan.compile import compile_plan
@@ -70,6 +76,19 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
     if len(set(seen)) != len(seen):
         raise TliError(f"two recipes share a name ({', '.join(sorted({n for n in seen if seen.count(n) > 1}))}); "
                        "give each a distinct name (their outputs go to --work/<name>)")
+    task_set = None
+    if tasks:
+        from tli_recipe.training.lmeval import TaskSet
+
+        task_set = TaskSet(tasks, online=online)
+
+    def accuracies(model: Path) -> dict[str, dict]:
+        if task_set is None:
+            return {}
+        log(f"lm-eval: {', '.join(task_set.specs)} on {model}")
+        return {r.task: {"acc": r.acc, "acc_stderr": r.acc_stderr}
+                for r in task_set.score(model, device=device, limit=task_limit)}
+
     rows = []
     work.mkdir(parents=True, exist_ok=True)
     for recipe, plan in zip(recipes, plans):
@@ -82,7 +101,7 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
             return evaluate_models([model], heldout, sequence_length=sequence_length, max_sequences=eval_sequences,
                                    device=device)[0].loss
 
-        init = held_out(grown)
+        init, init_tasks = held_out(grown), accuracies(grown)
         cfg = stage_configs(grown, data=data, stages=[stage or plan.stages[0].name], into=folder / "trained")[0]
         arguments = {k: v for k, v in cfg.training_arguments.items() if k not in ("num_train_epochs", "eval_steps", "save_steps")}
         arguments.update(max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
@@ -94,25 +113,40 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
         started = time.perf_counter()
         trained = train_stage(cfg, device=device, force=True, progress=False, log=log, callbacks=[logger])
         train_seconds = time.perf_counter() - started
-        final = held_out(trained)
+        final, final_tasks = held_out(trained), accuracies(trained)
         sp = next(s for s in plan.stages if s.name == cfg.stage)
         metrics = json.loads((trained / "training_metrics.json").read_text()) if (trained / "training_metrics.json").is_file() else {}
         rows.append(CompareRow(
             recipe=str(recipe), name=plan.name, stage=cfg.stage, layers=plan.totals.layers_after,
             parameters=plan.totals.parameters_after, trainable=int(metrics.get("trainable_parameters", sp.trainable_parameters)),
             function_preserving=plan.function_preserving, init_loss=init, final_loss=final,
-            grow_seconds=grow_seconds, train_seconds=train_seconds, curve=logger.curve))
+            grow_seconds=grow_seconds, train_seconds=train_seconds, curve=logger.curve, init_tasks=init_tasks,
+            final_tasks=final_tasks))
         log(f"{plan.name}: held-out loss {init:.4f} at init, {final:.4f} after {steps} steps of '{cfg.stage}'")
     return rows
 
 
+def _task_names(rows: Sequence[CompareRow]) -> list[str]:
+    return list(dict.fromkeys(t for r in rows for t in (*r.init_tasks, *r.final_tasks)))
+
+
+def _acc(scores: dict[str, dict], task: str) -> str:
+    acc = scores.get(task, {}).get("acc")
+    if acc is None:
+        return "-"
+    stderr = scores[task].get("acc_stderr")
+    return f"{acc:.3f} ± {stderr:.3f}" if stderr is not None else f"{acc:.3f}"
+
+
 def table(rows: Sequence[CompareRow], steps: int) -> str:
+    tasks = _task_names(rows)
     head = ("| recipe | stage | layers | trainable params | preserving | held-out loss at init | "
-            f"after {steps} steps | train time (s) |")
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+            f"after {steps} steps | train time (s) |" + "".join(f" {t} acc at init | after {steps} steps |" for t in tasks))
+    lines = [head, "|---|---|---|---|---|---|---|---|" + "---|---|" * len(tasks)]
     for r in rows:
         lines.append(f"| {r.name} | {r.stage} | {r.layers} | {r.trainable / 1e6:.1f}M | {'yes' if r.function_preserving else 'no'} "
-                     f"| {r.init_loss:.3f} | {r.final_loss:.3f} | {r.train_seconds:.0f} |")
+                     f"| {r.init_loss:.3f} | {r.final_loss:.3f} | {r.train_seconds:.0f} |"
+                     + "".join(f" {_acc(r.init_tasks, t)} | {_acc(r.final_tasks, t)} |" for t in tasks))
     return "\n".join(lines)
 
 
@@ -123,11 +157,15 @@ def write_outputs(rows: Sequence[CompareRow], folder: Path, steps: int, title: s
     written[0].write_text(table(rows, steps) + "\n")
     with open(written[1], "w", newline="") as f:
         w = csv.writer(f)
+        tasks = _task_names(rows)
         w.writerow(["recipe", "stage", "layers", "parameters", "trainable", "function_preserving", "init_loss",
-                    "final_loss", "grow_seconds", "train_seconds"])
+                    "final_loss", "grow_seconds", "train_seconds"]
+                   + [f"{t}_{m}_{when}" for t in tasks for when in ("init", "final") for m in ("acc", "acc_stderr")])
         for r in rows:
             w.writerow([r.name, r.stage, r.layers, r.parameters, r.trainable, r.function_preserving,
-                        f"{r.init_loss:.5f}", f"{r.final_loss:.5f}", f"{r.grow_seconds:.2f}", f"{r.train_seconds:.2f}"])
+                        f"{r.init_loss:.5f}", f"{r.final_loss:.5f}", f"{r.grow_seconds:.2f}", f"{r.train_seconds:.2f}"]
+                       + ["" if (v := scores.get(t, {}).get(m)) is None else f"{v:.5f}"
+                          for t in tasks for scores in (r.init_tasks, r.final_tasks) for m in ("acc", "acc_stderr")])
     written[2].write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     try:
         import matplotlib

@@ -179,7 +179,7 @@ class TaskSet:
         import lm_eval
 
         path = Path(model)
-        _check_model(path, tokenizer)
+        check_model(path, tokenizer)
         if device == "auto":
             import torch
 
@@ -199,7 +199,7 @@ class TaskSet:
         return scores_of(str(path), out)
 
 
-def _check_model(path: Path, tokenizer: Optional[str | Path]) -> None:
+def check_model(path: Path, tokenizer: Optional[str | Path]) -> None:
     if not (path / "config.json").is_file():
         raise TliError(f"{path}: no config.json; expected a model directory")
     where = Path(tokenizer) if tokenizer is not None else path
@@ -239,7 +239,7 @@ def run_tasks(models: Sequence[str | Path], tasks: Sequence[str], *, online: boo
     """``tasks`` on every model folder; ``options`` go to :meth:`TaskSet.score` (device, dtype, limit ...)."""
     task_set = TaskSet(tasks, online=online)
     for model in models:  # cheap checks for every model before the first (slow) one is scored
-        _check_model(Path(model), options.get("tokenizer"))
+        check_model(Path(model), options.get("tokenizer"))
     rows: list[TaskScore] = []
     for model in models:
         log(f"lm-eval: {', '.join(task_set.specs)} on {model}")
