@@ -13,6 +13,15 @@ RECIPES = ROOT / "recipes"
 CONFIGS = Path(__file__).parent.parent / "tli_recipe" / "_data" / "configs"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_hash_cache(tmp_path_factory):
+    """run's digest cache (tli_recipe.source.hashes) goes to a folder of this test session, never ~/.cache."""
+    import os
+
+    os.environ["TLI_RECIPE_HASH_CACHE"] = str(tmp_path_factory.mktemp("hash-cache") / "sha256.json")
+    yield
+
+
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", help="Rewrite golden files (tests/bad_recipes/*.err) from the current output.")
 

@@ -40,7 +40,7 @@ def compile_plan(loaded: "LoadedRecipe") -> "Plan":
 
 def execute_plan(plan: "Plan", output: Optional[str | Path] = None, *, training_configs: bool = True, **options) -> Path:
     """Write the grown checkpoint of ``plan``; with ``training_configs`` also one config per
-    stage and trainer into ``<output>/training/``. ``options``: device, force, progress, sync, log."""
+    stage and trainer into ``<output>/training/``. ``options``: device, force, progress, sync, rehash, log."""
     from tli_recipe.execute.executor import execute_plan as execute
 
     side_writers = []

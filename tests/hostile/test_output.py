@@ -138,13 +138,13 @@ def user_dir_during_run(monkeypatch, out: Path, files: dict[str, bytes]):
     """Make the user create ``out`` (with ``files``) while the run is writing its shards."""
     real = ShardWriter.close
 
-    def close_and_meddle(self):
+    def close_and_meddle(self, *args):
         if out.exists():  # the user moves the earlier output away and makes their own folder there
             out.rename(out.with_name("moved-away-by-the-user"))
         out.mkdir()
         for name, data in files.items():
             (out / name).write_bytes(data)
-        return real(self)
+        return real(self, *args)
 
     monkeypatch.setattr(ShardWriter, "close", close_and_meddle)
 

@@ -56,9 +56,10 @@ def plan(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--sync", is_flag=True, help="fsync every output file before the final rename (durable against power loss; slower).")
+@click.option("--rehash", is_flag=True, help="Hash every source byte (ignore hub blob names and the digest cache).")
 @reported
 def run(recipe: str, overrides: tuple[str, ...], output: str | None, device: str, force: bool, no_progress: bool,
-        sync: bool) -> None:
+        sync: bool, rehash: bool) -> None:
     """Write the grown checkpoint: shards, index, config, tokenizer, recipe, plan.json, model card."""
     compiled = compile_recipe(recipe, overrides)
     for warning in compiled.warnings:
@@ -66,7 +67,7 @@ def run(recipe: str, overrides: tuple[str, ...], output: str | None, device: str
     from tli_recipe import execute_plan
 
     click.echo(f"output: {Path(output or compiled.output).resolve()}", err=True)  # where a shared recipe makes run write
-    execute_plan(compiled, output, device=device, force=force, progress=not no_progress, sync=sync,
+    execute_plan(compiled, output, device=device, force=force, progress=not no_progress, sync=sync, rehash=rehash,
                  log=lambda msg: click.echo(msg, err=True))
 
 

@@ -28,7 +28,8 @@ from tli_recipe.execute.shards import (
 )
 from tli_recipe.plan.model import Plan, TensorOp
 from tli_recipe.source.checkpoint import SIDE_FILES, CheckpointError, open_checkpoint
-from tli_recipe.source.provenance import hash_sources
+from tli_recipe.source.hashes import SourceHasher
+from tli_recipe.source.provenance import check_digests, pinned_files
 from tli_recipe.source.provenance import metadata as provenance_metadata
 
 
@@ -133,16 +134,17 @@ SideWriter = Callable[[Plan, Path, Path], None]
 
 
 def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str = "auto", force: bool = False,
-                 progress: bool = True, sync: bool = False, log=print, side_writers: Sequence[SideWriter] = ()) -> Path:
+                 progress: bool = True, sync: bool = False, log=print, side_writers: Sequence[SideWriter] = (),
+                 rehash: bool = False) -> Path:
     """Write the output checkpoint of ``plan``; returns its directory.
 
     Unchanged copies and zeros are written as bytes (``copy_file_range``), without torch;
     torch is imported only when some tensor needs arithmetic or a dtype cast. With
     ``sync`` every file is flushed to disk before the final rename. Each of ``side_writers``
     adds files (the public API adds the training configs) inside the same all-or-nothing swap.
+    Source digests come from hub blob names or the digest cache, else are hashed while the
+    output is written (``rehash``: hash every byte); pins are checked before the output appears.
     """
-    from tqdm import tqdm
-
     if plan.blocking:
         raise TliError("the plan needs choices the recipe does not state:\n  " + "\n  ".join(plan.blocking))
     target = Path(output or plan.output)
@@ -152,46 +154,64 @@ def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str
     device = pick_device(device) if computed else "none (byte copies)"
     sources = _check_sources(plan)
     check_output(target, plan, sources, force)
-    # Provenance before any byte is written: a source file that differs from the recipe's pin stops the run.
-    plan = plan.model_copy(update={"source_files": hash_sources(plan, sources)})
-    precomputed = _lesa(plan, sources, device, log)
-
-    metadata = {"format": "pt", "tli_recipe_version": __version__, "recipe_sha256": plan.recipe_sha256,
-                "recipe_name": plan.name, **provenance_metadata(plan)}
-    shards = layout_shards(((op.name, op.dtype, tuple(op.shape)) for op in plan.tensors), plan.shard_size)
-    started = time.perf_counter()
-    # Locked, written beside the target, swapped in when the block ends; removed on any failure.
-    with staged_output(target, force=force, recipe_sha256=plan.recipe_sha256, sync=sync, log=log) as tmp:
-        writer = ShardWriter(tmp, shards, metadata, sync=sync)
-        reader = TensorReader()
-        try:
-            bar = tqdm(total=plan.totals.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024,
-                       desc=f"writing {plan.name}", disable=not progress, dynamic_ncols=True)
-            with bar:
-                for i, op in enumerate(plan.tensors, 1):
-                    if op.op == "zero":
-                        written = writer.zeros(op.name)
-                    elif not needs_torch(op):
-                        written = writer.copy(op.name, sources[op.source].tensors[op.source_name], reader)
-                    else:
-                        written = writer.write(op.name, make_tensor(op, reader, sources[op.source], device, sources,
-                                                                    precomputed))
-                    bar.update(written)
-                    bar.set_postfix_str(f"{i}/{len(plan.tensors)} tensors", refresh=False)
-            writer.close()
-            check_written(tmp, shards)  # a shard safetensors would refuse never becomes the output
-            _write_side_files(plan, tmp, Path(plan.sources[plan.base_model].path))
-            for side_writer in side_writers:
-                side_writer(plan, tmp, target)
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            reader.close()
+    files = pinned_files(plan, sources)  # a pinned file that is missing stops the run before any byte is written
+    hasher = SourceHasher([p for names in files.values() for p in names.values()], trust_cache=not rehash).start()
+    try:
+        precomputed = _lesa(plan, sources, device, log)
+        # The headers reserve room for the digests (64 hex characters each) and get them once known.
+        reserved = plan.model_copy(update={"source_files": {k: dict.fromkeys(names, "0" * 64) for k, names in files.items()}})
+        shards = layout_shards(((op.name, op.dtype, tuple(op.shape)) for op in plan.tensors), plan.shard_size)
+        started = time.perf_counter()
+        # Locked, written beside the target, swapped in when the block ends; removed on any failure.
+        with staged_output(target, force=force, recipe_sha256=plan.recipe_sha256, sync=sync, log=log) as tmp:
+            writer = ShardWriter(tmp, shards, _shard_metadata(reserved), sync=sync)
+            try:
+                _write_tensors(plan, writer, sources, device, precomputed, progress)
+                plan = plan.model_copy(update={"source_files": check_digests(plan, files, hasher.result())})
+                writer.close(_shard_metadata(plan))
+                check_written(tmp, shards)  # a shard safetensors would refuse never becomes the output
+                _write_side_files(plan, tmp, Path(plan.sources[plan.base_model].path))
+                for side_writer in side_writers:
+                    side_writer(plan, tmp, target)
+            except BaseException:
+                writer.abort()
+                raise
+    finally:
+        hasher.stop()
     log(f"wrote {target} ({len(shards)} shard{'s' * (len(shards) > 1)}, {plan.totals.bytes_to_write / 2**20:.1f} MiB, "
         f"{plan.totals.layers_before} -> {plan.totals.layers_after} layers) in {time.perf_counter() - started:.1f} s; "
-        f"{len(computed)} of {len(plan.tensors)} tensors computed (device: {device}), the rest byte copies or zeros")
+        f"{len(computed)} of {len(plan.tensors)} tensors computed (device: {device}), the rest byte copies or zeros; "
+        f"hashed {hasher.hashed_files} of {len(hasher.files)} source files ({hasher.hashed / 2**20:.1f} MiB; the rest "
+        "known from hub blob names or the digest cache)")
     return target
+
+
+def _shard_metadata(plan: Plan) -> dict[str, str]:
+    return {"format": "pt", "tli_recipe_version": __version__, "recipe_sha256": plan.recipe_sha256,
+            "recipe_name": plan.name, **provenance_metadata(plan)}
+
+
+def _write_tensors(plan: Plan, writer: ShardWriter, sources, device: str, precomputed, progress: bool) -> None:
+    """Every planned tensor, in order: zeros as holes, unchanged copies as bytes, the rest computed."""
+    from tqdm import tqdm
+
+    reader = TensorReader()
+    try:
+        bar = tqdm(total=plan.totals.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=f"writing {plan.name}", disable=not progress, dynamic_ncols=True)
+        with bar:
+            for i, op in enumerate(plan.tensors, 1):
+                if op.op == "zero":
+                    written = writer.zeros(op.name)
+                elif not needs_torch(op):
+                    written = writer.copy(op.name, sources[op.source].tensors[op.source_name], reader)
+                else:
+                    written = writer.write(op.name, make_tensor(op, reader, sources[op.source], device, sources,
+                                                                precomputed))
+                bar.update(written)
+                bar.set_postfix_str(f"{i}/{len(plan.tensors)} tensors", refresh=False)
+    finally:
+        reader.close()
 
 
 def _write_side_files(plan: Plan, folder: Path, base: Path) -> None:

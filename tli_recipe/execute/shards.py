@@ -197,12 +197,18 @@ class ShardWriter:
             self._handle.close()
             self._handle = None
 
-    def close(self) -> dict:
-        """Finish the last shard and write the index; every planned tensor must have been written."""
+    def close(self, metadata: Optional[dict[str, str]] = None) -> dict:
+        """Finish the last shard and write the index; every planned tensor must have been written.
+
+        ``metadata`` replaces the metadata the headers were written with (digests known only
+        once the data is written); each header is rewritten in place, so it must keep its size.
+        """
         self._close_file()
         if self._pos != len(self._queue):
             missing = self._queue[self._pos][1][0]
             raise TliError(f"{len(self._queue) - self._pos} planned tensors were not written (first: '{missing}')")
+        if metadata is not None and metadata != self.metadata:
+            self._restamp(metadata)
         total = 0
         weight_map = {}
         for shard in self.shards:
@@ -212,6 +218,19 @@ class ShardWriter:
         index = {"metadata": {"total_size": total, **self.metadata}, "weight_map": weight_map}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return index
+
+    def _restamp(self, metadata: dict[str, str]) -> None:
+        for shard in self.shards:
+            old, new = _header_bytes(shard, self.metadata), _header_bytes(shard, metadata)
+            if len(old) != len(new):
+                raise TliError(f"{shard.file}: the final metadata needs a {len(new)}-byte header where "
+                               f"{len(old)} bytes were reserved; this is a bug in tli-recipe")
+            with open(self.folder / shard.file, "r+b") as f:
+                f.write(new)
+                f.flush()
+                if self.sync:
+                    os.fsync(f.fileno())
+        self.metadata = metadata
 
     def abort(self) -> None:
         if self._handle is not None:

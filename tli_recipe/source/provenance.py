@@ -9,7 +9,6 @@ card and the safetensors metadata. No torch; hashing streams 8 MiB at a time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,17 +23,7 @@ from tli_recipe.source.checkpoint import (
     Checkpoint,
     CheckpointError,
 )
-
-_CHUNK = 8 * 2**20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
+from tli_recipe.source.hashes import SourceHasher, sha256_file
 
 # --- revisions ---------------------------------------------------------------------
 #
@@ -258,36 +247,52 @@ def _inside(folder: Path, name: str) -> bool:
     return (folder / name).resolve().is_relative_to(folder.resolve())
 
 
-def hash_sources(plan, checkpoints: dict[str, Checkpoint]) -> dict[str, dict[str, str]]:
-    """sha256 of every file each source contributes (config, index, shards; side files of
-    the base model) and of any other file the recipe names; checks the plan's pins.
+def pinned_files(plan, checkpoints: dict[str, Checkpoint]) -> dict[str, dict[str, Path]]:
+    """Source key -> {file name: path} of every file each source contributes (config, index,
+    shards; side files of the base model) and of any other file the recipe pins.
 
-    Raises a RecipeError, located where the plan says each pin was written, for every
-    mismatch at once.
+    Raises a RecipeError, located where the plan says each pin was written, for every pinned
+    file that does not exist (before anything is read or written).
     """
-    digests: dict[str, dict[str, str]] = {}
+    files: dict[str, dict[str, Path]] = {}
     problems: list[Problem] = []
     for key, ckpt in checkpoints.items():
         pin = plan.pins.get(key)
-        wanted = dict(pin.checksums) if pin else {}
         names = set(source_file_names(ckpt, side_files=key == plan.base_model))
-        for name in list(wanted):
+        for name in dict(pin.checksums) if pin else {}:
             if not _inside(ckpt.path, name) or not (ckpt.path / name).is_file():
                 present = ", ".join(source_file_names(ckpt, side_files=True))
                 problems.append(_at(plan, pin, f"checksums.{name}#key", f"{ckpt.path} has no file '{name}'; expected one of: {present}"))
-                del wanted[name]
             else:
                 names.add(name)
-        digests[key] = {name: sha256_file(ckpt.path / name) for name in sorted(names)}
-        for name, digest in wanted.items():
-            if digests[key][name] != digest:
+        files[key] = {name: ckpt.path / name for name in sorted(names)}
+    if problems:
+        raise RecipeError(problems)
+    return files
+
+
+def check_digests(plan, files: dict[str, dict[str, Path]], digests: dict[Path, str]) -> dict[str, dict[str, str]]:
+    """Source key -> {file name: sha256}; a RecipeError for every digest that differs from its pin."""
+    found = {key: {name: digests[path] for name, path in names.items()} for key, names in files.items()}
+    problems: list[Problem] = []
+    for key, names in files.items():
+        pin = plan.pins.get(key)
+        for name, digest in (dict(pin.checksums) if pin else {}).items():
+            if name in found[key] and found[key][name] != digest:
                 problems.append(_at(plan, pin, f"checksums.{name}",
-                                    f"{ckpt.path / name} has sha256 {digests[key][name]}, the recipe expects {digest}; the "
+                                    f"{names[name]} has sha256 {found[key][name]}, the recipe expects {digest}; the "
                                     "file changed: download the pinned revision again, or update the checksum if the change "
                                     "is intended"))
     if problems:
         raise RecipeError(problems)
-    return digests
+    return found
+
+
+def hash_sources(plan, checkpoints: dict[str, Checkpoint], *, trust_cache: bool = True) -> dict[str, dict[str, str]]:
+    """:func:`pinned_files`, hashed (in the caller's time), then :func:`check_digests`."""
+    files = pinned_files(plan, checkpoints)
+    hasher = SourceHasher([p for names in files.values() for p in names.values()], trust_cache=trust_cache).start()
+    return check_digests(plan, files, hasher.result())
 
 
 _LOCATION = re.compile(r"^(?P<file>.*):(?P<line>\d+):(?P<column>\d+): (?P<path>.+)$", re.S)
