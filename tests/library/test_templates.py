@@ -50,10 +50,10 @@ def test_var_values_are_typed_and_checked_and_typos_listed(tmp_path, cli):
     result = cli("render", t, "--var", "every=x", "--var", "evry=2", "--var", "dtype=bf16", "--var", "every=0")
     assert result.exit_code == 2 and result.stdout == "" and "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
-        "--var every=x:1:13: every: 'x' is not an int; expected an integer such as 4 (K)",
-        "--var evry=2:1:12: evry: unknown variable 'evry' (did you mean 'every'?); expected one of: every, dtype, base",
-        "--var dtype=bf16:1:13: dtype: 'bf16' is not allowed (did you mean 'bfloat16'?); expected one of: 'float32', 'bfloat16'",
-        "--var every=0:1:13: every: must be >= 1, got 0 (K)",
+        "--var every=x: every: 'x' is not an int; expected an integer such as 4 (K)",
+        "--var evry=2: evry: unknown variable 'evry' (did you mean 'every'?); expected one of: every, dtype, base",
+        "--var dtype=bf16: dtype: 'bf16' is not allowed (did you mean 'bfloat16'?); expected one of: 'float32', 'bfloat16'",
+        "--var every=0: every: must be >= 1, got 0 (K)",
     ]
 
 
