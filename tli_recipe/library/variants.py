@@ -27,6 +27,7 @@ from tli_recipe.library.templates import (
     render_text,
 )
 from tli_recipe.library.values import check_value, complete, parse_var_options
+from tli_recipe.recipe.base import file_schema
 from tli_recipe.recipe.load import Marks, load_data, read_recipe, validate_model
 from tli_recipe.recipe.schema import Strict
 
@@ -90,6 +91,11 @@ class Matrix(Strict):
     configs: list[str] = Field(default_factory=list, description="Folders of stored configs (org__name/config.json), relative to this file, for models that are not local.")
     vars: dict[str, Any] = Field(default_factory=dict, description="Values of every combination.")
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict, description="Variable -> values; one recipe per combination. A value that is a mapping sets several variables at once.")
+
+
+def matrix_schema() -> dict:
+    """The JSON schema of a matrix file (``schemas/matrix.schema.json``)."""
+    return file_schema(Matrix, "tli-recipe matrix (tli-recipe variants)")
 
 
 @dataclass
