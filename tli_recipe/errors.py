@@ -65,7 +65,15 @@ class Problem:
     column: int = 1
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}: {format_path(self.path)}: {self.message}"
+        return f"{self.where()}: {format_path(self.path)}: {self.message}"
+
+    def where(self) -> str:
+        """``file:line:col``; a command-line option (``--set key=value``, ``--var``, ``--grid``) is
+        shown whole instead, since a line and column glued to its value (``--set base_model=/x:1:18``)
+        read as part of the value and add nothing to a one-line option."""
+        if self.file.startswith("--"):
+            return self.file
+        return f"{self.file}:{self.line}:{self.column}"
 
 
 @dataclass

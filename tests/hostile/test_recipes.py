@@ -231,7 +231,7 @@ def test_non_finite_numbers_are_refused_everywhere(folder, snapshot, hostile_cli
 def test_a_non_finite_set_value_is_located_in_the_override(folder, hostile_cli, refused):
     path = write(folder, "r.yaml", BASE + "stages: [{name: s, trainable: [all]}]\n")
     refused(hostile_cli("validate", path, "--set", "stages[0].learning_rate=.nan"),
-            "--set stages[0].learning_rate=.nan:1:31: stages[0].learning_rate: .nan is not a finite number")
+            "--set stages[0].learning_rate=.nan: stages[0].learning_rate: .nan is not a finite number")
 
 
 @pytest.mark.parametrize("front, var, message", [
@@ -318,7 +318,7 @@ def test_output_config_keys_of_the_source_or_plan_are_refused_at_the_key(folder,
 def test_an_output_config_key_set_on_the_command_line_is_located_there(folder, hostile_cli, refused):
     path = write(folder, "r.yaml", BASE)
     refused(hostile_cli("validate", path, "--set", "output_config.model_type=evil"),
-            "--set output_config.model_type=evil:1:7: output_config.model_type: model_type belongs to the source checkpoint")
+            "--set output_config.model_type=evil: output_config.model_type: model_type belongs to the source checkpoint")
 
 
 # --- 8. paths of a shared recipe --------------------------------------------------------------

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, RECIPES, write_recipe
+from conftest import CONFIGS, RECIPES, ROOT, write_recipe
 
 from tli_recipe import compile_plan, load_recipe
 from tli_recipe.library.catalog import describe_method, recipe_files
@@ -156,3 +156,21 @@ def test_describe_method():
     assert method("base_model: x\nslices: [{layer_range: [0, 24]}, {layer_range: [8, 32]}]\n") == "DUS [0, 24) + [8, 32)"
     assert method("base_model: x\ninject: {between: [8, 16], init: {o_proj: {interpolate: 0.5}}}\n") == "TLI, between [8, 16), init interpolate"
     assert method("base_model: x\n") == "copy"
+
+
+def test_readme_table_is_what_list_markdown_prints(cli, monkeypatch, tmp_path):
+    """Issue 15: the README's recipe table had drifted from `list --markdown` (grouped rows, no
+    counts column); it is now pasted from it, and this test keeps the two equal."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # counts from the stored configs, on any machine
+    monkeypatch.delenv("TLI_RECIPE_CONFIGS", raising=False)
+    result = cli("list", "--markdown")
+    assert result.exit_code == 0, result.stderr
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("| recipe | base | method | layers | parameters | counts from |")
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    assert "\n".join(table) == result.stdout.rstrip("\n"), "README's recipe table is stale: paste `tli-recipe list --markdown`"

@@ -13,7 +13,7 @@ from conftest import ROOT
 BAD = ROOT / "tests" / "bad_recipes"
 CASES = sorted(BAD.glob("*.yaml"))
 LINE = re.compile(r"^[^:]+:\d+:\d+: \S+: .+$")  # file:line:col: field.path: message
-SET_LINE = re.compile(r"^--set \S+=\S*:1:\d+: \S+: .+$")  # an error located in a --set override
+SET_LINE = re.compile(r"^--set \S+=\S*: \S+: .+$")  # an error located in a --set override: the option, whole
 
 
 @pytest.fixture(autouse=True)
@@ -66,5 +66,21 @@ def test_set_fixes_a_broken_recipe(cli):
 def test_set_error_is_located_in_the_override(cli):
     result = cli("plan", rel(BAD / "every_zero.yaml"), "--set", "inject.every=4", "--set", "inject.copies=0")
     assert result.exit_code == 2
-    assert result.stderr == "--set inject.copies=0:1:21: inject.copies: must be >= 1, got 0\n"
+    assert result.stderr == "--set inject.copies=0: inject.copies: must be >= 1, got 0\n"
     assert all(SET_LINE.match(line) for line in result.stderr.splitlines())
+
+
+def test_a_missing_set_model_is_located_at_the_option_not_glued_to_it(cli, tmp_path):
+    """`--set base_model=/x:1:18:` read as a path `/x:1:18`; the option is now shown whole."""
+    missing = tmp_path / "no-such-model"
+    result = cli("plan", rel(BAD / "every_zero.yaml"), "--set", "inject.every=4", "--set", f"base_model={missing}")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"--set base_model={missing}: base_model: '{missing}' is not a directory")
+    assert f"{missing}:1:" not in result.stderr
+
+
+def test_var_and_grid_options_are_shown_whole_too():
+    from tli_recipe.errors import Problem
+
+    assert str(Problem(("every",), "bad", "--grid every=2,x", 1, 15)) == "--grid every=2,x: every: bad"
+    assert str(Problem(("every",), "bad", "recipes/x.yaml", 4, 10)) == "recipes/x.yaml:4:10: every: bad"

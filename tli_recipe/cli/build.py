@@ -111,25 +111,32 @@ def architectures(markdown: bool) -> None:
             click.echo(f"{'':<12} {arch.notes}")
 
 
+SCHEMA_FILES = {"recipe": "schemas/recipe.schema.json", "matrix": "schemas/matrix.schema.json"}
+
+
 @click.command()
+@click.argument("kind", type=click.Choice(sorted(SCHEMA_FILES)), default="recipe")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write the schema here instead of stdout.")
 @click.option("--check", is_flag=True, help="Exit 1 if --output differs from the current schema.")
 @reported
-def schema(output: str | None, check: bool) -> None:
-    """Print (or write) the recipe's JSON schema, generated from the pydantic models."""
-    from tli_recipe.recipe.schema import recipe_schema
+def schema(kind: str, output: str | None, check: bool) -> None:
+    """Print (or write) the JSON schema of a recipe (KIND recipe, the default) or of a matrix file
+    of `variants` (KIND matrix), generated from the pydantic models."""
+    if kind == "matrix":
+        from tli_recipe.library.variants import matrix_schema as make
+    else:
+        from tli_recipe.recipe.schema import recipe_schema as make
 
-    text = json.dumps(recipe_schema(), indent=2) + "\n"
+    text = json.dumps(make(), indent=2) + "\n"
     if output is None:
         click.echo(text, nl=False)
     elif check:
         if not Path(output).is_file() or Path(output).read_text() != text:
-            raise TliError(f"{output} is stale; regenerate it with `tli-recipe schema -o {output}`")
+            raise TliError(f"{output} is stale; regenerate it with `tli-recipe schema {kind} -o {output}`")
         click.echo(f"ok: {output} is current")
     else:
         Path(output).write_text(text)
         click.echo(f"wrote {output}")
-
 
 
 COMMANDS = (validate, plan, run, verify, architectures, schema)

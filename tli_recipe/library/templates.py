@@ -48,7 +48,8 @@ from tli_recipe.recipe.load import (
 )
 from tli_recipe.recipe.schema import Strict
 
-RESERVED = ("plan",)
+RESERVED_MEANING = {"plan": "the rendered recipe's plan", "generated": "what rendered the recipe"}
+RESERVED = tuple(RESERVED_MEANING)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Largest string or list a template may build with * (a shared template must not exhaust memory).
 MAX_SIZE = 1_000_000
@@ -74,6 +75,7 @@ class Template:
     variables: dict[str, Variable]
     marks: Optional[Marks]  # positions in the front matter
     uses_plan: bool
+    uses_generated: bool = False
     compiled: Any = field(repr=False, default=None)
 
     def where(self, name: str) -> tuple[str, int, int]:
@@ -165,7 +167,8 @@ def read_template(path: str | Path, text: Optional[str] = None) -> Template:
         if problems:
             raise RecipeError(problems)
     template = Template(file=file, body=body, offset=offset, description=matter.description, variables=variables,
-                        marks=marks, uses_plan="plan" in undeclared)
+                        marks=marks, uses_plan="plan" in undeclared,
+                        uses_generated="generated" in undeclared)
     template.compiled = compiled
     return template
 
@@ -173,7 +176,7 @@ def read_template(path: str | Path, text: Optional[str] = None) -> Template:
 def _variable_problems(name: str, var: Variable) -> list[tuple[tuple, str]]:
     problems: list[tuple[tuple, str]] = []
     if not _NAME.match(name) or name in RESERVED:
-        why = "is reserved (the rendered recipe's plan)" if name in RESERVED else "is not a name"
+        why = (f"is reserved ({RESERVED_MEANING[name]})" if name in RESERVED else "is not a name")
         problems.append(((), f"'{name}' {why}; expected letters, digits and '_', not starting with a digit"))
     if var.min is not None or var.max is not None:
         if var.type not in ("int", "float"):
@@ -191,11 +194,14 @@ def _variable_problems(name: str, var: Variable) -> list[tuple[tuple, str]]:
 
 # --- rendering -----------------------------------------------------------------------
 
-def render_text(template: Template, values: dict[str, Any], plan: Optional[dict] = None) -> str:
-    """The body rendered with ``values`` (and ``plan``), in the sandbox; errors located in the template."""
+def render_text(template: Template, values: dict[str, Any], plan: Optional[dict] = None,
+                generated: Optional[dict] = None) -> str:
+    """The body rendered with ``values`` (and ``plan``, ``generated``), in the sandbox; errors located in the template."""
     context = dict(values)
     if template.uses_plan:
         context["plan"] = plan if plan is not None else PLACEHOLDER_PLAN
+    if template.uses_generated:
+        context["generated"] = generated if generated is not None else PLACEHOLDER_GENERATED
     try:
         return template.compiled.render(context)
     except Exception as exc:  # noqa: BLE001 - anything a template raises becomes a located message
@@ -241,6 +247,38 @@ def plan_values(plan) -> dict:
             "init": ", ".join(f"{k}={v}" for k, v in plan.init.items()), "warnings": list(plan.warnings)}
 
 
+#: What ``generated`` holds on the first pass (only comments may use it).
+PLACEHOLDER_GENERATED = {"command": "", "template": "", "matrix": ""}
+
+
+def repository(path: Path) -> Path:
+    """The git work tree holding ``path`` (a folder with .git), else ``path``'s own folder."""
+    folder = path.resolve().parent
+    for candidate in (folder, *folder.parents):
+        if (candidate / ".git").exists():
+            return candidate
+    return folder
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` relative to its repository (``recipes/matrices/llama.yaml``), the same from any working
+    directory, so a header naming it renders the same text wherever the command runs."""
+    path = Path(path)
+    return path.resolve().relative_to(repository(path)).as_posix()
+
+
+def generated_by(command: str, template: str | Path, matrix: str | Path | None = None) -> dict:
+    """What a template sees as ``generated``: the command that rendered it (as a user would type it
+    from the repository root), the template, and the matrix file ('' for a one-off rendering)."""
+    return {"command": command, "template": shown_path(template), "matrix": shown_path(matrix) if matrix else ""}
+
+
+def provenance_line(generated: dict) -> str:
+    """The comment a rendering holds when its template does not name its command itself; ``variants
+    --force`` replaces only files naming the command of their own sweep."""
+    return f"# Generated from {generated['template']} by `{generated['command']}`.\n"
+
+
 @dataclass
 class Rendered:
     """One rendered recipe, validated, with its plan when the base model's config was found."""
@@ -252,25 +290,32 @@ class Rendered:
     found: str = "not found"  # where the plan's config came from: local model, hub cache, stored config
 
 
-def render_recipe(template: Template, values: dict[str, Any], label: str, configs: Iterable[Path] = ()) -> Rendered:
+def render_recipe(template: Template, values: dict[str, Any], label: str, configs: Iterable[Path] = (),
+                  generated: Optional[dict] = None) -> Rendered:
     """Render, validate (errors located at ``label``:line:col of the rendered text) and plan
-    when the base model's config is found; ``plan`` in the template gets the plan's counts."""
+    when the base model's config is found; ``plan`` in the template gets the plan's counts,
+    ``generated`` what rendered it (without it, a line naming the command is appended)."""
     from tli_recipe.library.catalog import plan_recipe
 
     text = render_text(template, values)
     loaded = load_recipe(label, text=text)
     plan, found = plan_recipe(loaded, label, text, configs)
-    if template.uses_plan:
-        if plan is None:
-            base = loaded.recipe.base_model
-            raise RecipeError([Problem(("template",), f"uses `plan` (layer and parameter counts), which needs the config of "
-                                       f"{base}: it is not a local directory, not in the Hugging Face cache, and not in the "
-                                       f"stored configs ({', '.join(map(str, configs)) or 'none given'}); expected --configs DIR "
-                                       f"holding {base.path.replace('/', '__')}/config.json", template.file, 1, 1)])
-        final = render_text(template, values, plan_values(plan))
+    if template.uses_plan and plan is None:
+        base = loaded.recipe.base_model
+        raise RecipeError([Problem(("template",), f"uses `plan` (layer and parameter counts), which needs the config of "
+                                   f"{base}: it is not a local directory, not in the Hugging Face cache, and not in the "
+                                   f"stored configs ({', '.join(map(str, configs)) or 'none given'}); expected --configs DIR "
+                                   f"holding {base.path.replace('/', '__')}/config.json", template.file, 1, 1)])
+    first = text
+    if template.uses_plan or (template.uses_generated and generated is not None):
+        final = render_text(template, values, plan_values(plan) if plan is not None else None, generated)
         if load_data(final, template.file) != load_data(text, template.file):
-            raise RecipeError([Problem(("template",), "the recipe's data depends on `plan`; expected `plan` in comments only "
-                                       "(the plan is computed from the recipe)", template.file, 1, 1)])
+            names = " and ".join(f"`{n}`" for n, used in (("plan", template.uses_plan), ("generated", template.uses_generated)) if used)
+            raise RecipeError([Problem(("template",), f"the recipe's data depends on {names}; expected {names} in comments "
+                                       "only (the plan is computed from the recipe)", template.file, 1, 1)])
         text = final
+    if generated is not None and f"`{generated['command']}`" not in text:
+        text += ("" if text.endswith("\n") or not text else "\n") + provenance_line(generated)
+    if text != first:
         loaded = load_recipe(label, text=text)
     return Rendered(values=values, text=text, loaded=loaded, plan=plan, found=found)

@@ -12,6 +12,7 @@ import itertools
 import math
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Optional
@@ -19,14 +20,18 @@ from typing import Annotated, Any, Iterable, Optional
 from pydantic import Field
 
 from tli_recipe.errors import Problem, RecipeError, TliError, show
-from tli_recipe.library.templates import (
+from tli_recipe.library.templates import (  # noqa: F401 - repository is exported here too
     Rendered,
     Template,
+    generated_by,
     read_template,
     render_recipe,
     render_text,
+    repository,
+    shown_path,
 )
 from tli_recipe.library.values import check_value, complete, parse_var_options
+from tli_recipe.recipe.base import file_schema
 from tli_recipe.recipe.load import Marks, load_data, read_recipe, validate_model
 from tli_recipe.recipe.schema import Strict
 
@@ -68,15 +73,6 @@ def too_many(grid: dict[str, list[Any]]) -> Optional[str]:
     return None
 
 
-def repository(path: Path) -> Path:
-    """The git work tree holding ``path`` (a folder with .git), else ``path``'s own folder."""
-    folder = path.resolve().parent
-    for candidate in (folder, *folder.parents):
-        if (candidate / ".git").exists():
-            return candidate
-    return folder
-
-
 def _outside(path: Path, root: Path) -> bool:
     # resolve(): a symlink inside the repository that points out of it counts as leaving it.
     return not path.resolve().is_relative_to(root)
@@ -92,6 +88,11 @@ class Matrix(Strict):
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict, description="Variable -> values; one recipe per combination. A value that is a mapping sets several variables at once.")
 
 
+def matrix_schema() -> dict:
+    """The JSON schema of a matrix file (``schemas/matrix.schema.json``)."""
+    return file_schema(Matrix, "tli-recipe matrix (tli-recipe variants)")
+
+
 @dataclass
 class Sweep:
     """What `variants` renders: a template, typed fixed values, typed combinations, where to write."""
@@ -102,6 +103,14 @@ class Sweep:
     grid_keys: list[str]
     out_dir: Optional[Path]
     configs: list[Path]
+    generated: dict = field(default_factory=dict)  # what rendered it: command, template, matrix (templates.generated_by)
+
+    def owns(self, text: str) -> bool:
+        """Whether a recipe on disk says this sweep generated it, so ``--force`` may replace it: it names
+        the same matrix file's command, or (a sweep from --grid options) `tli-recipe variants TEMPLATE`."""
+        if self.generated.get("matrix"):
+            return f"`{self.generated['command']}`" in text
+        return re.search(rf"`tli-recipe variants {re.escape(self.generated.get('template', ''))}[ `]", text) is not None
 
 
 def read_matrix(path: str | Path) -> tuple[Matrix, Marks]:
@@ -153,11 +162,13 @@ def sweep_from_matrix(path: str | Path, out_dir_given: bool = False) -> Sweep:
         raise RecipeError(problems)
     keys = list(dict.fromkeys(k for axis, values in grid.items() for v in values for k in (v if isinstance(v, dict) else {axis: v})))
     return Sweep(template, fixed, combinations(grid), keys, here / matrix.out_dir,
-                 [Path(os.path.normpath(here / c)) for c in matrix.configs])
+                 [Path(os.path.normpath(here / c)) for c in matrix.configs],
+                 generated_by(f"tli-recipe variants {shown_path(path)}", template.file, path))
 
 
 def sweep_from_options(template_path: str, var_items: Iterable[str], grid_items: Iterable[str]) -> Sweep:
     """A sweep from ``--var key=value`` and ``--grid key=v1,v2`` options (scalar types only in --grid)."""
+    var_items, grid_items = list(var_items), list(grid_items)
     template = read_template(template_path)
     fixed = parse_var_options(template, var_items)
     grid: dict[str, list[Any]] = {}
@@ -185,7 +196,9 @@ def sweep_from_options(template_path: str, var_items: Iterable[str], grid_items:
         problems.append(Problem((), many, "--grid", 1, 1))
     if problems:
         raise RecipeError(problems)
-    return Sweep(template, fixed, combinations(grid), list(grid), None, [])
+    options = [f"--var {shlex.quote(i)}" for i in var_items] + [f"--grid {shlex.quote(i)}" for i in grid_items]
+    command = " ".join([f"tli-recipe variants {shown_path(template_path)}", *options]).replace("\n", " ")
+    return Sweep(template, fixed, combinations(grid), list(grid), None, [], generated_by(command, template_path))
 
 
 @dataclass
@@ -231,7 +244,7 @@ def render_variants(sweep: Sweep, out_dir: Path, configs: Iterable[Path] = ()) -
         own = data.get("name") if isinstance(data, dict) and isinstance(data.get("name"), str) else None
         variant = Variant(label, out_dir / f"{variant_name(own, sweep.template, values, sweep.grid_keys)}.yaml")
         try:
-            variant.rendered = render_recipe(sweep.template, values, str(variant.file), configs)
+            variant.rendered = render_recipe(sweep.template, values, str(variant.file), configs, sweep.generated or None)
         except RecipeError as exc:
             variant.problems = exc.problems
         except TliError as exc:  # a source that cannot be planned (an inconsistent config...)

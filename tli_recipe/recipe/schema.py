@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from tli_recipe.errors import did_you_mean
-from tli_recipe.recipe.base import Strict, _fail
+from tli_recipe.recipe.base import NoNulls, Strict, _fail, file_schema
 from tli_recipe.recipe.sources import ModelField, ModelRef, SourceRef  # noqa: F401 - ModelRef, SourceRef exported here too
 
 Dtype = Literal["float32", "float16", "bfloat16"]
@@ -51,7 +51,13 @@ MAX_DATASETS = 256
 MAX_SELECTORS = 32  # entries of a stage's trainable list
 MAX_CONFIG_KEYS = 256  # keys of output_config
 
-Position = Annotated[StrictInt, Field(lt=MAX_LAYERS)]  # >= 0 is checked with the order, in one message
+# >= 0 is checked with the order (or the range), in one message; the JSON schema states it too.
+Position = Annotated[StrictInt, Field(lt=MAX_LAYERS, json_schema_extra={"minimum": 0})]
+#: [start, end): half-open, 0-based; validated by _check_range, whose messages the schema bounds mirror.
+LayerRange = tuple[
+    Annotated[StrictInt, WithJsonSchema({"type": "integer", "minimum": 0, "maximum": MAX_LAYERS - 1})],
+    Annotated[StrictInt, WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_LAYERS})],
+]
 
 
 # --- init policies ---------------------------------------------------------------
@@ -161,11 +167,11 @@ def _check_range(value: tuple[int, int]) -> tuple[int, int]:
     return value
 
 
-class Slice(Strict):
+class Slice(NoNulls):
     """A run of consecutive source layers copied into the output stack."""
 
     model: Optional[ModelField] = Field(default=None, description="Model the layers come from (local directory, hub id, or {path, revision, checksums} as base_model); default: base_model.")
-    layer_range: tuple[StrictInt, StrictInt] = Field(description="Source layers [start, end): half-open, 0-based.")
+    layer_range: LayerRange = Field(description="Source layers [start, end): half-open, 0-based.")
 
     @field_validator("layer_range")
     @classmethod
@@ -184,7 +190,7 @@ class Lesa(Strict):
     seed: StrictInt = Field(default=0, ge=0, description="Seed of the predictor's initialisation and batch order.")
 
 
-class Inject(Strict):
+class Inject(NoNulls):
     """Layer injection: new layers after chosen positions of the stack, each initialised from its neighbours.
 
     Exactly one of `every`, `after` and `between` says where.
@@ -192,7 +198,7 @@ class Inject(Strict):
 
     every: Optional[StrictInt] = Field(default=None, ge=1, le=MAX_LAYERS, description="K: insert after every K layers of the sliced stack (Algorithm 1: after stack position i when (i + 1) % K == 0).")
     after: Optional[list[Position]] = Field(default=None, min_length=1, max_length=MAX_LAYERS, description="Insert after these stack positions (0-based, ascending, each once).")
-    between: Optional[tuple[StrictInt, StrictInt]] = Field(default=None, description="Insert one layer between each pair of neighbouring stack positions in [start, end) (half-open, 0-based): end - start - 1 new layers, as LESA does over the upper half.")
+    between: Optional[LayerRange] = Field(default=None, description="Insert one layer between each pair of neighbouring stack positions in [start, end) (half-open, 0-based): end - start - 1 new layers, as LESA does over the upper half.")
     copies: StrictInt = Field(default=1, ge=1, le=MAX_COPIES, description="Number of layers inserted at each position (LLaMA Pro's P).")
     source: Literal["previous"] = Field(default="previous", description="Which layer each injected layer copies: `previous`, the layer just before it (`interpolate` and `lesa` also read the layer after it).")
     init: Optional[Init] = Field(  # type: ignore[valid-type]
@@ -241,7 +247,7 @@ def _one_site(inject: "Inject") -> list[tuple[tuple, str]]:
 class LayerSpan(Strict):
     """An explicit range of output layers: ``{layers: [start, end]}``, half-open, 0-based."""
 
-    layers: tuple[StrictInt, StrictInt] = Field(description="Output layers [start, end): half-open, 0-based.")
+    layers: LayerRange = Field(description="Output layers [start, end): half-open, 0-based.")
 
     @field_validator("layers")
     @classmethod
@@ -351,7 +357,7 @@ ShardSize = Annotated[
 ]
 
 
-class Recipe(Strict):
+class Recipe(NoNulls):
     """A growth recipe: which layers the output has, how new layers start, how they train."""
 
     name: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the output model; default: the recipe file's stem.")
@@ -368,7 +374,4 @@ class Recipe(Strict):
 
 def recipe_schema() -> dict:
     """The JSON schema of a recipe file (``schemas/recipe.schema.json``)."""
-    schema = Recipe.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "tli-recipe recipe"
-    return schema
+    return file_schema(Recipe, "tli-recipe recipe")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from tli_recipe.errors import RecipeError, did_you_mean, show, suggestion
+from tli_recipe.recipe.base import NULL_MESSAGE
 
 if TYPE_CHECKING:
     from tli_recipe.recipe.load import Marks
@@ -122,7 +123,6 @@ def non_finite(data: Any, path: tuple = ()) -> list[tuple[tuple, str]]:
     return sorted(found, key=lambda item: str(item[0]))
 
 
-NULL_MESSAGE = "is empty (null); expected a value, or remove the key"
 
 
 def _drop_nulls(model: type[BaseModel], data: Any, path: tuple) -> list[tuple]:
