@@ -145,7 +145,8 @@ def main(argv=None) -> int:
     if not INFO.is_file():
         print(f"error: {INFO} not found; install Debian's python3.11-doc", file=sys.stderr)
         return 2
-    rows = build(nodes(INFO), args.questions, args.seed)
+    docs, _ = nodes(INFO)
+    rows = build(docs, args.questions, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / f"{TASK}.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
