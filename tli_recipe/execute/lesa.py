@@ -45,6 +45,7 @@ def fit_basis(weights: list, settings, device: str = "cpu", log: Callable[[str],
     """
     import torch
 
+    started = time.perf_counter()
     width = weights[0].shape[1]
     stacked = torch.cat([w.to(device=device, dtype=torch.float32) for w in weights], dim=1)
     u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
@@ -76,7 +77,8 @@ def fit_basis(weights: list, settings, device: str = "cpu", log: Callable[[str],
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         losses.append(total / count)
-    log(f"lesa {label}: {len(x)} rows, loss {losses[0]:.3g} -> {losses[-1]:.3g} over {settings.epochs} epochs")
+    log(f"lesa {label}: {len(x)} rows, loss {losses[0]:.3g} -> {losses[-1]:.3g} over {settings.epochs} epochs "
+        f"({time.perf_counter() - started:.1f} s)")
     return us, blocks, model.eval(), losses
 
 
@@ -101,11 +103,13 @@ def lesa_tensors(plan, sources: dict, device: str, log: Callable[[str], None] = 
             groups.setdefault((op.source, plan.split_layer_key(op.source_name)[1]), []).append(op)
     reader = TensorReader()
     try:
-        for (source, suffix), ops in groups.items():
+        for count, ((source, suffix), ops) in enumerate(groups.items(), 1):
             started = time.perf_counter()
             n = plan.sources[source].num_layers
             weights = [reader.read(sources[source].tensors[plan.layer_key(i, suffix)]) for i in range(n)]
-            us, blocks, model, losses = fit_basis(weights, plan.lesa, device, log, f"{suffix} ({source})")
+            label = f"{count}/{len(groups)} {suffix}" + (f" ({source})" if len(plan.sources) > 1 else "")
+            log(f"lesa {label}: SVD of {weights[0].shape[0]} x {n * weights[0].shape[1]} and its predictor ...")
+            us, blocks, model, losses = fit_basis(weights, plan.lesa, device, log, label)
             del weights
             for op in ops:
                 before = plan.split_layer_key(op.source_name)[0]

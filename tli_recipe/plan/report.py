@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from tli_recipe.plan.cost import human_seconds, lesa_cost
 from tli_recipe.plan.model import Plan, TensorOp
 from tli_recipe.plan.ops import OPS
 from tli_recipe.plan.stages import ops_by_layer
@@ -79,6 +80,12 @@ def plan_table(plan: Plan) -> str:
         groups = f" + {', '.join(s.trainable_groups)}" if s.trainable_groups else ""
         lines.append(f"stage       {s.name}: {len(s.trainable_layers)} layers{groups}, {what}, "
                      f"{human_count(s.trainable_parameters)} parameters")
+    cost = lesa_cost(plan)
+    if cost is not None:
+        lines.append(f"lesa        {cost.groups} projection types fitted before writing (SVD of up to "
+                     f"{cost.largest[0]} x {cost.largest[1]}, {cost.flops / 1e12:.1f} TFLOP, ~{human_bytes(cost.peak_bytes)} "
+                     f"in memory): about {human_seconds(cost.cpu_seconds)} on a 2-core CPU, less with more cores or "
+                     "--device cuda (estimate)")
     for w in plan.warnings:
         lines.append(f"warning     {w}")
     for b in plan.blocking:
