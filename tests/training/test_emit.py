@@ -122,10 +122,43 @@ def test_axolotl_config_keys(tmp_path, tiny):
     assert first["base_model"] == str(out.resolve()) and first["output_dir"] == str(out.resolve()) + "-injected-only-axolotl"
     assert first["datasets"] == [{"path": str((tmp_path / "data.jsonl").resolve()), "ds_type": "json", "type": "completion", "field": "text"}]
     assert first["lr_scheduler"] == "constant_with_warmup" and first["max_steps"] == 100
-    assert first["gradient_checkpointing_kwargs"] == {"use_reentrant": False} and first["bf16"] is True
+    assert first["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert first["bf16"] == "auto" and first["fp16"] is False  # bfloat16 where the GPU has it, float32 elsewhere
     assert second["base_model"] == first["output_dir"]
     assert second["adapter"] == "qlora" and second["load_in_4bit"] is True and second["num_epochs"] == 2
     assert second["peft_layers_to_transform"] == [4, 9, 14] and second["lora_alpha"] == 16
+
+
+def test_precision_runs_anywhere_and_each_header_says_how_to_turn_it_off(tmp_path, tiny):
+    out = grown(tmp_path, tiny, "inject: {every: 4}", stages="""stages:
+  - name: bf
+    trainable: [injected]
+  - name: half
+    trainable: [injected]
+    precision: float16
+  - name: lora
+    trainable: [all]
+    lora: {r: 4, alpha: 8, targets: [o_proj, down_proj]}
+    precision: float32
+""")
+    ax, lf, trl = (emitted(out, t) for t in ("axolotl", "llamafactory", "trl"))
+    assert (ax["bf"]["bf16"], ax["bf"]["fp16"]) == ("auto", False)
+    assert (ax["half"]["bf16"], ax["half"]["fp16"]) == (False, True)
+    assert (ax["lora"]["bf16"], ax["lora"]["fp16"]) == (False, False)
+    # LLaMA-Factory's bf16 is transformers' boolean (no auto): true, with the way out in the header.
+    assert lf["bf"]["bf16"] is True and lf["bf"]["fp16"] is False and trl["bf"]["training_arguments"]["bf16"] is True
+    # Axolotl's auto-enabled fused LoRA kernels are Triton (CUDA): off, so the config also runs on a CPU.
+    assert {k: ax["lora"][k] for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")} == dict.fromkeys(
+        ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"), False)
+    assert not any("kernel" in k for k in ax["bf"])
+    head = {t: {p.name: p.read_text().split("\n---", 1)[0] for p in (out / "training" / t).glob("0*.yaml")}
+            for t in ("axolotl", "llamafactory", "trl")}
+    header = lambda t, f: "".join(line for line in head[t][f].splitlines() if line.startswith("#"))  # noqa: E731
+    assert "Precision off: bf16: false" in header("axolotl", "01-bf.yaml")
+    assert "Precision off (float32): fp16: false" in header("axolotl", "02-half.yaml")
+    assert "needs a CUDA GPU" in header("axolotl", "03-lora.yaml") and "set them to true" in header("axolotl", "03-lora.yaml")
+    assert "bf16=false" in header("llamafactory", "01-bf.yaml") and "no auto" in header("llamafactory", "01-bf.yaml")
+    assert "precision=float32" in header("trl", "01-bf.yaml")
 
 
 # --- LLaMA-Factory ----------------------------------------------------------------------------------

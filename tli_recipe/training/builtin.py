@@ -127,6 +127,12 @@ class Builtin(TrainerFormat):
     name = BUILTIN
     title = "tli-recipe (Hugging Face Trainer)"
 
+    def notes(self, spec: StageSpec) -> list[str]:
+        if spec.settings.precision == "float32":
+            return ["Precision: float32 (bf16 and fp16 off)."]
+        return [f"Precision: {spec.settings.precision} autocast (`tli-recipe train` also runs bfloat16 on a CPU; float16 needs "
+                "a GPU). Precision off:", "re-emit or train with --set 'stages[*].precision=float32'."]
+
     def stage(self, spec: StageSpec) -> StageFiles:
         ctx = self.ctx
         cfg = builtin_config(ctx.plan, ctx.specs, spec, ctx.model_dir, ctx.data)

@@ -44,14 +44,14 @@ def ranges(values: list[int]) -> str:
     return ranges(values)
 
 
-def _header(plan: Plan, spec: StageSpec, trainer: str, run: str) -> str:
+def _header(plan: Plan, spec: StageSpec, trainer: str, run: str, notes: Sequence[str] = ()) -> str:
     sp = spec.plan
     what = (f"LoRA r={sp.lora.r} on {', '.join(sp.lora.targets)} of output layers {ranges(sp.lora.layers)}"
             if sp.lora else f"full weights of {len(sp.parameters)} tensors (output layers {ranges(sp.trainable_layers)}"
             + (f" + {', '.join(sp.trainable_groups)}" if sp.trainable_groups else "") + ")")
     return (f"# {trainer} config for stage {spec.index} '{sp.name}' of {plan.name}, written by tli-recipe {__version__}\n"
             f"# from plan.json (recipe sha256 {plan.recipe_sha256[:12]}): trains {what}.\n"
-            f"# Run: {run}\n")
+            f"# Run: {run}\n" + "".join(f"# {line}\n" for line in notes))
 
 
 def _write_trainer(trainer: TrainerFormat, chosen: list[StageSpec], out: Path, no_data: list[str],
@@ -70,7 +70,7 @@ def _write_trainer(trainer: TrainerFormat, chosen: list[StageSpec], out: Path, n
             (out / f"{spec.file_stem}.refused.txt").write_text(str(refusal) + "\n")
             commands.append(f"# stage {spec.index} '{spec.plan.name}': refused, see {spec.file_stem}.refused.txt")
             continue
-        texts = {f"{spec.file_stem}.yaml": _header(trainer.ctx.plan, spec, trainer.title, files.run) + dump_yaml(files.config),
+        texts = {f"{spec.file_stem}.yaml": _header(trainer.ctx.plan, spec, trainer.title, files.run, trainer.notes(spec)) + dump_yaml(files.config),
                  **files.extra}
         for name, text in texts.items():
             (out / name).write_text(text)

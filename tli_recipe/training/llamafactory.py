@@ -125,6 +125,15 @@ class LlamaFactory(TrainerFormat):
                                  f"# Run: llamafactory-cli export {merge}\n" + dump_yaml(self.merge_config(spec)))
         return StageFiles(cfg, run, extra)
 
+    def notes(self, spec: StageSpec) -> list[str]:
+        how = ("set bf16: false here, or run `llamafactory-cli train FILE bf16=false` (its command line overrides keys)")
+        return {"bfloat16": ["Precision: bf16: true needs a GPU with bfloat16: LLaMA-Factory takes only true or false here",
+                             "(transformers' TrainingArguments; no auto), and refuses bf16 on a CPU. Precision off (float32):",
+                             how + "."],
+                "float16": ["Precision: fp16: true needs a CUDA GPU. Precision off (float32): set fp16: false, or run",
+                            "`llamafactory-cli train FILE fp16=false`."],
+                "float32": ["Precision: float32 (bf16 and fp16 off). On a GPU with bfloat16: bf16: true."]}[spec.settings.precision]
+
     def folder_files(self) -> dict[str, str]:
         return {"dataset_info.json": json.dumps(self.dataset_info, indent=2) + "\n"} if self.dataset_info else {}
 

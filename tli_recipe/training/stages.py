@@ -175,6 +175,10 @@ class TrainerFormat:
     def stage(self, spec: StageSpec) -> StageFiles:
         raise NotImplementedError
 
+    def notes(self, spec: StageSpec) -> list[str]:
+        """Comment lines for the config's header (precision, what needs a GPU)."""
+        return []
+
     def folder_files(self) -> dict[str, str]:
         """Files beside the stage configs once every stage is done (name -> text)."""
         return {}
