@@ -61,9 +61,9 @@ def axolotl_rule(patterns: list[str], name: str) -> bool:
     return any(re.match(re.sub(r"\.(?!\+)", "\\\\.", p), name) for p in patterns)
 
 
-def emitted(folder: Path, trainer: str) -> dict[str, dict]:
+def emitted(folder: Path, trainer: str, configs: str = "training") -> dict[str, dict]:
     out = {}
-    for path in sorted((folder / "training" / trainer).glob("[0-9][0-9]-*.yaml")):
+    for path in sorted((folder / configs / trainer).glob("[0-9][0-9]-*.yaml")):
         if not path.name.endswith(".merge.yaml"):
             out[path.stem.split("-", 1)[1]] = yaml.safe_load(path.read_text())
     return out
@@ -333,3 +333,28 @@ def test_llamafactory_own_validation_and_freezing(tmp_path, tiny):
         else:
             adapted = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A")}
             assert adapted == {p.removesuffix(".weight") for p in stage.parameters}
+
+
+def test_emit_set_changes_stage_settings_of_a_grown_checkpoint(tmp_path, tiny, cli):
+    out = grown(tmp_path, tiny, "inject: {every: 4}", stages="""stages:
+  - name: one
+    trainable: [injected]
+    epochs: 2
+  - name: two
+    trainable: [all]
+    lora: {r: 4, alpha: 8, targets: [o_proj, down_proj]}
+""")
+    result = cli("emit", out, "-o", tmp_path / "cfg", "--set", "stages[*].precision=float32", "--set", "stages[1].lora.r=16",
+                 "--set", "stages[*].max_steps=7", "--set", "stages[*].epochs=null")
+    assert result.exit_code == 0, result.stderr
+    ax, trl = emitted(tmp_path, "axolotl", "cfg"), emitted(tmp_path, "trl", "cfg")
+    assert [(c["bf16"], c["fp16"], c["max_steps"]) for c in ax.values()] == [(False, False, 7), (False, False, 7)]
+    assert ax["two"]["lora_r"] == 16 and trl["two"]["lora"]["r"] == 16 and "num_epochs" not in ax["one"]
+    assert not any(t["training_arguments"].get("bf16") for t in trl.values())
+    for bad, why in ((["--set", "inject.every=2"], "only the stages' training settings can change there"),
+                     (["--set", "stages[0].trainable=[all]"], "trainable decides which parameters train"),
+                     (["--set", "stages[1].lora.targets=[q_proj]"], "lora.targets decides which parameters train"),
+                     (["--set", "stages[*].precision=fp8"], "--set stages[*].precision=fp8:1:27: stages[0].precision"),
+                     (["--set", "stages[0].max_steps=3"], "both max_steps (3) and epochs (2) are given")):
+        result = cli("emit", out, "-o", tmp_path / "bad", *bad)
+        assert result.exit_code == 2 and why in result.stderr and "Traceback" not in result.stderr, (bad, result.stderr)

@@ -31,7 +31,8 @@ DATA_HELP = ("Training text: a plain-text file (one document per line) or JSONL 
               help="Folder for the configs (default: SOURCE/training when SOURCE is a grown checkpoint).")
 @click.option("--model-dir", type=click.Path(file_okay=False),
               help="With a recipe: where the grown checkpoint is or will be (default: the recipe's output).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help=SET_HELP + " On a grown checkpoint: stage settings only, such as 'stages[*].precision=float32'.")
 @reported
 def emit(source: str, formats: tuple[str, ...], stages: tuple[str, ...], data: tuple[str, ...], output: str | None,
          model_dir: str | None, overrides: tuple[str, ...]) -> None:
@@ -46,10 +47,9 @@ def emit(source: str, formats: tuple[str, ...], stages: tuple[str, ...], data: t
     path = Path(source)
     if path.is_dir():
         from tli_recipe.execute.verify import load_plan
+        from tli_recipe.training.settings import override_stages
 
-        if overrides:
-            raise TliError("--set applies to a recipe; SOURCE is a grown checkpoint, whose plan.json is final")
-        plan = load_plan(path)
+        plan = override_stages(load_plan(path), overrides, str(path))
         folder = Path(output) if output else path / "training"
         where = Path(model_dir) if model_dir else path
     else:
