@@ -119,8 +119,9 @@ def test_axolotl_config_keys(tmp_path, tiny):
     epochs: 2
 """)
     first, second = emitted(out, "axolotl").values()
-    assert first["base_model"] == str(out.resolve()) and first["output_dir"] == str(out.resolve()) + "-injected-only-axolotl"
-    assert first["datasets"] == [{"path": str((tmp_path / "data.jsonl").resolve()), "ds_type": "json", "type": "completion", "field": "text"}]
+    # Paths relative to the grown checkpoint's folder: the configs move with it.
+    assert first["base_model"] == "." and first["output_dir"] == "../grown-injected-only-axolotl"
+    assert first["datasets"] == [{"path": "../data.jsonl", "ds_type": "json", "type": "completion", "field": "text"}]
     assert first["lr_scheduler"] == "constant_with_warmup" and first["max_steps"] == 100
     assert first["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
     assert first["bf16"] == "auto" and first["fp16"] is False  # bfloat16 where the GPU has it, float32 elsewhere
@@ -270,7 +271,7 @@ def test_emit_command(tmp_path, tiny, cli):
     result = cli("emit", recipe, "-o", tmp_path / "cfg", "--format", "axolotl", "--data", data)
     assert result.exit_code == 0, result.stderr
     cfg = yaml.safe_load((tmp_path / "cfg" / "axolotl" / "01-new.yaml").read_text())
-    assert cfg["datasets"][0]["path"] == str(data.resolve()) and cfg["base_model"] == str((tmp_path / "m").resolve())
+    assert cfg["datasets"][0]["path"] == "../d.txt" and cfg["base_model"] == "."  # relative to the checkpoint, m/
     assert not (tmp_path / "cfg" / "trl").exists()
     result = cli("emit", recipe, "-o", tmp_path / "cfg", "--stage", "nw")
     assert result.exit_code == 2 and "--stage nw: no such stage (did you mean 'new'?)" in result.stderr
@@ -358,3 +359,32 @@ def test_emit_set_changes_stage_settings_of_a_grown_checkpoint(tmp_path, tiny, c
                      (["--set", "stages[0].max_steps=3"], "both max_steps (3) and epochs (2) are given")):
         result = cli("emit", out, "-o", tmp_path / "bad", *bad)
         assert result.exit_code == 2 and why in result.stderr and "Traceback" not in result.stderr, (bad, result.stderr)
+
+
+def test_every_path_is_relative_to_the_checkpoint_folder(tmp_path, tiny, cli):
+    import json
+
+    (tmp_path / "data").mkdir()
+    data = write_text(tmp_path / "data" / "train.txt", 5)
+    out = grown(tmp_path, tiny, "inject: {every: 4}", stages=STAGES.replace("precision: float32", f"precision: float32\n    datasets: [{{path: {data}}}]"))
+    for trainer in ("axolotl", "llamafactory", "trl"):
+        for path in (out / "training" / trainer).glob("0*.yaml"):
+            text = path.read_text()
+            assert str(tmp_path) not in text, path  # no absolute path, in the values or the comments
+            assert "relative to the grown checkpoint's folder" in text
+        assert str(tmp_path) not in (out / "training" / trainer / "README.txt").read_text()
+    ax, lf, trl = (emitted(out, t) for t in ("axolotl", "llamafactory", "trl"))
+    assert ax["layer-one"]["datasets"][0]["path"] == "../data/train.txt"
+    assert (out / ax["injected-only"]["base_model"] / "config.json").is_file()
+    assert ax["layer-one"]["base_model"] == "../grown-injected-only-axolotl"
+    assert (out / ax["lora"]["output_dir"]).resolve() == (tmp_path / "grown-lora-axolotl").resolve()
+    # LLaMA-Factory joins dataset_info.json's file_name to dataset_dir.
+    cfg = lf["injected-only"]
+    info = json.loads((out / cfg["dataset_dir"] / "dataset_info.json").read_text())
+    assert (out / cfg["dataset_dir"] / info[cfg["dataset"]]["file_name"]).resolve() == data.resolve()
+    assert trl["lora"]["root"] == "../.." and trl["lora"]["model"] == "../grown-embeddings"
+    from tli_recipe.training.train import load_stage_config
+
+    loaded = load_stage_config(out / "training" / "trl" / "05-lora.yaml")
+    assert Path(loaded.model) == (tmp_path / "grown-embeddings").resolve() and loaded.root is None
+    assert Path(loaded.datasets[0].path) == data.resolve() and Path(loaded.plan) == (out / "plan.json").resolve()

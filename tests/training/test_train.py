@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import build_tiny, write_recipe
 from safetensors.torch import load_file
 from tiny_text import add_char_tokenizer, write_text
@@ -164,8 +165,13 @@ def test_train_command_errors(tmp_path, base, data, cli):
 
 def test_train_from_an_emitted_config(tmp_path, base, data, cli):
     grown = grow(tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data=data, steps=3, save=100))
-    config = grown / "training" / "trl" / "01-new.yaml"
-    result = cli("train", "--config", config, "--into", tmp_path / "stages", "--no-progress")
+    # The configs' paths are relative to the checkpoint's folder: they still work once it has moved.
+    moved = tmp_path / "elsewhere" / "grown"
+    moved.parent.mkdir()
+    grown.rename(moved)
+    config = moved / "training" / "trl" / "01-new.yaml"
+    assert "/" not in yaml.safe_load(config.read_text())["model"] and yaml.safe_load(config.read_text())["root"] == "../.."
+    result = cli("train", "--config", config, "--into", tmp_path / "stages", "--no-progress", "--data", data)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(tmp_path / "stages" / "new")
     assert json.loads((tmp_path / "stages" / "new" / "training_metrics.json").read_text())["global_step"] == 3

@@ -115,9 +115,9 @@ class Axolotl(TrainerFormat):
     def config(self, spec: StageSpec) -> dict:
         plan, s, sp, model_dir = self.ctx.plan, spec.settings, spec.plan, self.ctx.model_dir
         cfg: dict = {
-            "base_model": str(stage_input(model_dir, self.ctx.specs, spec, self.name)),
-            "output_dir": str(stage_dir(model_dir, sp.name, self.name)),
-            "datasets": [{"path": d.path, "ds_type": "json" if is_jsonl(d.path) else "text", "type": "completion",
+            "base_model": self.ctx.rel(stage_input(model_dir, self.ctx.specs, spec, self.name)),
+            "output_dir": self.ctx.rel(stage_dir(model_dir, sp.name, self.name)),
+            "datasets": [{"path": self.ctx.rel(d.path), "ds_type": "json" if is_jsonl(d.path) else "text", "type": "completion",
                           "field": d.text_field} for d in resolve_datasets(spec, self.ctx.data)],
             "sequence_len": s.sequence_length,
             "sample_packing": True,

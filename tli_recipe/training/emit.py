@@ -51,6 +51,8 @@ def _header(plan: Plan, spec: StageSpec, trainer: str, run: str, notes: Sequence
             + (f" + {', '.join(sp.trainable_groups)}" if sp.trainable_groups else "") + ")")
     return (f"# {trainer} config for stage {spec.index} '{sp.name}' of {plan.name}, written by tli-recipe {__version__}\n"
             f"# from plan.json (recipe sha256 {plan.recipe_sha256[:12]}): trains {what}.\n"
+            "# Every path here is relative to the grown checkpoint's folder (the one holding plan.json), so the configs\n"
+            "# move with the checkpoint: run from that folder.\n"
             f"# Run: {run}\n" + "".join(f"# {line}\n" for line in notes))
 
 
@@ -79,10 +81,11 @@ def _write_trainer(trainer: TrainerFormat, chosen: list[StageSpec], out: Path, n
     for name, text in trainer.folder_files().items():
         (out / name).write_text(text)
         written.append(out / name)
-    model_dir = trainer.ctx.model_dir
     note = (f"\n# Stages {', '.join(no_data)} name no datasets: add `datasets` to the recipe's stage, or re-emit "
-            f"with `tli-recipe emit {model_dir} --data FILE`.\n" if no_data else "")
-    (out / "README.txt").write_text(f"# {trainer.name}: the stages of {trainer.ctx.plan.name}, in order.{note}\n"
+            "with `tli-recipe emit . --data FILE`.\n" if no_data else "")
+    (out / "README.txt").write_text(f"# {trainer.name}: the stages of {trainer.ctx.plan.name}, in order. Run from the grown "
+                                    "checkpoint's folder (the one holding plan.json): the paths in the configs are relative "
+                                    f"to it.{note}\n"
                                     + "\n".join(commands) + "\n")
     return written
 
@@ -98,7 +101,7 @@ def write_training_configs(plan: Plan, folder: Path, model_dir: Path, *, formats
 
     A stage a trainer cannot express gets ``NN-<stage>.refused.txt`` (the reason) instead;
     the refusals are returned, not raised, so that ``run`` always finishes. ``model_dir`` is
-    where the grown checkpoint is (or will be); paths in the configs are absolute.
+    where the grown checkpoint is (or will be); paths in the configs are relative to it.
     """
     specs = stage_specs(plan)
     chosen = select_stages(specs, stages)

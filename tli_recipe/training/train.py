@@ -34,7 +34,11 @@ from pydantic import ValidationError
 
 from tli_recipe._version import __version__
 from tli_recipe.errors import TliError
-from tli_recipe.training.builtin import BuiltinStageConfig, builtin_config
+from tli_recipe.training.builtin import (
+    BuiltinStageConfig,
+    absolute_config,
+    builtin_config,
+)
 from tli_recipe.training.data import pack, split_validation, tokenize
 from tli_recipe.training.launch import is_main_process
 from tli_recipe.training.loading import load_model, load_tokenizer
@@ -58,7 +62,7 @@ def load_stage_config(path: str | Path) -> BuiltinStageConfig:
     if not isinstance(raw, dict) or "stage" not in raw or "training_arguments" not in raw:
         raise TrainError(f"{path}: not a tli-recipe stage config; expected a file from `tli-recipe emit --format trl`")
     try:
-        return BuiltinStageConfig.model_validate(raw)
+        return absolute_config(BuiltinStageConfig.model_validate(raw), path.parent)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg'].lower()}" for e in exc.errors()[:5])
         raise TrainError(f"{path}: not a valid stage config ({problems}); expected a file from "
