@@ -36,6 +36,10 @@ STAGES = """stages:
     precision: float32
 """
 
+# The same stages with those LLaMA-Factory expresses first: a stage after a refused one is refused too.
+_PARTS = STAGES.split("  - name: ")
+STAGES_LF = "  - name: ".join([_PARTS[0], _PARTS[1], _PARTS[4], _PARTS[5], _PARTS[2], _PARTS[3]])
+
 
 def grown(tmp_path, tiny, inject: str, stages: str = STAGES, layers: int = 12, name: str = "grown", cli=None) -> Path:
     base = tiny(layers=layers)
@@ -179,7 +183,7 @@ def llamafactory_freeze(cfg: dict, names: list[str], num_layers: int) -> set[str
 
 
 def test_llamafactory_expresses_evenly_spaced_injected_layers(tmp_path, tiny):
-    out = grown(tmp_path, tiny, "inject: {every: 4}")  # 15 layers, injected 4, 9, 14 = range(4, 15, 5)
+    out = grown(tmp_path, tiny, "inject: {every: 4}", stages=STAGES_LF)  # 15 layers, injected 4, 9, 14 = range(4, 15, 5)
     plan = load_plan(out)
     configs = emitted(out, "llamafactory")
     cfg = configs["injected-only"]
@@ -188,7 +192,7 @@ def test_llamafactory_expresses_evenly_spaced_injected_layers(tmp_path, tiny):
     assert llamafactory_freeze(cfg, names, 15) == set(plan.stages[0].parameters)
     assert configs["embeddings"]["freeze_trainable_layers"] == -1 and configs["embeddings"]["freeze_extra_modules"] == "embed_tokens"
     assert configs["lora"]["finetuning_type"] == "lora" and configs["lora"]["lora_target"] == "q_proj,o_proj,down_proj"
-    assert (out / "training" / "llamafactory" / "05-lora.merge.yaml").is_file()
+    assert (out / "training" / "llamafactory" / "03-lora.merge.yaml").is_file()
 
 
 def test_llamafactory_refuses_what_it_cannot_express(tmp_path, tiny, cli):
@@ -293,7 +297,7 @@ def test_recipe_rejects_steps_and_epochs_together(tmp_path, tiny, cli):
 
 def _external_case(tmp_path, tiny):
     data = write_text(tmp_path / "train.txt", 20)
-    out = grown(tmp_path, tiny, "inject: {every: 4}", stages=STAGES.replace("precision: float32", f"precision: float32\n    datasets: [{{path: {data}}}]"))
+    out = grown(tmp_path, tiny, "inject: {every: 4}", stages=STAGES_LF.replace("precision: float32", f"precision: float32\n    datasets: [{{path: {data}}}]"))
     return out, load_plan(out)
 
 
@@ -388,3 +392,20 @@ def test_every_path_is_relative_to_the_checkpoint_folder(tmp_path, tiny, cli):
     loaded = load_stage_config(out / "training" / "trl" / "05-lora.yaml")
     assert Path(loaded.model) == (tmp_path / "grown-embeddings").resolve() and loaded.root is None
     assert Path(loaded.datasets[0].path) == data.resolve() and Path(loaded.plan) == (out / "plan.json").resolve()
+
+
+def test_a_stage_whose_input_no_config_produces_is_refused(tmp_path, tiny, cli):
+    # 10 layers, K = 4: LLaMA-Factory cannot select the injected layers 4 and 9, so stage 1 is refused; stage 2
+    # (all weights) it could express, but it would start from a folder nothing writes.
+    stages = "stages:\n  - name: new\n    trainable: [injected]\n  - name: all\n    trainable: [all]\n"
+    out = grown(tmp_path, tiny, "inject: {every: 4}", layers=10, stages=stages)
+    folder = out / "training" / "llamafactory"
+    assert sorted(p.name for p in folder.iterdir()) == ["01-new.refused.txt", "02-all.refused.txt", "README.txt"]
+    why = (folder / "02-all.refused.txt").read_text()
+    assert "starts from ../grown-new-llamafactory, the output of stage 1 'new', which no LLaMA-Factory config" in why
+    assert "01-new.refused.txt" in why
+    assert set(emitted(out, "axolotl")) == {"new", "all"}  # Axolotl expresses stage 1, so stage 2 is written there
+    # Emitting stage 2 alone still knows that stage 1 is refused.
+    result = cli("emit", out, "--format", "llamafactory", "--stage", "all", "-o", tmp_path / "two")
+    assert result.exit_code == 2 and "no LLaMA-Factory config produces" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "two" / "llamafactory").iterdir()) == ["02-all.refused.txt", "README.txt"]

@@ -30,6 +30,7 @@ from tli_recipe.training.stages import (  # noqa: F401  (re-exported: the names 
     resolve_datasets,
     select_stages,
     stage_dir,
+    stage_input,
     stage_specs,
 )
 
@@ -56,18 +57,41 @@ def _header(plan: Plan, spec: StageSpec, trainer: str, run: str, notes: Sequence
             f"# Run: {run}\n" + "".join(f"# {line}\n" for line in notes))
 
 
+def _stage_files(trainer: TrainerFormat, spec: StageSpec, refused: set[int]):
+    """The trainer's files for ``spec``; a Refusal also when the stage it starts from was refused (no config of
+    this trainer would produce its input)."""
+    files = trainer.stage(spec)  # the stage's own refusal comes first
+    if spec.index - 1 in refused:
+        previous = trainer.ctx.specs[spec.index - 2]
+        source = stage_input(trainer.ctx.model_dir, trainer.ctx.specs, spec, trainer.name)
+        raise Refusal(f"{trainer.name}: stage '{spec.plan.name}': it starts from {trainer.ctx.rel(source)}, the output of "
+                      f"stage {previous.index} '{previous.plan.name}', which no {trainer.title} config produces (stage "
+                      f"{previous.index} is refused, see {previous.file_stem}.refused.txt); so no config is written. "
+                      "Train both stages with another trainer (tli-recipe train expresses every stage)")
+    return files
+
+
 def _write_trainer(trainer: TrainerFormat, chosen: list[StageSpec], out: Path, no_data: list[str],
                    refusals: list[Refusal]) -> list[Path]:
     """One trainer's stage configs (or ``.refused.txt``), its folder files and README.txt in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     commands = []
-    for spec in chosen:
+    probe = type(trainer)(trainer.ctx)  # for the stages before a chosen one that are not written
+    refused: set[int] = set()
+    for spec in trainer.ctx.specs[:max(s.index for s in chosen)]:
+        if spec not in chosen:
+            try:
+                _stage_files(probe, spec, refused)
+            except Refusal:
+                refused.add(spec.index)
+            continue
         for suffix in (".yaml", ".refused.txt", ".merge.yaml", ".parameters.txt"):
             (out / f"{spec.file_stem}{suffix}").unlink(missing_ok=True)
         try:
-            files = trainer.stage(spec)
+            files = _stage_files(trainer, spec, refused)
         except Refusal as refusal:
+            refused.add(spec.index)
             refusals.append(refusal)
             (out / f"{spec.file_stem}.refused.txt").write_text(str(refusal) + "\n")
             commands.append(f"# stage {spec.index} '{spec.plan.name}': refused, see {spec.file_stem}.refused.txt")
