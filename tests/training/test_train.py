@@ -56,8 +56,21 @@ def quiet(msg: str) -> None:
 
 
 def test_injected_only_stage_trains_exactly_the_injected_layers(tmp_path, base, data):
+    import os
+    import stat
+
     grown = grow(tmp_path, base, "  - name: injected-only\n    trainable: [injected]\n" + FAST.format(data=data, steps=12, save=100))
-    [out] = train_output(grown, progress=False, log=quiet)
+    umask = os.umask(0o027)
+    try:
+        [out] = train_output(grown, progress=False, log=quiet)
+    finally:
+        os.umask(umask)
+    # The output follows the umask (not mkdtemp's private 0700), as every file in it does.
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()} == {0o640}
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "stage 1 of 1, 'injected-only'" in card
+    assert "12 optimizer steps" in card and f"{grown}" in card and "unchanged" in card
     assert out == tmp_path / "grown-injected-only"
     before, after = tensors(grown), tensors(out)
     trainable = set(json.loads((grown / "plan.json").read_text())["stages"][0]["parameters"])
@@ -118,15 +131,19 @@ def test_interrupted_stage_resumes_to_the_same_final_step(tmp_path, base, data):
     grown = grow(tmp_path, base, "  - name: injected-only\n    trainable: [injected]\n" + FAST.format(data=data, steps=8, save=3))
     [cfg] = stage_configs(grown)
     with pytest.raises(KeyboardInterrupt):
-        train_stage(cfg, progress=False, log=quiet, callbacks=[_Interrupt(5)])
+        train_stage(cfg, progress=False, log=quiet, callbacks=[_Interrupt(7)])
     partial = tmp_path / "grown-injected-only.partial"
-    assert sorted(p.name for p in partial.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert sorted(p.name for p in partial.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     assert not (tmp_path / "grown-injected-only").exists()
+    # What a crash while writing leaves (files of an older version, or a save cut short): half a JSON.
+    for half in (partial / "initial_eval.json", partial / "checkpoint-6" / "trainer_state.json"):
+        half.write_text(half.read_text()[: len(half.read_text()) // 2])
     messages = []
     out = train_stage(cfg, progress=False, log=messages.append)
     assert any("resuming from checkpoint-3" in m for m in messages)
     metrics = json.loads((out / "training_metrics.json").read_text())
-    assert metrics["global_step"] == 8 and metrics["resumed_from"] == "checkpoint-3"
+    assert metrics["global_step"] == 8 and metrics["resumed_from"] == "checkpoint-3"  # checkpoint-6 is incomplete
+    assert metrics["eval_loss_before"] is not None  # the step-0 evaluation, done again
     steps = [int(r["step"]) for r in csv.DictReader((out / "losses.csv").open())]
     assert steps == list(range(9))
     # The same run without the interruption ends on the same step with the same weights.
