@@ -192,3 +192,38 @@ def test_train_from_an_emitted_config(tmp_path, base, data, cli):
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(tmp_path / "stages" / "new")
     assert json.loads((tmp_path / "stages" / "new" / "training_metrics.json").read_text())["global_step"] == 3
+
+
+def test_train_flags_change_the_stage_settings(tmp_path, base, data, cli):
+    grown = grow(tmp_path, base, "  - name: new\n    trainable: [injected]\n    epochs: 3\n" + FAST.format(data=data, steps=50, save=100)
+                 .replace("    max_steps: 50\n", ""))
+    result = cli("train", grown, "--report-to", "tensorboard")
+    assert result.exit_code == 2 and "--report-to tensorboard: tensorboard is not installed; pip install tensorboard" in result.stderr
+    result = cli("train", grown, "--set", "inject.every=2")
+    assert result.exit_code == 2 and "only the stages' training settings can change" in result.stderr
+    result = cli("train", grown, "--print-launch", "--max-steps", "2", "--set", "stages[*].batch_size=2")
+    assert "--set 'stages[*].batch_size=2' --max-steps 2" in result.stdout
+    result = cli("train", grown, "--no-progress", "--max-steps", "2", "--learning-rate", "0.003", "--set", "stages[*].batch_size=2")
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "grown-new"
+    metrics = json.loads((out / "training_metrics.json").read_text())
+    args = yaml.safe_load((out / "training_config.yaml").read_text())["training_arguments"]
+    assert metrics["global_step"] == 2 and "num_train_epochs" not in args
+    assert (args["learning_rate"], args["per_device_train_batch_size"], args["max_steps"]) == (0.003, 2, 2)
+
+
+def test_chat_data_trains_and_needs_a_chat_template(tmp_path, base, cli):
+    grown = grow(tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data="x", steps=2, save=100)
+                 .replace("    datasets: [{path: x}]\n", ""))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i} " * 3},
+                                                     {"role": "assistant", "content": f"answer {i} " * 3}]}) + "\n"
+                            for i in range(40)))
+    result = cli("train", grown, "--data", chat, "--no-progress")
+    assert result.exit_code == 2 and "chat.jsonl:1: a chat" in result.stderr and "has none" in result.stderr
+    config = json.loads((grown / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    (grown / "tokenizer_config.json").write_text(json.dumps(config))
+    result = cli("train", grown, "--data", chat, "--no-progress")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "grown-new" / "training_metrics.json").read_text())["global_step"] == 2

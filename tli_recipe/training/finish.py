@@ -115,6 +115,8 @@ def finish_stage(cfg: BuiltinStageConfig, trainer, out: Path, work: Path, tok, c
         metrics = _metrics(cfg, trainer, work, tmp, counts, final_eval, resumed, plan.name if plan else None)
         (tmp / "README.md").write_text(stage_card(cfg, metrics, plan))
         (tmp / COMPLETE).write_text(json.dumps(metrics, indent=2) + "\n")
+        if (work / "runs").is_dir():  # --report-to tensorboard logs there
+            shutil.copytree(work / "runs", tmp / "runs")
         _files_to_umask(tmp)
         swap_into_place(tmp, out)
     except BaseException:

@@ -71,12 +71,15 @@ def load_stage_config(path: str | Path) -> BuiltinStageConfig:
 
 
 def stage_configs(model_dir: str | Path, *, data: Optional[Sequence[str | Path]] = None,
-                  stages: Optional[Sequence[str]] = None, into: Optional[Path] = None) -> list[BuiltinStageConfig]:
-    """The configs of the chosen stages of a grown checkpoint (all of them by default), in order."""
+                  stages: Optional[Sequence[str]] = None, into: Optional[Path] = None,
+                  overrides: Sequence[str] = ()) -> list[BuiltinStageConfig]:
+    """The configs of the chosen stages of a grown checkpoint (all of them by default), in order;
+    ``overrides`` (``stages[*].FIELD=VALUE``) change the stages' settings first."""
     from tli_recipe.execute.verify import load_plan
+    from tli_recipe.training.settings import override_stages
 
     model_dir = Path(model_dir).resolve()
-    plan = load_plan(model_dir)
+    plan = override_stages(load_plan(model_dir), overrides, str(model_dir))
     specs = stage_specs(plan)
     if not specs:
         raise TrainError(f"{model_dir}/plan.json: the recipe defines no stages; add `stages` to the recipe and run it "
@@ -88,9 +91,22 @@ def stage_configs(model_dir: str | Path, *, data: Optional[Sequence[str | Path]]
 
 
 def train_output(model_dir: str | Path, *, data: Optional[Sequence[str | Path]] = None,
-                 stages: Optional[Sequence[str]] = None, into: Optional[Path] = None, **kwargs) -> list[Path]:
+                 stages: Optional[Sequence[str]] = None, into: Optional[Path] = None, overrides: Sequence[str] = (),
+                 **kwargs) -> list[Path]:
     """Train the chosen stages of a grown checkpoint in order; returns the stage directories."""
-    return [train_stage(cfg, **kwargs) for cfg in stage_configs(model_dir, data=data, stages=stages, into=into)]
+    return [train_stage(cfg, **kwargs)
+            for cfg in stage_configs(model_dir, data=data, stages=stages, into=into, overrides=overrides)]
+
+
+def check_report_to(report_to: str) -> None:
+    """``--report-to``: the logger must be installed (the Trainer would fail later, or silently log nothing)."""
+    if report_to == "none":
+        return
+    from transformers.integrations import is_tensorboard_available, is_wandb_available
+
+    if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[report_to]():
+        raise TrainError(f"--report-to {report_to}: {report_to} is not installed; pip install {report_to} "
+                         "(or --report-to none)")
 
 
 def _device(device: str) -> bool:
@@ -197,7 +213,8 @@ def _quantization(cfg: BuiltinStageConfig):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def _arguments(cfg: BuiltinStageConfig, work: Path, on_cpu: bool, progress: bool, validation: bool):
+def _arguments(cfg: BuiltinStageConfig, work: Path, on_cpu: bool, progress: bool, validation: bool,
+               report_to: str = "none"):
     """``TrainingArguments`` of the stage (creating them also sets up the processes under ``accelerate launch``)."""
     from transformers import TrainingArguments
 
@@ -207,6 +224,9 @@ def _arguments(cfg: BuiltinStageConfig, work: Path, on_cpu: bool, progress: bool
                          ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
             if old in args:
                 args[new] = args.pop(old)
+    if report_to != "none":  # not part of the config: changing it does not stop a resume
+        check_report_to(report_to)
+        args["report_to"] = report_to
     if not validation:
         args["eval_strategy"] = "no"
         args.pop("eval_steps", None)
@@ -258,7 +278,7 @@ def _check_start(cfg: BuiltinStageConfig, force: bool, log) -> bool:
 
 def train_stage(cfg: BuiltinStageConfig | dict, *, device: str = "auto", tokenizer: Optional[str | Path] = None,
                 restart: bool = False, force: bool = False, progress: bool = True, log: Callable[[str], None] = print,
-                callbacks: Sequence = ()) -> Path:
+                callbacks: Sequence = (), report_to: str = "none") -> Path:
     """Train one stage from its config; returns the finished stage directory."""
     if isinstance(cfg, dict):
         cfg = BuiltinStageConfig.model_validate(cfg)
@@ -278,7 +298,7 @@ def train_stage(cfg: BuiltinStageConfig | dict, *, device: str = "auto", tokeniz
     tok = _load_tokenizer(Path(tokenizer) if tokenizer else source, stage)
     train_blocks, eval_blocks, n_tokens = _data(cfg, tok, log)
     work = out.with_name(out.name + ".partial")
-    targs = _arguments(cfg, work, on_cpu, progress, bool(eval_blocks))
+    targs = _arguments(cfg, work, on_cpu, progress, bool(eval_blocks), report_to)
     last = _prepare_work(cfg, targs, work, restart)
     initial = work / "initial_eval.json"
     # Decided before anyone evaluates: every process must take part in the same evaluations.
