@@ -173,15 +173,23 @@ def train(model_dir: str | None, data: tuple[str, ...], stages: tuple[str, ...],
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the results as JSON into this file.")
 @reported
 def eval_(models: tuple[str, ...], data: tuple[str, ...], text_field: str, sequence_length: int | None, batch_size: int,
-          max_sequences: int | None, tokenizer: str | None, dtype: str, device: str, as_json: bool) -> None:
+          max_sequences: int | None, tokenizer: str | None, dtype: str, device: str, as_json: bool,
+          output: str | None) -> None:
     """Mean loss and perplexity of each model on the same held-out tokens (base vs grown vs trained)."""
     from tli_recipe.training.evaluate import evaluate_models, results_table
 
     results = evaluate_models(models, data, sequence_length=sequence_length, batch_size=batch_size,
                               max_sequences=max_sequences, tokenizer=tokenizer, text_field=text_field, device=device,
                               dtype=dtype, log=lambda msg: click.echo(msg, err=True))
+    if output:
+        from tli_recipe.training.finish import write_atomic
+
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(output), json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+        click.echo(f"wrote {output}", err=True)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
     else:
