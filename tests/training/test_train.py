@@ -227,3 +227,12 @@ def test_chat_data_trains_and_needs_a_chat_template(tmp_path, base, cli):
     result = cli("train", grown, "--data", chat, "--no-progress")
     assert result.exit_code == 0, result.stderr
     assert json.loads((tmp_path / "grown-new" / "training_metrics.json").read_text())["global_step"] == 2
+
+
+def test_verify_on_a_trained_stage_says_what_verify_checks(tmp_path, base, data, cli):
+    grown = grow(tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data=data, steps=1, save=100))
+    [out] = train_output(grown, progress=False, log=quiet)
+    result = cli("verify", out)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert "the output of a training stage (tli-recipe train), not of `run`" in result.stderr
+    assert f"`tli-recipe verify {grown}`" in result.stderr and "use_cache" in result.stderr
