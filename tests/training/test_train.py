@@ -236,3 +236,20 @@ def test_verify_on_a_trained_stage_says_what_verify_checks(tmp_path, base, data,
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     assert "the output of a training stage (tli-recipe train), not of `run`" in result.stderr
     assert f"`tli-recipe verify {grown}`" in result.stderr and "use_cache" in result.stderr
+
+
+def test_plan_counts_lora_parameters_as_peft_does(tmp_path, base):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tli_recipe.execute.verify import load_plan
+
+    grown = grow(tmp_path, base, "  - name: lora\n    trainable: [{layers: [2, 7]}]\n"
+                                 "    lora: {r: 4, alpha: 8, targets: [q_proj, v_proj, down_proj]}\n")
+    stage = load_plan(grown).stages[0]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(grown), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=list(range(2, 7)),
+        layers_pattern="layers"))
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert stage.trainable_parameters == trainable > 0
+    assert stage.trainable_parameters < sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n) // 10

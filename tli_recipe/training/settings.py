@@ -66,7 +66,8 @@ def override_stages(plan: Plan, overrides: Sequence[str], source: str = "the che
                                                       for d in stage.datasets]})
         lora = (sp.lora.model_copy(update={"r": stage.lora.r, "alpha": stage.lora.alpha, "dropout": stage.lora.dropout})
                 if sp.lora is not None and stage.lora is not None else sp.lora)
-        resolved.append(sp.model_copy(update={"settings": stage, "lora": lora}))
+        count = sp.trainable_parameters * lora.r // sp.lora.r if lora is not None and sp.lora is not None else sp.trainable_parameters
+        resolved.append(sp.model_copy(update={"settings": stage, "lora": lora, "trainable_parameters": count}))
     return plan.model_copy(update={"stages": resolved})
 
 
