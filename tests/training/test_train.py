@@ -194,6 +194,7 @@ def test_train_from_an_emitted_config(tmp_path, base, data, cli):
     assert json.loads((tmp_path / "stages" / "new" / "training_metrics.json").read_text())["global_step"] == 3
 
 
+@pytest.mark.slow
 def test_train_flags_change_the_stage_settings(tmp_path, base, data, cli):
     grown = grow(tmp_path, base, "  - name: new\n    trainable: [injected]\n    epochs: 3\n" + FAST.format(data=data, steps=50, save=100)
                  .replace("    max_steps: 50\n", ""))
@@ -212,6 +213,7 @@ def test_train_flags_change_the_stage_settings(tmp_path, base, data, cli):
     assert (args["learning_rate"], args["per_device_train_batch_size"], args["max_steps"]) == (0.003, 2, 2)
 
 
+@pytest.mark.slow
 def test_chat_data_trains_and_needs_a_chat_template(tmp_path, base, cli):
     grown = grow(tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data="x", steps=2, save=100)
                  .replace("    datasets: [{path: x}]\n", ""))
@@ -229,6 +231,7 @@ def test_chat_data_trains_and_needs_a_chat_template(tmp_path, base, cli):
     assert json.loads((tmp_path / "grown-new" / "training_metrics.json").read_text())["global_step"] == 2
 
 
+@pytest.mark.slow
 def test_verify_on_a_trained_stage_says_what_verify_checks(tmp_path, base, data, cli):
     grown = grow(tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data=data, steps=1, save=100))
     [out] = train_output(grown, progress=False, log=quiet)
