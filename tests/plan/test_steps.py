@@ -130,7 +130,7 @@ stages:
     assert not [p for p in original.parameters if p.startswith(("model.layers.4.", "model.layers.9."))]
     assert original.trainable_parameters == 8 * LAYER and original.trainable_groups == []
     assert new.trainable_layers == [4, 9] and new.trainable_parameters == 2 * LAYER
-    assert lora.trainable_parameters == 10 * (1024 + 512) and lora.lora.layers == list(range(10))
+    assert lora.trainable_parameters == 10 * lora.lora.r * (32 + 32 + 32 + 16) and lora.lora.layers == list(range(10))
     assert lora.settings.learning_rate == 0.5 and lora.settings.lora.r == 2
 
 

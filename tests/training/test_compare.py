@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 from conftest import build_tiny, write_recipe
 from tiny_text import add_char_tokenizer, write_text
 
@@ -16,7 +17,8 @@ def test_compare_grows_trains_and_reports(tmp_path, cli):
     stage = ("stages:\n  - name: warm\n    trainable: [all]\n"
              "  - name: new\n    trainable: [{trainable}]\n    learning_rate: 0.001\n")
     recipes = [
-        write_recipe(tmp_path, f"name: tli\nbase_model: {base}\ninject: {{every: 2}}\n" + stage.format(trainable="injected"), "tli.yaml"),
+        write_recipe(tmp_path, f"name: tli\nbase_model: {base}\ninject: {{every: 2}}\n" + stage.format(trainable="injected")
+                     + "    warmup_steps: 4\n", "tli.yaml"),
         write_recipe(tmp_path, f"name: copy\nbase_model: {base}\ninject: {{every: 2, init: {{}}}}\n" + stage.format(trainable="injected"), "copy.yaml"),
         write_recipe(tmp_path, f"name: control\nbase_model: {base}\n" + stage.format(trainable="{layers: [2, 4]}"), "control.yaml"),
     ]
@@ -34,6 +36,22 @@ def test_compare_grows_trains_and_reports(tmp_path, cli):
     assert all(len(c) == 4 for c in curves.values())
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
     assert "| tli | new | 6 |" in result.stdout
+    # tli warms up for all 4 steps: its peak learning rate is never reached, and compare says so
+    assert "warning: tli: stage 'new' warms up for 4 steps and compare trains 4" in result.stderr
+    assert "warning: copy" not in result.stderr
+    # each member's own loss plot is titled with its recipe's name
+    assert (tmp_path / "cmp" / "copy" / "trained" / "new" / "losses.png").is_file()
+
+
+def test_compare_plot_legend_explains_its_markers(tmp_path):
+    pytest.importorskip("matplotlib")
+    from tli_recipe.training.compare import CompareRow, plot_compare
+
+    row = CompareRow(recipe="r.yaml", name="tli", stage="new", layers=6, parameters=1, trainable=1, function_preserving=True,
+                     init_loss=2.0, final_loss=1.5, grow_seconds=0, train_seconds=0, curve=[(1, 2.0), (2, 1.8)])
+    labels = plot_compare([row], tmp_path / "c.png", 2)
+    assert labels == ["tli (new)", "held-out loss at init (step 0)", "held-out loss after 2 steps"]
+    assert (tmp_path / "c.png").stat().st_size > 1000
 
 
 def test_compare_checks_every_recipe_before_growing(tmp_path, cli):

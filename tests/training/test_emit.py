@@ -36,6 +36,10 @@ STAGES = """stages:
     precision: float32
 """
 
+# The same stages with those LLaMA-Factory expresses first: a stage after a refused one is refused too.
+_PARTS = STAGES.split("  - name: ")
+STAGES_LF = "  - name: ".join([_PARTS[0], _PARTS[1], _PARTS[4], _PARTS[5], _PARTS[2], _PARTS[3]])
+
 
 def grown(tmp_path, tiny, inject: str, stages: str = STAGES, layers: int = 12, name: str = "grown", cli=None) -> Path:
     base = tiny(layers=layers)
@@ -61,9 +65,9 @@ def axolotl_rule(patterns: list[str], name: str) -> bool:
     return any(re.match(re.sub(r"\.(?!\+)", "\\\\.", p), name) for p in patterns)
 
 
-def emitted(folder: Path, trainer: str) -> dict[str, dict]:
+def emitted(folder: Path, trainer: str, configs: str = "training") -> dict[str, dict]:
     out = {}
-    for path in sorted((folder / "training" / trainer).glob("[0-9][0-9]-*.yaml")):
+    for path in sorted((folder / configs / trainer).glob("[0-9][0-9]-*.yaml")):
         if not path.name.endswith(".merge.yaml"):
             out[path.stem.split("-", 1)[1]] = yaml.safe_load(path.read_text())
     return out
@@ -119,13 +123,47 @@ def test_axolotl_config_keys(tmp_path, tiny):
     epochs: 2
 """)
     first, second = emitted(out, "axolotl").values()
-    assert first["base_model"] == str(out.resolve()) and first["output_dir"] == str(out.resolve()) + "-injected-only-axolotl"
-    assert first["datasets"] == [{"path": str((tmp_path / "data.jsonl").resolve()), "ds_type": "json", "type": "completion", "field": "text"}]
+    # Paths relative to the grown checkpoint's folder: the configs move with it.
+    assert first["base_model"] == "." and first["output_dir"] == "../grown-injected-only-axolotl"
+    assert first["datasets"] == [{"path": "../data.jsonl", "ds_type": "json", "type": "completion", "field": "text"}]
     assert first["lr_scheduler"] == "constant_with_warmup" and first["max_steps"] == 100
-    assert first["gradient_checkpointing_kwargs"] == {"use_reentrant": False} and first["bf16"] is True
+    assert first["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert first["bf16"] == "auto" and first["fp16"] is False  # bfloat16 where the GPU has it, float32 elsewhere
     assert second["base_model"] == first["output_dir"]
     assert second["adapter"] == "qlora" and second["load_in_4bit"] is True and second["num_epochs"] == 2
     assert second["peft_layers_to_transform"] == [4, 9, 14] and second["lora_alpha"] == 16
+
+
+def test_precision_runs_anywhere_and_each_header_says_how_to_turn_it_off(tmp_path, tiny):
+    out = grown(tmp_path, tiny, "inject: {every: 4}", stages="""stages:
+  - name: bf
+    trainable: [injected]
+  - name: half
+    trainable: [injected]
+    precision: float16
+  - name: lora
+    trainable: [all]
+    lora: {r: 4, alpha: 8, targets: [o_proj, down_proj]}
+    precision: float32
+""")
+    ax, lf, trl = (emitted(out, t) for t in ("axolotl", "llamafactory", "trl"))
+    assert (ax["bf"]["bf16"], ax["bf"]["fp16"]) == ("auto", False)
+    assert (ax["half"]["bf16"], ax["half"]["fp16"]) == (False, True)
+    assert (ax["lora"]["bf16"], ax["lora"]["fp16"]) == (False, False)
+    # LLaMA-Factory's bf16 is transformers' boolean (no auto): true, with the way out in the header.
+    assert lf["bf"]["bf16"] is True and lf["bf"]["fp16"] is False and trl["bf"]["training_arguments"]["bf16"] is True
+    # Axolotl's auto-enabled fused LoRA kernels are Triton (CUDA): off, so the config also runs on a CPU.
+    assert {k: ax["lora"][k] for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")} == dict.fromkeys(
+        ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"), False)
+    assert not any("kernel" in k for k in ax["bf"])
+    head = {t: {p.name: p.read_text().split("\n---", 1)[0] for p in (out / "training" / t).glob("0*.yaml")}
+            for t in ("axolotl", "llamafactory", "trl")}
+    header = lambda t, f: "".join(line for line in head[t][f].splitlines() if line.startswith("#"))  # noqa: E731
+    assert "Precision off: bf16: false" in header("axolotl", "01-bf.yaml")
+    assert "Precision off (float32): fp16: false" in header("axolotl", "02-half.yaml")
+    assert "needs a CUDA GPU" in header("axolotl", "03-lora.yaml") and "set them to true" in header("axolotl", "03-lora.yaml")
+    assert "bf16=false" in header("llamafactory", "01-bf.yaml") and "no auto" in header("llamafactory", "01-bf.yaml")
+    assert "precision=float32" in header("trl", "01-bf.yaml")
 
 
 # --- LLaMA-Factory ----------------------------------------------------------------------------------
@@ -145,7 +183,7 @@ def llamafactory_freeze(cfg: dict, names: list[str], num_layers: int) -> set[str
 
 
 def test_llamafactory_expresses_evenly_spaced_injected_layers(tmp_path, tiny):
-    out = grown(tmp_path, tiny, "inject: {every: 4}")  # 15 layers, injected 4, 9, 14 = range(4, 15, 5)
+    out = grown(tmp_path, tiny, "inject: {every: 4}", stages=STAGES_LF)  # 15 layers, injected 4, 9, 14 = range(4, 15, 5)
     plan = load_plan(out)
     configs = emitted(out, "llamafactory")
     cfg = configs["injected-only"]
@@ -154,7 +192,7 @@ def test_llamafactory_expresses_evenly_spaced_injected_layers(tmp_path, tiny):
     assert llamafactory_freeze(cfg, names, 15) == set(plan.stages[0].parameters)
     assert configs["embeddings"]["freeze_trainable_layers"] == -1 and configs["embeddings"]["freeze_extra_modules"] == "embed_tokens"
     assert configs["lora"]["finetuning_type"] == "lora" and configs["lora"]["lora_target"] == "q_proj,o_proj,down_proj"
-    assert (out / "training" / "llamafactory" / "05-lora.merge.yaml").is_file()
+    assert (out / "training" / "llamafactory" / "03-lora.merge.yaml").is_file()
 
 
 def test_llamafactory_refuses_what_it_cannot_express(tmp_path, tiny, cli):
@@ -237,7 +275,7 @@ def test_emit_command(tmp_path, tiny, cli):
     result = cli("emit", recipe, "-o", tmp_path / "cfg", "--format", "axolotl", "--data", data)
     assert result.exit_code == 0, result.stderr
     cfg = yaml.safe_load((tmp_path / "cfg" / "axolotl" / "01-new.yaml").read_text())
-    assert cfg["datasets"][0]["path"] == str(data.resolve()) and cfg["base_model"] == str((tmp_path / "m").resolve())
+    assert cfg["datasets"][0]["path"] == "../d.txt" and cfg["base_model"] == "."  # relative to the checkpoint, m/
     assert not (tmp_path / "cfg" / "trl").exists()
     result = cli("emit", recipe, "-o", tmp_path / "cfg", "--stage", "nw")
     assert result.exit_code == 2 and "--stage nw: no such stage (did you mean 'new'?)" in result.stderr
@@ -259,7 +297,7 @@ def test_recipe_rejects_steps_and_epochs_together(tmp_path, tiny, cli):
 
 def _external_case(tmp_path, tiny):
     data = write_text(tmp_path / "train.txt", 20)
-    out = grown(tmp_path, tiny, "inject: {every: 4}", stages=STAGES.replace("precision: float32", f"precision: float32\n    datasets: [{{path: {data}}}]"))
+    out = grown(tmp_path, tiny, "inject: {every: 4}", stages=STAGES_LF.replace("precision: float32", f"precision: float32\n    datasets: [{{path: {data}}}]"))
     return out, load_plan(out)
 
 
@@ -300,3 +338,74 @@ def test_llamafactory_own_validation_and_freezing(tmp_path, tiny):
         else:
             adapted = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A")}
             assert adapted == {p.removesuffix(".weight") for p in stage.parameters}
+
+
+def test_emit_set_changes_stage_settings_of_a_grown_checkpoint(tmp_path, tiny, cli):
+    out = grown(tmp_path, tiny, "inject: {every: 4}", stages="""stages:
+  - name: one
+    trainable: [injected]
+    epochs: 2
+  - name: two
+    trainable: [all]
+    lora: {r: 4, alpha: 8, targets: [o_proj, down_proj]}
+""")
+    result = cli("emit", out, "-o", tmp_path / "cfg", "--set", "stages[*].precision=float32", "--set", "stages[1].lora.r=16",
+                 "--set", "stages[*].max_steps=7", "--set", "stages[*].epochs=null")
+    assert result.exit_code == 0, result.stderr
+    ax, trl = emitted(tmp_path, "axolotl", "cfg"), emitted(tmp_path, "trl", "cfg")
+    assert [(c["bf16"], c["fp16"], c["max_steps"]) for c in ax.values()] == [(False, False, 7), (False, False, 7)]
+    assert ax["two"]["lora_r"] == 16 and trl["two"]["lora"]["r"] == 16 and "num_epochs" not in ax["one"]
+    assert not any(t["training_arguments"].get("bf16") for t in trl.values())
+    for bad, why in ((["--set", "inject.every=2"], "only the stages' training settings can change there"),
+                     (["--set", "stages[0].trainable=[all]"], "trainable decides which parameters train"),
+                     (["--set", "stages[1].lora.targets=[q_proj]"], "lora.targets decides which parameters train"),
+                     (["--set", "stages[*].precision=fp8"], "--set stages[*].precision=fp8:1:27: stages[0].precision"),
+                     (["--set", "stages[0].max_steps=3"], "both max_steps (3) and epochs (2) are given")):
+        result = cli("emit", out, "-o", tmp_path / "bad", *bad)
+        assert result.exit_code == 2 and why in result.stderr and "Traceback" not in result.stderr, (bad, result.stderr)
+
+
+def test_every_path_is_relative_to_the_checkpoint_folder(tmp_path, tiny, cli):
+    import json
+
+    (tmp_path / "data").mkdir()
+    data = write_text(tmp_path / "data" / "train.txt", 5)
+    out = grown(tmp_path, tiny, "inject: {every: 4}", stages=STAGES.replace("precision: float32", f"precision: float32\n    datasets: [{{path: {data}}}]"))
+    for trainer in ("axolotl", "llamafactory", "trl"):
+        for path in (out / "training" / trainer).glob("0*.yaml"):
+            text = path.read_text()
+            assert str(tmp_path) not in text, path  # no absolute path, in the values or the comments
+            assert "relative to the grown checkpoint's folder" in text
+        assert str(tmp_path) not in (out / "training" / trainer / "README.txt").read_text()
+    ax, lf, trl = (emitted(out, t) for t in ("axolotl", "llamafactory", "trl"))
+    assert ax["layer-one"]["datasets"][0]["path"] == "../data/train.txt"
+    assert (out / ax["injected-only"]["base_model"] / "config.json").is_file()
+    assert ax["layer-one"]["base_model"] == "../grown-injected-only-axolotl"
+    assert (out / ax["lora"]["output_dir"]).resolve() == (tmp_path / "grown-lora-axolotl").resolve()
+    # LLaMA-Factory joins dataset_info.json's file_name to dataset_dir.
+    cfg = lf["injected-only"]
+    info = json.loads((out / cfg["dataset_dir"] / "dataset_info.json").read_text())
+    assert (out / cfg["dataset_dir"] / info[cfg["dataset"]]["file_name"]).resolve() == data.resolve()
+    assert trl["lora"]["root"] == "../.." and trl["lora"]["model"] == "../grown-embeddings"
+    from tli_recipe.training.train import load_stage_config
+
+    loaded = load_stage_config(out / "training" / "trl" / "05-lora.yaml")
+    assert Path(loaded.model) == (tmp_path / "grown-embeddings").resolve() and loaded.root is None
+    assert Path(loaded.datasets[0].path) == data.resolve() and Path(loaded.plan) == (out / "plan.json").resolve()
+
+
+def test_a_stage_whose_input_no_config_produces_is_refused(tmp_path, tiny, cli):
+    # 10 layers, K = 4: LLaMA-Factory cannot select the injected layers 4 and 9, so stage 1 is refused; stage 2
+    # (all weights) it could express, but it would start from a folder nothing writes.
+    stages = "stages:\n  - name: new\n    trainable: [injected]\n  - name: all\n    trainable: [all]\n"
+    out = grown(tmp_path, tiny, "inject: {every: 4}", layers=10, stages=stages)
+    folder = out / "training" / "llamafactory"
+    assert sorted(p.name for p in folder.iterdir()) == ["01-new.refused.txt", "02-all.refused.txt", "README.txt"]
+    why = (folder / "02-all.refused.txt").read_text()
+    assert "starts from ../grown-new-llamafactory, the output of stage 1 'new', which no LLaMA-Factory config" in why
+    assert "01-new.refused.txt" in why
+    assert set(emitted(out, "axolotl")) == {"new", "all"}  # Axolotl expresses stage 1, so stage 2 is written there
+    # Emitting stage 2 alone still knows that stage 1 is refused.
+    result = cli("emit", out, "--format", "llamafactory", "--stage", "all", "-o", tmp_path / "two")
+    assert result.exit_code == 2 and "no LLaMA-Factory config produces" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "two" / "llamafactory").iterdir()) == ["02-all.refused.txt", "README.txt"]

@@ -25,9 +25,10 @@ def models(tmp_path_factory):
 def test_base_and_tli_output_give_equal_losses(models, cli):
     root, base, grown = models
     held = write_jsonl(root / "held.jsonl", 40)
-    result = cli("eval", base, grown, "--data", held, "--json", "--sequence-length", "64")
+    result = cli("eval", base, grown, "--data", held, "--json", "--sequence-length", "64", "--output", root / "res" / "eval.json")
     assert result.exit_code == 0, result.stderr
     first, second = json.loads(result.stdout)
+    assert json.loads((root / "res" / "eval.json").read_text()) == [first, second]
     assert first["tokens"] == second["tokens"] == first["sequences"] * 63 > 0
     assert second["loss"] == pytest.approx(first["loss"], abs=1e-6)
     assert first["perplexity"] == pytest.approx(math.exp(first["loss"]))

@@ -74,7 +74,7 @@ def test_printed_launch_line_trains_with_two_processes(tmp_path, cli, monkeypatc
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "grown-new"
     metrics = json.loads((out / "training_metrics.json").read_text())
-    assert metrics["global_step"] == 3 and metrics["eval_loss_before"] is not None
+    assert metrics["global_step"] == 3 and metrics["eval_loss_before"] is not None and (out / "README.md").is_file()
     # Two processes of 2 sequences each per step: an epoch takes half the steps one process would.
     assert metrics["epochs"] == pytest.approx(3 / math.ceil(metrics["train_sequences"] / 4))
     # Rank 0 wrote everything once; the other rank wrote nothing (no JSON cut short by a second writer).

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import build_tiny, write_recipe
 from safetensors.torch import load_file
 from tiny_text import add_char_tokenizer, write_text
@@ -55,8 +56,21 @@ def quiet(msg: str) -> None:
 
 
 def test_injected_only_stage_trains_exactly_the_injected_layers(tmp_path, base, data):
+    import os
+    import stat
+
     grown = grow(tmp_path, base, "  - name: injected-only\n    trainable: [injected]\n" + FAST.format(data=data, steps=12, save=100))
-    [out] = train_output(grown, progress=False, log=quiet)
+    umask = os.umask(0o027)
+    try:
+        [out] = train_output(grown, progress=False, log=quiet)
+    finally:
+        os.umask(umask)
+    # The output follows the umask (not mkdtemp's private 0700), as every file in it does.
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()} == {0o640}
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "stage 1 of 1, 'injected-only'" in card
+    assert "12 optimizer steps" in card and f"{grown}" in card and "unchanged" in card
     assert out == tmp_path / "grown-injected-only"
     before, after = tensors(grown), tensors(out)
     trainable = set(json.loads((grown / "plan.json").read_text())["stages"][0]["parameters"])
@@ -117,15 +131,19 @@ def test_interrupted_stage_resumes_to_the_same_final_step(tmp_path, base, data):
     grown = grow(tmp_path, base, "  - name: injected-only\n    trainable: [injected]\n" + FAST.format(data=data, steps=8, save=3))
     [cfg] = stage_configs(grown)
     with pytest.raises(KeyboardInterrupt):
-        train_stage(cfg, progress=False, log=quiet, callbacks=[_Interrupt(5)])
+        train_stage(cfg, progress=False, log=quiet, callbacks=[_Interrupt(7)])
     partial = tmp_path / "grown-injected-only.partial"
-    assert sorted(p.name for p in partial.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert sorted(p.name for p in partial.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     assert not (tmp_path / "grown-injected-only").exists()
+    # What a crash while writing leaves (files of an older version, or a save cut short): half a JSON.
+    for half in (partial / "initial_eval.json", partial / "checkpoint-6" / "trainer_state.json"):
+        half.write_text(half.read_text()[: len(half.read_text()) // 2])
     messages = []
     out = train_stage(cfg, progress=False, log=messages.append)
     assert any("resuming from checkpoint-3" in m for m in messages)
     metrics = json.loads((out / "training_metrics.json").read_text())
-    assert metrics["global_step"] == 8 and metrics["resumed_from"] == "checkpoint-3"
+    assert metrics["global_step"] == 8 and metrics["resumed_from"] == "checkpoint-3"  # checkpoint-6 is incomplete
+    assert metrics["eval_loss_before"] is not None  # the step-0 evaluation, done again
     steps = [int(r["step"]) for r in csv.DictReader((out / "losses.csv").open())]
     assert steps == list(range(9))
     # The same run without the interruption ends on the same step with the same weights.
@@ -164,8 +182,77 @@ def test_train_command_errors(tmp_path, base, data, cli):
 
 def test_train_from_an_emitted_config(tmp_path, base, data, cli):
     grown = grow(tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data=data, steps=3, save=100))
-    config = grown / "training" / "trl" / "01-new.yaml"
-    result = cli("train", "--config", config, "--into", tmp_path / "stages", "--no-progress")
+    # The configs' paths are relative to the checkpoint's folder: they still work once it has moved.
+    moved = tmp_path / "elsewhere" / "grown"
+    moved.parent.mkdir()
+    grown.rename(moved)
+    config = moved / "training" / "trl" / "01-new.yaml"
+    assert "/" not in yaml.safe_load(config.read_text())["model"] and yaml.safe_load(config.read_text())["root"] == "../.."
+    result = cli("train", "--config", config, "--into", tmp_path / "stages", "--no-progress", "--data", data)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(tmp_path / "stages" / "new")
     assert json.loads((tmp_path / "stages" / "new" / "training_metrics.json").read_text())["global_step"] == 3
+
+
+@pytest.mark.slow
+def test_train_flags_change_the_stage_settings(tmp_path, base, data, cli):
+    grown = grow(tmp_path, base, "  - name: new\n    trainable: [injected]\n    epochs: 3\n" + FAST.format(data=data, steps=50, save=100)
+                 .replace("    max_steps: 50\n", ""))
+    result = cli("train", grown, "--report-to", "tensorboard")
+    assert result.exit_code == 2 and "--report-to tensorboard: tensorboard is not installed; pip install tensorboard" in result.stderr
+    result = cli("train", grown, "--set", "inject.every=2")
+    assert result.exit_code == 2 and "only the stages' training settings can change" in result.stderr
+    result = cli("train", grown, "--print-launch", "--max-steps", "2", "--set", "stages[*].batch_size=2")
+    assert "--set 'stages[*].batch_size=2' --max-steps 2" in result.stdout
+    result = cli("train", grown, "--no-progress", "--max-steps", "2", "--learning-rate", "0.003", "--set", "stages[*].batch_size=2")
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "grown-new"
+    metrics = json.loads((out / "training_metrics.json").read_text())
+    args = yaml.safe_load((out / "training_config.yaml").read_text())["training_arguments"]
+    assert metrics["global_step"] == 2 and "num_train_epochs" not in args
+    assert (args["learning_rate"], args["per_device_train_batch_size"], args["max_steps"]) == (0.003, 2, 2)
+
+
+@pytest.mark.slow
+def test_chat_data_trains_and_needs_a_chat_template(tmp_path, base, cli):
+    grown = grow(tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data="x", steps=2, save=100)
+                 .replace("    datasets: [{path: x}]\n", ""))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i} " * 3},
+                                                     {"role": "assistant", "content": f"answer {i} " * 3}]}) + "\n"
+                            for i in range(40)))
+    result = cli("train", grown, "--data", chat, "--no-progress")
+    assert result.exit_code == 2 and "chat.jsonl:1: a chat" in result.stderr and "has none" in result.stderr
+    config = json.loads((grown / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    (grown / "tokenizer_config.json").write_text(json.dumps(config))
+    result = cli("train", grown, "--data", chat, "--no-progress")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "grown-new" / "training_metrics.json").read_text())["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_verify_on_a_trained_stage_says_what_verify_checks(tmp_path, base, data, cli):
+    grown = grow(tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data=data, steps=1, save=100))
+    [out] = train_output(grown, progress=False, log=quiet)
+    result = cli("verify", out)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert "the output of a training stage (tli-recipe train), not of `run`" in result.stderr
+    assert f"`tli-recipe verify {grown}`" in result.stderr and "use_cache" in result.stderr
+
+
+def test_plan_counts_lora_parameters_as_peft_does(tmp_path, base):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tli_recipe.execute.verify import load_plan
+
+    grown = grow(tmp_path, base, "  - name: lora\n    trainable: [{layers: [2, 7]}]\n"
+                                 "    lora: {r: 4, alpha: 8, targets: [q_proj, v_proj, down_proj]}\n")
+    stage = load_plan(grown).stages[0]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(grown), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=list(range(2, 7)),
+        layers_pattern="layers"))
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert stage.trainable_parameters == trainable > 0
+    assert stage.trainable_parameters < sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n) // 10

@@ -30,7 +30,8 @@ DATA_HELP = ("Training text: a plain-text file (one document per line) or JSONL 
               help="Folder for the configs (default: SOURCE/training when SOURCE is a grown checkpoint).")
 @click.option("--model-dir", type=click.Path(file_okay=False),
               help="With a recipe: where the grown checkpoint is or will be (default: the recipe's output).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help=SET_HELP + " On a grown checkpoint: stage settings only, such as 'stages[*].precision=float32'.")
 @reported
 def emit(source: str, formats: tuple[str, ...], stages: tuple[str, ...], data: tuple[str, ...], output: str | None,
          model_dir: str | None, overrides: tuple[str, ...]) -> None:
@@ -45,10 +46,9 @@ def emit(source: str, formats: tuple[str, ...], stages: tuple[str, ...], data: t
     path = Path(source)
     if path.is_dir():
         from tli_recipe.execute.verify import load_plan
+        from tli_recipe.training.settings import override_stages
 
-        if overrides:
-            raise TliError("--set applies to a recipe; SOURCE is a grown checkpoint, whose plan.json is final")
-        plan = load_plan(path)
+        plan = override_stages(load_plan(path), overrides, str(path))
         folder = Path(output) if output else path / "training"
         where = Path(model_dir) if model_dir else path
     else:
@@ -83,9 +83,17 @@ def emit(source: str, formats: tuple[str, ...], stages: tuple[str, ...], data: t
 @click.option("--force", is_flag=True, help="Train a stage again even when its directory is complete.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--print-launch", is_flag=True, help="Print the `accelerate launch` command for all visible GPUs and exit.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Change a stage setting of the plan: stages[N].FIELD=VALUE or stages[*].FIELD=VALUE (YAML value), "
+                   "e.g. 'stages[*].precision=float32'. Repeatable.")
+@click.option("--max-steps", type=click.IntRange(min=1), help="Optimizer steps of every stage (replaces epochs).")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate of every stage.")
+@click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default="none", show_default=True,
+              help="Where the Trainer also logs (tensorboard and wandb must be installed).")
 @reported
 def train(model_dir: str | None, data: tuple[str, ...], stages: tuple[str, ...], config: str | None, into: str | None,
-          device: str, tokenizer: str | None, restart: bool, force: bool, no_progress: bool, print_launch: bool) -> None:
+          device: str, tokenizer: str | None, restart: bool, force: bool, no_progress: bool, print_launch: bool,
+          overrides: tuple[str, ...], max_steps: int | None, learning_rate: float | None, report_to: str) -> None:
     """Train the stages of a grown checkpoint in order (Hugging Face Trainer; peft for LoRA).
 
     Each stage freezes everything it does not name, trains on packed text, merges LoRA
@@ -101,7 +109,16 @@ def train(model_dir: str | None, data: tuple[str, ...], stages: tuple[str, ...],
     argv = ["train", *([model_dir] if model_dir else ["--config", config]), *(x for d in data for x in ("--data", d)),
             *(x for s in stages for x in ("--stage", s)), *(["--into", into] if into else []),
             *(["--tokenizer", tokenizer] if tokenizer else []), *(["--restart"] if restart else []),
-            *(["--force"] if force else []), *(["--no-progress"] if no_progress else [])]
+            *(["--force"] if force else []), *(["--no-progress"] if no_progress else []),
+            *(x for o in overrides for x in ("--set", o)), *(["--max-steps", str(max_steps)] if max_steps else []),
+            *(["--learning-rate", repr(learning_rate)] if learning_rate else []),
+            *(["--report-to", report_to] if report_to != "none" else [])]
+    from tli_recipe.training.settings import flag_overrides
+
+    if config is not None and overrides:
+        raise TliError("--set changes the stage settings of a grown checkpoint (MODEL_DIR); with --config, edit the "
+                       "file (its training_arguments are transformers.TrainingArguments)")
+    trainer.check_report_to(report_to)
     import torch
 
     gpus = torch.cuda.device_count()
@@ -114,7 +131,8 @@ def train(model_dir: str | None, data: tuple[str, ...], stages: tuple[str, ...],
         click.echo(f"note: {gpus} GPUs are visible and this process uses one; for all of them run:\n  "
                    + launch.launch_command(argv, gpus), err=True)
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
-    kwargs = dict(device=device, tokenizer=tokenizer, restart=restart, force=force, progress=not no_progress, log=log)
+    kwargs = dict(device=device, tokenizer=tokenizer, restart=restart, force=force, progress=not no_progress, log=log,
+                  report_to=report_to)
     try:
         if config is not None:
             cfg = trainer.load_stage_config(config)
@@ -124,9 +142,15 @@ def train(model_dir: str | None, data: tuple[str, ...], stages: tuple[str, ...],
                 cfg.datasets = [DataFile(path=str(Path(d).resolve())) for d in data]
             if into:
                 cfg.output_dir = str(Path(into) / cfg.stage)
+            if max_steps:
+                cfg.training_arguments = {k: v for k, v in cfg.training_arguments.items() if k != "num_train_epochs"}
+                cfg.training_arguments["max_steps"] = max_steps
+            if learning_rate:
+                cfg.training_arguments["learning_rate"] = learning_rate
             outputs = [trainer.train_stage(cfg, **kwargs)]
         else:
             outputs = trainer.train_output(model_dir, data=data or None, stages=stages or None,
+                                           overrides=flag_overrides(max_steps, learning_rate) + list(overrides),
                                            into=Path(into) if into else None, **kwargs)
     except KeyboardInterrupt:
         click.echo("interrupted: the last saved checkpoint is kept; run the same command again to resume from it "

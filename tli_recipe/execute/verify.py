@@ -10,6 +10,7 @@ function-preserving.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -189,11 +190,26 @@ def compare_logits(plan: Plan, folder: Path, report: VerifyReport, *, device: st
     report.tokens = ids.numel()
 
 
+def _trained_from(folder: Path) -> str:
+    """`` (PATH)``: the grown checkpoint a trained stage folder names in training_metrics.json, or ''."""
+    try:
+        source = json.loads((folder / "training_metrics.json").read_text()).get("input")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" ({source}: `tli-recipe verify {source}`)" if isinstance(source, str) else ""
+
+
 def verify_output(folder: str | Path, *, atol: float = 1e-5, tensors: bool = True, logits: bool = True,
                   device: str = "cpu") -> VerifyReport:
     folder = Path(folder)
     if not tensors and not logits:
         raise TliError("nothing to verify: --no-tensors and --no-logits together skip every check")
+    if (folder / "training_metrics.json").is_file() or (folder / "training_config.yaml").is_file():
+        grown = _trained_from(folder)
+        raise TliError(f"{folder}: the output of a training stage (tli-recipe train), not of `run`: verify checks what "
+                       "`run` wrote against its plan.json, and training changes the weights (and config.json, e.g. "
+                       f"use_cache) by design. Verify the checkpoint the stages started from{grown}; compare losses "
+                       "with `tli-recipe eval`")
     plan = load_plan(folder)
     report = VerifyReport(function_preserving=plan.function_preserving, atol=atol)
     if tensors:

@@ -89,7 +89,7 @@ class StagePlan(Frozen):
     trainable_groups: list[str] = Field(description="Non-layer groups that train fully (embeddings, head).")
     parameters: list[str] = Field(description="Names of the output tensors that train (for LoRA: the weights that get adapters).")
     lora: Optional[LoraPlan] = None
-    trainable_parameters: int = Field(description="Element count of the parameters above (LoRA adapters not counted).")
+    trainable_parameters: int = Field(description="Elements that train: of the parameters above, or for LoRA of its adapters (r*(in+out) per adapted weight).")
     settings: Stage = Field(description="The recipe's typed stage: datasets, learning rate, precision, LoRA settings...")
 
 

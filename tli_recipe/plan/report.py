@@ -79,7 +79,8 @@ def plan_table(plan: Plan) -> str:
         what = f"LoRA r={s.lora.r} on {', '.join(s.lora.targets)}" if s.lora else "full weights"
         groups = f" + {', '.join(s.trainable_groups)}" if s.trainable_groups else ""
         lines.append(f"stage       {s.name}: {len(s.trainable_layers)} layers{groups}, {what}, "
-                     f"{human_count(s.trainable_parameters)} parameters")
+                     f"{human_count(s.trainable_parameters)} trainable parameters"
+                     + (f" (adapters on {len(s.parameters)} weights)" if s.lora else ""))
     cost = lesa_cost(plan)
     if cost is not None:
         lines.append(f"lesa        {cost.groups} projection types fitted before writing (SVD of up to "

@@ -102,7 +102,14 @@ def resolve_stage(stage: Stage, i: int, layers: list[LayerEntry], by_layer: dict
         problems.add(("stages", i, "trainable"), "selects no parameter of the output model; expected at least one layer")
     return StagePlan(name=stage.name, trainable_layers=sorted(chosen), trainable_groups=sorted(groups),
                      parameters=[op.name for op in trained], lora=lora,
-                     trainable_parameters=sum(numel(op.shape) for op in trained), settings=stage)
+                     trainable_parameters=trainable_count(trained, stage.lora.r if stage.lora else None), settings=stage)
+
+
+def trainable_count(trained: list[TensorOp], lora_r: Optional[int]) -> int:
+    """Elements that train: the tensors themselves, or with LoRA r*(in + out) per adapted [out, in] weight (A and B)."""
+    if lora_r is None:
+        return sum(numel(op.shape) for op in trained)
+    return sum(lora_r * (op.shape[0] + op.shape[1]) for op in trained if len(op.shape) == 2)
 
 
 def _unmoved(earlier: list[StagePlan], chosen: set[int], targets: set[str], by_layer: dict[Optional[int], list[TensorOp]],

@@ -7,6 +7,7 @@ No torch, no transformers: this module is on the fast path of ``validate`` and `
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,8 +150,62 @@ def _split_path(text: str) -> list[str | int]:
     return parts
 
 
+def _expand(data: Any, path: list) -> tuple[list[list], str]:
+    """``path`` with each ``*`` replaced by every index of the list it stands for (``stages[*].precision``
+    -> one path per stage), or ``([], why)`` when a ``*`` is not over a list with items."""
+    paths: list[list] = [[]]
+    for depth, part in enumerate(path):
+        if part != "*":
+            paths = [p + [part] for p in paths]
+            continue
+        grown: list[list] = []
+        for prefix in paths:
+            target: Any = data
+            for step in prefix:
+                target = target.get(step) if isinstance(target, dict) else (
+                    target[step] if isinstance(target, list) and isinstance(step, int) and step < len(target) else None)
+            if not isinstance(target, list) or not target:
+                shown = "".join(f"[{s}]" if isinstance(s, int) else (f".{s}" if i else s) for i, s in enumerate(prefix))
+                return [], (f"{shown or '(root)'}[*]: no list items to set ("
+                            f"{'an empty list' if isinstance(target, list) else 'not a list'}); expected [*] after a list "
+                            "that has items, such as stages[*]")
+            grown += [prefix + [i] for i in range(len(target))]
+        paths = grown
+    return paths, ""
+
+
+def _set(data: dict, path: list, value: Any) -> tuple[bool, tuple, str]:
+    """Set ``value`` at ``path`` (creating mappings and appending list items as needed); (ok, where, why)."""
+    target: Any = data
+    for depth, part in enumerate(path[:-1]):
+        nxt = path[depth + 1]
+        if isinstance(target, dict) and isinstance(part, str):
+            target = target.setdefault(part, [] if isinstance(nxt, int) else {})
+        elif isinstance(target, list) and isinstance(part, int) and part < len(target):
+            target = target[part]
+        elif isinstance(target, list) and part == len(target):  # slices[N].x with N = len: a new item
+            target.append([] if isinstance(nxt, int) else {})
+            target = target[-1]
+        else:
+            return False, tuple(path[: depth + 1]), "cannot descend here; expected an existing key or list index"
+    last = path[-1]
+    if isinstance(target, dict) and isinstance(last, str):
+        target[last] = value
+    elif isinstance(target, list) and isinstance(last, int) and last <= len(target):
+        if last == len(target):
+            target.append(value)
+        else:
+            target[last] = value
+    else:
+        return False, tuple(path), "cannot set this path; expected a key of a mapping or a list index"
+    return True, (), ""
+
+
 def apply_overrides(data: dict, marks: Marks, overrides: Iterable[str]) -> dict:
-    """Apply ``key.path=value`` overrides (values parsed as YAML) and mark them as ``--set``."""
+    """Apply ``key.path=value`` overrides (values parsed as YAML) and mark them as ``--set``.
+
+    ``[*]`` stands for every item of a list: ``stages[*].precision=float32`` sets each stage's precision.
+    """
     problems: list[Problem] = []
     for item in overrides:
         where = f"--set {item}"
@@ -168,42 +223,22 @@ def apply_overrides(data: dict, marks: Marks, overrides: Iterable[str]) -> dict:
         except ValueError as exc:
             problems.append(Problem((), f"cannot parse the override ({exc}); expected key.path=value", where, 1, 1))
             continue
-        target: Any = data
-        ok = True
-        for depth, part in enumerate(path[:-1]):
-            nxt = path[depth + 1]
-            if isinstance(target, dict) and isinstance(part, str):
-                target = target.setdefault(part, [] if isinstance(nxt, int) else {})
-            elif isinstance(target, list) and isinstance(part, int) and part < len(target):
-                target = target[part]
-            elif isinstance(target, list) and part == len(target):  # slices[N].x with N = len: a new item
-                target.append([] if isinstance(nxt, int) else {})
-                target = target[-1]
-            else:
-                problems.append(Problem(tuple(path[: depth + 1]), "cannot descend here; expected an existing key or list index", where, 1, 1))
-                ok = False
+        paths, why = _expand(data, path)
+        if why:
+            problems.append(Problem(tuple(p for p in path if p != "*"), why, where, 1, 1))
+            continue
+        for concrete in paths:
+            ok, at, why = _set(data, concrete, copy.deepcopy(value))
+            if not ok:
+                problems.append(Problem(at, why, where, 1, 1))
                 break
-        if not ok:
-            continue
-        last = path[-1]
-        if isinstance(target, dict) and isinstance(last, str):
-            target[last] = value
-        elif isinstance(target, list) and isinstance(last, int) and last <= len(target):
-            if last == len(target):
-                target.append(value)
-            else:
-                target[last] = value
-        else:
-            problems.append(Problem(tuple(path), "cannot set this path; expected a key of a mapping or a list index", where, 1, 1))
-            continue
-        # Every position under the overridden path now comes from the command line.
-        tup = tuple(path)
-        for table in (marks.values, marks.keys):
-            for p in [p for p in table if p[: len(tup)] == tup]:
-                del table[p]
-        col = len("--set ") + len(key) + 2
-        marks.values[tup] = (where, 1, col)
-        marks.keys[tup] = (where, 1, len("--set ") + 1)
+            # Every position under the overridden path now comes from the command line.
+            tup = tuple(concrete)
+            for table in (marks.values, marks.keys):
+                for p in [p for p in table if p[: len(tup)] == tup]:
+                    del table[p]
+            marks.values[tup] = (where, 1, len("--set ") + len(key) + 2)
+            marks.keys[tup] = (where, 1, len("--set ") + 1)
     if problems:
         raise RecipeError(problems)
     return data

@@ -12,7 +12,7 @@ from typing import Iterable
 
 from tli_recipe.errors import TliError
 from tli_recipe.plan.model import Plan
-from tli_recipe.training.fields import Key, is_bf16, is_fp16, mapped, reentrancy
+from tli_recipe.training.fields import Key, is_fp16, mapped, reentrancy
 from tli_recipe.training.stages import (
     StageFiles,
     StageSpec,
@@ -26,12 +26,18 @@ from tli_recipe.training.stages import (
     tensor_names,
 )
 
+#: Axolotl turns on its fused LoRA kernels (Triton, CUDA only) unless one of these is set; False keeps a LoRA
+#: config runnable without a GPU (the header says how to turn them on).
+LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
+
 #: Hyperparameters after the selection, in the order Axolotl configs list them.
 TRAINING_KEYS = (
     Key("learning_rate", "learning_rate"), Key("scheduler", "lr_scheduler"), Key("warmup_steps", "warmup_steps"),
     Key("optimizer", "optimizer"), Key("weight_decay", "weight_decay"), Key("batch_size", "micro_batch_size"),
     Key("gradient_accumulation", "gradient_accumulation_steps"), Key("max_steps", "max_steps"),
-    Key("epochs", "num_epochs"), Key("precision", "bf16", is_bf16), Key("precision", "fp16", is_fp16),
+    Key("epochs", "num_epochs"), Key("precision", "bf16", lambda p: "auto" if p == "bfloat16" else False),
+    # False, not absent: with bf16 auto on a machine without bfloat16, Axolotl would turn fp16 on instead.
+    Key("precision", "fp16", is_fp16),
     Key("gradient_checkpointing", "gradient_checkpointing"),
     Key("gradient_checkpointing", "gradient_checkpointing_kwargs", reentrancy),
     Key("logging_steps", "logging_steps"), Key("save_steps", "save_steps"), Key("save_total_limit", "save_total_limit"),
@@ -96,12 +102,22 @@ class Axolotl(TrainerFormat):
         run = f"axolotl train {target}" + (f" && axolotl merge-lora {target}" if spec.plan.lora else "")
         return StageFiles(self.config(spec), run, {})
 
+    def notes(self, spec: StageSpec) -> list[str]:
+        notes = {"bfloat16": ["Precision: bf16: auto trains in bfloat16 where the GPU has it and in float32 elsewhere (CPU,",
+                              "older GPUs); fp16: false keeps Axolotl from falling back to float16. Precision off: bf16: false."],
+                 "float16": ["Precision: fp16: true needs a CUDA GPU. Precision off (float32): fp16: false."],
+                 "float32": ["Precision: float32 (bf16 and fp16 off). On a GPU with bfloat16: bf16: auto."]}[spec.settings.precision]
+        if spec.plan.lora is not None:
+            notes += ["LoRA kernels: Axolotl's fused LoRA kernels are Triton code that needs a CUDA GPU, so they are off",
+                      f"({', '.join(LORA_KERNELS)}: false); on a CUDA GPU set them to true to train faster."]
+        return notes
+
     def config(self, spec: StageSpec) -> dict:
         plan, s, sp, model_dir = self.ctx.plan, spec.settings, spec.plan, self.ctx.model_dir
         cfg: dict = {
-            "base_model": str(stage_input(model_dir, self.ctx.specs, spec, self.name)),
-            "output_dir": str(stage_dir(model_dir, sp.name, self.name)),
-            "datasets": [{"path": d.path, "ds_type": "json" if is_jsonl(d.path) else "text", "type": "completion",
+            "base_model": self.ctx.rel(stage_input(model_dir, self.ctx.specs, spec, self.name)),
+            "output_dir": self.ctx.rel(stage_dir(model_dir, sp.name, self.name)),
+            "datasets": [{"path": self.ctx.rel(d.path), "ds_type": "json" if is_jsonl(d.path) else "text", "type": "completion",
                           "field": d.text_field} for d in resolve_datasets(spec, self.ctx.data)],
             "sequence_len": s.sequence_length,
             "sample_packing": True,
@@ -125,6 +141,7 @@ class Axolotl(TrainerFormat):
             keys["peft_layers_to_transform"] = list(sp.lora.layers)
         if quantize:
             keys[f"load_in_{quantize}bit"] = True
+        keys.update(dict.fromkeys(LORA_KERNELS, False))
         return keys
 
     def selection(self, spec: StageSpec) -> dict:

@@ -8,6 +8,7 @@ that train, LoRA settings, and the keyword arguments of ``transformers.TrainingA
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -59,6 +60,8 @@ class BuiltinStageConfig(_Strict):
     """One stage of the built-in trainer."""
 
     stage: str
+    root: Optional[str] = Field(default=None, description="The grown checkpoint's folder, relative to this file's folder; "
+                                "the other paths are relative to it (None: absolute, or relative to the working directory).")
     index: int = Field(default=1, ge=1)
     stages: int = Field(default=1, ge=1)
     plan: Optional[str] = Field(default=None, description="The grown checkpoint's plan.json (copied into the stage output).")
@@ -123,12 +126,44 @@ def builtin_config(plan: Plan, specs: list[StageSpec], spec: StageSpec, model_di
         training_arguments=training_arguments(plan, spec))
 
 
+PATH_FIELDS = ("plan", "model", "output_dir")
+
+
+def relative_config(cfg: BuiltinStageConfig, ctx) -> BuiltinStageConfig:
+    """``cfg`` with its paths relative to the grown checkpoint's folder, and ``root`` leading there from the config's folder."""
+    update: dict[str, Any] = {k: ctx.rel(getattr(cfg, k)) for k in PATH_FIELDS if getattr(cfg, k) is not None}
+    update["datasets"] = [d.model_copy(update={"path": ctx.rel(d.path)}) for d in cfg.datasets]
+    update["root"] = os.path.relpath(ctx.model_dir, ctx.shown)
+    return cfg.model_copy(update=update)
+
+
+def absolute_config(cfg: BuiltinStageConfig, folder: Path) -> BuiltinStageConfig:
+    """``cfg`` (read from a file in ``folder``) with every path absolute: relative ones join ``folder/root``."""
+    if cfg.root is None:
+        return cfg
+    base = Path(folder).resolve() / cfg.root
+
+    def absolute(path: str) -> str:
+        return os.path.normpath(base / Path(path).expanduser())
+
+    update: dict[str, Any] = {k: absolute(getattr(cfg, k)) for k in PATH_FIELDS if getattr(cfg, k) is not None}
+    update["datasets"] = [d.model_copy(update={"path": absolute(d.path)}) for d in cfg.datasets]
+    update["root"] = None
+    return cfg.model_copy(update=update)
+
+
 class Builtin(TrainerFormat):
     name = BUILTIN
     title = "tli-recipe (Hugging Face Trainer)"
 
+    def notes(self, spec: StageSpec) -> list[str]:
+        if spec.settings.precision == "float32":
+            return ["Precision: float32 (bf16 and fp16 off)."]
+        return [f"Precision: {spec.settings.precision} autocast (`tli-recipe train` also runs bfloat16 on a CPU; float16 needs "
+                "a GPU). Precision off:", "re-emit or train with --set 'stages[*].precision=float32'."]
+
     def stage(self, spec: StageSpec) -> StageFiles:
         ctx = self.ctx
-        cfg = builtin_config(ctx.plan, ctx.specs, spec, ctx.model_dir, ctx.data)
-        run = f"tli-recipe train {ctx.model_dir} --stage {spec.plan.name}   (or: tli-recipe train --config {self.shown(spec)})"
+        cfg = relative_config(builtin_config(ctx.plan, ctx.specs, spec, ctx.model_dir, ctx.data), ctx)
+        run = f"tli-recipe train . --stage {spec.plan.name}   (or: tli-recipe train --config {self.shown(spec)})"
         return StageFiles(cfg.model_dump(), run, {f"{spec.file_stem}.parameters.txt": "\n".join(spec.plan.parameters) + "\n"})

@@ -109,6 +109,11 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
         # every compared stage starts from the grown model, whatever its position, and sees the same tokens
         cfg = cfg.model_copy(update={"model": str(grown), "sequence_length": sequence_length, "validation_fraction": 0.0,
                                      "training_arguments": arguments})
+        warmup = int(arguments.get("warmup_steps") or 0)
+        if warmup >= steps:
+            log(f"warning: {plan.name}: stage '{cfg.stage}' warms up for {warmup} steps and compare trains {steps}: the "
+                f"learning rate never reaches its peak ({cfg.training_arguments.get('learning_rate')}); use --steps above "
+                f"{warmup} or --set 'stages[*].warmup_steps=...'")
         logger = _loss_logger()
         started = time.perf_counter()
         trained = train_stage(cfg, device=device, force=True, progress=False, log=log, callbacks=[logger])
@@ -171,9 +176,19 @@ def write_outputs(rows: Sequence[CompareRow], folder: Path, steps: int, title: s
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot  # noqa: F401  (present: the plot can be drawn)
     except ImportError:
         return written
+    png = folder / "compare.png"
+    plot_compare(rows, png, steps, title)
+    return written + [png]
+
+
+def plot_compare(rows: Sequence[CompareRow], png: Path, steps: int, title: str = "") -> list[str]:
+    """The loss curves with the held-out losses as markers; returns the legend's labels."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
         if r.curve:
@@ -188,9 +203,11 @@ def write_outputs(rows: Sequence[CompareRow], folder: Path, steps: int, title: s
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (moving average); dots: held-out loss")
     ax.set_title(title or "growth methods at the same token budget")
-    ax.legend(fontsize=8)
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], color="gray", marker="o", linestyle="", label="held-out loss at init (step 0)"),
+                Line2D([], [], color="gray", marker="s", linestyle="", label=f"held-out loss after {steps} steps")]
+    legend = ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
-    png = folder / "compare.png"
     fig.savefig(png, dpi=110)
     plt.close(fig)
-    return written + [png]
+    return [t.get_text() for t in legend.get_texts()]

@@ -30,6 +30,7 @@ from tli_recipe.training.stages import (  # noqa: F401  (re-exported: the names 
     resolve_datasets,
     select_stages,
     stage_dir,
+    stage_input,
     stage_specs,
 )
 
@@ -44,14 +45,30 @@ def ranges(values: list[int]) -> str:
     return ranges(values)
 
 
-def _header(plan: Plan, spec: StageSpec, trainer: str, run: str) -> str:
+def _header(plan: Plan, spec: StageSpec, trainer: str, run: str, notes: Sequence[str] = ()) -> str:
     sp = spec.plan
     what = (f"LoRA r={sp.lora.r} on {', '.join(sp.lora.targets)} of output layers {ranges(sp.lora.layers)}"
             if sp.lora else f"full weights of {len(sp.parameters)} tensors (output layers {ranges(sp.trainable_layers)}"
             + (f" + {', '.join(sp.trainable_groups)}" if sp.trainable_groups else "") + ")")
     return (f"# {trainer} config for stage {spec.index} '{sp.name}' of {plan.name}, written by tli-recipe {__version__}\n"
             f"# from plan.json (recipe sha256 {plan.recipe_sha256[:12]}): trains {what}.\n"
-            f"# Run: {run}\n")
+            "# Every path here is relative to the grown checkpoint's folder (the one holding plan.json), so the configs\n"
+            "# move with the checkpoint: run from that folder.\n"
+            f"# Run: {run}\n" + "".join(f"# {line}\n" for line in notes))
+
+
+def _stage_files(trainer: TrainerFormat, spec: StageSpec, refused: set[int]):
+    """The trainer's files for ``spec``; a Refusal also when the stage it starts from was refused (no config of
+    this trainer would produce its input)."""
+    files = trainer.stage(spec)  # the stage's own refusal comes first
+    if spec.index - 1 in refused:
+        previous = trainer.ctx.specs[spec.index - 2]
+        source = stage_input(trainer.ctx.model_dir, trainer.ctx.specs, spec, trainer.name)
+        raise Refusal(f"{trainer.name}: stage '{spec.plan.name}': it starts from {trainer.ctx.rel(source)}, the output of "
+                      f"stage {previous.index} '{previous.plan.name}', which no {trainer.title} config produces (stage "
+                      f"{previous.index} is refused, see {previous.file_stem}.refused.txt); so no config is written. "
+                      "Train both stages with another trainer (tli-recipe train expresses every stage)")
+    return files
 
 
 def _write_trainer(trainer: TrainerFormat, chosen: list[StageSpec], out: Path, no_data: list[str],
@@ -60,17 +77,26 @@ def _write_trainer(trainer: TrainerFormat, chosen: list[StageSpec], out: Path, n
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     commands = []
-    for spec in chosen:
+    probe = type(trainer)(trainer.ctx)  # for the stages before a chosen one that are not written
+    refused: set[int] = set()
+    for spec in trainer.ctx.specs[:max(s.index for s in chosen)]:
+        if spec not in chosen:
+            try:
+                _stage_files(probe, spec, refused)
+            except Refusal:
+                refused.add(spec.index)
+            continue
         for suffix in (".yaml", ".refused.txt", ".merge.yaml", ".parameters.txt"):
             (out / f"{spec.file_stem}{suffix}").unlink(missing_ok=True)
         try:
-            files = trainer.stage(spec)
+            files = _stage_files(trainer, spec, refused)
         except Refusal as refusal:
+            refused.add(spec.index)
             refusals.append(refusal)
             (out / f"{spec.file_stem}.refused.txt").write_text(str(refusal) + "\n")
             commands.append(f"# stage {spec.index} '{spec.plan.name}': refused, see {spec.file_stem}.refused.txt")
             continue
-        texts = {f"{spec.file_stem}.yaml": _header(trainer.ctx.plan, spec, trainer.title, files.run) + dump_yaml(files.config),
+        texts = {f"{spec.file_stem}.yaml": _header(trainer.ctx.plan, spec, trainer.title, files.run, trainer.notes(spec)) + dump_yaml(files.config),
                  **files.extra}
         for name, text in texts.items():
             (out / name).write_text(text)
@@ -79,10 +105,11 @@ def _write_trainer(trainer: TrainerFormat, chosen: list[StageSpec], out: Path, n
     for name, text in trainer.folder_files().items():
         (out / name).write_text(text)
         written.append(out / name)
-    model_dir = trainer.ctx.model_dir
     note = (f"\n# Stages {', '.join(no_data)} name no datasets: add `datasets` to the recipe's stage, or re-emit "
-            f"with `tli-recipe emit {model_dir} --data FILE`.\n" if no_data else "")
-    (out / "README.txt").write_text(f"# {trainer.name}: the stages of {trainer.ctx.plan.name}, in order.{note}\n"
+            "with `tli-recipe emit . --data FILE`.\n" if no_data else "")
+    (out / "README.txt").write_text(f"# {trainer.name}: the stages of {trainer.ctx.plan.name}, in order. Run from the grown "
+                                    "checkpoint's folder (the one holding plan.json): the paths in the configs are relative "
+                                    f"to it.{note}\n"
                                     + "\n".join(commands) + "\n")
     return written
 
@@ -98,7 +125,7 @@ def write_training_configs(plan: Plan, folder: Path, model_dir: Path, *, formats
 
     A stage a trainer cannot express gets ``NN-<stage>.refused.txt`` (the reason) instead;
     the refusals are returned, not raised, so that ``run`` always finishes. ``model_dir`` is
-    where the grown checkpoint is (or will be); paths in the configs are absolute.
+    where the grown checkpoint is (or will be); paths in the configs are relative to it.
     """
     specs = stage_specs(plan)
     chosen = select_stages(specs, stages)

@@ -9,6 +9,7 @@ cannot express exactly is refused.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -121,9 +122,19 @@ class LlamaFactory(TrainerFormat):
         run = f"llamafactory-cli train {target}" + (f" && llamafactory-cli export {merge}" if spec.plan.lora else "")
         extra = {}
         if spec.plan.lora:
-            extra[merge.name] = (f"# Merge the LoRA adapter of stage '{spec.plan.name}' into {cfg['output_dir']}/merged\n"
+            extra[Path(merge).name] = (f"# Merge the LoRA adapter of stage '{spec.plan.name}' into {cfg['output_dir']}/merged\n"
+                                 "# (paths relative to the grown checkpoint's folder: run from there)\n"
                                  f"# Run: llamafactory-cli export {merge}\n" + dump_yaml(self.merge_config(spec)))
         return StageFiles(cfg, run, extra)
+
+    def notes(self, spec: StageSpec) -> list[str]:
+        how = ("set bf16: false here, or run `llamafactory-cli train FILE bf16=false` (its command line overrides keys)")
+        return {"bfloat16": ["Precision: bf16: true needs a GPU with bfloat16: LLaMA-Factory takes only true or false here",
+                             "(transformers' TrainingArguments; no auto), and refuses bf16 on a CPU. Precision off (float32):",
+                             how + "."],
+                "float16": ["Precision: fp16: true needs a CUDA GPU. Precision off (float32): set fp16: false, or run",
+                            "`llamafactory-cli train FILE fp16=false`."],
+                "float32": ["Precision: float32 (bf16 and fp16 off). On a GPU with bfloat16: bf16: true."]}[spec.settings.precision]
 
     def folder_files(self) -> dict[str, str]:
         return {"dataset_info.json": json.dumps(self.dataset_info, indent=2) + "\n"} if self.dataset_info else {}
@@ -131,7 +142,10 @@ class LlamaFactory(TrainerFormat):
     def register_datasets(self, spec: StageSpec) -> list[str]:
         """The dataset_info names of the stage's files (a file another stage registered keeps its name)."""
         names = []
-        for key, entry in llamafactory_dataset_info(resolve_datasets(spec, self.ctx.data)).items():
+        # LLaMA-Factory joins file_name to dataset_dir, the folder of dataset_info.json.
+        here = [Dataset(path=os.path.relpath(d.path, self.ctx.shown), text_field=d.text_field)
+                for d in resolve_datasets(spec, self.ctx.data)]
+        for key, entry in llamafactory_dataset_info(here).items():
             same = [k for k, v in self.dataset_info.items() if v == entry]
             if not same:
                 self.dataset_info[key] = entry
@@ -140,12 +154,12 @@ class LlamaFactory(TrainerFormat):
 
     def config(self, spec: StageSpec, dataset_names: list[str]) -> dict:
         s, model_dir, seed = spec.settings, self.ctx.model_dir, self.ctx.plan.seed
-        cfg: dict = {"model_name_or_path": str(stage_input(model_dir, self.ctx.specs, spec, self.name)),
+        cfg: dict = {"model_name_or_path": self.ctx.rel(stage_input(model_dir, self.ctx.specs, spec, self.name)),
                      "stage": "pt", "do_train": True, **self.selection(spec)}
         if dataset_names:
-            cfg.update({"dataset": ",".join(dataset_names), "dataset_dir": str(self.ctx.shown)})
+            cfg.update({"dataset": ",".join(dataset_names), "dataset_dir": self.ctx.rel(self.ctx.shown)})
         cfg.update({"cutoff_len": s.sequence_length, "packing": True,
-                    "output_dir": str(stage_dir(model_dir, spec.plan.name, self.name)),
+                    "output_dir": self.ctx.rel(stage_dir(model_dir, spec.plan.name, self.name)),
                     **mapped(s, seed, CHECKPOINT_KEYS), "plot_loss": True, **mapped(s, seed, TRAINING_KEYS)})
         if s.validation_fraction > 0 and dataset_names:
             validation = mapped(s, seed, VALIDATION_KEYS)
@@ -158,8 +172,8 @@ class LlamaFactory(TrainerFormat):
         """``llamafactory-cli export`` settings that merge a LoRA stage's adapter into ``<output_dir>/merged``."""
         model_dir = self.ctx.model_dir
         out = stage_dir(model_dir, spec.plan.name, self.name)
-        return {"model_name_or_path": str(stage_input(model_dir, self.ctx.specs, spec, self.name)),
-                "adapter_name_or_path": str(out), "finetuning_type": "lora", "export_dir": str(out / "merged"),
+        return {"model_name_or_path": self.ctx.rel(stage_input(model_dir, self.ctx.specs, spec, self.name)),
+                "adapter_name_or_path": self.ctx.rel(out), "finetuning_type": "lora", "export_dir": self.ctx.rel(out / "merged"),
                 "export_size": 5, "export_legacy_format": False}
 
     def selection(self, spec: StageSpec) -> dict:

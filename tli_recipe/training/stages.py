@@ -11,6 +11,7 @@ model directory: ``<model>-<stage>`` (built-in trainer), ``<model>-<stage>-axolo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -152,6 +153,10 @@ class EmitContext:
     data: Optional[Sequence[str | Path]] = None
     shown: Path = Path(".")  # the folder this trainer's configs will be in (commands and dataset_dir name it)
 
+    def rel(self, path: str | Path) -> str:
+        """``path`` relative to the grown checkpoint's folder: what every path in an emitted config is."""
+        return os.path.relpath(Path(path), self.model_dir)
+
 
 @dataclass(frozen=True)
 class StageFiles:
@@ -175,6 +180,10 @@ class TrainerFormat:
     def stage(self, spec: StageSpec) -> StageFiles:
         raise NotImplementedError
 
+    def notes(self, spec: StageSpec) -> list[str]:
+        """Comment lines for the config's header (precision, what needs a GPU)."""
+        return []
+
     def folder_files(self) -> dict[str, str]:
         """Files beside the stage configs once every stage is done (name -> text)."""
         return {}
@@ -187,9 +196,9 @@ class TrainerFormat:
         if problem:
             raise Refusal(f"{self.name}: {problem}")
 
-    def shown(self, spec: StageSpec, suffix: str = ".yaml") -> Path:
-        """Where a stage's file will be (the path commands name)."""
-        return self.ctx.shown / f"{spec.file_stem}{suffix}"
+    def shown(self, spec: StageSpec, suffix: str = ".yaml") -> str:
+        """Where a stage's file will be, relative to the grown checkpoint's folder (the path commands name)."""
+        return self.ctx.rel(self.ctx.shown / f"{spec.file_stem}{suffix}")
 
 
 def dump_yaml(data: dict) -> str:

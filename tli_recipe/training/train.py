@@ -20,28 +20,33 @@ the Trainer does the distribution, and only the main process (rank 0) writes fil
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import yaml
 from pydantic import ValidationError
 
-from tli_recipe._version import __version__
 from tli_recipe.errors import TliError
-from tli_recipe.training.builtin import BuiltinStageConfig, builtin_config
+from tli_recipe.training.builtin import (
+    BuiltinStageConfig,
+    absolute_config,
+    builtin_config,
+)
 from tli_recipe.training.data import pack, split_validation, tokenize
+from tli_recipe.training.finish import (
+    COMPLETE,
+    finish_stage,
+    last_checkpoint,
+    read_json,
+    write_atomic,
+    write_json,
+)
 from tli_recipe.training.launch import is_main_process
 from tli_recipe.training.loading import load_model, load_tokenizer
-from tli_recipe.training.losses import loss_rows, plot_losses, write_losses
 from tli_recipe.training.stages import select_stages, stage_specs
-
-COMPLETE = "training_metrics.json"  # present only in a finished stage directory
 
 
 class TrainError(TliError):
@@ -58,7 +63,7 @@ def load_stage_config(path: str | Path) -> BuiltinStageConfig:
     if not isinstance(raw, dict) or "stage" not in raw or "training_arguments" not in raw:
         raise TrainError(f"{path}: not a tli-recipe stage config; expected a file from `tli-recipe emit --format trl`")
     try:
-        return BuiltinStageConfig.model_validate(raw)
+        return absolute_config(BuiltinStageConfig.model_validate(raw), path.parent)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg'].lower()}" for e in exc.errors()[:5])
         raise TrainError(f"{path}: not a valid stage config ({problems}); expected a file from "
@@ -66,12 +71,15 @@ def load_stage_config(path: str | Path) -> BuiltinStageConfig:
 
 
 def stage_configs(model_dir: str | Path, *, data: Optional[Sequence[str | Path]] = None,
-                  stages: Optional[Sequence[str]] = None, into: Optional[Path] = None) -> list[BuiltinStageConfig]:
-    """The configs of the chosen stages of a grown checkpoint (all of them by default), in order."""
+                  stages: Optional[Sequence[str]] = None, into: Optional[Path] = None,
+                  overrides: Sequence[str] = ()) -> list[BuiltinStageConfig]:
+    """The configs of the chosen stages of a grown checkpoint (all of them by default), in order;
+    ``overrides`` (``stages[*].FIELD=VALUE``) change the stages' settings first."""
     from tli_recipe.execute.verify import load_plan
+    from tli_recipe.training.settings import override_stages
 
     model_dir = Path(model_dir).resolve()
-    plan = load_plan(model_dir)
+    plan = override_stages(load_plan(model_dir), overrides, str(model_dir))
     specs = stage_specs(plan)
     if not specs:
         raise TrainError(f"{model_dir}/plan.json: the recipe defines no stages; add `stages` to the recipe and run it "
@@ -83,9 +91,22 @@ def stage_configs(model_dir: str | Path, *, data: Optional[Sequence[str | Path]]
 
 
 def train_output(model_dir: str | Path, *, data: Optional[Sequence[str | Path]] = None,
-                 stages: Optional[Sequence[str]] = None, into: Optional[Path] = None, **kwargs) -> list[Path]:
+                 stages: Optional[Sequence[str]] = None, into: Optional[Path] = None, overrides: Sequence[str] = (),
+                 **kwargs) -> list[Path]:
     """Train the chosen stages of a grown checkpoint in order; returns the stage directories."""
-    return [train_stage(cfg, **kwargs) for cfg in stage_configs(model_dir, data=data, stages=stages, into=into)]
+    return [train_stage(cfg, **kwargs)
+            for cfg in stage_configs(model_dir, data=data, stages=stages, into=into, overrides=overrides)]
+
+
+def check_report_to(report_to: str) -> None:
+    """``--report-to``: the logger must be installed (the Trainer would fail later, or silently log nothing)."""
+    if report_to == "none":
+        return
+    from transformers.integrations import is_tensorboard_available, is_wandb_available
+
+    if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[report_to]():
+        raise TrainError(f"--report-to {report_to}: {report_to} is not installed; pip install {report_to} "
+                         "(or --report-to none)")
 
 
 def _device(device: str) -> bool:
@@ -192,7 +213,8 @@ def _quantization(cfg: BuiltinStageConfig):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def _arguments(cfg: BuiltinStageConfig, work: Path, on_cpu: bool, progress: bool, validation: bool):
+def _arguments(cfg: BuiltinStageConfig, work: Path, on_cpu: bool, progress: bool, validation: bool,
+               report_to: str = "none"):
     """``TrainingArguments`` of the stage (creating them also sets up the processes under ``accelerate launch``)."""
     from transformers import TrainingArguments
 
@@ -202,6 +224,9 @@ def _arguments(cfg: BuiltinStageConfig, work: Path, on_cpu: bool, progress: bool
                          ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
             if old in args:
                 args[new] = args.pop(old)
+    if report_to != "none":  # not part of the config: changing it does not stop a resume
+        check_report_to(report_to)
+        args["report_to"] = report_to
     if not validation:
         args["eval_strategy"] = "no"
         args.pop("eval_steps", None)
@@ -212,38 +237,28 @@ def _arguments(cfg: BuiltinStageConfig, work: Path, on_cpu: bool, progress: bool
                          f"({str(exc).splitlines()[0][:200]}); fix the stage config or emit it again") from None
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    """A JSON object written by an earlier run, or None (absent, or cut short by a crash)."""
+def _read_yaml(path: Path):
+    """A YAML file an earlier run wrote, or None (absent, or cut short by a crash)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
         return None
-    return data if isinstance(data, dict) else None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write-then-rename, so that a crash never leaves a half-written file for the next run to trip on."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 def _prepare_work(cfg: BuiltinStageConfig, targs, work: Path, restart: bool) -> Optional[str]:
     """The main process sets up the work directory (the others wait); returns the checkpoint to resume from."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     saved = work / "training_config.yaml"
     wanted = cfg.model_dump()
     with targs.main_process_first(local=False, desc="preparing the work directory"):
         if is_main_process():
             if restart and work.exists():
                 shutil.rmtree(work)
-            if saved.is_file() and yaml.safe_load(saved.read_text()) != wanted:
+            if _read_yaml(saved) not in (None, wanted):
                 raise TrainError(f"{work} holds an interrupted run of stage '{cfg.stage}' with a different config; "
                                  "pass --restart to discard it, or rerun with the same settings to resume")
             work.mkdir(parents=True, exist_ok=True)
-            saved.write_text(yaml.safe_dump(wanted, sort_keys=False))
-    return get_last_checkpoint(str(work)) if work.is_dir() else None
+            write_atomic(saved, yaml.safe_dump(wanted, sort_keys=False))
+    return last_checkpoint(work)
 
 
 def _check_start(cfg: BuiltinStageConfig, force: bool, log) -> bool:
@@ -263,7 +278,7 @@ def _check_start(cfg: BuiltinStageConfig, force: bool, log) -> bool:
 
 def train_stage(cfg: BuiltinStageConfig | dict, *, device: str = "auto", tokenizer: Optional[str | Path] = None,
                 restart: bool = False, force: bool = False, progress: bool = True, log: Callable[[str], None] = print,
-                callbacks: Sequence = ()) -> Path:
+                callbacks: Sequence = (), report_to: str = "none") -> Path:
     """Train one stage from its config; returns the finished stage directory."""
     if isinstance(cfg, dict):
         cfg = BuiltinStageConfig.model_validate(cfg)
@@ -283,11 +298,11 @@ def train_stage(cfg: BuiltinStageConfig | dict, *, device: str = "auto", tokeniz
     tok = _load_tokenizer(Path(tokenizer) if tokenizer else source, stage)
     train_blocks, eval_blocks, n_tokens = _data(cfg, tok, log)
     work = out.with_name(out.name + ".partial")
-    targs = _arguments(cfg, work, on_cpu, progress, bool(eval_blocks))
+    targs = _arguments(cfg, work, on_cpu, progress, bool(eval_blocks), report_to)
     last = _prepare_work(cfg, targs, work, restart)
     initial = work / "initial_eval.json"
     # Decided before anyone evaluates: every process must take part in the same evaluations.
-    evaluate_first = bool(eval_blocks) and _read_json(initial) is None
+    evaluate_first = bool(eval_blocks) and read_json(initial) is None
 
     quant = _quantization(cfg)
     model = load_model(source, dtype="auto", quantization_config=quant,
@@ -307,83 +322,12 @@ def train_stage(cfg: BuiltinStageConfig | dict, *, device: str = "auto", tokeniz
             # The step-0 validation loss (the function the stage starts from); train() resets the log history.
             first = trainer.evaluate()
             if trainer.is_world_process_zero():
-                _write_json(initial, first)
+                write_json(initial, first)
         trainer.train(resume_from_checkpoint=last)
         final_eval = trainer.evaluate() if eval_blocks else {}
 
     if trainer.is_world_process_zero():
-        _finish(cfg, trainer, out, work, tok, (trainable, n_tokens, len(train_blocks), len(eval_blocks)),
+        finish_stage(cfg, trainer, out, work, tok, (trainable, n_tokens, len(train_blocks), len(eval_blocks)),
                 final_eval, last, log)
     trainer.accelerator.wait_for_everyone()
     return out
-
-
-def _finish(cfg: BuiltinStageConfig, trainer, out: Path, work: Path, tok, counts: tuple[int, int, int, int],
-            final_eval: dict, resumed: Optional[str], log) -> None:
-    """Write the stage directory next to ``out`` and rename it into place; drop the work directory."""
-    from tli_recipe.execute.output import swap_into_place
-
-    source = Path(cfg.model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        if cfg.lora:
-            adapter = tmp / "adapter"
-            model.save_pretrained(adapter)
-            # Merge into freshly loaded, unquantized weights: exact for LoRA, and the only way for QLoRA.
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(load_model(source, dtype="auto"), adapter).merge_and_unload()
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        plan = Path(cfg.plan) if cfg.plan else source / "plan.json"
-        if plan.is_file():
-            shutil.copyfile(plan, tmp / "plan.json")
-        (tmp / "training_config.yaml").write_text(
-            f"# The config stage '{cfg.stage}' was trained with (tli-recipe {__version__}).\n"
-            + yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-        metrics = _metrics(cfg, trainer, work, tmp, counts, final_eval, resumed)
-        (tmp / COMPLETE).write_text(json.dumps(metrics, indent=2) + "\n")
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
-
-    def loss(value: Optional[float]) -> str:
-        return "None" if value is None else format(value, ".4f")
-
-    held = (f"{loss(metrics['eval_loss_before'])} -> {loss(metrics['eval_loss_after'])}"
-            if metrics["eval_loss_before"] is not None and final_eval else "n/a")
-    log(f"stage '{cfg.stage}': wrote {out} ({metrics['global_step']} steps; training loss "
-        f"{loss(metrics['train_loss_first'])} -> {loss(metrics['train_loss_last'])}; validation loss {held})")
-
-
-def _metrics(cfg: BuiltinStageConfig, trainer, work: Path, tmp: Path, counts: tuple[int, int, int, int],
-             final_eval: dict, resumed: Optional[str]) -> dict:
-    """training_metrics.json; also writes losses.csv and losses.png into ``tmp``."""
-    trainable, n_tokens, n_train, n_eval = counts
-    history = list(trainer.state.log_history)
-    initial = _read_json(work / "initial_eval.json")
-    if initial is not None:
-        history.insert(0, {**initial, "step": 0})
-    rows = loss_rows(history)
-    write_losses(rows, tmp / "losses.csv")
-    plotted = plot_losses(rows, tmp / "losses.png", f"{cfg.stage}: loss")
-    train_losses = [r["loss"] for r in rows if r.get("loss") is not None]
-    eval_losses = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
-    return {
-        "stage": cfg.stage, "input": cfg.model, "tli_recipe_version": __version__,
-        "global_step": trainer.state.global_step, "epochs": trainer.state.epoch,
-        "trainable_parameters": trainable, "lora": cfg.lora.model_dump() if cfg.lora else None,
-        "tokens": n_tokens, "train_sequences": n_train, "validation_sequences": n_eval,
-        "sequence_length": cfg.sequence_length,
-        "train_loss_first": train_losses[0] if train_losses else None,
-        "train_loss_last": train_losses[-1] if train_losses else None,
-        "eval_loss_before": eval_losses[0] if eval_losses else None,
-        "eval_loss_after": final_eval.get("eval_loss"),
-        "eval_perplexity_after": math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
-        "resumed_from": Path(resumed).name if resumed else None,
-        "plot": "losses.png" if plotted else None,
-    }

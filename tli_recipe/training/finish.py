@@ -1,0 +1,161 @@
+"""The end of a stage (rank 0 only): the stage directory written beside its target and renamed into place.
+
+Also the work directory's small files: written atomically (a crash never leaves half a JSON for the
+resumed run to trip on) and read back tolerantly, and the last checkpoint that is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from tli_recipe._version import __version__
+from tli_recipe.files import write_text_atomic
+from tli_recipe.training.builtin import BuiltinStageConfig
+from tli_recipe.training.card import stage_card
+from tli_recipe.training.loading import load_model
+from tli_recipe.training.losses import loss_rows, plot_losses, write_losses
+
+COMPLETE = "training_metrics.json"  # present only in a finished stage directory
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """A JSON object written by an earlier run, or None (absent, or cut short by a crash)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write-then-rename, so that a crash never leaves a half-written file for the next run to trip on."""
+    write_text_atomic(path, text)
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data))
+
+
+def last_checkpoint(work: Path) -> Optional[str]:
+    """The newest ``checkpoint-N`` in ``work`` whose trainer_state.json reads back (a crash while saving
+    leaves a newer one without it, or with half of it), or None."""
+    if not work.is_dir():
+        return None
+    steps = [(int(p.name.split("-")[1]), p) for p in work.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    for _, folder in sorted(steps, reverse=True):
+        if read_json(folder / "trainer_state.json") is not None:
+            return str(folder)
+    return None
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _private_to_umask(folder: Path) -> None:
+    """mkdtemp makes the folder private (0700); the stage output is an ordinary directory."""
+    os.chmod(folder, 0o777 & ~_umask())
+
+
+def _files_to_umask(folder: Path) -> None:
+    """Files some writers create private (safetensors' model.safetensors is 0600) get the umask's modes."""
+    umask = _umask()
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _plan(path: Path):
+    from tli_recipe.plan.model import Plan
+
+    try:
+        return Plan.model_validate_json(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def finish_stage(cfg: BuiltinStageConfig, trainer, out: Path, work: Path, tok, counts: tuple[int, int, int, int],
+            final_eval: dict, resumed: Optional[str], log) -> None:
+    """Write the stage directory next to ``out`` and rename it into place; drop the work directory."""
+    from tli_recipe.execute.output import swap_into_place
+
+    source = Path(cfg.model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _private_to_umask(tmp)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if cfg.lora:
+            adapter = tmp / "adapter"
+            model.save_pretrained(adapter)
+            # Merge into freshly loaded, unquantized weights: exact for LoRA, and the only way for QLoRA.
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(load_model(source, dtype="auto"), adapter).merge_and_unload()
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        plan_file = Path(cfg.plan) if cfg.plan else source / "plan.json"
+        if plan_file.is_file():
+            shutil.copyfile(plan_file, tmp / "plan.json")
+        plan = _plan(plan_file)
+        (tmp / "training_config.yaml").write_text(
+            f"# The config stage '{cfg.stage}' was trained with (tli-recipe {__version__}).\n"
+            + yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        metrics = _metrics(cfg, trainer, work, tmp, counts, final_eval, resumed, plan.name if plan else None)
+        (tmp / "README.md").write_text(stage_card(cfg, metrics, plan))
+        (tmp / COMPLETE).write_text(json.dumps(metrics, indent=2) + "\n")
+        if (work / "runs").is_dir():  # --report-to tensorboard logs there
+            shutil.copytree(work / "runs", tmp / "runs")
+        _files_to_umask(tmp)
+        swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+
+    def loss(value: Optional[float]) -> str:
+        return "None" if value is None else format(value, ".4f")
+
+    held = (f"{loss(metrics['eval_loss_before'])} -> {loss(metrics['eval_loss_after'])}"
+            if metrics["eval_loss_before"] is not None and final_eval else "n/a")
+    log(f"stage '{cfg.stage}': wrote {out} ({metrics['global_step']} steps; training loss "
+        f"{loss(metrics['train_loss_first'])} -> {loss(metrics['train_loss_last'])}; validation loss {held})")
+
+
+def _metrics(cfg: BuiltinStageConfig, trainer, work: Path, tmp: Path, counts: tuple[int, int, int, int],
+             final_eval: dict, resumed: Optional[str], name: Optional[str] = None) -> dict:
+    """training_metrics.json; also writes losses.csv and losses.png into ``tmp``."""
+    trainable, n_tokens, n_train, n_eval = counts
+    history = list(trainer.state.log_history)
+    initial = read_json(work / "initial_eval.json")
+    if initial is not None:
+        history.insert(0, {**initial, "step": 0})
+    rows = loss_rows(history)
+    write_losses(rows, tmp / "losses.csv")
+    plotted = plot_losses(rows, tmp / "losses.png", f"{name}, stage '{cfg.stage}': loss" if name else f"{cfg.stage}: loss")
+    train_losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    eval_losses = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
+    return {
+        "stage": cfg.stage, "input": cfg.model, "tli_recipe_version": __version__,
+        "global_step": trainer.state.global_step, "epochs": trainer.state.epoch,
+        "trainable_parameters": trainable, "lora": cfg.lora.model_dump() if cfg.lora else None,
+        "tokens": n_tokens, "train_sequences": n_train, "validation_sequences": n_eval,
+        "sequence_length": cfg.sequence_length,
+        "train_loss_first": train_losses[0] if train_losses else None,
+        "train_loss_last": train_losses[-1] if train_losses else None,
+        "eval_loss_before": eval_losses[0] if eval_losses else None,
+        "eval_loss_after": final_eval.get("eval_loss"),
+        "eval_perplexity_after": math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
+        "resumed_from": Path(resumed).name if resumed else None,
+        "plot": "losses.png" if plotted else None,
+    }
