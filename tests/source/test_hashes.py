@@ -110,7 +110,8 @@ def test_an_unwritable_cache_costs_a_rehash_not_the_run(tmp_path, settled):
     assert SourceHasher([a], cache=HashCache(blocked / "sha256.json")).start().result() == {a: sha(a)}
 
 
-def test_run_twice_hashes_the_sources_once_and_records_the_same_digests(tmp_path, tiny, cli, settled):
+def test_run_twice_hashes_the_sources_once_and_records_the_same_digests(tmp_path, tiny, cli, settled, monkeypatch):
+    monkeypatch.setenv("TLI_RECIPE_HASH_CACHE", str(tmp_path / "own-cache.json"))  # no digest from other tests
     base = tiny(layers=4)
     recipe = write_recipe(tmp_path, f"base_model: {base}\ninject: {{every: 2}}\n")
     first = cli("run", recipe, "--output", tmp_path / "one", "--no-progress")
