@@ -256,3 +256,12 @@ def test_plan_counts_lora_parameters_as_peft_does(tmp_path, base):
     trainable, _ = model.get_nb_trainable_parameters()
     assert stage.trainable_parameters == trainable > 0
     assert stage.trainable_parameters < sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n) // 10
+
+
+def test_every_progress_bar_names_its_stage_and_phase(tmp_path, base, data, capfd):
+    grown = grow(tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data=data, steps=4, save=100))
+    train_output(grown, progress=True, log=quiet)
+    err = capfd.readouterr().err
+    for label in ("stage 'new': validation before training", "stage 'new': training", "stage 'new': final validation"):
+        assert label in err, label
+    assert err.index("validation before training") < err.index("stage 'new': training") < err.index("final validation")

@@ -312,6 +312,13 @@ def train_stage(cfg: BuiltinStageConfig | dict, *, device: str = "auto", tokeniz
     trainer = Trainer(model=model, args=targs, train_dataset=_Blocks(train_blocks),
                       eval_dataset=_Blocks(eval_blocks) if eval_blocks else None,
                       data_collator=default_data_collator, callbacks=list(callbacks))
+    if progress:
+        from transformers.trainer_callback import ProgressCallback
+
+        from tli_recipe.training.progress import labelled_progress
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(labelled_progress(stage))
     steps = trainer.args.max_steps if trainer.args.max_steps > 0 else None
     log(f"stage '{stage}': {trainable:,} trainable parameters"
         + (f" (LoRA r={cfg.lora.r} on {', '.join(cfg.lora.targets)})" if cfg.lora else "")

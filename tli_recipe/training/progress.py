@@ -1,0 +1,47 @@
+"""Progress bars of a training stage that say what they measure.
+
+The Trainer's own bars are unlabelled, so a long initial evaluation looks like training. Here
+each bar names the stage and the phase: the validation loss before training, training, the
+periodic and the final validation.
+"""
+
+from __future__ import annotations
+
+
+def labelled_progress(stage: str):
+    """A ProgressCallback whose bars read ``stage 'NAME': training`` / ``...: validation before training``."""
+    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_utils import has_length
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency of transformers and of tli-recipe
+        from tqdm import tqdm
+
+    class LabelledProgress(ProgressCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trained = False
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, desc=f"stage '{stage}': training")
+            self.current_step = 0
+
+        def on_train_end(self, args, state, control, **kwargs):
+            super().on_train_end(args, state, control, **kwargs)
+            self.trained = True
+
+        def phase(self) -> str:
+            if self.training_bar is not None:
+                return "validation"
+            return "final validation" if self.trained else "validation before training"
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            if state.is_world_process_zero and has_length(eval_dataloader):
+                if self.prediction_bar is None:
+                    self.prediction_bar = tqdm(total=len(eval_dataloader), leave=self.training_bar is None,
+                                               dynamic_ncols=True, desc=f"stage '{stage}': {self.phase()}")
+                self.prediction_bar.update(1)
+
+    return LabelledProgress()
