@@ -202,3 +202,20 @@ def open_model(ref: str, access: Access = Access()) -> Checkpoint:
         return remote_headers(repo, revision, access)
     return open_checkpoint(download(repo, revision, access))
 
+
+
+def pin_target(ref: str, offline: bool = False, log: Optional[Callable[[str], None]] = None) -> str:
+    """``org/name@commit`` for a hub id whose revision is a branch or tag, resolved on the hub now
+    (the cache's refs/ may be stale); ``ref`` itself for a directory, a commit, or offline."""
+    hub = parse_hub_id(ref)
+    if hub is None or Path(ref).expanduser().exists() or offline or offline_env() or _COMMIT.match(hub[1]):
+        return ref
+    repo, revision = hub
+    _valid_revision(ref, repo, revision)
+    from tli_recipe.source.hubfetch import hub_errors, resolve_commit
+
+    with hub_errors(ref, repo, revision, "resolving"):
+        commit = resolve_commit(repo, revision)[0]
+    if log is not None:
+        log(f"hub: {repo}@{revision} is commit {commit} on {endpoint()}")
+    return f"{repo}@{commit}"

@@ -38,7 +38,7 @@ from tli_recipe.source.provenance import _COMMIT
 #: The first request for a safetensors header; most headers are smaller (huggingface_hub does the same).
 FIRST_RANGE = 100_000
 _RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
-LOGIN = "log in with `hf auth login` or set HF_TOKEN"
+LOGIN = "log in (`hf auth login`, or set HF_TOKEN)"
 
 
 def _transfer_errors() -> tuple[type[BaseException], ...]:
