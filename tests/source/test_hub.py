@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import write_recipe
-from tests.source.fake_hub import FakeHub, serve
+from conftest import write_recipe
+from fake_hub import FakeHub, serve
 
 C1 = "0123456789abcdef0123456789abcdef01234567"
 C2 = "89abcdef0123456789abcdef0123456789abcdef"
