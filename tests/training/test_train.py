@@ -169,3 +169,16 @@ def test_train_from_an_emitted_config(tmp_path, base, data, cli):
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(tmp_path / "stages" / "new")
     assert json.loads((tmp_path / "stages" / "new" / "training_metrics.json").read_text())["global_step"] == 3
+
+
+@pytest.mark.parametrize("missing", [("peft",), ("accelerate",), ("peft", "accelerate")])
+def test_train_without_the_train_extra_says_how_to_install_it(tmp_path, cli, monkeypatch, missing):
+    import sys
+
+    for name in missing:
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError, as when not installed
+    result = cli("train", tmp_path)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: training needs the train extra (") and result.stderr.count("\n") == 1
+    assert all(name in result.stderr.split("(")[1] for name in missing)  # peft also fails without accelerate
+    assert result.stderr.endswith("not installed); expected `pip install 'tli-recipe[train]'` (peft, accelerate>=1.1, matplotlib)\n")
