@@ -26,6 +26,13 @@ def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", help="Rewrite golden files (tests/bad_recipes/*.err) from the current output.")
 
 
+@pytest.fixture(autouse=True)
+def _no_hub(monkeypatch):
+    """No test reaches the real hub: a hub id missing from the cache is refused, as with HF_HUB_OFFLINE=1
+    (tests/source/test_hub.py serves its own hub and lifts this)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 @pytest.fixture
 def update_golden(request) -> bool:
     return request.config.getoption("--update-golden")

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from tli_recipe.execute.verify import VerifyReport
     from tli_recipe.plan.model import Plan
     from tli_recipe.recipe.load import LoadedRecipe
+    from tli_recipe.source.hub import Access
 
 __all__ = ["__version__", "load_recipe", "compile_plan", "execute_plan", "verify_output"]
 
@@ -31,11 +32,15 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = (), text: Optional[
     return load(path, overrides, text)
 
 
-def compile_plan(loaded: "LoadedRecipe") -> "Plan":
-    """Compile a loaded recipe against its checkpoints' configs and headers into a Plan."""
+def compile_plan(loaded: "LoadedRecipe", access: "Optional[Access]" = None) -> "Plan":
+    """Compile a loaded recipe against its checkpoints' configs and headers into a Plan.
+
+    ``access`` (tli_recipe.source.hub.Access) says how far a hub id may be fetched: by default
+    only the local Hugging Face cache is read; ``Access("headers")`` fetches config.json, the
+    index and the safetensors headers, ``Access("weights")`` downloads the files."""
     from tli_recipe.plan.compile import compile_plan as compile_
 
-    return compile_(loaded)
+    return compile_(loaded, access)
 
 
 def execute_plan(plan: "Plan", output: Optional[str | Path] = None, *, training_configs: bool = True, **options) -> Path:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import tree_digest, write_recipe
 
 from tli_recipe import compile_plan, load_recipe
+from tli_recipe.source.provenance import source_revision
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER = "fedcba9876543210fedcba9876543210fedcba98"
@@ -206,7 +209,7 @@ def test_local_directory_revision_is_checked(tmp_path, tiny, cli, how):
     assert result.exit_code == 2
     source = ".cache/huggingface/download/config.json.metadata" if how == "download" else "its git HEAD"
     assert result.stderr == (f"{bad}:3:13: base_model.revision: {folder} is at revision {COMMIT} (from {source}), the recipe "
-                             f"pins {OTHER}; expected the pinned revision: download it again (huggingface-cli download ORG/NAME "
+                             f"pins {OTHER}; expected the pinned revision: download it again (hf download ORG/NAME "
                              f"--revision {OTHER} --local-dir DIR), or change the pin\n")
 
 
@@ -408,3 +411,39 @@ def test_hash_sources_reads_the_plan_not_the_recipe(tmp_path, tiny):
     assert str(caught.value).startswith(f"elsewhere.yaml:7:9: base_model.checksums.config.json: {base / 'config.json'} has sha256")
     digests = hash_sources(plan.model_copy(update={"pins": {}}), {str(base): open_checkpoint(base)})
     assert digests[str(base)]["config.json"] == sha(base / "config.json")
+
+
+def _git(*args, cwd):
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_SYSTEM": os.devnull}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_git_worktree_gives_its_revision(tmp_path, tiny):
+    main = tmp_path / "main"
+    shutil.copytree(tiny(layers=4), main)
+    _git("init", "-q", "-b", "main", cwd=main)
+    _git("add", "-A", cwd=main)
+    _git("commit", "-qm", "m", cwd=main)
+    _git("worktree", "add", "-q", "-b", "other", str(tmp_path / "wt"), cwd=main)
+    commit = _git("rev-parse", "HEAD", cwd=tmp_path / "wt")
+    assert (tmp_path / "wt" / ".git").is_file()
+    warnings: list[str] = []
+    assert source_revision(tmp_path / "wt", warnings) == (commit, "its git HEAD (a git worktree)") and not warnings
+    _git("pack-refs", "--all", cwd=main)  # the branch now only in the main .git's packed-refs
+    assert source_revision(tmp_path / "wt")[0] == commit
+
+
+def test_a_git_file_pointing_elsewhere_is_ignored_without_echo(tmp_path, tiny):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny(layers=4), folder)
+    elsewhere = tmp_path / "secret-git"
+    elsewhere.mkdir()
+    (elsewhere / "HEAD").write_text(OTHER + "\n")  # a hex token that is no revision of this folder
+    (elsewhere / "commondir").write_text(".\n")
+    for text in (f"gitdir: {elsewhere}\n", f"{OTHER}\n"):
+        (folder / ".git").write_text(text)
+        warnings: list[str] = []
+        assert source_revision(folder, warnings) is None
+        assert len(warnings) == 1 and OTHER not in warnings[0] and str(elsewhere) not in warnings[0]

@@ -265,3 +265,15 @@ def test_every_progress_bar_names_its_stage_and_phase(tmp_path, base, data, capf
     for label in ("stage 'new': validation before training", "stage 'new': training", "stage 'new': final validation"):
         assert label in err, label
     assert err.index("validation before training") < err.index("stage 'new': training") < err.index("final validation")
+
+@pytest.mark.parametrize("missing", [("peft",), ("accelerate",), ("peft", "accelerate")])
+def test_train_without_the_train_extra_says_how_to_install_it(tmp_path, cli, monkeypatch, missing):
+    import sys
+
+    for name in missing:
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError, as when not installed
+    result = cli("train", tmp_path)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: training needs the train extra (") and result.stderr.count("\n") == 1
+    assert all(name in result.stderr.split("(")[1] for name in missing)  # peft also fails without accelerate
+    assert result.stderr.endswith("not installed); expected `pip install 'tli-recipe[train]'` (peft, accelerate>=1.1, matplotlib)\n")

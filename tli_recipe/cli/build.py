@@ -38,7 +38,10 @@ def validate(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
 @reported
 def plan(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
-    """Compile a recipe against its base model's config and headers; print the layer map and totals."""
+    """Compile a recipe against its base model's config and headers; print the layer map and totals.
+
+    A hub id not in the local Hugging Face cache: config.json and the index are fetched and the
+    safetensors headers read by range requests; the weights are not downloaded."""
     compiled = compile_recipe(recipe, overrides)
     if as_json:
         click.echo(compiled.model_dump_json(indent=2))
@@ -57,11 +60,15 @@ def plan(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--sync", is_flag=True, help="fsync every output file before the final rename (durable against power loss; slower).")
 @click.option("--rehash", is_flag=True, help="Hash every source byte (ignore hub blob names and the digest cache).")
+@click.option("--offline", is_flag=True, help="Never download: a hub id must be in the local Hugging Face cache (as HF_HUB_OFFLINE=1).")
 @reported
 def run(recipe: str, overrides: tuple[str, ...], output: str | None, device: str, force: bool, no_progress: bool,
-        sync: bool, rehash: bool) -> None:
-    """Write the grown checkpoint: shards, index, config, tokenizer, recipe, plan.json, model card."""
-    compiled = compile_recipe(recipe, overrides)
+        sync: bool, rehash: bool, offline: bool) -> None:
+    """Write the grown checkpoint: shards, index, config, tokenizer, recipe, plan.json, model card.
+
+    A hub id not in the local Hugging Face cache is downloaded first (config, safetensors, tokenizer
+    and generation files only), unless --offline."""
+    compiled = compile_recipe(recipe, overrides, fetch="weights", offline=offline, progress=not no_progress)
     for warning in compiled.warnings:
         click.echo(f"warning: {warning}", err=True)
     from tli_recipe import execute_plan

@@ -44,9 +44,14 @@ def load(recipe: str, overrides: tuple[str, ...]):
     return load_recipe(recipe, overrides)
 
 
-def compile_recipe(recipe: str, overrides: tuple[str, ...]):
+def compile_recipe(recipe: str, overrides: tuple[str, ...], fetch: str = "headers", offline: bool = False,
+                   progress: bool = True):
+    """Load and compile a recipe; a hub id not in the cache is fetched as ``fetch`` says (plan: config, index and
+    headers; run: the files), its progress and what was fetched on stderr."""
     from tli_recipe import compile_plan
+    from tli_recipe.source.hub import Access
 
-    return compile_plan(load(recipe, overrides))
+    access = Access(fetch=fetch, offline=offline, progress=progress, log=lambda msg: click.echo(msg, err=True))
+    return compile_plan(load(recipe, overrides), access)
 
 

@@ -223,15 +223,21 @@ def diff(a: str, b: str, configs: tuple[str, ...]) -> None:
 
 @click.command()
 @click.argument("model")
+@click.option("--offline", is_flag=True, help="Only the local cache: a branch resolves through the cache's refs/, which may be stale.")
 @reported
-def pin(model: str) -> None:
-    """Print a base_model block pinning MODEL (a directory or hub id in the local cache) to its
-    revision and the sha256 of its files, to paste into a recipe; `run` then refuses other files."""
-    from tli_recipe.source.checkpoint import open_checkpoint, resolve_model
+def pin(model: str, offline: bool) -> None:
+    """Print a base_model block pinning MODEL (a directory or a hub id) to its revision and the sha256
+    of its files, to paste into a recipe; `run` then refuses other files. A hub branch or tag is
+    resolved to its commit on the hub, whose files are downloaded unless cached."""
+    from tli_recipe.source.hub import Access, open_model, pin_target
     from tli_recipe.source.provenance import pin_block
 
+    def log(message: str) -> None:
+        click.echo(message, err=True)
+
     warnings: list[str] = []
-    block = pin_block(model, open_checkpoint(resolve_model(model)), warnings)
+    target = pin_target(model, offline, log)
+    block = pin_block(model, open_model(target, Access(fetch="weights", offline=offline, log=log)), warnings)
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(block, nl=False)

@@ -105,6 +105,7 @@ def train(model_dir: str | None, data: tuple[str, ...], stages: tuple[str, ...],
 
     if (model_dir is None) == (config is None):
         raise TliError("give either MODEL_DIR (a directory written by `run`) or --config FILE (from `emit --format trl`)")
+    trainer.require_train_extra()
     # This same command, for `accelerate launch` (each process then takes its own GPU).
     argv = ["train", *([model_dir] if model_dir else ["--config", config]), *(x for d in data for x in ("--data", d)),
             *(x for s in stages for x in ("--stage", s)), *(["--into", into] if into else []),

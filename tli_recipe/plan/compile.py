@@ -44,16 +44,19 @@ from tli_recipe.recipe.load import LoadedRecipe, Marks
 from tli_recipe.recipe.schema import Recipe
 from tli_recipe.source.arch import ArchError, Architecture
 from tli_recipe.source.checkpoint import numel
+from tli_recipe.source.hub import Access
 
 __all__ = ["compile_plan", "judge_preservation", "resolve_sources", "build_layer_map", "assign_tensor_ops",
            "rewrite_config", "resolve_stages"]
 
 
-def compile_plan(loaded: LoadedRecipe) -> Plan:
-    """Compile a validated recipe into a Plan; every problem is reported at its recipe line."""
+def compile_plan(loaded: LoadedRecipe, access: Optional[Access] = None) -> Plan:
+    """Compile a validated recipe into a Plan; every problem is reported at its recipe line.
+
+    ``access`` says how far a hub id may be fetched (default: the local cache only, no request)."""
     recipe: Recipe = loaded.recipe
     problems = Problems(loaded)
-    sources = resolve_sources(recipe, problems)
+    sources = resolve_sources(recipe, problems, access or Access())
     stack_ok = not problems.items  # the steps below need the whole stack
     arch = sources.arch
     # Problems of the init policies and LoRA targets do not stop the steps after them (an

@@ -18,12 +18,8 @@ from tli_recipe.source.arch import (
     evaluate_rule,
     find_architecture,
 )
-from tli_recipe.source.checkpoint import (
-    CODES,
-    Checkpoint,
-    open_checkpoint,
-    resolve_model,
-)
+from tli_recipe.source.checkpoint import CODES, Checkpoint
+from tli_recipe.source.hub import Access, open_model
 from tli_recipe.source.provenance import check_pin, source_revision
 
 #: The most output layers a plan may have, as a multiple of the base model's layer count:
@@ -48,15 +44,16 @@ class Sources:
     where: dict[str, tuple] = field(default_factory=dict)           # source key -> recipe field path
     stack: list[tuple[str, int, Optional[int]]] = field(default_factory=list)  # (source, layer, slice index)
     warnings: list[str] = field(default_factory=list)
+    access: Access = field(default_factory=Access)                  # how far a hub id may be fetched
 
     @property
     def base_layers(self) -> int:
         return self.models[self.base].num_layers
 
 
-def _open(ref: str, path: tuple, problems: Problems) -> Optional[Checkpoint]:
+def _open(ref: str, path: tuple, problems: Problems, access: Access) -> Optional[Checkpoint]:
     try:
-        return open_checkpoint(resolve_model(ref))
+        return open_model(ref, access)
     except TliError as exc:
         problems.add(path, str(exc))
         return None
@@ -156,7 +153,7 @@ def add_source(sources: Sources, ref: str, path: tuple, problems: Problems, ckpt
     if ref in sources.models:
         return ref
     arch = sources.arch
-    ckpt = ckpt or _open(ref, path, problems)
+    ckpt = ckpt or _open(ref, path, problems, sources.access)
     if ckpt is None:
         return None
     try:
@@ -192,16 +189,16 @@ def add_source(sources: Sources, ref: str, path: tuple, problems: Problems, ckpt
     return ref
 
 
-def open_base(recipe: Recipe, problems: Problems) -> Sources:
+def open_base(recipe: Recipe, problems: Problems, access: Access = Access()) -> Sources:
     """The base model and its architecture; raises (located at base_model) when either is unusable."""
-    base = _open(recipe.base_model, ("base_model",), problems)
+    base = _open(recipe.base_model, ("base_model",), problems, access)
     problems.raise_if_any()
     try:
         arch = find_architecture(base.config, base.tensors)
     except ArchError as exc:
         problems.add(("base_model",), str(exc))
         problems.raise_if_any()
-    sources = Sources(arch=arch, base=str(recipe.base_model), base_config=base.config)
+    sources = Sources(arch=arch, base=str(recipe.base_model), base_config=base.config, access=access)
     if arch.inferred:
         declared = base.config.get("architectures") or ["?"]
         sources.warnings.append(f"{declared[0]} has no definition; {arch.notes}. Layer tensors of no recognised "
@@ -214,12 +211,12 @@ def open_base(recipe: Recipe, problems: Problems) -> Sources:
     return sources
 
 
-def resolve_sources(recipe: Recipe, problems: Problems) -> Sources:
+def resolve_sources(recipe: Recipe, problems: Problems, access: Access = Access()) -> Sources:
     """Every source checkpoint, checked, and the stack: the slices, or every base layer once.
 
     Problems of the slices are added to ``problems`` (not raised): the caller raises once the
     checks that do not need the stack have run too."""
-    sources = open_base(recipe, problems)
+    sources = open_base(recipe, problems, access)
     if recipe.slices is None:
         sources.stack = [(sources.base, i, None) for i in range(sources.base_layers)]
         return sources

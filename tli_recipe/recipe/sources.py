@@ -30,8 +30,8 @@ def _check_sha256(value: str) -> str:
 class ModelRef(Strict):
     """A source checkpoint, pinned to a revision and/or to the checksums of its files."""
 
-    path: str = Field(min_length=1, description="A local directory, or a hub id (org/name) resolved through the local Hugging Face cache.")
-    revision: Optional[str] = Field(default=None, min_length=1, description="The commit the model must be at: a hub id resolves to this cache snapshot (a branch or tag name resolves through refs/ but moves: plan warns); a local directory is checked against the commit `huggingface-cli download --local-dir` recorded, or its git HEAD.")
+    path: str = Field(min_length=1, description="A local directory, or a hub id (org/name) resolved through the local Hugging Face cache, or downloaded from the hub by `run` when missing.")
+    revision: Optional[str] = Field(default=None, min_length=1, description="The commit the model must be at: a hub id resolves to this cache snapshot (a branch or tag name resolves through refs/ but moves: plan warns); a local directory is checked against the commit `hf download --local-dir` recorded, or its git HEAD.")
     checksums: dict[str, Annotated[str, AfterValidator(_check_sha256)]] = Field(
         default_factory=dict,
         description="Expected sha256 of source files by name, relative to the model directory (config.json, model-00001-of-00004.safetensors...); `run` checks them and refuses a mismatch. `tli-recipe pin MODEL` prints them.",

@@ -61,7 +61,8 @@ def _message(err: dict, model: type[BaseModel]) -> str:
         expected = ctx.get("expected", "")
         choices = [c.strip(" '") for c in expected.replace(" or ", ",").split(",") if c.strip()]
         noun = "LoRA target" if noun == "targets" else noun
-        return f"{shown} is not a valid {noun}{did_you_mean(value, choices)}; expected one of: {', '.join(choices)}"
+        hint = _module_hint(value) if noun == "LoRA target" else ""
+        return f"{shown} is not a valid {noun}{hint or did_you_mean(value, choices)}; expected one of: {', '.join(choices)}"
     msg = err["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
@@ -146,6 +147,19 @@ def _drop_nulls(model: type[BaseModel], data: Any, path: tuple) -> list[tuple]:
     return found
 
 
+#: Module names of the MLP projections in Mixtral's experts (and Meta's LLaMA code): a recipe names the
+#: projections, so these are told apart from typos.
+MODULE_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _module_hint(key: object) -> str:
+    """`` ('w2' is down_proj here: ...)`` for a module name of a projection, else ``""``."""
+    if key not in MODULE_NAMES:
+        return ""
+    return (f" ('{key}' is {MODULE_NAMES[key]} here: recipes name projections, and Mixtral's experts call "
+            "gate_proj, up_proj and down_proj w1, w3 and w2)")
+
+
 def _unknown_key(model: type[BaseModel], path: tuple) -> str:
     """'unknown key' with the allowed names of the model that holds it."""
     owner = _model_at(model, path[:-1])
@@ -154,7 +168,8 @@ def _unknown_key(model: type[BaseModel], path: tuple) -> str:
         return f"unknown key '{key}'"
     names = list(owner.model_fields)
     noun = getattr(owner, "key_noun", "key")
-    return f"unknown {noun} '{key}'{did_you_mean(key, names)}; expected one of: {', '.join(names)}"
+    hint = _module_hint(key) if noun == "projection" else ""
+    return f"unknown {noun} '{key}'{hint or did_you_mean(key, names)}; expected one of: {', '.join(names)}"
 
 
 def _model_at(model: type[BaseModel], path: tuple) -> type[BaseModel] | None:

@@ -12,7 +12,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from tli_recipe.errors import TliError
 
@@ -148,23 +148,34 @@ def read_json(path: Path) -> Any:
     return _parse_json(raw, path, "the file")
 
 
+def header_length(path: Path | str, first: bytes, size: int) -> int:
+    """The header length the first 8 bytes of a safetensors file of ``size`` bytes declare, checked."""
+    if len(first) != 8:
+        raise _fix(path, f"is {size} bytes, too short to be a safetensors file")
+    (length,) = struct.unpack("<Q", first)
+    if length > MAX_HEADER:
+        raise _fix(path, f"declares a header of {length} bytes (more than {MAX_HEADER // 2**20} MiB); "
+                         "it is not a safetensors file or is corrupt")
+    if 8 + length > size:
+        raise _fix(path, f"declares a header of {length} bytes but the file has only {size - 8} after the "
+                         "length; it is truncated")
+    return length
+
+
+def parse_header(path: Path | str, raw: bytes) -> dict[str, Any]:
+    """The JSON header (an object) from its bytes."""
+    header = _parse_json(raw, path, "the safetensors header")
+    if not isinstance(header, dict):
+        raise _fix(path, f"the safetensors header is {_kind(header)}, not a JSON object of tensors")
+    return header
+
+
 def read_header(path: Path) -> tuple[dict[str, Any], int, int]:
     """The JSON header of a safetensors file (an object), the offset where its data begins, the file size."""
     with _open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise _fix(path, f"is {size} bytes, too short to be a safetensors file")
-        (length,) = struct.unpack("<Q", raw)
-        if length > MAX_HEADER:
-            raise _fix(path, f"declares a header of {length} bytes (more than {MAX_HEADER // 2**20} MiB); "
-                             "it is not a safetensors file or is corrupt")
-        if 8 + length > size:
-            raise _fix(path, f"declares a header of {length} bytes but the file has only {size - 8} after the "
-                             "length; it is truncated")
-        header = _parse_json(f.read(length), path, "the safetensors header")
-    if not isinstance(header, dict):
-        raise _fix(path, f"the safetensors header is {_kind(header)}, not a JSON object of tensors")
+        length = header_length(path, f.read(8), size)
+        header = parse_header(path, f.read(length))
     return header, 8 + length, size
 
 
@@ -202,7 +213,12 @@ def _tensor_info(path: Path, name: str, spec: object, data_start: int, size: int
 
 def read_tensors(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Every tensor of one safetensors file, validated (no two share a byte), and its ``__metadata__``."""
-    header, data_start, size = read_header(path)
+    return header_tensors(path, *read_header(path))
+
+
+def header_tensors(path: Path, header: dict[str, Any], data_start: int, size: int
+                   ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The validated tensors and ``__metadata__`` of a header read from ``path`` (a file of ``size`` bytes)."""
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _fix(path, f"the header's __metadata__ is {_kind(metadata)}, not an object of strings"
@@ -244,40 +260,15 @@ class Checkpoint:
         return sorted({Path(t.file) for t in self.tensors.values()})
 
 
-def hub_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface" / "hub"
-
-
 def resolve_model(ref: str) -> Path:
-    """A local directory, or ``org/name[@revision]`` from the local Hugging Face cache.
-
-    Nothing is downloaded: tli-recipe never reaches the network.
-    """
+    """A local directory, or ``org/name[@revision]`` from the local Hugging Face cache (no network:
+    ``tli_recipe.source.hub.open_model`` is the one that may download)."""
     local = Path(ref).expanduser()
     if local.is_dir():
         return local
-    repo, _, revision = ref.partition("@")
-    if repo.count("/") == 1 and not local.exists():
-        cache = hub_cache_dir() / ("models--" + repo.replace("/", "--"))
-        revision = revision or "main"
-        # refs/<revision> is a file anyone can plant and the revision comes from a shared recipe:
-        # only a validated commit or plain name may pick the snapshot (provenance imports this module)
-        from tli_recipe.source.provenance import hub_commit
+    from tli_recipe.source.hub import cached_model  # hub.py imports this module
 
-        commit = hub_commit(cache, revision)
-        snapshot = cache / "snapshots" / commit if commit else None
-        if snapshot is not None and snapshot.is_dir():
-            return snapshot
-        raise CheckpointError(
-            f"'{ref}' is neither a local directory nor a model in the local Hugging Face cache; check the path, "
-            f"or download it (huggingface-cli download {repo}{' --revision ' + revision if revision != 'main' else ''}; "
-            "HF_HUB_CACHE or HF_HOME locate the cache), or point at a local copy (--set base_model=/path/to/model)"
-        )
-    raise CheckpointError(f"'{ref}' is not a directory; expected a model directory with config.json, or a hub id org/name")
+    return cached_model(ref)
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
@@ -323,18 +314,22 @@ def _weight_files(path: Path) -> tuple[Optional[dict[str, str]], list[str]]:
     return None, files
 
 
-def open_checkpoint(path: Path) -> Checkpoint:
+def open_checkpoint(path: Path, read: Callable[[Path], tuple[dict[str, TensorInfo], dict[str, str]]] = read_tensors,
+                    files: Optional[list[str]] = None) -> Checkpoint:
     """Read config.json and every safetensors header of a model directory (no tensor data).
 
     Every header entry is validated here, so later code can trust a TensorInfo: a bad
-    checkpoint is refused before anything is planned or written."""
+    checkpoint is refused before anything is planned or written. ``read`` and ``files`` let
+    the headers come from elsewhere (the hub, by HTTP range requests) for a folder that holds
+    only config.json and the index."""
     config = _read_config(path)
-    weight_map, files = _weight_files(path)
+    weight_map, found_files = _weight_files(path)
+    files = found_files if files is None or weight_map is not None else files
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     for name in files:
         file = path / name
-        found, meta = read_tensors(file)
+        found, meta = read(file)
         metadata.update(meta)
         for tensor, info in found.items():
             if tensor in tensors:

@@ -99,9 +99,11 @@ def _token(path: Path, inside: Path, label: str, warn: list[str], limit: int = _
         return None
 
 
-def _git_head(git: Path, warn: list[str]) -> Optional[str]:
-    """The commit ``.git/HEAD`` names: detached, through a ref file under .git/refs/, or packed-refs."""
+def _git_head(git: Path, warn: list[str], common: Optional[Path] = None) -> Optional[str]:
+    """The commit ``.git/HEAD`` names: detached, through a ref file under .git/refs/, or packed-refs.
+    In a worktree, HEAD is in ``git`` (its own git dir) and the refs in ``common`` (the main .git)."""
     head = _token(git / "HEAD", git, ".git/HEAD", warn)
+    git_refs = common or git
     if head is None:
         return None
     head = head.strip()
@@ -111,13 +113,13 @@ def _git_head(git: Path, warn: list[str]) -> Optional[str]:
     if ref is None or not _REF.match(ref) or not _plain_parts(ref):
         warn.append(f".git/HEAD holds neither a commit nor a ref under .git/refs/; ignored it ({_WHY})")
         return None
-    text = _token(git / ref, git, "the ref file that .git/HEAD names", warn)
+    text = _token(git_refs / ref, git_refs, "the ref file that .git/HEAD names", warn)
     if text is not None:
         if _COMMIT.match(text.strip()):
             return text.strip()
         warn.append(f"the ref file that .git/HEAD names holds no commit; ignored it ({_WHY})")
         return None
-    packed = _token(git / "packed-refs", git, ".git/packed-refs", warn, _PACKED)
+    packed = _token(git_refs / "packed-refs", git_refs, ".git/packed-refs", warn, _PACKED)
     for line in (packed or "").splitlines():
         sha, _, name = line.strip().partition(" ")
         if name == ref:
@@ -129,8 +131,37 @@ def _git_head(git: Path, warn: list[str]) -> Optional[str]:
     return None
 
 
+def _worktree(folder: Path, warn: list[str]) -> Optional[tuple[Path, Path]]:
+    """The git dir and common dir of a git worktree, whose ``.git`` is a file ``gitdir: PATH``.
+
+    PATH leaves the folder by design (``<main>/.git/worktrees/<name>``), so it is followed only
+    when it is a genuine worktree of this folder: its ``gitdir`` file points back at this
+    ``.git``, and its ``commondir`` (the main .git) holds it. Nothing read is echoed."""
+    text = _token(folder / ".git", folder, ".git", warn)
+    line = (text or "").strip()
+    if not line.startswith("gitdir: ") or "\0" in line or "\n" in line:
+        if text is not None:
+            warn.append(f".git is a file that does not say `gitdir: PATH`; ignored it ({_WHY})")
+        return None
+    try:
+        gitdir = (folder / line[len("gitdir: "):]).resolve(strict=True)
+        back = read_small(gitdir / "gitdir", gitdir) if gitdir.is_dir() else None
+        points_back = back is not None and (gitdir / back.strip()).resolve() == (folder / ".git").resolve()
+        common_text = read_small(gitdir / "commondir", gitdir) if points_back else None
+    except (OSError, RuntimeError, _Refused):
+        points_back, common_text = False, None
+    if not points_back or common_text is None:
+        warn.append(f".git names a git directory that is not a worktree of this folder; ignored it ({_WHY})")
+        return None
+    common = (gitdir / common_text.strip()).resolve()
+    if not common.is_dir() or not gitdir.is_relative_to(common):
+        warn.append(f".git names a worktree whose main git directory does not hold it; ignored it ({_WHY})")
+        return None
+    return gitdir, common
+
+
 def _download_metadata(folder: Path, warn: list[str]) -> Optional[tuple[str, str]]:
-    """The commit ``huggingface-cli download --local-dir`` recorded, and the file it is in."""
+    """The commit ``hf download --local-dir`` recorded, and the file it is in."""
     downloads = folder / ".cache" / "huggingface" / "download"
     if not downloads.is_dir():
         return None
@@ -152,7 +183,7 @@ def _download_metadata(folder: Path, warn: list[str]) -> Optional[tuple[str, str
 def source_revision(folder: Path, warnings: Optional[list[str]] = None) -> Optional[tuple[str, str]]:
     """The commit a model directory holds and how it is known, or None.
 
-    A Hugging Face cache snapshot is named by its commit; ``huggingface-cli download
+    A Hugging Face cache snapshot is named by its commit; ``hf download
     --local-dir`` records the commit in ``.cache/huggingface/download/*.metadata``; a git
     clone has its HEAD. Each file that gives no valid commit adds a warning to ``warnings``.
     """
@@ -161,7 +192,11 @@ def source_revision(folder: Path, warnings: Optional[list[str]] = None) -> Optio
     warn: list[str] = []
     found = _download_metadata(folder, warn)
     git = folder / ".git"
-    if found is None and git.is_dir():
+    if found is None and git.is_file() and not git.is_symlink():
+        worktree = _worktree(folder, warn)
+        commit = _git_head(worktree[0], warn, worktree[1]) if worktree else None
+        found = (commit, "its git HEAD (a git worktree)") if commit else None
+    elif found is None and git.is_dir():
         if not git.resolve().is_relative_to(folder.resolve()):
             warn.append(f".git is a link leaving the directory; ignored it ({_WHY})")
         else:
@@ -204,8 +239,8 @@ def check_pin(ref: Any, folder: Path) -> tuple[list[tuple[tuple, str]], list[str
         return [], warnings
     if found is None:
         return [(("revision",), f"cannot tell which revision {folder} holds (not a Hugging Face cache snapshot, no "
-                                "download metadata, no git HEAD); expected a directory written by `huggingface-cli "
-                                "download --revision REV --local-dir DIR` or a git clone, or pin its files with "
+                                "download metadata, no git HEAD); expected a directory written by `hf download "
+                                "ORG/NAME --revision REV --local-dir DIR` or a git clone, or pin its files with "
                                 "checksums instead of a revision")], warnings
     commit, how = found
     if commit == wanted:
@@ -216,7 +251,7 @@ def check_pin(ref: Any, folder: Path) -> tuple[list[tuple[tuple, str]], list[str
     if len(wanted) >= 7 and commit.startswith(wanted):  # an abbreviated commit of a local directory
         return [], warnings
     return [(("revision",), f"{folder} is at revision {commit} (from {how}), the recipe pins {wanted}; expected the "
-                            f"pinned revision: download it again (huggingface-cli download ORG/NAME --revision {wanted} "
+                            f"pinned revision: download it again (hf download ORG/NAME --revision {wanted} "
                             "--local-dir DIR), or change the pin")], warnings
 
 

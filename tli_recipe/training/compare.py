@@ -61,11 +61,13 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
     from tli_recipe.execute.executor import execute_plan
     from tli_recipe.plan.compile import compile_plan
     from tli_recipe.recipe.load import load_recipe
+    from tli_recipe.source.hub import Access
     from tli_recipe.training.evaluate import evaluate_models
     from tli_recipe.training.train import stage_configs, train_stage
 
     # Every recipe and its stage are checked before anything is grown or trained.
-    plans = [compile_plan(load_recipe(recipe, overrides)) for recipe in recipes]
+    # A hub id not in the cache is downloaded (as `run` does); HF_HUB_OFFLINE=1 forbids it.
+    plans = [compile_plan(load_recipe(recipe, overrides), Access(fetch="weights", log=log)) for recipe in recipes]
     for recipe, plan in zip(recipes, plans):
         names = [s.name for s in plan.stages]
         if not names:

@@ -53,6 +53,26 @@ class TrainError(TliError):
     """A stage cannot start or finish; the message says what to do."""
 
 
+#: What the built-in trainer needs beyond the base install: the ``train`` extra.
+TRAIN_EXTRA = ("peft", "accelerate")
+
+
+def require_train_extra() -> None:
+    """Refuse to start, with the install line, when the ``train`` extra is missing (not an ImportError
+    from deep inside transformers' Trainer)."""
+    import importlib
+
+    missing = []
+    for name in TRAIN_EXTRA:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise TrainError(f"training needs the train extra ({' and '.join(missing)} not installed); expected "
+                         "`pip install 'tli-recipe[train]'` (peft, accelerate>=1.1, matplotlib)")
+
+
 def load_stage_config(path: str | Path) -> BuiltinStageConfig:
     """A stage config written by ``tli-recipe emit --format trl`` (comments allowed), validated."""
     path = Path(path)
@@ -280,6 +300,7 @@ def train_stage(cfg: BuiltinStageConfig | dict, *, device: str = "auto", tokeniz
                 restart: bool = False, force: bool = False, progress: bool = True, log: Callable[[str], None] = print,
                 callbacks: Sequence = (), report_to: str = "none") -> Path:
     """Train one stage from its config; returns the finished stage directory."""
+    require_train_extra()
     if isinstance(cfg, dict):
         cfg = BuiltinStageConfig.model_validate(cfg)
     main = is_main_process()

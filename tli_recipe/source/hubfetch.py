@@ -1,0 +1,233 @@
+"""The requests to the hub, with huggingface_hub: a revision's commit, config.json and the index,
+safetensors headers by HTTP range requests, and ``snapshot_download`` of the files a plan reads.
+
+Imported only when a hub id is not (completely) in the cache; every failure of the hub or the
+transfer becomes one CheckpointError line (exit 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+from pathlib import Path
+from typing import Iterator, Optional
+
+from tli_recipe.source.checkpoint import (
+    INDEX_FILE,
+    SIDE_FILES,
+    SINGLE_FILE,
+    Checkpoint,
+    CheckpointError,
+    _read_index,
+    _show,
+    header_length,
+    header_tensors,
+    open_checkpoint,
+    parse_header,
+)
+from tli_recipe.source.hub import (
+    Access,
+    _fix_command,
+    _not_cached,
+    cache_root,
+    endpoint,
+)
+from tli_recipe.source.provenance import _COMMIT
+
+#: The first request for a safetensors header; most headers are smaller (huggingface_hub does the same).
+FIRST_RANGE = 100_000
+_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+LOGIN = "log in (`hf auth login`, or set HF_TOKEN)"
+
+
+def _transfer_errors() -> tuple[type[BaseException], ...]:
+    """Network and transfer failures of whichever HTTP client this huggingface_hub uses."""
+    found: list[type[BaseException]] = [OSError]
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {_show(text[0] if text else '', 160)}" if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def hub_errors(ref: str, repo: str, revision: str, doing: str) -> Iterator[None]:
+    """Turn huggingface_hub's errors into one line naming the model, the hub and the fix."""
+    from huggingface_hub import utils as hf
+
+    hub = endpoint()
+    try:
+        yield
+    except hf.GatedRepoError as exc:
+        raise CheckpointError(f"{repo} is a gated model on {hub} (HTTP {_status(exc)}): accept its conditions at "
+                              f"{hub}/{repo}, then {LOGIN}") from None
+    except hf.RepositoryNotFoundError as exc:
+        raise CheckpointError(f"{repo} was not found on {hub} (HTTP {_status(exc)}); check the id, or if it is private, "
+                              f"{LOGIN} with a token that can read it") from None
+    except hf.RevisionNotFoundError:
+        raise _not_cached(ref, repo, revision, f"; {hub} has no revision '{revision}' of {repo} either (expected a "
+                                               "branch, tag or commit of it)") from None
+    except hf.EntryNotFoundError:
+        raise CheckpointError(f"{repo}@{revision}: a file it lists is missing on {hub} while {doing}; "
+                              "expected a complete safetensors model") from None
+    except hf.HfHubHTTPError as exc:
+        raise CheckpointError(f"{hub} answered HTTP {_status(exc)} while {doing} {repo}; try again later, or "
+                              f"download it with `{_fix_command(repo, revision)}`") from None
+    except _transfer_errors() as exc:
+        if any("Connect" in cls.__name__ for cls in type(exc).__mro__):
+            raise CheckpointError(f"cannot reach {hub} ({_reason(exc)}) while {doing} {repo}; check the network and "
+                                  "HF_ENDPOINT, or use a local copy (--set base_model=/path/to/model)") from None
+        raise CheckpointError(f"{doing} {repo} from {hub} was interrupted ({_reason(exc)}); nothing was written: run "
+                              "the same command again to resume (the cache keeps what arrived)") from None
+
+
+def _status(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    return str(getattr(response, "status_code", "?"))
+
+
+def _api():
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint(), token=_token())
+
+
+def _token() -> Optional[str]:
+    from tli_recipe.source.hub import _token as token
+
+    return token()
+
+
+def resolve_commit(repo: str, revision: str) -> tuple[str, list[str]]:
+    """The commit ``revision`` names on the hub now, and the repository's file names."""
+    info = _api().model_info(repo, revision=revision)
+    commit = getattr(info, "sha", None)
+    if not isinstance(commit, str) or not _COMMIT.match(commit):
+        raise CheckpointError(f"{endpoint()} gave no valid commit for {repo}@{revision}; expected 40 hex characters")
+    return commit, [s.rfilename for s in (getattr(info, "siblings", None) or []) if isinstance(s.rfilename, str)]
+
+
+def _fetch(repo: str, commit: str, name: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo, name, revision=commit, cache_dir=cache_root(), endpoint=endpoint(), token=_token()))
+
+
+def _write_ref(repo: str, revision: str, commit: str) -> None:
+    """``refs/<revision>`` -> commit, as huggingface_hub writes it, so the next run finds the snapshot offline."""
+    if revision == commit:
+        return
+    ref = cache_root() / ("models--" + repo.replace("/", "--")) / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    if not ref.is_file() or ref.read_text() != commit:
+        tmp = ref.with_name(ref.name + ".tli-tmp")
+        tmp.write_text(commit)
+        tmp.replace(ref)
+
+
+def _weights(names: list[str], snapshot: Path) -> list[str]:
+    """The safetensors files a plan reads: the index's shards, else model.safetensors, else every top-level one."""
+    if INDEX_FILE in names:
+        return sorted(set(_read_index(snapshot / INDEX_FILE).values()))
+    if SINGLE_FILE in names:
+        return [SINGLE_FILE]
+    return sorted(n for n in names if n.endswith(".safetensors") and "/" not in n)
+
+
+def _small_files(repo: str, commit: str, names: list[str]) -> Path:
+    """config.json (and the index when the repository has one) in the cache; the snapshot folder."""
+    if "config.json" not in names:
+        raise CheckpointError(f"{repo}@{commit} has no config.json on {endpoint()}; expected a transformers model")
+    snapshot = _fetch(repo, commit, "config.json").parent
+    if INDEX_FILE in names:
+        _fetch(repo, commit, INDEX_FILE)
+    return snapshot
+
+
+class _Headers:
+    """Reads safetensors headers by HTTP range requests (as huggingface_hub's get_safetensors_metadata does)."""
+
+    def __init__(self, repo: str, commit: str) -> None:
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import (
+            build_hf_headers,
+            get_session,
+            hf_raise_for_status,
+        )
+
+        self.repo, self.commit, self.url = repo, commit, hf_hub_url
+        self.session, self.headers, self.check = get_session(), build_hf_headers(token=_token()), hf_raise_for_status
+        self.requests = self.bytes = 0
+
+    def _range(self, name: str, start: int, end: int) -> tuple[bytes, int]:
+        url = self.url(self.repo, name, revision=self.commit, endpoint=endpoint())
+        response = self.session.get(url, headers={**self.headers, "Range": f"bytes={start}-{end}"})
+        self.check(response)
+        found = _RANGE.match(response.headers.get("Content-Range", ""))
+        if response.status_code != 206 or found is None or int(found[1]) != start:
+            raise CheckpointError(f"{endpoint()} did not answer the range request for {self.repo}/{name} "
+                                  f"(HTTP {response.status_code}); download the model with `{_fix_command(self.repo, self.commit)}`")
+        self.requests += 1
+        self.bytes += len(response.content)
+        return response.content, int(found[3])
+
+    def __call__(self, path: Path):
+        first, size = self._range(path.name, 0, FIRST_RANGE - 1)
+        length = header_length(path, first[:8], size)
+        raw = first[8:8 + length] if 8 + length <= len(first) else self._range(path.name, 8, 7 + length)[0]
+        if len(raw) != length:
+            raise CheckpointError(f"{path}: the hub sent {len(raw)} header bytes of {length}; try again")
+        return header_tensors(path, parse_header(path, raw), 8 + length, size)
+
+
+def remote_headers(repo: str, revision: str, access: Access) -> Checkpoint:
+    """config.json and the index into the cache, the safetensors headers by range requests: what ``plan`` needs,
+    without the weights."""
+    ref = f"{repo}@{revision}"
+    with hub_errors(ref, repo, revision, "reading"):
+        commit, names = resolve_commit(repo, revision)
+        snapshot = _small_files(repo, commit, names)
+        _write_ref(repo, revision, commit)
+        reader = _Headers(repo, commit)
+        files = _weights(names, snapshot)
+        ckpt = open_checkpoint(snapshot, read=reader, files=files)
+    small = " and ".join(n for n in ("config.json", INDEX_FILE) if (snapshot / n).is_file())
+    access.say(f"hub: {repo}@{revision} is commit {commit}; fetched {small} into {snapshot} and read "
+               f"{len(files)} safetensors header(s) ({reader.bytes} bytes in {reader.requests} range requests); "
+               f"the weights were not downloaded (`run` downloads them, or `{_fix_command(repo, commit)}`)")
+    return ckpt
+
+
+def _quiet_tqdm():
+    from tqdm.auto import tqdm
+
+    class Quiet(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Quiet
+
+
+def download(repo: str, revision: str, access: Access) -> Path:
+    """The snapshot of ``repo`` at ``revision`` with the files a plan reads (config.json, the index, its
+    shards, tokenizer and generation files), downloaded into the cache; progress on stderr."""
+    from huggingface_hub import snapshot_download
+
+    ref = f"{repo}@{revision}"
+    with hub_errors(ref, repo, revision, "downloading"):
+        commit, names = resolve_commit(repo, revision)
+        snapshot = _small_files(repo, commit, names)
+        wanted = ["config.json", *(n for n in (INDEX_FILE, *SIDE_FILES) if n in names), *_weights(names, snapshot)]
+        access.say(f"hub: downloading {repo}@{revision} (commit {commit}, {len(wanted)} files) from {endpoint()} "
+                   f"into {cache_root()}")
+        path = snapshot_download(repo, revision=commit, cache_dir=cache_root(), endpoint=endpoint(), token=_token(),
+                                 allow_patterns=wanted, tqdm_class=None if access.progress else _quiet_tqdm())
+        _write_ref(repo, revision, commit)
+    return Path(path)
