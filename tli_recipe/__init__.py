@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from tli_recipe.recipe.load import LoadedRecipe
     from tli_recipe.source.hub import Access
 
-__all__ = ["__version__", "load_recipe", "compile_plan", "execute_plan", "verify_output"]
+__all__ = ["__version__", "load_recipe", "compile_plan", "execute_plan", "verify_output", "load_mod_model"]
 
 
 def load_recipe(path: str | Path, overrides: Iterable[str] = (), text: Optional[str] = None) -> "LoadedRecipe":
@@ -68,3 +68,11 @@ def verify_output(folder: str | Path, **options) -> "VerifyReport":
     from tli_recipe.execute.verify import verify_output as verify
 
     return verify(folder, **options)
+
+
+def load_mod_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu"):
+    """The output of a stage with ``objective: mod`` as a transformers model whose forward and
+    ``generate`` use the Mixture-of-Depths ensemble's logits (``trust_remote_code=False``)."""
+    from tli_recipe.training.mod import load
+
+    return load(path, dtype=dtype, device=device)

@@ -49,6 +49,7 @@ EXPECTED = {
     "llama2-7b-k4-llama-pro": ("meta-llama/Llama-2-7b-hf", 32, 40),
     # hand-written (the README's example and the demo)
     "llama3-8b-k4": ("meta-llama/Meta-Llama-3-8B", 32, 40), "smollm2-135m-k4": ("HuggingFaceTB/SmolLM2-135M", 30, 37),
+    "smollm2-135m-k4-mod": ("HuggingFaceTB/SmolLM2-135M", 30, 37),
 }
 
 

@@ -146,7 +146,7 @@ def test_precision_runs_anywhere_and_each_header_says_how_to_turn_it_off(tmp_pat
     lora: {r: 4, alpha: 8, targets: [o_proj, down_proj]}
     precision: float32
 """)
-    ax, lf, trl = (emitted(out, t) for t in ("axolotl", "llamafactory", "trl"))
+    ax, lf, trl = (emitted(out, t) for t in ("axolotl", "llamafactory", "builtin"))
     assert (ax["bf"]["bf16"], ax["bf"]["fp16"]) == ("auto", False)
     assert (ax["half"]["bf16"], ax["half"]["fp16"]) == (False, True)
     assert (ax["lora"]["bf16"], ax["lora"]["fp16"]) == (False, False)
@@ -157,13 +157,13 @@ def test_precision_runs_anywhere_and_each_header_says_how_to_turn_it_off(tmp_pat
         ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"), False)
     assert not any("kernel" in k for k in ax["bf"])
     head = {t: {p.name: p.read_text().split("\n---", 1)[0] for p in (out / "training" / t).glob("0*.yaml")}
-            for t in ("axolotl", "llamafactory", "trl")}
+            for t in ("axolotl", "llamafactory", "builtin")}
     header = lambda t, f: "".join(line for line in head[t][f].splitlines() if line.startswith("#"))  # noqa: E731
     assert "Precision off: bf16: false" in header("axolotl", "01-bf.yaml")
     assert "Precision off (float32): fp16: false" in header("axolotl", "02-half.yaml")
     assert "needs a CUDA GPU" in header("axolotl", "03-lora.yaml") and "set them to true" in header("axolotl", "03-lora.yaml")
     assert "bf16=false" in header("llamafactory", "01-bf.yaml") and "no auto" in header("llamafactory", "01-bf.yaml")
-    assert "precision=float32" in header("trl", "01-bf.yaml")
+    assert "precision=float32" in header("builtin", "01-bf.yaml")
 
 
 # --- LLaMA-Factory ----------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def test_llamafactory_refuses_what_it_cannot_express(tmp_path, tiny, cli):
     assert "no config is written" in result.stderr and not list((tmp_path / "again").rglob("*.yaml"))
     # The other trainers express all of it.
     assert len(emitted(out, "axolotl")) == 3 and (out / "training" / "axolotl" / "04-half-alpha.refused.txt").is_file()
-    assert len(emitted(out, "trl")) == 4
+    assert len(emitted(out, "builtin")) == 4
 
 
 # --- the zero-initialised projections ----------------------------------------------------------------
@@ -236,32 +236,32 @@ def test_lora_leaving_out_zeroed_projections_is_refused_unless_intended(tmp_path
     lora: {r: 4, alpha: 8, targets: [q_proj, v_proj]%s}
 """
     out = grown(tmp_path, tiny, "inject: {every: 4}", stages=stages % "", layers=8)
-    for trainer in ("axolotl", "llamafactory", "trl"):
+    for trainer in ("axolotl", "llamafactory", "builtin"):
         text = (out / "training" / trainer / "01-lora.refused.txt").read_text()
         assert "leave out down_proj, o_proj, which are zero in the injected layers [4, 9]" in text
         assert "allow_frozen_injected: true" in text
-    result = cli("emit", out, "--format", "trl", "-o", tmp_path / "cfg")
+    result = cli("emit", out, "--format", "builtin", "-o", tmp_path / "cfg")
     assert result.exit_code == 2 and "never move" in result.stderr
     result = cli("train", out, "--data", write_text(tmp_path / "t.txt", 10))
     assert result.exit_code == 2 and "never move" in result.stderr and "Traceback" not in result.stderr
     meant = grown(tmp_path, tiny, "inject: {every: 4}", stages=stages % ", allow_frozen_injected: true", layers=8, name="meant")
-    assert not list((meant / "training").rglob("*.refused.txt")) and len(emitted(meant, "trl")) == 1
+    assert not list((meant / "training").rglob("*.refused.txt")) and len(emitted(meant, "builtin")) == 1
     assert not [w for w in load_plan(meant).warnings if "never move" in w]
 
 
 # --- the built-in trainer's config; the command ----------------------------------------------------------
 
-def test_trl_config_is_valid_training_arguments(tmp_path, tiny):
+def test_builtin_config_is_valid_training_arguments(tmp_path, tiny):
     from transformers import TrainingArguments
 
     out = grown(tmp_path, tiny, "inject: {every: 4}")
     plan = load_plan(out)
-    for stage, cfg in zip(plan.stages, emitted(out, "trl").values()):
+    for stage, cfg in zip(plan.stages, emitted(out, "builtin").values()):
         TrainingArguments(output_dir=str(tmp_path / "x"), **cfg["training_arguments"])
         assert cfg["trainable_parameters"] == stage.parameters
-        listed = (out / "training" / "trl" / f"{plan.stages.index(stage) + 1:02d}-{stage.name}.parameters.txt").read_text()
+        listed = (out / "training" / "builtin" / f"{plan.stages.index(stage) + 1:02d}-{stage.name}.parameters.txt").read_text()
         assert listed.split() == stage.parameters
-    lora = emitted(out, "trl")["lora"]["lora"]
+    lora = emitted(out, "builtin")["lora"]["lora"]
     assert lora["targets"] == ["q_proj", "o_proj", "down_proj"] and lora["all_layers"] and lora["layers_pattern"] == "layers"
 
 
@@ -276,11 +276,11 @@ def test_emit_command(tmp_path, tiny, cli):
     assert result.exit_code == 0, result.stderr
     cfg = yaml.safe_load((tmp_path / "cfg" / "axolotl" / "01-new.yaml").read_text())
     assert cfg["datasets"][0]["path"] == "../d.txt" and cfg["base_model"] == "."  # relative to the checkpoint, m/
-    assert not (tmp_path / "cfg" / "trl").exists()
+    assert not (tmp_path / "cfg" / "builtin").exists()
     result = cli("emit", recipe, "-o", tmp_path / "cfg", "--stage", "nw")
     assert result.exit_code == 2 and "--stage nw: no such stage (did you mean 'new'?)" in result.stderr
     assert cli("run", recipe, "--no-progress").exit_code == 0
-    assert (tmp_path / "m" / "training" / "trl" / "01-new.yaml").is_file()
+    assert (tmp_path / "m" / "training" / "builtin" / "01-new.yaml").is_file()
     readme = (tmp_path / "m" / "training" / "axolotl" / "README.txt").read_text()
     assert "axolotl train" in readme and "name no datasets" in readme
 
@@ -352,7 +352,7 @@ def test_emit_set_changes_stage_settings_of_a_grown_checkpoint(tmp_path, tiny, c
     result = cli("emit", out, "-o", tmp_path / "cfg", "--set", "stages[*].precision=float32", "--set", "stages[1].lora.r=16",
                  "--set", "stages[*].max_steps=7", "--set", "stages[*].epochs=null")
     assert result.exit_code == 0, result.stderr
-    ax, trl = emitted(tmp_path, "axolotl", "cfg"), emitted(tmp_path, "trl", "cfg")
+    ax, trl = emitted(tmp_path, "axolotl", "cfg"), emitted(tmp_path, "builtin", "cfg")
     assert [(c["bf16"], c["fp16"], c["max_steps"]) for c in ax.values()] == [(False, False, 7), (False, False, 7)]
     assert ax["two"]["lora_r"] == 16 and trl["two"]["lora"]["r"] == 16 and "num_epochs" not in ax["one"]
     assert not any(t["training_arguments"].get("bf16") for t in trl.values())
@@ -371,13 +371,13 @@ def test_every_path_is_relative_to_the_checkpoint_folder(tmp_path, tiny, cli):
     (tmp_path / "data").mkdir()
     data = write_text(tmp_path / "data" / "train.txt", 5)
     out = grown(tmp_path, tiny, "inject: {every: 4}", stages=STAGES.replace("precision: float32", f"precision: float32\n    datasets: [{{path: {data}}}]"))
-    for trainer in ("axolotl", "llamafactory", "trl"):
+    for trainer in ("axolotl", "llamafactory", "builtin"):
         for path in (out / "training" / trainer).glob("0*.yaml"):
             text = path.read_text()
             assert str(tmp_path) not in text, path  # no absolute path, in the values or the comments
             assert "relative to the grown checkpoint's folder" in text
         assert str(tmp_path) not in (out / "training" / trainer / "README.txt").read_text()
-    ax, lf, trl = (emitted(out, t) for t in ("axolotl", "llamafactory", "trl"))
+    ax, lf, trl = (emitted(out, t) for t in ("axolotl", "llamafactory", "builtin"))
     assert ax["layer-one"]["datasets"][0]["path"] == "../data/train.txt"
     assert (out / ax["injected-only"]["base_model"] / "config.json").is_file()
     assert ax["layer-one"]["base_model"] == "../grown-injected-only-axolotl"
@@ -389,7 +389,7 @@ def test_every_path_is_relative_to_the_checkpoint_folder(tmp_path, tiny, cli):
     assert trl["lora"]["root"] == "../.." and trl["lora"]["model"] == "../grown-embeddings"
     from tli_recipe.training.train import load_stage_config
 
-    loaded = load_stage_config(out / "training" / "trl" / "05-lora.yaml")
+    loaded = load_stage_config(out / "training" / "builtin" / "05-lora.yaml")
     assert Path(loaded.model) == (tmp_path / "grown-embeddings").resolve() and loaded.root is None
     assert Path(loaded.datasets[0].path) == data.resolve() and Path(loaded.plan) == (out / "plan.json").resolve()
 

@@ -68,8 +68,13 @@ def expected_accuracy(model_dir, docs=DOCS) -> tuple[float, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tli_recipe.training import mod
+
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if mod.has_mod_head(model_dir):  # the ensemble's logits, as a MoD output predicts
+        model = mod.load(model_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     hits = [0, 0]
     for context, choices, answer in docs:
         scores = []
@@ -277,3 +282,30 @@ def test_compare_adds_task_accuracy_at_init_and_after(tmp_path, cli):
         [trained] = [p.parent for p in (tmp_path / "cmp" / name / "trained").rglob("config.json")]
         assert float(row["tiny_mc_acc_final"]) == pytest.approx(expected_accuracy(trained)[0])
     assert "tiny_mc acc at init | after 3 steps |" in result.stdout.splitlines()[0]
+
+
+@pytest.mark.slow  # two models through lm-eval
+def test_a_mod_output_is_scored_with_its_ensemble_head(models, tmp_path):
+    """A MoD stage's output (a model folder with mod_head.safetensors) is scored through the head."""
+    import shutil
+
+    import torch
+
+    from tli_recipe.training import mod
+    from tli_recipe.training.lmeval import run_tasks
+    from tli_recipe.training.loading import load_model
+
+    root, base, grown, other = models
+    folder = tmp_path / "mod-output"
+    shutil.copytree(other, folder)
+    model = load_model(folder, dtype=torch.float32)
+    head = mod.new_head(model, [5, 6, 7], "exact")
+    with torch.no_grad():  # a head that changes the prediction a lot: the ensemble of the exits
+        head.gate.fill_(1.0)
+        head.router.weight.normal_(0, 3, generator=torch.Generator().manual_seed(0))
+    mod.save_head(head, folder, 0.1)
+    task = write_task(tmp_path / "task")
+    plain, with_head = run_tasks([other, folder], [str(task)], device="cpu")
+    assert (with_head.acc, with_head.acc_norm) != (plain.acc, plain.acc_norm)  # the head changed the choices
+    assert (with_head.acc, with_head.acc_norm) == pytest.approx(expected_accuracy(folder))
+    assert (plain.acc, plain.acc_norm) == pytest.approx(expected_accuracy(other))

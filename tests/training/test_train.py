@@ -172,7 +172,7 @@ def test_train_command_errors(tmp_path, base, data, cli):
     assert result.exit_code == 2 and "(did you mean 'two'?)" in result.stderr
     result = cli("train", grown, "--stage", "two", "--data", data, "--into", tmp_path / "stages")
     assert result.exit_code == 2
-    result = cli("train", "--config", grown / "training" / "trl" / "02-two.yaml", "--data", data)
+    result = cli("train", "--config", grown / "training" / "builtin" / "02-two.yaml", "--data", data)
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     result = cli("train", grown, "--print-launch", "--data", data)
     assert result.exit_code == 0 and result.stdout.startswith("accelerate launch --num_processes 1 -m tli_recipe train ")
@@ -186,7 +186,7 @@ def test_train_from_an_emitted_config(tmp_path, base, data, cli):
     moved = tmp_path / "elsewhere" / "grown"
     moved.parent.mkdir()
     grown.rename(moved)
-    config = moved / "training" / "trl" / "01-new.yaml"
+    config = moved / "training" / "builtin" / "01-new.yaml"
     assert "/" not in yaml.safe_load(config.read_text())["model"] and yaml.safe_load(config.read_text())["root"] == "../.."
     result = cli("train", "--config", config, "--into", tmp_path / "stages", "--no-progress", "--data", data)
     assert result.exit_code == 0, result.stderr

@@ -75,7 +75,7 @@ def emit(source: str, formats: tuple[str, ...], stages: tuple[str, ...], data: t
 @click.option("--data", multiple=True, type=click.Path(dir_okay=False), help=DATA_HELP)
 @click.option("--stage", "stages", multiple=True, metavar="NAME|all", help="Stage to train (repeatable; default: all, in order).")
 @click.option("--config", "config", type=click.Path(dir_okay=False, exists=True),
-              help="Train one stage from a config written by `emit --format trl` (instead of MODEL_DIR).")
+              help="Train one stage from a config written by `emit --format builtin` (instead of MODEL_DIR).")
 @click.option("--into", type=click.Path(file_okay=False), help="Write stage N to INTO/<stage> (default: MODEL_DIR-<stage>, beside it).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (one process; several GPUs: --print-launch).")
 @click.option("--tokenizer", type=click.Path(file_okay=False, exists=True), help="Tokenizer directory when the checkpoint has none.")
@@ -104,7 +104,7 @@ def train(model_dir: str | None, data: tuple[str, ...], stages: tuple[str, ...],
     from tli_recipe.training import train as trainer
 
     if (model_dir is None) == (config is None):
-        raise TliError("give either MODEL_DIR (a directory written by `run`) or --config FILE (from `emit --format trl`)")
+        raise TliError("give either MODEL_DIR (a directory written by `run`) or --config FILE (from `emit --format builtin`)")
     trainer.require_train_extra()
     # This same command, for `accelerate launch` (each process then takes its own GPU).
     argv = ["train", *([model_dir] if model_dir else ["--config", config]), *(x for d in data for x in ("--data", d)),

@@ -81,6 +81,17 @@ class LoraPlan(Frozen):
     layers: list[int] = Field(description="Output layers that get adapters (peft layers_to_transform).")
 
 
+class ModPlan(Frozen):
+    """objective: mod resolved: which output layers are exits, and the size of the new head."""
+
+    layers: list[int] = Field(description="Output layers whose hidden states are exits, the last layer included.")
+    hidden_size: int
+    head_parameters: int = Field(description="Exit norms (layers x hidden) + router (hidden x layers + layers) + the gate (1).")
+    distill_weight: float
+    init: str
+    learning_rate: float
+
+
 class StagePlan(Frozen):
     """A training stage resolved against the output model."""
 
@@ -89,7 +100,8 @@ class StagePlan(Frozen):
     trainable_groups: list[str] = Field(description="Non-layer groups that train fully (embeddings, head).")
     parameters: list[str] = Field(description="Names of the output tensors that train (for LoRA: the weights that get adapters).")
     lora: Optional[LoraPlan] = None
-    trainable_parameters: int = Field(description="Elements that train: of the parameters above, or for LoRA of its adapters (r*(in+out) per adapted weight).")
+    mod: Optional[ModPlan] = Field(default=None, description="objective: mod: the ensemble head that trains beside the parameters.")
+    trainable_parameters: int = Field(description="Elements that train: of the parameters above, or for LoRA of its adapters (r*(in+out) per adapted weight), plus the MoD head.")
     settings: Stage = Field(description="The recipe's typed stage: datasets, learning rate, precision, LoRA settings...")
 
 

@@ -80,7 +80,9 @@ def plan_table(plan: Plan) -> str:
         groups = f" + {', '.join(s.trainable_groups)}" if s.trainable_groups else ""
         lines.append(f"stage       {s.name}: {len(s.trainable_layers)} layers{groups}, {what}, "
                      f"{human_count(s.trainable_parameters)} trainable parameters"
-                     + (f" (adapters on {len(s.parameters)} weights)" if s.lora else ""))
+                     + (f" (adapters on {len(s.parameters)} weights)" if s.lora else "")
+                     + (f"; objective mod: ensemble of layers {ranges(s.mod.layers)} ({human_count(s.mod.head_parameters)} "
+                        f"head parameters, init {s.mod.init})" if s.mod else ""))
     cost = lesa_cost(plan)
     if cost is not None:
         lines.append(f"lesa        {cost.groups} projection types fitted before writing (SVD of up to "

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from tli_recipe.plan.model import LayerEntry, LoraPlan, StagePlan, TensorOp
+from tli_recipe.plan.model import LayerEntry, LoraPlan, ModPlan, StagePlan, TensorOp
 from tli_recipe.plan.ops import zero_effect
 from tli_recipe.plan.problems import Problems
-from tli_recipe.recipe.schema import LayerSpan, Recipe, Stage
+from tli_recipe.recipe.schema import LayerSpan, Mod, Recipe, Stage
 from tli_recipe.source.arch import Architecture
 from tli_recipe.source.checkpoint import numel
 
@@ -100,9 +100,30 @@ def resolve_stage(stage: Stage, i: int, layers: list[LayerEntry], by_layer: dict
     unknown_targets = stage.lora is not None and any(t not in arch.projections for t in stage.lora.targets)
     if not trained and not unknown_targets:
         problems.add(("stages", i, "trainable"), "selects no parameter of the output model; expected at least one layer")
+    mod = _mod_plan(stage, i, layers, by_layer, arch, problems)
     return StagePlan(name=stage.name, trainable_layers=sorted(chosen), trainable_groups=sorted(groups),
-                     parameters=[op.name for op in trained], lora=lora,
-                     trainable_parameters=trainable_count(trained, stage.lora.r if stage.lora else None), settings=stage)
+                     parameters=[op.name for op in trained], lora=lora, mod=mod,
+                     trainable_parameters=trainable_count(trained, stage.lora.r if stage.lora else None)
+                     + (mod.head_parameters if mod else 0), settings=stage)
+
+
+def _mod_plan(stage: Stage, i: int, layers: list[LayerEntry], by_layer: dict[Optional[int], list[TensorOp]],
+              arch: Architecture, problems: Problems) -> Optional[ModPlan]:
+    """objective: mod: the last ``k`` output layers as exits; the head's size from the embedding width."""
+    if stage.objective != "mod":
+        return None
+    settings = stage.mod or Mod()
+    k = settings.layers
+    if k > len(layers):
+        problems.add(("stages", i, "mod", "layers") if stage.mod else ("stages", i, "objective"),
+                     f"an ensemble of the last {k} layers needs at least {k} layers; the output has {len(layers)}; "
+                     f"expected mod.layers between 2 and {len(layers)}")
+        return None
+    embeddings = [op for op in by_layer.get(None, ()) if arch.tensors.get(op.name, {}).get("group") == "embeddings"]
+    hidden = embeddings[0].shape[-1] if embeddings else 0
+    return ModPlan(layers=[e.output for e in layers[-k:]], hidden_size=hidden,
+                   head_parameters=k * hidden + hidden * k + k + 1, distill_weight=settings.distill_weight,
+                   init=settings.init, learning_rate=settings.learning_rate)
 
 
 def trainable_count(trained: list[TensorOp], lora_r: Optional[int]) -> int:

@@ -26,6 +26,8 @@ def recipe_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
             problems.append((("stages", i, "trainable", stage.trainable.index("injected")), "'injected' selects nothing: the recipe has no inject section; add inject or pick another group"))
         if stage.lora is not None and len(set(stage.lora.targets)) != len(stage.lora.targets):
             problems.append((("stages", i, "lora", "targets"), "a projection is listed twice; expected each once"))
+        if stage.mod is not None and stage.objective != "mod":
+            problems.append((("stages", i, "mod"), "mod settings without objective: mod; expected objective: mod beside them, or no mod"))
         if stage.max_steps is not None and stage.epochs is not None:
             problems.append((("stages", i, "epochs"), f"both max_steps ({stage.max_steps}) and epochs ({stage.epochs:g}) are given; expected one of them"))
     return problems

@@ -304,6 +304,16 @@ class Dataset(Strict):
     text_field: str = Field(default="text", min_length=1, description="The JSONL field holding each document's text.")
 
 
+class Mod(Strict):
+    """Mixture-of-Depths ensemble tuning (arXiv 2410.13077): the last `layers` decoder layers each predict
+    through a new norm (a copy of the final norm) and the shared head; a router mixes their logits."""
+
+    layers: StrictInt = Field(default=3, ge=2, description="Late decoder layers in the ensemble, the last one included (the paper: 3); at most the output's layer count.")
+    distill_weight: float = Field(default=0.1, ge=0, description="lambda: weight of the KL divergence from the final layer's distribution (not trained through) to each earlier exit, averaged over the exits.")
+    init: Literal["exact", "uniform"] = Field(default="exact", description="exact: the gate between the model's own logits and the ensemble starts at 0, so step 0 computes exactly the model's logits; uniform: the paper's ensemble from step 0 (zero router: equal weights).")
+    learning_rate: float = Field(default=1e-3, gt=0, description="Learning rate of the MoD head (exit norms, router, gate); the stage's learning_rate applies to the model's parameters.")
+
+
 class Stage(Strict):
     """One training stage: which parameters train, and how."""
 
@@ -325,6 +335,8 @@ class Stage(Strict):
     validation_fraction: float = Field(default=0.05, ge=0, lt=1, description="Share of the packed sequences held out for the validation loss, in [0, 1); 0: no validation.")
     eval_steps: StrictInt = Field(default=100, ge=1, description="Optimizer steps between validation losses.")
     save_steps: StrictInt = Field(default=500, ge=1, description="Optimizer steps between resumable checkpoints (an interrupted stage resumes from the last one).")
+    objective: Literal["lm", "mod"] = Field(default="lm", description="lm: next-token cross-entropy of the model's logits; mod: Mixture-of-Depths ensemble tuning (the built-in trainer only).")
+    mod: Optional[Mod] = Field(default=None, description="Settings of objective: mod (default: the paper's k = 3).")
 
 
 # --- the recipe --------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The built-in trainer's stage config (``tli-recipe train``): a typed model, written as YAML by emit.
 
-:class:`BuiltinStageConfig` is what ``emit --format trl`` writes and what ``train`` reads
+:class:`BuiltinStageConfig` is what ``emit --format builtin`` writes and what ``train`` reads
 back (``train --config``) and validates: the checkpoint to start from, the parameter names
 that train, LoRA settings, and the keyword arguments of ``transformers.TrainingArguments``
 (which transformers validates itself).
@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tli_recipe.plan.model import Plan
+from tli_recipe.plan.model import ModPlan, Plan
 from tli_recipe.training.fields import (
     Key,
     is_bf16,
@@ -72,6 +72,7 @@ class BuiltinStageConfig(_Strict):
     validation_fraction: float = Field(default=0.0, ge=0, lt=1)
     trainable_parameters: list[str]
     lora: Optional[LoraSettings] = None
+    mod: Optional[ModPlan] = Field(default=None, description="objective: mod: the Mixture-of-Depths ensemble head to train beside the parameters.")
     training_arguments: dict[str, Any] = Field(description="Keyword arguments of transformers.TrainingArguments, less output_dir.")
 
 
@@ -122,7 +123,7 @@ def builtin_config(plan: Plan, specs: list[StageSpec], spec: StageSpec, model_di
         output_dir=str(stage_dir(model_dir, spec.plan.name, BUILTIN, into)),
         datasets=[DataFile(path=d.path, text_field=d.text_field) for d in resolve_datasets(spec, data)],
         sequence_length=spec.settings.sequence_length, validation_fraction=spec.settings.validation_fraction,
-        trainable_parameters=list(spec.plan.parameters), lora=lora_settings(plan, spec),
+        trainable_parameters=list(spec.plan.parameters), lora=lora_settings(plan, spec), mod=spec.plan.mod,
         training_arguments=training_arguments(plan, spec))
 
 

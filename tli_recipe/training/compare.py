@@ -33,6 +33,8 @@ class CompareRow:
     grow_seconds: float
     train_seconds: float
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
+    step_seconds: Optional[float] = None  # the Trainer's train_runtime per optimizer step (no evaluation in it)
+    objective: str = "lm"
     # lm-eval accuracies (--tasks): task -> {"acc": ..., "acc_stderr": ...} at init and after training
     init_tasks: dict[str, dict] = field(default_factory=dict)
     final_tasks: dict[str, dict] = field(default_factory=dict)
@@ -128,7 +130,9 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
             parameters=plan.totals.parameters_after, trainable=int(metrics.get("trainable_parameters", sp.trainable_parameters)),
             function_preserving=plan.function_preserving, init_loss=init, final_loss=final,
             grow_seconds=grow_seconds, train_seconds=train_seconds, curve=logger.curve, init_tasks=init_tasks,
-            final_tasks=final_tasks))
+            final_tasks=final_tasks, objective=sp.settings.objective,
+            step_seconds=metrics["train_seconds"] / metrics["global_step"]
+            if metrics.get("train_seconds") and metrics.get("global_step") else None))
         log(f"{plan.name}: held-out loss {init:.4f} at init, {final:.4f} after {steps} steps of '{cfg.stage}'")
     return rows
 
@@ -145,14 +149,20 @@ def _acc(scores: dict[str, dict], task: str) -> str:
     return f"{acc:.3f} ± {stderr:.3f}" if stderr is not None else f"{acc:.3f}"
 
 
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e6:.3f}M"
+
+
 def table(rows: Sequence[CompareRow], steps: int) -> str:
     tasks = _task_names(rows)
     head = ("| recipe | stage | layers | trainable params | preserving | held-out loss at init | "
-            f"after {steps} steps | train time (s) |" + "".join(f" {t} acc at init | after {steps} steps |" for t in tasks))
-    lines = [head, "|---|---|---|---|---|---|---|---|" + "---|---|" * len(tasks)]
+            f"after {steps} steps | train time (s) | s/step |" + "".join(f" {t} acc at init | after {steps} steps |" for t in tasks))
+    lines = [head, "|---|---|---|---|---|---|---|---|---|" + "---|---|" * len(tasks)]
     for r in rows:
-        lines.append(f"| {r.name} | {r.stage} | {r.layers} | {r.trainable / 1e6:.1f}M | {'yes' if r.function_preserving else 'no'} "
-                     f"| {r.init_loss:.3f} | {r.final_loss:.3f} | {r.train_seconds:.0f} |"
+        stage = r.stage + (" (MoD)" if r.objective == "mod" else "")
+        per_step = f"{r.step_seconds:.2f}" if r.step_seconds is not None else "-"
+        lines.append(f"| {r.name} | {stage} | {r.layers} | {_millions(r.trainable)} | {'yes' if r.function_preserving else 'no'} "
+                     f"| {r.init_loss:.3f} | {r.final_loss:.3f} | {r.train_seconds:.0f} | {per_step} |"
                      + "".join(f" {_acc(r.init_tasks, t)} | {_acc(r.final_tasks, t)} |" for t in tasks))
     return "\n".join(lines)
 
@@ -166,11 +176,12 @@ def write_outputs(rows: Sequence[CompareRow], folder: Path, steps: int, title: s
         w = csv.writer(f)
         tasks = _task_names(rows)
         w.writerow(["recipe", "stage", "layers", "parameters", "trainable", "function_preserving", "init_loss",
-                    "final_loss", "grow_seconds", "train_seconds"]
+                    "final_loss", "grow_seconds", "train_seconds", "step_seconds", "objective"]
                    + [f"{t}_{m}_{when}" for t in tasks for when in ("init", "final") for m in ("acc", "acc_stderr")])
         for r in rows:
             w.writerow([r.name, r.stage, r.layers, r.parameters, r.trainable, r.function_preserving,
-                        f"{r.init_loss:.5f}", f"{r.final_loss:.5f}", f"{r.grow_seconds:.2f}", f"{r.train_seconds:.2f}"]
+                        f"{r.init_loss:.5f}", f"{r.final_loss:.5f}", f"{r.grow_seconds:.2f}", f"{r.train_seconds:.2f}",
+                        "" if r.step_seconds is None else f"{r.step_seconds:.4f}", r.objective]
                        + ["" if (v := scores.get(t, {}).get(m)) is None else f"{v:.5f}"
                           for t in tasks for scores in (r.init_tasks, r.final_tasks) for m in ("acc", "acc_stderr")])
     written[2].write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")

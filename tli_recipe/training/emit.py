@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 from tli_recipe._version import __version__
 from tli_recipe.plan.model import Plan
 from tli_recipe.training.axolotl import Axolotl
-from tli_recipe.training.builtin import Builtin, builtin_config
+from tli_recipe.training.builtin import Builtin
 from tli_recipe.training.llamafactory import LlamaFactory
 from tli_recipe.training.stages import (  # noqa: F401  (re-exported: the names callers of emit know)
     EmitContext,
@@ -60,6 +60,11 @@ def _header(plan: Plan, spec: StageSpec, trainer: str, run: str, notes: Sequence
 def _stage_files(trainer: TrainerFormat, spec: StageSpec, refused: set[int]):
     """The trainer's files for ``spec``; a Refusal also when the stage it starts from was refused (no config of
     this trainer would produce its input)."""
+    if spec.plan.mod is not None and trainer.name != Builtin.name:
+        raise Refusal(f"{trainer.name}: stage '{spec.plan.name}': objective: mod trains a Mixture-of-Depths ensemble "
+                      f"(new norms and a router over layers {spec.plan.mod.layers[0]}-{spec.plan.mod.layers[-1]}, with "
+                      f"its own loss), which {trainer.title} has no setting for; so no config is written. Train this "
+                      "stage with tli-recipe train (the built-in trainer)")
     files = trainer.stage(spec)  # the stage's own refusal comes first
     if spec.index - 1 in refused:
         previous = trainer.ctx.specs[spec.index - 2]
@@ -143,9 +148,3 @@ def write_training_configs(plan: Plan, folder: Path, model_dir: Path, *, formats
         for refusal in refusals:
             log(f"note: {refusal}")
     return written, refusals
-
-
-def trl_config(plan: Plan, specs: list[StageSpec], spec: StageSpec, model_dir: Path,
-               data: Optional[Sequence[str | Path]] = None, into: Optional[Path] = None):
-    """The built-in trainer's stage config (see :func:`tli_recipe.training.builtin.builtin_config`)."""
-    return builtin_config(plan, specs, spec, model_dir, data, into)

@@ -21,6 +21,8 @@ from tli_recipe.training.loading import (
     load_model,
     load_tokenizer,
 )
+from tli_recipe.training.mod import has_mod_head
+from tli_recipe.training.mod import load as load_mod
 
 
 @dataclass
@@ -79,7 +81,10 @@ def evaluate_models(models: Sequence[str | Path], data: Sequence[str | Path], *,
 
     results = []
     for path in paths:
-        model = load_model(path, dtype=torch_dtype).to(device).eval()
+        if has_mod_head(path):  # a MoD stage's output: scored with its ensemble head, as it predicts
+            model = load_mod(path, dtype=dtype, device=device)
+        else:
+            model = load_model(path, dtype=torch_dtype).to(device).eval()
         total, count = 0.0, 0
         with torch.no_grad():
             for start in range(0, len(blocks), batch_size):

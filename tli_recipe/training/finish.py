@@ -85,8 +85,9 @@ def _plan(path: Path):
 
 
 def finish_stage(cfg: BuiltinStageConfig, trainer, out: Path, work: Path, tok, counts: tuple[int, int, int, int],
-            final_eval: dict, resumed: Optional[str], log) -> None:
-    """Write the stage directory next to ``out`` and rename it into place; drop the work directory."""
+            final_eval: dict, resumed: Optional[str], log, extra=None) -> None:
+    """Write the stage directory next to ``out`` and rename it into place; drop the work directory.
+    ``extra(folder)`` writes more files into it (the MoD head)."""
     from tli_recipe.execute.output import swap_into_place
 
     source = Path(cfg.model)
@@ -104,6 +105,8 @@ def finish_stage(cfg: BuiltinStageConfig, trainer, out: Path, work: Path, tok, c
             model = PeftModel.from_pretrained(load_model(source, dtype="auto"), adapter).merge_and_unload()
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
         plan_file = Path(cfg.plan) if cfg.plan else source / "plan.json"
         if plan_file.is_file():
             shutil.copyfile(plan_file, tmp / "plan.json")
@@ -158,4 +161,7 @@ def _metrics(cfg: BuiltinStageConfig, trainer, work: Path, tmp: Path, counts: tu
         "eval_perplexity_after": math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
         "resumed_from": Path(resumed).name if resumed else None,
         "plot": "losses.png" if plotted else None,
+        # objective: mod: the logits come from the model with this head (tli_recipe.load_mod_model)
+        "mod_head": "mod_head.safetensors" if (tmp / "mod_head.safetensors").is_file() else None,
+        "train_seconds": next((h["train_runtime"] for h in history if "train_runtime" in h), None),
     }

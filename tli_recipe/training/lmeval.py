@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from tli_recipe.errors import TliError, did_you_mean
+from tli_recipe.training.mod import has_mod_head
 from tli_recipe.training.task_files import is_task_file, load_task_file, split_specs
 
 INSTALL = "pip install 'tli-recipe[eval]'"
@@ -187,9 +188,19 @@ class TaskSet:
         args: dict[str, Any] = dict(pretrained=str(path), dtype=dtype, device=device, trust_remote_code=False)
         if tokenizer is not None:
             args["tokenizer"] = str(tokenizer)
+        model_arg: Any = "hf"
+        if has_mod_head(path):  # a MoD stage's output: lm-eval scores the model with its ensemble head
+            from lm_eval.models.huggingface import HFLM
+
+            from tli_recipe.training.loading import load_tokenizer
+            from tli_recipe.training.mod import load as load_mod
+
+            model_arg = HFLM(pretrained=load_mod(path, dtype=dtype, device=device), batch_size=batch_size,
+                             tokenizer=load_tokenizer(Path(tokenizer or path), "pass --tokenizer DIR"))
+            args = {}
         with session(self.online):
             try:
-                out = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=copy.deepcopy(self.items),
+                out = lm_eval.simple_evaluate(model=model_arg, model_args=args, tasks=copy.deepcopy(self.items),
                                               task_manager=self.manager, batch_size=batch_size, limit=limit,
                                               log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS)
             except TliError:

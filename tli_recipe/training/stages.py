@@ -23,7 +23,7 @@ from tli_recipe.plan.model import Plan, StagePlan
 from tli_recipe.recipe.schema import LINEAR_PROJECTIONS, Dataset, Stage
 
 #: The built-in trainer's folder and ``--format`` name.
-BUILTIN = "trl"
+BUILTIN = "builtin"
 
 
 class Refusal(TliError):

@@ -74,20 +74,20 @@ def require_train_extra() -> None:
 
 
 def load_stage_config(path: str | Path) -> BuiltinStageConfig:
-    """A stage config written by ``tli-recipe emit --format trl`` (comments allowed), validated."""
+    """A stage config written by ``tli-recipe emit --format builtin`` (comments allowed), validated."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise TrainError(f"{path}: not YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict) or "stage" not in raw or "training_arguments" not in raw:
-        raise TrainError(f"{path}: not a tli-recipe stage config; expected a file from `tli-recipe emit --format trl`")
+        raise TrainError(f"{path}: not a tli-recipe stage config; expected a file from `tli-recipe emit --format builtin`")
     try:
         return absolute_config(BuiltinStageConfig.model_validate(raw), path.parent)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg'].lower()}" for e in exc.errors()[:5])
         raise TrainError(f"{path}: not a valid stage config ({problems}); expected a file from "
-                         "`tli-recipe emit --format trl`") from None
+                         "`tli-recipe emit --format builtin`") from None
 
 
 def stage_configs(model_dir: str | Path, *, data: Optional[Sequence[str | Path]] = None,
@@ -329,8 +329,14 @@ def train_stage(cfg: BuiltinStageConfig | dict, *, device: str = "auto", tokeniz
     model = load_model(source, dtype="auto", quantization_config=quant,
                        **({"device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}} if quant else {}))
     model = _freeze(model, cfg)
+    trainer_cls, mod_hooks = Trainer, None
+    if cfg.mod is not None:  # objective: mod: the ensemble head trains beside the stage's parameters
+        from tli_recipe.training.mod import attach, mod_trainer, new_head
+
+        mod_hooks = attach(model, new_head(model, cfg.mod.layers, cfg.mod.init))
+        trainer_cls = mod_trainer(cfg.mod, last)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    trainer = Trainer(model=model, args=targs, train_dataset=_Blocks(train_blocks),
+    trainer = trainer_cls(model=model, args=targs, train_dataset=_Blocks(train_blocks),
                       eval_dataset=_Blocks(eval_blocks) if eval_blocks else None,
                       data_collator=default_data_collator, callbacks=list(callbacks))
     if progress:
@@ -354,8 +360,16 @@ def train_stage(cfg: BuiltinStageConfig | dict, *, device: str = "auto", tokeniz
         trainer.train(resume_from_checkpoint=last)
         final_eval = trainer.evaluate() if eval_blocks else {}
 
+    extra = None
+    if mod_hooks is not None:  # the model is saved plain; the head goes beside it
+        from tli_recipe.training.mod import detach, save_head
+
+        head = detach(trainer.accelerator.unwrap_model(trainer.model), mod_hooks)
+
+        def extra(folder: Path) -> None:
+            save_head(head, folder, cfg.mod.distill_weight)
     if trainer.is_world_process_zero():
         finish_stage(cfg, trainer, out, work, tok, (trainable, n_tokens, len(train_blocks), len(eval_blocks)),
-                final_eval, last, log)
+                     final_eval, last, log, extra=extra)
     trainer.accelerator.wait_for_everyone()
     return out
