@@ -76,3 +76,22 @@ def test_a_stage_named_all_is_that_stage(tmp_path):
     out = execute_plan(compile_plan(load_recipe(recipe)), progress=False, log=lambda m: None)
     assert [c.stage for c in stage_configs(out, stages=["all"])] == ["all"]
     assert [c.stage for c in stage_configs(out)] == ["new", "all"]
+
+
+@pytest.mark.slow  # grows and trains two tiny models
+def test_compare_scores_a_mod_stage_with_its_head(tmp_path, cli):
+    base = add_char_tokenizer(build_tiny(tmp_path / "base", layers=4))
+    data = write_text(tmp_path / "train.txt")
+    stage = "stages:\n  - name: new\n    trainable: [injected]\n    learning_rate: 0.001\n"
+    recipes = [write_recipe(tmp_path, f"name: tli\nbase_model: {base}\ninject: {{every: 2}}\n" + stage, "tli.yaml"),
+               write_recipe(tmp_path, f"name: mod\nbase_model: {base}\ninject: {{every: 2}}\n" + stage
+                            + "    objective: mod\n    mod: {layers: 2, learning_rate: 0.05}\n", "mod.yaml")]
+    result = cli("compare", *recipes, "--data", data, "--heldout", data, "--steps", "3", "--sequence-length", "32",
+                 "--batch-size", "2", "--work", tmp_path / "cmp", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    rows = {r["recipe"]: r for r in csv.DictReader(open(tmp_path / "cmp" / "compare.csv"))}
+    assert rows["mod"]["objective"] == "mod" and rows["tli"]["objective"] == "lm"
+    assert float(rows["mod"]["init_loss"]) == float(rows["tli"]["init_loss"])  # the exact start
+    assert int(rows["mod"]["trainable"]) == int(rows["tli"]["trainable"]) + 2 * 32 + 32 * 2 + 2 + 1
+    assert float(rows["mod"]["step_seconds"]) > 0 and "| mod | new (MoD) |" in result.stdout
+    assert list((tmp_path / "cmp" / "mod" / "trained").rglob("mod_head.safetensors"))
