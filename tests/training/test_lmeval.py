@@ -230,6 +230,7 @@ def test_eval_command_prints_one_table_and_writes_json(models, tmp_path, cli):
     assert [line.split()[:2] for line in task_table.splitlines()[1:]] == [[str(base), "tiny_mc"], [str(grown), "tiny_mc"]]
     data = json.loads(report.read_text())
     assert data["models"] == [str(base), str(grown)] and len(data["loss"]) == 2
+    assert report.with_suffix(".png").read_bytes()[:4] == b"\x89PNG" and "report.png" in result.stderr
     first, second = data["tasks"]
     assert (first["acc"], first["acc_norm"]) == pytest.approx(expected_accuracy(base))
     assert {k: v for k, v in second.items() if k != "model"} == {k: v for k, v in first.items() if k != "model"}

@@ -180,7 +180,7 @@ TASKS_HELP = ("lm-evaluation-harness tasks: NAME[,NAME] or a task YAML file (a l
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the JSON results to this file.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the JSON results to this file (and a PNG of them beside it).")
 @click.option("--force", is_flag=True, help="Replace an existing --output file.")
 @reported
 def eval_(models: tuple[str, ...], data: tuple[str, ...], tasks: tuple[str, ...], limit: int | None, online: bool,
@@ -190,15 +190,22 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], tasks: tuple[str, ...]
     from tli_recipe.files import write_text_atomic
     from tli_recipe.training.eval_report import run_eval
 
-    if output and Path(output).exists() and not force:
-        raise TliError(f"{output}: exists; pass --force to replace it (or choose another --output)")
+    png = None
+    if output:
+        png = Path(output).with_suffix(".png") if Path(output).suffix != ".png" else Path(output + ".png")
+        for path in (Path(output), png):
+            if path.exists() and not force:
+                raise TliError(f"{path}: exists; pass --force to replace it (or choose another --output)")
     report = run_eval(models, data=data, tasks=tasks, limit=limit, online=online, tokenizer=tokenizer,
                       batch_size=batch_size, dtype=dtype, device=device, text_field=text_field,
                       sequence_length=sequence_length, max_sequences=max_sequences,
                       log=lambda msg: click.echo(msg, err=True))
     if output:
+        from tli_recipe.training.eval_report import plot_report
+
         write_text_atomic(Path(output), report.to_json() + "\n")
-        click.echo(f"wrote {output}", err=True)
+        wrote = [output] + ([str(png)] if plot_report(report, png) else [])
+        click.echo(f"wrote {', '.join(wrote)}", err=True)
     click.echo(report.to_json() if as_json else report.table())
 
 

@@ -64,3 +64,44 @@ def run_eval(models: Sequence[str | Path], *, data: Sequence[str | Path] = (), t
         report.tasks.extend(task_set.score(model, device=device, dtype=dtype, batch_size=batch_size, limit=limit,
                                            tokenizer=tokenizer))
     return report
+
+
+def plot_report(report: EvalReport, path: Path) -> bool:
+    """A PNG beside the JSON: held-out loss per model, and accuracy ± stderr per task and model.
+    False (and no file) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    tasks = list(dict.fromkeys(r.task for r in report.tasks))
+    panels = (1 if report.loss else 0) + (1 if tasks else 0)
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels + 1, 4), dpi=100, squeeze=False)
+    names = [Path(m).name or m for m in report.models]
+    axis = iter(axes[0])
+    if report.loss:
+        ax = next(axis)
+        ax.bar(range(len(report.loss)), [r.loss for r in report.loss], color="tab:blue")
+        ax.set_xticks(range(len(report.loss)), [Path(r.model).name for r in report.loss], rotation=20, ha="right")
+        ax.set_ylabel("held-out loss (nats/token)")
+        ax.set_title("loss (lower is better)")
+    if tasks:
+        ax = next(axis)
+        width = 0.8 / len(report.models)
+        for j, model in enumerate(report.models):
+            rows = {r.task: r for r in report.tasks if r.model == model}
+            accs = [rows[t].acc if t in rows and rows[t].acc is not None else 0 for t in tasks]
+            errs = [rows[t].acc_stderr or 0 if t in rows else 0 for t in tasks]
+            ax.bar([i + j * width for i in range(len(tasks))], accs, width, yerr=errs, capsize=3, label=names[j])
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
+        ax.set_ylabel("accuracy (bars: ± 1 stderr)")
+        ax.set_title("lm-eval tasks (higher is better)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
