@@ -285,6 +285,31 @@ def test_emit_command(tmp_path, tiny, cli):
     assert "axolotl train" in readme and "name no datasets" in readme
 
 
+def test_chat_and_instruction_data_get_the_trainers_own_formats(tmp_path, tiny, cli):
+    """The built-in trainer renders chats with the chat template and trains on every token; Axolotl is told
+    the same (chat_template with every role trained, alpaca with train_on_inputs); LLaMA-Factory's pt stage
+    reads plain text only, so it refuses with the reason."""
+    import json as _json
+
+    chat, instruction = tmp_path / "chat.jsonl", tmp_path / "inst.jsonl"
+    chat.write_text(_json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    instruction.write_text(_json.dumps({"instruction": "add", "input": "1 2", "output": "3"}) + "\n")
+    recipe = write_recipe(tmp_path, f"base_model: {tiny(layers=8)}\ninject: {{every: 4}}\noutput: {tmp_path / 'm'}\n"
+                                    "stages:\n  - name: new\n    trainable: [injected]\n")
+    for data, expected in ((chat, {"type": "chat_template", "field_messages": "messages",
+                                   "roles_to_train": ["system", "user", "assistant"]}),
+                           (instruction, {"type": "alpaca"})):
+        out = tmp_path / f"cfg-{data.stem}"
+        result = cli("emit", recipe, "-o", out, "--data", data)
+        assert result.exit_code == 2 and "error: llamafactory: stage 'new'" in result.stderr  # a stage was refused
+        cfg = yaml.safe_load((out / "axolotl" / "01-new.yaml").read_text())
+        assert expected.items() <= cfg["datasets"][0].items()
+        assert cfg.get("train_on_inputs") is (True if data == instruction else None)
+        refused = (out / "llamafactory" / "01-new.refused.txt").read_text()
+        assert f"{data.name} holds {'chat' if data == chat else 'instruction'} records" in refused
+        assert (out / "builtin" / "01-new.yaml").is_file()
+
+
 def test_recipe_rejects_steps_and_epochs_together(tmp_path, tiny, cli):
     recipe = write_recipe(tmp_path, f"base_model: {tiny(layers=8)}\nstages:\n  - name: a\n    trainable: [all]\n"
                                     "    max_steps: 10\n    epochs: 2\n")

@@ -12,6 +12,7 @@ from typing import Iterable
 
 from tli_recipe.errors import TliError
 from tli_recipe.plan.model import Plan
+from tli_recipe.training.data import record_format
 from tli_recipe.training.fields import Key, is_fp16, mapped, reentrancy
 from tli_recipe.training.stages import (
     StageFiles,
@@ -117,8 +118,7 @@ class Axolotl(TrainerFormat):
         cfg: dict = {
             "base_model": self.ctx.rel(stage_input(model_dir, self.ctx.specs, spec, self.name)),
             "output_dir": self.ctx.rel(stage_dir(model_dir, sp.name, self.name)),
-            "datasets": [{"path": self.ctx.rel(d.path), "ds_type": "json" if is_jsonl(d.path) else "text", "type": "completion",
-                          "field": d.text_field} for d in resolve_datasets(spec, self.ctx.data)],
+            "datasets": [self.dataset(d) for d in resolve_datasets(spec, self.ctx.data)],
             "sequence_len": s.sequence_length,
             "sample_packing": True,
             "pad_to_sequence_len": True,
@@ -127,9 +127,23 @@ class Axolotl(TrainerFormat):
         }
         if not cfg["datasets"]:
             del cfg["datasets"]
+        elif any(d["type"] == "alpaca" for d in cfg["datasets"]):
+            cfg["train_on_inputs"] = True  # the loss covers the prompts too, as tli-recipe train's does
         cfg.update(self.lora(spec) if sp.lora is not None else self.selection(spec))
         cfg.update(mapped(s, plan.seed, TRAINING_KEYS))
         return cfg
+
+    def dataset(self, d) -> dict:
+        """One file: raw text as completion, chats with the model's chat template (every role trains, so the
+        loss covers the whole rendered text, as in tli-recipe train), instructions in Alpaca's format."""
+        kind = record_format(d.path, d.text_field)
+        path = self.ctx.rel(d.path)
+        if kind == "chat":
+            return {"path": path, "ds_type": "json", "type": "chat_template", "field_messages": "messages",
+                    "roles_to_train": ["system", "user", "assistant"], "train_on_eos": "all"}
+        if kind == "instruction":
+            return {"path": path, "ds_type": "json", "type": "alpaca"}
+        return {"path": path, "ds_type": "json" if is_jsonl(d.path) else "text", "type": "completion", "field": d.text_field}
 
     def lora(self, spec: StageSpec) -> dict:
         self.check_frozen_injected(spec)

@@ -143,3 +143,28 @@ def split_validation(blocks: list[list[int]], fraction: float) -> tuple[list[lis
         return blocks, []
     held = min(len(blocks) - 1, max(1, math.ceil(fraction * len(blocks))))
     return blocks[:-held], blocks[-held:]
+
+
+def record_format(path: str | Path, text_field: str = "text") -> str:
+    """What the first record of a data file is: ``text`` (plain text, or JSONL with ``text_field``),
+    ``chat`` (``messages``) or ``instruction``; ``text`` when the file is absent or unreadable (the
+    trainer reports those), so emitting a config never fails on data it does not read."""
+    path = Path(path)
+    if not path.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")) or not path.is_file():
+        return "text"
+    try:
+        with _open(path) as handle:
+            for line in handle:
+                if line.strip():
+                    record = json.loads(line)
+                    break
+            else:
+                return "text"
+    except (OSError, ValueError, UnicodeDecodeError):
+        return "text"
+    if isinstance(record, dict) and not isinstance(record.get(text_field), str):
+        if "messages" in record:
+            return "chat"
+        if "instruction" in record:
+            return "instruction"
+    return "text"

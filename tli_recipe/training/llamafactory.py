@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from tli_recipe.recipe.schema import Dataset
+from tli_recipe.training.data import record_format
 from tli_recipe.training.fields import Key, is_bf16, is_fp16, mapped
 from tli_recipe.training.stages import (
     Refusal,
@@ -116,6 +117,13 @@ class LlamaFactory(TrainerFormat):
                        "so no config is written (use the Axolotl config or tli-recipe train)")
 
     def stage(self, spec: StageSpec) -> StageFiles:
+        for d in resolve_datasets(spec, self.ctx.data):
+            kind = record_format(d.path, d.text_field)
+            if kind != "text":
+                raise self.refuse(spec, f"{Path(d.path).name} holds {kind} records; the stage this config uses "
+                                  "(stage: pt) reads plain text, and chats or instructions need LLaMA-Factory's sft stage "
+                                  "with a template name for this model, which the plan does not know (render the data "
+                                  "to text first)")
         names = self.register_datasets(spec)
         cfg = self.config(spec, names)
         target, merge = self.shown(spec), self.shown(spec, ".merge.yaml")
