@@ -211,16 +211,23 @@ def test_verify_detects_a_tampered_tensor(tmp_path, tiny, cli):
     assert "model.layers.2.self_attn.o_proj.weight" in result.stderr and "BEYOND tolerance" in result.stdout
 
 
-def test_cuda_matches_cpu(tmp_path, tiny):
+@pytest.mark.gpu
+@pytest.mark.parametrize("body", [
+    "inject:\n  every: 2\n  init: {o_proj: {scale: 0.5}, down_proj: {noise: 0.1}}\n",
+    "inject:\n  every: 2\n  init: {q_proj: {interpolate: 0.5}, o_proj: zero, down_proj: {random: 0.02}}\n",
+    "dtype: bfloat16\ninject: {every: 2}\n",
+], ids=["scale-noise", "interpolate-random", "cast"])
+def test_cuda_matches_cpu(tmp_path, tiny, body):
+    """Computed tensors are the same bytes on cuda and cpu: arithmetic per element, random streams drawn on the CPU."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     base = tiny(layers=4)
-    body = "inject:\n  every: 2\n  init: {o_proj: {scale: 0.5}, down_proj: {noise: 0.1}}\n"
     _, cpu = grow(tmp_path, base, body, name="cpu", device="cpu")
     _, gpu = grow(tmp_path, base, body, name="gpu", device="cuda")
     a, b = load_all(cpu), load_all(gpu)
+    assert sorted(a) == sorted(b)
     for name in a:
-        assert torch.equal(a[name], b[name]), name
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
 def test_force_refuses_a_directory_that_is_not_a_tli_output(tmp_path, tiny, cli):
