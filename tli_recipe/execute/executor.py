@@ -204,7 +204,7 @@ def _write_tensors(plan: Plan, writer: ShardWriter, sources, device: str, precom
                 if op.op == "zero":
                     written = writer.zeros(op.name)
                 elif not needs_torch(op):
-                    written = writer.copy(op.name, sources[op.source].tensors[op.source_name], reader)
+                    written = writer.copy(op.name, sources[op.source].tensors[op.source_name])
                 else:
                     written = writer.write(op.name, make_tensor(op, reader, sources[op.source], device, sources,
                                                                 precomputed))

@@ -70,30 +70,39 @@ class TensorReader:
                 raise _truncated(info, got)
         return tensor
 
-    def copy_to(self, info: TensorInfo, out) -> None:
-        """Copy the tensor's bytes into the open binary file ``out`` without a pass through Python
-        (``os.copy_file_range`` where the kernel has it)."""
-        handle = self._open(info)
-        src, dst, offset, left = handle.fileno(), out.fileno(), info.start, info.nbytes
-        out.flush()
-        fast = hasattr(os, "copy_file_range")
-        while left:
-            try:
-                n = os.copy_file_range(src, dst, left, offset) if fast else 0
-            except OSError:  # e.g. EXDEV on old kernels, or filesystems without support
-                fast, n = False, 0
-            if not fast:
-                handle.seek(offset)
-                n = out.write(handle.read(min(left, 64 * 2**20)))
-            if n == 0:
-                raise _truncated(info, info.nbytes - left)
-            offset += n
-            left -= n
-
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
         self._handle, self._file = None, None
+
+
+#: Threads that copy unchanged tensors (``copy_file_range`` with explicit offsets, so they run side by
+#: side with each other and with the main thread's computed tensors; the GIL is released in the call).
+COPY_THREADS = 2
+_CHUNK = 64 * 2**20
+
+
+def copy_range(info: TensorInfo, dst: int, dst_offset: int) -> None:
+    """Copy a source tensor's bytes to ``dst_offset`` of the open file ``dst``, in the kernel where it
+    can (``os.copy_file_range``), else through a 64 MiB buffer; a source shorter than its header says
+    is an error, not a short tensor."""
+    src = os.open(info.file, os.O_RDONLY)
+    try:
+        offset, out, left = info.start, dst_offset, info.nbytes
+        fast = hasattr(os, "copy_file_range")
+        while left:
+            try:
+                n = os.copy_file_range(src, dst, left, offset, out) if fast else 0
+            except OSError:  # e.g. EXDEV on old kernels, or filesystems without support
+                fast, n = False, 0
+            if not fast:
+                data = os.pread(src, min(left, _CHUNK), offset)
+                n = os.pwrite(dst, data, out) if data else 0
+            if n == 0:
+                raise _truncated(info, info.nbytes - left)
+            offset, out, left = offset + n, out + n, left - n
+    finally:
+        os.close(src)
 
 
 @dataclass(frozen=True)
@@ -136,12 +145,16 @@ class ShardWriter:
     differs from the plan, so the files always match their headers.
     """
 
-    def __init__(self, folder: Path, shards: list[ShardSpec], metadata: dict[str, str], sync: bool = False) -> None:
+    def __init__(self, folder: Path, shards: list[ShardSpec], metadata: dict[str, str], sync: bool = False,
+                 copy_threads: int = COPY_THREADS) -> None:
         self.folder, self.shards, self.metadata, self.sync = folder, shards, metadata, sync
         self._queue = [(s, t) for s in shards for t in s.tensors]
         self._pos = 0
         self._handle = None
         self._shard: Optional[ShardSpec] = None
+        self._threads = copy_threads
+        self._pool = None
+        self._pending: list = []  # copies of the open shard still running
 
     def _next(self, name: str) -> tuple[str, tuple[int, ...]]:
         """Check that ``name`` is the next planned tensor and open its shard; returns (dtype code, shape)."""
@@ -170,13 +183,30 @@ class ShardWriter:
             self._handle.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
         return nbytes(code, shape)
 
-    def copy(self, name: str, info: TensorInfo, reader: TensorReader) -> int:
-        """Append a source tensor's bytes unchanged (same dtype and shape): no torch, no user-space copy."""
+    def copy(self, name: str, info: TensorInfo) -> int:
+        """Append a source tensor's bytes unchanged (same dtype and shape): no torch, no user-space copy.
+
+        The copy runs in a worker thread at the tensor's own offset (the file position moves past it
+        at once); the shard is complete when it is closed, which waits for its copies."""
         code, shape = self._next(name)
         if info.shape != shape or info.dtype != code:
             raise TliError(f"tensor '{name}': source '{info.name}' is {list(info.shape)} {info.dtype}, the plan says {list(shape)} {code}")
-        reader.copy_to(info, self._handle)
+        if info.nbytes:
+            self._handle.flush()
+            offset = self._handle.tell()
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="tli-recipe-copy")
+            self._pending.append(self._pool.submit(copy_range, info, self._handle.fileno(), offset))
+            self._handle.seek(info.nbytes, os.SEEK_CUR)
         return info.nbytes
+
+    def _wait(self) -> None:
+        """Every copy into the open shard, done; the first failure is raised."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
 
     def zeros(self, name: str) -> int:
         """Append a tensor of zero bytes (exact 0.0 in every float format).
@@ -190,6 +220,7 @@ class ShardWriter:
 
     def _close_file(self) -> None:
         if self._handle is not None:
+            self._wait()
             self._handle.truncate()  # a trailing hole (zeros last) still needs the file's full length
             self._handle.flush()
             if self.sync:
@@ -207,6 +238,7 @@ class ShardWriter:
         if self._pos != len(self._queue):
             missing = self._queue[self._pos][1][0]
             raise TliError(f"{len(self._queue) - self._pos} planned tensors were not written (first: '{missing}')")
+        self._stop_pool()
         if metadata is not None and metadata != self.metadata:
             self._restamp(metadata)
         total = 0
@@ -232,7 +264,15 @@ class ShardWriter:
                     os.fsync(f.fileno())
         self.metadata = metadata
 
+    def _stop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
     def abort(self) -> None:
+        """After a failure: no copy keeps writing (queued ones are cancelled, running ones finish)."""
+        self._pending = []
+        self._stop_pool()
         if self._handle is not None:
             self._handle.close()
             self._handle = None
