@@ -11,7 +11,7 @@ import torch
 from conftest import build_tiny, write_recipe
 from growing import load_all
 from safetensors.torch import load_file
-from test_train import _Interrupt
+from test_train import FAST, _Interrupt
 from tiny_text import add_char_tokenizer, write_text
 
 from tli_recipe import compile_plan, execute_plan, load_recipe
@@ -20,20 +20,7 @@ from tli_recipe.training import mod
 from tli_recipe.training.loading import load_model
 from tli_recipe.training.train import stage_configs, train_output, train_stage
 
-STAGE = """stages:
-  - name: mod
-    trainable: [injected]
-    objective: mod
-{extra}    datasets: [{{path: {data}}}]
-    max_steps: {steps}
-    learning_rate: 0.01
-    batch_size: 4
-    sequence_length: 32
-    precision: float32
-    validation_fraction: 0.1
-    eval_steps: 4
-    save_steps: {save}
-"""
+STAGE = "stages:\n  - name: mod\n    trainable: [injected]\n    objective: mod\n{extra}" + FAST  # test_train's settings
 IDS = torch.randint(0, 60, (2, 16), generator=torch.Generator().manual_seed(3))
 
 
