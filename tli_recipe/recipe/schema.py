@@ -13,16 +13,19 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 from pydantic import (
     BeforeValidator,
     Field,
+    PlainSerializer,
     StrictBool,
     StrictInt,
     WithJsonSchema,
     create_model,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from tli_recipe.errors import did_you_mean
 from tli_recipe.recipe.base import NoNulls, Strict, _fail, file_schema
 from tli_recipe.recipe.policy import (  # noqa: F401 - exported here too
+    _POLICY_SCHEMA,
     POLICY_FORMS,
     SIMPLE_POLICIES,
     VALUE_POLICIES,
@@ -47,7 +50,11 @@ PROJECTIONS: tuple[str, ...] = (
 #: The linear projections LoRA can target (norms cannot).
 LINEAR_PROJECTIONS: tuple[str, ...] = tuple(p for p in PROJECTIONS if p.endswith("_proj") or p == "router")
 
-LAYER_GROUPS: tuple[str, ...] = ("injected", "original", "all", "embeddings", "head")
+LAYER_GROUPS: tuple[str, ...] = ("injected", "original", "all", "embeddings", "head", "router", "experts", "shared")
+#: The groups that name output layers (``upcycle.layers`` takes these and ``{layers: [start, end]}``).
+LAYER_SELECTORS: tuple[str, ...] = ("all", "injected", "original")
+#: Groups of an MoE layer's tensors: its routers, its experts, its shared experts (where the architecture has them).
+MOE_GROUPS: tuple[str, ...] = ("router", "experts", "shared")
 
 # Bounds that keep a tiny file from making ``plan`` allocate without limit. No released model has
 # more than a few hundred layers; the plan bounds the output further by the checkpoint it reads.
@@ -57,6 +64,7 @@ MAX_STAGES = 64
 MAX_DATASETS = 256
 MAX_SELECTORS = 32  # entries of a stage's trainable list
 MAX_CONFIG_KEYS = 256  # keys of output_config
+MAX_EXPERTS = 256  # experts of an upcycled layer (released MoE models have at most a few hundred)
 
 # >= 0 is checked with the order (or the range), in one message; the JSON schema states it too.
 Position = Annotated[StrictInt, Field(lt=MAX_LAYERS, json_schema_extra={"minimum": 0})]
@@ -210,7 +218,7 @@ def _parse_selector(value: Any) -> Any:
 
 
 Selector = Annotated[
-    Union[Literal["injected", "original", "all", "embeddings", "head"], LayerSpan],
+    Union[Literal["injected", "original", "all", "embeddings", "head", "router", "experts", "shared"], LayerSpan],
     BeforeValidator(_parse_selector),
 ]
 
@@ -247,7 +255,7 @@ class Stage(Strict):
     """One training stage: which parameters train, and how."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Stage name: letters, digits, '.', '_' and '-'.")
-    trainable: list[Selector] = Field(min_length=1, max_length=MAX_SELECTORS, description="Layer groups that train: injected, original, all, embeddings, head, or {layers: [start, end]} of output layers.")
+    trainable: list[Selector] = Field(min_length=1, max_length=MAX_SELECTORS, description="Layer groups that train: injected, original, all, embeddings, head, or {layers: [start, end]} of output layers; in an MoE output also router, experts (and shared where the architecture has shared experts).")
     lora: Optional[Lora] = Field(default=None, description="Train LoRA adapters on the trainable layers instead of their full weights.")
     datasets: list[Dataset] = Field(default_factory=list, max_length=MAX_DATASETS, description="Training text of this stage; `tli-recipe train --data` and `emit --data` replace it.")
     learning_rate: float = Field(default=1e-4, gt=0, description="Peak learning rate of AdamW, reached after warmup.")
@@ -264,6 +272,101 @@ class Stage(Strict):
     validation_fraction: float = Field(default=0.05, ge=0, lt=1, description="Share of the packed sequences held out for the validation loss, in [0, 1); 0: no validation.")
     eval_steps: StrictInt = Field(default=100, ge=1, description="Optimizer steps between validation losses.")
     save_steps: StrictInt = Field(default=500, ge=1, description="Optimizer steps between resumable checkpoints (an interrupted stage resumes from the last one).")
+
+
+# --- sparse upcycling ----------------------------------------------------------------
+
+ROUTER_FORMS = "zero, {random: std}, hidden"
+EXPERT_POLICIES = ("copy", "noise", "scale")
+
+
+def _parse_router(value: Any) -> Any:
+    if value == "hidden":
+        raise _fail("router init 'hidden' (rows from mean hidden states of prompts, as mergekit-moe does) runs the "
+                    "model and is not implemented yet; expected zero or {random: std}")
+    if value == "zero" or (isinstance(value, dict) and list(value) == ["random"]):
+        return _parse_policy(value)
+    if isinstance(value, Policy):
+        return value
+    raise _fail(f"{value!r} is not a router init; expected one of: {ROUTER_FORMS} (hidden: not implemented yet)")
+
+
+def _expert_policy(value: Any, where: str = "") -> Policy:
+    try:
+        policy = value if isinstance(value, Policy) else Policy(**_parse_policy(value))
+    except PydanticCustomError as exc:
+        raise _fail(where + exc.message()) from None
+    if policy.kind not in EXPERT_POLICIES:
+        raise _fail(f"{where}'{policy.kind}' is not an expert init; expected one of: copy, {{noise: std}}, {{scale: x}} "
+                    "(applied to every weight of the expert)")
+    return policy
+
+
+def _parse_expert_init(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_expert_policy(v, f"entry {i} (expert {i}): ") for i, v in enumerate(value)]
+    return _expert_policy(value)
+
+
+def _dump_expert_init(value: Any) -> Any:
+    return [_dump_policy(p) for p in value] if isinstance(value, list) else _dump_policy(value)
+
+
+_EXPERT_POLICY_SCHEMA = {"oneOf": [{"enum": ["copy"]}, *_POLICY_SCHEMA["oneOf"][1:3]]}
+ExpertInit = Annotated[Union[Policy, list[Policy]], BeforeValidator(_parse_expert_init), PlainSerializer(_dump_expert_init),
+                       WithJsonSchema({"oneOf": [_EXPERT_POLICY_SCHEMA, {"type": "array", "items": _EXPERT_POLICY_SCHEMA,
+                                                                         "minItems": 1, "maxItems": MAX_EXPERTS}]})]
+
+
+class ExpertSource(Strict):
+    """Where one expert's MLP comes from: another checkpoint of the same architecture and widths."""
+
+    model: ModelField = Field(description="A local directory, hub id, or {path, revision, checksums} as base_model.")
+
+
+def _parse_layers(value: Any) -> Any:
+    if isinstance(value, str) and value not in LAYER_SELECTORS:
+        raise _fail(f"'{value}' is not a layer group{did_you_mean(value, LAYER_SELECTORS)}; expected one of: "
+                    f"{', '.join(LAYER_SELECTORS)}, or {{layers: [start, end]}}")
+    return _parse_selector(value)
+
+
+class Upcycle(NoNulls):
+    """Sparse upcycling (arXiv 2212.05055): the dense MLP of chosen output layers becomes E experts and a router."""
+
+    experts: StrictInt = Field(ge=1, le=MAX_EXPERTS, description="E: experts per upcycled layer.")
+    top_k: StrictInt = Field(ge=1, le=MAX_EXPERTS, description="k: experts each token is routed to (num_experts_per_tok); k <= E.")
+    layers: Optional[list[Annotated[Union[Literal["all", "injected", "original"], LayerSpan], BeforeValidator(_parse_layers)]]] = Field(
+        default=None, min_length=1, max_length=MAX_SELECTORS,
+        description="Output layers to upcycle (after slices and inject): all, injected, original, or {layers: [start, end]}; default: all.")
+    output: Optional[str] = Field(default=None, min_length=1, description="The MoE architecture written (mixtral, qwen3_moe); default: the source architecture's MoE sibling (llama, mistral -> mixtral; qwen3 -> qwen3_moe).")
+    router: Annotated[Policy, BeforeValidator(_parse_router), PlainSerializer(_dump_policy),
+                      WithJsonSchema({"oneOf": [{"enum": ["zero", "hidden"]}, _POLICY_SCHEMA["oneOf"][3]]})] = Field(
+        default_factory=lambda: Policy(kind="zero"),
+        description="Router init: zero (uniform routing) or {random: std} (seeded); hidden is not implemented yet.")
+    init: ExpertInit = Field(
+        default_factory=lambda: Policy(kind="copy"),
+        description="Expert init: one policy for every expert, or a list of E (expert i gets entry i): copy, {noise: std}, {scale: x}, applied to every weight of the expert.")
+    sources: Optional[list[ExpertSource]] = Field(default=None, min_length=1, max_length=MAX_EXPERTS, description="Expert i's MLP from sources[i] (E entries; checkpoints of the same architecture and widths); default: every expert from the layer's own source.")
+
+    def expert_policies(self) -> list[Policy]:
+        return list(self.init) if isinstance(self.init, list) else [self.init] * self.experts
+
+
+def _upcycle_problems(up: "Upcycle", has_inject: bool) -> list[tuple[tuple, str]]:
+    problems: list[tuple[tuple, str]] = []
+    if up.top_k > up.experts:
+        problems.append((("upcycle", "top_k"), f"{up.top_k} is more than the {up.experts} experts; expected top_k <= experts"))
+    if isinstance(up.init, list) and len(up.init) != up.experts:
+        problems.append((("upcycle", "init"), f"lists {len(up.init)} policies for {up.experts} experts; expected one "
+                                              "policy, or one per expert"))
+    if up.sources is not None and len(up.sources) != up.experts:
+        problems.append((("upcycle", "sources"), f"lists {len(up.sources)} models for {up.experts} experts; expected "
+                                                 "one per expert"))
+    if "injected" in (up.layers or []) and not has_inject:
+        problems.append((("upcycle", "layers", up.layers.index("injected")),
+                         "'injected' selects nothing: the recipe has no inject section; add inject or pick another group"))
+    return problems
 
 
 # --- the recipe --------------------------------------------------------------------
@@ -304,6 +407,7 @@ class Recipe(NoNulls):
     dtype: Optional[Dtype] = Field(default=None, description="dtype of the output tensors; default: the source dtype.")
     slices: Optional[list[Slice]] = Field(default=None, min_length=1, max_length=MAX_LAYERS, description="The output stack before injection, as source layer ranges; default: every layer of base_model once. Two overlapping slices are SOLAR-style depth up-scaling.")
     inject: Optional[Inject] = Field(default=None, description="Layer injection (TLI / LLaMA Pro); absent: no layer is injected.")
+    upcycle: Optional[Upcycle] = Field(default=None, description="Sparse upcycling to Mixture-of-Experts, applied to the output layers after slices and inject; absent: the output stays dense.")
     stages: list[Stage] = Field(default_factory=list, max_length=MAX_STAGES, description="Training stages, resolved in the plan to trainable layers and parameter names.")
     output: Optional[str] = Field(default=None, min_length=1, description="Output directory, relative to the recipe file's folder (a --set value: to the working directory); default: out/<name> in the working directory.")
     shard_size: ShardSize = Field(default=5 * 10**9, description="Largest output shard in bytes (or 5GB, 500MiB...).")

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import yaml
 
+from tli_recipe.source.moe import UpcycleSpec, parse_upcycle
 from tli_recipe.source.rules import ArchError, config_value, evaluate, evaluate_rule
 
 __all__ = ["ArchError", "Architecture", "Module", "Projection", "evaluate", "evaluate_rule", "find_architecture",
@@ -70,6 +71,7 @@ class Architecture:
     num_layers_key: str = ""         # the decoder config key holding the layer count
     vocab_key: str = ""              # the decoder config key holding the vocabulary size
     layers_pattern: str = ""         # the peft layers_pattern: the module list holding the decoder layers
+    upcycle: Optional[UpcycleSpec] = None  # sparse upcycling into this (MoE) architecture
     notes: str = ""
     source_file: str = ""
     inferred: bool = False           # built from tensor names, not from a definition file
@@ -274,6 +276,7 @@ def load_architectures() -> dict[str, Architecture]:
             num_layers_key=_required(d, "num_layers_key", path),
             vocab_key=_required(d, "vocab_key", path),
             layers_pattern=_required(d, "layers_pattern", path),
+            upcycle=parse_upcycle(d.get("upcycle"), path),
             notes=str(d.get("notes", "")).strip(),
             source_file=path,
         )
