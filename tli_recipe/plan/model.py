@@ -87,7 +87,7 @@ class StagePlan(Frozen):
 
     name: str
     trainable_layers: list[int] = Field(description="Output layer indices that train.")
-    trainable_groups: list[str] = Field(description="Non-layer groups that train fully (embeddings, head).")
+    trainable_groups: list[str] = Field(description="Groups beyond whole layers that train fully: embeddings, head, and in an MoE model router, experts.")
     parameters: list[str] = Field(description="Names of the output tensors that train (for LoRA: the weights that get adapters).")
     lora: Optional[LoraPlan] = None
     trainable_parameters: int = Field(description="Elements that train: of the parameters above, or for LoRA of its adapters (r*(in+out) per adapted weight).")

@@ -117,6 +117,11 @@ class Architecture:
             cache[suffix] = next((name for name, pattern in self._module_res if pattern.match(suffix)), None)
         return cache[suffix]
 
+    def is_expert_tensor(self, suffix: str) -> bool:
+        """True for a tensor of one MoE expert (``mlp.experts.7.down_proj.weight``)."""
+        return any(m.experts is not None and _compile_module(m.path).match(suffix)
+                   for proj in self.projections.values() for m in proj.modules)
+
     @property
     def linear_projections(self) -> list[str]:
         """The projections that are linear layers (LoRA can target them): every one that is not a norm."""
