@@ -1,0 +1,123 @@
+"""Sparse upcycling end to end: tiny dense models -> MoE checkpoints that transformers loads, with
+the base model's logits; expert slots, byte copies, verify, and the stage groups of an MoE output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import logits_of, write_recipe
+from safetensors.torch import load_file
+
+from tli_recipe import compile_plan, execute_plan, load_recipe, verify_output
+
+QWEN3 = {"head_dim": 8}
+
+
+def load_all(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+def upcycle(tmp_path, base, body, name="moe"):
+    recipe = write_recipe(tmp_path, f"base_model: {base}\noutput: {tmp_path / name}\n{body}", f"{name}.yaml")
+    plan = compile_plan(load_recipe(recipe))
+    logs: list[str] = []
+    return plan, execute_plan(plan, progress=False, log=logs.append), logs
+
+
+@pytest.mark.parametrize("router", ["zero", "{random: 0.5}"])
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_llama_to_mixtral_keeps_the_logits(tmp_path, tiny, router, tie):
+    base = tiny(arch="llama", layers=4, tie=tie)
+    plan, out, logs = upcycle(tmp_path, base, f"upcycle: {{experts: 4, top_k: 2, router: {router}}}\n")
+    assert plan.function_preserving and plan.upcycle.output_architecture == "mixtral"
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"] and config["model_type"] == "mixtral"
+    assert (config["num_local_experts"], config["num_experts_per_tok"]) == (4, 2)
+    src, got = load_all(base), load_all(out)
+    for layer in range(4):
+        for w, dense in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            for e in range(4):
+                assert torch.equal(got[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"],
+                                   src[f"model.layers.{layer}.mlp.{dense}.weight"])
+        gate = got[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
+        assert gate.shape == (4, 32) and (bool((gate == 0).all()) == (router == "zero"))
+    assert ("lm_head.weight" in got) == (not tie)
+    torch.testing.assert_close(logits_of(out), logits_of(base), atol=1e-5, rtol=0)  # no missing/unexpected keys
+    if router == "zero":  # experts are byte copies and the router a hole: nothing is computed
+        assert any(f"0 of {len(plan.tensors)} tensors computed" in line for line in logs)
+
+
+@pytest.mark.parametrize("router", ["zero", "{random: 0.5}"])
+def test_qwen3_to_qwen3_moe_with_inject_and_dense_layers(tmp_path, tiny, router):
+    base = tiny(arch="qwen3", layers=4, **QWEN3)
+    body = f"inject: {{every: 2}}\nupcycle: {{experts: 3, top_k: 2, layers: [{{layers: [0, 4]}}], router: {router}}}\n"
+    plan, out, _ = upcycle(tmp_path, base, body)
+    assert plan.function_preserving and plan.upcycle.layers == [0, 1, 2, 3] and plan.upcycle.dense_layers == [4, 5]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen3_moe" and config["norm_topk_prob"] is True
+    assert config["moe_intermediate_size"] == 64 and config["mlp_only_layers"] == [4, 5]
+    assert config["num_experts"] == 3 and config["decoder_sparse_step"] == 1 and config["num_hidden_layers"] == 6
+    got = load_all(out)
+    # output layer 2 is injected after layer 1: every expert's down projection is zero, so it stays the identity
+    assert all(not got[f"model.layers.2.mlp.experts.{e}.down_proj.weight"].any() for e in range(3))
+    assert "model.layers.5.mlp.down_proj.weight" in got and "model.layers.5.mlp.gate.weight" not in got
+    torch.testing.assert_close(logits_of(out), logits_of(base), atol=1e-5, rtol=0)
+    report = verify_output(out)
+    assert report.ok and report.max_abs_diff <= 1e-5 and not report.tensor_problems
+
+
+def test_llama_inject_then_upcycle_is_exact(tmp_path, tiny):
+    base = tiny(arch="llama", layers=4)
+    plan, out, _ = upcycle(tmp_path, base, "inject: {every: 2}\nupcycle: {experts: 2, top_k: 1}\n")
+    assert plan.function_preserving and plan.upcycle.layers == list(range(6))
+    torch.testing.assert_close(logits_of(out), logits_of(base), atol=1e-5, rtol=0)
+
+
+def test_two_source_experts_land_in_their_slots(tmp_path, tiny):
+    base, other = tiny(arch="llama", layers=4), tiny(arch="llama", layers=4, seed=1)
+    body = f"upcycle:\n  experts: 2\n  top_k: 1\n  sources: [{{model: {base}}}, {{model: {other}}}]\n"
+    plan, out, _ = upcycle(tmp_path, base, body)
+    assert not plan.function_preserving
+    assert any("expert 1 from" in why for why in plan.upcycle.breaks_preservation)
+    got, mine, theirs = load_all(out), load_all(base), load_all(other)
+    for layer in range(4):
+        for w, dense in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            key = f"model.layers.{layer}.mlp.{dense}.weight"
+            assert torch.equal(got[f"model.layers.{layer}.block_sparse_moe.experts.0.{w}.weight"], mine[key])
+            assert torch.equal(got[f"model.layers.{layer}.block_sparse_moe.experts.1.{w}.weight"], theirs[key])
+            assert not torch.equal(mine[key], theirs[key])
+        # everything outside the MLP is the base model's
+        assert torch.equal(got[f"model.layers.{layer}.self_attn.q_proj.weight"], mine[f"model.layers.{layer}.self_attn.q_proj.weight"])
+    logits_of(out)  # loads with no missing or unexpected keys
+    assert verify_output(out, logits=False).ok
+
+
+def test_noisy_experts_are_seeded_and_not_preserving(tmp_path, tiny):
+    base = tiny(arch="llama", layers=4)
+    plan, out, _ = upcycle(tmp_path, base, "upcycle: {experts: 3, top_k: 2, init: [copy, {noise: 0.01}, {scale: 0.5}]}\n")
+    assert not plan.function_preserving
+    got, src = load_all(out), load_all(base)
+    dense = src["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(got["model.layers.0.block_sparse_moe.experts.0.w3.weight"], dense)
+    noisy = got["model.layers.0.block_sparse_moe.experts.1.w3.weight"]
+    assert 0 < float((noisy - dense).abs().max()) < 0.1
+    torch.testing.assert_close(got["model.layers.0.block_sparse_moe.experts.2.w3.weight"], dense * 0.5)
+    assert verify_output(out, logits=False).ok  # verify recomputes the noise from the plan's seeds
+
+
+def test_router_only_stage_trains_only_the_routers(tmp_path, tiny):
+    base = tiny(arch="llama", layers=4)
+    body = ("upcycle: {experts: 2, top_k: 1}\nstages:\n  - name: routers\n    trainable: [router]\n"
+            "  - name: experts\n    trainable: [experts]\n")
+    plan, out, _ = upcycle(tmp_path, base, body)
+    routers = [op.name for op in plan.tensors if op.projection == "router"]
+    assert plan.stages[0].parameters == routers and len(routers) == 4
+    assert all(".block_sparse_moe.gate." in n for n in routers)
+    experts = plan.stages[1].parameters
+    assert len(experts) == 4 * 2 * 3 and all(".experts." in n for n in experts)
+    assert plan.stages[0].trainable_parameters == 4 * 2 * 32
