@@ -121,3 +121,29 @@ def test_router_only_stage_trains_only_the_routers(tmp_path, tiny):
     experts = plan.stages[1].parameters
     assert len(experts) == 4 * 2 * 3 and all(".experts." in n for n in experts)
     assert plan.stages[0].trainable_parameters == 4 * 2 * 32
+
+
+def test_moe_stages_select_the_loaded_parameters(tmp_path, tiny):
+    """transformers (>= 5) loads Mixtral's router as mlp.gate and fuses each layer's experts: the built-in
+    trainer and the Axolotl patterns select exactly the stage's parameters under those names."""
+    from transformers import AutoModelForCausalLM
+
+    from tli_recipe.training.axolotl import axolotl_patterns, axolotl_selects
+    from tli_recipe.training.builtin import BuiltinStageConfig
+    from tli_recipe.training.train import _freeze
+
+    base = tiny(arch="llama", layers=4)
+    body = ("upcycle: {experts: 2, top_k: 1}\nstages:\n  - {name: routers, trainable: [router]}\n"
+            "  - {name: experts, trainable: [experts, {layers: [0, 1]}]}\n")
+    plan, out, _ = upcycle(tmp_path, base, body)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    loaded = [n for n, _ in model.named_parameters()]
+    wanted = {"routers": {n for n in loaded if n.endswith(".mlp.gate.weight")},
+              "experts": {n for n in loaded if ".mlp.experts." in n or n.startswith("model.layers.0.")}}
+    assert len(wanted["routers"]) == 4 and len(wanted["experts"]) == 4 * 2 + 7
+    for stage in plan.stages:
+        cfg = BuiltinStageConfig(stage=stage.name, model=str(out), output_dir=str(tmp_path / stage.name), datasets=[],
+                                 sequence_length=8, trainable_parameters=stage.parameters, training_arguments={})
+        trained = {n for n, p in _freeze(model, cfg).named_parameters() if p.requires_grad}
+        assert trained == wanted[stage.name]
+        assert {n for n in loaded if axolotl_selects(axolotl_patterns(plan, stage.parameters), n)} == wanted[stage.name]

@@ -112,3 +112,14 @@ def test_shared_and_lora_on_moe_groups_are_refused(tmp_path):
     assert "stages[1].lora.targets[1]: 'gate_proj' in upcycled layers is an MoE expert weight" in text
     with pytest.raises(RecipeError, match="'router' selects nothing: the output has no MoE layers"):
         plan_of(tmp_path, f"base_model: {LLAMA_1B}\nstages:\n  - {{name: d, trainable: [router]}}\n")
+
+
+def test_llamafactory_refuses_moe_groups_and_axolotl_expresses_them(tmp_path, cli):
+    recipe = write_recipe(tmp_path, f"base_model: {LLAMA_1B}\nupcycle: {{experts: 2, top_k: 1}}\nstages:\n"
+                                    "  - {name: everything, trainable: [all]}\n  - {name: routers, trainable: [router]}\n")
+    cli("emit", recipe, "-o", tmp_path / "configs")
+    refused = (tmp_path / "configs" / "llamafactory" / "02-routers.refused.txt").read_text()
+    assert "it trains the MoE group router: LLaMA-Factory selects whole layers" in refused
+    assert (tmp_path / "configs" / "llamafactory" / "01-everything.yaml").is_file()
+    axolotl = (tmp_path / "configs" / "axolotl" / "02-routers.yaml").read_text()
+    assert "^model.layers.15.block_sparse_moe.gate.weight$" in axolotl and "^model.layers.15.mlp.gate.weight$" in axolotl

@@ -72,6 +72,7 @@ class Architecture:
     vocab_key: str = ""              # the decoder config key holding the vocabulary size
     layers_pattern: str = ""         # the peft layers_pattern: the module list holding the decoder layers
     upcycle: Optional[UpcycleSpec] = None  # sparse upcycling into this (MoE) architecture
+    loaded_names: tuple[tuple[str, str], ...] = ()  # (regex, replacement): a checkpoint name as transformers loads it
     notes: str = ""
     source_file: str = ""
     inferred: bool = False           # built from tensor names, not from a definition file
@@ -116,6 +117,12 @@ class Architecture:
         if suffix not in cache:  # suffixes repeat in every layer: match each one once
             cache[suffix] = next((name for name, pattern in self._module_res if pattern.match(suffix)), None)
         return cache[suffix]
+
+    def loaded_name(self, name: str) -> str:
+        """A checkpoint tensor's parameter name once transformers loaded the model (experts fused per layer)."""
+        for pattern, replacement in self.loaded_names:
+            name = re.sub(pattern, replacement, name)
+        return name
 
     def is_expert_tensor(self, suffix: str) -> bool:
         """True for a tensor of one MoE expert (``mlp.experts.7.down_proj.weight``)."""
@@ -282,6 +289,7 @@ def load_architectures() -> dict[str, Architecture]:
             vocab_key=_required(d, "vocab_key", path),
             layers_pattern=_required(d, "layers_pattern", path),
             upcycle=parse_upcycle(d.get("upcycle"), path),
+            loaded_names=tuple((str(a), str(b)) for a, b in d.get("loaded_names") or ()),
             notes=str(d.get("notes", "")).strip(),
             source_file=path,
         )
