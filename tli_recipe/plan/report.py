@@ -123,7 +123,10 @@ def upcycle_lines(plan: Plan) -> list[str]:
     lines.append(f"moe params  total {human_count(up.parameters_total)}, active per token {human_count(up.parameters_active)} "
                  f"({up.parameters_total:,} / {up.parameters_active:,}; {up.top_k} of {up.experts} experts per token, "
                  "embeddings included)")
-    exact = ("exact up to rounding: identical experts and renormalised top-k weights give the dense MLP"
+    # Zero router: every kept weight is 1/k; w*a + w*a is exactly a for k = 2 (and k = 1), while longer sums may round.
+    bits = up.router == "zero" and up.top_k <= 2
+    exact = (f"identical experts and renormalised top-k weights give the dense MLP, "
+             f"{'bit for bit (zero router, k <= 2)' if bits else 'up to float rounding'}"
              if not up.breaks_preservation else "; ".join(up.breaks_preservation))
     lines.append(f"moe exact   {'yes' if not up.breaks_preservation else 'no'}: {exact}")
     lines.append("router loss " + ", ".join(f"{k}={v}" for k, v in up.aux_loss.items())
