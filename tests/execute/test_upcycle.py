@@ -38,6 +38,7 @@ def test_llama_to_mixtral_keeps_the_logits(tmp_path, tiny, router, tie):
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["MixtralForCausalLM"] and config["model_type"] == "mixtral"
     assert (config["num_local_experts"], config["num_experts_per_tok"]) == (4, 2)
+    assert "Sparsely upcycled to mixtral (arXiv 2212.05055): output layers 0-3 hold 4 experts" in (out / "README.md").read_text()
     src, got = load_all(base), load_all(out)
     for layer in range(4):
         for w, dense in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
