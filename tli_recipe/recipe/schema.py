@@ -7,7 +7,6 @@ half-open ``[start, end)``, as in Python slices. Checks that need the checkpoint
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import (
@@ -34,6 +33,7 @@ from tli_recipe.recipe.policy import (  # noqa: F401 - exported here too
     _dump_policy,
     _parse_policy,
 )
+from tli_recipe.recipe.sizes import ShardSize, parse_size  # noqa: F401 - parse_size exported here too
 from tli_recipe.recipe.sources import ModelField, ModelRef, SourceRef  # noqa: F401 - ModelRef, SourceRef exported here too
 
 Dtype = Literal["float32", "float16", "bfloat16"]
@@ -370,34 +370,6 @@ def _upcycle_problems(up: "Upcycle", has_inject: bool) -> list[tuple[tuple, str]
 
 
 # --- the recipe --------------------------------------------------------------------
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(value: Any) -> int:
-    """``"5GB"`` -> 5_000_000_000 bytes; an integer is a byte count."""
-    if isinstance(value, bool):
-        raise _fail(f"{value!r} is not a size; expected bytes or a string such as 5GB or 500MiB")
-    if isinstance(value, int):
-        size = value
-    else:
-        match = _SIZE.match(str(value))
-        if not match:
-            raise _fail(f"{value!r} is not a size; expected bytes or a string such as 5GB or 500MiB")
-        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
-    if size < 1:
-        raise _fail(f"must be at least 1 byte, got {value!r}")
-    return size
-
-
-ShardSize = Annotated[
-    int,
-    BeforeValidator(parse_size),
-    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _SIZE.pattern}],
-                    "description": "Largest output shard: bytes, or a string such as 5GB or 500MiB."}),
-]
-
 
 class Recipe(NoNulls):
     """A growth recipe: which layers the output has, how new layers start, how they train."""
