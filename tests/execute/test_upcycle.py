@@ -148,3 +148,42 @@ def test_moe_stages_select_the_loaded_parameters(tmp_path, tiny):
         trained = {n for n, p in _freeze(model, cfg).named_parameters() if p.requires_grad}
         assert trained == wanted[stage.name]
         assert {n for n in loaded if axolotl_selects(axolotl_patterns(plan, stage.parameters), n)} == wanted[stage.name]
+
+
+@pytest.mark.slow
+def test_hidden_router_rows_are_the_routers_own_inputs(tmp_path):
+    """Row e of each router: the unit-length mean, over expert e's prompts, of what that router sees at the last
+    token (the MLP input), minus the negatives' mean. Checked in the upcycled Mixtral itself, hooked at its MoE
+    blocks: a function-preserving plan gives them the dense model's inputs."""
+    from conftest import build_tiny
+    from tiny_text import add_char_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = add_char_tokenizer(build_tiny(tmp_path / "base", layers=3))
+    prompts = [(["the cat sat on the mat", "a dog ran far"], []), (["def f(x): return x"], ["the cat"])]
+    entries = "".join(f"    - {{positive: {pos}, negative: {neg}}}\n" for pos, neg in prompts)
+    plan, out, logs = upcycle(tmp_path, base, f"upcycle:\n  experts: 2\n  top_k: 1\n  router: hidden\n  prompts:\n{entries}")
+    assert plan.function_preserving and any("hidden router: 3 routers" in line for line in logs)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    seen = {}
+    for layer in range(3):
+        model.model.layers[layer].mlp.register_forward_pre_hook(lambda m, args, layer=layer: seen.__setitem__(layer, args[0][0, -1]))
+
+    def mean(texts):
+        total = torch.zeros(3, 32)
+        for text in texts:
+            with torch.no_grad():
+                model(input_ids=tokenizer(text, return_tensors="pt")["input_ids"])
+            total += torch.stack([seen[i] for i in range(3)])
+        return total / max(len(texts), 1)
+
+    rows = torch.stack([mean(pos) - mean(neg) for pos, neg in prompts], dim=1)  # [layer, expert, hidden]
+    rows = rows / rows.norm(dim=-1, keepdim=True)
+    got = load_all(out)
+    for layer in range(3):
+        torch.testing.assert_close(got[f"model.layers.{layer}.block_sparse_moe.gate.weight"], rows[layer], atol=1e-5, rtol=0)
+    assert not torch.allclose(rows[0, 0], rows[0, 1])
+    torch.testing.assert_close(logits_of(out), logits_of(base), atol=1e-5, rtol=0)
+    report = verify_output(out)
+    assert report.ok and report.not_recomputed == 3

@@ -50,7 +50,7 @@ class TensorOp(Frozen):
     name: str = Field(description="Output tensor name.")
     source: str = Field(description="Key of the source model in Plan.sources.")
     source_name: str = Field(description="Source tensor name (read unless op is zero or random).")
-    op: Literal["copy", "zero", "fill", "scale", "noise", "random", "interpolate", "lesa"]
+    op: Literal["copy", "zero", "fill", "scale", "noise", "random", "interpolate", "lesa", "hidden"]
     value: Optional[float] = Field(default=None, description="scale factor, standard deviation, fill value, or interpolation weight.")
     second_source: Optional[str] = Field(default=None, description="interpolate, lesa: source model of the next layer's tensor.")
     second_name: Optional[str] = Field(default=None, description="interpolate, lesa: the next layer's tensor.")
@@ -102,7 +102,8 @@ class UpcyclePlan(Frozen):
     top_k: int
     layers: list[int] = Field(description="Output layers whose dense MLP became experts and a router.")
     dense_layers: list[int] = Field(description="Output layers that keep their dense MLP.")
-    router: str = Field(description="Router init: zero or random(std).")
+    router: str = Field(description="Router init: zero, random(std) or hidden.")
+    prompts: list[dict[str, list[str]]] = Field(default_factory=list, description="The hidden router init's prompts per expert: {positive, negative}.")
     expert_init: list[str] = Field(description="Init policy of each expert.")
     expert_sources: list[Optional[str]] = Field(description="Source key each expert's MLP comes from; None: the layer's own source.")
     parameters_total: int

@@ -12,6 +12,7 @@ an injected identity layer stays the identity. Nothing here reads a tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from tli_recipe.errors import did_you_mean
@@ -74,6 +75,11 @@ def resolve_upcycle(recipe: Recipe, sources: Sources, problems: Problems) -> Opt
         if not holds:
             problems.add(("upcycle",), f"{why}, and base_model's config does not meet `{expr}`; expected a source "
                                        f"{out.name} can hold", prefer_key=True)
+    if up.router.kind == "hidden":
+        folder = sources.models[sources.base].path
+        if not any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            sources.warnings.append(f"{folder} has no tokenizer files: the hidden router init tokenizes its prompts "
+                                    "with the source's tokenizer, so `run` will fail until they are there")
     keys: list[Optional[str]] = [None] * up.experts
     for i, entry in enumerate(up.sources or []):
         if i < up.experts:
@@ -248,7 +254,7 @@ def upcycle_summary(upc: Upcycling, ops: list[TensorOp], config: dict,
     return UpcyclePlan(
         output_architecture=upc.arch.name, experts=up.experts, top_k=up.top_k, layers=upc.layers,
         dense_layers=sorted({op.layer for op in ops if op.layer is not None} - set(upc.layers)),
-        router=str(up.router), expert_init=[str(p) for p in up.expert_policies()],
+        router=str(up.router), prompts=[p.model_dump() for p in up.prompts or []], expert_init=[str(p) for p in up.expert_policies()],
         expert_sources=list(upc.expert_sources), parameters_total=total, parameters_active=active,
         renormalised=renormalised, breaks_preservation=reasons,
         aux_loss={k: config.get(k) for k in upc.spec.aux_loss}, order=ORDER)

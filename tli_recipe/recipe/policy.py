@@ -23,10 +23,11 @@ class Policy(Strict):
     ``value``. ``noise``: source plus N(0, value^2), seeded. ``random``: N(0, value^2), seeded.
     ``zero_gain``: a norm gain whose effective value is 0, in the form the architecture stores
     it (0 for most models, -1 for Gemma's ``1 + w``). ``interpolate``: ``(1 - w) * previous + w *
-    next`` layer. ``lesa``: predicted from both neighbours through an SVD basis (LESA).
+    next`` layer. ``lesa``: predicted from both neighbours through an SVD basis (LESA). ``hidden``
+    (an upcycled router only): rows from the MLP inputs of each expert's prompts.
     """
 
-    kind: Literal["copy", "zero", "zero_gain", "lesa", "scale", "noise", "random", "interpolate"]
+    kind: Literal["copy", "zero", "zero_gain", "lesa", "scale", "noise", "random", "interpolate", "hidden"]
     value: Optional[float] = None
 
     def __str__(self) -> str:

@@ -282,13 +282,12 @@ EXPERT_POLICIES = ("copy", "noise", "scale")
 
 def _parse_router(value: Any) -> Any:
     if value == "hidden":
-        raise _fail("router init 'hidden' (rows from mean hidden states of prompts, as mergekit-moe does) runs the "
-                    "model and is not implemented yet; expected zero or {random: std}")
+        return {"kind": "hidden"}
     if value == "zero" or (isinstance(value, dict) and list(value) == ["random"]):
         return _parse_policy(value)
     if isinstance(value, Policy):
         return value
-    raise _fail(f"{value!r} is not a router init; expected one of: {ROUTER_FORMS} (hidden: not implemented yet)")
+    raise _fail(f"{value!r} is not a router init; expected one of: {ROUTER_FORMS}")
 
 
 def _expert_policy(value: Any, where: str = "") -> Policy:
@@ -318,6 +317,13 @@ ExpertInit = Annotated[Union[Policy, list[Policy]], BeforeValidator(_parse_exper
                                                                          "minItems": 1, "maxItems": MAX_EXPERTS}]})]
 
 
+class ExpertPrompts(Strict):
+    """Text that shows what one expert is for: the ``hidden`` router init points its row at these prompts."""
+
+    positive: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=256, description="Prompts this expert should take.")
+    negative: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=256, description="Prompts it should not take (their mean is subtracted).")
+
+
 class ExpertSource(Strict):
     """Where one expert's MLP comes from: another checkpoint of the same architecture and widths."""
 
@@ -343,7 +349,8 @@ class Upcycle(NoNulls):
     router: Annotated[Policy, BeforeValidator(_parse_router), PlainSerializer(_dump_policy),
                       WithJsonSchema({"oneOf": [{"enum": ["zero", "hidden"]}, _POLICY_SCHEMA["oneOf"][3]]})] = Field(
         default_factory=lambda: Policy(kind="zero"),
-        description="Router init: zero (uniform routing) or {random: std} (seeded); hidden is not implemented yet.")
+        description="Router init: zero (uniform routing), {random: std} (seeded), or hidden: each expert's row is the normalised mean MLP input (the router's own input) at the last token of its prompts, minus that of its negative prompts (runs the source model; needs prompts).")
+    prompts: Optional[list[ExpertPrompts]] = Field(default=None, min_length=1, max_length=MAX_EXPERTS, description="The hidden router init's prompts, one entry per expert: {positive: [...], negative: [...]}.")
     init: ExpertInit = Field(
         default_factory=lambda: Policy(kind="copy"),
         description="Expert init: one policy for every expert, or a list of E (expert i gets entry i): copy, {noise: std}, {scale: x}, applied to every weight of the expert.")
@@ -360,6 +367,15 @@ def _upcycle_problems(up: "Upcycle", has_inject: bool) -> list[tuple[tuple, str]
     if isinstance(up.init, list) and len(up.init) != up.experts:
         problems.append((("upcycle", "init"), f"lists {len(up.init)} policies for {up.experts} experts; expected one "
                                               "policy, or one per expert"))
+    if up.router.kind == "hidden" and up.prompts is None:
+        problems.append((("upcycle", "router"), "hidden needs prompts for each expert; expected upcycle.prompts: "
+                                                "[{positive: [...]}, ...] with one entry per expert"))
+    if up.prompts is not None and up.router.kind != "hidden":
+        problems.append((("upcycle", "prompts"), f"prompts are for the hidden router init, and router is {up.router}; "
+                                                 "expected router: hidden, or no prompts"))
+    if up.prompts is not None and len(up.prompts) != up.experts:
+        problems.append((("upcycle", "prompts"), f"lists {len(up.prompts)} entries for {up.experts} experts; expected "
+                                                 "one per expert"))
     if up.sources is not None and len(up.sources) != up.experts:
         problems.append((("upcycle", "sources"), f"lists {len(up.sources)} models for {up.experts} experts; expected "
                                                  "one per expert"))
