@@ -123,3 +123,17 @@ def test_llamafactory_refuses_moe_groups_and_axolotl_expresses_them(tmp_path, cl
     assert (tmp_path / "configs" / "llamafactory" / "01-everything.yaml").is_file()
     axolotl = (tmp_path / "configs" / "axolotl" / "02-routers.yaml").read_text()
     assert "^model.layers.15.block_sparse_moe.gate.weight$" in axolotl and "^model.layers.15.mlp.gate.weight$" in axolotl
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_benchmark_moe_recipes_plan_as_their_headers_say(k):
+    from conftest import ROOT
+
+    path = ROOT / "benchmarks" / "growth" / f"moe-e2k{k}.yaml"
+    plan = compile_plan(load_recipe(path, [f"base_model={CONFIGS / 'HuggingFaceTB__SmolLM2-135M'}"]))
+    up, header = plan.upcycle, path.read_text()
+    assert plan.function_preserving and (up.experts, up.top_k, up.layers) == (2, k, list(range(30)))
+    added = up.parameters_total - plan.totals.parameters_before
+    assert f"+{added / 1e6:.1f}M parameters in total" in header
+    assert f"{up.parameters_active / 1e6:.1f}M active per token" in header
+    assert plan.stages[0].trainable_parameters == 43_368_192 and "43.4M" in header
