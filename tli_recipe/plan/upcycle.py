@@ -43,8 +43,8 @@ class Upcycling:
     arch: Architecture                    # the output (MoE) architecture
     spec: UpcycleSpec
     expert_sources: list[Optional[str]]   # source key of each expert's MLP; None: the layer's own source
-    layers: list[int] = None              # output layers upcycled (set by select_layers)
-    breaks: dict = None                   # output layer -> why its experts differ from its dense MLP (upcycle_ops)
+    layers: Optional[list[int]] = None    # output layers upcycled (set by select_layers)
+    breaks: Optional[dict] = None         # output layer -> why its experts differ from its dense MLP (upcycle_ops)
 
     @property
     def expert_modules(self) -> dict[str, Module]:
