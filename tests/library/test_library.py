@@ -50,6 +50,7 @@ EXPECTED = {
     # hand-written (the README's example and the demo)
     "llama3-8b-k4": ("meta-llama/Meta-Llama-3-8B", 32, 40), "smollm2-135m-k4": ("HuggingFaceTB/SmolLM2-135M", 30, 37),
     "smollm2-135m-k4-mod": ("HuggingFaceTB/SmolLM2-135M", 30, 37),
+    "smollm2-135m-moe": ("HuggingFaceTB/SmolLM2-135M", 30, 30),
 }
 
 
@@ -157,6 +158,7 @@ def test_describe_method():
     assert method("base_model: x\nslices: [{layer_range: [0, 24]}, {layer_range: [8, 32]}]\n") == "DUS [0, 24) + [8, 32)"
     assert method("base_model: x\ninject: {between: [8, 16], init: {o_proj: {interpolate: 0.5}}}\n") == "TLI, between [8, 16), init interpolate"
     assert method("base_model: x\n") == "copy"
+    assert method("base_model: x\ninject: {every: 4}\nupcycle: {experts: 4, top_k: 2}\n") == "TLI, K = 4 + MoE, E = 4, k = 2"
 
 
 def test_readme_table_is_what_list_markdown_prints(cli, monkeypatch, tmp_path):

@@ -38,7 +38,7 @@ Grown from `{plan.base_model}` ({plan.architecture}) by tli-recipe {plan.tli_rec
 
 - Injected layers (output indices, also `requires_grad_layers` in config.json): {plan.requires_grad_layers or 'none'}
 - Init of the injected layers: {', '.join(f'{k}={v}' for k, v in plan.init.items()) or 'n/a'}; other tensors copied.
-- Function-preserving: {'yes, the model computes exactly what the base model computes' if plan.function_preserving else 'no: it differs from the base model until trained'}.
+{_upcycle_line(plan)}- Function-preserving: {'yes, the model computes exactly what the base model computes' if plan.function_preserving else 'no: it differs from the base model until trained'}.
 - Recipe: `recipe.yaml` (resolved), sha256 `{plan.recipe_sha256}`; full plan: `plan.json`.
 
 ## Layer map
@@ -55,6 +55,16 @@ Check the checkpoint against its base model: `tli-recipe verify {plan.output}`.
 
 The license is the base model's: copy its license and terms before you publish this checkpoint.
 """ + _provenance(plan)
+
+
+def _upcycle_line(plan: Plan) -> str:
+    up = plan.upcycle
+    if up is None:
+        return ""
+    return (f"- Sparsely upcycled to {up.output_architecture} (arXiv 2212.05055): output layers {ranges(up.layers)} hold "
+            f"{up.experts} experts each, {up.top_k} active per token, router {up.router}; "
+            f"{up.parameters_total:,} parameters, {up.parameters_active:,} active per token. Router loss: "
+            + ", ".join(f"`{k}: {v}`" for k, v in up.aux_loss.items()) + " in config.json.\n")
 
 
 def _provenance(plan: Plan) -> str:

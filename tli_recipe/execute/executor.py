@@ -27,6 +27,7 @@ from tli_recipe.execute.shards import (
     torch_dtype,
 )
 from tli_recipe.plan.model import Plan, TensorOp
+from tli_recipe.plan.ops import OPS
 from tli_recipe.source.checkpoint import SIDE_FILES, CheckpointError, open_checkpoint
 from tli_recipe.source.hashes import SourceHasher
 from tli_recipe.source.provenance import check_digests, pinned_files
@@ -64,9 +65,9 @@ def make_tensor(op: TensorOp, reader: TensorReader, source, device: str, sources
         return torch.zeros(op.shape, dtype=out_dtype)
     if op.op == "fill":
         return torch.full(op.shape, op.value, dtype=out_dtype)
-    if op.op == "lesa":
+    if op.op in ("lesa", "hidden"):
         if not precomputed or op.name not in precomputed:
-            raise TliError(f"tensor '{op.name}': its lesa prediction was not computed; run lesa_tensors first")
+            raise TliError(f"tensor '{op.name}': its {op.op} values were not computed before writing")
         return precomputed[op.name].to(out_dtype)
     if op.op == "random":
         gen = torch.Generator().manual_seed(op.seed)
@@ -118,7 +119,7 @@ def _check_sources(plan: Plan) -> dict:
         opened[key] = open_checkpoint(Path(src.path))
     mismatched = []
     for op in plan.tensors:
-        if op.op in ("zero", "random"):
+        if not OPS[op.op].reads_source:
             continue
         info = opened[op.source].tensors.get(op.source_name)
         if info is None or info.shape != tuple(op.shape) or info.dtype != op.source_dtype:
@@ -158,6 +159,10 @@ def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str
     hasher = SourceHasher([p for names in files.values() for p in names.values()], trust_cache=not rehash).start()
     try:
         precomputed = _lesa(plan, sources, device, log)
+        if any(op.op == "hidden" for op in plan.tensors):  # the hidden router init runs the source models
+            from tli_recipe.execute.hidden_router import hidden_routers
+
+            precomputed.update(hidden_routers(plan, device, log))
         # The headers reserve room for the digests (64 hex characters each) and get them once known.
         reserved = plan.model_copy(update={"source_files": {k: dict.fromkeys(names, "0" * 64) for k, names in files.items()}})
         shards = layout_shards(((op.name, op.dtype, tuple(op.shape)) for op in plan.tensors), plan.shard_size)

@@ -94,6 +94,9 @@ def describe_method(recipe) -> str:
         copies = f", P = {inject.copies}" if inject.copies != 1 else ""
         kinds = sorted({p.kind for p in inject.init.policies().values()} - {"copy", "zero", "zero_gain"}) if inject.init else []
         parts.append(f"{name}, {site}{copies}" + (f", init {'/'.join(kinds)}" if kinds else ""))
+    up = recipe.upcycle
+    if up is not None:
+        parts.append(f"MoE, E = {up.experts}, k = {up.top_k}" + (", other sources" if up.sources else ""))
     return " + ".join(parts) or "copy"
 
 

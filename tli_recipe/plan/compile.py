@@ -6,7 +6,8 @@ sequence of named steps, each a function of its inputs:
 
 1. ``resolve_sources``: open the checkpoints, build the stack of source layers (plan/sources.py);
 2. ``build_layer_map``: the output layers, original and injected (plan/layers.py);
-3. ``assign_tensor_ops``: one TensorOp per output tensor (plan/tensor_ops.py);
+3. ``assign_tensor_ops``: one TensorOp per output tensor (plan/tensor_ops.py); with an ``upcycle``
+   section, ``upcycle_ops`` then turns the MLP of chosen output layers into experts (plan/upcycle.py);
 4. ``rewrite_config``: the output config.json (plan/config.py);
 5. ``resolve_stages``: training stages as layers and parameter names (plan/stages.py);
 6. ``judge_preservation``: does the output compute exactly the base model's function?
@@ -40,6 +41,15 @@ from tli_recipe.plan.tensor_ops import (
     check_lora_targets,
     choose_policies,
 )
+from tli_recipe.plan.upcycle import (
+    UpcycleConfig,
+    check_moe_lora,
+    check_output_tensors,
+    resolve_upcycle,
+    select_layers,
+    upcycle_ops,
+    upcycle_summary,
+)
 from tli_recipe.recipe.load import LoadedRecipe, Marks
 from tli_recipe.recipe.schema import Recipe
 from tli_recipe.source.arch import ArchError, Architecture
@@ -57,12 +67,14 @@ def compile_plan(loaded: LoadedRecipe, access: Optional[Access] = None) -> Plan:
     recipe: Recipe = loaded.recipe
     problems = Problems(loaded)
     sources = resolve_sources(recipe, problems, access or Access())
+    upc = resolve_upcycle(recipe, sources, problems) if not problems.items else None  # may add expert sources
     stack_ok = not problems.items  # the steps below need the whole stack
     arch = sources.arch
+    out_arch = upc.arch if upc is not None else arch  # the architecture the output is written in
     # Problems of the init policies and LoRA targets do not stop the steps after them (an
     # unknown projection matches no tensor), so they are reported together with theirs.
     policies = choose_policies(recipe.inject, arch, problems)
-    check_lora_targets(recipe, arch, problems)
+    check_lora_targets(recipe, out_arch, problems)
     if not stack_ok:
         problems.raise_if_any()
     label = f" of {recipe.base_model}" if recipe.slices is None else ""
@@ -70,14 +82,26 @@ def compile_plan(loaded: LoadedRecipe, access: Optional[Access] = None) -> Plan:
         problems.raise_if_any()
     layers, warnings = build_layer_map(sources.stack, recipe.inject)
     ops, op_warnings = assign_tensor_ops(recipe, sources, layers, policies, problems)
+    moe = None
+    if upc is not None:
+        select_layers(upc, layers, problems)
+        ops = upcycle_ops(recipe, sources, layers, ops, upc, problems)
+        moe = UpcycleConfig(upc, len(layers), arch.names(sources.configs[sources.base]).get("intermediate_size"))
     injected = [e.output for e in layers if e.role == "injected"]
     out_dtype = recipe.dtype or sources.models[sources.base].dtype or "float32"
     config, changes, blocking, config_warnings = rewrite_config(
         sources.base_config, sources.configs, arch, layers, injected, out_dtype, recipe.output_config,
-        sources.where, problems)
+        sources.where, problems, moe)
+    if upc is not None and not problems.items:  # a safety net over an otherwise sound plan
+        check_output_tensors(upc, ops, config, len(layers), problems)
     stage_warnings: list[str] = []
-    stages = resolve_stages(recipe, problems, layers, ops, arch, stage_warnings)
+    stages = resolve_stages(recipe, problems, layers, ops, out_arch, stage_warnings)
+    if upc is not None:
+        check_moe_lora(recipe, upc, stages, problems)
     problems.raise_if_any()
+    preserving = judge_preservation(sources, layers, ops)
+    upcycled = upcycle_summary(upc, ops, config, identity_layers(layers, ops, arch)) if upc is not None else None
+    preserving = preserving and not (upcycled and upcycled.breaks_preservation)
     name = recipe.name or Path(loaded.file).stem
     recipe_dict = loaded.resolved()
     base_tensors = sources.tensors[sources.base]
@@ -92,7 +116,7 @@ def compile_plan(loaded: LoadedRecipe, access: Optional[Access] = None) -> Plan:
         init={p: str(v) for p, v in policies.items()}, init_recommended=dict(arch.recommended_init),
         identity_options={b: [", ".join(f"{p}={k}" for p, k in o.items()) for o in opts]
                           for b, opts in arch.identity_branches.items()},
-        function_preserving=judge_preservation(sources, layers, ops), tensors=ops, config=config,
+        function_preserving=preserving, tensors=ops, config=config, upcycle=upcycled,
         config_changes=changes, blocking=blocking, stages=stages,
         warnings=sources.warnings + warnings + op_warnings + config_warnings + stage_warnings, totals=totals,
         output=recipe.output or f"out/{name}", shard_size=recipe.shard_size,
@@ -122,6 +146,8 @@ def source_pins(recipe: Recipe, marks: Marks, sources: Sources) -> dict[str, Sou
     ``checksums.<name>`` locates the value (a mismatch); ``checksums.<name>#key`` the key (a missing file)."""
     refs = [(recipe.base_model, ("base_model",))]
     refs += [(piece.model, ("slices", i, "model")) for i, piece in enumerate(recipe.slices or []) if piece.model is not None]
+    refs += [(entry.model, ("upcycle", "sources", i, "model"))
+             for i, entry in enumerate(recipe.upcycle.sources or [] if recipe.upcycle else [])]
     pins: dict[str, SourcePin] = {}
     for ref, path in refs:
         key = str(ref)
@@ -143,6 +169,12 @@ def judge_preservation(sources: Sources, layers: list[LayerEntry], ops: list[Ten
         return False
     by_layer = ops_by_layer(ops)
     return all(_is_identity(by_layer.get(e.output, []), sources.arch) for e in layers if e.role == "injected")
+
+
+def identity_layers(layers: list[LayerEntry], ops: list[TensorOp], arch: Architecture) -> set[int]:
+    """The injected output layers that add nothing to the residual stream."""
+    by_layer = ops_by_layer(ops)
+    return {e.output for e in layers if e.role == "injected" and _is_identity(by_layer.get(e.output, []), arch)}
 
 
 def _is_identity(layer_ops: list[TensorOp], arch: Architecture) -> bool:

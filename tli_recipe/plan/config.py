@@ -122,7 +122,8 @@ def _index_lists(rw: _Rewrite, configs: dict[str, dict], arch: Architecture, lay
     return True
 
 
-def check_overrides(overrides: dict[str, Any], config: dict, arch: Architecture, problems: Problems) -> dict[str, Any]:
+def check_overrides(overrides: dict[str, Any], config: dict, arch: Architecture, problems: Problems,
+                    upcycle_keys: frozenset = frozenset()) -> dict[str, Any]:
     """The output_config entries that may be applied; each one that may not is a located problem."""
     owned = owned_keys(arch)
     dotted = "".join(f"{k}." for k in arch.config_path)
@@ -134,6 +135,9 @@ def check_overrides(overrides: dict[str, Any], config: dict, arch: Architecture,
         if "" in parts:
             problems.add(path, "has an empty name between dots; expected a dotted key such as text_config.rope_theta",
                          prefer_key=True)
+        elif key in upcycle_keys:
+            problems.add(path, f"{key} belongs to the plan (the upcycle section sets it); output_config cannot set or "
+                               "remove it; change upcycle instead", prefer_key=True)
         elif key in owned or any(k.startswith(key + ".") for k in owned):
             problems.add(path, f"{key} belongs to the plan (it follows the layer map); output_config cannot set or "
                                "remove it; remove the key", prefer_key=True)
@@ -195,15 +199,16 @@ def _apply_overrides(rw: _Rewrite, overrides: dict[str, Any]) -> None:
 
 def rewrite_config(config: dict, configs: dict[str, dict], arch: Architecture, layers: list[LayerEntry],
                    injected: list[int], dtype: str, overrides: dict[str, Any], where: dict[str, tuple],
-                   problems: Problems) -> tuple[dict, list[ConfigChange], list[str], list[str]]:
+                   problems: Problems, moe=None) -> tuple[dict, list[ConfigChange], list[str], list[str]]:
     """The output config.json, its changes, what blocks `run` until the recipe chooses, and warnings.
 
     ``configs`` holds each source's decoder config; the decoder part of the output is nested
     under ``arch.config_path`` for a VLM. A source config that cannot be grown is a problem
-    located at that source in the recipe (``where``: source key -> field path)."""
+    located at that source in the recipe (``where``: source key -> field path). ``moe`` (an upcycle's
+    config keys: ``owned`` and ``apply(rw)``) writes the MoE keys before output_config is applied."""
     rw = _Rewrite(config, arch)
     warnings: list[str] = []
-    usable = check_overrides(overrides, config, arch, problems)
+    usable = check_overrides(overrides, config, arch, problems, frozenset(moe.owned) if moe else frozenset())
 
     def fail(ref: str, message: str) -> None:
         problems.add(where.get(ref, ("base_model",)), message)
@@ -223,5 +228,7 @@ def rewrite_config(config: dict, configs: dict[str, dict], arch: Architecture, l
     rw.change("requires_grad_layers", injected, "output indices of the injected layers (TLI Algorithm 1)", rw.out, "requires_grad_layers")
     dtype_key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
     rw.change(dtype_key, dtype, "dtype of the output tensors", rw.out, dtype_key)
+    if moe is not None:
+        moe.apply(rw)
     _apply_overrides(rw, usable)
     return rw.out, rw.changes, rw.blocking, warnings

@@ -50,7 +50,7 @@ class TensorOp(Frozen):
     name: str = Field(description="Output tensor name.")
     source: str = Field(description="Key of the source model in Plan.sources.")
     source_name: str = Field(description="Source tensor name (read unless op is zero or random).")
-    op: Literal["copy", "zero", "fill", "scale", "noise", "random", "interpolate", "lesa"]
+    op: Literal["copy", "zero", "fill", "scale", "noise", "random", "interpolate", "lesa", "hidden"]
     value: Optional[float] = Field(default=None, description="scale factor, standard deviation, fill value, or interpolation weight.")
     second_source: Optional[str] = Field(default=None, description="interpolate, lesa: source model of the next layer's tensor.")
     second_name: Optional[str] = Field(default=None, description="interpolate, lesa: the next layer's tensor.")
@@ -60,6 +60,7 @@ class TensorOp(Frozen):
     source_dtype: str
     layer: Optional[int] = Field(default=None, description="Output layer index; None outside the decoder layers.")
     projection: Optional[str] = None
+    expert: Optional[int] = Field(default=None, description="Upcycled layers: the expert this tensor belongs to (0-based); None elsewhere.")
 
     @property
     def nbytes(self) -> int:
@@ -97,12 +98,32 @@ class StagePlan(Frozen):
 
     name: str
     trainable_layers: list[int] = Field(description="Output layer indices that train.")
-    trainable_groups: list[str] = Field(description="Non-layer groups that train fully (embeddings, head).")
+    trainable_groups: list[str] = Field(description="Groups beyond whole layers that train fully: embeddings, head, and in an MoE model router, experts.")
     parameters: list[str] = Field(description="Names of the output tensors that train (for LoRA: the weights that get adapters).")
     lora: Optional[LoraPlan] = None
     mod: Optional[ModPlan] = Field(default=None, description="objective: mod: the ensemble head that trains beside the parameters.")
     trainable_parameters: int = Field(description="Elements that train: of the parameters above, or for LoRA of its adapters (r*(in+out) per adapted weight), plus the MoD head.")
     settings: Stage = Field(description="The recipe's typed stage: datasets, learning rate, precision, LoRA settings...")
+
+
+class UpcyclePlan(Frozen):
+    """Sparse upcycling: which output layers became MoE layers, and where each expert comes from."""
+
+    output_architecture: str = Field(description="The MoE architecture definition written (mixtral, qwen3_moe).")
+    experts: int
+    top_k: int
+    layers: list[int] = Field(description="Output layers whose dense MLP became experts and a router.")
+    dense_layers: list[int] = Field(description="Output layers that keep their dense MLP.")
+    router: str = Field(description="Router init: zero, random(std) or hidden.")
+    prompts: list[dict[str, list[str]]] = Field(default_factory=list, description="The hidden router init's prompts per expert: {positive, negative}.")
+    expert_init: list[str] = Field(description="Init policy of each expert.")
+    expert_sources: list[Optional[str]] = Field(description="Source key each expert's MLP comes from; None: the layer's own source.")
+    parameters_total: int
+    parameters_active: int = Field(description="Parameters used per token: the total less the experts a token is not routed to (embeddings included).")
+    renormalised: bool = Field(description="The top-k routing weights are renormalised to sum 1 (Mixtral always; Qwen3-MoE with norm_topk_prob).")
+    breaks_preservation: list[str] = Field(description="Why the MoE layers differ from the dense MLPs (empty: they compute the same).")
+    aux_loss: dict[str, Any] = Field(description="Router auxiliary-loss settings of the output config.")
+    order: str = Field(description="How upcycling combines with slices and inject.")
 
 
 class SourcePin(Frozen):
@@ -152,6 +173,7 @@ class Plan(Frozen):
     shard_size: int
     seed: int = Field(description="The recipe seed (noise and random policies, training).")
     lesa: Optional[Lesa] = Field(default=None, description="Settings of the lesa policy; None when no tensor is made by lesa.")
+    upcycle: Optional[UpcyclePlan] = Field(default=None, description="Sparse upcycling to MoE; None: the output is not upcycled.")
     recipe_dtype: Optional[str] = Field(default=None, description="The dtype the recipe asked for; None: each tensor keeps its dtype.")
     pins: dict[str, SourcePin] = Field(default_factory=dict, description="Each source's pin from the recipe, by source key.")
     layers_pattern: str = Field(description="The peft layers_pattern of the decoder layer list (e.g. 'layers'), from the architecture.")

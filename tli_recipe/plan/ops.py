@@ -12,7 +12,7 @@ from typing import Optional
 
 @dataclass(frozen=True)
 class OpSpec:
-    name: str            # "copy", "zero", "fill", "scale", "noise", "random", "interpolate", "lesa"
+    name: str            # "copy", "zero", "fill", "scale", "noise", "random", "interpolate", "lesa", "hidden"
     reads_source: bool   # reads op.source_name from op.source
     reads_second: bool   # also reads op.second_name from op.second_source
     seeded: bool         # draws from op.seed
@@ -29,6 +29,7 @@ OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("random", False, False, True, "std", "seeded N(0, std^2)"),
     OpSpec("interpolate", True, True, False, "weight", "(1 - w) * this layer's tensor + w * the next layer's"),
     OpSpec("lesa", True, True, False, None, "predicted from both neighbours through an SVD basis (LESA)"),
+    OpSpec("hidden", False, False, False, None, "router rows: the normalised mean MLP input of each expert's prompts"),
 )}
 
 

@@ -24,14 +24,27 @@ def human_count(n: int) -> str:
     return str(n)
 
 
+def _shown(op: TensorOp) -> str:
+    return f"{op.op}({op.value:g})" if OPS[op.op].value is not None and op.value is not None else op.op
+
+
 def _describe(ops: list[TensorOp]) -> str:
-    """The policy column of one output layer: each projection not copied, by its op and value."""
-    by_proj: dict[str, str] = {}
+    """The policy column of one output layer: each projection not copied, by its op and value; the
+    experts of an upcycled layer as their count and each expert's ops (``experts=4 (copy)``). A
+    projection whose experts differ is left to the experts' part."""
+    by_proj: dict[str, set[str]] = {}
+    experts: dict[int, set[str]] = {}
     for op in ops:
-        if op.op != "copy":
-            shown = OPS[op.op].value is not None and op.value is not None
-            by_proj[op.projection or op.name] = f"{op.op}({op.value:g})" if shown else op.op
-    return ", ".join(f"{p}={v}" for p, v in by_proj.items()) + ", rest copy" if by_proj else "copy"
+        by_proj.setdefault(op.projection or op.name, set()).add(_shown(op))
+        if op.expert is not None:
+            experts.setdefault(op.expert, set()).add(_shown(op))
+    shown = {p: next(iter(v)) for p, v in by_proj.items() if len(v) == 1 and v != {"copy"}}
+    text = ", ".join(f"{p}={v}" for p, v in shown.items()) + ", rest copy" if shown else "copy"
+    if experts:
+        kinds = ["+".join(sorted(experts[e])) for e in sorted(experts)]
+        kinds_shown = kinds[0] if len(set(kinds)) == 1 else ", ".join(kinds)
+        text = f"experts={len(experts)} ({kinds_shown}), " + text
+    return text
 
 
 def layer_policy(plan: Plan, output: int) -> str:
@@ -50,7 +63,9 @@ def plan_table(plan: Plan) -> str:
             src += f"+{e.next_layer}"
         rows.append((str(e.output), src, e.role + ("*" if e.role == "injected" else ""), _describe(by_layer.get(e.output, []))))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"plan {plan.name}: {plan.architecture} from {plan.base_model}"]
+    up = plan.upcycle
+    arch = f"{plan.architecture} -> {up.output_architecture} (upcycled)" if up else plan.architecture
+    lines = [f"plan {plan.name}: {arch} from {plan.base_model}"]
     for r in rows:
         lines.append(f"  {r[0]:>{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
     t = plan.totals
@@ -62,6 +77,8 @@ def plan_table(plan: Plan) -> str:
         f"preserving  {'yes: the output computes exactly the base model' if plan.function_preserving else 'no: the output differs from the base model until trained'}",
         f"output      {plan.output}",
     ]
+    if up is not None:
+        lines += upcycle_lines(plan)
     if plan.init:
         recommended = plan.init == plan.init_recommended
         lines.append(f"init        {', '.join(f'{k}={v}' for k, v in plan.init.items())}; other tensors copied"
@@ -94,6 +111,29 @@ def plan_table(plan: Plan) -> str:
     for b in plan.blocking:
         lines.append(f"blocking    {b}")
     return "\n".join(lines)
+
+
+def upcycle_lines(plan: Plan) -> list[str]:
+    """The expert map of an upcycled plan: layers, each expert's source and init, counts, the verdict."""
+    up = plan.upcycle
+    dense = f"; dense: {ranges(up.dense_layers)}" if up.dense_layers else ""
+    lines = [f"upcycle     {plan.architecture} -> {up.output_architecture}: {up.experts} experts, top-{up.top_k}, "
+             f"router {up.router}; output layers {ranges(up.layers)}{dense}",
+             f"            order: {up.order}"]
+    for e, (source, init) in enumerate(zip(up.expert_sources, up.expert_init)):
+        lines.append(f"expert {e:<4} {init} of the dense MLP of " + (source if source else "each layer's own source"))
+    lines.append(f"moe params  total {human_count(up.parameters_total)}, active per token {human_count(up.parameters_active)} "
+                 f"({up.parameters_total:,} / {up.parameters_active:,}; {up.top_k} of {up.experts} experts per token, "
+                 "embeddings included)")
+    # Zero router: every kept weight is 1/k; w*a + w*a is exactly a for k = 2 (and k = 1), while longer sums may round.
+    bits = up.router == "zero" and up.top_k <= 2
+    exact = (f"identical experts and renormalised top-k weights give the dense MLP, "
+             f"{'bit for bit (zero router, k <= 2)' if bits else 'up to float rounding'}"
+             if not up.breaks_preservation else "; ".join(up.breaks_preservation))
+    lines.append(f"moe exact   {'yes' if not up.breaks_preservation else 'no'}: {exact}")
+    lines.append("router loss " + ", ".join(f"{k}={v}" for k, v in up.aux_loss.items())
+                 + " (output config; set them with output_config)")
+    return lines
 
 
 def ranges(values: list[int]) -> str:

@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 from tli_recipe.plan.model import LayerEntry, LoraPlan, ModPlan, StagePlan, TensorOp
 from tli_recipe.plan.ops import zero_effect
 from tli_recipe.plan.problems import Problems
-from tli_recipe.recipe.schema import LayerSpan, Mod, Recipe, Stage
+from tli_recipe.recipe.schema import MOE_GROUPS, LayerSpan, Mod, Recipe, Stage
 from tli_recipe.source.arch import Architecture
 from tli_recipe.source.checkpoint import numel
 
@@ -69,11 +69,45 @@ def _selected(stage: Stage, i: int, layers: list[LayerEntry], problems: Problems
     return chosen, groups
 
 
+def _moe_ops(stage: Stage, i: int, groups: set[str], by_layer: dict[Optional[int], list[TensorOp]], arch: Architecture,
+             problems: Problems) -> tuple[list[TensorOp], bool]:
+    """The tensors of the MoE groups a stage names (every router, every expert, in any layer that has
+    them), and whether a problem was reported."""
+    found, before = [], len(problems.items)
+    for j, sel in enumerate(stage.trainable):
+        if sel not in MOE_GROUPS:
+            continue
+        if sel == "shared":
+            problems.add(("stages", i, "trainable", j), f"the {arch.name} architecture has no shared experts; expected "
+                                                        "router or experts")
+            continue
+        picked = [op for layer, ops in by_layer.items() if layer is not None for op in ops if _in_group(op, sel, arch)]
+        if not picked:
+            problems.add(("stages", i, "trainable", j), f"'{sel}' selects nothing: the output has no MoE layers; add an "
+                                                        "upcycle section or pick another group")
+        elif stage.lora is not None:
+            problems.add(("stages", i, "trainable", j), f"LoRA adapts linear modules, and '{sel}' tensors are plain "
+                                                        "parameters to transformers; expected a stage without lora")
+        found += picked
+    return found, len(problems.items) > before
+
+
+def _in_group(op: TensorOp, group: str, arch: Architecture) -> bool:
+    if group == "router":
+        return op.projection == "router"
+    split = arch.split_layer_key(op.name)
+    return op.expert is not None or (split is not None and arch.is_expert_tensor(split[1]))
+
+
 def resolve_stage(stage: Stage, i: int, layers: list[LayerEntry], by_layer: dict[Optional[int], list[TensorOp]],
                   arch: Architecture, earlier: list[StagePlan], problems: Problems, warnings: list[str]) -> StagePlan:
     """One stage: its trainable layers, the names and element count of what trains, its LoRA."""
     chosen, groups = _selected(stage, i, layers, problems)
+    moe, moe_problem = _moe_ops(stage, i, groups, by_layer, arch, problems)
     layer_ops = [op for layer in sorted(chosen) for op in by_layer.get(layer, ())]
+    if moe:  # in plan order, each tensor once
+        picked = {op.name for op in layer_ops} | {op.name for op in moe}
+        layer_ops = [op for layer, ops in by_layer.items() if layer is not None for op in ops if op.name in picked]
     lora = None
     if stage.lora is None:
         groups_of = {name: spec.get("group") for name, spec in arch.tensors.items()}
@@ -98,7 +132,7 @@ def resolve_stage(stage: Stage, i: int, layers: list[LayerEntry], by_layer: dict
     # LoRA targets the architecture lacks are reported by check_lora_targets; an empty
     # selection that follows from them is not a second problem.
     unknown_targets = stage.lora is not None and any(t not in arch.projections for t in stage.lora.targets)
-    if not trained and not unknown_targets:
+    if not trained and not unknown_targets and not moe_problem:
         problems.add(("stages", i, "trainable"), "selects no parameter of the output model; expected at least one layer")
     mod = _mod_plan(stage, i, layers, by_layer, arch, problems)
     return StagePlan(name=stage.name, trainable_layers=sorted(chosen), trainable_groups=sorted(groups),

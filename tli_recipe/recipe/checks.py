@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tli_recipe.recipe.schema import Recipe, _one_site
+from tli_recipe.recipe.schema import Recipe, _one_site, _upcycle_problems
 
 
 def recipe_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
@@ -13,6 +13,8 @@ def recipe_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     problems: list[tuple[tuple, str]] = []
     if recipe.inject is not None:
         problems += _one_site(recipe.inject)
+    if recipe.upcycle is not None:
+        problems += _upcycle_problems(recipe.upcycle, recipe.inject is not None)
     seen: dict[str, int] = {}
     for i, stage in enumerate(recipe.stages):
         if stage.name in seen:

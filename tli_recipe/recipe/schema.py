@@ -7,8 +7,6 @@ half-open ``[start, end)``, as in Python slices. Checks that need the checkpoint
 
 from __future__ import annotations
 
-import math
-import re
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import (
@@ -21,9 +19,21 @@ from pydantic import (
     create_model,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from tli_recipe.errors import did_you_mean
 from tli_recipe.recipe.base import NoNulls, Strict, _fail, file_schema
+from tli_recipe.recipe.policy import (  # noqa: F401 - exported here too
+    _POLICY_SCHEMA,
+    POLICY_FORMS,
+    SIMPLE_POLICIES,
+    VALUE_POLICIES,
+    Policy,
+    PolicyField,
+    _dump_policy,
+    _parse_policy,
+)
+from tli_recipe.recipe.sizes import ShardSize, parse_size  # noqa: F401 - parse_size exported here too
 from tli_recipe.recipe.sources import ModelField, ModelRef, SourceRef  # noqa: F401 - ModelRef, SourceRef exported here too
 
 Dtype = Literal["float32", "float16", "bfloat16"]
@@ -40,7 +50,11 @@ PROJECTIONS: tuple[str, ...] = (
 #: The linear projections LoRA can target (norms cannot).
 LINEAR_PROJECTIONS: tuple[str, ...] = tuple(p for p in PROJECTIONS if p.endswith("_proj") or p == "router")
 
-LAYER_GROUPS: tuple[str, ...] = ("injected", "original", "all", "embeddings", "head")
+LAYER_GROUPS: tuple[str, ...] = ("injected", "original", "all", "embeddings", "head", "router", "experts", "shared")
+#: The groups that name output layers (``upcycle.layers`` takes these and ``{layers: [start, end]}``).
+LAYER_SELECTORS: tuple[str, ...] = ("all", "injected", "original")
+#: Groups of an MoE layer's tensors: its routers, its experts, its shared experts (where the architecture has them).
+MOE_GROUPS: tuple[str, ...] = ("router", "experts", "shared")
 
 # Bounds that keep a tiny file from making ``plan`` allocate without limit. No released model has
 # more than a few hundred layers; the plan bounds the output further by the checkpoint it reads.
@@ -50,6 +64,7 @@ MAX_STAGES = 64
 MAX_DATASETS = 256
 MAX_SELECTORS = 32  # entries of a stage's trainable list
 MAX_CONFIG_KEYS = 256  # keys of output_config
+MAX_EXPERTS = 256  # experts of an upcycled layer (released MoE models have at most a few hundred)
 
 # >= 0 is checked with the order (or the range), in one message; the JSON schema states it too.
 Position = Annotated[StrictInt, Field(lt=MAX_LAYERS, json_schema_extra={"minimum": 0})]
@@ -60,75 +75,7 @@ LayerRange = tuple[
 ]
 
 
-# --- init policies ---------------------------------------------------------------
-
-POLICY_FORMS = "copy, zero, zero_gain, lesa, {scale: x}, {noise: std}, {random: std}, {interpolate: w}"
-SIMPLE_POLICIES = ("copy", "zero", "zero_gain", "lesa")
-VALUE_POLICIES = ("scale", "noise", "random", "interpolate")
-
-
-class Policy(Strict):
-    """How an injected layer's tensor is initialised from its source tensor.
-
-    ``copy``: the source unchanged. ``zero``: all zeros. ``scale``: source times
-    ``value``. ``noise``: source plus N(0, value^2), seeded. ``random``: N(0, value^2), seeded.
-    ``zero_gain``: a norm gain whose effective value is 0, in the form the architecture stores
-    it (0 for most models, -1 for Gemma's ``1 + w``). ``interpolate``: ``(1 - w) * previous + w *
-    next`` layer. ``lesa``: predicted from both neighbours through an SVD basis (LESA).
-    """
-
-    kind: Literal["copy", "zero", "zero_gain", "lesa", "scale", "noise", "random", "interpolate"]
-    value: Optional[float] = None
-
-    def __str__(self) -> str:
-        return self.kind if self.value is None else f"{self.kind}({self.value:g})"
-
-
-def _parse_policy(value: Any) -> Any:
-    if isinstance(value, Policy):
-        return value
-    if isinstance(value, str):
-        if value in SIMPLE_POLICIES:
-            return {"kind": value}
-        raise _fail(f"'{value}' is not an init policy{did_you_mean(value, SIMPLE_POLICIES)}; expected one of: {POLICY_FORMS}")
-    if isinstance(value, dict) and len(value) == 1:
-        (kind, number), = value.items()
-        if kind not in VALUE_POLICIES:
-            raise _fail(f"'{kind}' is not an init policy{did_you_mean(kind, VALUE_POLICIES)}; expected one of: {POLICY_FORMS}")
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise _fail(f"{kind} needs a number, got {number!r}; expected for example {{{kind}: 0.01}}")
-        if not math.isfinite(number):  # refused by Policy.value (allow_inf_nan), reported once by the loader
-            return {"kind": kind, "value": number}
-        if kind in ("noise", "random") and number < 0:
-            raise _fail(f"{kind} is a standard deviation and must be >= 0, got {number}")
-        if kind == "interpolate" and not 0 <= number <= 1:
-            raise _fail(f"interpolate is a weight in [0, 1], got {number}; expected (1 - w) * previous + w * next")
-        return {"kind": kind, "value": float(number)}
-    raise _fail(f"{value!r} is not an init policy; expected one of: {POLICY_FORMS}")
-
-
-def _dump_policy(policy: Policy) -> Any:
-    return policy.kind if policy.value is None else {policy.kind: policy.value}
-
-
-_POLICY_SCHEMA = {
-    "oneOf": [
-        {"enum": list(SIMPLE_POLICIES)},
-        {"type": "object", "properties": {"scale": {"type": "number"}}, "required": ["scale"], "additionalProperties": False},
-        {"type": "object", "properties": {"noise": {"type": "number", "minimum": 0}}, "required": ["noise"], "additionalProperties": False},
-        {"type": "object", "properties": {"random": {"type": "number", "minimum": 0}}, "required": ["random"], "additionalProperties": False},
-        {"type": "object", "properties": {"interpolate": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["interpolate"], "additionalProperties": False},
-    ],
-    "description": "copy: the source tensor; zero: zeros; zero_gain: a norm gain set to an effective 0 (Gemma: -1); scale: source times x; noise: source plus seeded N(0, std^2); random: seeded N(0, std^2); interpolate: (1 - w) * previous + w * next layer; lesa: predicted from both neighbours (LESA).",
-}
-
-PolicyField = Annotated[
-    Policy,
-    BeforeValidator(_parse_policy),
-    PlainSerializer(_dump_policy),
-    WithJsonSchema(_POLICY_SCHEMA),
-]
-
+# --- init policies (recipe/policy.py) ---------------------------------------------
 
 def _init_fields() -> dict:
     return {
@@ -271,7 +218,7 @@ def _parse_selector(value: Any) -> Any:
 
 
 Selector = Annotated[
-    Union[Literal["injected", "original", "all", "embeddings", "head"], LayerSpan],
+    Union[Literal["injected", "original", "all", "embeddings", "head", "router", "experts", "shared"], LayerSpan],
     BeforeValidator(_parse_selector),
 ]
 
@@ -318,7 +265,7 @@ class Stage(Strict):
     """One training stage: which parameters train, and how."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Stage name: letters, digits, '.', '_' and '-'.")
-    trainable: list[Selector] = Field(min_length=1, max_length=MAX_SELECTORS, description="Layer groups that train: injected, original, all, embeddings, head, or {layers: [start, end]} of output layers.")
+    trainable: list[Selector] = Field(min_length=1, max_length=MAX_SELECTORS, description="Layer groups that train: injected, original, all, embeddings, head, or {layers: [start, end]} of output layers; in an MoE output also router, experts (and shared where the architecture has shared experts).")
     lora: Optional[Lora] = Field(default=None, description="Train LoRA adapters on the trainable layers instead of their full weights.")
     datasets: list[Dataset] = Field(default_factory=list, max_length=MAX_DATASETS, description="Training text of this stage; `tli-recipe train --data` and `emit --data` replace it.")
     learning_rate: float = Field(default=1e-4, gt=0, description="Peak learning rate of AdamW, reached after warmup.")
@@ -339,35 +286,118 @@ class Stage(Strict):
     mod: Optional[Mod] = Field(default=None, description="Settings of objective: mod (default: the paper's k = 3).")
 
 
+# --- sparse upcycling ----------------------------------------------------------------
+
+ROUTER_FORMS = "zero, {random: std}, hidden"
+EXPERT_POLICIES = ("copy", "noise", "scale")
+
+
+def _parse_router(value: Any) -> Any:
+    if value == "hidden":
+        return {"kind": "hidden"}
+    if value == "zero" or (isinstance(value, dict) and list(value) == ["random"]):
+        return _parse_policy(value)
+    if isinstance(value, Policy):
+        return value
+    raise _fail(f"{value!r} is not a router init; expected one of: {ROUTER_FORMS}")
+
+
+def _expert_policy(value: Any, where: str = "") -> Policy:
+    try:
+        policy = value if isinstance(value, Policy) else Policy(**_parse_policy(value))
+    except PydanticCustomError as exc:
+        raise _fail(where + exc.message()) from None
+    if policy.kind not in EXPERT_POLICIES:
+        raise _fail(f"{where}'{policy.kind}' is not an expert init; expected one of: copy, {{noise: std}}, {{scale: x}} "
+                    "(applied to every weight of the expert)")
+    return policy
+
+
+def _parse_expert_init(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_expert_policy(v, f"entry {i} (expert {i}): ") for i, v in enumerate(value)]
+    return _expert_policy(value)
+
+
+def _dump_expert_init(value: Any) -> Any:
+    return [_dump_policy(p) for p in value] if isinstance(value, list) else _dump_policy(value)
+
+
+_EXPERT_POLICY_SCHEMA = {"oneOf": [{"enum": ["copy"]}, *_POLICY_SCHEMA["oneOf"][1:3]]}
+ExpertInit = Annotated[Union[Policy, list[Policy]], BeforeValidator(_parse_expert_init), PlainSerializer(_dump_expert_init),
+                       WithJsonSchema({"oneOf": [_EXPERT_POLICY_SCHEMA, {"type": "array", "items": _EXPERT_POLICY_SCHEMA,
+                                                                         "minItems": 1, "maxItems": MAX_EXPERTS}]})]
+
+
+class ExpertPrompts(Strict):
+    """Text that shows what one expert is for: the ``hidden`` router init points its row at these prompts."""
+
+    positive: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=256, description="Prompts this expert should take.")
+    negative: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=256, description="Prompts it should not take (their mean is subtracted).")
+
+
+class ExpertSource(Strict):
+    """Where one expert's MLP comes from: another checkpoint of the same architecture and widths."""
+
+    model: ModelField = Field(description="A local directory, hub id, or {path, revision, checksums} as base_model.")
+
+
+def _parse_layers(value: Any) -> Any:
+    if isinstance(value, str) and value not in LAYER_SELECTORS:
+        raise _fail(f"'{value}' is not a layer group{did_you_mean(value, LAYER_SELECTORS)}; expected one of: "
+                    f"{', '.join(LAYER_SELECTORS)}, or {{layers: [start, end]}}")
+    return _parse_selector(value)
+
+
+class Upcycle(NoNulls):
+    """Sparse upcycling (arXiv 2212.05055): the dense MLP of chosen output layers becomes E experts and a router."""
+
+    experts: StrictInt = Field(ge=1, le=MAX_EXPERTS, description="E: experts per upcycled layer.")
+    top_k: StrictInt = Field(ge=1, le=MAX_EXPERTS, description="k: experts each token is routed to (num_experts_per_tok); k <= E.")
+    layers: Optional[list[Annotated[Union[Literal["all", "injected", "original"], LayerSpan], BeforeValidator(_parse_layers)]]] = Field(
+        default=None, min_length=1, max_length=MAX_SELECTORS,
+        description="Output layers to upcycle (after slices and inject): all, injected, original, or {layers: [start, end]}; default: all.")
+    output: Optional[str] = Field(default=None, min_length=1, description="The MoE architecture written (mixtral, qwen3_moe); default: the source architecture's MoE sibling (llama, mistral -> mixtral; qwen3 -> qwen3_moe).")
+    router: Annotated[Policy, BeforeValidator(_parse_router), PlainSerializer(_dump_policy),
+                      WithJsonSchema({"oneOf": [{"enum": ["zero", "hidden"]}, _POLICY_SCHEMA["oneOf"][3]]})] = Field(
+        default_factory=lambda: Policy(kind="zero"),
+        description="Router init: zero (uniform routing), {random: std} (seeded), or hidden: each expert's row is the normalised mean MLP input (the router's own input) at the last token of its prompts, minus that of its negative prompts (runs the source model; needs prompts).")
+    prompts: Optional[list[ExpertPrompts]] = Field(default=None, min_length=1, max_length=MAX_EXPERTS, description="The hidden router init's prompts, one entry per expert: {positive: [...], negative: [...]}.")
+    init: ExpertInit = Field(
+        default_factory=lambda: Policy(kind="copy"),
+        description="Expert init: one policy for every expert, or a list of E (expert i gets entry i): copy, {noise: std}, {scale: x}, applied to every weight of the expert.")
+    sources: Optional[list[ExpertSource]] = Field(default=None, min_length=1, max_length=MAX_EXPERTS, description="Expert i's MLP from sources[i] (E entries; checkpoints of the same architecture and widths); default: every expert from the layer's own source.")
+
+    def expert_policies(self) -> list[Policy]:
+        return list(self.init) if isinstance(self.init, list) else [self.init] * self.experts
+
+
+def _upcycle_problems(up: "Upcycle", has_inject: bool) -> list[tuple[tuple, str]]:
+    problems: list[tuple[tuple, str]] = []
+    if up.top_k > up.experts:
+        problems.append((("upcycle", "top_k"), f"{up.top_k} is more than the {up.experts} experts; expected top_k <= experts"))
+    if isinstance(up.init, list) and len(up.init) != up.experts:
+        problems.append((("upcycle", "init"), f"lists {len(up.init)} policies for {up.experts} experts; expected one "
+                                              "policy, or one per expert"))
+    if up.router.kind == "hidden" and up.prompts is None:
+        problems.append((("upcycle", "router"), "hidden needs prompts for each expert; expected upcycle.prompts: "
+                                                "[{positive: [...]}, ...] with one entry per expert"))
+    if up.prompts is not None and up.router.kind != "hidden":
+        problems.append((("upcycle", "prompts"), f"prompts are for the hidden router init, and router is {up.router}; "
+                                                 "expected router: hidden, or no prompts"))
+    if up.prompts is not None and len(up.prompts) != up.experts:
+        problems.append((("upcycle", "prompts"), f"lists {len(up.prompts)} entries for {up.experts} experts; expected "
+                                                 "one per expert"))
+    if up.sources is not None and len(up.sources) != up.experts:
+        problems.append((("upcycle", "sources"), f"lists {len(up.sources)} models for {up.experts} experts; expected "
+                                                 "one per expert"))
+    if "injected" in (up.layers or []) and not has_inject:
+        problems.append((("upcycle", "layers", up.layers.index("injected")),
+                         "'injected' selects nothing: the recipe has no inject section; add inject or pick another group"))
+    return problems
+
+
 # --- the recipe --------------------------------------------------------------------
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(value: Any) -> int:
-    """``"5GB"`` -> 5_000_000_000 bytes; an integer is a byte count."""
-    if isinstance(value, bool):
-        raise _fail(f"{value!r} is not a size; expected bytes or a string such as 5GB or 500MiB")
-    if isinstance(value, int):
-        size = value
-    else:
-        match = _SIZE.match(str(value))
-        if not match:
-            raise _fail(f"{value!r} is not a size; expected bytes or a string such as 5GB or 500MiB")
-        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
-    if size < 1:
-        raise _fail(f"must be at least 1 byte, got {value!r}")
-    return size
-
-
-ShardSize = Annotated[
-    int,
-    BeforeValidator(parse_size),
-    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _SIZE.pattern}],
-                    "description": "Largest output shard: bytes, or a string such as 5GB or 500MiB."}),
-]
-
 
 class Recipe(NoNulls):
     """A growth recipe: which layers the output has, how new layers start, how they train."""
@@ -377,6 +407,7 @@ class Recipe(NoNulls):
     dtype: Optional[Dtype] = Field(default=None, description="dtype of the output tensors; default: the source dtype.")
     slices: Optional[list[Slice]] = Field(default=None, min_length=1, max_length=MAX_LAYERS, description="The output stack before injection, as source layer ranges; default: every layer of base_model once. Two overlapping slices are SOLAR-style depth up-scaling.")
     inject: Optional[Inject] = Field(default=None, description="Layer injection (TLI / LLaMA Pro); absent: no layer is injected.")
+    upcycle: Optional[Upcycle] = Field(default=None, description="Sparse upcycling to Mixture-of-Experts, applied to the output layers after slices and inject; absent: the output stays dense.")
     stages: list[Stage] = Field(default_factory=list, max_length=MAX_STAGES, description="Training stages, resolved in the plan to trainable layers and parameter names.")
     output: Optional[str] = Field(default=None, min_length=1, description="Output directory, relative to the recipe file's folder (a --set value: to the working directory); default: out/<name> in the working directory.")
     shard_size: ShardSize = Field(default=5 * 10**9, description="Largest output shard in bytes (or 5GB, 500MiB...).")

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import yaml
 
+from tli_recipe.source.moe import UpcycleSpec, parse_upcycle
 from tli_recipe.source.rules import ArchError, config_value, evaluate, evaluate_rule
 
 __all__ = ["ArchError", "Architecture", "Module", "Projection", "evaluate", "evaluate_rule", "find_architecture",
@@ -70,6 +71,8 @@ class Architecture:
     num_layers_key: str = ""         # the decoder config key holding the layer count
     vocab_key: str = ""              # the decoder config key holding the vocabulary size
     layers_pattern: str = ""         # the peft layers_pattern: the module list holding the decoder layers
+    upcycle: Optional[UpcycleSpec] = None  # sparse upcycling into this (MoE) architecture
+    loaded_names: tuple[tuple[str, str], ...] = ()  # (regex, replacement): a checkpoint name as transformers loads it
     notes: str = ""
     source_file: str = ""
     inferred: bool = False           # built from tensor names, not from a definition file
@@ -114,6 +117,17 @@ class Architecture:
         if suffix not in cache:  # suffixes repeat in every layer: match each one once
             cache[suffix] = next((name for name, pattern in self._module_res if pattern.match(suffix)), None)
         return cache[suffix]
+
+    def loaded_name(self, name: str) -> str:
+        """A checkpoint tensor's parameter name once transformers loaded the model (experts fused per layer)."""
+        for pattern, replacement in self.loaded_names:
+            name = re.sub(pattern, replacement, name)
+        return name
+
+    def is_expert_tensor(self, suffix: str) -> bool:
+        """True for a tensor of one MoE expert (``mlp.experts.7.down_proj.weight``)."""
+        return any(m.experts is not None and _compile_module(m.path).match(suffix)
+                   for proj in self.projections.values() for m in proj.modules)
 
     @property
     def linear_projections(self) -> list[str]:
@@ -274,6 +288,8 @@ def load_architectures() -> dict[str, Architecture]:
             num_layers_key=_required(d, "num_layers_key", path),
             vocab_key=_required(d, "vocab_key", path),
             layers_pattern=_required(d, "layers_pattern", path),
+            upcycle=parse_upcycle(d.get("upcycle"), path),
+            loaded_names=tuple((str(a), str(b)) for a, b in d.get("loaded_names") or ()),
             notes=str(d.get("notes", "")).strip(),
             source_file=path,
         )

@@ -21,6 +21,7 @@ from tli_recipe.training.stages import (
     integer_alpha,
     is_jsonl,
     layer_prefix,
+    loaded_name_map,
     resolve_datasets,
     stage_dir,
     stage_input,
@@ -61,15 +62,26 @@ def axolotl_patterns(plan: Plan, parameters: Iterable[str]) -> list[str]:
 
     Axolotl matches each pattern with ``re.match`` (anchored at the start only), so each
     pattern starts with ``^`` and ends at a dot after the layer index, or with ``$``.
-    Layers trained whole share one pattern: ``^model.layers.(4|9|14).``.
+    Layers trained whole share one pattern: ``^model.layers.(4|9|14).``. Where transformers (>= 5)
+    renames tensors when it loads the model (MoE routers, experts fused per layer), the patterns
+    also select the loaded names, so the config is exact with either naming.
     """
     head, tail = layer_prefix(plan)
-    layer_re = re.compile("^" + re.escape(head) + r"(0|[1-9][0-9]*)" + re.escape(tail) + "(.+)$")
     chosen = set(parameters)
+    patterns = _patterns(head, tail, tensor_names(plan), chosen)
+    renamed = loaded_name_map(plan)
+    if renamed:
+        loaded = list(dict.fromkeys(renamed.get(n, n) for n in tensor_names(plan)))
+        patterns += [p for p in _patterns(head, tail, loaded, {renamed.get(n, n) for n in chosen}) if p not in patterns]
+    return patterns
+
+
+def _patterns(head: str, tail: str, names: list[str], chosen: set[str]) -> list[str]:
+    layer_re = re.compile("^" + re.escape(head) + r"(0|[1-9][0-9]*)" + re.escape(tail) + "(.+)$")
     by_layer: dict[int, set[str]] = {}
     every: dict[int, set[str]] = {}
     loose: list[str] = []
-    for name in tensor_names(plan):
+    for name in names:
         match = layer_re.match(name)
         if match is None:
             if name in chosen:
@@ -165,6 +177,11 @@ class Axolotl(TrainerFormat):
             return {}
         patterns = axolotl_patterns(self.ctx.plan, sp.parameters)
         selected = {n for n in names if axolotl_selects(patterns, n)}
+        renamed = loaded_name_map(self.ctx.plan)
+        if renamed:  # the loaded names too: exactly the stage's, with no checkpoint name's pattern reaching others
+            loaded = {renamed.get(n, n) for n in names}
+            if {n for n in loaded if axolotl_selects(patterns, n)} != {renamed.get(n, n) for n in sp.parameters}:
+                selected = set()  # pragma: no cover - a bug in axolotl_patterns
         if selected != set(sp.parameters):  # pragma: no cover - a bug in axolotl_patterns
             raise TliError(f"axolotl: stage '{sp.name}': the patterns select {len(selected)} tensors, the stage "
                            f"{len(sp.parameters)}; please report this")

@@ -191,6 +191,11 @@ class LlamaFactory(TrainerFormat):
                                     "check does not model")
         if spec.plan.lora is not None:
             return self.lora_selection(spec)
+        moe = [g for g in ("router", "experts") if g in spec.settings.trainable]
+        if moe and set(spec.plan.parameters) != set(tensor_names(self.ctx.plan)):
+            raise self.refuse(spec, f"it trains the MoE group{'s' * (len(moe) > 1)} {', '.join(moe)}: LLaMA-Factory "
+                                    "selects whole layers (freeze_trainable_layers) and top-level modules of a layer, "
+                                    "never the routers or experts alone")
         if set(spec.plan.parameters) == set(tensor_names(self.ctx.plan)):
             return {"finetuning_type": "full"}
         return self.freeze_selection(spec)

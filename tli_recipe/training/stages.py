@@ -105,6 +105,18 @@ def tensor_names(plan: Plan) -> list[str]:
     return [op.name for op in plan.tensors]
 
 
+def loaded_name_map(plan: Plan) -> dict[str, str]:
+    """Checkpoint name -> parameter name once transformers (>= 5) loads the output, for the tensors it
+    renames (MoE routers and fused experts); empty when the output's architecture renames none."""
+    from tli_recipe.source.arch import load_architectures
+
+    arch = load_architectures().get(plan.upcycle.output_architecture if plan.upcycle else plan.architecture)
+    if arch is None or not arch.loaded_names:
+        return {}
+    renamed = {name: arch.loaded_name(name) for name in tensor_names(plan)}
+    return {k: v for k, v in renamed.items() if k != v}
+
+
 def integer_alpha(spec: StageSpec, trainer: str) -> int:
     """The stage's LoRA alpha as the integer Axolotl and LLaMA-Factory take, or a Refusal."""
     alpha = spec.plan.lora.alpha  # type: ignore[union-attr]

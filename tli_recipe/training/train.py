@@ -181,12 +181,28 @@ def _data(cfg: BuiltinStageConfig, tokenizer, log) -> tuple[list[list[int]], lis
     return train, held, len(ids)
 
 
+def loaded_names(names: set[str], params: dict, config: dict) -> set[str]:
+    """Checkpoint tensor names as the loaded model's parameter names: transformers (>= 5) renames MoE
+    tensors and fuses the experts of a layer into one parameter (the architecture's ``loaded_names``).
+    A stage selects all of a layer's experts or none (the plan's groups cannot split them)."""
+    if names <= set(params):
+        return names
+    from tli_recipe.source.arch import ArchError, find_architecture
+
+    try:
+        arch = find_architecture(config)
+    except ArchError:
+        return names
+    return {n if n in params else arch.loaded_name(n) for n in names}
+
+
 def _freeze(model, cfg: BuiltinStageConfig):
     """Set requires_grad on exactly the stage's parameters (or add its LoRA adapters); returns the model to train."""
     names = set(cfg.trainable_parameters)
     params = dict(model.named_parameters())
     lora = cfg.lora
     if lora is None:
+        names = loaded_names(names, params, model.config.to_dict())
         missing = sorted(names - set(params))
         if missing:
             raise TrainError(f"stage '{cfg.stage}': {len(missing)} trainable parameters of the plan are not parameters "
