@@ -98,9 +98,10 @@ def attach(model, head) -> list:
         z = output.logits
         t = z.shape[1]  # generate() asks for the last positions' logits only
         states = [captured[j][:, -t:] for j in range(len(head.layers))]
-        exits = torch.stack([lm_head(head.norms[j](h)) for j, h in enumerate(states)], dim=-2)
+        normed = torch.stack([head.norms[j](h) for j, h in enumerate(states)], dim=-2)  # [B, T, k, hidden]
+        exits = lm_head(normed)  # one projection of all k exits: [B, T, k, V], no copy of the logits
         weights = torch.softmax(head.router(norm(states[-1])), dim=-1)
-        ensemble = (weights.unsqueeze(-1) * exits).sum(dim=-2)
+        ensemble = torch.einsum("btk,btkv->btv", weights, exits)  # a batched matmul: no [B, T, k, V] product
         head.last = (exits, weights, z)
         output.logits = z + head.gate * (ensemble - z)
         captured.clear()
@@ -132,11 +133,16 @@ def mod_loss(head, logits, labels, distill_weight: float, training: bool = True)
         return ce
     exits, _, z = head.last
     keep = target != -100
-    teacher = F.log_softmax(z[:, :-1].detach().float(), dim=-1).reshape(-1, vocab)[keep]
+    everything = bool(keep.all())  # packed blocks: no label is masked, and indexing would copy every row
+
+    def rows(logits):
+        out = F.log_softmax(logits.float(), dim=-1).reshape(-1, vocab)
+        return out if everything else out[keep]
+
+    teacher = rows(z[:, :-1].detach())
     kls = []
     for j in range(exits.shape[-2] - 1):  # the earlier exits; the last layer's own exit is the ensemble's base
-        student = F.log_softmax(exits[:, :-1, j].float(), dim=-1).reshape(-1, vocab)[keep]
-        kls.append(F.kl_div(student, teacher, log_target=True, reduction="batchmean"))
+        kls.append(F.kl_div(rows(exits[:, :-1, j]), teacher, log_target=True, reduction="batchmean"))
     return ce + distill_weight * sum(kls) / len(kls)
 
 
