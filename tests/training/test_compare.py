@@ -36,6 +36,8 @@ def test_compare_grows_trains_and_reports(tmp_path, cli):
     assert all(len(c) == 4 for c in curves.values())
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
     assert "| tli | new | 6 |" in result.stdout
+    assert all(int(r["active_parameters"]) == int(r["parameters"]) for r in rows.values())  # dense: all of them
+    assert all(float(r["forward_tokens_per_second"]) > 0 for r in rows.values())
     # tli warms up for all 4 steps: its peak learning rate is never reached, and compare says so
     assert "warning: tli: stage 'new' warms up for 4 steps and compare trains 4" in result.stderr
     assert "warning: copy" not in result.stderr
@@ -95,3 +97,13 @@ def test_compare_scores_a_mod_stage_with_its_head(tmp_path, cli):
     assert int(rows["mod"]["trainable"]) == int(rows["tli"]["trainable"]) + 2 * 32 + 32 * 2 + 2 + 1
     assert float(rows["mod"]["step_seconds"]) > 0 and "| mod | new (MoD) |" in result.stdout
     assert list((tmp_path / "cmp" / "mod" / "trained").rglob("mod_head.safetensors"))
+
+
+def test_the_table_shows_active_parameters_and_forward_throughput():
+    from tli_recipe.training.compare import CompareRow, table
+
+    row = CompareRow(recipe="moe.yaml", name="moe", stage="new", layers=30, parameters=214_000_000, trainable=43_400_000,
+                     function_preserving=True, init_loss=2.9, final_loss=2.5, grow_seconds=1.0, train_seconds=60.0,
+                     step_seconds=2.0, forward_tokens_per_second=1234.4, active_parameters=134_500_000)
+    line = table([row], 30).splitlines()[2]
+    assert line == "| moe | new | 30 | 214.0M (134.5M) | 43.4M | yes | 2.900 | 2.500 | 60 | 2.00 | 1234 |"

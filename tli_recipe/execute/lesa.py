@@ -37,27 +37,28 @@ def _predictor(width: int, hidden: int):
                          nn.Linear(hidden, width))
 
 
-def fit_basis(weights: list, settings, device: str = "cpu", log: Callable[[str], None] = lambda m: None, label: str = ""):
-    """SVD basis of one projection type and a predictor trained on it.
-
-    ``weights``: the L layers' ``[out, in]`` tensors in layer order. Returns
-    ``(US, blocks, predictor, losses)`` where ``blocks[i]`` is ``V_i``.
-    """
+def svd_basis(weights: list, device: str = "cpu"):
+    """The SVD of one projection type's layers stacked side by side: ``(US, blocks)``, ``blocks[i] = V_i``."""
     import torch
 
-    started = time.perf_counter()
     width = weights[0].shape[1]
     stacked = torch.cat([w.to(device=device, dtype=torch.float32) for w in weights], dim=1)
     u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
     us = u * s
     blocks = [vh[:, i * width:(i + 1) * width] for i in range(len(weights))]
-    del stacked, u, vh
+    return us, blocks
 
+
+def train_predictor(blocks: list, settings, device: str = "cpu"):
+    """The predictor of ``V_i`` from ``[V_{i-1}, V_{i+1}]``, trained on the inner layers: ``(model, losses)``."""
+    import torch
+
+    width = blocks[0].shape[1]
     gen = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)  # layer initialisation below draws from the global stream
     model = _predictor(width, settings.hidden).to(device)
     if len(blocks) < 3:
-        return us, blocks, model.eval(), []
+        return model.eval(), []
     x = torch.cat([torch.cat([blocks[i - 1], blocks[i + 1]], dim=1) for i in range(1, len(blocks) - 1)])
     y = torch.cat([blocks[i] for i in range(1, len(blocks) - 1)])
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr)
@@ -77,9 +78,22 @@ def fit_basis(weights: list, settings, device: str = "cpu", log: Callable[[str],
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         losses.append(total / count)
-    log(f"lesa {label}: {len(x)} rows, loss {losses[0]:.3g} -> {losses[-1]:.3g} over {settings.epochs} epochs "
-        f"({time.perf_counter() - started:.1f} s)")
-    return us, blocks, model.eval(), losses
+    return model.eval(), losses
+
+
+def fit_basis(weights: list, settings, device: str = "cpu", log: Callable[[str], None] = lambda m: None, label: str = ""):
+    """SVD basis of one projection type and a predictor trained on it.
+
+    ``weights``: the L layers' ``[out, in]`` tensors in layer order. Returns
+    ``(US, blocks, predictor, losses)`` where ``blocks[i]`` is ``V_i``.
+    """
+    started = time.perf_counter()
+    us, blocks = svd_basis(weights, device)
+    model, losses = train_predictor(blocks, settings, device)
+    if losses:
+        log(f"lesa {label}: {sum(b.shape[0] for b in blocks[1:-1])} rows, loss {losses[0]:.3g} -> {losses[-1]:.3g} over "
+            f"{settings.epochs} epochs ({time.perf_counter() - started:.1f} s)")
+    return us, blocks, model, losses
 
 
 def predict(us, blocks, model, before: int, after: int):

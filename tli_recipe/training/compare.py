@@ -34,6 +34,8 @@ class CompareRow:
     train_seconds: float
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
     step_seconds: Optional[float] = None  # the Trainer's train_runtime per optimizer step (no evaluation in it)
+    forward_tokens_per_second: Optional[float] = None  # the grown model's held-out pass at init (model loading included)
+    active_parameters: Optional[int] = None  # per token: all of them, or for an MoE the experts a token is routed to
     objective: str = "lm"
     # lm-eval accuracies (--tasks): task -> {"acc": ..., "acc_stderr": ...} at init and after training
     init_tasks: dict[str, dict] = field(default_factory=dict)
@@ -101,11 +103,14 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
         grown = execute_plan(plan, folder / "grown", force=True, progress=False, log=log)
         grow_seconds = time.perf_counter() - started
 
-        def held_out(model: Path) -> float:
-            return evaluate_models([model], heldout, sequence_length=sequence_length, max_sequences=eval_sequences,
-                                   device=device)[0].loss
+        def held_out(model: Path) -> tuple[float, float]:
+            """The held-out loss, and the forward pass's throughput on it (tokens per second, no gradient)."""
+            started = time.perf_counter()
+            [result] = evaluate_models([model], heldout, sequence_length=sequence_length, max_sequences=eval_sequences,
+                                       device=device)
+            return result.loss, (result.tokens + result.sequences) / (time.perf_counter() - started)
 
-        init, init_tasks = held_out(grown), accuracies(grown)
+        (init, forward_rate), init_tasks = held_out(grown), accuracies(grown)
         cfg = stage_configs(grown, data=data, stages=[stage or plan.stages[0].name], into=folder / "trained")[0]
         arguments = {k: v for k, v in cfg.training_arguments.items() if k not in ("num_train_epochs", "eval_steps", "save_steps")}
         arguments.update(max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
@@ -122,7 +127,7 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
         started = time.perf_counter()
         trained = train_stage(cfg, device=device, force=True, progress=False, log=log, callbacks=[logger])
         train_seconds = time.perf_counter() - started
-        final, final_tasks = held_out(trained), accuracies(trained)
+        (final, _), final_tasks = held_out(trained), accuracies(trained)
         sp = next(s for s in plan.stages if s.name == cfg.stage)
         metrics = json.loads((trained / "training_metrics.json").read_text()) if (trained / "training_metrics.json").is_file() else {}
         rows.append(CompareRow(
@@ -130,7 +135,8 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
             parameters=plan.totals.parameters_after, trainable=int(metrics.get("trainable_parameters", sp.trainable_parameters)),
             function_preserving=plan.function_preserving, init_loss=init, final_loss=final,
             grow_seconds=grow_seconds, train_seconds=train_seconds, curve=logger.curve, init_tasks=init_tasks,
-            final_tasks=final_tasks, objective=sp.settings.objective,
+            final_tasks=final_tasks, objective=sp.settings.objective, forward_tokens_per_second=forward_rate,
+            active_parameters=plan.upcycle.parameters_active if plan.upcycle else plan.totals.parameters_after,
             step_seconds=metrics["train_seconds"] / metrics["global_step"]
             if metrics.get("train_seconds") and metrics.get("global_step") else None))
         log(f"{plan.name}: held-out loss {init:.4f} at init, {final:.4f} after {steps} steps of '{cfg.stage}'")
@@ -155,14 +161,18 @@ def _millions(n: int) -> str:
 
 def table(rows: Sequence[CompareRow], steps: int) -> str:
     tasks = _task_names(rows)
-    head = ("| recipe | stage | layers | trainable params | preserving | held-out loss at init | "
-            f"after {steps} steps | train time (s) | s/step |" + "".join(f" {t} acc at init | after {steps} steps |" for t in tasks))
-    lines = [head, "|---|---|---|---|---|---|---|---|---|" + "---|---|" * len(tasks)]
+    head = ("| recipe | stage | layers | params (active) | trainable params | preserving | held-out loss at init | "
+            f"after {steps} steps | train time (s) | s/step | fwd tok/s |"
+            + "".join(f" {t} acc at init | after {steps} steps |" for t in tasks))
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|" + "---|---|" * len(tasks)]
     for r in rows:
         stage = r.stage + (" (MoD)" if r.objective == "mod" else "")
         per_step = f"{r.step_seconds:.2f}" if r.step_seconds is not None else "-"
-        lines.append(f"| {r.name} | {stage} | {r.layers} | {_millions(r.trainable)} | {'yes' if r.function_preserving else 'no'} "
-                     f"| {r.init_loss:.3f} | {r.final_loss:.3f} | {r.train_seconds:.0f} | {per_step} |"
+        active = r.active_parameters if r.active_parameters is not None else r.parameters
+        rate = f"{r.forward_tokens_per_second:.0f}" if r.forward_tokens_per_second else "-"
+        lines.append(f"| {r.name} | {stage} | {r.layers} | {_millions(r.parameters)} ({_millions(active)}) "
+                     f"| {_millions(r.trainable)} | {'yes' if r.function_preserving else 'no'} "
+                     f"| {r.init_loss:.3f} | {r.final_loss:.3f} | {r.train_seconds:.0f} | {per_step} | {rate} |"
                      + "".join(f" {_acc(r.init_tasks, t)} | {_acc(r.final_tasks, t)} |" for t in tasks))
     return "\n".join(lines)
 
@@ -176,12 +186,15 @@ def write_outputs(rows: Sequence[CompareRow], folder: Path, steps: int, title: s
         w = csv.writer(f)
         tasks = _task_names(rows)
         w.writerow(["recipe", "stage", "layers", "parameters", "trainable", "function_preserving", "init_loss",
-                    "final_loss", "grow_seconds", "train_seconds", "step_seconds", "objective"]
+                    "final_loss", "grow_seconds", "train_seconds", "step_seconds", "objective", "active_parameters",
+                    "forward_tokens_per_second"]
                    + [f"{t}_{m}_{when}" for t in tasks for when in ("init", "final") for m in ("acc", "acc_stderr")])
         for r in rows:
             w.writerow([r.name, r.stage, r.layers, r.parameters, r.trainable, r.function_preserving,
                         f"{r.init_loss:.5f}", f"{r.final_loss:.5f}", f"{r.grow_seconds:.2f}", f"{r.train_seconds:.2f}",
-                        "" if r.step_seconds is None else f"{r.step_seconds:.4f}", r.objective]
+                        "" if r.step_seconds is None else f"{r.step_seconds:.4f}", r.objective,
+                        "" if r.active_parameters is None else r.active_parameters,
+                        "" if r.forward_tokens_per_second is None else f"{r.forward_tokens_per_second:.1f}"]
                        + ["" if (v := scores.get(t, {}).get(m)) is None else f"{v:.5f}"
                           for t in tasks for scores in (r.init_tasks, r.final_tasks) for m in ("acc", "acc_stderr")])
     written[2].write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
