@@ -368,7 +368,9 @@ def main(argv=None) -> int:
                     help="tli-recipe executable (default: the one next to sys.executable)")
     ap.add_argument("--python", default=None,
                     help="interpreter for the `import tli_recipe.cli` baseline (default: the tool's shebang, else sys.executable)")
-    ap.add_argument("--every", type=int, default=4, help="inject.every in the recipe (default: 4)")
+    ap.add_argument("--every", type=int, default=4, help="inject.every in the recipe (default: 4; 0: no injection)")
+    ap.add_argument("--upcycle", type=int, default=0, metavar="E",
+                    help="also upcycle every layer to E experts, top-2, zero router (Mixtral output; default: no)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the synthetic checkpoint")
     args = ap.parse_args(argv)
 
@@ -382,8 +384,9 @@ def main(argv=None) -> int:
     logs.mkdir(exist_ok=True)
     src = work / "synthetic-llama-1b"
     copy_dst = work / "copy"
-    out_dir = work / f"out-k{args.every}"
-    recipe = work / f"recipe-k{args.every}.yaml"
+    tag = f"k{args.every}" + (f"-moe{args.upcycle}" if args.upcycle else "")
+    out_dir = work / f"out-{tag}"
+    recipe = work / f"recipe-{tag}.yaml"
 
     # Disk check: source (if not built) + output (~1.25x) + copy, with slack.
     est_src = sum(_numel(s) for _, s, _ in llama_tensors(MODEL_SPEC)) * 2
@@ -403,8 +406,9 @@ def main(argv=None) -> int:
     recipe.write_text(
         f"name: bench-k{args.every}\n"
         f"base_model: {json.dumps(str(src))}\n"
-        f"inject:\n  every: {args.every}\n"
-        f"output: {json.dumps(str(out_dir))}\n")
+        + (f"inject:\n  every: {args.every}\n" if args.every else "")
+        + (f"upcycle:\n  experts: {args.upcycle}\n  top_k: 2\n  router: zero\n" if args.upcycle else "")
+        + f"output: {json.dumps(str(out_dir))}\n")
     print(f"[2/4] recipe: {recipe}", flush=True)
 
     # 3. measurements
