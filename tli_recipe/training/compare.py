@@ -34,7 +34,7 @@ class CompareRow:
     train_seconds: float
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
     step_seconds: Optional[float] = None  # the Trainer's train_runtime per optimizer step (no evaluation in it)
-    forward_tokens_per_second: Optional[float] = None  # the grown model's held-out pass at init (model loading included)
+    forward_tokens_per_second: Optional[float] = None  # the grown model's held-out forward passes at init, no gradient
     active_parameters: Optional[int] = None  # per token: all of them, or for an MoE the experts a token is routed to
     objective: str = "lm"
     # lm-eval accuracies (--tasks): task -> {"acc": ..., "acc_stderr": ...} at init and after training
@@ -104,11 +104,11 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
         grow_seconds = time.perf_counter() - started
 
         def held_out(model: Path) -> tuple[float, float]:
-            """The held-out loss, and the forward pass's throughput on it (tokens per second, no gradient)."""
-            started = time.perf_counter()
+            """The held-out loss, and the forward pass's throughput on it (tokens per second, no gradient;
+            loading and tokenizing not counted)."""
             [result] = evaluate_models([model], heldout, sequence_length=sequence_length, max_sequences=eval_sequences,
                                        device=device)
-            return result.loss, (result.tokens + result.sequences) / (time.perf_counter() - started)
+            return result.loss, (result.tokens + result.sequences) / max(result.forward_seconds, 1e-9)
 
         (init, forward_rate), init_tasks = held_out(grown), accuracies(grown)
         cfg = stage_configs(grown, data=data, stages=[stage or plan.stages[0].name], into=folder / "trained")[0]

@@ -9,6 +9,7 @@ cross-entropy in nats over every predicted token, accumulated in float64.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -32,6 +33,7 @@ class EvalResult:
     perplexity: float
     tokens: int        # predicted tokens
     sequences: int
+    forward_seconds: float = 0.0  # the forward passes alone (no loading, no tokenizing)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +88,7 @@ def evaluate_models(models: Sequence[str | Path], data: Sequence[str | Path], *,
         else:
             model = load_model(path, dtype=torch_dtype).to(device).eval()
         total, count = 0.0, 0
+        started = time.perf_counter()
         with torch.no_grad():
             for start in range(0, len(blocks), batch_size):
                 batch = torch.tensor(blocks[start:start + batch_size], dtype=torch.long, device=device)
@@ -97,7 +100,7 @@ def evaluate_models(models: Sequence[str | Path], data: Sequence[str | Path], *,
         del model
         mean = total / count
         results.append(EvalResult(model=str(path), loss=mean, perplexity=math.exp(min(mean, 700)), tokens=count,
-                                  sequences=len(blocks)))
+                                  sequences=len(blocks), forward_seconds=time.perf_counter() - started))
     return results
 
 
