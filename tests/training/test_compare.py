@@ -10,6 +10,7 @@ from conftest import build_tiny, write_recipe
 from tiny_text import add_char_tokenizer, write_text
 
 
+@pytest.mark.slow  # grows and trains three tiny models
 def test_compare_grows_trains_and_reports(tmp_path, cli):
     base = add_char_tokenizer(build_tiny(tmp_path / "base", layers=4))
     data = write_text(tmp_path / "train.txt")

@@ -127,6 +127,7 @@ class _Interrupt:
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow  # trains the tiny model twice
 def test_interrupted_stage_resumes_to_the_same_final_step(tmp_path, base, data):
     grown = grow(tmp_path, base, "  - name: injected-only\n    trainable: [injected]\n" + FAST.format(data=data, steps=8, save=3))
     [cfg] = stage_configs(grown)
