@@ -56,20 +56,13 @@ def _loss_logger():
     return Logger()
 
 
-def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], heldout: Sequence[str | Path], *,
-                    work: Path, steps: int, stage: Optional[str] = None, overrides: Sequence[str] = (),
-                    sequence_length: int = 256, batch_size: int = 4, eval_sequences: Optional[int] = None,
-                    device: str = "auto", tasks: Sequence[str] = (), task_limit: Optional[int] = None,
-                    online: bool = False, log: Callable[[str], None] = print) -> list[CompareRow]:
+def _checked_plans(recipes: Sequence[str | Path], overrides: Sequence[str], stage: Optional[str], log) -> list:
+    """Every recipe compiled and its stage checked, before anything is grown or trained."""
     from tli_recipe.errors import TliError
-    from tli_recipe.execute.executor import execute_plan
     from tli_recipe.plan.compile import compile_plan
     from tli_recipe.recipe.load import load_recipe
     from tli_recipe.source.hub import Access
-    from tli_recipe.training.evaluate import evaluate_models
-    from tli_recipe.training.train import stage_configs, train_stage
 
-    # Every recipe and its stage are checked before anything is grown or trained.
     # A hub id not in the cache is downloaded (as `run` does); HF_HUB_OFFLINE=1 forbids it.
     plans = [compile_plan(load_recipe(recipe, overrides), Access(fetch="weights", log=log)) for recipe in recipes]
     for recipe, plan in zip(recipes, plans):
@@ -82,6 +75,19 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
     if len(set(seen)) != len(seen):
         raise TliError(f"two recipes share a name ({', '.join(sorted({n for n in seen if seen.count(n) > 1}))}); "
                        "give each a distinct name (their outputs go to --work/<name>)")
+    return plans
+
+
+def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], heldout: Sequence[str | Path], *,
+                    work: Path, steps: int, stage: Optional[str] = None, overrides: Sequence[str] = (),
+                    sequence_length: int = 256, batch_size: int = 4, eval_sequences: Optional[int] = None,
+                    device: str = "auto", tasks: Sequence[str] = (), task_limit: Optional[int] = None,
+                    online: bool = False, log: Callable[[str], None] = print) -> list[CompareRow]:
+    from tli_recipe.execute.executor import execute_plan
+    from tli_recipe.training.evaluate import evaluate_models
+    from tli_recipe.training.train import stage_configs, train_stage
+
+    plans = _checked_plans(recipes, overrides, stage, log)
     task_set = None
     if tasks:
         from tli_recipe.training.lmeval import TaskSet
