@@ -8,14 +8,7 @@
 #
 #   apt-get install python3.11-doc && make setup demo
 #   bash benchmarks/compare_mod.sh [STEPS]   # writes benchmarks/results/compare-mod.{md,csv,png}
-set -euo pipefail
-cd "$(dirname "$0")/.."
-STEPS=${1:-30}
-BIN=.venv/bin
-MODEL=.demo/smollm2-135m-instruct
-[ -f $MODEL/config.json ] || $BIN/python scripts/make_smollm2.py $MODEL
-[ -f .bench/pydocs/train.jsonl ] || $BIN/python benchmarks/prepare_pydocs.py .bench/pydocs
-mkdir -p benchmarks/results
+. "$(dirname "$0")/smollm2_env.sh"   # strict mode, repo root, STEPS, BIN, MODEL, the data
 $BIN/tli-recipe compare benchmarks/growth/{tli-k4,tli-k4-mod,tli-k4-lora}.yaml \
   --set base_model=$MODEL --data .bench/pydocs/train.jsonl --heldout .bench/pydocs/heldout.jsonl \
   --steps "$STEPS" --stage new --sequence-length 256 --batch-size 4 --eval-sequences 48 \
