@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Optional
 from tli_recipe.errors import TliError
 from tli_recipe.execute.lock import TargetLock, pid_alive, shielded
 from tli_recipe.execute.manifest import MANIFEST, output_problem, write_manifest
+from tli_recipe.files import current_umask
 from tli_recipe.plan.model import Plan
 
 #: Inside a temporary folder while a run writes it: which run made it (pid, host, target name).
@@ -99,9 +100,7 @@ def staged_output(target: Path, *, force: bool, recipe_sha256: str, sync: bool =
 def _make_temp(target: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary directory
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the output is an ordinary directory
         (tmp / RUN_MARKER).write_text(json.dumps({"tool": "tli-recipe", "pid": os.getpid(),
                                                   "host": socket.gethostname(), "target": target.name}) + "\n")
     except BaseException:

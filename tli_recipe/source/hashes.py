@@ -21,11 +21,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Optional
+
+from tli_recipe.files import write_text_atomic
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 8 * 2**20
@@ -104,15 +105,7 @@ class HashCache:
             return
         kept = dict(list(self.entries.items())[-MAX_ENTRIES:])
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".sha256.", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump({"version": 1, "entries": kept}, f)
-                os.replace(tmp, self.path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            write_text_atomic(self.path, json.dumps({"version": 1, "entries": kept}), mode=0o600)
         except OSError:
             pass  # a read-only home or a full disk costs a rehash next time, nothing more
 

@@ -17,7 +17,7 @@ from typing import Optional
 import yaml
 
 from tli_recipe._version import __version__
-from tli_recipe.files import write_text_atomic
+from tli_recipe.files import current_umask, write_text_atomic
 from tli_recipe.training.builtin import BuiltinStageConfig
 from tli_recipe.training.card import stage_card
 from tli_recipe.training.loading import load_model
@@ -56,20 +56,14 @@ def last_checkpoint(work: Path) -> Optional[str]:
     return None
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
 def _private_to_umask(folder: Path) -> None:
     """mkdtemp makes the folder private (0700); the stage output is an ordinary directory."""
-    os.chmod(folder, 0o777 & ~_umask())
+    os.chmod(folder, 0o777 & ~current_umask())
 
 
 def _files_to_umask(folder: Path) -> None:
     """Files some writers create private (safetensors' model.safetensors is 0600) get the umask's modes."""
-    umask = _umask()
+    umask = current_umask()
     for path in folder.rglob("*"):
         if not path.is_symlink():
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
