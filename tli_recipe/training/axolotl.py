@@ -12,14 +12,13 @@ from typing import Iterable
 
 from tli_recipe.errors import TliError
 from tli_recipe.plan.model import Plan
-from tli_recipe.training.data import record_format
+from tli_recipe.training.data import is_jsonl, record_format
 from tli_recipe.training.fields import Key, is_fp16, mapped, reentrancy
 from tli_recipe.training.stages import (
     StageFiles,
     StageSpec,
     TrainerFormat,
     integer_alpha,
-    is_jsonl,
     layer_prefix,
     loaded_name_map,
     resolve_datasets,

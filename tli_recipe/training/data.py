@@ -25,6 +25,13 @@ from typing import Iterator, Sequence
 
 from tli_recipe.errors import TliError
 
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+
+
+def is_jsonl(path: str | Path) -> bool:
+    """A file of JSON records, one per line (else plain text, one document per line)."""
+    return str(path).endswith(JSONL_SUFFIXES)
+
 
 class DataError(TliError):
     """Training or evaluation text that cannot be read; the message names the file and line."""
@@ -83,7 +90,7 @@ def read_documents(path: str | Path, text_field: str = "text", tokenizer=None) -
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file; expected a text file or JSONL with a '{text_field}' field")
-    jsonl = path.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz"))
+    jsonl = is_jsonl(path.name)
     try:
         with _open(path) as handle:
             for number, line in enumerate(handle, 1):
@@ -150,7 +157,7 @@ def record_format(path: str | Path, text_field: str = "text") -> str:
     ``chat`` (``messages``) or ``instruction``; ``text`` when the file is absent or unreadable (the
     trainer reports those), so emitting a config never fails on data it does not read."""
     path = Path(path)
-    if not path.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")) or not path.is_file():
+    if not is_jsonl(path.name) or not path.is_file():
         return "text"
     try:
         with _open(path) as handle:

@@ -18,9 +18,11 @@ from tli_recipe.errors import TliError
 from tli_recipe.training.data import pack, tokenize
 from tli_recipe.training.loading import (
     check_config,
+    has_tokenizer,
     load_config,
     load_model,
     load_tokenizer,
+    torch_dtype_named,
 )
 from tli_recipe.training.mod import has_mod_head
 from tli_recipe.training.mod import load as load_mod
@@ -43,10 +45,6 @@ def _tokenizer(path: Path):
     return load_tokenizer(path, "pass --tokenizer DIR (the base model's)")
 
 
-def _has_tokenizer(path: Path) -> bool:
-    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json"))
-
-
 def evaluate_models(models: Sequence[str | Path], data: Sequence[str | Path], *, sequence_length: Optional[int] = None,
                     batch_size: int = 8, max_sequences: Optional[int] = None, tokenizer: Optional[str | Path] = None,
                     text_field: str = "text", device: str = "auto", dtype: str = "float32",
@@ -63,7 +61,7 @@ def evaluate_models(models: Sequence[str | Path], data: Sequence[str | Path], *,
     tok = _tokenizer(tok_path)
     vocab = tok.get_vocab()
     for path in paths[1:] if not tokenizer else []:
-        if _has_tokenizer(path) and _tokenizer(path).get_vocab() != vocab:
+        if has_tokenizer(path) and _tokenizer(path).get_vocab() != vocab:
             raise TliError(f"{path}: its tokenizer differs from {tok_path}'s, so the models would not see the same "
                            "tokens; compare models that share a tokenizer, or force one with --tokenizer DIR")
     if sequence_length is None:
@@ -77,7 +75,7 @@ def evaluate_models(models: Sequence[str | Path], data: Sequence[str | Path], *,
         blocks = blocks[:max_sequences]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    torch_dtype = torch_dtype_named(dtype)
     log(f"{len(blocks)} sequences of {len(blocks[0])} tokens ({sum(len(b) - 1 for b in blocks):,} predicted tokens) "
         f"from {', '.join(str(d) for d in data)}")
 

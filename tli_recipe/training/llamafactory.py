@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from tli_recipe.recipe.schema import Dataset
-from tli_recipe.training.data import record_format
+from tli_recipe.training.data import is_jsonl, record_format
 from tli_recipe.training.fields import Key, is_bf16, is_fp16, mapped
 from tli_recipe.training.stages import (
     Refusal,
@@ -24,7 +24,6 @@ from tli_recipe.training.stages import (
     TrainerFormat,
     dump_yaml,
     integer_alpha,
-    is_jsonl,
     layer_prefix,
     resolve_datasets,
     stage_dir,

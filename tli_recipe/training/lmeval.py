@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from tli_recipe.errors import TliError, did_you_mean
+from tli_recipe.training.loading import TOKENIZER_FILES, has_tokenizer
 from tli_recipe.training.mod import has_mod_head
 from tli_recipe.training.task_files import is_task_file, load_task_file, split_specs
 
 INSTALL = "pip install 'tli-recipe[eval]'"
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 #: lm-eval's default; acc and acc_norm have a closed-form stderr, so this costs only for metrics such as F1.
 BOOTSTRAP_ITERS = 100_000
 
@@ -214,7 +214,7 @@ def check_model(path: Path, tokenizer: Optional[str | Path]) -> None:
     if not (path / "config.json").is_file():
         raise TliError(f"{path}: no config.json; expected a model directory")
     where = Path(tokenizer) if tokenizer is not None else path
-    if not any((where / f).is_file() for f in TOKENIZER_FILES):
+    if not has_tokenizer(where):
         hint = "" if tokenizer is not None else "; pass --tokenizer DIR (the base model's)"
         raise TliError(f"{where}: no tokenizer files ({', '.join(TOKENIZER_FILES)}){hint}")
 

@@ -15,6 +15,20 @@ from pathlib import Path
 
 from tli_recipe.errors import TliError, show
 
+#: What a model folder holds when it has a tokenizer (any one of them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def torch_dtype_named(name: str):
+    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (the --dtype choices) -> the torch dtype."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
 
 class LoadError(TliError):
     """A checkpoint or tokenizer that transformers cannot load; the message names the folder."""

@@ -188,23 +188,15 @@ def read_head(folder: Path, model):
 def load(folder: str | Path, *, dtype: str = "float32", device: str = "cpu", head: bool = True):
     """A model folder written by a MoD stage, as a transformers model whose forward (and ``generate``)
     returns the ensemble's mixed logits. Loads with ``trust_remote_code=False``."""
-    from tli_recipe.training.loading import load_model
+    from tli_recipe.training.loading import load_model, torch_dtype_named
 
     folder = Path(folder)
     if head and not has_mod_head(folder):
         raise TliError(f"{folder}: no {HEAD_FILE}; expected the output of a stage with objective: mod")
-    import torch
-
-    model = load_model(folder, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16,
-                                      "float16": torch.float16}[dtype]).to(device).eval()
+    model = load_model(folder, dtype=torch_dtype_named(dtype)).to(device).eval()
     module = read_head(folder, model).to(device=device, dtype=model.get_output_embeddings().weight.dtype).eval()
     attach(model, module)
     return model
-
-
-def load_any(folder: str | Path, *, dtype="float32", device: str = "cpu") -> Optional[object]:
-    """The MoD model of ``folder`` when it has a head, else None (the caller loads a plain model)."""
-    return load(folder, dtype=dtype, device=device) if has_mod_head(folder) else None
 
 
 def head_of(model):

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 def labelled_progress(stage: str):
     """A ProgressCallback whose bars read ``stage 'NAME': training`` / ``...: validation before training``."""
+    from tqdm.auto import tqdm
     from transformers.trainer_callback import ProgressCallback
     from transformers.trainer_utils import has_length
-
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency of transformers and of tli-recipe
-        from tqdm import tqdm
 
     class LabelledProgress(ProgressCallback):
         def __init__(self) -> None:

@@ -89,10 +89,6 @@ def resolve_datasets(spec: StageSpec, data: Optional[Sequence[str | Path]] = Non
     return [Dataset(path=str(Path(d.path).expanduser().resolve()), text_field=d.text_field) for d in chosen]
 
 
-def is_jsonl(path: str) -> bool:
-    return path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz"))
-
-
 # --- facts about the plan every trainer needs ------------------------------------------------
 
 def layer_prefix(plan: Plan) -> tuple[str, str]:
