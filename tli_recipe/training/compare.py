@@ -97,9 +97,8 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
     def accuracies(model: Path) -> dict[str, dict]:
         if task_set is None:
             return {}
-        log(f"lm-eval: {', '.join(task_set.specs)} on {model}")
         return {r.task: {"acc": r.acc, "acc_stderr": r.acc_stderr}
-                for r in task_set.score(model, device=device, limit=task_limit)}
+                for r in task_set.score_models([model], log=log, device=device, limit=task_limit)}
 
     rows = []
     work.mkdir(parents=True, exist_ok=True)

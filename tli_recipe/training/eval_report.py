@@ -49,20 +49,18 @@ def run_eval(models: Sequence[str | Path], *, data: Sequence[str | Path] = (), t
     report = EvalReport(models=[str(m) for m in models], asked_tasks=bool(tasks))
     task_set = None
     if tasks:
-        from tli_recipe.training.lmeval import TaskSet, check_model
+        from tli_recipe.training.lmeval import TaskSet
 
         task_set = TaskSet(tasks, online=online)  # every task loads (or fails) before a model does
-        for model in models:
-            check_model(Path(model), tokenizer)
+        task_set.check_models(models, tokenizer)
     if data:
         from tli_recipe.training.evaluate import evaluate_models
 
         report.loss = evaluate_models(models, data, batch_size=batch_size, tokenizer=tokenizer, device=device,
                                       dtype=dtype, log=log, **loss_options)
-    for model in models if task_set else ():
-        log(f"lm-eval: {', '.join(task_set.specs)} on {model}")
-        report.tasks.extend(task_set.score(model, device=device, dtype=dtype, batch_size=batch_size, limit=limit,
-                                           tokenizer=tokenizer))
+    if task_set is not None:
+        report.tasks = task_set.score_models(models, log=log, device=device, dtype=dtype, batch_size=batch_size,
+                                             limit=limit, tokenizer=tokenizer)
     return report
 
 

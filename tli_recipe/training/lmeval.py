@@ -174,6 +174,20 @@ class TaskSet:
             raise TliError(f"task {spec!r}: lm-eval could not load it ({_first_line(exc)}); expected a task whose "
                            "data loads and whose fields match its doc_to_text/doc_to_choice/doc_to_target") from None
 
+    def check_models(self, models: Sequence[str | Path], tokenizer: Optional[str | Path] = None) -> None:
+        """Cheap checks of every model folder, before the first (slow) one is scored."""
+        for model in models:
+            check_model(Path(model), tokenizer)
+
+    def score_models(self, models: Sequence[str | Path], *, log: Callable[[str], None] = lambda m: None,
+                     **options) -> list[TaskScore]:
+        """Every task on every model, in order; ``options`` go to :meth:`score`."""
+        rows: list[TaskScore] = []
+        for model in models:
+            log(f"lm-eval: {', '.join(self.specs)} on {model}")
+            rows.extend(self.score(model, **options))
+        return rows
+
     def score(self, model: str | Path, *, device: str = "auto", dtype: str = "float32", batch_size: int = 8,
               limit: Optional[int] = None, tokenizer: Optional[str | Path] = None) -> list[TaskScore]:
         """Every task on one model folder, as rows in lm-eval's result order."""
@@ -249,13 +263,8 @@ def run_tasks(models: Sequence[str | Path], tasks: Sequence[str], *, online: boo
               log: Callable[[str], None] = lambda m: None, **options) -> list[TaskScore]:
     """``tasks`` on every model folder; ``options`` go to :meth:`TaskSet.score` (device, dtype, limit ...)."""
     task_set = TaskSet(tasks, online=online)
-    for model in models:  # cheap checks for every model before the first (slow) one is scored
-        check_model(Path(model), options.get("tokenizer"))
-    rows: list[TaskScore] = []
-    for model in models:
-        log(f"lm-eval: {', '.join(task_set.specs)} on {model}")
-        rows.extend(task_set.score(model, **options))
-    return rows
+    task_set.check_models(models, options.get("tokenizer"))
+    return task_set.score_models(models, log=log, **options)
 
 
 def _cell(value: Optional[float], stderr: Optional[float]) -> str:
