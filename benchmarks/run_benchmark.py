@@ -11,9 +11,10 @@ What it does
    tensor at a time so the generator never holds more than one tensor in RAM.
 2. Writes ``<work>/recipe-k4.yaml`` (inject a layer after every 4 layers).
 3. Warms the page cache, then in alternating, repeated rounds measures
-   ``cp -r SRC DST`` and ``tli-recipe run RECIPE --force`` (wall time and peak
-   RSS of the child), plus the baseline RSS of the interpreter with the tool
-   imported, and the wall time of ``tli-recipe plan`` / ``validate``.
+   ``cp -r SRC DST`` (before and after each run) and ``tli-recipe run RECIPE --force``
+   (wall time and peak RSS of the child), plus the baseline RSS of the interpreter
+   with the tool imported, and the wall time of ``tli-recipe plan`` / ``validate``.
+   The children start from bytecode kept in the work dir, as an installed tool does.
 4. Prints a table with the targets (run/copy <= 1.5x, RSS above baseline < 100 MiB), and
    the same ratio for `run --rehash` (every source byte hashed while writing).
 
@@ -283,12 +284,15 @@ def dir_bytes(path: Path) -> int:
 
 
 def warm_page_cache(path: Path) -> int:
-    n = 0
+    # One reused buffer: a fresh 16 MiB bytes object per read maps and frees ~2 GiB of memory each
+    # time, and a cp that follows was seen to spend 1.5-4x the kernel time (this VM hands freed
+    # pages back to its host, and taking them again costs).
+    n, buf = 0, bytearray(16 << 20)
     for p in sorted(path.rglob("*")):
         if p.is_file():
             with open(p, "rb", buffering=0) as f:
-                while chunk := f.read(16 << 20):
-                    n += len(chunk)
+                while got := f.readinto(buf):
+                    n += got
     return n
 
 
@@ -426,6 +430,13 @@ def main(argv=None) -> int:
     sync()
     print(f"[3/4] page cache warmed ({fmt_bytes(src_bytes)} in {time.perf_counter() - t0:.1f} s); "
           f"RSS via {m.method}; {args.rounds} rounds", flush=True)
+    # An installed package starts from bytecode; a checkout under PYTHONDONTWRITEBYTECODE=1 compiles
+    # every module on every start (~30 ms here). The children keep bytecode in the work dir (never in
+    # the source tree), compiled by one untimed `plan` now and by round 1's run.
+    if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
+        print("      PYTHONDONTWRITEBYTECODE was set: cleared for the children, as an installed tool has its bytecode")
+    os.environ["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    subprocess.call([tool, "plan", str(recipe)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     # run's digest cache lives in the work dir and starts empty: round 1 hashes every source file
     # (in a thread, while writing), later rounds find the digests; `--rehash` rounds always hash.
@@ -460,22 +471,30 @@ def main(argv=None) -> int:
                 out_layers = None
         else:
             print(f"      warning: {out_dir} was not created by the run", flush=True)
-        if not (args.keep and r == args.rounds):
-            rm(out_dir)
+        rm(out_dir)  # (--keep keeps the last --rehash output: a kept one would make that run delete it)
         for stale in work.glob(f".{out_dir.name}.tmp*"):  # a failed/interrupted run's temp dir
             rm(stale)
+        sync()
+        # (a'') cp -r again, right after the run: this VM's kernel time for the same cp varies 1-4x
+        # from one moment to the next, so each round times cp on both sides of the run
+        warm_page_cache(src)
+        c2 = m.measure(["cp", "-r", str(src), str(copy_dst)], f"r{r}-copy2")
+        sync()
+        rm(copy_dst)
         sync()
         # (c) tli-recipe run --rehash: every source byte hashed, overlapped with the writes
         warm_page_cache(src)
         xh = m.measure([tool, "run", str(recipe), "--force", "--rehash"], f"r{r}-rehash")
-        rm(out_dir)
+        sync()
+        if not (args.keep and r == args.rounds):
+            rm(out_dir)
         sync()
         # baseline RSS and start-up commands
         h = m.measure([tool, "--help"], f"r{r}-help")
         i = m.measure([py, "-c", "import tli_recipe.cli"], f"r{r}-import", check=False)
         p = m.measure([tool, "plan", str(recipe)], f"r{r}-plan", check=False)
         v = m.measure([tool, "validate", str(recipe)], f"r{r}-validate", check=False)
-        res["copy"].append(c["wall"])
+        res["copy"] += [c["wall"], c2["wall"]]
         res["copysync"].append(cs["wall"])
         res["run"].append(x["wall"])
         res["run_rss"].append(x["maxrss"])
@@ -490,7 +509,7 @@ def main(argv=None) -> int:
                 res[key + "_rss"].append(mm["maxrss"])
             else:
                 print(f"      note: `{key}` exited {mm['rc']} (log {mm['log']})", flush=True)
-        print(f"      round {r}: copy {c['wall']:.2f} s | run {x['wall']:.2f} s | run --rehash {xh['wall']:.2f} s, "
+        print(f"      round {r}: copy {c['wall']:.2f}, {c2['wall']:.2f} s | run {x['wall']:.2f} s | run --rehash {xh['wall']:.2f} s, "
               f"peak RSS {fmt_bytes(x['maxrss'])} | --help RSS {fmt_bytes(h['maxrss'])}", flush=True)
 
     # 4. report
@@ -504,7 +523,9 @@ def main(argv=None) -> int:
     above = rss_max - baseline
     ratio_med = run_med / copy_med
     ratio_min = run_min / copy_min
-    ratio_ok = ratio_med <= RATIO_TARGET
+    # cp's time on this kind of VM is bimodal (the same cp takes 0.6 s or 1.5 s from one moment to the
+    # next; a noisy median flatters the run), so the target needs both ratios, medians and minima.
+    ratio_ok = max(ratio_med, ratio_min) <= RATIO_TARGET
     rss_ok = above < RSS_TARGET
 
     def row(label, value, extra=""):
@@ -529,7 +550,7 @@ def main(argv=None) -> int:
     row("run time (median / min)", f"{fmt_s(run_med)} / {fmt_s(run_min)}",
         f"{(out_bytes or 0) / run_med / 1e6:.0f} MB/s written" if out_bytes else "")
     row("ratio run/copy (med/med, min/min)", f"{ratio_med:.2f}x / {ratio_min:.2f}x",
-        f"target <= {RATIO_TARGET}x (median): {'PASS' if ratio_ok else 'FAIL'}")
+        f"target <= {RATIO_TARGET}x (both): {'PASS' if ratio_ok else 'FAIL'}")
     row("run --rehash time (median / min)", f"{fmt_s(rehash_med)} / {fmt_s(rehash_min)}",
         f"ratio {rehash_med / copy_med:.2f}x / {rehash_min / copy_min:.2f}x (every source byte hashed)")
     row("peak RSS of run (median / max of all)", f"{fmt_bytes(rss_med)} / {fmt_bytes(rss_max)}")
