@@ -207,6 +207,23 @@ def test_a_hub_revision_cannot_climb_out_of_the_cache(tmp_path, hub, hostile_cli
     refused(hostile_cli("plan", "--json", recipe), "is neither a local directory nor a model in the local Hugging Face cache")
 
 
+@pytest.mark.parametrize("where", ["outside", "other-repo"])
+def test_a_pinned_snapshot_link_out_of_its_repos_blobs_is_not_hashed(tmp_path, hub, hostile_cli, snapshot, refused, where):
+    """A snapshot's files may link into their own repo's blobs/ (as the cache stores them), nowhere else."""
+    (hub / "refs" / "main").write_text(COMMIT)
+    other = tmp_path / "hub" / "models--org--other" / "blobs"
+    other.mkdir(parents=True)
+    (other / ("e" * 64)).write_text(f"{TEXT_SECRET}\n")
+    target = tmp_path / "secret" if where == "outside" else other / ("e" * 64)
+    (hub / "snapshots" / COMMIT / "tokenizer.json").symlink_to(target)
+    inputs = snapshot(tmp_path / "hub")
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, f"base_model:\n  path: org/tiny\n  checksums:\n    tokenizer.json: \"{'0' * 64}\"\n"
+                                    "inject: {every: 2}\n")
+    result = hostile_cli("run", recipe, "--output", out, "--device", "cpu", "--no-progress")
+    refused(result, "has no file 'tokenizer.json'", inputs=inputs, target=out, secrets=SECRETS)
+
+
 def test_a_pinned_file_outside_the_model_is_not_hashed(tmp_path, tiny, hostile_cli, snapshot, refused):
     model = tmp_path / "m"
     shutil.copytree(tiny(layers=4), model)

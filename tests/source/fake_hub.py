@@ -1,6 +1,7 @@
 """A local Hugging Face hub for the tests: the endpoints huggingface_hub calls, served by http.server.
 
-- ``GET /api/models/{repo}/revision/{rev}``: model info (id, sha, siblings);
+- ``GET /api/models/{repo}/revision/{rev}``: model info (id, sha, siblings; with ``?blobs=true`` their
+  sizes, git blob ids and LFS sha256);
 - ``GET /api/models/{repo}/tree/{rev}``: the file listing snapshot_download reads (oid, size, lfs);
 - ``HEAD|GET /{repo}/resolve/{rev}/{file}``: the file, with ETag, X-Repo-Commit, Content-Length
   (and ranges: ``Range: bytes=a-b`` gets 206 with Content-Range), as the hub answers.
@@ -46,6 +47,13 @@ class FakeHub:
 
 def _oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _lfs(name: str, data: bytes) -> dict:
+    """The model info's LFS record of a file (safetensors files are stored in LFS here)."""
+    if not name.endswith(".safetensors"):
+        return {}
+    return {"lfs": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}}
 
 
 def _handler(hub: FakeHub):
@@ -100,8 +108,11 @@ def _handler(hub: FakeHub):
                 if found is None:
                     return
                 commit, files = found
-                if api[2] == "revision":
-                    return self._json({"id": api[1], "sha": commit, "siblings": [{"rfilename": n} for n in files]})
+                if api[2] == "revision":  # with ?blobs=true: sizes, git blob ids and LFS sha256 (files_metadata)
+                    blobs = re.search(r"(^|&)blobs=(true|True|1)($|&)", url.query) is not None
+                    return self._json({"id": api[1], "sha": commit, "siblings": [
+                        {"rfilename": n, **({"blobId": _oid(b), "size": len(b), **_lfs(n, b)} if blobs else {})}
+                        for n, b in files.items()]})
                 return self._json([{"type": "file", "path": n, "size": len(b), "oid": _oid(b),
                                     **({"lfs": {"oid": hashlib.sha256(b).hexdigest(), "size": len(b), "pointerSize": 134}}
                                        if n.endswith(".safetensors") else {})} for n, b in files.items()])

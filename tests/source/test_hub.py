@@ -187,6 +187,68 @@ def test_pin_resolves_a_branch_on_the_hub(tmp_path, hub, tiny, cli):
     assert offline.exit_code == 0 and f"revision: {C2}" in offline.stdout
 
 
+def pinned_checksums(stdout: str) -> dict[str, str]:
+    import yaml
+
+    return yaml.safe_load(stdout)["base_model"]["checksums"]
+
+
+def test_pin_of_an_uncached_model_takes_the_weights_sha256_from_the_hub_without_downloading(tmp_path, hub, tiny, cli):
+    import hashlib
+
+    folder = with_index(tiny, tmp_path)
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
+    hub.add("org/tiny", folder, C1)
+    result = cli("pin", "org/tiny")
+    assert result.exit_code == 0, result.stderr
+    expected = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json"} <= set(expected)
+    assert pinned_checksums(result.stdout) == expected
+    assert f"revision: {C1}" in result.stdout
+    assert "the sha256 of 1 of 1 safetensors file(s) from the hub's LFS records (not downloaded)" in result.stderr
+    weights = [r for r in hub.file_requests() if r[1].endswith("/model.safetensors")]
+    assert weights and all(r[0] == "GET" and r[2].startswith("bytes=0-") for r in weights)  # headers only
+    assert not (snapshots(tmp_path) / C1 / "model.safetensors").exists()
+    # the pin holds for the run that downloads the weights
+    recipe = write_recipe(tmp_path, result.stdout + "inject: {every: 2}\n")
+    run = cli("run", recipe, "-o", tmp_path / "out", "--no-progress")
+    assert run.exit_code == 0, run.stderr
+    assert (snapshots(tmp_path) / C1 / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+
+
+def test_pin_downloads_a_weight_file_the_hub_has_no_sha256_for(tmp_path, hub, tiny, cli, monkeypatch):
+    import hashlib
+
+    import fake_hub
+
+    monkeypatch.setattr(fake_hub, "_lfs", lambda name, data: {})  # stored in git, not LFS: no sha256 listed
+    hub.add("org/tiny", tiny(layers=4), C1)
+    result = cli("pin", "org/tiny")
+    assert result.exit_code == 0, result.stderr
+    assert "the sha256 of 0 of 1 safetensors file(s)" in result.stderr
+    weights = tiny(layers=4) / "model.safetensors"
+    assert pinned_checksums(result.stdout)["model.safetensors"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert (snapshots(tmp_path) / C1 / "model.safetensors").read_bytes() == weights.read_bytes()
+
+
+def test_pin_of_a_cached_model_reads_no_lfs_blob_unless_asked(tmp_path, hub, tiny, cli, monkeypatch):
+    hub.add("org/tiny", tiny(layers=4), C1)
+    assert cli("run", write_recipe(tmp_path, RECIPE), "-o", tmp_path / "out", "--no-progress").exit_code == 0
+    monkeypatch.setenv("TLI_RECIPE_HASH_CACHE", str(tmp_path / "digests.json"))
+    from tli_recipe.source import hashes
+
+    read: list[str] = []
+    real = hashes.sha256_file
+    monkeypatch.setattr(hashes, "sha256_file", lambda path, stop=None: read.append(Path(path).name) or real(path, stop))
+    first = cli("pin", f"org/tiny@{C1}")
+    assert first.exit_code == 0, first.stderr
+    assert "model.safetensors" not in read and "config.json" in read  # the blob's name is its sha256
+    read.clear()
+    again = cli("pin", f"org/tiny@{C1}", "--rehash")
+    assert again.exit_code == 0 and "model.safetensors" in read
+    assert pinned_checksums(again.stdout) == pinned_checksums(first.stdout)
+
+
 # --- the cache alone (no hub) --------------------------------------------------------
 
 @pytest.fixture

@@ -216,20 +216,24 @@ def diff(a: str, b: str, configs: tuple[str, ...]) -> None:
 @click.command()
 @click.argument("model")
 @click.option("--offline", is_flag=True, help="Only the local cache: a branch resolves through the cache's refs/, which may be stale.")
+@click.option("--rehash", is_flag=True, help="Hash every local file, even those whose digest is known from a hub blob name "
+                                             "or the digest cache.")
 @reported
-def pin(model: str, offline: bool) -> None:
+def pin(model: str, offline: bool, rehash: bool) -> None:
     """Print a base_model block pinning MODEL (a directory or a hub id) to its revision and the sha256
     of its files, to paste into a recipe; `run` then refuses other files. A hub branch or tag is
-    resolved to its commit on the hub, whose files are downloaded unless cached."""
-    from tli_recipe.source.hub import Access, open_model, pin_target
+    resolved to its commit on the hub. An uncached hub model's weights are not downloaded: their
+    sha256 is the one the hub records for them (Git LFS), which names their blobs once downloaded;
+    `run --rehash` hashes the bytes themselves."""
+    from tli_recipe.source.hub import pin_sources, pin_target
     from tli_recipe.source.provenance import pin_block
 
     def log(message: str) -> None:
         click.echo(message, err=True)
 
     warnings: list[str] = []
-    target = pin_target(model, offline, log)
-    block = pin_block(model, open_model(target, Access(fetch="weights", offline=offline, log=log)), warnings)
+    ckpt, known = pin_sources(pin_target(model, offline, log), offline, log)
+    block = pin_block(model, ckpt, warnings, known, rehash)
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(block, nl=False)

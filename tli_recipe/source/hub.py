@@ -219,3 +219,23 @@ def pin_target(ref: str, offline: bool = False, log: Optional[Callable[[str], No
     if log is not None:
         log(f"hub: {repo}@{revision} is commit {commit} on {endpoint()}")
     return f"{repo}@{commit}"
+
+
+def pin_sources(ref: str, offline: bool = False, log: Optional[Callable[[str], None]] = None
+                ) -> tuple[Checkpoint, dict[str, str]]:
+    """The checkpoint ``pin`` hashes, and the digests already known without reading: a directory or a
+    complete cache snapshot as it is (no digests); an uncached hub model from the hub without its
+    weights, whose sha256 the hub lists (``hubfetch.pin_sources``)."""
+    access = Access(fetch="weights", offline=offline, log=log)
+    hub = parse_hub_id(ref)
+    local = Path(ref).expanduser()
+    if hub is None or local.exists() or offline or offline_env():
+        return open_model(ref, access), {}
+    repo, revision = hub
+    _valid_revision(ref, repo, revision)
+    snapshot = _snapshot(repo, revision)
+    if snapshot is not None and missing_files(snapshot) == ([], []):
+        return open_checkpoint(snapshot), {}
+    from tli_recipe.source.hubfetch import pin_sources as from_hub
+
+    return from_hub(repo, revision, access)

@@ -38,6 +38,7 @@ from tli_recipe.source.provenance import _COMMIT
 #: The first request for a safetensors header; most headers are smaller (huggingface_hub does the same).
 FIRST_RANGE = 100_000
 _RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 LOGIN = "log in (`hf auth login`, or set HF_TOKEN)"
 
 
@@ -104,13 +105,25 @@ def _token() -> Optional[str]:
     return token()
 
 
-def resolve_commit(repo: str, revision: str) -> tuple[str, list[str]]:
-    """The commit ``revision`` names on the hub now, and the repository's file names."""
-    info = _api().model_info(repo, revision=revision)
+def _model_info(repo: str, revision: str, blobs: bool = False):
+    """The hub's model info for ``revision``: its commit (checked), and its files (``siblings``)."""
+    info = _api().model_info(repo, revision=revision, files_metadata=blobs)
     commit = getattr(info, "sha", None)
     if not isinstance(commit, str) or not _COMMIT.match(commit):
         raise CheckpointError(f"{endpoint()} gave no valid commit for {repo}@{revision}; expected 40 hex characters")
-    return commit, [s.rfilename for s in (getattr(info, "siblings", None) or []) if isinstance(s.rfilename, str)]
+    siblings = [s for s in (getattr(info, "siblings", None) or []) if isinstance(getattr(s, "rfilename", None), str)]
+    return commit, siblings
+
+
+def resolve_commit(repo: str, revision: str) -> tuple[str, list[str]]:
+    """The commit ``revision`` names on the hub now, and the repository's file names."""
+    commit, siblings = _model_info(repo, revision)
+    return commit, [s.rfilename for s in siblings]
+
+
+def _lfs_sha256(sibling) -> Optional[str]:
+    digest = getattr(getattr(sibling, "lfs", None), "sha256", None)
+    return digest if isinstance(digest, str) and _HEX64.match(digest) else None
 
 
 def _fetch(repo: str, commit: str, name: str) -> Path:
@@ -202,6 +215,32 @@ def remote_headers(repo: str, revision: str, access: Access) -> Checkpoint:
                f"{len(files)} safetensors header(s) ({reader.bytes} bytes in {reader.requests} range requests); "
                f"the weights were not downloaded (`run` downloads them, or `{_fix_command(repo, commit)}`)")
     return ckpt
+
+
+def pin_sources(repo: str, revision: str, access: Access) -> tuple[Checkpoint, dict[str, str]]:
+    """What ``pin`` needs of a hub model that is not in the cache, without its weights: config.json, the
+    index and the tokenizer and generation files into the cache (small; they are hashed there), the
+    safetensors headers by range requests, and each weight file's sha256 as the hub lists it for its
+    Git LFS object. A weight file not stored in LFS has no sha256 on the hub: it is downloaded."""
+    ref = f"{repo}@{revision}"
+    with hub_errors(ref, repo, revision, "reading"):
+        commit, siblings = _model_info(repo, revision, blobs=True)
+        by_name = {s.rfilename: s for s in siblings}
+        names = list(by_name)
+        snapshot = _small_files(repo, commit, names)
+        for name in SIDE_FILES:
+            if name in by_name:
+                _fetch(repo, commit, name)
+        _write_ref(repo, revision, commit)
+        files = _weights(names, snapshot)
+        digests = {name: d for name in files if (d := _lfs_sha256(by_name.get(name)))}
+        for name in files:
+            if name not in digests:
+                _fetch(repo, commit, name)
+        ckpt = open_checkpoint(snapshot, read=_Headers(repo, commit), files=files)
+    access.say(f"hub: {repo}@{revision} is commit {commit}; the sha256 of {len(digests)} of {len(files)} safetensors "
+               f"file(s) from the hub's LFS records (not downloaded), the other files fetched into {snapshot} and hashed")
+    return ckpt, digests
 
 
 def _quiet_tqdm():

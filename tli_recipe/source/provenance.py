@@ -23,7 +23,7 @@ from tli_recipe.source.checkpoint import (
     Checkpoint,
     CheckpointError,
 )
-from tli_recipe.source.hashes import SourceHasher, sha256_file
+from tli_recipe.source.hashes import SourceHasher
 
 # --- revisions ---------------------------------------------------------------------
 #
@@ -275,11 +275,15 @@ def expected_checksums(plan) -> dict[str, dict[str, str]]:
 
 
 def _inside(folder: Path, name: str) -> bool:
-    """Whether a pinned file name is a plain relative path that stays inside ``folder``."""
+    """Whether a pinned file name is a plain relative path that stays inside ``folder`` (for a Hugging
+    Face cache snapshot, ``<repo>/snapshots/<commit>``, also a link into its own ``<repo>/blobs``)."""
     parts = Path(name).parts
     if Path(name).is_absolute() or not parts or ".." in parts:
         return False
-    return (folder / name).resolve().is_relative_to(folder.resolve())
+    target = (folder / name).resolve()
+    if target.is_relative_to(folder.resolve()):
+        return True
+    return folder.parent.name == "snapshots" and target.parent == (folder.parent.parent / "blobs").resolve()
 
 
 def pinned_files(plan, checkpoints: dict[str, Checkpoint]) -> dict[str, dict[str, Path]]:
@@ -349,15 +353,21 @@ def metadata(plan) -> dict[str, str]:
     return {"sources": json.dumps(sources, sort_keys=True, separators=(",", ":"))}
 
 
-def pin_block(ref: str, ckpt: Checkpoint, warnings: Optional[list[str]] = None) -> str:
+def pin_block(ref: str, ckpt: Checkpoint, warnings: Optional[list[str]] = None, known: Optional[dict[str, str]] = None,
+              rehash: bool = False) -> str:
     """A ``base_model:`` block pinning ``ref`` to its revision and file checksums (for ``tli-recipe pin``);
-    revision files that were ignored add a warning to ``warnings``."""
+    revision files that were ignored add a warning to ``warnings``. ``known``: digests by file name
+    that need no read (the hub's LFS records); the others come from hub blob names or the digest
+    cache, else are hashed (``rehash``: every local file is hashed)."""
     found = source_revision(ckpt.path, warnings)
     path = ref if Path(ref).expanduser().exists() else ref.partition("@")[0]  # a hub id: the revision gets its own key
+    names = source_file_names(ckpt, side_files=True)
+    known = known or {}
+    digests = SourceHasher([ckpt.path / n for n in names if n not in known], trust_cache=not rehash).start().result()
     lines = ["base_model:", f"  path: {json.dumps(path)}"]
     if found:
         lines.append(f"  revision: {found[0]}   # from {found[1]}")
     lines.append("  checksums:")
-    for name in source_file_names(ckpt, side_files=True):
-        lines.append(f"    {json.dumps(name)}: \"{sha256_file(ckpt.path / name)}\"")
+    for name in names:
+        lines.append(f"    {json.dumps(name)}: \"{known.get(name) or digests[ckpt.path / name]}\"")
     return "\n".join(lines) + "\n"
