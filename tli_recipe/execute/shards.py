@@ -106,6 +106,13 @@ def copy_range(info: TensorInfo, dst: int, dst_offset: int) -> None:
         os.close(src)
 
 
+def write_at(dst: int, view: memoryview, offset: int, keep=None) -> None:
+    """Write all of ``view`` at ``offset`` of the open file ``dst`` (``keep``: the tensor behind ``view``)."""
+    done = 0
+    while done < len(view):
+        done += os.pwrite(dst, view[done:], offset + done)
+
+
 @dataclass(frozen=True)
 class ShardSpec:
     file: str
@@ -196,6 +203,7 @@ class ShardWriter:
         self._futures: list = []  # every copy and finish job, in submission order
         self._files: list = []  # every shard file opened, closed by its lane or by close/abort
         self._finishing: list = []  # finish jobs of shards handed to their lanes, oldest first
+        self._in_flight = None  # the computed tensor being written
 
     def _next(self, name: str) -> tuple[str, tuple[int, ...]]:
         """Check that ``name`` is the next planned tensor and open its shard; returns (dtype code, shape)."""
@@ -223,7 +231,15 @@ class ShardWriter:
             raise TliError(f"tensor '{name}': got shape {tuple(tensor.shape)} {tensor.dtype}, the plan says {shape} {code}")
         data = tensor.detach().to("cpu").contiguous()
         if data.numel():
-            self._handle.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            # Written in the shard's lane while the next tensor is computed; one tensor in flight at most.
+            if self._in_flight is not None:
+                self._in_flight.result()
+            self._handle.flush()
+            offset = self._handle.tell()
+            self._submit(data.numel() * data.element_size(), write_at, self._handle.fileno(),
+                         memoryview(data.reshape(-1).view(torch.uint8).numpy()), offset, data)
+            self._in_flight = self._futures[-1]
+            self._handle.seek(nbytes(code, shape), os.SEEK_CUR)
         return nbytes(code, shape)
 
     def copy(self, name: str, info: TensorInfo) -> int:
