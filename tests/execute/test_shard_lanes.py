@@ -148,3 +148,30 @@ def test_the_writer_keeps_a_bounded_number_of_shards_open_while_lanes_copy(tmp_p
     assert len(layout) == 24 and most_open <= 1 * 2 + 2  # per lane, plus the open one and one finishing
     assert all(f.closed for f in writer._files)
     assert read_tensors(tmp_path / layout[-1].file)[0]["t23"].nbytes == 1024
+
+
+def test_a_computed_tensor_that_fails_to_write_fails_the_writer(tmp_path, monkeypatch):
+    layout = layout_shards([(f"t{i}", "F32", (256,)) for i in range(4)], 1 << 20)
+
+    def failing(dst, view, offset, keep=None):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(shards, "write_at", failing)
+    writer = ShardWriter(tmp_path, layout, {"format": "pt"})
+    with pytest.raises(OSError, match="Input/output error"):
+        for i in range(4):  # the second write waits for the first, whose failure stops it
+            writer.write(f"t{i}", torch.zeros(256))
+        writer.close()
+    writer.abort()
+
+
+def test_computed_tensors_written_in_lanes_read_back_exactly(tmp_path):
+    values = {f"t{i}": torch.randn(1000 + i, generator=torch.Generator().manual_seed(i)) for i in range(5)}
+    layout = layout_shards([(n, "F32", tuple(v.shape)) for n, v in values.items()], 12_000, parts=2)
+    writer = ShardWriter(tmp_path, layout, {"format": "pt"})
+    for name, value in values.items():
+        writer.write(name, value)
+    writer.close()
+    got = load_all(tmp_path)
+    assert len(layout) > 1 and sorted(got) == sorted(values)
+    assert all(torch.equal(got[n], v) for n, v in values.items())
