@@ -175,3 +175,46 @@ def test_computed_tensors_written_in_lanes_read_back_exactly(tmp_path):
     got = load_all(tmp_path)
     assert len(layout) > 1 and sorted(got) == sorted(values)
     assert all(torch.equal(got[n], v) for n, v in values.items())
+
+
+@pytest.mark.parametrize("empty_between", [False, True])
+def test_output_buffers_are_not_reused_while_their_write_runs(tmp_path, monkeypatch, empty_between):
+    """Each tensor is computed into writer.buffer() while the previous one is written: a slow write
+    must never see its bytes overwritten by the next tensor."""
+    names = [f"t{i}" for i in range(6)]
+    specs = []
+    for i, name in enumerate(names):
+        specs.append((name, "F32", (4096,)))
+        if empty_between:
+            specs.append((f"{name}.empty", "F32", (0,)))
+    layout = layout_shards(specs, 1 << 20)
+    real = shards.write_at
+
+    def slow(dst, view, offset, keep=None):
+        threading.Event().wait(0.03)
+        return real(dst, view, offset, keep)
+
+    monkeypatch.setattr(shards, "write_at", slow)
+    writer = ShardWriter(tmp_path, layout, {"format": "pt"})
+    for name, code, shape in specs:
+        out = writer.buffer(code, shape)
+        out.fill_(float(names.index(name)) if name in names else 0.0)
+        writer.write(name, out)
+    writer.close()
+    got = load_all(tmp_path)
+    assert all(torch.equal(got[n], torch.full((4096,), float(i))) for i, n in enumerate(names))
+
+
+def test_a_reusing_reader_keeps_its_two_slots_apart(tmp_path):
+    from tli_recipe.execute.shards import TensorReader
+
+    source = tmp_path / "src.safetensors"
+    save_file({"a": torch.arange(300, dtype=torch.float32), "b": -torch.arange(200, dtype=torch.float32)}, source)
+    infos, _ = read_tensors(source)
+    reader = TensorReader(reuse=True)
+    a = reader.read(infos["a"])
+    b = reader.read(infos["b"], slot=1)
+    assert torch.equal(a, torch.arange(300, dtype=torch.float32)) and torch.equal(b, -torch.arange(200, dtype=torch.float32))
+    again = reader.read(infos["b"])  # slot 0 again: a's buffer, now b's values
+    assert again.data_ptr() == a.data_ptr() and torch.equal(again, b)
+    reader.close()

@@ -52,12 +52,19 @@ def needs_torch(op: TensorOp) -> bool:
 
 
 def make_tensor(op: TensorOp, reader: TensorReader, source, device: str, sources: Optional[dict] = None,
-                precomputed: Optional[dict] = None):
-    """The output tensor of one TensorOp (on the CPU, in the output dtype).
+                precomputed: Optional[dict] = None, out=None):
+    """The output tensor of one TensorOp (on the CPU, in the output dtype); with ``out`` (a CPU tensor
+    of the op's dtype and shape), the values are stored there and ``out`` is returned.
 
     Random streams are drawn on the CPU from a per-tensor seed, so cpu and cuda runs
     give the same values; only the arithmetic runs on ``device``.
     """
+    tensor = _compute(op, reader, source, device, sources, precomputed, cast=out is None)
+    return tensor if out is None else out.copy_(tensor)  # copy_ casts a plain copy's source on the CPU
+
+
+def _compute(op: TensorOp, reader: TensorReader, source, device: str, sources: Optional[dict],
+             precomputed: Optional[dict], cast: bool = True):
     import torch
 
     out_dtype = torch_dtype(op.dtype)
@@ -78,7 +85,7 @@ def make_tensor(op: TensorOp, reader: TensorReader, source, device: str, sources
                               "the checkpoint changed since the plan was made, plan again")
     tensor = reader.read(info)
     if op.op == "copy":
-        return tensor.to(out_dtype)
+        return tensor.to(out_dtype) if cast else tensor
     work = tensor.to(device=device, dtype=torch.float32)
     if op.op == "scale":
         work = work * op.value
@@ -90,7 +97,7 @@ def make_tensor(op: TensorOp, reader: TensorReader, source, device: str, sources
         if other is None:
             raise CheckpointError(f"{source.path}: tensor '{op.second_name}' is in the plan but not in the checkpoint; "
                                   "the checkpoint changed since the plan was made, plan again")
-        nxt = reader.read(other).to(device=device, dtype=torch.float32)
+        nxt = reader.read(other, slot=1).to(device=device, dtype=torch.float32)
         work = (1 - op.value) * work + op.value * nxt
     else:  # pragma: no cover - the plan's Literal admits nothing else
         raise TliError(f"unknown operation {op.op!r} for tensor '{op.name}'")
@@ -200,7 +207,7 @@ def _write_tensors(plan: Plan, writer: ShardWriter, sources, device: str, precom
     """Every planned tensor, in order: zeros as holes, unchanged copies as bytes, the rest computed."""
     from tqdm import tqdm
 
-    reader = TensorReader()
+    reader = TensorReader(reuse=True)  # each tensor read is consumed (copied into the writer's buffer) at once
     try:
         bar = tqdm(total=plan.totals.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024,
                    desc=f"writing {plan.name}", disable=not progress, dynamic_ncols=True)
@@ -212,7 +219,7 @@ def _write_tensors(plan: Plan, writer: ShardWriter, sources, device: str, precom
                     written = writer.copy(op.name, sources[op.source].tensors[op.source_name])
                 else:
                     written = writer.write(op.name, make_tensor(op, reader, sources[op.source], device, sources,
-                                                                precomputed))
+                                                                precomputed, out=writer.buffer(op.dtype, tuple(op.shape))))
                 bar.update(written)
                 bar.set_postfix_str(f"{i}/{len(plan.tensors)} tensors", refresh=False)
     finally:
