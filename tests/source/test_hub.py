@@ -187,6 +187,56 @@ def test_pin_resolves_a_branch_on_the_hub(tmp_path, hub, tiny, cli):
     assert offline.exit_code == 0 and f"revision: {C2}" in offline.stdout
 
 
+def header_requests(hub) -> list:
+    return [r for r in hub.file_requests() if r[1].endswith(".safetensors")]
+
+
+def test_a_second_plan_reads_the_headers_it_kept_and_makes_no_range_request(tmp_path, hub, tiny, cli, monkeypatch):
+    monkeypatch.setenv("TLI_RECIPE_HASH_CACHE", str(tmp_path / "cache" / "sha256.json"))
+    hub.add("org/tiny", with_index(tiny, tmp_path), C1)
+    recipe = write_recipe(tmp_path, RECIPE)
+    first = cli("plan", "--json", recipe)
+    assert first.exit_code == 0, first.stderr
+    assert len(header_requests(hub)) == 1
+    hub.log.clear()
+    again = cli("plan", "--json", recipe)
+    assert again.exit_code == 0, again.stderr
+    assert header_requests(hub) == [] and "1 known from an earlier read" in again.stderr
+    assert json.loads(again.stdout)["tensors"] == json.loads(first.stdout)["tensors"]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "other-key", "bad-header", "short-size", "symlink"])
+def test_a_damaged_or_foreign_kept_header_is_read_from_the_hub_again(tmp_path, hub, tiny, cli, damage, monkeypatch):
+    monkeypatch.setenv("TLI_RECIPE_HASH_CACHE", str(tmp_path / "cache" / "sha256.json"))
+    hub.add("org/tiny", with_index(tiny, tmp_path), C1)
+    recipe = write_recipe(tmp_path, RECIPE)
+    first = cli("plan", "--json", recipe)
+    assert first.exit_code == 0, first.stderr
+    kept = list((tmp_path / "cache" / "headers").glob("*.json"))
+    assert len(kept) == 1 and all(oct(k.stat().st_mode & 0o777) == "0o600" for k in kept)
+    record = json.loads(kept[0].read_text())
+    if damage == "garbage":
+        kept[0].write_text("{not json")
+    elif damage == "other-key":
+        record["key"][2] = C2
+        kept[0].write_text(json.dumps(record))
+    elif damage == "bad-header":  # validated like the hub's bytes; failing, it is read from the hub again
+        record["header"] = record["header"].replace('"data_offsets":[0,', '"data_offsets":[1,', 1)
+        kept[0].write_text(json.dumps(record))
+    elif damage == "short-size":
+        record["size"] = 8
+        kept[0].write_text(json.dumps(record))
+    else:
+        (tmp_path / "elsewhere.json").write_text(kept[0].read_text())
+        kept[0].unlink()
+        kept[0].symlink_to(tmp_path / "elsewhere.json")
+    hub.log.clear()
+    again = cli("plan", "--json", recipe)
+    assert again.exit_code == 0, again.stderr
+    assert len(header_requests(hub)) == 1
+    assert json.loads(again.stdout)["tensors"] == json.loads(first.stdout)["tensors"]
+
+
 def pinned_checksums(stdout: str) -> dict[str, str]:
     import yaml
 

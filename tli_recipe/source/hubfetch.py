@@ -8,11 +8,14 @@ transfer becomes one CheckpointError line (exit 2), never a traceback.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import re
 import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
+from tli_recipe.files import write_text_atomic
 from tli_recipe.source.checkpoint import (
     INDEX_FILE,
     SIDE_FILES,
@@ -39,6 +42,7 @@ from tli_recipe.source.provenance import _COMMIT
 FIRST_RANGE = 100_000
 _RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_KEPT_HEADER = 16 * 2**20  # a kept header file (JSON) larger than this is not read
 LOGIN = "log in (`hf auth login`, or set HF_TOKEN)"
 
 
@@ -176,7 +180,7 @@ class _Headers:
 
         self.repo, self.commit, self.url = repo, commit, hf_hub_url
         self.session, self.headers, self.check = get_session(), build_hf_headers(token=_token()), hf_raise_for_status
-        self.requests = self.bytes = 0
+        self.requests = self.bytes = self.cached = 0
 
     def _range(self, name: str, start: int, end: int) -> tuple[bytes, int]:
         url = self.url(self.repo, name, revision=self.commit, endpoint=endpoint())
@@ -191,12 +195,60 @@ class _Headers:
         return response.content, int(found[3])
 
     def __call__(self, path: Path):
+        cached = _cached_header(self.repo, self.commit, path.name)
+        if cached is not None:
+            try:  # validated again as it is parsed; a damaged one is read from the hub instead
+                tensors = header_tensors(path, parse_header(path, cached[0]), 8 + len(cached[0]), cached[1])
+                self.cached += 1
+                return tensors
+            except CheckpointError:
+                pass
         first, size = self._range(path.name, 0, FIRST_RANGE - 1)
         length = header_length(path, first[:8], size)
         raw = first[8:8 + length] if 8 + length <= len(first) else self._range(path.name, 8, 7 + length)[0]
         if len(raw) != length:
             raise CheckpointError(f"{path}: the hub sent {len(raw)} header bytes of {length}; try again")
-        return header_tensors(path, parse_header(path, raw), 8 + length, size)
+        tensors = header_tensors(path, parse_header(path, raw), 8 + length, size)
+        _keep_header(self.repo, self.commit, path.name, raw, size)
+        return tensors
+
+
+def _header_file(repo: str, commit: str, name: str) -> Path:
+    """Where the header of ``name`` at ``commit`` is kept: beside the digest cache, under a hash of its key."""
+    from tli_recipe.source.hashes import default_cache_file
+
+    key = hashlib.sha256(json.dumps([endpoint(), repo, commit, name]).encode()).hexdigest()
+    return default_cache_file().parent / "headers" / f"{key}.json"
+
+
+def _cached_header(repo: str, commit: str, name: str) -> Optional[tuple[bytes, int]]:
+    """A header read before (a commit's files never change): its bytes and the file's size, or None
+    when there is none or it is not exactly what was written (it is validated again as it is parsed)."""
+    path = _header_file(repo, commit, name)
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > _MAX_KEPT_HEADER:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or data.get("version") != 1 or data.get("key") != [endpoint(), repo, commit, name]:
+        return None
+    raw, size = data.get("header"), data.get("size")
+    if not isinstance(raw, str) or type(size) is not int or not 8 + len(raw.encode()) <= size:
+        return None
+    return raw.encode(), size
+
+
+def _keep_header(repo: str, commit: str, name: str, raw: bytes, size: int) -> None:
+    """Best effort: a full disk or a read-only home costs a range request next time, nothing more."""
+    if len(raw) > _MAX_KEPT_HEADER // 2:
+        return
+    try:
+        text = raw.decode("utf-8")
+        record = {"version": 1, "key": [endpoint(), repo, commit, name], "size": size, "header": text}
+        write_text_atomic(_header_file(repo, commit, name), json.dumps(record), mode=0o600)
+    except (OSError, UnicodeDecodeError):
+        pass
 
 
 def remote_headers(repo: str, revision: str, access: Access) -> Checkpoint:
@@ -211,8 +263,9 @@ def remote_headers(repo: str, revision: str, access: Access) -> Checkpoint:
         files = _weights(names, snapshot)
         ckpt = open_checkpoint(snapshot, read=reader, files=files)
     small = " and ".join(n for n in ("config.json", INDEX_FILE) if (snapshot / n).is_file())
+    kept = f", {reader.cached} known from an earlier read" if reader.cached else ""
     access.say(f"hub: {repo}@{revision} is commit {commit}; fetched {small} into {snapshot} and read "
-               f"{len(files)} safetensors header(s) ({reader.bytes} bytes in {reader.requests} range requests); "
+               f"{len(files)} safetensors header(s) ({reader.bytes} bytes in {reader.requests} range requests{kept}); "
                f"the weights were not downloaded (`run` downloads them, or `{_fix_command(repo, commit)}`)")
     return ckpt
 
