@@ -135,7 +135,7 @@ def test_the_writer_keeps_a_bounded_number_of_shards_open_while_lanes_copy(tmp_p
     real = shards.copy_range
 
     def slow(info, dst, offset):
-        gate.wait(0.05)  # the lanes lag behind the writer
+        gate.wait(0.02)  # the lanes lag behind the writer
         return real(info, dst, offset)
 
     monkeypatch.setattr(shards, "copy_range", slow)
