@@ -205,7 +205,8 @@ def test_a_second_plan_reads_the_headers_it_kept_and_makes_no_range_request(tmp_
     assert json.loads(again.stdout)["tensors"] == json.loads(first.stdout)["tensors"]
 
 
-@pytest.mark.parametrize("damage", ["garbage", "other-key", "bad-header", "short-size", "symlink"])
+@pytest.mark.parametrize("damage", ["garbage", "other-key", "bad-header", "short-size", "symlink", "lone-surrogate",
+                                    "deep-nesting", "fifo"])
 def test_a_damaged_or_foreign_kept_header_is_read_from_the_hub_again(tmp_path, hub, tiny, cli, damage, monkeypatch):
     monkeypatch.setenv("TLI_RECIPE_HASH_CACHE", str(tmp_path / "cache" / "sha256.json"))
     hub.add("org/tiny", with_index(tiny, tmp_path), C1)
@@ -226,6 +227,13 @@ def test_a_damaged_or_foreign_kept_header_is_read_from_the_hub_again(tmp_path, h
     elif damage == "short-size":
         record["size"] = 8
         kept[0].write_text(json.dumps(record))
+    elif damage == "lone-surrogate":  # valid JSON whose string cannot be encoded back to UTF-8
+        kept[0].write_text(json.dumps(record).replace('"header": "{', '"header": "\\ud800{', 1))
+    elif damage == "deep-nesting":
+        kept[0].write_text(json.dumps(record)[:-1] + ', "x": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    elif damage == "fifo":
+        kept[0].unlink()
+        os.mkfifo(kept[0])
     else:
         (tmp_path / "elsewhere.json").write_text(kept[0].read_text())
         kept[0].unlink()

@@ -60,7 +60,7 @@ def hub_blob_digest(path: Path) -> Optional[str]:
 
 def default_cache_file() -> Path:
     if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
+        return Path(os.environ[CACHE_ENV]).expanduser().absolute()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
     return base / "tli-recipe" / "sha256.json"
 
@@ -85,7 +85,7 @@ class HashCache:
                 if isinstance(data, dict) and data.get("version") == 1 and isinstance(data.get("entries"), dict):
                     self.entries = {k: v for k, v in data["entries"].items()
                                     if isinstance(k, str) and isinstance(v, str) and _HEX64.match(v)}
-        except (OSError, ValueError, UnicodeDecodeError):
+        except (OSError, ValueError, RecursionError):  # damaged, foreign, or nested to blow the stack
             self.entries = {}
 
     def get(self, path: Path) -> Optional[str]:

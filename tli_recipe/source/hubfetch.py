@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
+import stat
 import sys
 from pathlib import Path
 from typing import Iterator, Optional
@@ -221,33 +223,48 @@ def _header_file(repo: str, commit: str, name: str) -> Path:
     return default_cache_file().parent / "headers" / f"{key}.json"
 
 
+def _read_kept(path: Path) -> Optional[bytes]:
+    """The bytes of a kept file: a regular file (not a link, FIFO or device) of at most
+    ``_MAX_KEPT_HEADER`` bytes, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_KEPT_HEADER:
+            return None
+        data = f.read(_MAX_KEPT_HEADER + 1)
+    return data if len(data) <= _MAX_KEPT_HEADER else None
+
+
 def _cached_header(repo: str, commit: str, name: str) -> Optional[tuple[bytes, int]]:
     """A header read before (a commit's files never change): its bytes and the file's size, or None
     when there is none or it is not exactly what was written (it is validated again as it is parsed)."""
-    path = _header_file(repo, commit, name)
     try:
-        if not path.is_file() or path.is_symlink() or path.stat().st_size > _MAX_KEPT_HEADER:
+        data = _read_kept(_header_file(repo, commit, name))
+        if data is None:
             return None
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+        record = json.loads(data.decode("utf-8"))
+        if not isinstance(record, dict) or record.get("version") != 1 or record.get("key") != [endpoint(), repo, commit, name]:
+            return None
+        raw, size = record.get("header"), record.get("size")
+        if not isinstance(raw, str) or type(size) is not int:
+            return None
+        raw = raw.encode("utf-8")
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or UTF-8, lone surrogates
         return None
-    if not isinstance(data, dict) or data.get("version") != 1 or data.get("key") != [endpoint(), repo, commit, name]:
-        return None
-    raw, size = data.get("header"), data.get("size")
-    if not isinstance(raw, str) or type(size) is not int or not 8 + len(raw.encode()) <= size:
-        return None
-    return raw.encode(), size
+    return (raw, size) if 8 + len(raw) <= size else None
 
 
 def _keep_header(repo: str, commit: str, name: str, raw: bytes, size: int) -> None:
     """Best effort: a full disk or a read-only home costs a range request next time, nothing more."""
-    if len(raw) > _MAX_KEPT_HEADER // 2:
-        return
     try:
-        text = raw.decode("utf-8")
-        record = {"version": 1, "key": [endpoint(), repo, commit, name], "size": size, "header": text}
-        write_text_atomic(_header_file(repo, commit, name), json.dumps(record), mode=0o600)
-    except (OSError, UnicodeDecodeError):
+        record = {"version": 1, "key": [endpoint(), repo, commit, name], "size": size, "header": raw.decode("utf-8")}
+        text = json.dumps(record, ensure_ascii=False)
+        if len(text.encode("utf-8")) <= _MAX_KEPT_HEADER:
+            write_text_atomic(_header_file(repo, commit, name), text, mode=0o600)
+    except (OSError, ValueError):
         pass
 
 
