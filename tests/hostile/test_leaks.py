@@ -207,14 +207,19 @@ def test_a_hub_revision_cannot_climb_out_of_the_cache(tmp_path, hub, hostile_cli
     refused(hostile_cli("plan", "--json", recipe), "is neither a local directory nor a model in the local Hugging Face cache")
 
 
-@pytest.mark.parametrize("where", ["outside", "other-repo"])
+@pytest.mark.parametrize("where", ["outside", "other-repo", "blobs-is-a-link"])
 def test_a_pinned_snapshot_link_out_of_its_repos_blobs_is_not_hashed(tmp_path, hub, hostile_cli, snapshot, refused, where):
     """A snapshot's files may link into their own repo's blobs/ (as the cache stores them), nowhere else."""
     (hub / "refs" / "main").write_text(COMMIT)
     other = tmp_path / "hub" / "models--org--other" / "blobs"
     other.mkdir(parents=True)
     (other / ("e" * 64)).write_text(f"{TEXT_SECRET}\n")
-    target = tmp_path / "secret" if where == "outside" else other / ("e" * 64)
+    target = {"outside": tmp_path / "secret", "other-repo": other / ("e" * 64)}.get(where)
+    if where == "blobs-is-a-link":  # blobs/ itself pointing at a folder outside the cache
+        (tmp_path / "outside").mkdir()
+        (tmp_path / "outside" / ("e" * 64)).write_text(f"{TEXT_SECRET}\n")
+        (hub / "blobs").symlink_to(tmp_path / "outside", target_is_directory=True)
+        target = hub / "blobs" / ("e" * 64)
     (hub / "snapshots" / COMMIT / "tokenizer.json").symlink_to(target)
     inputs = snapshot(tmp_path / "hub")
     out = tmp_path / "out"
@@ -222,6 +227,19 @@ def test_a_pinned_snapshot_link_out_of_its_repos_blobs_is_not_hashed(tmp_path, h
                                     "inject: {every: 2}\n")
     result = hostile_cli("run", recipe, "--output", out, "--device", "cpu", "--no-progress")
     refused(result, "has no file 'tokenizer.json'", inputs=inputs, target=out, secrets=SECRETS)
+
+
+def test_an_unpinned_side_file_linking_out_of_the_cache_is_neither_copied_nor_hashed(tmp_path, hub, hostile_cli):
+    (hub / "refs" / "main").write_text(COMMIT)
+    (hub / "snapshots" / COMMIT / "tokenizer.json").symlink_to(tmp_path / "secret")
+    out = tmp_path / "out"
+    result = hostile_cli("run", write_recipe(tmp_path, "base_model: org/tiny\ninject: {every: 2}\n"),
+                         "--output", out, "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.stderr
+    assert not (out / "tokenizer.json").exists()
+    assert not [p.name for p in out.rglob("*") if p.is_file() and any(s in p.read_bytes() for s in SECRETS)]
+    pin = hostile_cli("pin", "org/tiny")
+    assert pin.exit_code == 0 and "tokenizer.json" not in pin.stdout
 
 
 def test_a_pinned_file_outside_the_model_is_not_hashed(tmp_path, tiny, hostile_cli, snapshot, refused):

@@ -30,7 +30,7 @@ from tli_recipe.plan.model import Plan, TensorOp
 from tli_recipe.plan.ops import OPS
 from tli_recipe.source.checkpoint import SIDE_FILES, CheckpointError, open_checkpoint
 from tli_recipe.source.hashes import SourceHasher
-from tli_recipe.source.provenance import check_digests, pinned_files
+from tli_recipe.source.provenance import check_digests, pinned_files, side_file
 from tli_recipe.source.provenance import metadata as provenance_metadata
 
 
@@ -59,8 +59,15 @@ def make_tensor(op: TensorOp, reader: TensorReader, source, device: str, sources
     Random streams are drawn on the CPU from a per-tensor seed, so cpu and cuda runs
     give the same values; only the arithmetic runs on ``device``.
     """
-    tensor = _compute(op, reader, source, device, sources, precomputed, cast=out is None)
-    return tensor if out is None else out.copy_(tensor)  # copy_ casts a plain copy's source on the CPU
+    plain_copy = out is not None and op.op == "copy"
+    tensor = _compute(op, reader, source, device, sources, precomputed, cast=not plain_copy)
+    if out is None:
+        return tensor
+    # copy_ would broadcast a wrong shape and cast a wrong dtype: refuse them as the writer does
+    if tuple(tensor.shape) != tuple(out.shape) or (tensor.dtype != out.dtype and not plain_copy):
+        raise TliError(f"tensor '{op.name}': got shape {tuple(tensor.shape)} {tensor.dtype}, the plan says "
+                       f"{tuple(op.shape)} {op.dtype}")
+    return out.copy_(tensor)  # a plain copy's source is cast here, on the CPU
 
 
 def _compute(op: TensorOp, reader: TensorReader, source, device: str, sources: Optional[dict],
@@ -231,7 +238,7 @@ def _write_side_files(plan: Plan, folder: Path, base: Path) -> None:
 
     (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
     for name in SIDE_FILES:
-        if (base / name).is_file():
+        if side_file(base, name):
             shutil.copyfile(base / name, folder / name)
     header = (f"# Resolved recipe of {plan.name} (after --set overrides and defaults), written by tli-recipe {__version__}.\n"
               f"# recipe_sha256: {plan.recipe_sha256}\n")

@@ -265,13 +265,23 @@ def source_file_names(ckpt: Checkpoint, side_files: bool) -> list[str]:
         names.append(INDEX_FILE)
     names += [str(f.relative_to(folder)) for f in ckpt.files()]
     if side_files:
-        names += [n for n in SIDE_FILES if (folder / n).is_file()]
+        names += [n for n in SIDE_FILES if side_file(folder, n)]
     return sorted(set(names))
+
+
+def side_file(folder: Path, name: str) -> bool:
+    """Whether ``folder`` has the side file ``name`` (a tokenizer or generation file) to hash and copy:
+    a file inside the folder, or in a hub snapshot a link into its repo's blobs; a link anywhere else
+    is not the model's (it is never read, so nothing from outside reaches the output)."""
+    return (folder / name).is_file() and _inside(folder, name)
 
 
 def expected_checksums(plan) -> dict[str, dict[str, str]]:
     """Source key -> expected sha256 by file name, from the plan's pins (never the recipe again)."""
     return {key: dict(pin.checksums) for key, pin in plan.pins.items() if pin.checksums}
+
+
+_BLOB_NAME = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")  # a git blob id, or an LFS sha256
 
 
 def _inside(folder: Path, name: str) -> bool:
@@ -283,7 +293,10 @@ def _inside(folder: Path, name: str) -> bool:
     target = (folder / name).resolve()
     if target.is_relative_to(folder.resolve()):
         return True
-    return folder.parent.name == "snapshots" and target.parent == (folder.parent.parent / "blobs").resolve()
+    if folder.parent.name != "snapshots":
+        return False
+    blobs = folder.parent.parent.resolve() / "blobs"  # the repo's own blobs folder, itself no link
+    return not blobs.is_symlink() and target.parent == blobs and _BLOB_NAME.match(target.name) is not None
 
 
 def pinned_files(plan, checkpoints: dict[str, Checkpoint]) -> dict[str, dict[str, Path]]:
