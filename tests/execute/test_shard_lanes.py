@@ -117,12 +117,31 @@ def test_a_copy_that_fails_in_a_lane_fails_the_writer_and_stops_every_lane(tmp_p
 
     monkeypatch.setattr(shards, "copy_range", failing)
     writer = ShardWriter(tmp_path, layout, {"format": "pt"}, copy_threads=2)
-    for name in sorted(infos):
-        writer.copy(name, infos[name])
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left"):  # at the next tensor once noted, else at close
+        for name in sorted(infos):
+            writer.copy(name, infos[name])
         writer.close()
     writer.abort()
     assert not any(t.name.startswith("tli-recipe-copy") for t in threading.enumerate())
+
+
+def test_a_failed_copy_stops_the_writer_at_the_next_tensor(tmp_path, monkeypatch):
+    source = tmp_path / "src.safetensors"
+    save_file({f"t{i}": torch.full((256,), float(i)) for i in range(3)}, source)
+    infos, _ = read_tensors(source)
+    layout = layout_shards([(n, "F32", (256,)) for n in sorted(infos)], 1 << 20)
+
+    def failing(info, dst, offset):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(shards, "copy_range", failing)
+    writer = ShardWriter(tmp_path, layout, {"format": "pt"})
+    writer.copy("t0", infos["t0"])
+    writer._futures[-1].exception(timeout=5)  # the lane has run (and failed) the copy
+    threading.Event().wait(0.05)  # and its done-callback has noted it
+    with pytest.raises(OSError, match="Input/output error"):
+        writer.copy("t1", infos["t1"])
+    writer.abort()
 
 
 def test_the_writer_keeps_a_bounded_number_of_shards_open_while_lanes_copy(tmp_path, monkeypatch):
@@ -218,3 +237,18 @@ def test_a_reusing_reader_keeps_its_two_slots_apart(tmp_path):
     again = reader.read(infos["b"])  # slot 0 again: a's buffer, now b's values
     assert again.data_ptr() == a.data_ptr() and torch.equal(again, b)
     reader.close()
+
+
+def test_a_computed_value_of_the_wrong_shape_is_refused_not_broadcast(tmp_path):
+    from tli_recipe.errors import TliError
+    from tli_recipe.execute import executor
+    from tli_recipe.execute.shards import TensorReader
+    from tli_recipe.plan.model import TensorOp
+
+    op = TensorOp(name="w", source="s", source_name="w", op="lesa", shape=(4, 3), dtype="F32", source_dtype="F32")
+    writer = ShardWriter(tmp_path, layout_shards([("w", "F32", (4, 3))], 1 << 20), {"format": "pt"})
+    for wrong in (torch.arange(3, dtype=torch.float32), torch.zeros(5, 3)):
+        with pytest.raises(TliError, match=r"tensor 'w': got shape \((3|5, 3),?\) torch.float32, the plan says \(4, 3\) F32"):
+            executor.make_tensor(op, TensorReader(reuse=True), None, "cpu", {}, {"w": wrong},
+                                 out=writer.buffer("F32", (4, 3)))
+    writer.abort()

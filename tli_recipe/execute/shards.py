@@ -230,6 +230,7 @@ class ShardWriter:
         self._files: list = []  # every shard file opened, closed by its lane or by close/abort
         self._finishing: list = []  # finish jobs of shards handed to their lanes, oldest first
         self._in_flight = None  # the computed tensor being written
+        self._failure: Optional[BaseException] = None  # the first job that failed, noted by its lane
         self._in_flight_ptr: Optional[int] = None  # the address of its bytes
         self._buffers: list = [None, None]  # two output buffers, used in turn (one may be in flight)
         self._turn = 0
@@ -241,9 +242,9 @@ class ShardWriter:
         shard, (planned, code, shape) = self._queue[self._pos]
         if name != planned:
             raise TliError(f"tensor '{name}' arrived where the plan has '{planned}'; the executor and the plan disagree")
+        self._raise_failed()
         if shard is not self._shard:
             self._close_file()
-            self._raise_failed()
             self._handle = open(self.folder / shard.file, "wb")
             self._files.append(self._handle)
             self._handle.write(_header_bytes(shard, self.metadata))
@@ -306,13 +307,18 @@ class ShardWriter:
         if self._lane is None:
             self._lane = min(range(len(self._queued)), key=self._queued.__getitem__)
         self._queued[self._lane] += size
-        self._futures.append(self._lanes[self._lane].submit(job, *args))
+        future = self._lanes[self._lane].submit(job, *args)
+        future.add_done_callback(self._note_failure)
+        self._futures.append(future)
+
+    def _note_failure(self, future) -> None:  # in the lane's thread; an attribute store is atomic
+        if not future.cancelled() and future.exception() is not None and self._failure is None:
+            self._failure = future.exception()
 
     def _raise_failed(self) -> None:
-        """A copy that already failed stops the run now rather than at ``close``."""
-        for future in self._futures:
-            if future.done() and future.exception() is not None:
-                raise future.exception()
+        """A job that already failed stops the run at the next tensor rather than at ``close``."""
+        if self._failure is not None:
+            raise self._failure
 
     def zeros(self, name: str) -> int:
         """Append a tensor of zero bytes (exact 0.0 in every float format).
