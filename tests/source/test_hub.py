@@ -205,6 +205,7 @@ def test_a_second_plan_reads_the_headers_it_kept_and_makes_no_range_request(tmp_
     assert json.loads(again.stdout)["tensors"] == json.loads(first.stdout)["tensors"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["garbage", "other-key", "bad-header", "short-size", "symlink", "lone-surrogate",
                                     "deep-nesting", "fifo"])
 def test_a_damaged_or_foreign_kept_header_is_read_from_the_hub_again(tmp_path, hub, tiny, cli, damage, monkeypatch):
@@ -251,6 +252,7 @@ def pinned_checksums(stdout: str) -> dict[str, str]:
     return yaml.safe_load(stdout)["base_model"]["checksums"]
 
 
+@pytest.mark.slow
 def test_pin_of_an_uncached_model_takes_the_weights_sha256_from_the_hub_without_downloading(tmp_path, hub, tiny, cli):
     import hashlib
 
@@ -289,6 +291,7 @@ def test_pin_downloads_a_weight_file_the_hub_has_no_sha256_for(tmp_path, hub, ti
     assert (snapshots(tmp_path) / C1 / "model.safetensors").read_bytes() == weights.read_bytes()
 
 
+@pytest.mark.slow
 def test_pin_of_a_cached_model_reads_no_lfs_blob_unless_asked(tmp_path, hub, tiny, cli, monkeypatch):
     hub.add("org/tiny", tiny(layers=4), C1)
     assert cli("run", write_recipe(tmp_path, RECIPE), "-o", tmp_path / "out", "--no-progress").exit_code == 0
