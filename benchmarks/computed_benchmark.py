@@ -13,6 +13,7 @@ whole shard in memory; ``run`` streams one tensor at a time, which the RSS colum
 
     .venv/bin/python benchmarks/computed_benchmark.py [--work-dir .bench] [--rounds 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,13 +67,16 @@ def main(argv=None) -> int:
     info = build_checkpoint(src)
     out_run, out_loop = work / "cast-run", work / "cast-loop"
     recipe = work / "recipe-cast.yaml"
-    recipe.write_text(f"name: bench-cast\nbase_model: {json.dumps(str(src))}\ndtype: float16\n"
-                      f"output: {json.dumps(str(out_run))}\n")
+    recipe.write_text(
+        f"name: bench-cast\nbase_model: {json.dumps(str(src))}\ndtype: float16\noutput: {json.dumps(str(out_run))}\n"
+    )
     m = Measurer(logs)
     res = {"run": [], "run_rss": [], "loop": [], "loop_rss": []}
     for r in range(1, args.rounds + 1):
-        for label, argv_ in (("loop", [py, "-c", LOOP, str(src), str(out_loop)]),
-                             ("run", [tool, "run", str(recipe), "--force", "--no-progress"])):
+        for label, argv_ in (
+            ("loop", [py, "-c", LOOP, str(src), str(out_loop)]),
+            ("run", [tool, "run", str(recipe), "--force", "--no-progress"]),
+        ):
             rm(out_loop)
             rm(out_run)
             sync()
@@ -80,21 +84,32 @@ def main(argv=None) -> int:
             got = m.measure(argv_, f"cast-r{r}-{label}")
             res[label].append(got["wall"])
             res[label + "_rss"].append(got["maxrss"])
-        print(f"round {r}: loop {res['loop'][-1]:.2f} s ({fmt_bytes(res['loop_rss'][-1])}) | "
-              f"run {res['run'][-1]:.2f} s ({fmt_bytes(res['run_rss'][-1])})", flush=True)
+        print(
+            f"round {r}: loop {res['loop'][-1]:.2f} s ({fmt_bytes(res['loop_rss'][-1])}) | "
+            f"run {res['run'][-1]:.2f} s ({fmt_bytes(res['run_rss'][-1])})",
+            flush=True,
+        )
     rm(out_loop)
     rm(out_run)
     (lm, lmin), (rmed, rmin) = med_min(res["loop"]), med_min(res["run"])
     print(f"\nmodel: {info['n_params'] / 1e9:.3f}B params bf16 -> float16, {args.rounds} rounds")
-    print(f"plain loop (read -> cast -> save_file): median {lm:.2f} s, min {lmin:.2f} s, "
-          f"peak RSS {fmt_bytes(max(res['loop_rss']))}")
-    print(f"tli-recipe run (dtype: float16):        median {rmed:.2f} s, min {rmin:.2f} s, "
-          f"peak RSS {fmt_bytes(max(res['run_rss']))}")
+    print(
+        f"plain loop (read -> cast -> save_file): median {lm:.2f} s, min {lmin:.2f} s, "
+        f"peak RSS {fmt_bytes(max(res['loop_rss']))}"
+    )
+    print(
+        f"tli-recipe run (dtype: float16):        median {rmed:.2f} s, min {rmin:.2f} s, "
+        f"peak RSS {fmt_bytes(max(res['run_rss']))}"
+    )
     ratio = rmed / lm
-    print(f"ratio run/loop: {ratio:.2f}x (medians), {rmin / lmin:.2f}x (minima); "
-          f"target <= {TARGET}x: {'PASS' if ratio <= TARGET else 'FAIL'}")
-    print(f"per round: loop {[round(x, 2) for x in res['loop']]} s, run {[round(x, 2) for x in res['run']]} s, "
-          f"median of loop RSS {fmt_bytes(statistics.median(res['loop_rss']))}")
+    print(
+        f"ratio run/loop: {ratio:.2f}x (medians), {rmin / lmin:.2f}x (minima); "
+        f"target <= {TARGET}x: {'PASS' if ratio <= TARGET else 'FAIL'}"
+    )
+    print(
+        f"per round: loop {[round(x, 2) for x in res['loop']]} s, run {[round(x, 2) for x in res['run']]} s, "
+        f"median of loop RSS {fmt_bytes(statistics.median(res['loop_rss']))}"
+    )
     return 0 if ratio <= TARGET else 1
 
 

@@ -13,6 +13,7 @@ for the shapes of Llama-3-8B and Llama-3.2-3B, from their stored configs.
 
     .venv/bin/python benchmarks/lesa_benchmark.py [--epochs 1] [--types q_proj,gate_proj] [--device cpu]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {  # [out, in] of Llama-3.2-1B
-    "q_proj": (2048, 2048), "k_proj": (512, 2048), "v_proj": (512, 2048), "o_proj": (2048, 2048),
-    "gate_proj": (8192, 2048), "up_proj": (8192, 2048), "down_proj": (2048, 8192),
+    "q_proj": (2048, 2048),
+    "k_proj": (512, 2048),
+    "v_proj": (512, 2048),
+    "o_proj": (2048, 2048),
+    "gate_proj": (8192, 2048),
+    "up_proj": (8192, 2048),
+    "down_proj": (2048, 8192),
 }
 LAYERS = 16
 
@@ -35,7 +41,7 @@ def flops(out: int, width: int, layers: int, hidden: int, epochs: int) -> tuple[
     """(SVD flops, training flops) as plan/cost.py counts them."""
     m, n = sorted((out, layers * width))
     k = min(out, layers * width)
-    return 4 * m * m * n + 8 * m ** 3, epochs * k * max(layers - 2, 0) * 6 * hidden * (3 * width + hidden)
+    return 4 * m * m * n + 8 * m**3, epochs * k * max(layers - 2, 0) * 6 * hidden * (3 * width + hidden)
 
 
 def peak_rss() -> int:
@@ -56,8 +62,11 @@ def main(argv=None) -> int:
     from tli_recipe.plan.cost import CPU_FLOPS, human_seconds
     from tli_recipe.recipe.schema import Lesa
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; "
-          f"baseline RSS {peak_rss() / 2**20:.0f} MiB", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; "
+        f"baseline RSS {peak_rss() / 2**20:.0f} MiB",
+        flush=True,
+    )
     settings = Lesa(epochs=args.epochs)
     total_measured, total_flops = 0.0, 0.0
     rows = []
@@ -83,15 +92,20 @@ def main(argv=None) -> int:
         total_measured += at_target
         total_flops += f_svd + f_train
         rows.append((name, out, width, svd, per_epoch, at_target, (f_svd + f_train) / at_target, peak_rss()))
-        print(f"{name:>9} [{out} x {width}] x {LAYERS}: SVD {svd:6.1f} s, training {per_epoch:6.1f} s/epoch -> "
-              f"{at_target:7.1f} s at {args.target_epochs} epochs, {(f_svd + f_train) / at_target / 1e9:5.1f} GFLOP/s, "
-              f"peak RSS {peak_rss() / 2**30:.2f} GiB (measured {time.perf_counter() - started:.0f} s)", flush=True)
+        print(
+            f"{name:>9} [{out} x {width}] x {LAYERS}: SVD {svd:6.1f} s, training {per_epoch:6.1f} s/epoch -> "
+            f"{at_target:7.1f} s at {args.target_epochs} epochs, {(f_svd + f_train) / at_target / 1e9:5.1f} GFLOP/s, "
+            f"peak RSS {peak_rss() / 2**30:.2f} GiB (measured {time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
         del weights
     rate = total_flops / total_measured
-    print(f"\nall {len(rows)} types: {human_seconds(total_measured)} at {args.target_epochs} epochs "
-          f"({total_flops / 1e12:.1f} TFLOP, {rate / 1e9:.1f} GFLOP/s sustained; plan/cost.py assumes "
-          f"{CPU_FLOPS / 1e9:.0f} GFLOP/s, so its estimate would be {human_seconds(total_flops / CPU_FLOPS)}); "
-          f"peak RSS {peak_rss() / 2**30:.2f} GiB")
+    print(
+        f"\nall {len(rows)} types: {human_seconds(total_measured)} at {args.target_epochs} epochs "
+        f"({total_flops / 1e12:.1f} TFLOP, {rate / 1e9:.1f} GFLOP/s sustained; plan/cost.py assumes "
+        f"{CPU_FLOPS / 1e9:.0f} GFLOP/s, so its estimate would be {human_seconds(total_flops / CPU_FLOPS)}); "
+        f"peak RSS {peak_rss() / 2**30:.2f} GiB"
+    )
     from tli_recipe import compile_plan, load_recipe
     from tli_recipe.plan.cost import lesa_cost
 
@@ -101,10 +115,14 @@ def main(argv=None) -> int:
 
         with tempfile.TemporaryDirectory() as tmp:
             recipe = Path(tmp) / "r.yaml"
-            recipe.write_text(f"base_model: {ROOT / 'tli_recipe/_data/configs' / model}\ninject: {{every: 4, init: {init}}}\n")
+            recipe.write_text(
+                f"base_model: {ROOT / 'tli_recipe/_data/configs' / model}\ninject: {{every: 4, init: {init}}}\n"
+            )
             cost = lesa_cost(compile_plan(load_recipe(recipe)))
-        print(f"{model}: {cost.flops / 1e12:.1f} TFLOP, SVD up to {cost.largest[0]} x {cost.largest[1]}, "
-              f"~{cost.peak_bytes / 2**30:.1f} GiB: {human_seconds(cost.flops / rate)} at this machine's rate")
+        print(
+            f"{model}: {cost.flops / 1e12:.1f} TFLOP, SVD up to {cost.largest[0]} x {cost.largest[1]}, "
+            f"~{cost.peak_bytes / 2**30:.1f} GiB: {human_seconds(cost.flops / rate)} at this machine's rate"
+        )
     return 0
 
 

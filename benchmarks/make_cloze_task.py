@@ -109,8 +109,7 @@ def questions_of(node: str) -> list[tuple[str, str]]:
 def distractors(answer: str, counts: Counter, rng: random.Random, n: int = 3) -> list[str]:
     """``n`` words of about the answer's length and frequency, none sharing its first four letters."""
     target = math.log(counts[answer])
-    pool = [w for w, c in counts.items()
-            if abs(len(w) - len(answer)) <= 1 and w[:4] != answer[:4] and c >= 5]
+    pool = [w for w, c in counts.items() if abs(len(w) - len(answer)) <= 1 and w[:4] != answer[:4] and c >= 5]
     pool.sort(key=lambda w: (abs(math.log(counts[w]) - target), w))
     return rng.sample(pool[:30], n)
 
@@ -130,8 +129,15 @@ def build(docs: list[str], questions: int, seed: int, per_node: int = 2) -> list
             rng = random.Random(f"{seed}:{context}")  # str seeds hash with sha512: the same on every run
             choices = [answer, *distractors(answer, counts, rng)]
             rng.shuffle(choices)
-            rows.append({"id": len(rows), "node": index, "context": context, "choices": choices,
-                         "answer": choices.index(answer)})
+            rows.append(
+                {
+                    "id": len(rows),
+                    "node": index,
+                    "context": context,
+                    "choices": choices,
+                    "answer": choices.index(answer),
+                }
+            )
             taken += 1
     return rows
 

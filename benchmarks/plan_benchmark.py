@@ -47,8 +47,10 @@ def main() -> None:
             plan = compile_plan(load_recipe(recipe))
             times.append(time.perf_counter() - start)
     best = min(times)
-    print(f"plan Qwen3-30B-A3B + TLI every 4 + 3 stages: {plan.totals.tensors} tensors, "
-          f"{len(plan.stages[0].parameters)} trainable in the full stage: {best:.2f} s (best of {args.repeat}; target < 2 s)")
+    print(
+        f"plan Qwen3-30B-A3B + TLI every 4 + 3 stages: {plan.totals.tensors} tensors, "
+        f"{len(plan.stages[0].parameters)} trainable in the full stage: {best:.2f} s (best of {args.repeat}; target < 2 s)"
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ Usage::
     python benchmarks/run_benchmark.py [--work-dir .bench] [--rounds 3] [--keep]
                                        [--tli-recipe PATH] [--python PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -176,17 +177,25 @@ def _write_safetensors(path: Path, tensors, seeds: dict[str, int]) -> int:
     return offset
 
 
-def build_checkpoint(dst: Path, spec: dict = MODEL_SPEC, max_shard_size: int = MAX_SHARD_SIZE,
-                     force: bool = False) -> dict:
+def build_checkpoint(
+    dst: Path, spec: dict = MODEL_SPEC, max_shard_size: int = MAX_SHARD_SIZE, force: bool = False
+) -> dict:
     """Build the synthetic checkpoint in ``dst`` unless a complete one is there."""
-    stamp = {"generator_version": GENERATOR_VERSION, "spec": spec, "seed": SEED,
-             "std": INIT_STD, "max_shard_size": max_shard_size}
+    stamp = {
+        "generator_version": GENERATOR_VERSION,
+        "spec": spec,
+        "seed": SEED,
+        "std": INIT_STD,
+        "max_shard_size": max_shard_size,
+    }
     stamp_file = dst.with_name(dst.name + ".json")  # kept outside so the dir stays a clean HF checkpoint
     if stamp_file.exists() and not force:
         try:
             old = json.loads(stamp_file.read_text())
             files = [dst / "config.json", dst / "model.safetensors.index.json"] + [
-                dst / f"model-{k:05d}-of-{old.get('shards', 0):05d}.safetensors" for k in range(1, old.get("shards", 0) + 1)]
+                dst / f"model-{k:05d}-of-{old.get('shards', 0):05d}.safetensors"
+                for k in range(1, old.get("shards", 0) + 1)
+            ]
             if {k: old.get(k) for k in stamp} == stamp and all(f.is_file() for f in files):
                 return old
         except ValueError:
@@ -205,14 +214,22 @@ def build_checkpoint(dst: Path, spec: dict = MODEL_SPEC, max_shard_size: int = M
         total_size += _write_safetensors(dst / fname, shard, seeds)
         for name, _, _ in shard:
             weight_map[name] = fname
-    (dst / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n")
+    (dst / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n"
+    )
     (dst / "config.json").write_text(json.dumps(llama_config(spec), indent=2) + "\n")
-    (dst / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 1, "eos_token_id": 2, "transformers_version": "4.45.0"}, indent=2) + "\n")
+    (dst / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": 2, "transformers_version": "4.45.0"}, indent=2) + "\n"
+    )
     n_params = sum(_numel(s) for _, s, _ in tensors)
-    info = dict(stamp, build_seconds=round(time.perf_counter() - t0, 2), n_params=n_params,
-                total_size=total_size, shards=len(shards), built_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    info = dict(
+        stamp,
+        build_seconds=round(time.perf_counter() - t0, 2),
+        n_params=n_params,
+        total_size=total_size,
+        shards=len(shards),
+        built_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
     stamp_file.write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -361,20 +378,35 @@ RSS_TARGET = 100 << 20  # 100 MiB above baseline
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work-dir", default=Path(__file__).resolve().parent.parent / ".bench", type=Path,
-                    help="scratch dir for the cached synthetic model, recipe, outputs (default: <repo>/.bench)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--work-dir",
+        default=Path(__file__).resolve().parent.parent / ".bench",
+        type=Path,
+        help="scratch dir for the cached synthetic model, recipe, outputs (default: <repo>/.bench)",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="alternating copy/run rounds (default: 3)")
-    ap.add_argument("--keep", action="store_true",
-                    help="keep the last round's tli-recipe output (the copy is always removed)")
-    ap.add_argument("--tli-recipe", default=None,
-                    help="tli-recipe executable (default: the one next to sys.executable)")
-    ap.add_argument("--python", default=None,
-                    help="interpreter for the `import tli_recipe.cli` baseline (default: the tool's shebang, else sys.executable)")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the last round's tli-recipe output (the copy is always removed)"
+    )
+    ap.add_argument(
+        "--tli-recipe", default=None, help="tli-recipe executable (default: the one next to sys.executable)"
+    )
+    ap.add_argument(
+        "--python",
+        default=None,
+        help="interpreter for the `import tli_recipe.cli` baseline (default: the tool's shebang, else sys.executable)",
+    )
     ap.add_argument("--every", type=int, default=4, help="inject.every in the recipe (default: 4; 0: no injection)")
-    ap.add_argument("--upcycle", type=int, default=0, metavar="E",
-                    help="also upcycle every layer to E experts, top-2, zero router (Mixtral output; default: no)")
+    ap.add_argument(
+        "--upcycle",
+        type=int,
+        default=0,
+        metavar="E",
+        help="also upcycle every layer to E experts, top-2, zero router (Mixtral output; default: no)",
+    )
     ap.add_argument("--rebuild", action="store_true", help="rebuild the synthetic checkpoint")
     args = ap.parse_args(argv)
 
@@ -402,9 +434,12 @@ def main(argv=None) -> int:
     # 1. synthetic checkpoint
     print(f"[1/4] synthetic checkpoint: {src}", flush=True)
     info = build_checkpoint(src, force=args.rebuild)
-    print(f"      {info['n_params'] / 1e9:.3f}B params, {info['shards']} shards, "
-          f"{fmt_bytes(info['total_size'])} tensor data, built in {info['build_seconds']} s "
-          f"(at {info['built_at']})", flush=True)
+    print(
+        f"      {info['n_params'] / 1e9:.3f}B params, {info['shards']} shards, "
+        f"{fmt_bytes(info['total_size'])} tensor data, built in {info['build_seconds']} s "
+        f"(at {info['built_at']})",
+        flush=True,
+    )
 
     # 2. recipe (JSON strings are valid YAML scalars, so paths are safely quoted)
     recipe.write_text(
@@ -412,7 +447,8 @@ def main(argv=None) -> int:
         f"base_model: {json.dumps(str(src))}\n"
         + (f"inject:\n  every: {args.every}\n" if args.every else "")
         + (f"upcycle:\n  experts: {args.upcycle}\n  top_k: 2\n  router: zero\n" if args.upcycle else "")
-        + f"output: {json.dumps(str(out_dir))}\n")
+        + f"output: {json.dumps(str(out_dir))}\n"
+    )
     print(f"[2/4] recipe: {recipe}", flush=True)
 
     # 3. measurements
@@ -428,8 +464,11 @@ def main(argv=None) -> int:
     sync()
     rm(copy_dst)
     sync()
-    print(f"[3/4] page cache warmed ({fmt_bytes(src_bytes)} in {time.perf_counter() - t0:.1f} s); "
-          f"RSS via {m.method}; {args.rounds} rounds", flush=True)
+    print(
+        f"[3/4] page cache warmed ({fmt_bytes(src_bytes)} in {time.perf_counter() - t0:.1f} s); "
+        f"RSS via {m.method}; {args.rounds} rounds",
+        flush=True,
+    )
     # An installed package starts from bytecode; a checkout under PYTHONDONTWRITEBYTECODE=1 compiles
     # every module on every start (~30 ms here). The children keep bytecode in the work dir (never in
     # the source tree), compiled by one untimed `plan` now and by round 1's run.
@@ -443,8 +482,24 @@ def main(argv=None) -> int:
     cache = work / "sha256-cache.json"
     rm(cache)
     os.environ["TLI_RECIPE_HASH_CACHE"] = str(cache)
-    res = {k: [] for k in ("copy", "copysync", "run", "run_rss", "rehash", "rehash_rss", "help_rss", "import_rss",
-                           "plan", "plan_rss", "validate", "validate_rss", "help")}
+    res = {
+        k: []
+        for k in (
+            "copy",
+            "copysync",
+            "run",
+            "run_rss",
+            "rehash",
+            "rehash_rss",
+            "help_rss",
+            "import_rss",
+            "plan",
+            "plan_rss",
+            "validate",
+            "validate_rss",
+            "help",
+        )
+    }
     out_bytes, out_layers, out_files = None, None, None
     for r in range(1, args.rounds + 1):
         # (a) cp -r  (re-warm first: cheap when cached, and this VM was seen dropping cache)
@@ -509,8 +564,11 @@ def main(argv=None) -> int:
                 res[key + "_rss"].append(mm["maxrss"])
             else:
                 print(f"      note: `{key}` exited {mm['rc']} (log {mm['log']})", flush=True)
-        print(f"      round {r}: copy {c['wall']:.2f}, {c2['wall']:.2f} s | run {x['wall']:.2f} s | run --rehash {xh['wall']:.2f} s, "
-              f"peak RSS {fmt_bytes(x['maxrss'])} | --help RSS {fmt_bytes(h['maxrss'])}", flush=True)
+        print(
+            f"      round {r}: copy {c['wall']:.2f}, {c2['wall']:.2f} s | run {x['wall']:.2f} s | run --rehash {xh['wall']:.2f} s, "
+            f"peak RSS {fmt_bytes(x['maxrss'])} | --help RSS {fmt_bytes(h['maxrss'])}",
+            flush=True,
+        )
 
     # 4. report
     copy_med, copy_min = med_min(res["copy"])
@@ -532,52 +590,89 @@ def main(argv=None) -> int:
         print(f"  {label:<38} {value:<26} {extra}")
 
     print("\n[4/4] results")
-    print(f"  host: {platform.node()} | {os.cpu_count()} CPUs | python {platform.python_version()} | "
-          f"{platform.platform()}")
+    print(
+        f"  host: {platform.node()} | {os.cpu_count()} CPUs | python {platform.python_version()} | "
+        f"{platform.platform()}"
+    )
     print(f"  tli-recipe: {tool}")
     print(f"  recipe: {recipe} (inject.every={args.every})")
     print("  " + "-" * 86)
-    row("checkpoint", f"{fmt_bytes(src_bytes)} ({src_bytes:,} B)",
-        f"{info['n_params'] / 1e9:.3f}B params, {info['shards']} shards")
+    row(
+        "checkpoint",
+        f"{fmt_bytes(src_bytes)} ({src_bytes:,} B)",
+        f"{info['n_params'] / 1e9:.3f}B params, {info['shards']} shards",
+    )
     if out_bytes is not None:
-        row("output", f"{fmt_bytes(out_bytes)} ({out_bytes:,} B)",
-            f"{out_files} files, num_hidden_layers={out_layers}")
-    row("cp -r time (median / min)", f"{fmt_s(copy_med)} / {fmt_s(copy_min)}",
-        f"{src_bytes / copy_med / 1e6:.0f} MB/s")
+        row("output", f"{fmt_bytes(out_bytes)} ({out_bytes:,} B)", f"{out_files} files, num_hidden_layers={out_layers}")
+    row("cp -r time (median / min)", f"{fmt_s(copy_med)} / {fmt_s(copy_min)}", f"{src_bytes / copy_med / 1e6:.0f} MB/s")
     cs_med, cs_min = med_min(res["copysync"])
-    row("cp -r && sync time (median / min)", f"{fmt_s(cs_med)} / {fmt_s(cs_min)}",
-        f"info: run / (cp+sync) = {run_med / cs_med:.2f}x (median)")
-    row("run time (median / min)", f"{fmt_s(run_med)} / {fmt_s(run_min)}",
-        f"{(out_bytes or 0) / run_med / 1e6:.0f} MB/s written" if out_bytes else "")
-    row("ratio run/copy (med/med, min/min)", f"{ratio_med:.2f}x / {ratio_min:.2f}x",
-        f"target <= {RATIO_TARGET}x (both): {'PASS' if ratio_ok else 'FAIL'}")
-    row("run --rehash time (median / min)", f"{fmt_s(rehash_med)} / {fmt_s(rehash_min)}",
-        f"ratio {rehash_med / copy_med:.2f}x / {rehash_min / copy_min:.2f}x (every source byte hashed)")
+    row(
+        "cp -r && sync time (median / min)",
+        f"{fmt_s(cs_med)} / {fmt_s(cs_min)}",
+        f"info: run / (cp+sync) = {run_med / cs_med:.2f}x (median)",
+    )
+    row(
+        "run time (median / min)",
+        f"{fmt_s(run_med)} / {fmt_s(run_min)}",
+        f"{(out_bytes or 0) / run_med / 1e6:.0f} MB/s written" if out_bytes else "",
+    )
+    row(
+        "ratio run/copy (med/med, min/min)",
+        f"{ratio_med:.2f}x / {ratio_min:.2f}x",
+        f"target <= {RATIO_TARGET}x (both): {'PASS' if ratio_ok else 'FAIL'}",
+    )
+    row(
+        "run --rehash time (median / min)",
+        f"{fmt_s(rehash_med)} / {fmt_s(rehash_min)}",
+        f"ratio {rehash_med / copy_med:.2f}x / {rehash_min / copy_min:.2f}x (every source byte hashed)",
+    )
     row("peak RSS of run (median / max of all)", f"{fmt_bytes(rss_med)} / {fmt_bytes(rss_max)}")
     row("baseline RSS: tli-recipe --help", fmt_bytes(help_rss))
     row("baseline RSS: import tli_recipe.cli", fmt_bytes(import_rss))
-    row("RSS above baseline (max run - base)", fmt_bytes(above),
-        f"target < 100 MiB: {'PASS' if rss_ok else 'FAIL'}")
+    row("RSS above baseline (max run - base)", fmt_bytes(above), f"target < 100 MiB: {'PASS' if rss_ok else 'FAIL'}")
     row("tli-recipe --help time (median)", fmt_s(med_min(res["help"])[0]))
-    row("tli-recipe plan (median / min)", "%s / %s" % tuple(map(fmt_s, med_min(res["plan"]))),
-        f"peak RSS {fmt_bytes(med_min(res['plan_rss'])[0])}" if res["plan"] else "failed, see logs")
-    row("tli-recipe validate (median / min)", "%s / %s" % tuple(map(fmt_s, med_min(res["validate"]))),
-        f"peak RSS {fmt_bytes(med_min(res['validate_rss'])[0])}" if res["validate"] else "failed, see logs")
+    row(
+        "tli-recipe plan (median / min)",
+        "%s / %s" % tuple(map(fmt_s, med_min(res["plan"]))),
+        f"peak RSS {fmt_bytes(med_min(res['plan_rss'])[0])}" if res["plan"] else "failed, see logs",
+    )
+    row(
+        "tli-recipe validate (median / min)",
+        "%s / %s" % tuple(map(fmt_s, med_min(res["validate"]))),
+        f"peak RSS {fmt_bytes(med_min(res['validate_rss'])[0])}" if res["validate"] else "failed, see logs",
+    )
     print("  " + "-" * 86)
-    print(f"  per round: copy {', '.join(f'{x:.2f}' for x in res['copy'])} s | "
-          f"copy+sync {', '.join(f'{x:.2f}' for x in res['copysync'])} s | "
-          f"run {', '.join(f'{x:.2f}' for x in res['run'])} s | "
-          f"run --rehash {', '.join(f'{x:.2f}' for x in res['rehash'])} s | "
-          f"run RSS {', '.join(fmt_bytes(x) for x in res['run_rss'])}")
+    print(
+        f"  per round: copy {', '.join(f'{x:.2f}' for x in res['copy'])} s | "
+        f"copy+sync {', '.join(f'{x:.2f}' for x in res['copysync'])} s | "
+        f"run {', '.join(f'{x:.2f}' for x in res['run'])} s | "
+        f"run --rehash {', '.join(f'{x:.2f}' for x in res['rehash'])} s | "
+        f"run RSS {', '.join(fmt_bytes(x) for x in res['run_rss'])}"
+    )
     print("  (times are wall clock of the child only; outputs are sync'ed and deleted outside the timed part)")
     print(f"  overall: {'PASS' if ratio_ok and rss_ok else 'FAIL'} | logs: {logs}")
-    summary = {"checkpoint_bytes": src_bytes, "output_bytes": out_bytes, "rounds": args.rounds,
-               "copy_s": res["copy"], "copy_sync_s": res["copysync"], "run_s": res["run"], "run_maxrss": res["run_rss"],
-               "rehash_s": res["rehash"], "rehash_maxrss": res["rehash_rss"], "ratio_min": ratio_min,
-               "help_maxrss": res["help_rss"], "import_maxrss": res["import_rss"],
-               "plan_s": res["plan"], "validate_s": res["validate"], "baseline_rss": baseline,
-               "ratio_median": ratio_med, "rss_above_baseline": above,
-               "ratio_pass": ratio_ok, "rss_pass": rss_ok, "rss_method": m.method}
+    summary = {
+        "checkpoint_bytes": src_bytes,
+        "output_bytes": out_bytes,
+        "rounds": args.rounds,
+        "copy_s": res["copy"],
+        "copy_sync_s": res["copysync"],
+        "run_s": res["run"],
+        "run_maxrss": res["run_rss"],
+        "rehash_s": res["rehash"],
+        "rehash_maxrss": res["rehash_rss"],
+        "ratio_min": ratio_min,
+        "help_maxrss": res["help_rss"],
+        "import_maxrss": res["import_rss"],
+        "plan_s": res["plan"],
+        "validate_s": res["validate"],
+        "baseline_rss": baseline,
+        "ratio_median": ratio_med,
+        "rss_above_baseline": above,
+        "ratio_pass": ratio_ok,
+        "rss_pass": rss_ok,
+        "rss_method": m.method,
+    }
     (work / "last-result.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0 if ratio_ok and rss_ok else 1
 

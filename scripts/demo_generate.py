@@ -1,6 +1,6 @@
 """Greedy generation from a base model and its grown copy: a function-preserving plan gives the same text.
 
-    python scripts/demo_generate.py BASE_DIR GROWN_DIR ["prompt"]
+python scripts/demo_generate.py BASE_DIR GROWN_DIR ["prompt"]
 """
 
 import sys
@@ -18,7 +18,7 @@ def main(base: str, grown: str, prompt: str = "The capital of France is") -> int
         layers = model.config.num_hidden_layers
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=20, do_sample=False)
-        texts[label] = tokenizer.decode(out[0][ids.shape[1]:], skip_special_tokens=True)
+        texts[label] = tokenizer.decode(out[0][ids.shape[1] :], skip_special_tokens=True)
         print(f"{label:>5} ({layers} layers): {prompt}{texts[label]!r}")
     same = texts["base"] == texts["grown"]
     print("same continuation" if same else "continuations differ")

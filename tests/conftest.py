@@ -23,7 +23,11 @@ def _private_hash_cache(tmp_path_factory):
 
 
 def pytest_addoption(parser):
-    parser.addoption("--update-golden", action="store_true", help="Rewrite golden files (tests/bad_recipes/*.err) from the current output.")
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        help="Rewrite golden files (tests/bad_recipes/*.err) from the current output.",
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -39,8 +43,14 @@ def update_golden(request) -> bool:
 
 
 #: Tiny widths for every architecture: hidden 32, 4 heads (2 kv), vocab 64.
-TINY = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-            max_position_embeddings=128)
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+    max_position_embeddings=128,
+)
 
 
 #: test name -> (config class, model class) in transformers
@@ -60,8 +70,15 @@ ARCHS = {
 }
 
 
-def build_tiny(folder: Path, arch: str = "llama", layers: int = 8, tie: bool = False, dtype: str = "float32",
-               seed: int = 0, **extra) -> Path:
+def build_tiny(
+    folder: Path,
+    arch: str = "llama",
+    layers: int = 8,
+    tie: bool = False,
+    dtype: str = "float32",
+    seed: int = 0,
+    **extra,
+) -> Path:
     """A random checkpoint saved with transformers; norms are random too, so a wrong copy shows in the logits."""
     import torch
     import transformers
@@ -71,13 +88,25 @@ def build_tiny(folder: Path, arch: str = "llama", layers: int = 8, tie: bool = F
     if arch == "gemma3-vlm":  # the text decoder nests in text_config, beside a tiny vision tower
         text = {**TINY, "num_hidden_layers": layers, "vocab_size": 300, "head_dim": 8, **tokens, **extra}
         config = transformers.Gemma3Config(
-            text_config=text, vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                 num_attention_heads=2, image_size=28, patch_size=14),
-            mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298,
-            tie_word_embeddings=tie)
+            text_config=text,
+            vision_config=dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
+            ),
+            mm_tokens_per_image=4,
+            image_token_index=299,
+            boi_token_index=297,
+            eoi_token_index=298,
+            tie_word_embeddings=tie,
+        )
     else:
-        config = getattr(transformers, config_cls)(num_hidden_layers=layers, tie_word_embeddings=tie,
-                                                   **{**TINY, **tokens, **extra})
+        config = getattr(transformers, config_cls)(
+            num_hidden_layers=layers, tie_word_embeddings=tie, **{**TINY, **tokens, **extra}
+        )
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
     with torch.no_grad():
@@ -113,8 +142,11 @@ def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
 
 def tree_digest(folder: Path) -> dict[str, str]:
     """sha256 and mode of every file below ``folder`` (to prove inputs are untouched)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() + oct(p.stat().st_mode)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() + oct(p.stat().st_mode)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture

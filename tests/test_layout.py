@@ -15,8 +15,20 @@ import pytest
 from conftest import ROOT
 
 PKG = ROOT / "tli_recipe"
-FLOORS = {"errors": 0, "_version": 0, "files": 0, "recipe": 1, "source": 2, "plan": 3, "execute": 4, "training": 5, "library": 5,
-          "": 6, "__main__": 8, "cli": 7}
+FLOORS = {
+    "errors": 0,
+    "_version": 0,
+    "files": 0,
+    "recipe": 1,
+    "source": 2,
+    "plan": 3,
+    "execute": 4,
+    "training": 5,
+    "library": 5,
+    "": 6,
+    "__main__": 8,
+    "cli": 7,
+}
 FLOORS_BY_FILE = {"tli_recipe.__main__": 8}
 MODULES = sorted(p for p in PKG.rglob("*.py"))
 
@@ -56,7 +68,9 @@ def test_imports_point_down(path):
         assert target != "relative", f"{path}:{line}: use absolute tli_recipe imports"
         if target == "tli_recipe" and floor(me) < 6:
             raise AssertionError(f"{path}:{line}: {me} imports the public API above it")
-        assert floor(target) <= floor(me), f"{path}:{line}: {me} (floor {floor(me)}) imports {target} (floor {floor(target)})"
+        assert floor(target) <= floor(me), (
+            f"{path}:{line}: {me} (floor {floor(me)}) imports {target} (floor {floor(target)})"
+        )
 
 
 def test_every_module_imports_on_its_own():

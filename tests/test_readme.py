@@ -37,8 +37,11 @@ def runnable(text: str) -> list[tuple[int, str]]:
 
 def test_the_extractor_sees_the_markers():
     text = "a\n```bash\necho one\n```\n```bash no-test\nmake demo\n```\n```python\nx = 1\n```\n```bash\necho two\n```\n"
-    assert [(info, body) for _, info, body in shell_blocks(text)] == [("bash", "echo one\n"), ("bash no-test", "make demo\n"),
-                                                                        ("bash", "echo two\n")]
+    assert [(info, body) for _, info, body in shell_blocks(text)] == [
+        ("bash", "echo one\n"),
+        ("bash no-test", "make demo\n"),
+        ("bash", "echo two\n"),
+    ]
     assert runnable(text) == [(2, "echo one\n"), (11, "echo two\n")]
 
 
@@ -66,7 +69,11 @@ def clone(tmp_path_factory) -> Path:
                 (target / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(ROOT / name, target / name)
     else:  # not a git checkout (an sdist): copy what is there, without local state
-        shutil.copytree(ROOT, target, ignore=shutil.ignore_patterns(".git", ".venv*", ".demo", "out", "__pycache__", ".pytest_cache"))
+        shutil.copytree(
+            ROOT,
+            target,
+            ignore=shutil.ignore_patterns(".git", ".venv*", ".demo", "out", "__pycache__", ".pytest_cache"),
+        )
     # A clone is a git work tree: matrices may name templates anywhere in it (library/variants.py).
     if subprocess.run(["git", "init", "-q"], cwd=target, capture_output=True).returncode != 0:
         (target / ".git").mkdir()
@@ -79,10 +86,15 @@ def test_readme_block_runs(line, body, clone, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     launcher = bin_dir / "tli-recipe"
-    launcher.write_text(f"#!/bin/sh\nexec {sys.executable} -m tli_recipe \"$@\"\n")
+    launcher.write_text(f'#!/bin/sh\nexec {sys.executable} -m tli_recipe "$@"\n')
     launcher.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(clone),
-           "HF_HUB_CACHE": str(tmp_path / "empty-hub-cache"), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(clone),
+        "HF_HUB_CACHE": str(tmp_path / "empty-hub-cache"),
+        "HF_HUB_OFFLINE": "1",
+    }
     env.pop("TLI_RECIPE_CONFIGS", None)
     script = "set -eux\n" + body
     result = subprocess.run(["bash", "-c", script], cwd=clone, env=env, capture_output=True, text=True, timeout=120)

@@ -24,8 +24,10 @@ PKG = ROOT / "tli_recipe"
 
 def untrusting(call: ast.Call) -> bool:
     """Whether a call passes ``trust_remote_code=False`` as a literal keyword."""
-    return any(k.arg == "trust_remote_code" and isinstance(k.value, ast.Constant) and k.value.value is False
-               for k in call.keywords)
+    return any(
+        k.arg == "trust_remote_code" and isinstance(k.value, ast.Constant) and k.value.value is False
+        for k in call.keywords
+    )
 
 
 def from_pretrained_problems(source: str, name: str) -> list[str]:
@@ -43,19 +45,23 @@ def from_pretrained_problems(source: str, name: str) -> list[str]:
             if not untrusting(node):
                 problems.append(f"{name}:{node.lineno}: {ast.unparse(node.func)}(...) without trust_remote_code=False")
         elif isinstance(node, ast.Attribute) and node.attr == "from_pretrained" and id(node) not in called:
-            problems.append(f"{name}:{node.lineno}: {ast.unparse(node)} used without calling it (call it with "
-                            "trust_remote_code=False instead of aliasing it)")
+            problems.append(
+                f"{name}:{node.lineno}: {ast.unparse(node)} used without calling it (call it with "
+                "trust_remote_code=False instead of aliasing it)"
+            )
     return problems
 
 
 def test_the_check_catches_what_it_must():
-    bad = ("from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer\n"
-           "AutoConfig.from_pretrained(p)\n"
-           "AutoTokenizer.from_pretrained(p, trust_remote_code=True)\n"
-           "AutoModelForCausalLM.from_pretrained(p, **kwargs)\n"
-           "PeftModel.from_pretrained(m, p)\n"
-           "AutoModel.from_pretrained(p, trust_remote_code=flag)\n"
-           "load = AutoModelForCausalLM.from_pretrained\n")
+    bad = (
+        "from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer\n"
+        "AutoConfig.from_pretrained(p)\n"
+        "AutoTokenizer.from_pretrained(p, trust_remote_code=True)\n"
+        "AutoModelForCausalLM.from_pretrained(p, **kwargs)\n"
+        "PeftModel.from_pretrained(m, p)\n"
+        "AutoModel.from_pretrained(p, trust_remote_code=flag)\n"
+        "load = AutoModelForCausalLM.from_pretrained\n"
+    )
     assert [p.split(":")[1] for p in from_pretrained_problems(bad, "x.py")] == ["2", "3", "4", "6", "7"]
     good = "AutoConfig.from_pretrained(p, trust_remote_code=False)\nmodel.save_pretrained(out)\n"
     assert from_pretrained_problems(good, "x.py") == []
@@ -78,9 +84,14 @@ Path({marker!r}).write_text("imported")  # runs on import: the test fails if thi
 def plant_custom_code(folder: Path, marker: Path) -> None:
     """Make ``folder`` a model that needs its own code: unknown model_type, auto_map, and the modules."""
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="evil_lm", architectures=["EvilForCausalLM"],
-                  auto_map={"AutoConfig": "configuration_evil.EvilConfig",
-                            "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+    config.update(
+        model_type="evil_lm",
+        architectures=["EvilForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_evil.EvilConfig",
+            "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+        },
+    )
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     for module in ("configuration_evil.py", "modeling_evil.py", "tokenization_evil.py"):
         (folder / module).write_text(EVIL.format(marker=str(marker)))
@@ -129,8 +140,7 @@ def grown(tmp_path, tiny, cli):
     out = tmp_path / "out"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"base_model: {base}\ninject: {{every: 2}}\n")
-    result = cli("run", recipe, "--output", out,
-                 "--device", "cpu", "--no-progress")
+    result = cli("run", recipe, "--output", out, "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.stderr
     return base, out
 
@@ -164,7 +174,9 @@ def test_eval_refuses_a_model_that_needs_custom_code(tmp_path, tiny, hostile_cli
         plant_custom_code(model, marker)
     else:  # only the tokenizer needs its own code
         settings = json.loads((model / "tokenizer_config.json").read_text())
-        settings.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]})
+        settings.update(
+            tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+        )
         (model / "tokenizer_config.json").write_text(json.dumps(settings))
         (model / "tokenization_evil.py").write_text(EVIL.format(marker=str(marker)))
     data = write_text(tmp_path / "held.txt", 20)

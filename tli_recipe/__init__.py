@@ -43,7 +43,9 @@ def compile_plan(loaded: "LoadedRecipe", access: "Optional[Access]" = None) -> "
     return compile_(loaded, access)
 
 
-def execute_plan(plan: "Plan", output: Optional[str | Path] = None, *, training_configs: bool = True, **options) -> Path:
+def execute_plan(
+    plan: "Plan", output: Optional[str | Path] = None, *, training_configs: bool = True, **options
+) -> Path:
     """Write the grown checkpoint of ``plan``; with ``training_configs`` also one config per
     stage and trainer into ``<output>/training/``. ``options``: device, force, progress, sync, rehash, log."""
     from tli_recipe.execute.executor import execute_plan as execute

@@ -23,20 +23,45 @@ def synthetic_info(toc_entries: int = 3000) -> str:
     """An info text shaped like python3.11.info: preamble, a huge Top menu (the detailed node
     listing), documents with a small menu, a menu-only chapter node, an index and the tag table."""
     top_menu = "".join(f"* Section {i}: Section {i}.\n" for i in range(toc_entries))
-    index = "".join(f"* entry {i} (built-in function):       Built-in Functions.\n                                                              (line {i})\n"
-                    for i in range(500))
+    index = "".join(
+        f"* entry {i} (built-in function):       Built-in Functions.\n                                                              (line {i})\n"
+        for i in range(500)
+    )
     parts = ["This is python.info, produced by makeinfo version 6.8 from python.texi.\n\n"]
-    parts.append(node("Top", f"Python\n******\n\n* Menu:\n\n{top_menu}\n -- The Detailed Node Listing --\n\n"
-                              "What's New\n\nsome words between the menus\n\n" + top_menu))
-    parts.append(node("The Python Tutorial", "The Python Tutorial\n*******************\n\nA short introduction.\n\n* Menu:\n\n"
-                      + "".join(f"* Tutorial part {i}:: \n" for i in range(40))))
-    for i, name in enumerate(["json", "csv", "re", "math", "os", "sys", "time", "heapq", "array", "enum", "glob", "uuid"]):
-        parts.append(node(f"{name} module", f"{name}\n====\n\n{PROSE.format(name=name)}\n\n* Menu:\n\n* Functions:: \n* Examples:: \n\n"
-                          "   * a bulleted item of prose, which stays\n"))
+    parts.append(
+        node(
+            "Top",
+            f"Python\n******\n\n* Menu:\n\n{top_menu}\n -- The Detailed Node Listing --\n\n"
+            "What's New\n\nsome words between the menus\n\n" + top_menu,
+        )
+    )
+    parts.append(
+        node(
+            "The Python Tutorial",
+            "The Python Tutorial\n*******************\n\nA short introduction.\n\n* Menu:\n\n"
+            + "".join(f"* Tutorial part {i}:: \n" for i in range(40)),
+        )
+    )
+    for i, name in enumerate(
+        ["json", "csv", "re", "math", "os", "sys", "time", "heapq", "array", "enum", "glob", "uuid"]
+    ):
+        parts.append(
+            node(
+                f"{name} module",
+                f"{name}\n====\n\n{PROSE.format(name=name)}\n\n* Menu:\n\n* Functions:: \n* Examples:: \n\n"
+                "   * a bulleted item of prose, which stays\n",
+            )
+        )
     parts.append(node("Built-in Functions", "Built-in Functions\n==================\n\n" + "x" * 60_000))
     parts.append(node("Index", f"Index\n*****\n\n[index]\n* Menu:\n\n{index}"))
-    parts.append(node("Python Module Index", "Python Module Index\n*******************\n\n" + PROSE.format(name="index")))
-    parts.append("\x1f\nTag Table:\n" + "".join(f"Node: Section {i}\x7f{1000 + i}\n" for i in range(50)) + "\x1f\nEnd Tag Table\n")
+    parts.append(
+        node("Python Module Index", "Python Module Index\n*******************\n\n" + PROSE.format(name="index"))
+    )
+    parts.append(
+        "\x1f\nTag Table:\n"
+        + "".join(f"Node: Section {i}\x7f{1000 + i}\n" for i in range(50))
+        + "\x1f\nEnd Tag Table\n"
+    )
     return "".join(parts)
 
 
@@ -67,4 +92,7 @@ def test_main_writes_jsonl_from_an_info_file(tmp_path, monkeypatch, capsys):
     held = [json.loads(line)["text"] for line in (tmp_path / "out" / "heldout.jsonl").read_text().splitlines()]
     train = (tmp_path / "out" / "train.jsonl").read_text().splitlines()
     assert [h.split("\n")[0] for h in held] == ["json", "glob"] and len(train) == 10
-    assert "12 documents; dropped nodes: 2 not a node, 3 top or index, 1 menu, 1 too long, 0 too short" in capsys.readouterr().out
+    assert (
+        "12 documents; dropped nodes: 2 not a node, 3 top or index, 1 menu, 1 too long, 0 too short"
+        in capsys.readouterr().out
+    )

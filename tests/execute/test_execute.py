@@ -20,7 +20,7 @@ def reference_tli(source: dict[str, torch.Tensor], layers: int, every: int) -> d
     j = 0
     for i in range(layers):
         prefix = f"model.layers.{i}."
-        own = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
+        own = {k[len(prefix) :]: v for k, v in source.items() if k.startswith(prefix)}
         out.update({f"model.layers.{j}.{k}": v for k, v in own.items()})
         j += 1
         if (i + 1) % every == 0:
@@ -45,13 +45,24 @@ def test_tli_tensors_equal_the_reference_map_and_logits_equal(tmp_path, tiny, la
     torch.testing.assert_close(logits_of(out), logits_of(base), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch,extra", [
-    ("mistral", {}),
-    ("qwen2", {}),
-    ("qwen3", {"head_dim": 8}),
-    ("qwen3", {"head_dim": 8, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 5}),
-    ("granite", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.3, "logits_scaling": 1.5}),
-])
+@pytest.mark.parametrize(
+    "arch,extra",
+    [
+        ("mistral", {}),
+        ("qwen2", {}),
+        ("qwen3", {"head_dim": 8}),
+        ("qwen3", {"head_dim": 8, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 5}),
+        (
+            "granite",
+            {
+                "embedding_multiplier": 2.0,
+                "residual_multiplier": 0.5,
+                "attention_multiplier": 0.3,
+                "logits_scaling": 1.5,
+            },
+        ),
+    ],
+)
 def test_llama_family_is_exact(tmp_path, tiny, arch, extra):
     base = tiny(arch=arch, layers=8, **extra)
     choice = "output_config: {max_window_layers: 6}\n" if "max_window_layers" in extra else ""
@@ -68,7 +79,9 @@ def test_dus_slices_map_and_logits_change(tmp_path, tiny):
     src, got = load_all(base), load_all(out)
     for j, i in enumerate([0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 6, 7]):
         assert torch.equal(got[f"model.layers.{j}.mlp.down_proj.weight"], src[f"model.layers.{i}.mlp.down_proj.weight"])
-        assert torch.equal(got[f"model.layers.{j}.input_layernorm.weight"], src[f"model.layers.{i}.input_layernorm.weight"])
+        assert torch.equal(
+            got[f"model.layers.{j}.input_layernorm.weight"], src[f"model.layers.{i}.input_layernorm.weight"]
+        )
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 12
     assert (logits_of(out) - logits_of(base)).abs().max() > 1e-2
 
@@ -92,7 +105,9 @@ def test_bfloat16_output_and_small_shards(tmp_path, tiny, cli):
     got = load_all(out)
     assert {t.dtype for t in got.values()} == {torch.bfloat16}
     src = load_all(base)
-    assert torch.equal(got["model.layers.0.self_attn.q_proj.weight"], src["model.layers.0.self_attn.q_proj.weight"].bfloat16())
+    assert torch.equal(
+        got["model.layers.0.self_attn.q_proj.weight"], src["model.layers.0.self_attn.q_proj.weight"].bfloat16()
+    )
     with safe_open(str(shards[0]), "pt") as f:
         assert f.metadata()["recipe_sha256"] == plan.recipe_sha256
     result = cli("verify", out)  # the base is rounded to bf16 before comparing, so this is exact too
@@ -114,16 +129,25 @@ def test_policies_are_applied_and_deterministic(tmp_path, tiny):
     assert 0.01 < a["model.layers.2.self_attn.q_proj.weight"].std() < 0.03
     assert not a["model.layers.2.self_attn.k_proj.weight"].any()
     # noise differs between injected layers (each tensor has its own stream)
-    assert not torch.equal(a["model.layers.2.mlp.down_proj.weight"] - src["model.layers.1.mlp.down_proj.weight"],
-                           a["model.layers.5.mlp.down_proj.weight"] - src["model.layers.3.mlp.down_proj.weight"])
+    assert not torch.equal(
+        a["model.layers.2.mlp.down_proj.weight"] - src["model.layers.1.mlp.down_proj.weight"],
+        a["model.layers.5.mlp.down_proj.weight"] - src["model.layers.3.mlp.down_proj.weight"],
+    )
 
 
 def test_output_files_and_model_card(tmp_path, tiny):
     base = tiny(layers=4)
     plan, out = grow(tmp_path, base, "inject: {every: 2}\nstages:\n  - name: new\n    trainable: [injected]\n")
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "plan.json", "recipe.yaml", "README.md",
-            "model.safetensors.index.json", "model-00001-of-00001.safetensors"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "plan.json",
+        "recipe.yaml",
+        "README.md",
+        "model.safetensors.index.json",
+        "model-00001-of-00001.safetensors",
+    } <= names
     card = (out / "README.md").read_text()
     assert "[2, 5]" in card and "**new**" in card and plan.recipe_sha256 in card
     assert not list(tmp_path.glob(".grown.tmp-*"))
@@ -212,11 +236,15 @@ def test_verify_detects_a_tampered_tensor(tmp_path, tiny, cli):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("body", [
-    "inject:\n  every: 2\n  init: {o_proj: {scale: 0.5}, down_proj: {noise: 0.1}}\n",
-    "inject:\n  every: 2\n  init: {q_proj: {interpolate: 0.5}, o_proj: zero, down_proj: {random: 0.02}}\n",
-    "dtype: bfloat16\ninject: {every: 2}\n",
-], ids=["scale-noise", "interpolate-random", "cast"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "inject:\n  every: 2\n  init: {o_proj: {scale: 0.5}, down_proj: {noise: 0.1}}\n",
+        "inject:\n  every: 2\n  init: {q_proj: {interpolate: 0.5}, o_proj: zero, down_proj: {random: 0.02}}\n",
+        "dtype: bfloat16\ninject: {every: 2}\n",
+    ],
+    ids=["scale-noise", "interpolate-random", "cast"],
+)
 def test_cuda_matches_cpu(tmp_path, tiny, body):
     """Computed tensors are the same bytes on cuda and cpu: arithmetic per element, random streams drawn on the CPU."""
     if not torch.cuda.is_available():
@@ -263,15 +291,24 @@ def test_mixed_dtypes_are_kept_unless_the_recipe_casts(tmp_path, tiny):
 def test_per_layer_lists_come_from_each_layers_own_source(tmp_path, tiny):
     shallow = tiny(arch="qwen3", layers=4, head_dim=8, use_sliding_window=True, sliding_window=4, max_window_layers=2)
     deep = tiny(arch="qwen3", layers=8, head_dim=8, use_sliding_window=True, sliding_window=4, max_window_layers=6)
-    plan = compile_plan(load_recipe(write_recipe(tmp_path, f"""base_model: {shallow}
+    plan = compile_plan(
+        load_recipe(
+            write_recipe(
+                tmp_path,
+                f"""base_model: {shallow}
 slices:
   - layer_range: [0, 4]
   - model: {deep}
     layer_range: [4, 8]
-""")))
+""",
+            )
+        )
+    )
     # shallow: layers 2, 3 slide; deep: layers 6, 7 slide (4, 5 do not)
-    assert plan.config["layer_types"] == ["full_attention"] * 2 + ["sliding_attention"] * 2 + \
-        ["full_attention"] * 2 + ["sliding_attention"] * 2
+    assert (
+        plan.config["layer_types"]
+        == ["full_attention"] * 2 + ["sliding_attention"] * 2 + ["full_attention"] * 2 + ["sliding_attention"] * 2
+    )
 
 
 def test_verify_checks_the_config(tmp_path, tiny, cli):

@@ -44,26 +44,38 @@ def test_zero_tensors_are_written_as_holes(tmp_path, tiny):
     allocated = sum(s.stat().st_blocks * 512 for s in shards)
     # every zero tensor spans whole file-system blocks but for its two ends
     assert allocated <= size - zero_bytes + 2 * 4096 * len([op for op in plan.tensors if op.op == "zero"])
-    assert all(not t.any() for name, t in load_all(out).items() if name.endswith(("o_proj.weight", "down_proj.weight"))
-               and int(name.split(".")[2]) % 2 == 1)
+    assert all(
+        not t.any()
+        for name, t in load_all(out).items()
+        if name.endswith(("o_proj.weight", "down_proj.weight")) and int(name.split(".")[2]) % 2 == 1
+    )
 
 
 def test_interpolation_reads_the_next_layer_from_its_own_source(tmp_path, tiny):
     a, b = tiny(layers=4), tiny(layers=4, seed=1)
-    body = (f"slices:\n  - layer_range: [0, 2]\n  - model: {b}\n    layer_range: [2, 4]\n"
-            "inject:\n  after: [1]\n  init: {q_proj: {interpolate: 0.5}, o_proj: zero, down_proj: zero}\n")
+    body = (
+        f"slices:\n  - layer_range: [0, 2]\n  - model: {b}\n    layer_range: [2, 4]\n"
+        "inject:\n  after: [1]\n  init: {q_proj: {interpolate: 0.5}, o_proj: zero, down_proj: zero}\n"
+    )
     plan, out = grow(tmp_path, a, body)
     op = next(op for op in plan.tensors if op.op == "interpolate")
-    assert (op.source_name, op.second_name) == ("model.layers.1.self_attn.q_proj.weight", "model.layers.2.self_attn.q_proj.weight")
+    assert (op.source_name, op.second_name) == (
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.2.self_attn.q_proj.weight",
+    )
     assert plan.sources[op.second_source].path == str(b) and plan.sources[op.source].path == str(a)
     src_a, src_b = load_all(a), load_all(b)
-    expected = 0.5 * src_a["model.layers.1.self_attn.q_proj.weight"] + 0.5 * src_b["model.layers.2.self_attn.q_proj.weight"]
+    expected = (
+        0.5 * src_a["model.layers.1.self_attn.q_proj.weight"] + 0.5 * src_b["model.layers.2.self_attn.q_proj.weight"]
+    )
     assert torch.equal(load_all(out)[op.name], expected)
     assert verify_output(out, logits=False).ok
 
 
-POLICIES = ("inject:\n  every: 2\n  init: {q_proj: {scale: 0.5}, k_proj: {noise: 0.01}, v_proj: {random: 0.02},\n"
-            "         gate_proj: {interpolate: 0.5}, o_proj: zero, down_proj: zero}\n")
+POLICIES = (
+    "inject:\n  every: 2\n  init: {q_proj: {scale: 0.5}, k_proj: {noise: 0.01}, v_proj: {random: 0.02},\n"
+    "         gate_proj: {interpolate: 0.5}, o_proj: zero, down_proj: zero}\n"
+)
 
 
 def flip_one_bit(folder, name: str) -> None:
@@ -82,7 +94,9 @@ def test_verify_catches_one_wrong_bit_in_any_op(tmp_path, tiny, op_name):
     target = next(op for op in plan.tensors if op.op == op_name and op.dtype == "F32" and op.layer is not None)
     flip_one_bit(out, target.name)
     report = verify_output(out, logits=False)
-    assert report.tensor_problems == [f"'{target.name}': values differ from the plan's {op_name} of '{target.source_name}'"]
+    assert report.tensor_problems == [
+        f"'{target.name}': values differ from the plan's {op_name} of '{target.source_name}'"
+    ]
 
 
 def test_verify_compares_bits_so_a_nan_copied_exactly_passes(tmp_path, tiny):
@@ -100,13 +114,18 @@ def test_verify_compares_bits_so_a_nan_copied_exactly_passes(tmp_path, tiny):
 def test_run_refuses_a_source_that_changed_since_the_plan(tmp_path, tiny):
     base = tmp_path / "changing"
     shutil.copytree(tiny(layers=2), base)
-    plan = compile_plan(load_recipe(write_recipe(tmp_path, f"base_model: {base}\noutput: {tmp_path / 'out'}\ninject: {{every: 1}}\n")))
+    plan = compile_plan(
+        load_recipe(write_recipe(tmp_path, f"base_model: {base}\noutput: {tmp_path / 'out'}\ninject: {{every: 1}}\n"))
+    )
     shard = next(base.glob("*.safetensors"))
     tensors = load_file(shard)
     tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"].half()
     save_file(tensors, shard, metadata={"format": "pt"})
-    with pytest.raises(TliError, match=r"2 of \d+ planned source tensors are missing or differ in shape/dtype "
-                                       r"\(first: 'model.layers.1.mlp.up_proj.weight'\); the checkpoint changed"):
+    with pytest.raises(
+        TliError,
+        match=r"2 of \d+ planned source tensors are missing or differ in shape/dtype "
+        r"\(first: 'model.layers.1.mlp.up_proj.weight'\); the checkpoint changed",
+    ):
         execute_plan(plan, progress=False, log=lambda m: None)
     assert not (tmp_path / "out").exists()
 

@@ -233,7 +233,9 @@ def test_a_reusing_reader_keeps_its_two_slots_apart(tmp_path):
     reader = TensorReader(reuse=True)
     a = reader.read(infos["a"])
     b = reader.read(infos["b"], slot=1)
-    assert torch.equal(a, torch.arange(300, dtype=torch.float32)) and torch.equal(b, -torch.arange(200, dtype=torch.float32))
+    assert torch.equal(a, torch.arange(300, dtype=torch.float32)) and torch.equal(
+        b, -torch.arange(200, dtype=torch.float32)
+    )
     again = reader.read(infos["b"])  # slot 0 again: a's buffer, now b's values
     assert again.data_ptr() == a.data_ptr() and torch.equal(again, b)
     reader.close()
@@ -248,7 +250,10 @@ def test_a_computed_value_of_the_wrong_shape_is_refused_not_broadcast(tmp_path):
     op = TensorOp(name="w", source="s", source_name="w", op="lesa", shape=(4, 3), dtype="F32", source_dtype="F32")
     writer = ShardWriter(tmp_path, layout_shards([("w", "F32", (4, 3))], 1 << 20), {"format": "pt"})
     for wrong in (torch.arange(3, dtype=torch.float32), torch.zeros(5, 3)):
-        with pytest.raises(TliError, match=r"tensor 'w': got shape \((3|5, 3),?\) torch.float32, the plan says \(4, 3\) F32"):
-            executor.make_tensor(op, TensorReader(reuse=True), None, "cpu", {}, {"w": wrong},
-                                 out=writer.buffer("F32", (4, 3)))
+        with pytest.raises(
+            TliError, match=r"tensor 'w': got shape \((3|5, 3),?\) torch.float32, the plan says \(4, 3\) F32"
+        ):
+            executor.make_tensor(
+                op, TensorReader(reuse=True), None, "cpu", {}, {"w": wrong}, out=writer.buffer("F32", (4, 3))
+            )
     writer.abort()

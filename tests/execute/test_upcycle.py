@@ -38,13 +38,18 @@ def test_llama_to_mixtral_keeps_the_logits(tmp_path, tiny, router, tie):
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["MixtralForCausalLM"] and config["model_type"] == "mixtral"
     assert (config["num_local_experts"], config["num_experts_per_tok"]) == (4, 2)
-    assert "Sparsely upcycled to mixtral (arXiv 2212.05055): output layers 0-3 hold 4 experts" in (out / "README.md").read_text()
+    assert (
+        "Sparsely upcycled to mixtral (arXiv 2212.05055): output layers 0-3 hold 4 experts"
+        in (out / "README.md").read_text()
+    )
     src, got = load_all(base), load_all(out)
     for layer in range(4):
         for w, dense in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
             for e in range(4):
-                assert torch.equal(got[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"],
-                                   src[f"model.layers.{layer}.mlp.{dense}.weight"])
+                assert torch.equal(
+                    got[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"],
+                    src[f"model.layers.{layer}.mlp.{dense}.weight"],
+                )
         gate = got[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
         assert gate.shape == (4, 32) and (bool((gate == 0).all()) == (router == "zero"))
     assert ("lm_head.weight" in got) == (not tie)
@@ -93,14 +98,18 @@ def test_two_source_experts_land_in_their_slots(tmp_path, tiny):
             assert torch.equal(got[f"model.layers.{layer}.block_sparse_moe.experts.1.{w}.weight"], theirs[key])
             assert not torch.equal(mine[key], theirs[key])
         # everything outside the MLP is the base model's
-        assert torch.equal(got[f"model.layers.{layer}.self_attn.q_proj.weight"], mine[f"model.layers.{layer}.self_attn.q_proj.weight"])
+        assert torch.equal(
+            got[f"model.layers.{layer}.self_attn.q_proj.weight"], mine[f"model.layers.{layer}.self_attn.q_proj.weight"]
+        )
     logits_of(out)  # loads with no missing or unexpected keys
     assert verify_output(out, logits=False).ok
 
 
 def test_noisy_experts_are_seeded_and_not_preserving(tmp_path, tiny):
     base = tiny(arch="llama", layers=4)
-    plan, out, _ = upcycle(tmp_path, base, "upcycle: {experts: 3, top_k: 2, init: [copy, {noise: 0.01}, {scale: 0.5}]}\n")
+    plan, out, _ = upcycle(
+        tmp_path, base, "upcycle: {experts: 3, top_k: 2, init: [copy, {noise: 0.01}, {scale: 0.5}]}\n"
+    )
     assert not plan.function_preserving
     got, src = load_all(out), load_all(base)
     dense = src["model.layers.0.mlp.up_proj.weight"]
@@ -113,8 +122,10 @@ def test_noisy_experts_are_seeded_and_not_preserving(tmp_path, tiny):
 
 def test_router_only_stage_trains_only_the_routers(tmp_path, tiny):
     base = tiny(arch="llama", layers=4)
-    body = ("upcycle: {experts: 2, top_k: 1}\nstages:\n  - name: routers\n    trainable: [router]\n"
-            "  - name: experts\n    trainable: [experts]\n")
+    body = (
+        "upcycle: {experts: 2, top_k: 1}\nstages:\n  - name: routers\n    trainable: [router]\n"
+        "  - name: experts\n    trainable: [experts]\n"
+    )
     plan, out, _ = upcycle(tmp_path, base, body)
     routers = [op.name for op in plan.tensors if op.projection == "router"]
     assert plan.stages[0].parameters == routers and len(routers) == 4
@@ -134,17 +145,28 @@ def test_moe_stages_select_the_loaded_parameters(tmp_path, tiny):
     from tli_recipe.training.train import _freeze
 
     base = tiny(arch="llama", layers=4)
-    body = ("upcycle: {experts: 2, top_k: 1}\nstages:\n  - {name: routers, trainable: [router]}\n"
-            "  - {name: experts, trainable: [experts, {layers: [0, 1]}]}\n")
+    body = (
+        "upcycle: {experts: 2, top_k: 1}\nstages:\n  - {name: routers, trainable: [router]}\n"
+        "  - {name: experts, trainable: [experts, {layers: [0, 1]}]}\n"
+    )
     plan, out, _ = upcycle(tmp_path, base, body)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     loaded = [n for n, _ in model.named_parameters()]
-    wanted = {"routers": {n for n in loaded if n.endswith(".mlp.gate.weight")},
-              "experts": {n for n in loaded if ".mlp.experts." in n or n.startswith("model.layers.0.")}}
+    wanted = {
+        "routers": {n for n in loaded if n.endswith(".mlp.gate.weight")},
+        "experts": {n for n in loaded if ".mlp.experts." in n or n.startswith("model.layers.0.")},
+    }
     assert len(wanted["routers"]) == 4 and len(wanted["experts"]) == 4 * 2 + 7
     for stage in plan.stages:
-        cfg = BuiltinStageConfig(stage=stage.name, model=str(out), output_dir=str(tmp_path / stage.name), datasets=[],
-                                 sequence_length=8, trainable_parameters=stage.parameters, training_arguments={})
+        cfg = BuiltinStageConfig(
+            stage=stage.name,
+            model=str(out),
+            output_dir=str(tmp_path / stage.name),
+            datasets=[],
+            sequence_length=8,
+            trainable_parameters=stage.parameters,
+            training_arguments={},
+        )
         trained = {n for n, p in _freeze(model, cfg).named_parameters() if p.requires_grad}
         assert trained == wanted[stage.name]
         assert {n for n in loaded if axolotl_selects(axolotl_patterns(plan, stage.parameters), n)} == wanted[stage.name]
@@ -162,13 +184,17 @@ def test_hidden_router_rows_are_the_routers_own_inputs(tmp_path):
     base = add_char_tokenizer(build_tiny(tmp_path / "base", layers=3))
     prompts = [(["the cat sat on the mat", "a dog ran far"], []), (["def f(x): return x"], ["the cat"])]
     entries = "".join(f"    - {{positive: {pos}, negative: {neg}}}\n" for pos, neg in prompts)
-    plan, out, logs = upcycle(tmp_path, base, f"upcycle:\n  experts: 2\n  top_k: 1\n  router: hidden\n  prompts:\n{entries}")
+    plan, out, logs = upcycle(
+        tmp_path, base, f"upcycle:\n  experts: 2\n  top_k: 1\n  router: hidden\n  prompts:\n{entries}"
+    )
     assert plan.function_preserving and any("hidden router: 3 routers" in line for line in logs)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     seen = {}
     for layer in range(3):
-        model.model.layers[layer].mlp.register_forward_pre_hook(lambda m, args, layer=layer: seen.__setitem__(layer, args[0][0, -1]))
+        model.model.layers[layer].mlp.register_forward_pre_hook(
+            lambda m, args, layer=layer: seen.__setitem__(layer, args[0][0, -1])
+        )
 
     def mean(texts):
         total = torch.zeros(3, 32)
@@ -182,7 +208,9 @@ def test_hidden_router_rows_are_the_routers_own_inputs(tmp_path):
     rows = rows / rows.norm(dim=-1, keepdim=True)
     got = load_all(out)
     for layer in range(3):
-        torch.testing.assert_close(got[f"model.layers.{layer}.block_sparse_moe.gate.weight"], rows[layer], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            got[f"model.layers.{layer}.block_sparse_moe.gate.weight"], rows[layer], atol=1e-5, rtol=0
+        )
     assert not torch.allclose(rows[0, 0], rows[0, 1])
     torch.testing.assert_close(logits_of(out), logits_of(base), atol=1e-5, rtol=0)
     report = verify_output(out)

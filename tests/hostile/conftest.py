@@ -31,13 +31,19 @@ def _root_helpers() -> dict:
 
     from _pytest.fixtures import FixtureFunctionDefinition
 
-    spec = importlib.util.spec_from_file_location("_tests_root_conftest", Path(__file__).resolve().parents[1] / "conftest.py")
+    spec = importlib.util.spec_from_file_location(
+        "_tests_root_conftest", Path(__file__).resolve().parents[1] / "conftest.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return {name: value for name, value in vars(module).items()
-            if not name.startswith(("_", "pytest_")) and not isinstance(value, (FixtureFunctionDefinition, types.ModuleType))
-            # constants (ROOT, CONFIGS: Path objects whose __module__ is pathlib) and its own functions
-            and (not callable(value) or getattr(value, "__module__", module.__name__) == module.__name__)}
+    return {
+        name: value
+        for name, value in vars(module).items()
+        if not name.startswith(("_", "pytest_"))
+        and not isinstance(value, (FixtureFunctionDefinition, types.ModuleType))
+        # constants (ROOT, CONFIGS: Path objects whose __module__ is pathlib) and its own functions
+        and (not callable(value) or getattr(value, "__module__", module.__name__) == module.__name__)
+    }
 
 
 globals().update(_root_helpers())
@@ -65,12 +71,20 @@ def leftovers(target: Path) -> list[str]:
     parent = target.parent
     if not parent.is_dir():
         return []
-    return sorted(p.name for p in parent.iterdir()
-                  if p.name.startswith(f".{target.name}.") or p.name == f"{target.name}.lock")
+    return sorted(
+        p.name for p in parent.iterdir() if p.name.startswith(f".{target.name}.") or p.name == f"{target.name}.lock"
+    )
 
 
-def refused(result, message: str | re.Pattern, *, status: int = 2, inputs: Optional[Snapshot] = None,
-            target: Optional[Path] = None, secrets: Iterable[bytes] = ()) -> None:
+def refused(
+    result,
+    message: str | re.Pattern,
+    *,
+    status: int = 2,
+    inputs: Optional[Snapshot] = None,
+    target: Optional[Path] = None,
+    secrets: Iterable[bytes] = (),
+) -> None:
     output = (result.stdout or "") + (getattr(result, "stderr", "") or "")
     assert result.exit_code == status, f"exit {result.exit_code}, expected {status}:\n{output}"
     assert "Traceback" not in output, output

@@ -46,7 +46,7 @@ def plant(tmp_path: Path, tiny, how: str) -> Path:
         if how == "metadata-link":
             (meta / "config.json.metadata").symlink_to(tmp_path / "secret-hex")
         else:
-            (meta / "config.json.metadata").write_text(f"{TEXT_SECRET}\n\"etag\"\n1700000000.0\n")
+            (meta / "config.json.metadata").write_text(f'{TEXT_SECRET}\n"etag"\n1700000000.0\n')
         return model
     (git / "refs" / "heads").mkdir(parents=True)
     head = {
@@ -70,12 +70,28 @@ def plant(tmp_path: Path, tiny, how: str) -> Path:
     elif how == "ref-content":
         ref.write_text(f"{TEXT_SECRET}\n")
     elif how == "packed-junk":
-        (git / "packed-refs").write_text(f"# pack-refs with: peeled\n{TEXT_SECRET} refs/heads/main\n^{HEX_SECRET}\njunk\n")
+        (git / "packed-refs").write_text(
+            f"# pack-refs with: peeled\n{TEXT_SECRET} refs/heads/main\n^{HEX_SECRET}\njunk\n"
+        )
     return model
 
 
-HOW = ["absolute", "absolute-text", "dotdot", "refs-dotdot", "head-is-secret", "head-link", "head-fifo", "head-huge",
-       "ref-link", "ref-content", "packed-junk", "git-link", "metadata-link", "metadata-text"]
+HOW = [
+    "absolute",
+    "absolute-text",
+    "dotdot",
+    "refs-dotdot",
+    "head-is-secret",
+    "head-link",
+    "head-fifo",
+    "head-huge",
+    "ref-link",
+    "ref-content",
+    "packed-junk",
+    "git-link",
+    "metadata-link",
+    "metadata-text",
+]
 
 
 def assert_clean(result, *folders: Path) -> None:
@@ -122,8 +138,9 @@ def test_run_and_verify_publish_nothing_from_outside(tmp_path, tiny, hostile_cli
     assert_clean(written, out)
     assert warned(written.stderr)
     assert json.loads((out / "plan.json").read_text())["sources"][str(model)]["revision"] is None
-    assert {"plan.json", "README.md", "model.safetensors"} <= {p.name for p in out.iterdir()} or \
-        (out / "model.safetensors.index.json").is_file()
+    assert {"plan.json", "README.md", "model.safetensors"} <= {p.name for p in out.iterdir()} or (
+        out / "model.safetensors.index.json"
+    ).is_file()
     assert_clean(hostile_cli("verify", out, "--no-logits"), out)
     inputs.unchanged()
     assert leftovers(out) == []
@@ -144,23 +161,31 @@ def test_a_sharded_output_carries_no_secret_in_index_or_shard_metadata(tmp_path,
 
 
 @pytest.mark.parametrize("how", ["absolute", "dotdot", "ref-link", "ref-content", "git-link", "metadata-link"])
-def test_a_pinned_revision_that_cannot_be_told_is_refused_without_echo(tmp_path, tiny, hostile_cli, snapshot, refused, how):
+def test_a_pinned_revision_that_cannot_be_told_is_refused_without_echo(
+    tmp_path, tiny, hostile_cli, snapshot, refused, how
+):
     model = plant(tmp_path, tiny, how)
     inputs = snapshot(model)
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path, f"base_model:\n  path: {model}\n  revision: {HEX_SECRET}\n")
     # the recipe pins the very token the secret holds: following the link would "match" it
     result = hostile_cli("run", recipe, "--output", out, "--device", "cpu", "--no-progress")
-    refused(result, f"base_model.revision: cannot tell which revision {model} holds", inputs=inputs, target=out,
-            secrets=[TEXT_SECRET.encode()])
+    refused(
+        result,
+        f"base_model.revision: cannot tell which revision {model} holds",
+        inputs=inputs,
+        target=out,
+        secrets=[TEXT_SECRET.encode()],
+    )
     assert TEXT_SECRET not in result.stdout + result.stderr
     assert not out.exists()
 
 
 def test_a_good_revision_beside_junk_still_counts(tmp_path, tiny, hostile_cli):
     model = plant(tmp_path, tiny, "packed-junk")
-    (model / ".git" / "packed-refs").write_text(f"# pack-refs with: peeled\n{TEXT_SECRET} refs/tags/x\n"
-                                                f"{COMMIT} refs/heads/main\n")
+    (model / ".git" / "packed-refs").write_text(
+        f"# pack-refs with: peeled\n{TEXT_SECRET} refs/tags/x\n{COMMIT} refs/heads/main\n"
+    )
     recipe = write_recipe(tmp_path, f"base_model:\n  path: {model}\n  revision: {COMMIT}\n")
     planned = hostile_cli("plan", "--json", recipe)
     assert_clean(planned)
@@ -169,6 +194,7 @@ def test_a_good_revision_beside_junk_still_counts(tmp_path, tiny, hostile_cli):
 
 
 # --- the hub cache -------------------------------------------------------------------
+
 
 @pytest.fixture
 def hub(tmp_path, tiny, monkeypatch):
@@ -204,11 +230,16 @@ def test_a_hub_revision_cannot_climb_out_of_the_cache(tmp_path, hub, hostile_cli
     shutil.copytree(tiny(layers=4), tmp_path / "elsewhere")  # a model directory outside the cache
     (hub / "refs" / "main").write_text(COMMIT)
     recipe = write_recipe(tmp_path, "base_model: org/tiny@../../../elsewhere\ninject: {every: 2}\n")
-    refused(hostile_cli("plan", "--json", recipe), "is neither a local directory nor a model in the local Hugging Face cache")
+    refused(
+        hostile_cli("plan", "--json", recipe),
+        "is neither a local directory nor a model in the local Hugging Face cache",
+    )
 
 
 @pytest.mark.parametrize("where", ["outside", "other-repo", "blobs-is-a-link"])
-def test_a_pinned_snapshot_link_out_of_its_repos_blobs_is_not_hashed(tmp_path, hub, hostile_cli, snapshot, refused, where):
+def test_a_pinned_snapshot_link_out_of_its_repos_blobs_is_not_hashed(
+    tmp_path, hub, hostile_cli, snapshot, refused, where
+):
     """A snapshot's files may link into their own repo's blobs/ (as the cache stores them), nowhere else."""
     (hub / "refs" / "main").write_text(COMMIT)
     other = tmp_path / "hub" / "models--org--other" / "blobs"
@@ -223,8 +254,10 @@ def test_a_pinned_snapshot_link_out_of_its_repos_blobs_is_not_hashed(tmp_path, h
     (hub / "snapshots" / COMMIT / "tokenizer.json").symlink_to(target)
     inputs = snapshot(tmp_path / "hub")
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path, f"base_model:\n  path: org/tiny\n  checksums:\n    tokenizer.json: \"{'0' * 64}\"\n"
-                                    "inject: {every: 2}\n")
+    recipe = write_recipe(
+        tmp_path,
+        f'base_model:\n  path: org/tiny\n  checksums:\n    tokenizer.json: "{"0" * 64}"\ninject: {{every: 2}}\n',
+    )
     result = hostile_cli("run", recipe, "--output", out, "--device", "cpu", "--no-progress")
     refused(result, "has no file 'tokenizer.json'", inputs=inputs, target=out, secrets=SECRETS)
 
@@ -233,8 +266,15 @@ def test_an_unpinned_side_file_linking_out_of_the_cache_is_neither_copied_nor_ha
     (hub / "refs" / "main").write_text(COMMIT)
     (hub / "snapshots" / COMMIT / "tokenizer.json").symlink_to(tmp_path / "secret")
     out = tmp_path / "out"
-    result = hostile_cli("run", write_recipe(tmp_path, "base_model: org/tiny\ninject: {every: 2}\n"),
-                         "--output", out, "--device", "cpu", "--no-progress")
+    result = hostile_cli(
+        "run",
+        write_recipe(tmp_path, "base_model: org/tiny\ninject: {every: 2}\n"),
+        "--output",
+        out,
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.stderr
     assert not (out / "tokenizer.json").exists()
     assert not [p.name for p in out.rglob("*") if p.is_file() and any(s in p.read_bytes() for s in SECRETS)]
@@ -248,8 +288,9 @@ def test_a_pinned_file_outside_the_model_is_not_hashed(tmp_path, tiny, hostile_c
     (tmp_path / "secret").write_text(f"{TEXT_SECRET}\n")
     inputs = snapshot(model)
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path, f"base_model:\n  path: {model}\n  checksums:\n    ../secret: \"{'0' * 64}\"\n"
-                                    "inject: {every: 2}\n")
+    recipe = write_recipe(
+        tmp_path, f'base_model:\n  path: {model}\n  checksums:\n    ../secret: "{"0" * 64}"\ninject: {{every: 2}}\n'
+    )
     result = hostile_cli("run", recipe, "--output", out, "--device", "cpu", "--no-progress")
     # refused by the schema, or (a plan made another way) by hash_sources: either way nothing outside is read
     message = re.compile(r"'\.\./secret' is not a file of the model directory|has no file '\.\./secret'")

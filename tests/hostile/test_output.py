@@ -53,8 +53,14 @@ class Paused:
         script.write_text(PAUSING)
         self.ready, self.go = tmp_path / "ready", tmp_path / "go"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen([sys.executable, str(script), str(self.ready), str(self.go), *map(str, args)],
-                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), str(self.ready), str(self.go), *map(str, args)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 60
         while not self.ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -93,9 +99,11 @@ def earlier(tmp_path, tiny, hostile_cli):
 
 # --- the lock -----------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
-def test_a_second_run_to_the_same_output_is_refused_while_the_first_writes(tmp_path, tiny, hostile_cli, refused,
-                                                                          snapshot, leftovers):
+def test_a_second_run_to_the_same_output_is_refused_while_the_first_writes(
+    tmp_path, tiny, hostile_cli, refused, snapshot, leftovers
+):
     base = tiny(layers=4)
     out = tmp_path / "out"
     first = Paused(tmp_path, "run", recipe_for(tmp_path, base, out), "--no-progress", "--device", "cpu")
@@ -134,6 +142,7 @@ def test_a_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path, 
 
 # --- the re-check right before the swap ---------------------------------------------------------
 
+
 def user_dir_during_run(monkeypatch, out: Path, files: dict[str, bytes]):
     """Make the user create ``out`` (with ``files``) while the run is writing its shards."""
     real = ShardWriter.close
@@ -149,32 +158,47 @@ def user_dir_during_run(monkeypatch, out: Path, files: dict[str, bytes]):
     monkeypatch.setattr(ShardWriter, "close", close_and_meddle)
 
 
-def test_a_directory_the_user_creates_during_a_run_survives(tmp_path, tiny, hostile_cli, refused, snapshot,
-                                                            monkeypatch):
+def test_a_directory_the_user_creates_during_a_run_survives(
+    tmp_path, tiny, hostile_cli, refused, snapshot, monkeypatch
+):
     base = tiny(layers=4)
     out = tmp_path / "out"
     user_dir_during_run(monkeypatch, out, {"thesis.tex": b"years of work"})
     inputs = snapshot(base)
     result = run(hostile_cli, recipe_for(tmp_path, base, out))
-    refused(result, f"output {out} appeared while this run was writing and already exists; it was left as it is "
-                    "and nothing was written", inputs=inputs, target=out)
+    refused(
+        result,
+        f"output {out} appeared while this run was writing and already exists; it was left as it is "
+        "and nothing was written",
+        inputs=inputs,
+        target=out,
+    )
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]
     assert (out / "thesis.tex").read_bytes() == b"years of work"
 
 
-def test_with_force_a_user_directory_swapped_in_during_the_run_survives(earlier, hostile_cli, refused, snapshot,
-                                                                       monkeypatch):
+def test_with_force_a_user_directory_swapped_in_during_the_run_survives(
+    earlier, hostile_cli, refused, snapshot, monkeypatch
+):
     base, recipe, out = earlier
     user_dir_during_run(monkeypatch, out, {"plan.json": b"{}", "notes.txt": b"mine"})
     inputs = snapshot(base)
     result = run(hostile_cli, recipe, "--force")
-    refused(result, re.compile(r"appeared while this run was writing and is not a tli-recipe output \(no "
-                               r"tli-recipe\.json\); it was left as it is"), inputs=inputs, target=out)
+    refused(
+        result,
+        re.compile(
+            r"appeared while this run was writing and is not a tli-recipe output \(no "
+            r"tli-recipe\.json\); it was left as it is"
+        ),
+        inputs=inputs,
+        target=out,
+    )
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "plan.json"]
     assert (out / "notes.txt").read_bytes() == b"mine"
 
 
 # --- what --force accepts -----------------------------------------------------------------------
+
 
 def test_force_replaces_a_genuine_earlier_output(earlier, hostile_cli, leftovers):
     base, recipe, out = earlier
@@ -191,8 +215,13 @@ def test_force_refuses_a_directory_with_only_a_users_plan_json(tmp_path, tiny, h
     (out / "plan.json").write_text('{"my": "plan"}\n')
     inputs = snapshot(base, out)
     result = run(hostile_cli, recipe_for(tmp_path, base, out), "--force")
-    refused(result, f"output {out} is not a tli-recipe output (no tli-recipe.json); --force replaces only an earlier "
-                    "tli-recipe output", inputs=inputs, target=out)
+    refused(
+        result,
+        f"output {out} is not a tli-recipe output (no tli-recipe.json); --force replaces only an earlier "
+        "tli-recipe output",
+        inputs=inputs,
+        target=out,
+    )
 
 
 def test_force_refuses_an_output_holding_files_the_tool_did_not_write(earlier, hostile_cli, refused, snapshot):
@@ -201,8 +230,9 @@ def test_force_refuses_an_output_holding_files_the_tool_did_not_write(earlier, h
         (out / name).write_text("mine\n")
     inputs = snapshot(base, out)
     result = run(hostile_cli, recipe, "--force")
-    refused(result, "it holds files tli-recipe did not write: b.txt, c.txt, eval.csv and 1 more",
-            inputs=inputs, target=out)
+    refused(
+        result, "it holds files tli-recipe did not write: b.txt, c.txt, eval.csv and 1 more", inputs=inputs, target=out
+    )
 
 
 def test_force_refuses_an_output_whose_file_was_edited_in_place(earlier, hostile_cli, refused, snapshot):
@@ -212,8 +242,12 @@ def test_force_refuses_an_output_whose_file_was_edited_in_place(earlier, hostile
     config.write_text(text.replace('"silu"', '"gelu"'))  # same length: only the hash shows the edit
     assert config.stat().st_size == len(text)
     inputs = snapshot(base, out)
-    refused(run(hostile_cli, recipe, "--force"), "files changed since tli-recipe wrote them: config.json",
-            inputs=inputs, target=out)
+    refused(
+        run(hostile_cli, recipe, "--force"),
+        "files changed since tli-recipe wrote them: config.json",
+        inputs=inputs,
+        target=out,
+    )
 
 
 def test_force_refuses_a_manifest_that_does_not_match_the_shards(earlier, hostile_cli, refused, snapshot):
@@ -222,21 +256,35 @@ def test_force_refuses_a_manifest_that_does_not_match_the_shards(earlier, hostil
     manifest["recipe_sha256"] = "0" * 64
     (out / "tli-recipe.json").write_text(json.dumps(manifest))
     inputs = snapshot(base, out)
-    refused(run(hostile_cli, recipe, "--force"),
-            "tli-recipe.json does not match the recipe_sha256 in the metadata of model-00001-of-00001.safetensors",
-            inputs=inputs, target=out)
+    refused(
+        run(hostile_cli, recipe, "--force"),
+        "tli-recipe.json does not match the recipe_sha256 in the metadata of model-00001-of-00001.safetensors",
+        inputs=inputs,
+        target=out,
+    )
 
 
-@pytest.mark.parametrize("manifest", ['{"tool": "tli-recipe"}', "[1, 2]", "not json", '{"tool": "tli-recipe", '
-                                      '"format": 1, "recipe_sha256": "../../etc", "files": {}}'])
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        '{"tool": "tli-recipe"}',
+        "[1, 2]",
+        "not json",
+        '{"tool": "tli-recipe", "format": 1, "recipe_sha256": "../../etc", "files": {}}',
+    ],
+)
 def test_force_refuses_a_forged_or_foreign_manifest(tmp_path, tiny, hostile_cli, refused, snapshot, manifest):
     base = tiny(layers=4)
     out = tmp_path / "out"
     out.mkdir()
     (out / "tli-recipe.json").write_text(manifest)
     inputs = snapshot(base, out)
-    refused(run(hostile_cli, recipe_for(tmp_path, base, out), "--force"), "tli-recipe.json is not a tli-recipe manifest",
-            inputs=inputs, target=out)
+    refused(
+        run(hostile_cli, recipe_for(tmp_path, base, out), "--force"),
+        "tli-recipe.json is not a tli-recipe manifest",
+        inputs=inputs,
+        target=out,
+    )
 
 
 def test_force_refuses_an_output_holding_a_symlink(earlier, hostile_cli, refused, snapshot, tmp_path):
@@ -244,11 +292,14 @@ def test_force_refuses_an_output_holding_a_symlink(earlier, hostile_cli, refused
     (tmp_path / "elsewhere").write_text("keep")
     (out / "link").symlink_to(tmp_path / "elsewhere")
     inputs = snapshot(base, out)
-    refused(run(hostile_cli, recipe, "--force"), "it holds files tli-recipe did not write: link", inputs=inputs, target=out)
+    refused(
+        run(hostile_cli, recipe, "--force"), "it holds files tli-recipe did not write: link", inputs=inputs, target=out
+    )
     assert (tmp_path / "elsewhere").read_text() == "keep"
 
 
 # --- failure paths: the temporary folder always goes --------------------------------------------
+
 
 def test_a_failed_final_rename_restores_the_previous_output(earlier, hostile_cli, refused, snapshot, monkeypatch):
     base, recipe, out = earlier
@@ -303,8 +354,9 @@ def test_sigterm_mid_run_leaves_the_previous_output_and_no_temporary_folder(earl
 
 
 @pytest.mark.slow
-def test_after_sigkill_the_next_run_removes_the_dead_runs_temporary_folder(tmp_path, tiny, hostile_cli, snapshot,
-                                                                          leftovers):
+def test_after_sigkill_the_next_run_removes_the_dead_runs_temporary_folder(
+    tmp_path, tiny, hostile_cli, snapshot, leftovers
+):
     base = tiny(layers=4)
     out = tmp_path / "out"
     recipe = recipe_for(tmp_path, base, out)
@@ -319,13 +371,16 @@ def test_after_sigkill_the_next_run_removes_the_dead_runs_temporary_folder(tmp_p
     (mine / "data").write_text("mine")
     alive = tmp_path / ".out.tmp-alive"
     alive.mkdir()
-    (alive / ".tli-recipe-run").write_text(json.dumps({"tool": "tli-recipe", "pid": os.getppid(), "target": "out",
-                                                       "host": socket.gethostname()}))
+    (alive / ".tli-recipe-run").write_text(
+        json.dumps({"tool": "tli-recipe", "pid": os.getppid(), "target": "out", "host": socket.gethostname()})
+    )
     kept = snapshot(mine, alive)
     result = run(hostile_cli, recipe)
     assert result.exit_code == 0, result.output
-    assert f"removed {tmp_path / stale[0]}: the temporary folder of an earlier run on {out} that did not finish " \
-           f"(pid {paused.proc.pid})" in result.stderr
+    assert (
+        f"removed {tmp_path / stale[0]}: the temporary folder of an earlier run on {out} that did not finish "
+        f"(pid {paused.proc.pid})" in result.stderr
+    )
     assert f"took over the lock of an earlier run that did not finish (pid {paused.proc.pid})" in result.stderr
     kept.unchanged()
     assert leftovers(out) == [".out.tmp-alive", ".out.tmp-mine"]
@@ -333,17 +388,24 @@ def test_after_sigkill_the_next_run_removes_the_dead_runs_temporary_folder(tmp_p
 
 # --- render -o ----------------------------------------------------------------------------------
 
+
 def test_render_refuses_to_overwrite_a_recipe_unless_forced(tmp_path, hostile_cli, refused, snapshot):
     template = tmp_path / "t.yaml.j2"
-    template.write_text("---\nvariables:\n  every: {type: int, default: 4}\n---\n"
-                        "base_model: /nonexistent/model\ninject: {every: {{ every }}}\n")
+    template.write_text(
+        "---\nvariables:\n  every: {type: int, default: 4}\n---\n"
+        "base_model: /nonexistent/model\ninject: {every: {{ every }}}\n"
+    )
     folder = tmp_path / "recipes"
     folder.mkdir()
     target = folder / "mine.yaml"
     target.write_text("base_model: my/hand-tuned\n")
     inputs = snapshot(folder)
-    refused(hostile_cli("render", template, "-o", target), f"{target} exists and differs from the rendering; "
-            "nothing was written; pass --force", inputs=inputs, target=target)
+    refused(
+        hostile_cli("render", template, "-o", target),
+        f"{target} exists and differs from the rendering; nothing was written; pass --force",
+        inputs=inputs,
+        target=target,
+    )
     forced = hostile_cli("render", template, "-o", target, "--force")
     assert forced.exit_code == 0 and "inject: {every: 4}" in target.read_text()
     again = hostile_cli("render", template, "-o", target)  # the same text again: nothing to refuse
@@ -351,6 +413,7 @@ def test_render_refuses_to_overwrite_a_recipe_unless_forced(tmp_path, hostile_cl
 
 
 # --- a run killed in the middle of its swap -----------------------------------------------------
+
 
 def dead_pid() -> int:
     dead = subprocess.Popen(["true"])

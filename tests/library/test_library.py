@@ -32,23 +32,34 @@ def test_committed_recipes_match_their_templates(matrix, cli):
 def test_every_generated_recipe_comes_from_a_matrix(cli):
     produced = set()
     for matrix in MATRICES:
-        produced |= {Path(line.split()[1]).resolve() for line in cli("variants", matrix, "--check").stdout.splitlines()[1:]}
+        produced |= {
+            Path(line.split()[1]).resolve() for line in cli("variants", matrix, "--check").stdout.splitlines()[1:]
+        }
     assert {p.resolve() for p in GENERATED} <= produced
 
 
 EXPECTED = {
     # name: (base model, layers before -> after)
-    "llama3.2-1b-k2": ("meta-llama/Llama-3.2-1B", 16, 24), "llama3.2-1b-k4": ("meta-llama/Llama-3.2-1B", 16, 20),
-    "llama3.2-1b-k8": ("meta-llama/Llama-3.2-1B", 16, 18), "llama3.2-3b-k2": ("meta-llama/Llama-3.2-3B", 28, 42),
-    "llama3.2-3b-k4": ("meta-llama/Llama-3.2-3B", 28, 35), "llama3.2-3b-k8": ("meta-llama/Llama-3.2-3B", 28, 31),
-    "llama3.1-8b-k2": ("meta-llama/Llama-3.1-8B", 32, 48), "llama3.1-8b-k4": ("meta-llama/Llama-3.1-8B", 32, 40),
-    "llama3.1-8b-k8": ("meta-llama/Llama-3.1-8B", 32, 36), "mistral-7b-k4": ("mistralai/Mistral-7B-v0.1", 32, 40),
-    "qwen2.5-1.5b-k4": ("Qwen/Qwen2.5-1.5B", 28, 35), "qwen2.5-7b-k4": ("Qwen/Qwen2.5-7B", 28, 35),
-    "qwen3-4b-k4": ("Qwen/Qwen3-4B", 36, 45), "qwen3-8b-k4": ("Qwen/Qwen3-8B", 36, 45),
-    "gemma3-1b-k2": ("google/gemma-3-1b-pt", 26, 39), "mistral-7b-dus-solar": ("mistralai/Mistral-7B-v0.1", 32, 48),
+    "llama3.2-1b-k2": ("meta-llama/Llama-3.2-1B", 16, 24),
+    "llama3.2-1b-k4": ("meta-llama/Llama-3.2-1B", 16, 20),
+    "llama3.2-1b-k8": ("meta-llama/Llama-3.2-1B", 16, 18),
+    "llama3.2-3b-k2": ("meta-llama/Llama-3.2-3B", 28, 42),
+    "llama3.2-3b-k4": ("meta-llama/Llama-3.2-3B", 28, 35),
+    "llama3.2-3b-k8": ("meta-llama/Llama-3.2-3B", 28, 31),
+    "llama3.1-8b-k2": ("meta-llama/Llama-3.1-8B", 32, 48),
+    "llama3.1-8b-k4": ("meta-llama/Llama-3.1-8B", 32, 40),
+    "llama3.1-8b-k8": ("meta-llama/Llama-3.1-8B", 32, 36),
+    "mistral-7b-k4": ("mistralai/Mistral-7B-v0.1", 32, 40),
+    "qwen2.5-1.5b-k4": ("Qwen/Qwen2.5-1.5B", 28, 35),
+    "qwen2.5-7b-k4": ("Qwen/Qwen2.5-7B", 28, 35),
+    "qwen3-4b-k4": ("Qwen/Qwen3-4B", 36, 45),
+    "qwen3-8b-k4": ("Qwen/Qwen3-8B", 36, 45),
+    "gemma3-1b-k2": ("google/gemma-3-1b-pt", 26, 39),
+    "mistral-7b-dus-solar": ("mistralai/Mistral-7B-v0.1", 32, 48),
     "llama2-7b-k4-llama-pro": ("meta-llama/Llama-2-7b-hf", 32, 40),
     # hand-written (the README's example and the demo)
-    "llama3-8b-k4": ("meta-llama/Meta-Llama-3-8B", 32, 40), "smollm2-135m-k4": ("HuggingFaceTB/SmolLM2-135M", 30, 37),
+    "llama3-8b-k4": ("meta-llama/Meta-Llama-3-8B", 32, 40),
+    "smollm2-135m-k4": ("HuggingFaceTB/SmolLM2-135M", 30, 37),
     "smollm2-135m-k4-mod": ("HuggingFaceTB/SmolLM2-135M", 30, 37),
     "smollm2-135m-moe": ("HuggingFaceTB/SmolLM2-135M", 30, 30),
 }
@@ -74,16 +85,18 @@ def test_library_recipe(name):
 
 
 def test_llama_pro_is_the_papers_model():
-    plan = compile_plan(load_recipe(RECIPES / "llama2-7b-k4-llama-pro.yaml",
-                                    [f"base_model={CONFIGS / 'meta-llama__Llama-2-7b-hf'}"]))
+    plan = compile_plan(
+        load_recipe(RECIPES / "llama2-7b-k4-llama-pro.yaml", [f"base_model={CONFIGS / 'meta-llama__Llama-2-7b-hf'}"])
+    )
     assert plan.requires_grad_layers == [4, 9, 14, 19, 24, 29, 34, 39]
     assert round(plan.totals.parameters_after / 1e9, 2) == 8.36  # "LLaMA Pro-8.3B"
     assert plan.function_preserving and plan.init == {"o_proj": "zero", "down_proj": "zero"}
 
 
 def test_solar_is_the_papers_shape():
-    plan = compile_plan(load_recipe(RECIPES / "mistral-7b-dus-solar.yaml",
-                                    [f"base_model={CONFIGS / 'mistralai__Mistral-7B-v0.1'}"]))
+    plan = compile_plan(
+        load_recipe(RECIPES / "mistral-7b-dus-solar.yaml", [f"base_model={CONFIGS / 'mistralai__Mistral-7B-v0.1'}"])
+    )
     assert [e.layer for e in plan.layers] == list(range(24)) + list(range(8, 32))
     assert round(plan.totals.parameters_after / 1e9, 1) == 10.7
 
@@ -95,10 +108,16 @@ def test_list_shows_the_library(cli):
     assert lines[0].split() == ["recipe", "base", "method", "layers", "parameters", "counts", "from"]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert set(rows) == set(EXPECTED)
-    assert re.search(r"llama3.2-1b-k4 +meta-llama/Llama-3.2-1B +TLI, K = 4 +16 -> 20 +1.24B -> 1.48B +stored config$", rows["llama3.2-1b-k4"])
+    assert re.search(
+        r"llama3.2-1b-k4 +meta-llama/Llama-3.2-1B +TLI, K = 4 +16 -> 20 +1.24B -> 1.48B +stored config$",
+        rows["llama3.2-1b-k4"],
+    )
     assert "DUS [0, 24) + [8, 32)  32 -> 48" in rows["mistral-7b-dus-solar"]
     markdown = cli("list", RECIPES, "--configs", CONFIGS, "--markdown").stdout.splitlines()
-    assert markdown[0] == "| recipe | base | method | layers | parameters | counts from |" and len(markdown) == len(EXPECTED) + 2
+    assert (
+        markdown[0] == "| recipe | base | method | layers | parameters | counts from |"
+        and len(markdown) == len(EXPECTED) + 2
+    )
 
 
 def test_list_says_where_counts_come_from(tmp_path, tiny, cli):
@@ -120,12 +139,16 @@ def test_list_reports_invalid_recipes_after_the_table(tmp_path, cli):
 
 def test_diff_shows_fields_layer_maps_and_policies(tmp_path, cli):
     a = write_recipe(tmp_path, f"base_model: {CONFIGS / 'meta-llama__Llama-3.2-1B'}\ninject: {{every: 4}}\n", "a.yaml")
-    b = write_recipe(tmp_path, f"base_model: {CONFIGS / 'meta-llama__Llama-3.2-1B'}\ninject:\n  every: 4\n"
-                               "  init: {o_proj: zero, down_proj: {noise: 0.01}}\n", "b.yaml")
+    b = write_recipe(
+        tmp_path,
+        f"base_model: {CONFIGS / 'meta-llama__Llama-3.2-1B'}\ninject:\n  every: 4\n"
+        "  init: {o_proj: zero, down_proj: {noise: 0.01}}\n",
+        "b.yaml",
+    )
     result = cli("diff", a, b)
     assert result.exit_code == 0, result.stderr
     out = result.stdout
-    assert "  inject.init: (absent) -> {\"o_proj\": \"zero\", \"down_proj\": {\"noise\": 0.01}}" in out
+    assert '  inject.init: (absent) -> {"o_proj": "zero", "down_proj": {"noise": 0.01}}' in out
     assert "init        o_proj=zero, down_proj=zero   |   o_proj=zero, down_proj=noise(0.01)" in out
     assert "preserving  yes   |   no" in out
     assert "!    4  3* o_proj=zero, down_proj=zero, rest copy   3* o_proj=zero, down_proj=noise(0.01), rest copy" in out
@@ -155,10 +178,18 @@ def test_describe_method():
 
     assert method("base_model: x\ninject: {every: 4}\n") == "TLI, K = 4"
     assert method("base_model: x\ninject: {every: 4, copies: 2}\n") == "block expansion, K = 4, P = 2"
-    assert method("base_model: x\nslices: [{layer_range: [0, 24]}, {layer_range: [8, 32]}]\n") == "DUS [0, 24) + [8, 32)"
-    assert method("base_model: x\ninject: {between: [8, 16], init: {o_proj: {interpolate: 0.5}}}\n") == "TLI, between [8, 16), init interpolate"
+    assert (
+        method("base_model: x\nslices: [{layer_range: [0, 24]}, {layer_range: [8, 32]}]\n") == "DUS [0, 24) + [8, 32)"
+    )
+    assert (
+        method("base_model: x\ninject: {between: [8, 16], init: {o_proj: {interpolate: 0.5}}}\n")
+        == "TLI, between [8, 16), init interpolate"
+    )
     assert method("base_model: x\n") == "copy"
-    assert method("base_model: x\ninject: {every: 4}\nupcycle: {experts: 4, top_k: 2}\n") == "TLI, K = 4 + MoE, E = 4, k = 2"
+    assert (
+        method("base_model: x\ninject: {every: 4}\nupcycle: {experts: 4, top_k: 2}\n")
+        == "TLI, K = 4 + MoE, E = 4, k = 2"
+    )
 
 
 def test_readme_table_is_what_list_markdown_prints(cli, monkeypatch, tmp_path):
@@ -176,4 +207,6 @@ def test_readme_table_is_what_list_markdown_prints(cli, monkeypatch, tmp_path):
         if not line.startswith("|"):
             break
         table.append(line)
-    assert "\n".join(table) == result.stdout.rstrip("\n"), "README's recipe table is stale: paste `tli-recipe list --markdown`"
+    assert "\n".join(table) == result.stdout.rstrip("\n"), (
+        "README's recipe table is stale: paste `tli-recipe list --markdown`"
+    )

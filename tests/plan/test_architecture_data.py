@@ -29,8 +29,14 @@ def test_the_recipe_vocabulary_of_projections_is_the_definitions_own():
 
 
 def test_an_inferred_architecture_takes_its_layer_list_from_the_names():
-    arch = infer_architecture("GPTX", ["transformer.h.0.attn.o_proj.weight", "transformer.h.1.attn.o_proj.weight",
-                                       "transformer.h.0.mlp.router.weight"])
+    arch = infer_architecture(
+        "GPTX",
+        [
+            "transformer.h.0.attn.o_proj.weight",
+            "transformer.h.1.attn.o_proj.weight",
+            "transformer.h.0.mlp.router.weight",
+        ],
+    )
     assert arch.layers_pattern == "h" and arch.num_layers_key == "num_hidden_layers"
     assert set(arch.projections) == {"o_proj", "router"}
 
@@ -38,15 +44,31 @@ def test_an_inferred_architecture_takes_its_layer_list_from_the_names():
 def test_an_unknown_lora_target_lists_the_router_of_an_moe(tmp_path):
     folder = tmp_path / "mixtral"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 32, "intermediate_size": 64,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "num_hidden_layers": 4,
-        "num_local_experts": 2}))
-    recipe = write_recipe(tmp_path, f"base_model: {folder}\nstages:\n  - name: s\n    trainable: [all]\n"
-                                    "    lora: {r: 2, alpha: 4, targets: [qkv_proj]}\n")
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["MixtralForCausalLM"],
+                "model_type": "mixtral",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 64,
+                "num_hidden_layers": 4,
+                "num_local_experts": 2,
+            }
+        )
+    )
+    recipe = write_recipe(
+        tmp_path,
+        f"base_model: {folder}\nstages:\n  - name: s\n    trainable: [all]\n"
+        "    lora: {r: 2, alpha: 4, targets: [qkv_proj]}\n",
+    )
     with pytest.raises(RecipeError) as err:
         compile_plan(load_recipe(recipe))
-    assert str(err.value).endswith("expected one of: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, router")
+    assert str(err.value).endswith(
+        "expected one of: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, router"
+    )
 
 
 def test_a_definition_without_its_config_keys_is_refused():

@@ -19,14 +19,14 @@ def plan_of(tmp_path, init: str, model="meta-llama__Llama-3.2-1B"):
 def by_hand(out: int, width: int, layers: int = 16, hidden: int = 256, epochs: int = 10) -> float:
     m, n = sorted((out, layers * width))
     k = min(out, layers * width)
-    return 4 * m * m * n + 8 * m ** 3 + epochs * k * (layers - 2) * 6 * hidden * (3 * width + hidden)
+    return 4 * m * m * n + 8 * m**3 + epochs * k * (layers - 2) * 6 * hidden * (3 * width + hidden)
 
 
 def test_the_estimate_adds_one_svd_and_one_predictor_per_projection_type(tmp_path):
     plan = plan_of(tmp_path, ALL)
     cost = lesa_cost(plan)
     # Llama-3.2-1B: 16 layers, hidden 2048, MLP 8192, 8 KV heads of 64
-    expected = (by_hand(2048, 2048) * 2 + by_hand(512, 2048) * 2 + by_hand(8192, 2048) * 2 + by_hand(2048, 8192))
+    expected = by_hand(2048, 2048) * 2 + by_hand(512, 2048) * 2 + by_hand(8192, 2048) * 2 + by_hand(2048, 8192)
     assert cost.groups == 7 and cost.largest == (8192, 16 * 2048)
     assert cost.flops == expected
     assert cost.cpu_seconds == expected / CPU_FLOPS

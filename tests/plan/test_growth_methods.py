@@ -30,21 +30,28 @@ def test_inject_after_explicit_positions(tmp_path, tiny):
 
 
 def test_inject_between_each_pair_of_a_range(tmp_path, tiny):
-    plan = plan_of(tmp_path, tiny(layers=8), "inject:\n  between: [4, 8]\n  init: {q_proj: {interpolate: 0.5}, o_proj: zero, down_proj: zero}\n")
+    plan = plan_of(
+        tmp_path,
+        tiny(layers=8),
+        "inject:\n  between: [4, 8]\n  init: {q_proj: {interpolate: 0.5}, o_proj: zero, down_proj: zero}\n",
+    )
     assert layer_map(plan) == "0 1 2 3 4 4* 5 5* 6 6* 7"
     assert [(e.layer, e.next_layer) for e in plan.injected()] == [(4, 5), (5, 6), (6, 7)]
     assert plan.function_preserving  # q_proj interpolated, but the output projections are zero
 
 
-@pytest.mark.parametrize("body,message", [
-    ("inject: {every: 4, after: [1]}\n", "inject: got every, after; expected exactly one of every, after, between"),
-    ("inject: {copies: 2}\n", "inject: got none of them; expected exactly one of every, after, between"),
-    ("inject: {after: [3, 1]}\n", "inject.after: [3, 1] must be ascending stack positions >= 0, each once"),
-    ("inject: {after: [9]}\n", "inject.after[0]: stack position 9 does not exist; expected < 8"),
-    ("inject: {between: [4, 5]}\n", "inject.between: [4, 5] holds no pair of neighbouring positions"),
-    ("inject: {between: [4, 9]}\n", "inject.between: [4, 9] ends past the 8 layers of the stack"),
-    ("inject:\n  every: 4\n  init: {q_proj: {interpolate: 1.5}}\n", "interpolate is a weight in [0, 1], got 1.5"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("inject: {every: 4, after: [1]}\n", "inject: got every, after; expected exactly one of every, after, between"),
+        ("inject: {copies: 2}\n", "inject: got none of them; expected exactly one of every, after, between"),
+        ("inject: {after: [3, 1]}\n", "inject.after: [3, 1] must be ascending stack positions >= 0, each once"),
+        ("inject: {after: [9]}\n", "inject.after[0]: stack position 9 does not exist; expected < 8"),
+        ("inject: {between: [4, 5]}\n", "inject.between: [4, 5] holds no pair of neighbouring positions"),
+        ("inject: {between: [4, 9]}\n", "inject.between: [4, 9] ends past the 8 layers of the stack"),
+        ("inject:\n  every: 4\n  init: {q_proj: {interpolate: 1.5}}\n", "interpolate is a weight in [0, 1], got 1.5"),
+    ],
+)
 def test_injection_site_errors(tmp_path, tiny, body, message):
     with pytest.raises(RecipeError) as err:
         plan_of(tmp_path, tiny(layers=8), body)
@@ -59,14 +66,25 @@ def test_interpolate_tensors(tmp_path, tiny):
     src, got = load_all(base), load_all(out)
     # injected after stack positions 2 and 5 (outputs 3 and 7); between source layers 2|3 and 5|6
     for output, (a, b) in ((3, (2, 3)), (7, (5, 6))):
-        expected = 0.75 * src[f"model.layers.{a}.self_attn.q_proj.weight"] + 0.25 * src[f"model.layers.{b}.self_attn.q_proj.weight"]
+        expected = (
+            0.75 * src[f"model.layers.{a}.self_attn.q_proj.weight"]
+            + 0.25 * src[f"model.layers.{b}.self_attn.q_proj.weight"]
+        )
         assert torch.equal(got[f"model.layers.{output}.self_attn.q_proj.weight"], expected)
-        assert torch.equal(got[f"model.layers.{output}.input_layernorm.weight"], src[f"model.layers.{b}.input_layernorm.weight"])
-        assert torch.equal(got[f"model.layers.{output}.self_attn.k_proj.weight"], src[f"model.layers.{a}.self_attn.k_proj.weight"])
+        assert torch.equal(
+            got[f"model.layers.{output}.input_layernorm.weight"], src[f"model.layers.{b}.input_layernorm.weight"]
+        )
+        assert torch.equal(
+            got[f"model.layers.{output}.self_attn.k_proj.weight"], src[f"model.layers.{a}.self_attn.k_proj.weight"]
+        )
 
 
 def test_neighbour_policies_fall_back_at_the_end_of_the_stack(tmp_path, tiny):
-    plan = plan_of(tmp_path, tiny(layers=8), "inject:\n  every: 4\n  init: {q_proj: {interpolate: 0.5}, o_proj: zero, down_proj: zero}\n")
+    plan = plan_of(
+        tmp_path,
+        tiny(layers=8),
+        "inject:\n  every: 4\n  init: {q_proj: {interpolate: 0.5}, o_proj: zero, down_proj: zero}\n",
+    )
     ops = {op.name: op for op in plan.tensors}
     assert ops["model.layers.4.self_attn.q_proj.weight"].op == "interpolate"
     assert ops["model.layers.9.self_attn.q_proj.weight"].op == "copy"
@@ -77,7 +95,10 @@ def smooth_layers(n=12, out=32, width=32, theta=0.5, seed=0):
     """Layers that rotate smoothly: W_l = A cos(theta l) + B sin(theta l) + small noise."""
     g = torch.Generator().manual_seed(seed)
     a, b = torch.randn(out, width, generator=g), torch.randn(out, width, generator=g)
-    return [a * math.cos(theta * i) + b * math.sin(theta * i) + 0.01 * torch.randn(out, width, generator=g) for i in range(n)]
+    return [
+        a * math.cos(theta * i) + b * math.sin(theta * i) + 0.01 * torch.randn(out, width, generator=g)
+        for i in range(n)
+    ]
 
 
 def test_lesa_predictor_learns_and_beats_the_mean_of_the_neighbours():
@@ -92,9 +113,11 @@ def test_lesa_predictor_learns_and_beats_the_mean_of_the_neighbours():
 
 def test_lesa_recipe_is_deterministic_and_copies_norms(tmp_path, tiny):
     base = tiny(layers=8)
-    body = ("inject:\n  between: [4, 8]\n  lesa: {epochs: 3, seed: 5}\n"
-            "  init: {q_proj: lesa, k_proj: lesa, v_proj: lesa, o_proj: lesa, gate_proj: lesa, up_proj: lesa,"
-            " down_proj: lesa, input_layernorm: lesa}\n")
+    body = (
+        "inject:\n  between: [4, 8]\n  lesa: {epochs: 3, seed: 5}\n"
+        "  init: {q_proj: lesa, k_proj: lesa, v_proj: lesa, o_proj: lesa, gate_proj: lesa, up_proj: lesa,"
+        " down_proj: lesa, input_layernorm: lesa}\n"
+    )
     plan, first = grow(tmp_path, base, body, name="a")
     _, second = grow(tmp_path, base, body, name="b")
     a, b, src = load_all(first), load_all(second), load_all(base)
@@ -118,7 +141,10 @@ def test_lesa_keeps_function_when_output_projections_are_zero(tmp_path, tiny):
 
 
 def test_plan_table_shows_neighbours_and_preservation(tmp_path, tiny, cli):
-    recipe = write_recipe(tmp_path, f"base_model: {tiny(layers=8)}\ninject:\n  between: [5, 8]\n  init: {{q_proj: {{interpolate: 0.5}}}}\n")
+    recipe = write_recipe(
+        tmp_path,
+        f"base_model: {tiny(layers=8)}\ninject:\n  between: [5, 8]\n  init: {{q_proj: {{interpolate: 0.5}}}}\n",
+    )
     result = cli("plan", recipe)
     assert result.exit_code == 0
     assert "5+6  injected*  q_proj=interpolate(0.5), rest copy" in result.stdout

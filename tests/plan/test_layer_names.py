@@ -15,16 +15,19 @@ class Names:  # the two methods only need layer_prefix
         self.layer_prefix = prefix
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("model.layers.1.mlp.down_proj.weight", (1, "mlp.down_proj.weight")),
-    ("model.layers.10.self_attn.q_proj.weight", (10, "self_attn.q_proj.weight")),
-    ("model.layers.0.mlp.experts.1.w2.weight", (0, "mlp.experts.1.w2.weight")),
-    ("model.layers.01.mlp.down_proj.weight", None),   # not an index this plan writes
-    ("model.layers.x.mlp.down_proj.weight", None),
-    ("model.layers.3.", None),
-    ("model.embed_tokens.weight", None),
-    ("lm_head.weight", None),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("model.layers.1.mlp.down_proj.weight", (1, "mlp.down_proj.weight")),
+        ("model.layers.10.self_attn.q_proj.weight", (10, "self_attn.q_proj.weight")),
+        ("model.layers.0.mlp.experts.1.w2.weight", (0, "mlp.experts.1.w2.weight")),
+        ("model.layers.01.mlp.down_proj.weight", None),  # not an index this plan writes
+        ("model.layers.x.mlp.down_proj.weight", None),
+        ("model.layers.3.", None),
+        ("model.embed_tokens.weight", None),
+        ("lm_head.weight", None),
+    ],
+)
 def test_split_layer_key_matches_whole_segments(name, expected):
     assert Names("model.layers.{layer}.").split_layer_key(name) == expected
 

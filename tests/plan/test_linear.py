@@ -17,9 +17,15 @@ from conftest import write_recipe
 
 from tli_recipe import compile_plan, load_recipe
 
-PLAN_MODULES = ("tli_recipe.plan.compile", "tli_recipe.plan.sources", "tli_recipe.plan.layers",
-                "tli_recipe.plan.tensor_ops", "tli_recipe.plan.config", "tli_recipe.plan.stages",
-                "tli_recipe.plan.report")
+PLAN_MODULES = (
+    "tli_recipe.plan.compile",
+    "tli_recipe.plan.sources",
+    "tli_recipe.plan.layers",
+    "tli_recipe.plan.tensor_ops",
+    "tli_recipe.plan.config",
+    "tli_recipe.plan.stages",
+    "tli_recipe.plan.report",
+)
 COUNTED = ("set", "frozenset", "sorted", "sum", "any", "all", "max", "min")
 
 RECIPE = """base_model: {base}
@@ -61,10 +67,21 @@ def _counting(work: Work, builtin):
 def _config(tmp_path, layers: int):
     folder = tmp_path / f"llama{layers}"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "num_hidden_layers": layers,
-        "torch_dtype": "float32"}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 64,
+                "num_hidden_layers": layers,
+                "torch_dtype": "float32",
+            }
+        )
+    )
     return folder
 
 
@@ -134,5 +151,8 @@ def test_a_runaway_output_is_refused_before_anything_is_built(tmp_path, monkeypa
     recipe = write_recipe(tmp_path, f"base_model: {_config(tmp_path, 8)}\ninject: {{every: 1, copies: {copies}}}\n")
     with pytest.raises(RecipeError) as err:
         compile_plan(load_recipe(recipe))
-    assert f"inject.copies: {copies} copies at 8 positions give {8 + 8 * copies} output layers; expected at most 128" in str(err.value)
+    assert (
+        f"inject.copies: {copies} copies at 8 positions give {8 + 8 * copies} output layers; expected at most 128"
+        in str(err.value)
+    )
     assert built == []

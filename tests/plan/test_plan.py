@@ -21,9 +21,17 @@ def config_dir(tmp_path, layers: int = 8, **config):
     """A directory holding only config.json (plan derives the tensor shapes from it)."""
     folder = tmp_path / f"cfg{layers}"
     folder.mkdir(exist_ok=True)
-    base = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "num_hidden_layers": layers,
-            "torch_dtype": "float32"}
+    base = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 64,
+        "num_hidden_layers": layers,
+        "torch_dtype": "float32",
+    }
     (folder / "config.json").write_text(json.dumps({**base, **config}))
     return folder
 
@@ -72,22 +80,33 @@ def test_copies_per_position(tmp_path):
 
 
 def test_dus_slices_layer_map(tmp_path):
-    plan = plan_of(tmp_path, f"base_model: {config_dir(tmp_path)}\nslices:\n  - layer_range: [0, 6]\n  - layer_range: [2, 8]\n")
+    plan = plan_of(
+        tmp_path, f"base_model: {config_dir(tmp_path)}\nslices:\n  - layer_range: [0, 6]\n  - layer_range: [2, 8]\n"
+    )
     assert layer_map(plan) == "0 1 2 3 4 5 2 3 4 5 6 7"
     assert plan.requires_grad_layers == [] and not plan.function_preserving
 
 
 def test_slices_and_inject_combine(tmp_path):
-    plan = plan_of(tmp_path, f"base_model: {config_dir(tmp_path)}\nslices:\n  - layer_range: [0, 4]\n  - layer_range: [2, 6]\ninject: {{every: 4}}\n")
+    plan = plan_of(
+        tmp_path,
+        f"base_model: {config_dir(tmp_path)}\nslices:\n  - layer_range: [0, 4]\n  - layer_range: [2, 6]\ninject: {{every: 4}}\n",
+    )
     assert layer_map(plan) == "0 1 2 3 3* 2 3 4 5 5*"
 
 
 def test_non_zero_init_is_not_function_preserving(tmp_path):
-    plan = plan_of(tmp_path, f"base_model: {config_dir(tmp_path)}\ninject:\n  every: 4\n  init: {{o_proj: zero, down_proj: {{noise: 0.01}}}}\n")
+    plan = plan_of(
+        tmp_path,
+        f"base_model: {config_dir(tmp_path)}\ninject:\n  every: 4\n  init: {{o_proj: zero, down_proj: {{noise: 0.01}}}}\n",
+    )
     assert not plan.function_preserving
     noisy = [op for op in plan.tensors if op.op == "noise"]
     assert len(noisy) == 2 and all(op.seed is not None for op in noisy) and noisy[0].seed != noisy[1].seed
-    scaled = plan_of(tmp_path, f"base_model: {config_dir(tmp_path)}\ninject:\n  every: 4\n  init: {{o_proj: {{scale: 0}}, down_proj: zero}}\n")
+    scaled = plan_of(
+        tmp_path,
+        f"base_model: {config_dir(tmp_path)}\ninject:\n  every: 4\n  init: {{o_proj: {{scale: 0}}, down_proj: zero}}\n",
+    )
     assert scaled.function_preserving
 
 
@@ -100,15 +119,23 @@ def test_qwen_layer_types_follow_the_layer_map(tmp_path):
 
 
 def test_qwen_layer_types_are_derived_from_max_window_layers(tmp_path):
-    folder = config_dir(tmp_path, architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True,
-                        sliding_window=64, max_window_layers=6)
+    folder = config_dir(
+        tmp_path,
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        use_sliding_window=True,
+        sliding_window=64,
+        max_window_layers=6,
+    )
     plan = plan_of(tmp_path, f"base_model: {folder}\ninject: {{every: 4}}\n")
     # source layers 6, 7 slide (outputs 7, 8) and so does the copy of 7 (output 9); the copy of 3 does not
     assert plan.config["layer_types"] == ["full_attention"] * 7 + ["sliding_attention"] * 3
 
 
 def test_stages_resolve_to_layers_and_parameter_names(tmp_path):
-    plan = plan_of(tmp_path, f"""base_model: {config_dir(tmp_path, 12)}
+    plan = plan_of(
+        tmp_path,
+        f"""base_model: {config_dir(tmp_path, 12)}
 inject: {{every: 4}}
 stages:
   - name: new
@@ -118,7 +145,8 @@ stages:
   - name: lora
     trainable: [all]
     lora: {{r: 4, alpha: 8, targets: [o_proj, down_proj]}}
-""")
+""",
+    )
     new, top, lora = plan.stages
     assert new.trainable_layers == [4, 9, 14]
     assert all(p.startswith(("model.layers.4.", "model.layers.9.", "model.layers.14.")) for p in new.parameters)
@@ -130,19 +158,25 @@ stages:
 
 
 def test_lora_without_output_projections_warns(tmp_path):
-    plan = plan_of(tmp_path, f"""base_model: {config_dir(tmp_path)}
+    plan = plan_of(
+        tmp_path,
+        f"""base_model: {config_dir(tmp_path)}
 inject: {{every: 4}}
 stages:
   - name: lora
     trainable: [all]
     lora: {{r: 4, alpha: 8, targets: [q_proj, v_proj]}}
-""")
+""",
+    )
     assert any("never move" in w and "down_proj, o_proj" in w for w in plan.warnings)
 
 
 def test_set_overrides_any_field(tmp_path):
-    plan = plan_of(tmp_path, "base_model: /nowhere\ninject: {every: 4}\n",
-                   [f"base_model={config_dir(tmp_path)}", "inject.every=2", "slices[0].layer_range=[0, 4]"])
+    plan = plan_of(
+        tmp_path,
+        "base_model: /nowhere\ninject: {every: 4}\n",
+        [f"base_model={config_dir(tmp_path)}", "inject.every=2", "slices[0].layer_range=[0, 4]"],
+    )
     assert layer_map(plan) == "0 1 1* 2 3 3*"
 
 
@@ -150,7 +184,10 @@ def test_plan_time_errors_point_at_the_recipe(tmp_path):
     recipe = write_recipe(tmp_path, f"base_model: {config_dir(tmp_path)}\nslices:\n  - layer_range: [0, 9]\n")
     with pytest.raises(RecipeError) as err:
         compile_plan(load_recipe(recipe))
-    assert str(err.value) == f"{recipe}:3:18: slices[0].layer_range: [0, 9] ends past the 8 layers of {config_dir(tmp_path)}; expected end <= 8 (half-open range)"
+    assert (
+        str(err.value)
+        == f"{recipe}:3:18: slices[0].layer_range: [0, 9] ends past the 8 layers of {config_dir(tmp_path)}; expected end <= 8 (half-open range)"
+    )
 
 
 def test_layer_index_is_a_whole_segment():
@@ -159,7 +196,10 @@ def test_layer_index_is_a_whole_segment():
     llama = load_architectures()["llama"]
     assert llama.split_layer_key("model.layers.1.mlp.down_proj.weight") == (1, "mlp.down_proj.weight")
     assert llama.split_layer_key("model.layers.10.mlp.down_proj.weight") == (10, "mlp.down_proj.weight")
-    assert llama.split_layer_key("model.layers.1.mlp.experts.10.down_proj.weight") == (1, "mlp.experts.10.down_proj.weight")
+    assert llama.split_layer_key("model.layers.1.mlp.experts.10.down_proj.weight") == (
+        1,
+        "mlp.experts.10.down_proj.weight",
+    )
     assert llama.split_layer_key("model.layers.01.mlp.down_proj.weight") is None
     assert llama.split_layer_key("model.layers_norm.weight") is None
     assert llama.projection_of("mlp.down_proj.weight") == "down_proj"
@@ -190,10 +230,12 @@ def test_every_recipe_compiles_against_its_real_config(recipe):
 def test_validate_and_plan_do_not_import_torch(tmp_path):
     folder = config_dir(tmp_path)
     recipe = write_recipe(tmp_path, f"base_model: {folder}\ninject: {{every: 4}}\n")
-    code = ("import sys; from tli_recipe.cli import main\n"
-            "try:\n    main(['plan', sys.argv[1]])\nexcept SystemExit:\n    pass\n"
-            "bad = [m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules]\n"
-            "assert not bad, bad")
+    code = (
+        "import sys; from tli_recipe.cli import main\n"
+        "try:\n    main(['plan', sys.argv[1]])\nexcept SystemExit:\n    pass\n"
+        "bad = [m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules]\n"
+        "assert not bad, bad"
+    )
     result = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
 

@@ -104,7 +104,8 @@ def test_non_finite_walks_every_value_without_recursion():
     assert non_finite({"a": deep}) == []
     assert non_finite({"a": [1, {"b": float("nan")}], "c": float("-inf")}) == [
         (("a", 1, "b"), ".nan is not a finite number; expected a finite number"),
-        (("c",), "-.inf is not a finite number; expected a finite number")]
+        (("c",), "-.inf is not a finite number; expected a finite number"),
+    ]
 
 
 def test_aliases_are_refused_in_every_yaml_reader():

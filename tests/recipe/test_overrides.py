@@ -37,12 +37,16 @@ def test_star_located_errors(tmp_path):
     with pytest.raises(RecipeError) as err:
         load_recipe(path, ["stages[*].precision=float8"])
     assert [str(p).split(": ", 1)[0] for p in err.value.problems] == [
-        "--set stages[*].precision=float8", "--set stages[*].precision=float8"]
+        "--set stages[*].precision=float8",
+        "--set stages[*].precision=float8",
+    ]
     assert all("stages[" in str(p) and "precision" in str(p) for p in err.value.problems)
     data = {"stages": [], "slices": {"a": 1}}
-    for key, why in (("stages[*].precision", "stages[*]: no list items to set (an empty list)"),
-                     ("slices[*].x", "slices[*]: no list items to set (not a list)"),
-                     ("inject[*].x", "inject[*]: no list items to set (not a list)")):
+    for key, why in (
+        ("stages[*].precision", "stages[*]: no list items to set (an empty list)"),
+        ("slices[*].x", "slices[*]: no list items to set (not a list)"),
+        ("inject[*].x", "inject[*]: no list items to set (not a list)"),
+    ):
         with pytest.raises(RecipeError) as err:
             apply_overrides(data, Marks("r.yaml"), [f"{key}=1"])
         assert why in str(err.value.problems[0])

@@ -46,7 +46,10 @@ def test_no_key_may_be_null(kind):
 
 def test_inject_is_an_object_never_null():
     schema = recipe_schema()
-    assert schema["properties"]["inject"] == {"$ref": "#/$defs/Inject", "description": schema["properties"]["inject"]["description"]}
+    assert schema["properties"]["inject"] == {
+        "$ref": "#/$defs/Inject",
+        "description": schema["properties"]["inject"]["description"],
+    }
     with pytest.raises(ValidationError, match="is empty"):
         Recipe.model_validate({"base_model": "x", "inject": None})
     with pytest.raises(ValidationError, match="is empty"):
@@ -64,8 +67,11 @@ def test_plan_json_stages_keep_their_nulls():
 
 def test_layer_ranges_start_at_zero():
     defs = recipe_schema()["$defs"]
-    ranges = [defs["Slice"]["properties"]["layer_range"], defs["Inject"]["properties"]["between"],
-              defs["LayerSpan"]["properties"]["layers"]]
+    ranges = [
+        defs["Slice"]["properties"]["layer_range"],
+        defs["Inject"]["properties"]["between"],
+        defs["LayerSpan"]["properties"]["layers"],
+    ]
     for r in ranges:
         start, end = r["prefixItems"]
         assert (start["minimum"], end["minimum"], end["maximum"]) == (0, 1, 1024), r

@@ -10,8 +10,10 @@ from tli_recipe.errors import RecipeError
 
 @pytest.mark.parametrize("module, projection", [("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")])
 def test_mixtral_module_names_are_told_apart_from_typos(module, projection):
-    text = (f"base_model: m\ninject:\n  every: 4\n  init: {{{module}: zero}}\nstages:\n  - name: s\n    trainable: [all]\n"
-            f"    lora: {{r: 8, alpha: 16, targets: [{module}]}}\n")
+    text = (
+        f"base_model: m\ninject:\n  every: 4\n  init: {{{module}: zero}}\nstages:\n  - name: s\n    trainable: [all]\n"
+        f"    lora: {{r: 8, alpha: 16, targets: [{module}]}}\n"
+    )
     with pytest.raises(RecipeError) as exc:
         load_recipe("x.yaml", text=text)
     hint = f"('{module}' is {projection} here: recipes name projections, and Mixtral's experts call"

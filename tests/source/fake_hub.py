@@ -23,16 +23,16 @@ from urllib.parse import unquote, urlparse
 
 @dataclass
 class Repo:
-    files: dict[str, dict[str, bytes]]         # commit -> name -> bytes
-    refs: dict[str, str]                       # branch -> commit
+    files: dict[str, dict[str, bytes]]  # commit -> name -> bytes
+    refs: dict[str, str]  # branch -> commit
     gated: bool = False
 
 
 @dataclass
 class FakeHub:
     repos: dict[str, Repo] = field(default_factory=dict)
-    log: list[tuple[str, str, str]] = field(default_factory=list)   # (method, path, range)
-    cut: bool = False             # send half of each .safetensors body, then close the connection
+    log: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, range)
+    cut: bool = False  # send half of each .safetensors body, then close the connection
     url: str = ""
 
     def add(self, repo: str, folder: Path, commit: str, branch: str = "main") -> None:
@@ -110,12 +110,32 @@ def _handler(hub: FakeHub):
                 commit, files = found
                 if api[2] == "revision":  # with ?blobs=true: sizes, git blob ids and LFS sha256 (files_metadata)
                     blobs = re.search(r"(^|&)blobs=(true|True|1)($|&)", url.query) is not None
-                    return self._json({"id": api[1], "sha": commit, "siblings": [
-                        {"rfilename": n, **({"blobId": _oid(b), "size": len(b), **_lfs(n, b)} if blobs else {})}
-                        for n, b in files.items()]})
-                return self._json([{"type": "file", "path": n, "size": len(b), "oid": _oid(b),
-                                    **({"lfs": {"oid": hashlib.sha256(b).hexdigest(), "size": len(b), "pointerSize": 134}}
-                                       if n.endswith(".safetensors") else {})} for n, b in files.items()])
+                    return self._json(
+                        {
+                            "id": api[1],
+                            "sha": commit,
+                            "siblings": [
+                                {"rfilename": n, **({"blobId": _oid(b), "size": len(b), **_lfs(n, b)} if blobs else {})}
+                                for n, b in files.items()
+                            ],
+                        }
+                    )
+                return self._json(
+                    [
+                        {
+                            "type": "file",
+                            "path": n,
+                            "size": len(b),
+                            "oid": _oid(b),
+                            **(
+                                {"lfs": {"oid": hashlib.sha256(b).hexdigest(), "size": len(b), "pointerSize": 134}}
+                                if n.endswith(".safetensors")
+                                else {}
+                            ),
+                        }
+                        for n, b in files.items()
+                    ]
+                )
             if resolve:
                 found = self._repo(resolve[1], resolve[2])
                 if found is None:
@@ -143,7 +163,7 @@ def _handler(hub: FakeHub):
             self.end_headers()
             if self.command == "HEAD":
                 return
-            body = data[start:end + 1]
+            body = data[start : end + 1]
             if hub.cut and lfs and not ranged or hub.cut and lfs and start > 0:
                 self.wfile.write(body[: len(body) // 2])
                 self.wfile.flush()

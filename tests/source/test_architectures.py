@@ -21,26 +21,55 @@ from tli_recipe.source.arch import load_architectures
 CASES = {
     "llama": ("model.layers.", {}, {r"self_attn\.o_proj\.": 0.0, r"mlp\.down_proj\.": 0.0}),
     "mistral": ("model.layers.", {}, {r"self_attn\.o_proj\.": 0.0, r"mlp\.down_proj\.": 0.0}),
-    "granite": ("model.layers.", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5},
-                {r"self_attn\.o_proj\.": 0.0, r"mlp\.down_proj\.": 0.0}),
+    "granite": (
+        "model.layers.",
+        {"embedding_multiplier": 2.0, "residual_multiplier": 0.5},
+        {r"self_attn\.o_proj\.": 0.0, r"mlp\.down_proj\.": 0.0},
+    ),
     "qwen2": ("model.layers.", {}, {r"self_attn\.o_proj\.": 0.0, r"mlp\.down_proj\.": 0.0}),
     "qwen3": ("model.layers.", {"head_dim": 8}, {r"self_attn\.o_proj\.": 0.0, r"mlp\.down_proj\.": 0.0}),
     # sandwich norms: the recommended init zeroes the effective post-norm gains (stored 1 + w -> w = -1)
-    "gemma2": ("model.layers.", {"head_dim": 8}, {r"post_attention_layernorm\.": -1.0, r"post_feedforward_layernorm\.": -1.0}),
-    "gemma3": ("model.layers.", {"head_dim": 8}, {r"post_attention_layernorm\.": -1.0, r"post_feedforward_layernorm\.": -1.0}),
-    "gemma3-vlm": ("language_model.model.layers.", {},
-                   {r"post_attention_layernorm\.": -1.0, r"post_feedforward_layernorm\.": -1.0}),
+    "gemma2": (
+        "model.layers.",
+        {"head_dim": 8},
+        {r"post_attention_layernorm\.": -1.0, r"post_feedforward_layernorm\.": -1.0},
+    ),
+    "gemma3": (
+        "model.layers.",
+        {"head_dim": 8},
+        {r"post_attention_layernorm\.": -1.0, r"post_feedforward_layernorm\.": -1.0},
+    ),
+    "gemma3-vlm": (
+        "language_model.model.layers.",
+        {},
+        {r"post_attention_layernorm\.": -1.0, r"post_feedforward_layernorm\.": -1.0},
+    ),
     # post-norm, gains stored as is
     "olmo2": ("model.layers.", {}, {r"post_attention_layernorm\.": 0.0, r"post_feedforward_layernorm\.": 0.0}),
     "phi3": ("model.layers.", {}, {r"self_attn\.o_proj\.": 0.0, r"mlp\.down_proj\.": 0.0}),
     # every expert's down projection; an expert index is never taken for a layer index
-    "qwen3_moe": ("model.layers.", {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
-                  {r"self_attn\.o_proj\.": 0.0, r"mlp\.experts\.\d+\.down_proj\.": 0.0}),
-    "qwen3_moe-mixed": ("model.layers.", {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2,
-                                          "moe_intermediate_size": 16, "mlp_only_layers": [0, 5], "decoder_sparse_step": 1},
-                        {r"self_attn\.o_proj\.": 0.0, r"mlp\.experts\.\d+\.down_proj\.": 0.0, r"mlp\.down_proj\.": 0.0}),
-    "mixtral": ("model.layers.", {"num_local_experts": 4, "num_experts_per_tok": 2},
-                {r"self_attn\.o_proj\.": 0.0, r"block_sparse_moe\.experts\.\d+\.w2\.": 0.0}),
+    "qwen3_moe": (
+        "model.layers.",
+        {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
+        {r"self_attn\.o_proj\.": 0.0, r"mlp\.experts\.\d+\.down_proj\.": 0.0},
+    ),
+    "qwen3_moe-mixed": (
+        "model.layers.",
+        {
+            "head_dim": 8,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16,
+            "mlp_only_layers": [0, 5],
+            "decoder_sparse_step": 1,
+        },
+        {r"self_attn\.o_proj\.": 0.0, r"mlp\.experts\.\d+\.down_proj\.": 0.0, r"mlp\.down_proj\.": 0.0},
+    ),
+    "mixtral": (
+        "model.layers.",
+        {"num_local_experts": 4, "num_experts_per_tok": 2},
+        {r"self_attn\.o_proj\.": 0.0, r"block_sparse_moe\.experts\.\d+\.w2\.": 0.0},
+    ),
 }
 
 
@@ -109,8 +138,8 @@ def test_dus_layer_map(tmp_path, tiny, case):
     prefix = CASES[case][0]
     src, got = load_all(base), load_all(out)
     for j, i in enumerate([0, 1, 2, 3, 2, 3, 4, 5]):
-        mine = sorted(k[len(f"{prefix}{j}."):] for k in got if k.startswith(f"{prefix}{j}."))
-        theirs = sorted(k[len(f"{prefix}{i}."):] for k in src if k.startswith(f"{prefix}{i}."))
+        mine = sorted(k[len(f"{prefix}{j}.") :] for k in got if k.startswith(f"{prefix}{j}."))
+        theirs = sorted(k[len(f"{prefix}{i}.") :] for k in src if k.startswith(f"{prefix}{i}."))
         assert mine == theirs and mine
         for k in mine:
             assert torch.equal(got[f"{prefix}{j}.{k}"], src[f"{prefix}{i}.{k}"])
@@ -118,12 +147,21 @@ def test_dus_layer_map(tmp_path, tiny, case):
 
 
 def test_layer_types_follow_the_map_for_gemma3(tmp_path, tiny):
-    base = tiny(arch="gemma3", layers=6, head_dim=8, sliding_window=4,
-                layer_types=["sliding_attention", "full_attention"] * 3)
+    base = tiny(
+        arch="gemma3", layers=6, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 3
+    )
     plan, out = grow(tmp_path, base, "inject: {every: 3}\n")
     config = json.loads((out / "config.json").read_text())
-    assert config["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
-                                     "full_attention", "sliding_attention", "full_attention", "full_attention"]
+    assert config["layer_types"] == [
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+        "full_attention",
+        "full_attention",
+    ]
     torch.testing.assert_close(logits_of(out), logits_of(base), atol=1e-5, rtol=0)
 
 
@@ -177,22 +215,30 @@ def test_post_norm_gain_init_moves_less_after_one_step(tmp_path, tiny, arch, ext
     base = tiny(arch=arch, layers=4, **extra)
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
     changes = {}
-    for name, init in (("proj", "{o_proj: zero, down_proj: zero}"),
-                       ("gain", "{post_attention_layernorm: zero_gain, post_feedforward_layernorm: zero_gain}")):
+    for name, init in (
+        ("proj", "{o_proj: zero, down_proj: zero}"),
+        ("gain", "{post_attention_layernorm: zero_gain, post_feedforward_layernorm: zero_gain}"),
+    ):
         plan, out = grow(tmp_path, base, f"inject:\n  every: 2\n  init: {init}\n", name=name)
         assert plan.function_preserving
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
         before = model(input_ids=ids).logits.detach()
         torch.testing.assert_close(before, logits_of(base, ids), atol=1e-5, rtol=0)
-        trainable = [p for n, p in model.named_parameters() if any(f"layers.{i}." in n for i in plan.requires_grad_layers)]
+        trainable = [
+            p for n, p in model.named_parameters() if any(f"layers.{i}." in n for i in plan.requires_grad_layers)
+        ]
         for n, p in model.named_parameters():
             p.requires_grad_(any(p is q for q in trainable))
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.optim.SGD(trainable, lr=1e-2).step()
         changes[name] = float((model(input_ids=ids).logits.detach() - before).abs().max())
-    print(f"{arch}: max |logit change| after one SGD step: zero o_proj/down_proj {changes['proj']:.4g}, zero post-norm gain {changes['gain']:.4g}")
-    assert changes["gain"] < changes["proj"] / 5, f"max |logit change| after one step: zero o_proj/down_proj {changes['proj']:.3g}, zero post-norm gain {changes['gain']:.3g}"
+    print(
+        f"{arch}: max |logit change| after one SGD step: zero o_proj/down_proj {changes['proj']:.4g}, zero post-norm gain {changes['gain']:.4g}"
+    )
+    assert changes["gain"] < changes["proj"] / 5, (
+        f"max |logit change| after one step: zero o_proj/down_proj {changes['proj']:.3g}, zero post-norm gain {changes['gain']:.3g}"
+    )
 
 
 def test_plan_shows_the_recommended_init(tmp_path, tiny, cli):
@@ -233,32 +279,55 @@ def test_readme_table_matches_the_definitions():
     from tli_recipe.plan.report import architecture_table
 
     readme = (ROOT / "README.md").read_text()
-    assert architecture_table() in readme, "README's architecture table is stale: paste `tli-recipe architectures --markdown`"
+    assert architecture_table() in readme, (
+        "README's architecture table is stale: paste `tli-recipe architectures --markdown`"
+    )
 
 
 def test_every_definition_is_tested():
-    definition_of = {"llama": "llama", "mistral": "llama", "granite": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-                     "gemma2": "gemma2", "gemma3": "gemma3", "gemma3-vlm": "gemma3-vlm", "olmo2": "olmo2", "phi3": "phi3",
-                     "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}
+    definition_of = {
+        "llama": "llama",
+        "mistral": "llama",
+        "granite": "llama",
+        "qwen2": "qwen2",
+        "qwen3": "qwen3",
+        "gemma2": "gemma2",
+        "gemma3": "gemma3",
+        "gemma3-vlm": "gemma3-vlm",
+        "olmo2": "olmo2",
+        "phi3": "phi3",
+        "qwen3_moe": "qwen3_moe",
+        "mixtral": "mixtral",
+    }
     assert {c.removesuffix("-mixed") for c in CASES} == set(definition_of)
     assert set(load_architectures()) == set(definition_of.values())
 
 
-@pytest.mark.parametrize("model,params,arch", [
-    ("Qwen__Qwen3-30B-A3B", 30_532_122_624, "qwen3_moe"),        # "30.5B" on the model card
-    ("mistralai__Mixtral-8x7B-v0.1", 46_702_792_704, "mixtral"),   # "46.7B"
-    ("microsoft__Phi-3-mini-4k-instruct", 3_821_079_552, "phi3"),  # "3.8B"
-    ("allenai__OLMo-2-1124-7B", 7_298_617_344, "olmo2"),           # "7.30B"
-    ("google__gemma-3-1b-pt", 999_885_952, "gemma3"),              # "1B"
-    ("google__gemma-3-4b-pt", 3_880_263_168, "gemma3-vlm"),        # text decoder of the 4.3B VLM
-    ("Qwen__Qwen3-8B", 8_190_735_360, "qwen3"),                   # "8.2B"
-    ("Qwen__Qwen2.5-7B", 7_615_616_512, "qwen2"),                 # "7.61B"
-])
+@pytest.mark.parametrize(
+    "model,params,arch",
+    [
+        ("Qwen__Qwen3-30B-A3B", 30_532_122_624, "qwen3_moe"),  # "30.5B" on the model card
+        ("mistralai__Mixtral-8x7B-v0.1", 46_702_792_704, "mixtral"),  # "46.7B"
+        ("microsoft__Phi-3-mini-4k-instruct", 3_821_079_552, "phi3"),  # "3.8B"
+        ("allenai__OLMo-2-1124-7B", 7_298_617_344, "olmo2"),  # "7.30B"
+        ("google__gemma-3-1b-pt", 999_885_952, "gemma3"),  # "1B"
+        ("google__gemma-3-4b-pt", 3_880_263_168, "gemma3-vlm"),  # text decoder of the 4.3B VLM
+        ("Qwen__Qwen3-8B", 8_190_735_360, "qwen3"),  # "8.2B"
+        ("Qwen__Qwen2.5-7B", 7_615_616_512, "qwen2"),  # "7.61B"
+    ],
+)
 def test_published_configs_give_published_parameter_counts(tmp_path, model, params, arch):
     """Shapes derived from config.json alone (no weights) add up to the published counts."""
     from conftest import CONFIGS
 
-    plan = compile_plan(load_recipe(write_recipe(tmp_path, f"base_model: {CONFIGS / model}\ninject: {{every: 4}}\noutput_config: {{sliding_window_pattern: null}}\n")))
+    plan = compile_plan(
+        load_recipe(
+            write_recipe(
+                tmp_path,
+                f"base_model: {CONFIGS / model}\ninject: {{every: 4}}\noutput_config: {{sliding_window_pattern: null}}\n",
+            )
+        )
+    )
     assert plan.architecture == arch
     assert plan.totals.parameters_before == params
     assert not plan.blocking
@@ -275,8 +344,11 @@ def test_inferred_architecture_without_a_known_output_projection_is_not_called_e
     config = json.loads((base / "config.json").read_text())
     config["architectures"], config["model_type"] = ["OutProjForCausalLM"], "outproj"
     (alien / "config.json").write_text(json.dumps(config))
-    recipe = write_recipe(tmp_path, f"base_model: {alien}\noutput: {tmp_path / 'out'}\ninject: {{every: 2}}\n"
-                                    "stages:\n  - name: new\n    trainable: [injected]\n")
+    recipe = write_recipe(
+        tmp_path,
+        f"base_model: {alien}\noutput: {tmp_path / 'out'}\ninject: {{every: 2}}\n"
+        "stages:\n  - name: new\n    trainable: [injected]\n",
+    )
     plan = compile_plan(load_recipe(recipe))
     assert not plan.function_preserving
     assert {op.projection for op in plan.tensors if op.op == "zero"} == {"down_proj"}
@@ -290,8 +362,10 @@ def test_lora_after_a_full_stage_on_the_injected_layers_is_not_refused(tmp_path,
     lora = "  - name: lora\n    trainable: [all]\n    lora: {r: 4, alpha: 8, targets: [q_proj, o_proj, down_proj]}\n"
     alone = plan_of_text(tmp_path, f"base_model: {base}\ninject: {{every: 2}}\nstages:\n" + lora)
     assert any("never move" in w for w in alone.warnings)
-    after = plan_of_text(tmp_path, f"base_model: {base}\ninject: {{every: 2}}\nstages:\n"
-                                   "  - name: new\n    trainable: [injected]\n" + lora)
+    after = plan_of_text(
+        tmp_path,
+        f"base_model: {base}\ninject: {{every: 2}}\nstages:\n  - name: new\n    trainable: [injected]\n" + lora,
+    )
     assert not any("never move" in w for w in after.warnings)
     from tli_recipe.training.emit import frozen_injected_problem, stage_specs
 

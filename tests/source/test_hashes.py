@@ -41,8 +41,10 @@ def test_a_hub_lfs_blob_is_named_by_its_sha256_and_is_not_read(tmp_path):
     assert hub_blob_digest(snap / "model.safetensors") == hashlib.sha256(b"w" * 5000).hexdigest()
     assert hub_blob_digest(snap / "config.json") is None  # a git blob id, not a sha256
     hasher = SourceHasher([snap / "model.safetensors", snap / "config.json"], cache=HashCache(None)).start()
-    assert hasher.result() == {snap / "model.safetensors": sha(snap / "model.safetensors"),
-                               snap / "config.json": sha(snap / "config.json")}
+    assert hasher.result() == {
+        snap / "model.safetensors": sha(snap / "model.safetensors"),
+        snap / "config.json": sha(snap / "config.json"),
+    }
     assert hasher.hashed == 2  # only config.json was read
 
 
@@ -90,8 +92,9 @@ def test_a_file_written_just_now_is_not_remembered(tmp_path):
     assert again.hashed == 100
 
 
-@pytest.mark.parametrize("content", [b"\xff\xfe", b"[]", b'{"version": 1, "entries": {"k": "not-hex"}}',
-                                     b'{"version": 2, "entries": {}}'])
+@pytest.mark.parametrize(
+    "content", [b"\xff\xfe", b"[]", b'{"version": 1, "entries": {"k": "not-hex"}}', b'{"version": 2, "entries": {}}']
+)
 def test_a_damaged_or_foreign_cache_file_is_ignored(tmp_path, content, settled):
     cache_file = tmp_path / "sha256.json"
     cache_file.write_bytes(content)
@@ -130,8 +133,10 @@ def test_run_twice_hashes_the_sources_once_and_records_the_same_digests(tmp_path
 
 def test_a_pin_mismatch_found_while_writing_leaves_no_output(tmp_path, tiny, cli):
     base = tiny(layers=4)
-    recipe = write_recipe(tmp_path, f"base_model:\n  path: {base}\n  checksums:\n    model.safetensors: \"{'0' * 64}\"\n"
-                                    "inject: {every: 2}\n")
+    recipe = write_recipe(
+        tmp_path,
+        f'base_model:\n  path: {base}\n  checksums:\n    model.safetensors: "{"0" * 64}"\ninject: {{every: 2}}\n',
+    )
     result = cli("run", recipe, "--output", tmp_path / "out", "--no-progress")
     assert result.exit_code == 2 and "the recipe expects 0000" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -47,7 +47,9 @@ def with_index(tiny, tmp_path) -> Path:
     shutil.copytree(tiny(layers=4), folder)
     with safe_open(folder / "model.safetensors", "pt") as f:
         names = list(f.keys())
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {n: "model.safetensors" for n in names}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {n: "model.safetensors" for n in names}})
+    )
     return folder
 
 
@@ -103,8 +105,12 @@ def test_plan_fetches_config_and_index_and_reads_headers_only(tmp_path, hub, tin
     from tli_recipe import compile_plan, load_recipe
 
     remote = json.loads(cli("plan", "--json", tmp_path / "recipe.yaml").stdout)
-    local = json.loads(compile_plan(load_recipe(write_recipe(tmp_path, f"base_model: {model}\ninject: {{every: 2}}\n",
-                                                              "local.yaml"))).model_dump_json())
+    local = json.loads(
+        compile_plan(
+            load_recipe(write_recipe(tmp_path, f"base_model: {model}\ninject: {{every: 2}}\n", "local.yaml"))
+        ).model_dump_json()
+    )
+
     def ops(plan):
         return [{k: v for k, v in op.items() if k != "source"} for op in plan["tensors"]]
 
@@ -122,14 +128,20 @@ def test_hub_refusals_are_one_line(tmp_path, hub, tiny, cli, case):
     hub.repos["org/tiny"].gated = case == "gated"
     text = {"gated": RECIPE, "missing": "base_model: org/nope\n", "revision": "base_model: org/tiny@nope\n"}[case]
     for command in ("plan", "run"):
-        result = cli(command, write_recipe(tmp_path, text), "-o" if command == "run" else "--json", *(
-            [tmp_path / "out"] if command == "run" else []))
+        result = cli(
+            command,
+            write_recipe(tmp_path, text),
+            "-o" if command == "run" else "--json",
+            *([tmp_path / "out"] if command == "run" else []),
+        )
         assert result.exit_code == 2
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-        expected = {"gated": f"org/tiny is a gated model on {hub.url} (HTTP 401): accept its conditions at {hub.url}/org/tiny, "
-                             "then log in (`hf auth login`, or set HF_TOKEN)",
-                    "missing": f"org/nope was not found on {hub.url} (HTTP 401); check the id, or if it is private",
-                    "revision": f"{hub.url} has no revision 'nope' of org/tiny either"}[case]
+        expected = {
+            "gated": f"org/tiny is a gated model on {hub.url} (HTTP 401): accept its conditions at {hub.url}/org/tiny, "
+            "then log in (`hf auth login`, or set HF_TOKEN)",
+            "missing": f"org/nope was not found on {hub.url} (HTTP 401); check the id, or if it is private",
+            "revision": f"{hub.url} has no revision 'nope' of org/tiny either",
+        }[case]
         assert expected in result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -156,7 +168,9 @@ def test_an_interrupted_download_leaves_nothing_and_resumes(tmp_path, hub, tiny,
     hub.cut = False
     again = cli("run", recipe, "-o", tmp_path / "out", "--no-progress")
     assert again.exit_code == 0, again.stderr
-    assert (snapshots(tmp_path) / C1 / "model.safetensors").read_bytes() == (tiny(layers=4) / "model.safetensors").read_bytes()
+    assert (snapshots(tmp_path) / C1 / "model.safetensors").read_bytes() == (
+        tiny(layers=4) / "model.safetensors"
+    ).read_bytes()
 
 
 def test_offline_refuses_to_download(tmp_path, hub, tiny, cli, monkeypatch):
@@ -206,8 +220,9 @@ def test_a_second_plan_reads_the_headers_it_kept_and_makes_no_range_request(tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["garbage", "other-key", "bad-header", "short-size", "symlink", "lone-surrogate",
-                                    "deep-nesting", "fifo"])
+@pytest.mark.parametrize(
+    "damage", ["garbage", "other-key", "bad-header", "short-size", "symlink", "lone-surrogate", "deep-nesting", "fifo"]
+)
 def test_a_damaged_or_foreign_kept_header_is_read_from_the_hub_again(tmp_path, hub, tiny, cli, damage, monkeypatch):
     monkeypatch.setenv("TLI_RECIPE_HASH_CACHE", str(tmp_path / "cache" / "sha256.json"))
     hub.add("org/tiny", with_index(tiny, tmp_path), C1)
@@ -312,6 +327,7 @@ def test_pin_of_a_cached_model_reads_no_lfs_blob_unless_asked(tmp_path, hub, tin
 
 # --- the cache alone (no hub) --------------------------------------------------------
 
+
 @pytest.fixture
 def cache(tmp_path, tiny, monkeypatch):
     repo = tmp_path / "hf" / "hub" / "models--org--tiny"
@@ -337,12 +353,21 @@ def test_a_dangling_blob_is_an_incomplete_download(tmp_path, cache, cli):
     weights.symlink_to(cache / "blobs" / ("0" * 64))
     result = cli("plan", write_recipe(tmp_path, RECIPE))
     assert result.exit_code == 2
-    assert (f"{weights.parent}: an incomplete download: model.safetensors point(s) at blobs that are not in the cache; "
-            f"complete it with `hf download org/tiny --revision {C1}`") in result.stderr
+    assert (
+        f"{weights.parent}: an incomplete download: model.safetensors point(s) at blobs that are not in the cache; "
+        f"complete it with `hf download org/tiny --revision {C1}`"
+    ) in result.stderr
 
 
-@pytest.mark.parametrize("env", [{"HF_HOME": "~/hf-home"}, {"HF_HOME": "/x", "HUGGINGFACE_HUB_CACHE": "/legacy"},
-                                 {"HF_HUB_CACHE": "~/c", "HUGGINGFACE_HUB_CACHE": "/legacy"}, {"XDG_CACHE_HOME": "/xdg"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"HF_HOME": "~/hf-home"},
+        {"HF_HOME": "/x", "HUGGINGFACE_HUB_CACHE": "/legacy"},
+        {"HF_HUB_CACHE": "~/c", "HUGGINGFACE_HUB_CACHE": "/legacy"},
+        {"XDG_CACHE_HOME": "/xdg"},
+    ],
+)
 def test_the_cache_folder_is_huggingface_hubs(env, monkeypatch):
     from tli_recipe.source.hub import cache_root
 
@@ -350,14 +375,26 @@ def test_the_cache_folder_is_huggingface_hubs(env, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    theirs = subprocess.run([sys.executable, "-c", "import huggingface_hub.constants as c; print(c.HF_HUB_CACHE)"],
-                            capture_output=True, text=True, check=True, env=dict(os.environ)).stdout.strip()
+    theirs = subprocess.run(
+        [sys.executable, "-c", "import huggingface_hub.constants as c; print(c.HF_HUB_CACHE)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ),
+    ).stdout.strip()
     assert str(cache_root()) == theirs and "~" not in theirs
 
 
 def test_plan_of_a_cached_model_imports_no_huggingface_hub(tmp_path, cache):
-    code = ("import sys; from tli_recipe import compile_plan, load_recipe; "
-            f"compile_plan(load_recipe({str(write_recipe(tmp_path, RECIPE))!r})); print('huggingface_hub' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
-                         cwd=Path(__file__).parents[2])
+    code = (
+        "import sys; from tli_recipe import compile_plan, load_recipe; "
+        f"compile_plan(load_recipe({str(write_recipe(tmp_path, RECIPE))!r})); print('huggingface_hub' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        cwd=Path(__file__).parents[2],
+    )
     assert out.stdout.strip() == "False", out.stderr

@@ -102,7 +102,7 @@ def test_output_records_source_checksums_everywhere(tmp_path, tiny, cli):
 
 
 def pinned(tmp_path, base: Path, checksums: dict[str, str], name: str = "pinned.yaml") -> Path:
-    lines = "".join(f"    {k}: \"{v}\"\n" for k, v in checksums.items())
+    lines = "".join(f'    {k}: "{v}"\n' for k, v in checksums.items())
     return write_recipe(tmp_path, f"base_model:\n  path: {base}\n  checksums:\n{lines}inject: {{every: 4}}\n", name)
 
 
@@ -117,10 +117,12 @@ def test_run_checks_pinned_checksums(tmp_path, tiny, cli):
     wrong = pinned(tmp_path, base, {**good, "model.safetensors": "0" * 63 + "1"}, "wrong.yaml")
     result = run(cli, wrong, tmp_path / "refused")
     assert result.exit_code == 2 and "Traceback" not in result.stderr
-    assert result.stderr == (f"output: {tmp_path / 'refused'}\n"  # run says where it would write, then refuses
-                             f"{wrong}:5:24: base_model.checksums.model.safetensors: {base / 'model.safetensors'} has sha256 "
-                             f"{good['model.safetensors']}, the recipe expects {'0' * 63 + '1'}; the file changed: download the "
-                             "pinned revision again, or update the checksum if the change is intended\n")
+    assert result.stderr == (
+        f"output: {tmp_path / 'refused'}\n"  # run says where it would write, then refuses
+        f"{wrong}:5:24: base_model.checksums.model.safetensors: {base / 'model.safetensors'} has sha256 "
+        f"{good['model.safetensors']}, the recipe expects {'0' * 63 + '1'}; the file changed: download the "
+        "pinned revision again, or update the checksum if the change is intended\n"
+    )
     assert not (tmp_path / "refused").exists() and not list(tmp_path.glob(".refused*"))
     assert tree_digest(base) == before
 
@@ -130,9 +132,11 @@ def test_a_pinned_file_that_is_missing_is_named(tmp_path, tiny, cli):
     recipe = pinned(tmp_path, base, {"tokenizer.json": "a" * 64})
     result = run(cli, recipe, tmp_path / "out")
     assert result.exit_code == 2
-    assert result.stderr == (f"output: {tmp_path / 'out'}\n"
-                             f"{recipe}:4:5: base_model.checksums.tokenizer.json: {base} has no file 'tokenizer.json'; "
-                             "expected one of: config.json, generation_config.json, model.safetensors\n")
+    assert result.stderr == (
+        f"output: {tmp_path / 'out'}\n"
+        f"{recipe}:4:5: base_model.checksums.tokenizer.json: {base} has no file 'tokenizer.json'; "
+        "expected one of: config.json, generation_config.json, model.safetensors\n"
+    )
 
 
 def test_pin_prints_a_block_that_run_accepts(tmp_path, tiny, cli):
@@ -164,23 +168,30 @@ def test_hub_revision_pin_is_resolved_and_recorded(tmp_path, hub_cache):
         plan = compile_plan(loaded)
         assert plan.sources[f"org/tiny@{COMMIT}"].revision == COMMIT
         assert not [w for w in plan.warnings if "branch" in w]
-    assert load_recipe(write_recipe(tmp_path, f"base_model: org/tiny@{COMMIT}\n")).resolved()["base_model"] == f"org/tiny@{COMMIT}"
+    assert (
+        load_recipe(write_recipe(tmp_path, f"base_model: org/tiny@{COMMIT}\n")).resolved()["base_model"]
+        == f"org/tiny@{COMMIT}"
+    )
     unpinned = compile_plan(load_recipe(write_recipe(tmp_path, "base_model: org/tiny\n")))
     assert unpinned.sources["org/tiny"].revision == COMMIT  # recorded even without a pin
 
 
 def test_a_branch_is_not_a_pin(tmp_path, hub_cache):
     plan = compile_plan(load_recipe(write_recipe(tmp_path, "base_model: org/tiny@main\ninject: {every: 4}\n")))
-    assert f"org/tiny@main: revision 'main' is a branch or tag name, now commit {COMMIT}; it moves, so pin the commit " \
-           f"for a reproducible recipe (revision: {COMMIT})" in plan.warnings
+    assert (
+        f"org/tiny@main: revision 'main' is a branch or tag name, now commit {COMMIT}; it moves, so pin the commit "
+        f"for a reproducible recipe (revision: {COMMIT})" in plan.warnings
+    )
 
 
 def test_a_hub_revision_not_in_the_cache_is_refused(tmp_path, hub_cache, cli):
     recipe = write_recipe(tmp_path, f"base_model: org/tiny@{OTHER}\n")
     result = cli("plan", recipe)
     assert result.exit_code == 2
-    assert result.stderr.startswith(f"{recipe}:1:13: base_model: 'org/tiny@{OTHER}' is neither a local directory nor a model "
-                                    "in the local Hugging Face cache")
+    assert result.stderr.startswith(
+        f"{recipe}:1:13: base_model: 'org/tiny@{OTHER}' is neither a local directory nor a model "
+        "in the local Hugging Face cache"
+    )
 
 
 def local_copy(tmp_path, tiny, how: str | None) -> Path:
@@ -189,7 +200,7 @@ def local_copy(tmp_path, tiny, how: str | None) -> Path:
     if how == "download":
         meta = folder / ".cache" / "huggingface" / "download"
         meta.mkdir(parents=True)
-        (meta / "config.json.metadata").write_text(f"{COMMIT}\n\"etag\"\n1700000000.0\n")
+        (meta / "config.json.metadata").write_text(f'{COMMIT}\n"etag"\n1700000000.0\n')
     elif how == "git":
         (folder / ".git" / "refs" / "heads").mkdir(parents=True)
         (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
@@ -208,9 +219,11 @@ def test_local_directory_revision_is_checked(tmp_path, tiny, cli, how):
     result = cli("plan", bad)
     assert result.exit_code == 2
     source = ".cache/huggingface/download/config.json.metadata" if how == "download" else "its git HEAD"
-    assert result.stderr == (f"{bad}:3:13: base_model.revision: {folder} is at revision {COMMIT} (from {source}), the recipe "
-                             f"pins {OTHER}; expected the pinned revision: download it again (hf download ORG/NAME "
-                             f"--revision {OTHER} --local-dir DIR), or change the pin\n")
+    assert result.stderr == (
+        f"{bad}:3:13: base_model.revision: {folder} is at revision {COMMIT} (from {source}), the recipe "
+        f"pins {OTHER}; expected the pinned revision: download it again (hf download ORG/NAME "
+        f"--revision {OTHER} --local-dir DIR), or change the pin\n"
+    )
 
 
 def test_a_revision_that_cannot_be_told_is_an_error(tmp_path, tiny, cli):
@@ -218,8 +231,10 @@ def test_a_revision_that_cannot_be_told_is_an_error(tmp_path, tiny, cli):
     recipe = write_recipe(tmp_path, f"base_model: {{path: {folder}, revision: {COMMIT}}}\n")
     result = cli("plan", recipe)
     assert result.exit_code == 2
-    assert result.stderr.startswith(f"{recipe}:1:{len('base_model: {path: ') + len(str(folder)) + 13}: base_model.revision: "
-                                    f"cannot tell which revision {folder} holds")
+    assert result.stderr.startswith(
+        f"{recipe}:1:{len('base_model: {path: ') + len(str(folder)) + 13}: base_model.revision: "
+        f"cannot tell which revision {folder} holds"
+    )
     assert "pin its files with checksums instead of a revision" in result.stderr
 
 
@@ -252,13 +267,19 @@ def git_dir(tmp_path, head: str, **files: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("head, files, commit", [
-    (f"{COMMIT}\n", {}, COMMIT),                                                   # detached
-    (f"{SHA256}\n", {}, SHA256),                                                   # a sha256 repository
-    ("ref: refs/heads/main\n", {"refs__heads__main": f"{COMMIT}\n"}, COMMIT),
-    ("ref: refs/heads/main\n", {"packed-refs": f"# pack-refs with: peeled\n{OTHER} refs/tags/v1\n{COMMIT} refs/heads/main\n"},
-     COMMIT),
-])
+@pytest.mark.parametrize(
+    "head, files, commit",
+    [
+        (f"{COMMIT}\n", {}, COMMIT),  # detached
+        (f"{SHA256}\n", {}, SHA256),  # a sha256 repository
+        ("ref: refs/heads/main\n", {"refs__heads__main": f"{COMMIT}\n"}, COMMIT),
+        (
+            "ref: refs/heads/main\n",
+            {"packed-refs": f"# pack-refs with: peeled\n{OTHER} refs/tags/v1\n{COMMIT} refs/heads/main\n"},
+            COMMIT,
+        ),
+    ],
+)
 def test_git_revisions_that_count(tmp_path, head, files, commit):
     from tli_recipe.source.provenance import source_revision
 
@@ -275,17 +296,20 @@ def test_a_ref_file_linked_inside_git_counts(tmp_path):
     assert source_revision(folder) == (COMMIT, "its git HEAD")
 
 
-@pytest.mark.parametrize("head, files", [
-    ("ref: {secret}\n", {}),                                           # absolute ref
-    ("ref: ../../secret\n", {}),                                        # climbs out of .git
-    ("ref: refs/heads/../../../secret\n", {}),                          # climbs out from under refs/
-    ("ref: heads/main\n", {"heads__main": f"{COMMIT}\n"}),              # not under refs/
-    ("{COMMIT}x\n", {}),                                                # not exactly a commit
-    (f"{COMMIT.upper()}\n", {}),                                        # upper case is not how git writes it
-    ("ref: refs/heads/main\n", {"refs__heads__main": "SECRET-TEXT\n"}),
-    ("ref: refs/heads/main\n", {"packed-refs": "SECRET-TEXT refs/heads/main\n"}),
-    ("ref: refs/heads/main\n", {}),                                     # a ref that is nowhere
-])
+@pytest.mark.parametrize(
+    "head, files",
+    [
+        ("ref: {secret}\n", {}),  # absolute ref
+        ("ref: ../../secret\n", {}),  # climbs out of .git
+        ("ref: refs/heads/../../../secret\n", {}),  # climbs out from under refs/
+        ("ref: heads/main\n", {"heads__main": f"{COMMIT}\n"}),  # not under refs/
+        ("{COMMIT}x\n", {}),  # not exactly a commit
+        (f"{COMMIT.upper()}\n", {}),  # upper case is not how git writes it
+        ("ref: refs/heads/main\n", {"refs__heads__main": "SECRET-TEXT\n"}),
+        ("ref: refs/heads/main\n", {"packed-refs": "SECRET-TEXT refs/heads/main\n"}),
+        ("ref: refs/heads/main\n", {}),  # a ref that is nowhere
+    ],
+)
 def test_git_revisions_that_are_ignored_with_a_warning_quoting_nothing(tmp_path, head, files):
     from tli_recipe.source.provenance import source_revision
 
@@ -318,10 +342,16 @@ def test_a_head_that_is_no_small_regular_file_inside_git_is_not_read(tmp_path, k
         head.write_bytes(COMMIT.encode() + b"\xff\n")
     warnings: list[str] = []
     assert source_revision(folder, warnings) is None
-    why = {"fifo": "is not a regular file", "huge": "is larger than 4096 bytes", "link-out": "is a link leaving the directory",
-           "binary": "is not plain text"}[kind]
-    assert warnings == [f"{folder}: .git/HEAD {why}; ignored it (a revision is 40 or 64 lowercase hex characters read "
-                        "from a small regular file inside the model directory)"]
+    why = {
+        "fifo": "is not a regular file",
+        "huge": "is larger than 4096 bytes",
+        "link-out": "is a link leaving the directory",
+        "binary": "is not plain text",
+    }[kind]
+    assert warnings == [
+        f"{folder}: .git/HEAD {why}; ignored it (a revision is 40 or 64 lowercase hex characters read "
+        "from a small regular file inside the model directory)"
+    ]
 
 
 def test_download_metadata_is_validated_too(tmp_path):
@@ -334,9 +364,11 @@ def test_download_metadata_is_validated_too(tmp_path):
     (meta / "model.safetensors.metadata").write_text(f"{COMMIT}\netag\n")
     warnings: list[str] = []
     assert source_revision(folder, warnings) == (COMMIT, ".cache/huggingface/download/model.safetensors.metadata")
-    assert warnings == [f"{folder}: .cache/huggingface/download/config.json.metadata does not start with a commit; "
-                        "ignored it (a revision is 40 or 64 lowercase hex characters read from a small regular file "
-                        "inside the model directory)"]
+    assert warnings == [
+        f"{folder}: .cache/huggingface/download/config.json.metadata does not start with a commit; "
+        "ignored it (a revision is 40 or 64 lowercase hex characters read from a small regular file "
+        "inside the model directory)"
+    ]
 
 
 def test_a_hub_ref_must_hold_a_commit(tmp_path):
@@ -347,8 +379,8 @@ def test_a_hub_ref_must_hold_a_commit(tmp_path):
     (cache / "refs").mkdir(parents=True)
     (cache / "refs" / "main").write_text(f"{COMMIT}\n")
     assert hub_commit(cache, "main") == COMMIT
-    assert hub_commit(cache, COMMIT) == COMMIT          # a commit names its snapshot directly
-    assert hub_commit(cache, "v1.0") == "v1.0"          # no such ref: the caller looks for snapshots/v1.0
+    assert hub_commit(cache, COMMIT) == COMMIT  # a commit names its snapshot directly
+    assert hub_commit(cache, "v1.0") == "v1.0"  # no such ref: the caller looks for snapshots/v1.0
     for climbing in ("../../x", "/abs", "a//b", "refs/../../x", "."):
         assert hub_commit(cache, climbing) is None
     (cache / "refs" / "dev").write_text("SECRET-TEXT\n")
@@ -369,8 +401,10 @@ def test_a_checksum_from_a_set_override_is_located_at_the_override(tmp_path, tin
     result = run(cli, recipe, tmp_path / "out", "--set", override)
     assert result.exit_code == 2
     # the recipe file's lines say nothing about this pin: the override is the place
-    assert f"--set {override}: base_model.checksums.model.safetensors: {base / 'model.safetensors'} has sha256 " \
-           in result.stderr
+    assert (
+        f"--set {override}: base_model.checksums.model.safetensors: {base / 'model.safetensors'} has sha256 "
+        in result.stderr
+    )
     assert f"{recipe}:" not in result.stderr and not (tmp_path / "out").exists()
 
 
@@ -381,9 +415,11 @@ def test_a_checksum_of_a_rendered_recipe_is_located_in_the_rendered_text(tmp_pat
 
     base = tiny()
     template = tmp_path / "grow.yaml.j2"
-    template.write_text("---\ndescription: grow\nvariables:\n  every: {type: int, default: 4}\n---\n"
-                        f"base_model:\n  path: {base}\n  checksums:\n    model.safetensors: \"{WRONG}\"\n"
-                        "inject: {every: {{ every }}}\n")
+    template.write_text(
+        "---\ndescription: grow\nvariables:\n  every: {type: int, default: 4}\n---\n"
+        f'base_model:\n  path: {base}\n  checksums:\n    model.safetensors: "{WRONG}"\n'
+        "inject: {every: {{ every }}}\n"
+    )
     rendered = render_recipe(read_template(template), {"every": 4}, "grow[every=4]")
     plan = compile_plan(rendered.loaded)
     assert plan.pins[str(base)].checksums == {"model.safetensors": WRONG}
@@ -392,7 +428,8 @@ def test_a_checksum_of_a_rendered_recipe_is_located_in_the_rendered_text(tmp_pat
     with pytest.raises(RecipeError) as caught:
         execute_plan(plan, tmp_path / "out", progress=False, training_configs=False)
     assert [str(p).split(" has sha256")[0] for p in caught.value.problems] == [
-        f"grow[every=4]:4:24: base_model.checksums.model.safetensors: {base / 'model.safetensors'}"]
+        f"grow[every=4]:4:24: base_model.checksums.model.safetensors: {base / 'model.safetensors'}"
+    ]
 
 
 def test_hash_sources_reads_the_plan_not_the_recipe(tmp_path, tiny):
@@ -404,18 +441,30 @@ def test_hash_sources_reads_the_plan_not_the_recipe(tmp_path, tiny):
 
     base = tiny()
     plan = compile_plan(load_recipe(write_recipe(tmp_path, f"base_model: {base}\ninject: {{every: 4}}\n")))
-    pin = SourcePin(checksums={"config.json": WRONG}, locations={"checksums.config.json": "elsewhere.yaml:7:9: base_model.checksums.config.json"})
+    pin = SourcePin(
+        checksums={"config.json": WRONG},
+        locations={"checksums.config.json": "elsewhere.yaml:7:9: base_model.checksums.config.json"},
+    )
     plan = plan.model_copy(update={"pins": {str(base): pin}, "recipe": {}, "recipe_file": str(tmp_path / "gone.yaml")})
     with pytest.raises(RecipeError) as caught:
         hash_sources(plan, {str(base): open_checkpoint(base)})
-    assert str(caught.value).startswith(f"elsewhere.yaml:7:9: base_model.checksums.config.json: {base / 'config.json'} has sha256")
+    assert str(caught.value).startswith(
+        f"elsewhere.yaml:7:9: base_model.checksums.config.json: {base / 'config.json'} has sha256"
+    )
     digests = hash_sources(plan.model_copy(update={"pins": {}}), {str(base): open_checkpoint(base)})
     assert digests[str(base)]["config.json"] == sha(base / "config.json")
 
 
 def _git(*args, cwd):
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_SYSTEM": os.devnull}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_CONFIG_SYSTEM": os.devnull,
+    }
     return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
 
 

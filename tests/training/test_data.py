@@ -29,22 +29,39 @@ def write(path, *records):
 
 
 def test_the_three_jsonl_forms(tmp_path):
-    path = write(tmp_path / "d.jsonl", {"text": "raw"},
-                 {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
-                 {"instruction": "Add", "input": "1 2", "output": "3"}, {"instruction": "Say yes", "output": "yes"})
+    path = write(
+        tmp_path / "d.jsonl",
+        {"text": "raw"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"instruction": "Add", "input": "1 2", "output": "3"},
+        {"instruction": "Say yes", "output": "yes"},
+    )
     assert list(read_documents(path, tokenizer=ChatTokenizer())) == [
-        "raw", "<user>hi<assistant>hello", "<user>Add\n\n1 2<assistant>3", "<user>Say yes<assistant>yes"]
+        "raw",
+        "<user>hi<assistant>hello",
+        "<user>Add\n\n1 2<assistant>3",
+        "<user>Say yes<assistant>yes",
+    ]
     # Without a chat template, instructions take the Alpaca prompt format; chats cannot be rendered.
-    alone = write(tmp_path / "i.jsonl", {"instruction": "Add", "input": "1 2", "output": "3"}, {"instruction": "Hi", "output": "yo"})
+    alone = write(
+        tmp_path / "i.jsonl",
+        {"instruction": "Add", "input": "1 2", "output": "3"},
+        {"instruction": "Hi", "output": "yo"},
+    )
     assert list(read_documents(alone, tokenizer=PlainTokenizer())) == [
-        "### Instruction:\nAdd\n\n### Input:\n1 2\n\n### Response:\n3", "### Instruction:\nHi\n\n### Response:\nyo"]
+        "### Instruction:\nAdd\n\n### Input:\n1 2\n\n### Response:\n3",
+        "### Instruction:\nHi\n\n### Response:\nyo",
+    ]
     with pytest.raises(DataError, match=r"d.jsonl:2: a chat .* this tokenizer has none"):
         list(read_documents(path, tokenizer=PlainTokenizer()))
 
 
 def test_bad_records_name_the_line(tmp_path):
-    cases = [({"messages": "hi"}, "messages must be a list of"), ({"instruction": "x"}, "needs string fields instruction and output"),
-             ({"prompt": "x"}, "no string field 'text'; expected one object per line")]
+    cases = [
+        ({"messages": "hi"}, "messages must be a list of"),
+        ({"instruction": "x"}, "needs string fields instruction and output"),
+        ({"prompt": "x"}, "no string field 'text'; expected one object per line"),
+    ]
     for record, why in cases:
         path = write(tmp_path / "bad.jsonl", {"text": "ok"}, record)
         with pytest.raises(DataError, match=why) as err:

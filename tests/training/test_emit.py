@@ -43,8 +43,14 @@ STAGES_LF = "  - name: ".join([_PARTS[0], _PARTS[1], _PARTS[4], _PARTS[5], _PART
 
 def grown(tmp_path, tiny, inject: str, stages: str = STAGES, layers: int = 12, name: str = "grown", cli=None) -> Path:
     base = tiny(layers=layers)
-    stages = stages if "inject" in inject else stages.replace("  - name: injected-only\n    trainable: [injected]\n    precision: float32\n", "")
-    recipe = write_recipe(tmp_path, f"base_model: {base}\n{inject}\noutput: {tmp_path / name}\n{stages}", f"{name}.yaml")
+    stages = (
+        stages
+        if "inject" in inject
+        else stages.replace("  - name: injected-only\n    trainable: [injected]\n    precision: float32\n", "")
+    )
+    recipe = write_recipe(
+        tmp_path, f"base_model: {base}\n{inject}\noutput: {tmp_path / name}\n{stages}", f"{name}.yaml"
+    )
     from tli_recipe import compile_plan, execute_plan, load_recipe
 
     return execute_plan(compile_plan(load_recipe(recipe)), progress=False, log=lambda m: None)
@@ -75,7 +81,10 @@ def emitted(folder: Path, trainer: str, configs: str = "training") -> dict[str, 
 
 # --- Axolotl -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("inject", ["", "inject: {every: 4}", "inject: {every: 1}"], ids=["12-layers", "k4-15-layers", "k1-24-layers"])
+
+@pytest.mark.parametrize(
+    "inject", ["", "inject: {every: 4}", "inject: {every: 1}"], ids=["12-layers", "k4-15-layers", "k1-24-layers"]
+)
 def test_axolotl_patterns_select_exactly_the_stage(tmp_path, tiny, inject):
     out = grown(tmp_path, tiny, inject)
     plan = load_plan(out)
@@ -89,7 +98,10 @@ def test_axolotl_patterns_select_exactly_the_stage(tmp_path, tiny, inject):
         assert set(stage.parameters) <= set(names), stage.name
         if stage.lora is not None:
             assert "unfrozen_parameters" not in cfg and cfg["adapter"] == "lora"
-            assert cfg["lora_target_modules"] == ["q_proj", "o_proj", "down_proj"] and "peft_layers_to_transform" not in cfg
+            assert (
+                cfg["lora_target_modules"] == ["q_proj", "o_proj", "down_proj"]
+                and "peft_layers_to_transform" not in cfg
+            )
             continue
         selected = {n for n in names if axolotl_rule(cfg["unfrozen_parameters"], n)}
         assert selected == set(stage.parameters), stage.name
@@ -109,7 +121,11 @@ def test_the_naive_axolotl_pattern_is_the_trap_it_looks_like(tmp_path, tiny):
 
 
 def test_axolotl_config_keys(tmp_path, tiny):
-    out = grown(tmp_path, tiny, "inject: {every: 4}", stages="""stages:
+    out = grown(
+        tmp_path,
+        tiny,
+        "inject: {every: 4}",
+        stages="""stages:
   - name: injected-only
     trainable: [injected]
     datasets: [{path: data.jsonl}]
@@ -121,7 +137,8 @@ def test_axolotl_config_keys(tmp_path, tiny):
     trainable: [injected]
     lora: {r: 8, alpha: 16, targets: [o_proj, down_proj], quantize: 4}
     epochs: 2
-""")
+""",
+    )
     first, second = emitted(out, "axolotl").values()
     # Paths relative to the grown checkpoint's folder: the configs move with it.
     assert first["base_model"] == "." and first["output_dir"] == "../grown-injected-only-axolotl"
@@ -135,7 +152,11 @@ def test_axolotl_config_keys(tmp_path, tiny):
 
 
 def test_precision_runs_anywhere_and_each_header_says_how_to_turn_it_off(tmp_path, tiny):
-    out = grown(tmp_path, tiny, "inject: {every: 4}", stages="""stages:
+    out = grown(
+        tmp_path,
+        tiny,
+        "inject: {every: 4}",
+        stages="""stages:
   - name: bf
     trainable: [injected]
   - name: half
@@ -145,7 +166,8 @@ def test_precision_runs_anywhere_and_each_header_says_how_to_turn_it_off(tmp_pat
     trainable: [all]
     lora: {r: 4, alpha: 8, targets: [o_proj, down_proj]}
     precision: float32
-""")
+""",
+    )
     ax, lf, trl = (emitted(out, t) for t in ("axolotl", "llamafactory", "builtin"))
     assert (ax["bf"]["bf16"], ax["bf"]["fp16"]) == ("auto", False)
     assert (ax["half"]["bf16"], ax["half"]["fp16"]) == (False, True)
@@ -154,19 +176,25 @@ def test_precision_runs_anywhere_and_each_header_says_how_to_turn_it_off(tmp_pat
     assert lf["bf"]["bf16"] is True and lf["bf"]["fp16"] is False and trl["bf"]["training_arguments"]["bf16"] is True
     # Axolotl's auto-enabled fused LoRA kernels are Triton (CUDA): off, so the config also runs on a CPU.
     assert {k: ax["lora"][k] for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")} == dict.fromkeys(
-        ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"), False)
+        ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"), False
+    )
     assert not any("kernel" in k for k in ax["bf"])
-    head = {t: {p.name: p.read_text().split("\n---", 1)[0] for p in (out / "training" / t).glob("0*.yaml")}
-            for t in ("axolotl", "llamafactory", "builtin")}
+    head = {
+        t: {p.name: p.read_text().split("\n---", 1)[0] for p in (out / "training" / t).glob("0*.yaml")}
+        for t in ("axolotl", "llamafactory", "builtin")
+    }
     header = lambda t, f: "".join(line for line in head[t][f].splitlines() if line.startswith("#"))  # noqa: E731
     assert "Precision off: bf16: false" in header("axolotl", "01-bf.yaml")
     assert "Precision off (float32): fp16: false" in header("axolotl", "02-half.yaml")
-    assert "needs a CUDA GPU" in header("axolotl", "03-lora.yaml") and "set them to true" in header("axolotl", "03-lora.yaml")
+    assert "needs a CUDA GPU" in header("axolotl", "03-lora.yaml") and "set them to true" in header(
+        "axolotl", "03-lora.yaml"
+    )
     assert "bf16=false" in header("llamafactory", "01-bf.yaml") and "no auto" in header("llamafactory", "01-bf.yaml")
     assert "precision=float32" in header("builtin", "01-bf.yaml")
 
 
 # --- LLaMA-Factory ----------------------------------------------------------------------------------
+
 
 def llamafactory_freeze(cfg: dict, names: list[str], num_layers: int) -> set[str]:
     """LLaMA-Factory's freeze rule (model/adapter.py _setup_freeze_tuning), written out."""
@@ -178,26 +206,38 @@ def llamafactory_freeze(cfg: dict, names: list[str], num_layers: int) -> set[str
         ids = range(max(0, num_layers - n), num_layers)
     else:
         ids = range(min(-n, num_layers))
-    keys = [f".{i}." for i in ids] + (cfg.get("freeze_extra_modules") or "").split(",") * bool(cfg.get("freeze_extra_modules"))
+    keys = [f".{i}." for i in ids] + (cfg.get("freeze_extra_modules") or "").split(",") * bool(
+        cfg.get("freeze_extra_modules")
+    )
     return {name for name in names if any(k in name for k in keys)}
 
 
 def test_llamafactory_expresses_evenly_spaced_injected_layers(tmp_path, tiny):
-    out = grown(tmp_path, tiny, "inject: {every: 4}", stages=STAGES_LF)  # 15 layers, injected 4, 9, 14 = range(4, 15, 5)
+    out = grown(
+        tmp_path, tiny, "inject: {every: 4}", stages=STAGES_LF
+    )  # 15 layers, injected 4, 9, 14 = range(4, 15, 5)
     plan = load_plan(out)
     configs = emitted(out, "llamafactory")
     cfg = configs["injected-only"]
     assert cfg["finetuning_type"] == "freeze" and cfg["use_llama_pro"] is True and cfg["freeze_trainable_layers"] == 3
     names = real_names(out)
     assert llamafactory_freeze(cfg, names, 15) == set(plan.stages[0].parameters)
-    assert configs["embeddings"]["freeze_trainable_layers"] == -1 and configs["embeddings"]["freeze_extra_modules"] == "embed_tokens"
+    assert (
+        configs["embeddings"]["freeze_trainable_layers"] == -1
+        and configs["embeddings"]["freeze_extra_modules"] == "embed_tokens"
+    )
     assert configs["lora"]["finetuning_type"] == "lora" and configs["lora"]["lora_target"] == "q_proj,o_proj,down_proj"
     assert (out / "training" / "llamafactory" / "03-lora.merge.yaml").is_file()
 
 
 def test_llamafactory_refuses_what_it_cannot_express(tmp_path, tiny, cli):
     # 10 layers, K = 4: 12 output layers, injected 4 and 9; use_llama_pro would train 5 and 11.
-    out = grown(tmp_path, tiny, "inject: {every: 4}", layers=10, stages="""stages:
+    out = grown(
+        tmp_path,
+        tiny,
+        "inject: {every: 4}",
+        layers=10,
+        stages="""stages:
   - name: injected-only
     trainable: [injected]
   - name: top-and-head
@@ -208,13 +248,21 @@ def test_llamafactory_refuses_what_it_cannot_express(tmp_path, tiny, cli):
   - name: half-alpha
     trainable: [all]
     lora: {r: 4, alpha: 8.5, targets: [o_proj, down_proj]}
-""")
+""",
+    )
     folder = out / "training" / "llamafactory"
     assert not list(folder.glob("*.yaml"))
     reasons = {p.name: p.read_text() for p in folder.glob("*.refused.txt")}
-    assert set(reasons) == {"01-injected-only.refused.txt", "02-top-and-head.refused.txt", "03-lora-injected.refused.txt",
-                            "04-half-alpha.refused.txt"}
-    assert "output layers [4, 9] (the injected layers) are neither the first N, the last N, nor LLaMA Pro's" in reasons["01-injected-only.refused.txt"]
+    assert set(reasons) == {
+        "01-injected-only.refused.txt",
+        "02-top-and-head.refused.txt",
+        "03-lora-injected.refused.txt",
+        "04-half-alpha.refused.txt",
+    }
+    assert (
+        "output layers [4, 9] (the injected layers) are neither the first N, the last N, nor LLaMA Pro's"
+        in reasons["01-injected-only.refused.txt"]
+    )
     assert "model.layers.0.input_layernorm.weight" in reasons["02-top-and-head.refused.txt"]
     assert "evenly spaced" in reasons["03-lora-injected.refused.txt"]
     assert "8.5 is not an integer" in reasons["04-half-alpha.refused.txt"]
@@ -228,6 +276,7 @@ def test_llamafactory_refuses_what_it_cannot_express(tmp_path, tiny, cli):
 
 
 # --- the zero-initialised projections ----------------------------------------------------------------
+
 
 def test_lora_leaving_out_zeroed_projections_is_refused_unless_intended(tmp_path, tiny, cli):
     stages = """stages:
@@ -244,12 +293,15 @@ def test_lora_leaving_out_zeroed_projections_is_refused_unless_intended(tmp_path
     assert result.exit_code == 2 and "never move" in result.stderr
     result = cli("train", out, "--data", write_text(tmp_path / "t.txt", 10))
     assert result.exit_code == 2 and "never move" in result.stderr and "Traceback" not in result.stderr
-    meant = grown(tmp_path, tiny, "inject: {every: 4}", stages=stages % ", allow_frozen_injected: true", layers=8, name="meant")
+    meant = grown(
+        tmp_path, tiny, "inject: {every: 4}", stages=stages % ", allow_frozen_injected: true", layers=8, name="meant"
+    )
     assert not list((meant / "training").rglob("*.refused.txt")) and len(emitted(meant, "builtin")) == 1
     assert not [w for w in load_plan(meant).warnings if "never move" in w]
 
 
 # --- the built-in trainer's config; the command ----------------------------------------------------------
+
 
 def test_builtin_config_is_valid_training_arguments(tmp_path, tiny):
     from transformers import TrainingArguments
@@ -259,16 +311,25 @@ def test_builtin_config_is_valid_training_arguments(tmp_path, tiny):
     for stage, cfg in zip(plan.stages, emitted(out, "builtin").values()):
         TrainingArguments(output_dir=str(tmp_path / "x"), **cfg["training_arguments"])
         assert cfg["trainable_parameters"] == stage.parameters
-        listed = (out / "training" / "builtin" / f"{plan.stages.index(stage) + 1:02d}-{stage.name}.parameters.txt").read_text()
+        listed = (
+            out / "training" / "builtin" / f"{plan.stages.index(stage) + 1:02d}-{stage.name}.parameters.txt"
+        ).read_text()
         assert listed.split() == stage.parameters
     lora = emitted(out, "builtin")["lora"]["lora"]
-    assert lora["targets"] == ["q_proj", "o_proj", "down_proj"] and lora["all_layers"] and lora["layers_pattern"] == "layers"
+    assert (
+        lora["targets"] == ["q_proj", "o_proj", "down_proj"]
+        and lora["all_layers"]
+        and lora["layers_pattern"] == "layers"
+    )
 
 
 def test_emit_command(tmp_path, tiny, cli):
     base = tiny(layers=8)
-    recipe = write_recipe(tmp_path, f"base_model: {base}\ninject: {{every: 4}}\noutput: {tmp_path / 'm'}\n"
-                                    "stages:\n  - name: new\n    trainable: [injected]\n")
+    recipe = write_recipe(
+        tmp_path,
+        f"base_model: {base}\ninject: {{every: 4}}\noutput: {tmp_path / 'm'}\n"
+        "stages:\n  - name: new\n    trainable: [injected]\n",
+    )
     result = cli("emit", recipe)
     assert result.exit_code == 2 and "needs --output DIR" in result.stderr
     data = write_text(tmp_path / "d.txt", 5)
@@ -292,13 +353,22 @@ def test_chat_and_instruction_data_get_the_trainers_own_formats(tmp_path, tiny, 
     import json as _json
 
     chat, instruction = tmp_path / "chat.jsonl", tmp_path / "inst.jsonl"
-    chat.write_text(_json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    chat.write_text(
+        _json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n"
+    )
     instruction.write_text(_json.dumps({"instruction": "add", "input": "1 2", "output": "3"}) + "\n")
-    recipe = write_recipe(tmp_path, f"base_model: {tiny(layers=8)}\ninject: {{every: 4}}\noutput: {tmp_path / 'm'}\n"
-                                    "stages:\n  - name: new\n    trainable: [injected]\n")
-    for data, expected in ((chat, {"type": "chat_template", "field_messages": "messages",
-                                   "roles_to_train": ["system", "user", "assistant"]}),
-                           (instruction, {"type": "alpaca"})):
+    recipe = write_recipe(
+        tmp_path,
+        f"base_model: {tiny(layers=8)}\ninject: {{every: 4}}\noutput: {tmp_path / 'm'}\n"
+        "stages:\n  - name: new\n    trainable: [injected]\n",
+    )
+    for data, expected in (
+        (
+            chat,
+            {"type": "chat_template", "field_messages": "messages", "roles_to_train": ["system", "user", "assistant"]},
+        ),
+        (instruction, {"type": "alpaca"}),
+    ):
         out = tmp_path / f"cfg-{data.stem}"
         result = cli("emit", recipe, "-o", out, "--data", data)
         assert result.exit_code == 2 and "error: llamafactory: stage 'new'" in result.stderr  # a stage was refused
@@ -311,18 +381,28 @@ def test_chat_and_instruction_data_get_the_trainers_own_formats(tmp_path, tiny, 
 
 
 def test_recipe_rejects_steps_and_epochs_together(tmp_path, tiny, cli):
-    recipe = write_recipe(tmp_path, f"base_model: {tiny(layers=8)}\nstages:\n  - name: a\n    trainable: [all]\n"
-                                    "    max_steps: 10\n    epochs: 2\n")
+    recipe = write_recipe(
+        tmp_path,
+        f"base_model: {tiny(layers=8)}\nstages:\n  - name: a\n    trainable: [all]\n    max_steps: 10\n    epochs: 2\n",
+    )
     result = cli("validate", recipe)
     assert result.exit_code == 2
-    assert result.stderr.endswith(":6:13: stages[0].epochs: both max_steps (10) and epochs (2) are given; expected one of them\n")
+    assert result.stderr.endswith(
+        ":6:13: stages[0].epochs: both max_steps (10) and epochs (2) are given; expected one of them\n"
+    )
 
 
 # --- the trainers' own code, when installed ------------------------------------------------------------
 
+
 def _external_case(tmp_path, tiny):
     data = write_text(tmp_path / "train.txt", 20)
-    out = grown(tmp_path, tiny, "inject: {every: 4}", stages=STAGES_LF.replace("precision: float32", f"precision: float32\n    datasets: [{{path: {data}}}]"))
+    out = grown(
+        tmp_path,
+        tiny,
+        "inject: {every: 4}",
+        stages=STAGES_LF.replace("precision: float32", f"precision: float32\n    datasets: [{{path: {data}}}]"),
+    )
     return out, load_plan(out)
 
 
@@ -366,26 +446,45 @@ def test_llamafactory_own_validation_and_freezing(tmp_path, tiny):
 
 
 def test_emit_set_changes_stage_settings_of_a_grown_checkpoint(tmp_path, tiny, cli):
-    out = grown(tmp_path, tiny, "inject: {every: 4}", stages="""stages:
+    out = grown(
+        tmp_path,
+        tiny,
+        "inject: {every: 4}",
+        stages="""stages:
   - name: one
     trainable: [injected]
     epochs: 2
   - name: two
     trainable: [all]
     lora: {r: 4, alpha: 8, targets: [o_proj, down_proj]}
-""")
-    result = cli("emit", out, "-o", tmp_path / "cfg", "--set", "stages[*].precision=float32", "--set", "stages[1].lora.r=16",
-                 "--set", "stages[*].max_steps=7", "--set", "stages[*].epochs=null")
+""",
+    )
+    result = cli(
+        "emit",
+        out,
+        "-o",
+        tmp_path / "cfg",
+        "--set",
+        "stages[*].precision=float32",
+        "--set",
+        "stages[1].lora.r=16",
+        "--set",
+        "stages[*].max_steps=7",
+        "--set",
+        "stages[*].epochs=null",
+    )
     assert result.exit_code == 0, result.stderr
     ax, trl = emitted(tmp_path, "axolotl", "cfg"), emitted(tmp_path, "builtin", "cfg")
     assert [(c["bf16"], c["fp16"], c["max_steps"]) for c in ax.values()] == [(False, False, 7), (False, False, 7)]
     assert ax["two"]["lora_r"] == 16 and trl["two"]["lora"]["r"] == 16 and "num_epochs" not in ax["one"]
     assert not any(t["training_arguments"].get("bf16") for t in trl.values())
-    for bad, why in ((["--set", "inject.every=2"], "only the stages' training settings can change there"),
-                     (["--set", "stages[0].trainable=[all]"], "trainable decides which parameters train"),
-                     (["--set", "stages[1].lora.targets=[q_proj]"], "lora.targets decides which parameters train"),
-                     (["--set", "stages[*].precision=fp8"], "--set stages[*].precision=fp8: stages[0].precision"),
-                     (["--set", "stages[0].max_steps=3"], "both max_steps (3) and epochs (2) are given")):
+    for bad, why in (
+        (["--set", "inject.every=2"], "only the stages' training settings can change there"),
+        (["--set", "stages[0].trainable=[all]"], "trainable decides which parameters train"),
+        (["--set", "stages[1].lora.targets=[q_proj]"], "lora.targets decides which parameters train"),
+        (["--set", "stages[*].precision=fp8"], "--set stages[*].precision=fp8: stages[0].precision"),
+        (["--set", "stages[0].max_steps=3"], "both max_steps (3) and epochs (2) are given"),
+    ):
         result = cli("emit", out, "-o", tmp_path / "bad", *bad)
         assert result.exit_code == 2 and why in result.stderr and "Traceback" not in result.stderr, (bad, result.stderr)
 
@@ -395,7 +494,12 @@ def test_every_path_is_relative_to_the_checkpoint_folder(tmp_path, tiny, cli):
 
     (tmp_path / "data").mkdir()
     data = write_text(tmp_path / "data" / "train.txt", 5)
-    out = grown(tmp_path, tiny, "inject: {every: 4}", stages=STAGES.replace("precision: float32", f"precision: float32\n    datasets: [{{path: {data}}}]"))
+    out = grown(
+        tmp_path,
+        tiny,
+        "inject: {every: 4}",
+        stages=STAGES.replace("precision: float32", f"precision: float32\n    datasets: [{{path: {data}}}]"),
+    )
     for trainer in ("axolotl", "llamafactory", "builtin"):
         for path in (out / "training" / trainer).glob("0*.yaml"):
             text = path.read_text()

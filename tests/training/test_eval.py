@@ -25,7 +25,9 @@ def models(tmp_path_factory):
 def test_base_and_tli_output_give_equal_losses(models, cli):
     root, base, grown = models
     held = write_jsonl(root / "held.jsonl", 40)
-    result = cli("eval", base, grown, "--data", held, "--json", "--sequence-length", "64", "--output", root / "res" / "eval.json")
+    result = cli(
+        "eval", base, grown, "--data", held, "--json", "--sequence-length", "64", "--output", root / "res" / "eval.json"
+    )
     assert result.exit_code == 0, result.stderr
     first, second = json.loads(result.stdout)
     assert json.loads((root / "res" / "eval.json").read_text()) == [first, second]
@@ -50,9 +52,15 @@ def test_eval_errors(models, tmp_path, cli):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
     result = cli("eval", base, "--data", bad)
-    assert result.exit_code == 2 and f"{bad}:2: no string field 'text'" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.exit_code == 2
+        and f"{bad}:2: no string field 'text'" in result.stderr
+        and "Traceback" not in result.stderr
+    )
     other = build_tiny(tmp_path / "other", layers=2)  # no tokenizer of its own
     result = cli("eval", other, "--data", write_text(tmp_path / "t.txt", 3))
-    assert result.exit_code == 2 and "no tokenizer could be loaded" in result.stderr and "--tokenizer DIR" in result.stderr
+    assert (
+        result.exit_code == 2 and "no tokenizer could be loaded" in result.stderr and "--tokenizer DIR" in result.stderr
+    )
     result = cli("eval", other, base, "--data", write_text(tmp_path / "t.txt", 3), "--tokenizer", base)
     assert result.exit_code == 0, result.stderr

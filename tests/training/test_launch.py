@@ -53,8 +53,9 @@ def test_rank_zero_is_the_main_process(monkeypatch):
 def test_printed_launch_line_trains_with_two_processes(tmp_path, cli, monkeypatch):
     base = add_char_tokenizer(build_tiny(tmp_path / "base", layers=4))
     data = write_text(tmp_path / "train.txt", 30)
-    recipe = write_recipe(tmp_path, f"base_model: {base}\ninject: {{every: 2}}\noutput: {tmp_path / 'grown'}\n"
-                                    + STAGE.format(data=data))
+    recipe = write_recipe(
+        tmp_path, f"base_model: {base}\ninject: {{every: 2}}\noutput: {tmp_path / 'grown'}\n" + STAGE.format(data=data)
+    )
     assert cli("run", recipe, "--no-progress").exit_code == 0
     import torch
 
@@ -65,12 +66,21 @@ def test_printed_launch_line_trains_with_two_processes(tmp_path, cli, monkeypatc
     assert argv[:6] == ["accelerate", "launch", "--num_processes", "2", "--multi_gpu", "-m"] and argv[6] == "tli_recipe"
     # The printed line, run as it is on this machine without a GPU: torchrun starts 2 processes and the
     # Trainer runs DDP on the CPU over gloo. (`--cpu` would not do: accelerate then starts one process.)
-    argv[2:2] = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                 "--main_process_port", str(29500 + os.getpid() % 1000)]
+    argv[2:2] = [
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(29500 + os.getpid() % 1000),
+    ]
     accelerate = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([str(accelerate), *argv[1:]], capture_output=True, text=True, cwd=tmp_path, env=env,
-                            timeout=240)
+    result = subprocess.run(
+        [str(accelerate), *argv[1:]], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "grown-new"
     metrics = json.loads((out / "training_metrics.json").read_text())
@@ -95,8 +105,11 @@ def test_a_process_other_than_rank_0_writes_nothing(tmp_path, monkeypatch):
 
     base = add_char_tokenizer(build_tiny(tmp_path / "base", layers=4))
     data = write_text(tmp_path / "train.txt", 30)
-    recipe = write_recipe(tmp_path, f"base_model: {base}\ninject: {{every: 2}}\noutput: {tmp_path / 'grown'}\n"
-                                    + STAGE.format(data=data).replace("save_steps: 2", "save_steps: 100"))
+    recipe = write_recipe(
+        tmp_path,
+        f"base_model: {base}\ninject: {{every: 2}}\noutput: {tmp_path / 'grown'}\n"
+        + STAGE.format(data=data).replace("save_steps: 2", "save_steps: 100"),
+    )
     grown = execute_plan(compile_plan(load_recipe(recipe)), progress=False, log=lambda m: None)
     [cfg] = stage_configs(grown)
     monkeypatch.setenv("RANK", "1")
@@ -110,5 +123,9 @@ def test_a_process_other_than_rank_0_writes_nothing(tmp_path, monkeypatch):
     new = sorted(p.name for p in tmp_path.iterdir() if p.name not in before)
     assert new in ([], ["grown-new.partial"])
     # Only the Trainer's own per-process checkpoint state (each rank saves its random state).
-    work = [p.relative_to(tmp_path / "grown-new.partial") for p in (tmp_path / "grown-new.partial").rglob("*") if p.is_file()]
+    work = [
+        p.relative_to(tmp_path / "grown-new.partial")
+        for p in (tmp_path / "grown-new.partial").rglob("*")
+        if p.is_file()
+    ]
     assert all(p.name.startswith("rng_state") for p in work), work

@@ -39,12 +39,21 @@ def write_task(folder, name="tiny_mc", docs=DOCS, **fields) -> "os.PathLike":
     folder.mkdir(parents=True, exist_ok=True)
     rows = [{"context": c, "choices": ch, "answer": a} for c, ch, a in docs]
     (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = {"task": name, "dataset_path": "json",
-            "dataset_kwargs": {"data_files": {"test": f"{name}.jsonl"}, "cache_dir": str(folder / "cache")},
-            "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{context}}",
-            "doc_to_choice": "choices", "doc_to_target": "answer",
-            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}], **fields}
+    spec = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": f"{name}.jsonl"}, "cache_dir": str(folder / "cache")},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{context}}",
+        "doc_to_choice": "choices",
+        "doc_to_target": "answer",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+        **fields,
+    }
     path = folder / f"{name}.yaml"
     path.write_text(json.dumps(spec, indent=1))  # JSON is YAML
     return path
@@ -102,7 +111,9 @@ def scored(models):
 def test_tiny_task_runs_through_lm_eval(models, scored):
     root, base, grown, other = models
     task, rows = scored
-    assert [(r.model, r.task, r.samples) for r in rows] == [(str(m), "tiny_mc", len(DOCS)) for m in (base, grown, other)]
+    assert [(r.model, r.task, r.samples) for r in rows] == [
+        (str(m), "tiny_mc", len(DOCS)) for m in (base, grown, other)
+    ]
     for row, model in zip(rows, (base, grown, other)):
         assert (row.acc, row.acc_norm) == pytest.approx(expected_accuracy(model))
         n = len(DOCS)
@@ -114,8 +125,12 @@ def test_tiny_task_runs_through_lm_eval(models, scored):
 @pytest.mark.slow  # three models through lm-eval (a few seconds on 2 cores)
 def test_tli_output_scores_exactly_its_base(scored):
     base, grown, _ = scored[1]
-    assert (grown.acc, grown.acc_stderr, grown.acc_norm, grown.acc_norm_stderr) == \
-        (base.acc, base.acc_stderr, base.acc_norm, base.acc_norm_stderr)
+    assert (grown.acc, grown.acc_stderr, grown.acc_norm, grown.acc_norm_stderr) == (
+        base.acc,
+        base.acc_stderr,
+        base.acc_norm,
+        base.acc_norm_stderr,
+    )
 
 
 @pytest.mark.slow  # three models through lm-eval (a few seconds on 2 cores)
@@ -128,9 +143,16 @@ def test_table_and_json(scored):
     assert len(lines) == 3 and lines[0].split()[:3] == [rows[0].model, "tiny_mc", str(len(DOCS))]
     assert f"{rows[0].acc:.4f} ± {rows[0].acc_stderr:.4f}" in lines[0]
     data = json.loads(scores_json(rows))
-    assert data[0] == {"model": rows[0].model, "task": "tiny_mc", "samples": len(DOCS), "acc": rows[0].acc,
-                       "acc_stderr": rows[0].acc_stderr, "acc_norm": rows[0].acc_norm,
-                       "acc_norm_stderr": rows[0].acc_norm_stderr, "metrics": {}}
+    assert data[0] == {
+        "model": rows[0].model,
+        "task": "tiny_mc",
+        "samples": len(DOCS),
+        "acc": rows[0].acc,
+        "acc_stderr": rows[0].acc_stderr,
+        "acc_norm": rows[0].acc_norm,
+        "acc_norm_stderr": rows[0].acc_norm_stderr,
+        "metrics": {},
+    }
 
 
 def test_run_is_offline_and_restores_the_environment(models, tmp_path, monkeypatch):
@@ -153,7 +175,9 @@ def test_a_template_cannot_reach_python(models, tmp_path):
     from tli_recipe.training.lmeval import run_tasks
 
     marker = tmp_path / "pwned"
-    task = write_task(tmp_path / "task", doc_to_text="{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}")
+    task = write_task(
+        tmp_path / "task", doc_to_text="{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}"
+    )
     with pytest.raises(TliError, match=r"lm-eval (could not load it|failed).*(unsafe|SecurityError)"):
         run_tasks([models[1]], [str(task)], device="cpu")
     assert not marker.exists()
@@ -167,16 +191,21 @@ def test_without_lm_eval_the_message_names_the_extra(monkeypatch):
         TaskSet(["tiny.yaml"])
 
 
-@pytest.mark.parametrize("text, message", [
-    ("task: [unclosed\n", r"bad\.yaml:2:1: not valid YAML \(expected ',' or '\]'"),
-    ("task: t\nprocess_docs: !function utils.process\n", r"bad\.yaml:2:15: !function runs Python code"),
-    ("- a list\n", r"bad\.yaml: a list at the top level; expected a mapping"),
-    ("dataset_path: json\n", r"bad\.yaml: task: missing; expected the task's name"),
-    ("task: t\nclass: !!python/name:os.system\n", r"bad\.yaml:2:\d+: not valid YAML"),
-    ("task: t\ndataset_path: json\ndataset_kwargs: {data_files: {test: nothere.jsonl}}\n",
-     r"dataset_kwargs\.data_files: 'nothere\.jsonl' does not exist"),
-    ("include: bad.yaml\ntask: t\n", r"includes itself again"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("task: [unclosed\n", r"bad\.yaml:2:1: not valid YAML \(expected ',' or '\]'"),
+        ("task: t\nprocess_docs: !function utils.process\n", r"bad\.yaml:2:15: !function runs Python code"),
+        ("- a list\n", r"bad\.yaml: a list at the top level; expected a mapping"),
+        ("dataset_path: json\n", r"bad\.yaml: task: missing; expected the task's name"),
+        ("task: t\nclass: !!python/name:os.system\n", r"bad\.yaml:2:\d+: not valid YAML"),
+        (
+            "task: t\ndataset_path: json\ndataset_kwargs: {data_files: {test: nothere.jsonl}}\n",
+            r"dataset_kwargs\.data_files: 'nothere\.jsonl' does not exist",
+        ),
+        ("include: bad.yaml\ntask: t\n", r"includes itself again"),
+    ],
+)
 def test_bad_task_files_get_located_messages(tmp_path, text, message):
     from tli_recipe.training.lmeval import TaskSet
 
@@ -227,7 +256,10 @@ def test_eval_command_prints_one_table_and_writes_json(models, tmp_path, cli):
     assert result.exit_code == 0, result.stderr
     loss_table, task_table = result.stdout.strip().split("\n\n")
     assert loss_table.splitlines()[0].split()[:3] == ["model", "loss", "perplexity"]
-    assert [line.split()[:2] for line in task_table.splitlines()[1:]] == [[str(base), "tiny_mc"], [str(grown), "tiny_mc"]]
+    assert [line.split()[:2] for line in task_table.splitlines()[1:]] == [
+        [str(base), "tiny_mc"],
+        [str(grown), "tiny_mc"],
+    ]
     data = json.loads(report.read_text())
     assert data["models"] == [str(base), str(grown)] and len(data["loss"]) == 2
     assert report.with_suffix(".png").read_bytes()[:4] == b"\x89PNG" and "report.png" in result.stderr
@@ -263,11 +295,29 @@ def test_compare_adds_task_accuracy_at_init_and_after(tmp_path, cli):
     base = add_char_tokenizer(build_tiny(tmp_path / "base", layers=4))
     data = write_text(tmp_path / "train.txt")
     stage = "stages:\n  - name: new\n    trainable: [{t}]\n    learning_rate: 0.01\n"
-    recipes = [write_recipe(tmp_path, f"name: tli\nbase_model: {base}\ninject: {{every: 2}}\n" + stage.format(t="injected"), "tli.yaml"),
-               write_recipe(tmp_path, f"name: control\nbase_model: {base}\n" + stage.format(t="all"), "control.yaml")]
+    recipes = [
+        write_recipe(
+            tmp_path, f"name: tli\nbase_model: {base}\ninject: {{every: 2}}\n" + stage.format(t="injected"), "tli.yaml"
+        ),
+        write_recipe(tmp_path, f"name: control\nbase_model: {base}\n" + stage.format(t="all"), "control.yaml"),
+    ]
     task = write_task(tmp_path / "task")
-    args = ("--data", data, "--heldout", data, "--steps", "3", "--sequence-length", "32", "--batch-size", "2",
-            "--device", "cpu", "--tasks", task)
+    args = (
+        "--data",
+        data,
+        "--heldout",
+        data,
+        "--steps",
+        "3",
+        "--sequence-length",
+        "32",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--tasks",
+        task,
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: t\nprocess_docs: !function utils.process\n")
     result = cli("compare", *recipes, *args[:-1], bad, "--work", tmp_path / "refused")

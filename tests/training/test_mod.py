@@ -35,8 +35,11 @@ def data(tmp_path_factory) -> Path:
 
 
 def grow(tmp_path, base, data, steps=6, save=100, extra="") -> Path:
-    recipe = write_recipe(tmp_path, f"base_model: {base}\ninject: {{every: 4}}\noutput: {tmp_path / 'grown'}\n"
-                          + STAGE.format(data=data, steps=steps, save=save, extra=extra))
+    recipe = write_recipe(
+        tmp_path,
+        f"base_model: {base}\ninject: {{every: 4}}\noutput: {tmp_path / 'grown'}\n"
+        + STAGE.format(data=data, steps=steps, save=save, extra=extra),
+    )
     return execute_plan(compile_plan(load_recipe(recipe)), progress=False, log=lambda m: None)
 
 
@@ -106,7 +109,14 @@ def test_a_mod_stage_trains_the_stage_and_the_head_only(trained):
     stage = plan["stages"][0]
     assert stage["mod"]["layers"] == [7, 8, 9] and metrics["mod_head"] == "mod_head.safetensors"
     head = load_file(out / "mod_head.safetensors")
-    assert sorted(head) == ["gate", "norms.0.weight", "norms.1.weight", "norms.2.weight", "router.bias", "router.weight"]
+    assert sorted(head) == [
+        "gate",
+        "norms.0.weight",
+        "norms.1.weight",
+        "norms.2.weight",
+        "router.bias",
+        "router.weight",
+    ]
     assert head["gate"].item() != 0 and head["router.weight"].abs().sum() > 0  # the head trained
     assert metrics["trainable_parameters"] == stage["trainable_parameters"]
     assert stage["mod"]["head_parameters"] == 3 * 32 + 32 * 3 + 3 + 1
@@ -157,8 +167,10 @@ def test_an_interrupted_mod_stage_resumes_to_the_same_weights_and_head(tmp_path,
     assert (tmp_path / "grown-mod.partial" / "checkpoint-6" / "mod_head.safetensors").is_file()
     resumed = train_stage(cfg, progress=False, log=quiet)
     straight = train_stage(cfg.model_copy(update={"output_dir": str(tmp_path / "straight")}), progress=False, log=quiet)
-    for a, b in ((load_all(resumed), load_all(straight)),
-                 (load_file(resumed / mod.HEAD_FILE), load_file(straight / mod.HEAD_FILE))):
+    for a, b in (
+        (load_all(resumed), load_all(straight)),
+        (load_file(resumed / mod.HEAD_FILE), load_file(straight / mod.HEAD_FILE)),
+    ):
         for key in a:
             torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
 
@@ -172,15 +184,23 @@ def test_trainers_without_the_objective_refuse_it_with_the_reason(tmp_path, base
     assert list((grown / "training" / "builtin").glob("01-mod.yaml"))
 
 
-@pytest.mark.parametrize("body, message", [
-    ("    objective: mod\n    mod: {layers: 11}\n", "stages[0].mod.layers: an ensemble of the last 11 layers needs at least 11 layers; the output has 10"),
-    ("    objective: mod\n    mod: {distill_weight: -0.5}\n", "stages[0].mod.distill_weight: must be >= 0"),
-    ("    objective: mod\n    mod: {layers: 1}\n", "stages[0].mod.layers: must be >= 2"),
-    ("    mod: {layers: 3}\n", "stages[0].mod: mod settings without objective: mod"),
-    ("    objective: modd\n", "stages[0].objective:"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            "    objective: mod\n    mod: {layers: 11}\n",
+            "stages[0].mod.layers: an ensemble of the last 11 layers needs at least 11 layers; the output has 10",
+        ),
+        ("    objective: mod\n    mod: {distill_weight: -0.5}\n", "stages[0].mod.distill_weight: must be >= 0"),
+        ("    objective: mod\n    mod: {layers: 1}\n", "stages[0].mod.layers: must be >= 2"),
+        ("    mod: {layers: 3}\n", "stages[0].mod: mod settings without objective: mod"),
+        ("    objective: modd\n", "stages[0].objective:"),
+    ],
+)
 def test_bad_mod_settings_get_located_errors(tmp_path, base, body, message):
-    recipe = write_recipe(tmp_path, f"base_model: {base}\ninject: {{every: 4}}\nstages:\n  - name: s\n    trainable: [all]\n{body}")
+    recipe = write_recipe(
+        tmp_path, f"base_model: {base}\ninject: {{every: 4}}\nstages:\n  - name: s\n    trainable: [all]\n{body}"
+    )
     with pytest.raises(RecipeError) as err:
         compile_plan(load_recipe(recipe))
     text = str(err.value)
@@ -196,8 +216,11 @@ def test_a_head_file_that_does_not_fit_is_refused(trained, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(trained[1], bad)
     head = load_file(bad / mod.HEAD_FILE)
-    save_file({**head, "router.weight": head["router.weight"][:, :8].contiguous()}, str(bad / mod.HEAD_FILE),
-              metadata={"format": mod.FORMAT, "version": mod.VERSION, "layers": "[7, 8, 9]"})
+    save_file(
+        {**head, "router.weight": head["router.weight"][:, :8].contiguous()},
+        str(bad / mod.HEAD_FILE),
+        metadata={"format": mod.FORMAT, "version": mod.VERSION, "layers": "[7, 8, 9]"},
+    )
     with pytest.raises(TliError, match="do not match a head over layers"):
         mod.load(bad)
     save_file(head, str(bad / mod.HEAD_FILE), metadata={"format": "other"})

@@ -40,7 +40,9 @@ def data(tmp_path_factory) -> Path:
 
 
 def grow(tmp_path: Path, base: Path, stages: str) -> Path:
-    recipe = write_recipe(tmp_path, f"base_model: {base}\ninject: {{every: 4}}\noutput: {tmp_path / 'grown'}\nstages:\n{stages}")
+    recipe = write_recipe(
+        tmp_path, f"base_model: {base}\ninject: {{every: 4}}\noutput: {tmp_path / 'grown'}\nstages:\n{stages}"
+    )
     return execute_plan(compile_plan(load_recipe(recipe)), progress=False, log=lambda m: None)
 
 
@@ -59,7 +61,11 @@ def test_injected_only_stage_trains_exactly_the_injected_layers(tmp_path, base, 
     import os
     import stat
 
-    grown = grow(tmp_path, base, "  - name: injected-only\n    trainable: [injected]\n" + FAST.format(data=data, steps=12, save=100))
+    grown = grow(
+        tmp_path,
+        base,
+        "  - name: injected-only\n    trainable: [injected]\n" + FAST.format(data=data, steps=12, save=100),
+    )
     umask = os.umask(0o027)
     try:
         [out] = train_output(grown, progress=False, log=quiet)
@@ -98,14 +104,22 @@ def test_injected_only_stage_trains_exactly_the_injected_layers(tmp_path, base, 
 def test_lora_stage_merges_and_changes_only_the_adapted_weights(tmp_path, base, data):
     from transformers import AutoModelForCausalLM
 
-    grown = grow(tmp_path, base, "  - name: lora\n    trainable: [injected]\n"
-                                 "    lora: {r: 4, alpha: 8, targets: [q_proj, o_proj, down_proj]}\n"
-                                 + FAST.format(data=data, steps=6, save=100))
+    grown = grow(
+        tmp_path,
+        base,
+        "  - name: lora\n    trainable: [injected]\n"
+        "    lora: {r: 4, alpha: 8, targets: [q_proj, o_proj, down_proj]}\n"
+        + FAST.format(data=data, steps=6, save=100),
+    )
     [out] = train_output(grown, progress=False, log=quiet)
     AutoModelForCausalLM.from_pretrained(out)  # a plain transformers checkpoint: no peft needed to load it
     before, after = tensors(grown), tensors(out)
     assert sorted(before) == sorted(after)
-    adapted = {f"model.layers.{i}.{m}.weight" for i in (4, 9) for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")}
+    adapted = {
+        f"model.layers.{i}.{m}.weight"
+        for i in (4, 9)
+        for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")
+    }
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed == adapted
     assert (out / "adapter" / "adapter_config.json").is_file()
@@ -129,7 +143,9 @@ class _Interrupt:
 
 @pytest.mark.slow  # trains the tiny model twice
 def test_interrupted_stage_resumes_to_the_same_final_step(tmp_path, base, data):
-    grown = grow(tmp_path, base, "  - name: injected-only\n    trainable: [injected]\n" + FAST.format(data=data, steps=8, save=3))
+    grown = grow(
+        tmp_path, base, "  - name: injected-only\n    trainable: [injected]\n" + FAST.format(data=data, steps=8, save=3)
+    )
     [cfg] = stage_configs(grown)
     with pytest.raises(KeyboardInterrupt):
         train_stage(cfg, progress=False, log=quiet, callbacks=[_Interrupt(7)])
@@ -163,8 +179,12 @@ def _log_of(call) -> list[str]:
 
 
 def test_train_command_errors(tmp_path, base, data, cli):
-    grown = grow(tmp_path, base, "  - name: one\n    trainable: [injected]\n    max_steps: 2\n    precision: float32\n"
-                                 "  - name: two\n    trainable: [all]\n    lora: {r: 2, alpha: 4, targets: [o_proj, down_proj], quantize: 4}\n")
+    grown = grow(
+        tmp_path,
+        base,
+        "  - name: one\n    trainable: [injected]\n    max_steps: 2\n    precision: float32\n"
+        "  - name: two\n    trainable: [all]\n    lora: {r: 2, alpha: 4, targets: [o_proj, down_proj], quantize: 4}\n",
+    )
     result = cli("train", grown)
     assert result.exit_code == 2 and "error: stage 'one' has no training data: pass --data FILE" in result.stderr
     result = cli("train", grown, "--stage", "two", "--data", data)
@@ -176,19 +196,25 @@ def test_train_command_errors(tmp_path, base, data, cli):
     result = cli("train", "--config", grown / "training" / "builtin" / "02-two.yaml", "--data", data)
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     result = cli("train", grown, "--print-launch", "--data", data)
-    assert result.exit_code == 0 and result.stdout.startswith("accelerate launch --num_processes 1 -m tli_recipe train ")
+    assert result.exit_code == 0 and result.stdout.startswith(
+        "accelerate launch --num_processes 1 -m tli_recipe train "
+    )
     result = cli("train", grown, "--data", tmp_path / "missing.txt")
     assert result.exit_code == 2 and "missing.txt: no such file" in result.stderr
 
 
 def test_train_from_an_emitted_config(tmp_path, base, data, cli):
-    grown = grow(tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data=data, steps=3, save=100))
+    grown = grow(
+        tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data=data, steps=3, save=100)
+    )
     # The configs' paths are relative to the checkpoint's folder: they still work once it has moved.
     moved = tmp_path / "elsewhere" / "grown"
     moved.parent.mkdir()
     grown.rename(moved)
     config = moved / "training" / "builtin" / "01-new.yaml"
-    assert "/" not in yaml.safe_load(config.read_text())["model"] and yaml.safe_load(config.read_text())["root"] == "../.."
+    assert (
+        "/" not in yaml.safe_load(config.read_text())["model"] and yaml.safe_load(config.read_text())["root"] == "../.."
+    )
     result = cli("train", "--config", config, "--into", tmp_path / "stages", "--no-progress", "--data", data)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(tmp_path / "stages" / "new")
@@ -197,15 +223,32 @@ def test_train_from_an_emitted_config(tmp_path, base, data, cli):
 
 @pytest.mark.slow
 def test_train_flags_change_the_stage_settings(tmp_path, base, data, cli):
-    grown = grow(tmp_path, base, "  - name: new\n    trainable: [injected]\n    epochs: 3\n" + FAST.format(data=data, steps=50, save=100)
-                 .replace("    max_steps: 50\n", ""))
+    grown = grow(
+        tmp_path,
+        base,
+        "  - name: new\n    trainable: [injected]\n    epochs: 3\n"
+        + FAST.format(data=data, steps=50, save=100).replace("    max_steps: 50\n", ""),
+    )
     result = cli("train", grown, "--report-to", "tensorboard")
-    assert result.exit_code == 2 and "--report-to tensorboard: tensorboard is not installed; pip install tensorboard" in result.stderr
+    assert (
+        result.exit_code == 2
+        and "--report-to tensorboard: tensorboard is not installed; pip install tensorboard" in result.stderr
+    )
     result = cli("train", grown, "--set", "inject.every=2")
     assert result.exit_code == 2 and "only the stages' training settings can change" in result.stderr
     result = cli("train", grown, "--print-launch", "--max-steps", "2", "--set", "stages[*].batch_size=2")
     assert "--set 'stages[*].batch_size=2' --max-steps 2" in result.stdout
-    result = cli("train", grown, "--no-progress", "--max-steps", "2", "--learning-rate", "0.003", "--set", "stages[*].batch_size=2")
+    result = cli(
+        "train",
+        grown,
+        "--no-progress",
+        "--max-steps",
+        "2",
+        "--learning-rate",
+        "0.003",
+        "--set",
+        "stages[*].batch_size=2",
+    )
     assert result.exit_code == 0, result.stderr
     out = tmp_path / "grown-new"
     metrics = json.loads((out / "training_metrics.json").read_text())
@@ -216,12 +259,27 @@ def test_train_flags_change_the_stage_settings(tmp_path, base, data, cli):
 
 @pytest.mark.slow
 def test_chat_data_trains_and_needs_a_chat_template(tmp_path, base, cli):
-    grown = grow(tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data="x", steps=2, save=100)
-                 .replace("    datasets: [{path: x}]\n", ""))
+    grown = grow(
+        tmp_path,
+        base,
+        "  - name: new\n    trainable: [injected]\n"
+        + FAST.format(data="x", steps=2, save=100).replace("    datasets: [{path: x}]\n", ""),
+    )
     chat = tmp_path / "chat.jsonl"
-    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i} " * 3},
-                                                     {"role": "assistant", "content": f"answer {i} " * 3}]}) + "\n"
-                            for i in range(40)))
+    chat.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"question {i} " * 3},
+                        {"role": "assistant", "content": f"answer {i} " * 3},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(40)
+        )
+    )
     result = cli("train", grown, "--data", chat, "--no-progress")
     assert result.exit_code == 2 and "chat.jsonl:1: a chat" in result.stderr and "has none" in result.stderr
     config = json.loads((grown / "tokenizer_config.json").read_text())
@@ -234,7 +292,9 @@ def test_chat_data_trains_and_needs_a_chat_template(tmp_path, base, cli):
 
 @pytest.mark.slow
 def test_verify_on_a_trained_stage_says_what_verify_checks(tmp_path, base, data, cli):
-    grown = grow(tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data=data, steps=1, save=100))
+    grown = grow(
+        tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data=data, steps=1, save=100)
+    )
     [out] = train_output(grown, progress=False, log=quiet)
     result = cli("verify", out)
     assert result.exit_code == 2 and "Traceback" not in result.stderr
@@ -248,24 +308,38 @@ def test_plan_counts_lora_parameters_as_peft_does(tmp_path, base):
 
     from tli_recipe.execute.verify import load_plan
 
-    grown = grow(tmp_path, base, "  - name: lora\n    trainable: [{layers: [2, 7]}]\n"
-                                 "    lora: {r: 4, alpha: 8, targets: [q_proj, v_proj, down_proj]}\n")
+    grown = grow(
+        tmp_path,
+        base,
+        "  - name: lora\n    trainable: [{layers: [2, 7]}]\n"
+        "    lora: {r: 4, alpha: 8, targets: [q_proj, v_proj, down_proj]}\n",
+    )
     stage = load_plan(grown).stages[0]
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(grown), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=list(range(2, 7)),
-        layers_pattern="layers"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(grown),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            layers_to_transform=list(range(2, 7)),
+            layers_pattern="layers",
+        ),
+    )
     trainable, _ = model.get_nb_trainable_parameters()
     assert stage.trainable_parameters == trainable > 0
     assert stage.trainable_parameters < sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n) // 10
 
 
 def test_every_progress_bar_names_its_stage_and_phase(tmp_path, base, data, capfd):
-    grown = grow(tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data=data, steps=4, save=100))
+    grown = grow(
+        tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data=data, steps=4, save=100)
+    )
     train_output(grown, progress=True, log=quiet)
     err = capfd.readouterr().err
     for label in ("stage 'new': validation before training", "stage 'new': training", "stage 'new': final validation"):
         assert label in err, label
     assert err.index("validation before training") < err.index("stage 'new': training") < err.index("final validation")
+
 
 @pytest.mark.parametrize("missing", [("peft",), ("accelerate",), ("peft", "accelerate")])
 def test_train_without_the_train_extra_says_how_to_install_it(tmp_path, cli, monkeypatch, missing):
@@ -277,4 +351,6 @@ def test_train_without_the_train_extra_says_how_to_install_it(tmp_path, cli, mon
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: training needs the train extra (") and result.stderr.count("\n") == 1
     assert all(name in result.stderr.split("(")[1] for name in missing)  # peft also fails without accelerate
-    assert result.stderr.endswith("not installed); expected `pip install 'tli-recipe[train]'` (peft, accelerate>=1.1, matplotlib)\n")
+    assert result.stderr.endswith(
+        "not installed); expected `pip install 'tli-recipe[train]'` (peft, accelerate>=1.1, matplotlib)\n"
+    )

@@ -23,8 +23,10 @@ def tensors(folder) -> dict[str, torch.Tensor]:
 def test_router_only_stage_changes_only_the_routers(tmp_path):
     base = add_char_tokenizer(build_tiny(tmp_path / "base", layers=2))
     data = write_text(tmp_path / "train.txt", 100)
-    recipe = write_recipe(tmp_path, f"""base_model: {base}
-output: {tmp_path / 'moe'}
+    recipe = write_recipe(
+        tmp_path,
+        f"""base_model: {base}
+output: {tmp_path / "moe"}
 upcycle: {{experts: 2, top_k: 2, router: {{random: 0.02}}}}
 stages:
   - name: routers
@@ -36,7 +38,8 @@ stages:
     sequence_length: 32
     precision: float32
     validation_fraction: 0.0
-""")
+""",
+    )
     grown = execute_plan(compile_plan(load_recipe(recipe)), progress=False, log=lambda m: None)
     [out] = train_output(grown, progress=False, log=lambda m: None)
     before, after = tensors(grown), tensors(out)

@@ -26,7 +26,6 @@ def main() -> None:
     """
 
 
-
 for _module in (build, training, recipes):
     for _command in _module.COMMANDS:
         main.add_command(_command)

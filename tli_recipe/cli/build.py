@@ -54,16 +54,38 @@ def plan(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
 @click.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output directory (default: the recipe's output, else out/<name>).")
-@click.option("--device", default="auto", show_default=True, help="Where tensor arithmetic runs: auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False),
+    help="Output directory (default: the recipe's output, else out/<name>).",
+)
+@click.option(
+    "--device", default="auto", show_default=True, help="Where tensor arithmetic runs: auto, cpu, cuda or cuda:N."
+)
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-@click.option("--sync", is_flag=True, help="fsync every output file before the final rename (durable against power loss; slower).")
+@click.option(
+    "--sync", is_flag=True, help="fsync every output file before the final rename (durable against power loss; slower)."
+)
 @click.option("--rehash", is_flag=True, help="Hash every source byte (ignore hub blob names and the digest cache).")
-@click.option("--offline", is_flag=True, help="Never download: a hub id must be in the local Hugging Face cache (as HF_HUB_OFFLINE=1).")
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Never download: a hub id must be in the local Hugging Face cache (as HF_HUB_OFFLINE=1).",
+)
 @reported
-def run(recipe: str, overrides: tuple[str, ...], output: str | None, device: str, force: bool, no_progress: bool,
-        sync: bool, rehash: bool, offline: bool) -> None:
+def run(
+    recipe: str,
+    overrides: tuple[str, ...],
+    output: str | None,
+    device: str,
+    force: bool,
+    no_progress: bool,
+    sync: bool,
+    rehash: bool,
+    offline: bool,
+) -> None:
     """Write the grown checkpoint: shards, index, config, tokenizer, recipe, plan.json, model card.
 
     A hub id not in the local Hugging Face cache is downloaded first (config, safetensors, tokenizer
@@ -73,14 +95,29 @@ def run(recipe: str, overrides: tuple[str, ...], output: str | None, device: str
         click.echo(f"warning: {warning}", err=True)
     from tli_recipe import execute_plan
 
-    click.echo(f"output: {Path(output or compiled.output).resolve()}", err=True)  # where a shared recipe makes run write
-    execute_plan(compiled, output, device=device, force=force, progress=not no_progress, sync=sync, rehash=rehash,
-                 log=lambda msg: click.echo(msg, err=True))
+    click.echo(
+        f"output: {Path(output or compiled.output).resolve()}", err=True
+    )  # where a shared recipe makes run write
+    execute_plan(
+        compiled,
+        output,
+        device=device,
+        force=force,
+        progress=not no_progress,
+        sync=sync,
+        rehash=rehash,
+        log=lambda msg: click.echo(msg, err=True),
+    )
 
 
 @click.command()
 @click.argument("output", type=click.Path(file_okay=False, exists=True))
-@click.option("--atol", default=1e-5, show_default=True, help="Largest allowed |logits - base logits| for a function-preserving plan.")
+@click.option(
+    "--atol",
+    default=1e-5,
+    show_default=True,
+    help="Largest allowed |logits - base logits| for a function-preserving plan.",
+)
 @click.option("--no-tensors", is_flag=True, help="Skip the tensor-by-tensor check against the plan.")
 @click.option("--no-logits", is_flag=True, help="Skip loading both models with transformers.")
 @click.option("--device", default="cpu", show_default=True, help="Device for the logits comparison.")
@@ -92,7 +129,9 @@ def verify(output: str, atol: float, no_tensors: bool, no_logits: bool, device: 
 
     report = verify_output(output, atol=atol, tensors=not no_tensors, logits=not no_logits, device=device)
     if not no_tensors:
-        click.echo(f"tensors: {report.tensors_checked} checked against the plan, {len(report.tensor_problems)} problems")
+        click.echo(
+            f"tensors: {report.tensors_checked} checked against the plan, {len(report.tensor_problems)} problems"
+        )
     if report.max_abs_diff is not None:
         verdict = ("within" if report.max_abs_diff <= atol else "BEYOND") + f" tolerance {atol:g}"
         if not report.function_preserving:

@@ -18,6 +18,7 @@ SET_HELP = "Override a recipe field: key.path=value (value parsed as YAML), e.g.
 
 def reported(func):
     """Turn the project's errors into messages and exit codes (2: bad input, 1: failed check)."""
+
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
@@ -35,6 +36,7 @@ def reported(func):
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written", err=True)
             sys.exit(130)
+
     return wrapper
 
 
@@ -44,8 +46,9 @@ def load(recipe: str, overrides: tuple[str, ...]):
     return load_recipe(recipe, overrides)
 
 
-def compile_recipe(recipe: str, overrides: tuple[str, ...], fetch: str = "headers", offline: bool = False,
-                   progress: bool = True):
+def compile_recipe(
+    recipe: str, overrides: tuple[str, ...], fetch: str = "headers", offline: bool = False, progress: bool = True
+):
     """Load and compile a recipe; a hub id not in the cache is fetched as ``fetch`` says (plan: config, index and
     headers; run: the files), its progress and what was fetched on stderr."""
     from tli_recipe import compile_plan
@@ -53,5 +56,3 @@ def compile_recipe(recipe: str, overrides: tuple[str, ...], fetch: str = "header
 
     access = Access(fetch=fetch, offline=offline, progress=progress, log=lambda msg: click.echo(msg, err=True))
     return compile_plan(load(recipe, overrides), access)
-
-

@@ -16,8 +16,10 @@ import click
 from tli_recipe.cli.common import reported
 from tli_recipe.errors import RecipeError, TliError
 
-CONFIGS_HELP = ("Folder of stored configs (org__name/config.json) for models that are neither local nor in the "
-                "Hugging Face cache; repeatable. Default: $TLI_RECIPE_CONFIGS, else the configs shipped in the package.")
+CONFIGS_HELP = (
+    "Folder of stored configs (org__name/config.json) for models that are neither local nor in the "
+    "Hugging Face cache; repeatable. Default: $TLI_RECIPE_CONFIGS, else the configs shipped in the package."
+)
 
 
 def _configs(given: tuple[str, ...]) -> list[Path]:
@@ -35,12 +37,20 @@ def _write(path: Path, text: str) -> None:
 
 @click.command()
 @click.argument("template", type=click.Path(dir_okay=False))
-@click.option("--var", "var_items", multiple=True, metavar="NAME=VALUE", help="A template variable, parsed as its declared type. Repeatable.")
+@click.option(
+    "--var",
+    "var_items",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A template variable, parsed as its declared type. Repeatable.",
+)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write the recipe here instead of stdout.")
 @click.option("--configs", multiple=True, type=click.Path(file_okay=False), help=CONFIGS_HELP)
 @click.option("--force", is_flag=True, help="Replace an existing --output file whose text differs.")
 @reported
-def render(template: str, var_items: tuple[str, ...], output: str | None, configs: tuple[str, ...], force: bool) -> None:
+def render(
+    template: str, var_items: tuple[str, ...], output: str | None, configs: tuple[str, ...], force: bool
+) -> None:
     """Render one recipe from a template (sandboxed jinja2) and validate it.
 
     The recipe is also planned when its base model's config is found (local, hub cache or
@@ -65,29 +75,54 @@ def render(template: str, var_items: tuple[str, ...], output: str | None, config
     path = Path(output)
     if os.path.lexists(path):
         if path.is_symlink() or not path.is_file():
-            raise TliError(f"{output} exists and is not a regular file; nothing was written; remove it or choose another --output")
+            raise TliError(
+                f"{output} exists and is not a regular file; nothing was written; remove it or choose another --output"
+            )
         data = rendered.text.encode("utf-8")
         if path.stat().st_size == len(data) and path.read_bytes() == data:
             click.echo(f"unchanged {output}", err=True)
             return
         if not force:  # like `variants`: a recipe edited by hand is not lost to a re-render
-            raise TliError(f"{output} exists and differs from the rendering; nothing was written; "
-                           "pass --force to replace it (or choose another --output)")
+            raise TliError(
+                f"{output} exists and differs from the rendering; nothing was written; "
+                "pass --force to replace it (or choose another --output)"
+            )
     _write(path, rendered.text)
     click.echo(f"wrote {output}", err=True)
 
 
 @click.command()
 @click.argument("source", type=click.Path(dir_okay=False))
-@click.option("--var", "var_items", multiple=True, metavar="NAME=VALUE", help="A value every combination shares. Repeatable.")
-@click.option("--grid", "grid_items", multiple=True, metavar="NAME=V1,V2", help="Values of one variable to sweep; one recipe per combination of all --grid options. Repeatable.")
-@click.option("--out-dir", type=click.Path(file_okay=False), help="Where the recipes go (default: the matrix file's out_dir).")
+@click.option(
+    "--var", "var_items", multiple=True, metavar="NAME=VALUE", help="A value every combination shares. Repeatable."
+)
+@click.option(
+    "--grid",
+    "grid_items",
+    multiple=True,
+    metavar="NAME=V1,V2",
+    help="Values of one variable to sweep; one recipe per combination of all --grid options. Repeatable.",
+)
+@click.option(
+    "--out-dir", type=click.Path(file_okay=False), help="Where the recipes go (default: the matrix file's out_dir)."
+)
 @click.option("--configs", multiple=True, type=click.Path(file_okay=False), help=CONFIGS_HELP)
 @click.option("--force", is_flag=True, help="Replace existing recipes whose text differs.")
-@click.option("--check", is_flag=True, help="Write nothing; exit 1 when a recipe on disk differs from its rendering or is missing.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Write nothing; exit 1 when a recipe on disk differs from its rendering or is missing.",
+)
 @reported
-def variants(source: str, var_items: tuple[str, ...], grid_items: tuple[str, ...], out_dir: str | None,
-             configs: tuple[str, ...], force: bool, check: bool) -> None:
+def variants(
+    source: str,
+    var_items: tuple[str, ...],
+    grid_items: tuple[str, ...],
+    out_dir: str | None,
+    configs: tuple[str, ...],
+    force: bool,
+    check: bool,
+) -> None:
     """Write one recipe per combination of a template's variables.
 
     SOURCE is a template (.yaml.j2, with --var and --grid) or a matrix file (.yaml: template,
@@ -104,7 +139,9 @@ def variants(source: str, var_items: tuple[str, ...], grid_items: tuple[str, ...
         sweep = sweep_from_options(source, var_items, grid_items)
     else:
         if var_items or grid_items:
-            raise TliError(f"{source} is a matrix file: its vars and grid replace --var and --grid; edit the file, or pass the template itself")
+            raise TliError(
+                f"{source} is a matrix file: its vars and grid replace --var and --grid; edit the file, or pass the template itself"
+            )
         sweep = sweep_from_matrix(source, out_dir_given=out_dir is not None)
     target = Path(out_dir) if out_dir else sweep.out_dir
     if target is None:
@@ -118,21 +155,28 @@ def variants(source: str, var_items: tuple[str, ...], grid_items: tuple[str, ...
     if check:
         _table(made, {f: ("missing" if s == "new" else s) for f, s in status.items()})
         if drift:
-            click.echo(f"{len(drift)} of {len(made)} recipes differ from their template's rendering or are missing; "
-                       f"regenerate them: tli-recipe variants {source}{' --force' if any(status[f] == 'differs' for f in drift) else ''}", err=True)
+            click.echo(
+                f"{len(drift)} of {len(made)} recipes differ from their template's rendering or are missing; "
+                f"regenerate them: tli-recipe variants {source}{' --force' if any(status[f] == 'differs' for f in drift) else ''}",
+                err=True,
+            )
             sys.exit(1)
         click.echo(f"ok: {len(made)} recipes match their template", err=True)
         return
     clash = [str(f) for f, s in status.items() if s == "differs"]
     if clash and not force:
-        raise TliError(f"{len(clash)} recipes exist and differ from the rendering: {', '.join(clash)}; nothing was written; "
-                       "pass --force to replace them (see the change with --check, then git diff)")
+        raise TliError(
+            f"{len(clash)} recipes exist and differ from the rendering: {', '.join(clash)}; nothing was written; "
+            "pass --force to replace them (see the change with --check, then git diff)"
+        )
     foreign = [str(f) for f in map(Path, clash) if not sweep.owns(f.read_text(encoding="utf-8"))]
     if foreign:  # --force replaces this sweep's own files only, never a hand-written or another sweep's recipe
-        raise TliError(f"{len(foreign)} recipes exist and were not generated by `{sweep.generated['command']}`"
-                       + ("" if sweep.generated["matrix"] else " (or another grid of the same template)")
-                       + f": {', '.join(foreign)}; nothing was written, not even with --force; choose another --out-dir, "
-                       "or move those files away first")
+        raise TliError(
+            f"{len(foreign)} recipes exist and were not generated by `{sweep.generated['command']}`"
+            + ("" if sweep.generated["matrix"] else " (or another grid of the same template)")
+            + f": {', '.join(foreign)}; nothing was written, not even with --force; choose another --out-dir, "
+            "or move those files away first"
+        )
     for v in made:
         if status[v.file] != "unchanged":
             _write(v.file, v.rendered.text)
@@ -148,7 +192,16 @@ def _table(made, status) -> None:
         plan = v.rendered.plan
         layers = f"{plan.totals.layers_before} -> {plan.totals.layers_after}" if plan else "?"
         params = human_count(plan.totals.parameters_after) if plan else "?"
-        rows.append((v.rendered.loaded.recipe.name or v.file.stem, str(v.file), layers, params, v.rendered.found, status[v.file]))
+        rows.append(
+            (
+                v.rendered.loaded.recipe.name or v.file.stem,
+                str(v.file),
+                layers,
+                params,
+                v.rendered.found,
+                status[v.file],
+            )
+        )
     click.echo(format_columns(rows))
 
 
@@ -205,8 +258,10 @@ def diff(a: str, b: str, configs: tuple[str, ...]) -> None:
     (pa, fa), (pb, fb) = plan_recipe(la, a, configs=stored), plan_recipe(lb, b, configs=stored)
     missing = [f"{ld.recipe.base_model} ({path})" for ld, p, path in ((la, pa, a), (lb, pb, b)) if p is None]
     if missing:
-        click.echo(f"\nplans not compared: no config of {', '.join(missing)} (not local, not in the hub cache, not in the "
-                   "stored configs); give --configs DIR")
+        click.echo(
+            f"\nplans not compared: no config of {', '.join(missing)} (not local, not in the hub cache, not in the "
+            "stored configs); give --configs DIR"
+        )
         return
     click.echo(f"\nplans (A | B; configs from: {fa} | {fb})")
     for line in diff_plans(pa, pb):
@@ -215,9 +270,16 @@ def diff(a: str, b: str, configs: tuple[str, ...]) -> None:
 
 @click.command()
 @click.argument("model")
-@click.option("--offline", is_flag=True, help="Only the local cache: a branch resolves through the cache's refs/, which may be stale.")
-@click.option("--rehash", is_flag=True, help="Hash every local file, even those whose digest is known from a hub blob name "
-                                             "or the digest cache.")
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Only the local cache: a branch resolves through the cache's refs/, which may be stale.",
+)
+@click.option(
+    "--rehash",
+    is_flag=True,
+    help="Hash every local file, even those whose digest is known from a hub blob name or the digest cache.",
+)
 @reported
 def pin(model: str, offline: bool, rehash: bool) -> None:
     """Print a base_model block pinning MODEL (a directory or a hub id) to its revision and the sha256

@@ -16,25 +16,55 @@ from tli_recipe.cli.common import SET_HELP, reported
 from tli_recipe.errors import TliError
 from tli_recipe.training.emit import TRAINERS
 
-DATA_HELP = ("Training text: a plain-text file (one document per line) or JSONL with a 'text' field; repeatable. "
-             "Replaces the stages' datasets.")
+DATA_HELP = (
+    "Training text: a plain-text file (one document per line) or JSONL with a 'text' field; repeatable. "
+    "Replaces the stages' datasets."
+)
 
 
 @click.command()
 @click.argument("source", type=click.Path(exists=True))
-@click.option("--format", "formats", type=click.Choice([*TRAINERS, "all"]), multiple=True, default=("all",),
-              show_default=True, help="Which trainer's configs to write; repeatable.")
-@click.option("--stage", "stages", multiple=True, metavar="NAME", help="Only this stage (repeatable; default: every stage).")
+@click.option(
+    "--format",
+    "formats",
+    type=click.Choice([*TRAINERS, "all"]),
+    multiple=True,
+    default=("all",),
+    show_default=True,
+    help="Which trainer's configs to write; repeatable.",
+)
+@click.option(
+    "--stage", "stages", multiple=True, metavar="NAME", help="Only this stage (repeatable; default: every stage)."
+)
 @click.option("--data", multiple=True, type=click.Path(dir_okay=False), help=DATA_HELP)
-@click.option("--output", "-o", type=click.Path(file_okay=False),
-              help="Folder for the configs (default: SOURCE/training when SOURCE is a grown checkpoint).")
-@click.option("--model-dir", type=click.Path(file_okay=False),
-              help="With a recipe: where the grown checkpoint is or will be (default: the recipe's output).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help=SET_HELP + " On a grown checkpoint: stage settings only, such as 'stages[*].precision=float32'.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False),
+    help="Folder for the configs (default: SOURCE/training when SOURCE is a grown checkpoint).",
+)
+@click.option(
+    "--model-dir",
+    type=click.Path(file_okay=False),
+    help="With a recipe: where the grown checkpoint is or will be (default: the recipe's output).",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help=SET_HELP + " On a grown checkpoint: stage settings only, such as 'stages[*].precision=float32'.",
+)
 @reported
-def emit(source: str, formats: tuple[str, ...], stages: tuple[str, ...], data: tuple[str, ...], output: str | None,
-         model_dir: str | None, overrides: tuple[str, ...]) -> None:
+def emit(
+    source: str,
+    formats: tuple[str, ...],
+    stages: tuple[str, ...],
+    data: tuple[str, ...],
+    output: str | None,
+    model_dir: str | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Write one training config per stage for Axolotl, LLaMA-Factory and the built-in trainer.
 
     SOURCE is a directory written by `run` (its plan.json) or a recipe file. The configs
@@ -56,14 +86,18 @@ def emit(source: str, formats: tuple[str, ...], stages: tuple[str, ...], data: t
 
         plan = compile_recipe(source, overrides)
         if output is None:
-            raise TliError(f"{source}: emitting from a recipe needs --output DIR (`run` writes the configs into the "
-                           "grown checkpoint by itself)")
+            raise TliError(
+                f"{source}: emitting from a recipe needs --output DIR (`run` writes the configs into the "
+                "grown checkpoint by itself)"
+            )
         folder = Path(output)
         where = Path(model_dir or plan.output)
     if not plan.stages:
         raise TliError(f"{source}: the recipe defines no stages; nothing to emit (add `stages`, see README: Recipes)")
     chosen = TRAINERS if "all" in formats else tuple(dict.fromkeys(formats))
-    written, refusals = write_training_configs(plan, folder, where, formats=chosen, stages=stages or None, data=data or None)
+    written, refusals = write_training_configs(
+        plan, folder, where, formats=chosen, stages=stages or None, data=data or None
+    )
     for file in written:
         click.echo(f"wrote {file}")
     if refusals:
@@ -73,27 +107,69 @@ def emit(source: str, formats: tuple[str, ...], stages: tuple[str, ...], data: t
 @click.command()
 @click.argument("model_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--data", multiple=True, type=click.Path(dir_okay=False), help=DATA_HELP)
-@click.option("--stage", "stages", multiple=True, metavar="NAME|all", help="Stage to train (repeatable; default: all, in order).")
-@click.option("--config", "config", type=click.Path(dir_okay=False, exists=True),
-              help="Train one stage from a config written by `emit --format builtin` (instead of MODEL_DIR).")
-@click.option("--into", type=click.Path(file_okay=False), help="Write stage N to INTO/<stage> (default: MODEL_DIR-<stage>, beside it).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (one process; several GPUs: --print-launch).")
-@click.option("--tokenizer", type=click.Path(file_okay=False, exists=True), help="Tokenizer directory when the checkpoint has none.")
+@click.option(
+    "--stage", "stages", multiple=True, metavar="NAME|all", help="Stage to train (repeatable; default: all, in order)."
+)
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Train one stage from a config written by `emit --format builtin` (instead of MODEL_DIR).",
+)
+@click.option(
+    "--into",
+    type=click.Path(file_okay=False),
+    help="Write stage N to INTO/<stage> (default: MODEL_DIR-<stage>, beside it).",
+)
+@click.option(
+    "--device", default="auto", show_default=True, help="auto, cpu or cuda (one process; several GPUs: --print-launch)."
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(file_okay=False, exists=True),
+    help="Tokenizer directory when the checkpoint has none.",
+)
 @click.option("--restart", is_flag=True, help="Discard an interrupted run's checkpoints instead of resuming from them.")
 @click.option("--force", is_flag=True, help="Train a stage again even when its directory is complete.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-@click.option("--print-launch", is_flag=True, help="Print the `accelerate launch` command for all visible GPUs and exit.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Change a stage setting of the plan: stages[N].FIELD=VALUE or stages[*].FIELD=VALUE (YAML value), "
-                   "e.g. 'stages[*].precision=float32'. Repeatable.")
+@click.option(
+    "--print-launch", is_flag=True, help="Print the `accelerate launch` command for all visible GPUs and exit."
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Change a stage setting of the plan: stages[N].FIELD=VALUE or stages[*].FIELD=VALUE (YAML value), "
+    "e.g. 'stages[*].precision=float32'. Repeatable.",
+)
 @click.option("--max-steps", type=click.IntRange(min=1), help="Optimizer steps of every stage (replaces epochs).")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate of every stage.")
-@click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default="none", show_default=True,
-              help="Where the Trainer also logs (tensorboard and wandb must be installed).")
+@click.option(
+    "--report-to",
+    type=click.Choice(["none", "tensorboard", "wandb"]),
+    default="none",
+    show_default=True,
+    help="Where the Trainer also logs (tensorboard and wandb must be installed).",
+)
 @reported
-def train(model_dir: str | None, data: tuple[str, ...], stages: tuple[str, ...], config: str | None, into: str | None,
-          device: str, tokenizer: str | None, restart: bool, force: bool, no_progress: bool, print_launch: bool,
-          overrides: tuple[str, ...], max_steps: int | None, learning_rate: float | None, report_to: str) -> None:
+def train(
+    model_dir: str | None,
+    data: tuple[str, ...],
+    stages: tuple[str, ...],
+    config: str | None,
+    into: str | None,
+    device: str,
+    tokenizer: str | None,
+    restart: bool,
+    force: bool,
+    no_progress: bool,
+    print_launch: bool,
+    overrides: tuple[str, ...],
+    max_steps: int | None,
+    learning_rate: float | None,
+    report_to: str,
+) -> None:
     """Train the stages of a grown checkpoint in order (Hugging Face Trainer; peft for LoRA).
 
     Each stage freezes everything it does not name, trains on packed text, merges LoRA
@@ -104,36 +180,61 @@ def train(model_dir: str | None, data: tuple[str, ...], stages: tuple[str, ...],
     from tli_recipe.training import train as trainer
 
     if (model_dir is None) == (config is None):
-        raise TliError("give either MODEL_DIR (a directory written by `run`) or --config FILE (from `emit --format builtin`)")
+        raise TliError(
+            "give either MODEL_DIR (a directory written by `run`) or --config FILE (from `emit --format builtin`)"
+        )
     trainer.require_train_extra()
     # This same command, for `accelerate launch` (each process then takes its own GPU).
-    argv = ["train", *([model_dir] if model_dir else ["--config", config]), *(x for d in data for x in ("--data", d)),
-            *(x for s in stages for x in ("--stage", s)), *(["--into", into] if into else []),
-            *(["--tokenizer", tokenizer] if tokenizer else []), *(["--restart"] if restart else []),
-            *(["--force"] if force else []), *(["--no-progress"] if no_progress else []),
-            *(x for o in overrides for x in ("--set", o)), *(["--max-steps", str(max_steps)] if max_steps else []),
-            *(["--learning-rate", repr(learning_rate)] if learning_rate else []),
-            *(["--report-to", report_to] if report_to != "none" else [])]
+    argv = [
+        "train",
+        *([model_dir] if model_dir else ["--config", config]),
+        *(x for d in data for x in ("--data", d)),
+        *(x for s in stages for x in ("--stage", s)),
+        *(["--into", into] if into else []),
+        *(["--tokenizer", tokenizer] if tokenizer else []),
+        *(["--restart"] if restart else []),
+        *(["--force"] if force else []),
+        *(["--no-progress"] if no_progress else []),
+        *(x for o in overrides for x in ("--set", o)),
+        *(["--max-steps", str(max_steps)] if max_steps else []),
+        *(["--learning-rate", repr(learning_rate)] if learning_rate else []),
+        *(["--report-to", report_to] if report_to != "none" else []),
+    ]
     from tli_recipe.training.settings import flag_overrides
 
     if config is not None and overrides:
-        raise TliError("--set changes the stage settings of a grown checkpoint (MODEL_DIR); with --config, edit the "
-                       "file (its training_arguments are transformers.TrainingArguments)")
+        raise TliError(
+            "--set changes the stage settings of a grown checkpoint (MODEL_DIR); with --config, edit the "
+            "file (its training_arguments are transformers.TrainingArguments)"
+        )
     trainer.check_report_to(report_to)
     import torch
 
     gpus = torch.cuda.device_count()
     if print_launch:
         click.echo(launch.launch_command(argv, max(1, gpus)))
-        click.echo(f"# {gpus} GPU{'s' * (gpus != 1)} visible here. Several machines: add --num_machines N --machine_rank R "
-                   "--main_process_ip HOST --main_process_port PORT (or run `accelerate config` once).", err=True)
+        click.echo(
+            f"# {gpus} GPU{'s' * (gpus != 1)} visible here. Several machines: add --num_machines N --machine_rank R "
+            "--main_process_ip HOST --main_process_port PORT (or run `accelerate config` once).",
+            err=True,
+        )
         return
     if gpus > 1 and not launch.under_launcher():
-        click.echo(f"note: {gpus} GPUs are visible and this process uses one; for all of them run:\n  "
-                   + launch.launch_command(argv, gpus), err=True)
+        click.echo(
+            f"note: {gpus} GPUs are visible and this process uses one; for all of them run:\n  "
+            + launch.launch_command(argv, gpus),
+            err=True,
+        )
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
-    kwargs = dict(device=device, tokenizer=tokenizer, restart=restart, force=force, progress=not no_progress, log=log,
-                  report_to=report_to)
+    kwargs = dict(
+        device=device,
+        tokenizer=tokenizer,
+        restart=restart,
+        force=force,
+        progress=not no_progress,
+        log=log,
+        report_to=report_to,
+    )
     try:
         if config is not None:
             cfg = trainer.load_stage_config(config)
@@ -150,42 +251,85 @@ def train(model_dir: str | None, data: tuple[str, ...], stages: tuple[str, ...],
                 cfg.training_arguments["learning_rate"] = learning_rate
             outputs = [trainer.train_stage(cfg, **kwargs)]
         else:
-            outputs = trainer.train_output(model_dir, data=data or None, stages=stages or None,
-                                           overrides=flag_overrides(max_steps, learning_rate) + list(overrides),
-                                           into=Path(into) if into else None, **kwargs)
+            outputs = trainer.train_output(
+                model_dir,
+                data=data or None,
+                stages=stages or None,
+                overrides=flag_overrides(max_steps, learning_rate) + list(overrides),
+                into=Path(into) if into else None,
+                **kwargs,
+            )
     except KeyboardInterrupt:
-        click.echo("interrupted: the last saved checkpoint is kept; run the same command again to resume from it "
-                   "(--restart to start over)", err=True)
+        click.echo(
+            "interrupted: the last saved checkpoint is kept; run the same command again to resume from it "
+            "(--restart to start over)",
+            err=True,
+        )
         sys.exit(130)
     for out in outputs:
         click.echo(str(out))
 
 
-TASKS_HELP = ("lm-evaluation-harness tasks: NAME[,NAME] or a task YAML file (a local JSONL multiple-choice set); "
-              "repeatable. Needs pip install 'tli-recipe[eval]'.")
+TASKS_HELP = (
+    "lm-evaluation-harness tasks: NAME[,NAME] or a task YAML file (a local JSONL multiple-choice set); "
+    "repeatable. Needs pip install 'tli-recipe[eval]'."
+)
 
 
 @click.command(name="eval")
 @click.argument("models", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
-@click.option("--data", multiple=True, type=click.Path(dir_okay=False, exists=True),
-              help="Held-out text for the loss: plain text (one document per line) or JSONL; repeatable.")
+@click.option(
+    "--data",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Held-out text for the loss: plain text (one document per line) or JSONL; repeatable.",
+)
 @click.option("--tasks", multiple=True, metavar="NAME[,NAME]|FILE.yaml", help=TASKS_HELP)
 @click.option("--limit", type=click.IntRange(min=1), help="Score only the first N documents of each task.")
-@click.option("--online", is_flag=True, help="Let lm-eval fetch task data from the Hugging Face hub (default: offline).")
+@click.option(
+    "--online", is_flag=True, help="Let lm-eval fetch task data from the Hugging Face hub (default: offline)."
+)
 @click.option("--text-field", default="text", show_default=True, help="The JSONL field holding the text.")
-@click.option("--sequence-length", type=click.IntRange(min=2), help="Tokens per sequence (default: min(1024, the first model's context)).")
+@click.option(
+    "--sequence-length",
+    type=click.IntRange(min=2),
+    help="Tokens per sequence (default: min(1024, the first model's context)).",
+)
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-sequences", type=click.IntRange(min=1), help="Evaluate only the first N sequences.")
-@click.option("--tokenizer", type=click.Path(file_okay=False, exists=True), help="Tokenizer directory (default: the first model's).")
+@click.option(
+    "--tokenizer",
+    type=click.Path(file_okay=False, exists=True),
+    help="Tokenizer directory (default: the first model's).",
+)
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the JSON results to this file (and a PNG of them beside it).")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="Also write the JSON results to this file (and a PNG of them beside it).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing --output file.")
 @reported
-def eval_(models: tuple[str, ...], data: tuple[str, ...], tasks: tuple[str, ...], limit: int | None, online: bool,
-          text_field: str, sequence_length: int | None, batch_size: int, max_sequences: int | None,
-          tokenizer: str | None, dtype: str, device: str, as_json: bool, output: str | None, force: bool) -> None:
+def eval_(
+    models: tuple[str, ...],
+    data: tuple[str, ...],
+    tasks: tuple[str, ...],
+    limit: int | None,
+    online: bool,
+    text_field: str,
+    sequence_length: int | None,
+    batch_size: int,
+    max_sequences: int | None,
+    tokenizer: str | None,
+    dtype: str,
+    device: str,
+    as_json: bool,
+    output: str | None,
+    force: bool,
+) -> None:
     """Held-out loss (--data) and task accuracy (--tasks) of each model: base vs grown vs trained."""
     from tli_recipe.files import write_text_atomic
     from tli_recipe.training.eval_report import run_eval
@@ -196,10 +340,21 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], tasks: tuple[str, ...]
         for path in (Path(output), png):
             if path.exists() and not force:
                 raise TliError(f"{path}: exists; pass --force to replace it (or choose another --output)")
-    report = run_eval(models, data=data, tasks=tasks, limit=limit, online=online, tokenizer=tokenizer,
-                      batch_size=batch_size, dtype=dtype, device=device, text_field=text_field,
-                      sequence_length=sequence_length, max_sequences=max_sequences,
-                      log=lambda msg: click.echo(msg, err=True))
+    report = run_eval(
+        models,
+        data=data,
+        tasks=tasks,
+        limit=limit,
+        online=online,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+        text_field=text_field,
+        sequence_length=sequence_length,
+        max_sequences=max_sequences,
+        log=lambda msg: click.echo(msg, err=True),
+    )
     if output:
         from tli_recipe.training.eval_report import plot_report
 
@@ -212,35 +367,77 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], tasks: tuple[str, ...]
 @click.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
 @click.option("--data", multiple=True, required=True, type=click.Path(dir_okay=False, exists=True), help=DATA_HELP)
-@click.option("--heldout", multiple=True, required=True, type=click.Path(dir_okay=False, exists=True),
-              help="Held-out text for the losses at init and after training (same formats as --data).")
+@click.option(
+    "--heldout",
+    multiple=True,
+    required=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Held-out text for the losses at init and after training (same formats as --data).",
+)
 @click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="Optimizer steps per recipe.")
 @click.option("--stage", help="The stage to train in every recipe (default: each recipe's first stage).")
 @click.option("--sequence-length", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--eval-sequences", type=click.IntRange(min=1), help="Held-out sequences to score (default: all).")
-@click.option("--work", type=click.Path(file_okay=False), default="out/compare", show_default=True,
-              help="Where grown and trained models go.")
+@click.option(
+    "--work",
+    type=click.Path(file_okay=False),
+    default="out/compare",
+    show_default=True,
+    help="Where grown and trained models go.",
+)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--tasks", multiple=True, metavar="NAME[,NAME]|FILE.yaml",
-              help="Also score each model on these lm-eval tasks at init and after training. " + TASKS_HELP)
+@click.option(
+    "--tasks",
+    multiple=True,
+    metavar="NAME[,NAME]|FILE.yaml",
+    help="Also score each model on these lm-eval tasks at init and after training. " + TASKS_HELP,
+)
 @click.option("--task-limit", type=click.IntRange(min=1), help="Score only the first N documents of each task.")
-@click.option("--online", is_flag=True, help="Let lm-eval fetch task data from the Hugging Face hub (default: offline).")
+@click.option(
+    "--online", is_flag=True, help="Let lm-eval fetch task data from the Hugging Face hub (default: offline)."
+)
 @reported
-def compare(recipes: tuple[str, ...], data: tuple[str, ...], heldout: tuple[str, ...], steps: int, stage: str | None,
-            sequence_length: int, batch_size: int, eval_sequences: int | None, work: str, overrides: tuple[str, ...],
-            device: str, tasks: tuple[str, ...], task_limit: int | None, online: bool) -> None:
+def compare(
+    recipes: tuple[str, ...],
+    data: tuple[str, ...],
+    heldout: tuple[str, ...],
+    steps: int,
+    stage: str | None,
+    sequence_length: int,
+    batch_size: int,
+    eval_sequences: int | None,
+    work: str,
+    overrides: tuple[str, ...],
+    device: str,
+    tasks: tuple[str, ...],
+    task_limit: int | None,
+    online: bool,
+) -> None:
     """Grow the same base model with each recipe, train each for the same token budget, compare held-out losses.
 
     Writes compare.md, compare.csv, compare.json and compare.png (loss curves) into --work.
     """
     from tli_recipe.training.compare import compare_recipes, table, write_outputs
 
-    rows = compare_recipes(recipes, data, heldout, work=Path(work), steps=steps, stage=stage, overrides=overrides,
-                           sequence_length=sequence_length, batch_size=batch_size, eval_sequences=eval_sequences,
-                           device=device, tasks=tasks, task_limit=task_limit, online=online,
-                           log=lambda msg: click.echo(msg, err=True))
+    rows = compare_recipes(
+        recipes,
+        data,
+        heldout,
+        work=Path(work),
+        steps=steps,
+        stage=stage,
+        overrides=overrides,
+        sequence_length=sequence_length,
+        batch_size=batch_size,
+        eval_sequences=eval_sequences,
+        device=device,
+        tasks=tasks,
+        task_limit=task_limit,
+        online=online,
+        log=lambda msg: click.echo(msg, err=True),
+    )
     files = write_outputs(rows, Path(work), steps)
     click.echo(table(rows, steps))
     click.echo(f"wrote {', '.join(str(f) for f in files)}", err=True)

@@ -51,8 +51,15 @@ def needs_torch(op: TensorOp) -> bool:
     return not (op.op == "zero" or (op.op == "copy" and op.dtype == op.source_dtype))
 
 
-def make_tensor(op: TensorOp, reader: TensorReader, source, device: str, sources: Optional[dict] = None,
-                precomputed: Optional[dict] = None, out=None):
+def make_tensor(
+    op: TensorOp,
+    reader: TensorReader,
+    source,
+    device: str,
+    sources: Optional[dict] = None,
+    precomputed: Optional[dict] = None,
+    out=None,
+):
     """The output tensor of one TensorOp (on the CPU, in the output dtype); with ``out`` (a CPU tensor
     of the op's dtype and shape), the values are stored there and ``out`` is returned.
 
@@ -65,13 +72,22 @@ def make_tensor(op: TensorOp, reader: TensorReader, source, device: str, sources
         return tensor
     # copy_ would broadcast a wrong shape and cast a wrong dtype: refuse them as the writer does
     if tuple(tensor.shape) != tuple(out.shape) or (tensor.dtype != out.dtype and not plain_copy):
-        raise TliError(f"tensor '{op.name}': got shape {tuple(tensor.shape)} {tensor.dtype}, the plan says "
-                       f"{tuple(op.shape)} {op.dtype}")
+        raise TliError(
+            f"tensor '{op.name}': got shape {tuple(tensor.shape)} {tensor.dtype}, the plan says "
+            f"{tuple(op.shape)} {op.dtype}"
+        )
     return out.copy_(tensor)  # a plain copy's source is cast here, on the CPU
 
 
-def _compute(op: TensorOp, reader: TensorReader, source, device: str, sources: Optional[dict],
-             precomputed: Optional[dict], cast: bool = True):
+def _compute(
+    op: TensorOp,
+    reader: TensorReader,
+    source,
+    device: str,
+    sources: Optional[dict],
+    precomputed: Optional[dict],
+    cast: bool = True,
+):
     import torch
 
     out_dtype = torch_dtype(op.dtype)
@@ -88,8 +104,10 @@ def _compute(op: TensorOp, reader: TensorReader, source, device: str, sources: O
         return (torch.randn(op.shape, generator=gen, dtype=torch.float32) * op.value).to(out_dtype)
     info = source.tensors.get(op.source_name)
     if info is None:
-        raise CheckpointError(f"{source.path}: tensor '{op.source_name}' is in the plan but not in the checkpoint; "
-                              "the checkpoint changed since the plan was made, plan again")
+        raise CheckpointError(
+            f"{source.path}: tensor '{op.source_name}' is in the plan but not in the checkpoint; "
+            "the checkpoint changed since the plan was made, plan again"
+        )
     tensor = reader.read(info)
     if op.op == "copy":
         return tensor.to(out_dtype) if cast else tensor
@@ -102,8 +120,10 @@ def _compute(op: TensorOp, reader: TensorReader, source, device: str, sources: O
     elif op.op == "interpolate":
         other = (sources or {}).get(op.second_source, source).tensors.get(op.second_name)
         if other is None:
-            raise CheckpointError(f"{source.path}: tensor '{op.second_name}' is in the plan but not in the checkpoint; "
-                                  "the checkpoint changed since the plan was made, plan again")
+            raise CheckpointError(
+                f"{source.path}: tensor '{op.second_name}' is in the plan but not in the checkpoint; "
+                "the checkpoint changed since the plan was made, plan again"
+            )
         nxt = reader.read(other, slot=1).to(device=device, dtype=torch.float32)
         work = (1 - op.value) * work + op.value * nxt
     else:  # pragma: no cover - the plan's Literal admits nothing else
@@ -129,7 +149,9 @@ def _check_sources(plan: Plan) -> dict:
     opened = {}
     for key, src in plan.sources.items():
         if not src.has_weights:
-            raise TliError(f"{src.path}: holds only config.json, no safetensors weights; download the weights before `run`")
+            raise TliError(
+                f"{src.path}: holds only config.json, no safetensors weights; download the weights before `run`"
+            )
         opened[key] = open_checkpoint(Path(src.path))
     mismatched = []
     for op in plan.tensors:
@@ -139,8 +161,10 @@ def _check_sources(plan: Plan) -> dict:
         if info is None or info.shape != tuple(op.shape) or info.dtype != op.source_dtype:
             mismatched.append(op.source_name)
     if mismatched:
-        raise TliError(f"{len(mismatched)} of {len(plan.tensors)} planned source tensors are missing or differ in "
-                       f"shape/dtype (first: '{mismatched[0]}'); the checkpoint changed since the plan was made, plan again")
+        raise TliError(
+            f"{len(mismatched)} of {len(plan.tensors)} planned source tensors are missing or differ in "
+            f"shape/dtype (first: '{mismatched[0]}'); the checkpoint changed since the plan was made, plan again"
+        )
     return opened
 
 
@@ -148,9 +172,18 @@ def _check_sources(plan: Plan) -> dict:
 SideWriter = Callable[[Plan, Path, Path], None]
 
 
-def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str = "auto", force: bool = False,
-                 progress: bool = True, sync: bool = False, log=print, side_writers: Sequence[SideWriter] = (),
-                 rehash: bool = False) -> Path:
+def execute_plan(
+    plan: Plan,
+    output: Optional[str | Path] = None,
+    *,
+    device: str = "auto",
+    force: bool = False,
+    progress: bool = True,
+    sync: bool = False,
+    log=print,
+    side_writers: Sequence[SideWriter] = (),
+    rehash: bool = False,
+) -> Path:
     """Write the output checkpoint of ``plan``; returns its directory.
 
     Unchanged copies and zeros are written as bytes (``copy_file_range``), without torch;
@@ -178,7 +211,9 @@ def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str
 
             precomputed.update(hidden_routers(plan, device, log))
         # The headers reserve room for the digests (64 hex characters each) and get them once known.
-        reserved = plan.model_copy(update={"source_files": {k: dict.fromkeys(names, "0" * 64) for k, names in files.items()}})
+        reserved = plan.model_copy(
+            update={"source_files": {k: dict.fromkeys(names, "0" * 64) for k, names in files.items()}}
+        )
         shards = layout_shards(((op.name, op.dtype, tuple(op.shape)) for op in plan.tensors), plan.shard_size)
         started = time.perf_counter()
         # Locked, written beside the target, swapped in when the block ends; removed on any failure.
@@ -197,17 +232,24 @@ def execute_plan(plan: Plan, output: Optional[str | Path] = None, *, device: str
                 raise
     finally:
         hasher.stop()
-    log(f"wrote {target} ({len(shards)} shard{'s' * (len(shards) > 1)}, {plan.totals.bytes_to_write / 2**20:.1f} MiB, "
+    log(
+        f"wrote {target} ({len(shards)} shard{'s' * (len(shards) > 1)}, {plan.totals.bytes_to_write / 2**20:.1f} MiB, "
         f"{plan.totals.layers_before} -> {plan.totals.layers_after} layers) in {time.perf_counter() - started:.1f} s; "
         f"{len(computed)} of {len(plan.tensors)} tensors computed (device: {device}), the rest byte copies or zeros; "
         f"hashed {hasher.hashed_files} of {len(hasher.files)} source files ({hasher.hashed / 2**20:.1f} MiB; the rest "
-        "known from hub blob names or the digest cache)")
+        "known from hub blob names or the digest cache)"
+    )
     return target
 
 
 def _shard_metadata(plan: Plan) -> dict[str, str]:
-    return {"format": "pt", "tli_recipe_version": __version__, "recipe_sha256": plan.recipe_sha256,
-            "recipe_name": plan.name, **provenance_metadata(plan)}
+    return {
+        "format": "pt",
+        "tli_recipe_version": __version__,
+        "recipe_sha256": plan.recipe_sha256,
+        "recipe_name": plan.name,
+        **provenance_metadata(plan),
+    }
 
 
 def _write_tensors(plan: Plan, writer: ShardWriter, sources, device: str, precomputed, progress: bool) -> None:
@@ -216,8 +258,15 @@ def _write_tensors(plan: Plan, writer: ShardWriter, sources, device: str, precom
 
     reader = TensorReader(reuse=True)  # each tensor read is consumed (copied into the writer's buffer) at once
     try:
-        bar = tqdm(total=plan.totals.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=f"writing {plan.name}", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=plan.totals.bytes_to_write,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=f"writing {plan.name}",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         with bar:
             for i, op in enumerate(plan.tensors, 1):
                 if op.op == "zero":
@@ -225,8 +274,18 @@ def _write_tensors(plan: Plan, writer: ShardWriter, sources, device: str, precom
                 elif not needs_torch(op):
                     written = writer.copy(op.name, sources[op.source].tensors[op.source_name])
                 else:
-                    written = writer.write(op.name, make_tensor(op, reader, sources[op.source], device, sources,
-                                                                precomputed, out=writer.buffer(op.dtype, tuple(op.shape))))
+                    written = writer.write(
+                        op.name,
+                        make_tensor(
+                            op,
+                            reader,
+                            sources[op.source],
+                            device,
+                            sources,
+                            precomputed,
+                            out=writer.buffer(op.dtype, tuple(op.shape)),
+                        ),
+                    )
                 bar.update(written)
                 bar.set_postfix_str(f"{i}/{len(plan.tensors)} tensors", refresh=False)
     finally:
@@ -240,8 +299,10 @@ def _write_side_files(plan: Plan, folder: Path, base: Path) -> None:
     for name in SIDE_FILES:
         if side_file(base, name):
             shutil.copyfile(base / name, folder / name)
-    header = (f"# Resolved recipe of {plan.name} (after --set overrides and defaults), written by tli-recipe {__version__}.\n"
-              f"# recipe_sha256: {plan.recipe_sha256}\n")
+    header = (
+        f"# Resolved recipe of {plan.name} (after --set overrides and defaults), written by tli-recipe {__version__}.\n"
+        f"# recipe_sha256: {plan.recipe_sha256}\n"
+    )
     (folder / "recipe.yaml").write_text(header + yaml.safe_dump(plan.recipe, sort_keys=False))
     (folder / "plan.json").write_text(plan.model_dump_json(indent=2) + "\n")
     (folder / "README.md").write_text(model_card(plan))

@@ -36,8 +36,10 @@ def hidden_routers(plan: Plan, device: str, log: Callable[[str], None]) -> dict:
         rows = _rows(plan.sources[key].path, plan.layer_prefix, mlp, layers, plan.upcycle.prompts, device)
         for op in group:
             out[op.name] = rows[entries[op.layer].layer]
-        log(f"hidden router: {len(group)} routers from {sum(len(p['positive']) + len(p['negative']) for p in plan.upcycle.prompts)} "
-            f"prompts through {key} on {device}")
+        log(
+            f"hidden router: {len(group)} routers from {sum(len(p['positive']) + len(p['negative']) for p in plan.upcycle.prompts)} "
+            f"prompts through {key} on {device}"
+        )
     return out
 
 
@@ -48,13 +50,19 @@ def _rows(path: str, prefix: str, mlp: str, layers: list[int], prompts: list[dic
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for a folder without a tokenizer
-        raise TliError(f"{path}: the hidden router init tokenizes its prompts with the source's tokenizer, and none "
-                       f"loads from this folder ({type(exc).__name__}); add the tokenizer files or use router: zero") from None
+        raise TliError(
+            f"{path}: the hidden router init tokenizes its prompts with the source's tokenizer, and none "
+            f"loads from this folder ({type(exc).__name__}); add the tokenizer files or use router: zero"
+        ) from None
     dtype = torch.float32 if device == "cpu" else "auto"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False).to(device).eval()
     seen: dict[int, object] = {}
-    hooks = [model.get_submodule(prefix.format(layer=layer) + mlp).register_forward_pre_hook(
-        lambda module, args, layer=layer: seen.__setitem__(layer, args[0][0, -1].float().cpu())) for layer in layers]
+    hooks = [
+        model.get_submodule(prefix.format(layer=layer) + mlp).register_forward_pre_hook(
+            lambda module, args, layer=layer: seen.__setitem__(layer, args[0][0, -1].float().cpu())
+        )
+        for layer in layers
+    ]
 
     def mean(texts: list[str]):
         total = {layer: 0 for layer in layers}

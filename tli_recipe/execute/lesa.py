@@ -25,16 +25,17 @@ from typing import Callable
 class LesaResult:
     """Predicted tensors and what training them cost."""
 
-    tensors: dict[str, object] = field(default_factory=dict)       # output name -> float32 CPU tensor
-    losses: dict[str, list[float]] = field(default_factory=dict)   # suffix -> training loss per epoch
-    seconds: dict[str, float] = field(default_factory=dict)        # suffix -> SVD + training time
+    tensors: dict[str, object] = field(default_factory=dict)  # output name -> float32 CPU tensor
+    losses: dict[str, list[float]] = field(default_factory=dict)  # suffix -> training loss per epoch
+    seconds: dict[str, float] = field(default_factory=dict)  # suffix -> SVD + training time
 
 
 def _predictor(width: int, hidden: int):
     import torch.nn as nn
 
-    return nn.Sequential(nn.Linear(2 * width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, width))
+    return nn.Sequential(
+        nn.Linear(2 * width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, width)
+    )
 
 
 def svd_basis(weights: list, device: str = "cpu"):
@@ -45,7 +46,7 @@ def svd_basis(weights: list, device: str = "cpu"):
     stacked = torch.cat([w.to(device=device, dtype=torch.float32) for w in weights], dim=1)
     u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
     us = u * s
-    blocks = [vh[:, i * width:(i + 1) * width] for i in range(len(weights))]
+    blocks = [vh[:, i * width : (i + 1) * width] for i in range(len(weights))]
     return us, blocks
 
 
@@ -68,10 +69,11 @@ def train_predictor(blocks: list, settings, device: str = "cpu"):
         order = torch.randperm(len(x), generator=gen).to(device)
         total, count = 0.0, 0
         for start in range(0, len(x), settings.batch_size):
-            idx = order[start:start + settings.batch_size]
+            idx = order[start : start + settings.batch_size]
             pred, target = model(x[idx]), y[idx]
-            loss = (1 - lam) * torch.mean((pred - target) ** 2) + \
-                lam * torch.mean((pred.norm(dim=1) - target.norm(dim=1)) ** 2)
+            loss = (1 - lam) * torch.mean((pred - target) ** 2) + lam * torch.mean(
+                (pred.norm(dim=1) - target.norm(dim=1)) ** 2
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -81,7 +83,9 @@ def train_predictor(blocks: list, settings, device: str = "cpu"):
     return model.eval(), losses
 
 
-def fit_basis(weights: list, settings, device: str = "cpu", log: Callable[[str], None] = lambda m: None, label: str = ""):
+def fit_basis(
+    weights: list, settings, device: str = "cpu", log: Callable[[str], None] = lambda m: None, label: str = ""
+):
     """SVD basis of one projection type and a predictor trained on it.
 
     ``weights``: the L layers' ``[out, in]`` tensors in layer order. Returns
@@ -91,8 +95,10 @@ def fit_basis(weights: list, settings, device: str = "cpu", log: Callable[[str],
     us, blocks = svd_basis(weights, device)
     model, losses = train_predictor(blocks, settings, device)
     if losses:
-        log(f"lesa {label}: {sum(b.shape[0] for b in blocks[1:-1])} rows, loss {losses[0]:.3g} -> {losses[-1]:.3g} over "
-            f"{settings.epochs} epochs ({time.perf_counter() - started:.1f} s)")
+        log(
+            f"lesa {label}: {sum(b.shape[0] for b in blocks[1:-1])} rows, loss {losses[0]:.3g} -> {losses[-1]:.3g} over "
+            f"{settings.epochs} epochs ({time.perf_counter() - started:.1f} s)"
+        )
     return us, blocks, model, losses
 
 

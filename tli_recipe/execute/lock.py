@@ -119,16 +119,20 @@ class TargetLock:
             pid = _recorded_pid(fd)
             os.close(fd)
             who = f"pid {pid}" if pid is not None else "pid not yet recorded"
-            raise TliError(f"output {self.target} is being written by another tli-recipe run ({who}, lock "
-                           f"{self.path}); wait for it to finish, or choose another --output") from None
+            raise TliError(
+                f"output {self.target} is being written by another tli-recipe run ({who}, lock "
+                f"{self.path}); wait for it to finish, or choose another --output"
+            ) from None
         except OSError as exc:  # no flock on this file system: trust the recorded pid instead
             if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
             pid = _recorded_pid(fd)
             if pid is not None and pid != os.getpid() and pid_alive(pid):
                 os.close(fd)
-                raise TliError(f"output {self.target} is being written by another tli-recipe run (pid {pid}, "
-                               f"lock {self.path}); wait for it to finish, or choose another --output") from None
+                raise TliError(
+                    f"output {self.target} is being written by another tli-recipe run (pid {pid}, "
+                    f"lock {self.path}); wait for it to finish, or choose another --output"
+                ) from None
             return True
 
     def _is_current(self, fd: int) -> bool:

@@ -75,9 +75,14 @@ def _read_manifest(folder: Path) -> tuple[Optional[dict], str]:
     except (OSError, ValueError):
         return None, f"{MANIFEST} is not a tli-recipe manifest"
     files = data.get("files") if isinstance(data, dict) else None
-    if (data.get("tool") if isinstance(data, dict) else None) != "tli-recipe" or data.get("format") != MANIFEST_FORMAT \
-            or not isinstance(data.get("recipe_sha256"), str) or not _SHA.fullmatch(data["recipe_sha256"]) \
-            or not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+    if (
+        (data.get("tool") if isinstance(data, dict) else None) != "tli-recipe"
+        or data.get("format") != MANIFEST_FORMAT
+        or not isinstance(data.get("recipe_sha256"), str)
+        or not _SHA.fullmatch(data["recipe_sha256"])
+        or not isinstance(files, dict)
+        or not all(isinstance(v, dict) for v in files.values())
+    ):
         return None, f"{MANIFEST} is not a tli-recipe manifest of format {MANIFEST_FORMAT}"
     return data, ""
 

@@ -38,8 +38,10 @@ def check_output(target: Path, plan: Plan, sources: dict, force: bool) -> None:
         roots = {Path(src.path).resolve()} | {Path(f).resolve().parent for f in sources[key].files()}
         for root in roots:
             if resolved == root or root in resolved.parents or resolved in root.parents:
-                raise TliError(f"output {target} overlaps the source model {src.path} ({root}); "
-                               "choose an output outside it (--output DIR)")
+                raise TliError(
+                    f"output {target} overlaps the source model {src.path} ({root}); "
+                    "choose an output outside it (--output DIR)"
+                )
     check_target(target, force)
 
 
@@ -53,13 +55,19 @@ def check_target(target: Path, force: bool, appeared: bool = False) -> None:
     during = " appeared while this run was writing and" if appeared else ""
     kept = "; it was left as it is and nothing was written" if appeared else ""
     if target.is_symlink() or not target.is_dir():
-        raise TliError(f"output {target}{during} exists and is not a directory{kept}; remove it or choose another --output")
+        raise TliError(
+            f"output {target}{during} exists and is not a directory{kept}; remove it or choose another --output"
+        )
     if not force:
-        raise TliError(f"output {target}{during} already exists{kept}; pass --force to replace it, or choose another --output")
+        raise TliError(
+            f"output {target}{during} already exists{kept}; pass --force to replace it, or choose another --output"
+        )
     problem = output_problem(target) if any(target.iterdir()) else None  # an empty folder loses nothing
     if problem:
-        raise TliError(f"output {target}{during} is not a tli-recipe output ({problem}){kept}; --force replaces only "
-                       "an earlier tli-recipe output: remove it yourself or choose another --output")
+        raise TliError(
+            f"output {target}{during} is not a tli-recipe output ({problem}){kept}; --force replaces only "
+            "an earlier tli-recipe output: remove it yourself or choose another --output"
+        )
 
 
 @contextmanager
@@ -91,9 +99,11 @@ def staged_output(target: Path, *, force: bool, recipe_sha256: str, sync: bool =
         except BaseException as exc:
             remove_quietly(tmp)
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise TliError(f"output {target}: no space left on the file system of {target.parent}; "
-                               "nothing was written and the partial output was removed; free space or choose "
-                               "another --output") from exc
+                raise TliError(
+                    f"output {target}: no space left on the file system of {target.parent}; "
+                    "nothing was written and the partial output was removed; free space or choose "
+                    "another --output"
+                ) from exc
             raise
 
 
@@ -101,8 +111,10 @@ def _make_temp(target: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the output is an ordinary directory
-        (tmp / RUN_MARKER).write_text(json.dumps({"tool": "tli-recipe", "pid": os.getpid(),
-                                                  "host": socket.gethostname(), "target": target.name}) + "\n")
+        (tmp / RUN_MARKER).write_text(
+            json.dumps({"tool": "tli-recipe", "pid": os.getpid(), "host": socket.gethostname(), "target": target.name})
+            + "\n"
+        )
     except BaseException:
         remove_quietly(tmp)
         raise
@@ -155,8 +167,12 @@ def finish_dead_swap(target: Path, pid: int, notes: dict[str, str], log) -> None
     for key in ("tmp", "aside"):
         name = notes.get(key, "")
         folder = target.parent / name
-        if not name.startswith(f".{target.name}.{key if key == 'tmp' else 'old'}-") or "/" in name \
-                or folder.is_symlink() or not folder.is_dir():
+        if (
+            not name.startswith(f".{target.name}.{key if key == 'tmp' else 'old'}-")
+            or "/" in name
+            or folder.is_symlink()
+            or not folder.is_dir()
+        ):
             continue
         if key == "tmp" and not any((folder / n).is_file() for n in (RUN_MARKER, MANIFEST)):
             continue  # not in the state this tool leaves its temporary folders in
@@ -165,8 +181,10 @@ def finish_dead_swap(target: Path, pid: int, notes: dict[str, str], log) -> None
             log(f"restored {target} from {folder}: an earlier run (pid {pid}) was stopped while replacing it")
             continue
         if key == "aside" and output_problem(target) is not None:
-            log(f"kept {folder}: an earlier run (pid {pid}) moved the previous output there, and {target} is not "
-                "the output that replaced it; look at both and remove one yourself")
+            log(
+                f"kept {folder}: an earlier run (pid {pid}) moved the previous output there, and {target} is not "
+                "the output that replaced it; look at both and remove one yourself"
+            )
             continue
         remove_quietly(folder)
         what = "temporary folder" if key == "tmp" else "previous output it had replaced"
@@ -191,6 +209,7 @@ def remove_quietly(folder: Path) -> None:
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Treat SIGTERM like Ctrl-C so the temporary directory is cleaned up either way."""
+
     def handler(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt
 
@@ -235,8 +254,10 @@ def _restore(old: Path, target: Path) -> None:
         try:
             os.rename(old, target)
         except OSError as exc:
-            raise TliError(f"output {target}: the new output could not be renamed into place, nor the previous one "
-                           f"back ({exc.strerror}); the previous output is kept at {old}") from exc
+            raise TliError(
+                f"output {target}: the new output could not be renamed into place, nor the previous one "
+                f"back ({exc.strerror}); the previous output is kept at {old}"
+            ) from exc
 
 
 def fsync_tree(folder: Path) -> None:

@@ -30,17 +30,30 @@ from tli_recipe.source.checkpoint import (
 def torch_dtype(code: str):
     import torch
 
-    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[code]
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }[code]
 
 
 def _truncated(info: TensorInfo, got: int) -> CheckpointError:
     # The header was checked against the file size on open, so a short read means the file
     # shrank (or changed) since: say so, not a byte count that contradicts the header.
-    return CheckpointError(f"{info.file}: tensor '{info.name}': only {got} of its {info.nbytes} bytes could be read; "
-                           "the file is now shorter than its header says (it changed while tli-recipe was reading it); "
-                           "re-download or fix the file")
+    return CheckpointError(
+        f"{info.file}: tensor '{info.name}': only {got} of its {info.nbytes} bytes could be read; "
+        "the file is now shorter than its header says (it changed while tli-recipe was reading it); "
+        "re-download or fix the file"
+    )
 
 
 def grown(buffer, size: int):
@@ -56,7 +69,7 @@ def grown(buffer, size: int):
 
 def view_of(buffer, code: str, shape: tuple[int, ...]):
     """The first bytes of ``buffer`` as a tensor of dtype ``code`` and ``shape``."""
-    return buffer[:nbytes(code, shape)].view(torch_dtype(code)).view(shape)
+    return buffer[: nbytes(code, shape)].view(torch_dtype(code)).view(shape)
 
 
 class TensorReader:
@@ -151,8 +164,9 @@ class ShardSpec:
 PARALLEL_MIN_BYTES = 2**30
 
 
-def layout_shards(tensors: Iterable[tuple[str, str, tuple[int, ...]]], shard_size: int,
-                  parts: int = COPY_THREADS) -> list[ShardSpec]:
+def layout_shards(
+    tensors: Iterable[tuple[str, str, tuple[int, ...]]], shard_size: int, parts: int = COPY_THREADS
+) -> list[ShardSpec]:
     """Split tensors, in order, into shards of at most ``shard_size`` bytes (a bigger tensor gets its own).
 
     The fewest shards that fit, of about equal size; an output of ``PARALLEL_MIN_BYTES`` or more gets a
@@ -166,8 +180,10 @@ def layout_shards(tensors: Iterable[tuple[str, str, tuple[int, ...]]], shard_siz
     groups = _equal_parts(items, total, count) if count > 1 else [items]
     if any(len(g) > 1 and sum(n for *_, n in g) > shard_size for g in groups):
         groups = _fill_in_turn(items, shard_size)
-    return [ShardSpec(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", tuple(t[:3] for t in g))
-            for i, g in enumerate(groups)]
+    return [
+        ShardSpec(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", tuple(t[:3] for t in g))
+        for i, g in enumerate(groups)
+    ]
 
 
 def _equal_parts(items: list, total: int, count: int) -> list[list]:
@@ -216,8 +232,14 @@ class ShardWriter:
     lane after its last copy; ``close`` waits for every lane.
     """
 
-    def __init__(self, folder: Path, shards: list[ShardSpec], metadata: dict[str, str], sync: bool = False,
-                 copy_threads: int = COPY_THREADS) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        shards: list[ShardSpec],
+        metadata: dict[str, str],
+        sync: bool = False,
+        copy_threads: int = COPY_THREADS,
+    ) -> None:
         self.folder, self.shards, self.metadata, self.sync = folder, shards, metadata, sync
         self._queue = [(s, t) for s in shards for t in s.tensors]
         self._pos = 0
@@ -241,7 +263,9 @@ class ShardWriter:
             raise TliError(f"tensor '{name}' is not in the plan; the plan lists {len(self._queue)} tensors")
         shard, (planned, code, shape) = self._queue[self._pos]
         if name != planned:
-            raise TliError(f"tensor '{name}' arrived where the plan has '{planned}'; the executor and the plan disagree")
+            raise TliError(
+                f"tensor '{name}' arrived where the plan has '{planned}'; the executor and the plan disagree"
+            )
         self._raise_failed()
         if shard is not self._shard:
             self._close_file()
@@ -269,7 +293,9 @@ class ShardWriter:
 
         code, shape = self._next(name)
         if tuple(tensor.shape) != shape or tensor.dtype != torch_dtype(code):
-            raise TliError(f"tensor '{name}': got shape {tuple(tensor.shape)} {tensor.dtype}, the plan says {shape} {code}")
+            raise TliError(
+                f"tensor '{name}': got shape {tuple(tensor.shape)} {tensor.dtype}, the plan says {shape} {code}"
+            )
         data = tensor.detach().to("cpu").contiguous()
         if data.numel():
             # Written in the shard's lane while the next tensor is computed; one tensor in flight at most.
@@ -277,8 +303,14 @@ class ShardWriter:
                 self._in_flight.result()
             self._handle.flush()
             offset = self._handle.tell()
-            self._submit(data.numel() * data.element_size(), write_at, self._handle.fileno(),
-                         memoryview(data.reshape(-1).view(torch.uint8).numpy()), offset, data)
+            self._submit(
+                data.numel() * data.element_size(),
+                write_at,
+                self._handle.fileno(),
+                memoryview(data.reshape(-1).view(torch.uint8).numpy()),
+                offset,
+                data,
+            )
             self._in_flight, self._in_flight_ptr = self._futures[-1], data.data_ptr()
             self._handle.seek(nbytes(code, shape), os.SEEK_CUR)
         return nbytes(code, shape)
@@ -290,7 +322,9 @@ class ShardWriter:
         it at once); the shard is complete when its lane has run its finish job."""
         code, shape = self._next(name)
         if info.shape != shape or info.dtype != code:
-            raise TliError(f"tensor '{name}': source '{info.name}' is {list(info.shape)} {info.dtype}, the plan says {list(shape)} {code}")
+            raise TliError(
+                f"tensor '{name}': source '{info.name}' is {list(info.shape)} {info.dtype}, the plan says {list(shape)} {code}"
+            )
         if info.nbytes:
             self._handle.flush()
             offset = self._handle.tell()
@@ -302,8 +336,10 @@ class ShardWriter:
         if not self._lanes:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tli-recipe-copy{i}")
-                           for i in range(len(self._queued))]
+            self._lanes = [
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tli-recipe-copy{i}")
+                for i in range(len(self._queued))
+            ]
         if self._lane is None:
             self._lane = min(range(len(self._queued)), key=self._queued.__getitem__)
         self._queued[self._lane] += size
@@ -380,8 +416,10 @@ class ShardWriter:
         for shard in self.shards:
             old, new = _header_bytes(shard, self.metadata), _header_bytes(shard, metadata)
             if len(old) != len(new):
-                raise TliError(f"{shard.file}: the final metadata needs a {len(new)}-byte header where "
-                               f"{len(old)} bytes were reserved; this is a bug in tli-recipe")
+                raise TliError(
+                    f"{shard.file}: the final metadata needs a {len(new)}-byte header where "
+                    f"{len(old)} bytes were reserved; this is a bug in tli-recipe"
+                )
             with open(self.folder / shard.file, "r+b") as f:
                 f.write(new)
                 f.flush()
@@ -419,7 +457,9 @@ def check_written(folder: Path, shards: list[ShardSpec]) -> None:
             raise _unsound(str(exc).removesuffix(f"; {FIX}")) from None
         found = [(t.name, t.dtype, t.shape) for t in sorted(tensors.values(), key=lambda t: t.start)]
         if found != list(shard.tensors):
-            raise _unsound(f"{path}: its header lists other tensors than the plan ({len(found)} for {len(shard.tensors)})")
+            raise _unsound(
+                f"{path}: its header lists other tensors than the plan ({len(found)} for {len(shard.tensors)})"
+            )
         _, position, size = read_header(path)  # position: where the data area begins
         for info in sorted(tensors.values(), key=lambda t: t.start):
             if info.start != position:
@@ -434,5 +474,7 @@ def check_written(folder: Path, shards: list[ShardSpec]) -> None:
 
 
 def _unsound(what: str) -> TliError:
-    return TliError(f"the written output failed its check: {what}; nothing was kept. This is a bug in tli-recipe: "
-                    "please report it with the recipe")
+    return TliError(
+        f"the written output failed its check: {what}; nothing was kept. This is a bug in tli-recipe: "
+        "please report it with the recipe"
+    )

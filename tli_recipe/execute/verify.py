@@ -102,8 +102,10 @@ def expected_tensor(op, read_source):
     if op.op == "interpolate":
         nxt = read_source(op.second_source, op.second_name).to(torch.float32)
         return ((1 - op.value) * this + op.value * nxt).to(dtype)
-    raise TliError(f"plan.json: tensor '{op.name}': operation {op.op!r} is not one this tli-recipe version knows; "
-                   "plan again with this version")
+    raise TliError(
+        f"plan.json: tensor '{op.name}': operation {op.op!r} is not one this tli-recipe version knows; "
+        "plan again with this version"
+    )
 
 
 def check_tensors(plan: Plan, folder: Path, report: VerifyReport) -> None:
@@ -124,8 +126,10 @@ def check_tensors(plan: Plan, folder: Path, report: VerifyReport) -> None:
     def read_source(key: str, name: str):
         info = sources[key].tensors.get(name) if key in sources else None
         if info is None:
-            raise TliError(f"{plan.sources[key].path if key in plan.sources else key}: tensor '{name}' is in the plan "
-                           "but not in the source checkpoint; the source changed since the run")
+            raise TliError(
+                f"{plan.sources[key].path if key in plan.sources else key}: tensor '{name}' is in the plan "
+                "but not in the source checkpoint; the source changed since the run"
+            )
         return files.get(info)
 
     for op in plan.tensors:
@@ -134,7 +138,9 @@ def check_tensors(plan: Plan, folder: Path, report: VerifyReport) -> None:
             report.tensor_problems.append(f"'{op.name}': missing from the output")
             continue
         if info.shape != tuple(op.shape) or info.dtype != op.dtype:
-            report.tensor_problems.append(f"'{op.name}': {list(info.shape)} {info.dtype}, the plan says {list(op.shape)} {op.dtype}")
+            report.tensor_problems.append(
+                f"'{op.name}': {list(info.shape)} {info.dtype}, the plan says {list(op.shape)} {op.dtype}"
+            )
             continue
         got = files.get(info)
         want = expected_tensor(op, read_source)
@@ -148,8 +154,16 @@ def check_tensors(plan: Plan, folder: Path, report: VerifyReport) -> None:
         report.tensors_checked += 1
 
 
-def compare_logits(plan: Plan, folder: Path, report: VerifyReport, *, device: str = "cpu",
-                   batch: int = 2, length: int = 24, seed: int = 0) -> None:
+def compare_logits(
+    plan: Plan,
+    folder: Path,
+    report: VerifyReport,
+    *,
+    device: str = "cpu",
+    batch: int = 2,
+    length: int = 24,
+    seed: int = 0,
+) -> None:
     """Max |logits(output) - logits(base)| on fixed random token ids, both in float32.
 
     When the output dtype is lower than the base's, the base weights are rounded to it
@@ -161,20 +175,28 @@ def compare_logits(plan: Plan, folder: Path, report: VerifyReport, *, device: st
     base_path = plan.sources[plan.base_model].path
     vocab = plan.vocab_size
     if not vocab:
-        raise TliError(f"{folder}: plan.json names no vocabulary size, so no input ids can be drawn; "
-                       "check the config, or pass --no-logits")
+        raise TliError(
+            f"{folder}: plan.json names no vocabulary size, so no input ids can be drawn; "
+            "check the config, or pass --no-logits"
+        )
     ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
     # Only a recipe dtype casts the weights; without one every tensor kept its own dtype.
     cast = plan.recipe_dtype
-    out_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cast] if cast else torch.float32
+    out_dtype = (
+        {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cast]
+        if cast
+        else torch.float32
+    )
 
     def logits(path: str, round_to=None):
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
         except Exception as exc:  # transformers raises many types for a bad folder; name the folder instead
-            raise TliError(f"{path}: transformers cannot load this model ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); check its config.json "
-                              "and weights (a model that needs custom code is not supported)") from None
+            raise TliError(
+                f"{path}: transformers cannot load this model ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); check its config.json "
+                "and weights (a model that needs custom code is not supported)"
+            ) from None
         if round_to is not None:
             with torch.no_grad():
                 for p in model.parameters():
@@ -200,17 +222,20 @@ def _trained_from(folder: Path) -> str:
     return f" ({source}: `tli-recipe verify {source}`)" if isinstance(source, str) else ""
 
 
-def verify_output(folder: str | Path, *, atol: float = 1e-5, tensors: bool = True, logits: bool = True,
-                  device: str = "cpu") -> VerifyReport:
+def verify_output(
+    folder: str | Path, *, atol: float = 1e-5, tensors: bool = True, logits: bool = True, device: str = "cpu"
+) -> VerifyReport:
     folder = Path(folder)
     if not tensors and not logits:
         raise TliError("nothing to verify: --no-tensors and --no-logits together skip every check")
     if (folder / "training_metrics.json").is_file() or (folder / "training_config.yaml").is_file():
         grown = _trained_from(folder)
-        raise TliError(f"{folder}: the output of a training stage (tli-recipe train), not of `run`: verify checks what "
-                       "`run` wrote against its plan.json, and training changes the weights (and config.json, e.g. "
-                       f"use_cache) by design. Verify the checkpoint the stages started from{grown}; compare losses "
-                       "with `tli-recipe eval`")
+        raise TliError(
+            f"{folder}: the output of a training stage (tli-recipe train), not of `run`: verify checks what "
+            "`run` wrote against its plan.json, and training changes the weights (and config.json, e.g. "
+            f"use_cache) by design. Verify the checkpoint the stages started from{grown}; compare losses "
+            "with `tli-recipe eval`"
+        )
     plan = load_plan(folder)
     report = VerifyReport(function_preserving=plan.function_preserving, atol=atol)
     if tensors:

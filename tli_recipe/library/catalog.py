@@ -92,7 +92,11 @@ def describe_method(recipe) -> str:
             site = f"between [{inject.between[0]}, {inject.between[1]})"
         name = "TLI" if inject.copies == 1 else "block expansion"
         copies = f", P = {inject.copies}" if inject.copies != 1 else ""
-        kinds = sorted({p.kind for p in inject.init.policies().values()} - {"copy", "zero", "zero_gain"}) if inject.init else []
+        kinds = (
+            sorted({p.kind for p in inject.init.policies().values()} - {"copy", "zero", "zero_gain"})
+            if inject.init
+            else []
+        )
         parts.append(f"{name}, {site}{copies}" + (f", init {'/'.join(kinds)}" if kinds else ""))
     up = recipe.upcycle
     if up is not None:
@@ -136,7 +140,17 @@ def list_rows(files: Iterable[Path], configs: Iterable[Path] = ()) -> tuple[list
             t = plan.totals
             layers = f"{t.layers_before} -> {t.layers_after}"
             parameters = f"{human_count(t.parameters_before)} -> {human_count(t.parameters_after)}"
-        rows.append(Row(file, recipe.name or file.stem, str(recipe.base_model), describe_method(recipe), layers, parameters, found))
+        rows.append(
+            Row(
+                file,
+                recipe.name or file.stem,
+                str(recipe.base_model),
+                describe_method(recipe),
+                layers,
+                parameters,
+                found,
+            )
+        )
     return rows, problems
 
 
@@ -177,8 +191,12 @@ def _diff(a: Any, b: Any, path: str, out: list[str]) -> None:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
             _diff(a.get(key, _ABSENT), b.get(key, _ABSENT), f"{path}.{key}" if path else str(key), out)
-    elif (isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
-          and any(isinstance(x, (dict, list)) for x in a + b)):
+    elif (
+        isinstance(a, list)
+        and isinstance(b, list)
+        and len(a) == len(b)
+        and any(isinstance(x, (dict, list)) for x in a + b)
+    ):
         for i, (x, y) in enumerate(zip(a, b)):
             _diff(x, y, f"{path}[{i}]", out)
     elif a != b:
@@ -232,21 +250,32 @@ def diff_plans(a, b) -> list[str]:
     lines = []
     ta, tb = a.totals, b.totals
     lines.append(f"layers      {ta.layers_before} -> {ta.layers_after}   |   {tb.layers_before} -> {tb.layers_after}")
-    lines.append(f"parameters  {human_count(ta.parameters_before)} -> {human_count(ta.parameters_after)}   |   "
-                 f"{human_count(tb.parameters_before)} -> {human_count(tb.parameters_after)}")
+    lines.append(
+        f"parameters  {human_count(ta.parameters_before)} -> {human_count(ta.parameters_after)}   |   "
+        f"{human_count(tb.parameters_before)} -> {human_count(tb.parameters_after)}"
+    )
     lines.append(f"injected    {a.requires_grad_layers}   |   {b.requires_grad_layers}")
     if a.init != b.init:
         fmt = lambda p: ", ".join(f"{k}={v}" for k, v in p.init.items()) or "none"  # noqa: E731
         lines.append(f"init        {fmt(a)}   |   {fmt(b)}")
     if a.function_preserving != b.function_preserving:
-        lines.append(f"preserving  {'yes' if a.function_preserving else 'no'}   |   {'yes' if b.function_preserving else 'no'}")
+        lines.append(
+            f"preserving  {'yes' if a.function_preserving else 'no'}   |   {'yes' if b.function_preserving else 'no'}"
+        )
     changed = diff_layer_maps(a, b)
     if changed:
-        lines += ["", "layer map (output: source layer, * injected with its init; ! differs)", f"  {'out':>4}  A | B"] + changed
+        lines += [
+            "",
+            "layer map (output: source layer, * injected with its init; ! differs)",
+            f"  {'out':>4}  A | B",
+        ] + changed
     ca = {c.key: c.after for c in a.config_changes}
     cb = {c.key: c.after for c in b.config_changes}
-    config = [f"  {k}: {_show(ca.get(k, _ABSENT))} -> {_show(cb.get(k, _ABSENT))}"
-              for k in sorted(set(ca) | set(cb)) if ca.get(k, _ABSENT) != cb.get(k, _ABSENT)]
+    config = [
+        f"  {k}: {_show(ca.get(k, _ABSENT))} -> {_show(cb.get(k, _ABSENT))}"
+        for k in sorted(set(ca) | set(cb))
+        if ca.get(k, _ABSENT) != cb.get(k, _ABSENT)
+    ]
     if config:
         lines += ["", "output config (A -> B)"] + config
     sa = {s.name: s for s in a.stages}
@@ -254,7 +283,13 @@ def diff_plans(a, b) -> list[str]:
     stages = []
     for name in list(sa) + [n for n in sb if n not in sa]:
         x, y = sa.get(name), sb.get(name)
-        describe = lambda s: "(absent)" if s is None else f"layers {ranges(s.trainable_layers)}" + (f" + {', '.join(s.trainable_groups)}" if s.trainable_groups else "") + (f", LoRA r={s.lora.r}" if s.lora else "")  # noqa: E731
+        describe = lambda s: (
+            "(absent)"
+            if s is None
+            else f"layers {ranges(s.trainable_layers)}"
+            + (f" + {', '.join(s.trainable_groups)}" if s.trainable_groups else "")
+            + (f", LoRA r={s.lora.r}" if s.lora else "")
+        )  # noqa: E731
         if describe(x) != describe(y):
             stages.append(f"  {name}: {describe(x)} -> {describe(y)}")
     if stages:

@@ -57,6 +57,7 @@ MAX_SIZE = 1_000_000
 
 # --- front matter -------------------------------------------------------------------
 
+
 class FrontMatter(Strict):
     """The YAML between the two ``---`` lines at the top of a template."""
 
@@ -93,7 +94,9 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_SIZE:
-                    raise SecurityError(f"a sequence of {len(seq) * n} items is larger than the sandbox allows ({MAX_SIZE})")
+                    raise SecurityError(
+                        f"a sequence of {len(seq) * n} items is larger than the sandbox allows ({MAX_SIZE})"
+                    )
         if operator == "**" and isinstance(right, (int, float)) and abs(right) > 256:
             raise SecurityError(f"exponent {right} is larger than the sandbox allows (256)")
         return super().call_binop(context, operator, left, right)
@@ -107,8 +110,9 @@ def _human(n: Any) -> str:
 
 def environment() -> jinja2.Environment:
     """The sandbox every template renders in: no loader, no randomness, undefined names are errors."""
-    env = _Sandbox(undefined=StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
-                   autoescape=False)
+    env = _Sandbox(
+        undefined=StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False
+    )
     env.globals.pop("lipsum", None)
     env.filters.pop("random", None)
     env.filters["human"] = _human  # 1235814400 -> 1.24B
@@ -122,7 +126,7 @@ def _split_front_matter(text: str) -> tuple[Optional[str], str, int]:
         return None, text, 0
     for i, line in enumerate(lines[1:], 1):
         if line.rstrip("\r\n") == "---":
-            return "\n" + "".join(lines[1:i]), "".join(lines[i + 1:]), i + 1
+            return "\n" + "".join(lines[1:i]), "".join(lines[i + 1 :]), i + 1
     return "", "", -1
 
 
@@ -133,15 +137,26 @@ def read_template(path: str | Path, text: Optional[str] = None) -> Template:
         text = read_text(path, "template", "a path to a .yaml.j2 template")
     front, body, offset = _split_front_matter(text)
     if offset < 0:
-        raise RecipeError([Problem(("front matter",), "the front matter opened by '---' on line 1 is never closed; "
-                                   "expected a second '---' line", file, 1, 1)])
+        raise RecipeError(
+            [
+                Problem(
+                    ("front matter",),
+                    "the front matter opened by '---' on line 1 is never closed; expected a second '---' line",
+                    file,
+                    1,
+                    1,
+                )
+            ]
+        )
     marks, matter = None, FrontMatter()
     if front is not None and front.strip():
         data, marks = read_recipe(file, text=front)
         matter = validate_model(FrontMatter, data, marks)
         problems = []
         for name, var in matter.variables.items():
-            problems += [marks.problem(("variables", name) + p, m, prefer_key=not p) for p, m in _variable_problems(name, var)]
+            problems += [
+                marks.problem(("variables", name) + p, m, prefer_key=not p) for p, m in _variable_problems(name, var)
+            ]
         if problems:
             raise RecipeError(problems)
 
@@ -150,8 +165,17 @@ def read_template(path: str | Path, text: Optional[str] = None) -> Template:
         ast = env.parse(body)
         compiled = env.from_string(body)
     except jinja2.TemplateSyntaxError as exc:
-        raise RecipeError([Problem(("template",), f"{exc.message.rstrip('.')}; fix the jinja syntax", file,
-                                   (exc.lineno or 1) + offset, 1)]) from None
+        raise RecipeError(
+            [
+                Problem(
+                    ("template",),
+                    f"{exc.message.rstrip('.')}; fix the jinja syntax",
+                    file,
+                    (exc.lineno or 1) + offset,
+                    1,
+                )
+            ]
+        ) from None
     undeclared = jinja2.meta.find_undeclared_variables(ast)
     used = undeclared - set(RESERVED) - set(env.globals)
     if front is None:  # no front matter: every name the body uses is a required string
@@ -161,14 +185,29 @@ def read_template(path: str | Path, text: Optional[str] = None) -> Template:
         problems = []
         for name in sorted(used - set(variables)):
             line = min((n.lineno for n in ast.find_all(nodes.Name) if n.name == name), default=1)
-            problems.append(Problem(("template",), f"'{name}' is not a declared variable{did_you_mean(name, variables)}; "
-                                    f"expected one of: {', '.join(variables) or '(none declared)'}, or declare it in the "
-                                    "front matter", file, line + offset, 1))
+            problems.append(
+                Problem(
+                    ("template",),
+                    f"'{name}' is not a declared variable{did_you_mean(name, variables)}; "
+                    f"expected one of: {', '.join(variables) or '(none declared)'}, or declare it in the "
+                    "front matter",
+                    file,
+                    line + offset,
+                    1,
+                )
+            )
         if problems:
             raise RecipeError(problems)
-    template = Template(file=file, body=body, offset=offset, description=matter.description, variables=variables,
-                        marks=marks, uses_plan="plan" in undeclared,
-                        uses_generated="generated" in undeclared)
+    template = Template(
+        file=file,
+        body=body,
+        offset=offset,
+        description=matter.description,
+        variables=variables,
+        marks=marks,
+        uses_plan="plan" in undeclared,
+        uses_generated="generated" in undeclared,
+    )
     template.compiled = compiled
     return template
 
@@ -176,11 +215,16 @@ def read_template(path: str | Path, text: Optional[str] = None) -> Template:
 def _variable_problems(name: str, var: Variable) -> list[tuple[tuple, str]]:
     problems: list[tuple[tuple, str]] = []
     if not _NAME.match(name) or name in RESERVED:
-        why = (f"is reserved ({RESERVED_MEANING[name]})" if name in RESERVED else "is not a name")
+        why = f"is reserved ({RESERVED_MEANING[name]})" if name in RESERVED else "is not a name"
         problems.append(((), f"'{name}' {why}; expected letters, digits and '_', not starting with a digit"))
     if var.min is not None or var.max is not None:
         if var.type not in ("int", "float"):
-            problems.append((("min" if var.min is not None else "max",), f"applies to int and float variables, and this one is {var.type}"))
+            problems.append(
+                (
+                    ("min" if var.min is not None else "max",),
+                    f"applies to int and float variables, and this one is {var.type}",
+                )
+            )
     for i, choice in enumerate(var.choices or []):
         error = _type_error(var.type, choice)
         if error:
@@ -194,8 +238,10 @@ def _variable_problems(name: str, var: Variable) -> list[tuple[tuple, str]]:
 
 # --- rendering -----------------------------------------------------------------------
 
-def render_text(template: Template, values: dict[str, Any], plan: Optional[dict] = None,
-                generated: Optional[dict] = None) -> str:
+
+def render_text(
+    template: Template, values: dict[str, Any], plan: Optional[dict] = None, generated: Optional[dict] = None
+) -> str:
     """The body rendered with ``values`` (and ``plan``, ``generated``), in the sandbox; errors located in the template."""
     context = dict(values)
     if template.uses_plan:
@@ -205,8 +251,17 @@ def render_text(template: Template, values: dict[str, Any], plan: Optional[dict]
     try:
         return template.compiled.render(context)
     except Exception as exc:  # noqa: BLE001 - anything a template raises becomes a located message
-        raise RecipeError([Problem(("template",), _render_message(exc, template), template.file,
-                                   _template_line(exc) + template.offset, 1)]) from None
+        raise RecipeError(
+            [
+                Problem(
+                    ("template",),
+                    _render_message(exc, template),
+                    template.file,
+                    _template_line(exc) + template.offset,
+                    1,
+                )
+            ]
+        ) from None
 
 
 def _template_line(exc: BaseException) -> int:
@@ -220,8 +275,10 @@ def _template_line(exc: BaseException) -> int:
 
 def _render_message(exc: BaseException, template: Template) -> str:
     if isinstance(exc, SecurityError):
-        return (f"refused by the sandbox: {str(exc).rstrip('.')}; a template may use its variables and jinja's "
-                "filters, not Python internals")
+        return (
+            f"refused by the sandbox: {str(exc).rstrip('.')}; a template may use its variables and jinja's "
+            "filters, not Python internals"
+        )
     if isinstance(exc, jinja2.UndefinedError):
         match = re.match(r"^'(\w+)' is undefined$", str(exc))
         if match:
@@ -234,17 +291,33 @@ def _render_message(exc: BaseException, template: Template) -> str:
 
 
 #: What ``plan`` holds on the first pass, before the plan exists (only comments may use it).
-PLACEHOLDER_PLAN = {"layers_before": 0, "layers_after": 0, "parameters_before": 0, "parameters_after": 0,
-                    "injected": [], "function_preserving": False, "architecture": "", "init": "", "warnings": []}
+PLACEHOLDER_PLAN = {
+    "layers_before": 0,
+    "layers_after": 0,
+    "parameters_before": 0,
+    "parameters_after": 0,
+    "injected": [],
+    "function_preserving": False,
+    "architecture": "",
+    "init": "",
+    "warnings": [],
+}
 
 
 def plan_values(plan) -> dict:
     """What a template sees as ``plan``."""
     t = plan.totals
-    return {"layers_before": t.layers_before, "layers_after": t.layers_after, "parameters_before": t.parameters_before,
-            "parameters_after": t.parameters_after, "injected": list(plan.requires_grad_layers),
-            "function_preserving": plan.function_preserving, "architecture": plan.architecture,
-            "init": ", ".join(f"{k}={v}" for k, v in plan.init.items()), "warnings": list(plan.warnings)}
+    return {
+        "layers_before": t.layers_before,
+        "layers_after": t.layers_after,
+        "parameters_before": t.parameters_before,
+        "parameters_after": t.parameters_after,
+        "injected": list(plan.requires_grad_layers),
+        "function_preserving": plan.function_preserving,
+        "architecture": plan.architecture,
+        "init": ", ".join(f"{k}={v}" for k, v in plan.init.items()),
+        "warnings": list(plan.warnings),
+    }
 
 
 #: What ``generated`` holds on the first pass (only comments may use it).
@@ -290,8 +363,13 @@ class Rendered:
     found: str = "not found"  # where the plan's config came from: local model, hub cache, stored config
 
 
-def render_recipe(template: Template, values: dict[str, Any], label: str, configs: Iterable[Path] = (),
-                  generated: Optional[dict] = None) -> Rendered:
+def render_recipe(
+    template: Template,
+    values: dict[str, Any],
+    label: str,
+    configs: Iterable[Path] = (),
+    generated: Optional[dict] = None,
+) -> Rendered:
     """Render, validate (errors located at ``label``:line:col of the rendered text) and plan
     when the base model's config is found; ``plan`` in the template gets the plan's counts,
     ``generated`` what rendered it (without it, a line naming the command is appended)."""
@@ -302,17 +380,39 @@ def render_recipe(template: Template, values: dict[str, Any], label: str, config
     plan, found = plan_recipe(loaded, label, text, configs)
     if template.uses_plan and plan is None:
         base = loaded.recipe.base_model
-        raise RecipeError([Problem(("template",), f"uses `plan` (layer and parameter counts), which needs the config of "
-                                   f"{base}: it is not a local directory, not in the Hugging Face cache, and not in the "
-                                   f"stored configs ({', '.join(map(str, configs)) or 'none given'}); expected --configs DIR "
-                                   f"holding {base.path.replace('/', '__')}/config.json", template.file, 1, 1)])
+        raise RecipeError(
+            [
+                Problem(
+                    ("template",),
+                    f"uses `plan` (layer and parameter counts), which needs the config of "
+                    f"{base}: it is not a local directory, not in the Hugging Face cache, and not in the "
+                    f"stored configs ({', '.join(map(str, configs)) or 'none given'}); expected --configs DIR "
+                    f"holding {base.path.replace('/', '__')}/config.json",
+                    template.file,
+                    1,
+                    1,
+                )
+            ]
+        )
     first = text
     if template.uses_plan or (template.uses_generated and generated is not None):
         final = render_text(template, values, plan_values(plan) if plan is not None else None, generated)
         if load_data(final, template.file) != load_data(text, template.file):
-            names = " and ".join(f"`{n}`" for n, used in (("plan", template.uses_plan), ("generated", template.uses_generated)) if used)
-            raise RecipeError([Problem(("template",), f"the recipe's data depends on {names}; expected {names} in comments "
-                                       "only (the plan is computed from the recipe)", template.file, 1, 1)])
+            names = " and ".join(
+                f"`{n}`" for n, used in (("plan", template.uses_plan), ("generated", template.uses_generated)) if used
+            )
+            raise RecipeError(
+                [
+                    Problem(
+                        ("template",),
+                        f"the recipe's data depends on {names}; expected {names} in comments "
+                        "only (the plan is computed from the recipe)",
+                        template.file,
+                        1,
+                        1,
+                    )
+                ]
+            )
         text = final
     if generated is not None and f"`{generated['command']}`" not in text:
         text += ("" if text.endswith("\n") or not text else "\n") + provenance_line(generated)

@@ -20,8 +20,12 @@ if TYPE_CHECKING:
 class Variable(Strict):
     """One template variable: its type, default and allowed values."""
 
-    type: Literal["str", "int", "float", "bool", "list", "mapping"] = Field(default="str", description="Type of the value: --var values are parsed and checked as this type.")
-    default: Any = Field(default=None, description="Value when none is given; without a default the variable is required.")
+    type: Literal["str", "int", "float", "bool", "list", "mapping"] = Field(
+        default="str", description="Type of the value: --var values are parsed and checked as this type."
+    )
+    default: Any = Field(
+        default=None, description="Value when none is given; without a default the variable is required."
+    )
     choices: Optional[list[Any]] = Field(default=None, min_length=1, description="The allowed values.")
     min: Optional[float] = Field(default=None, description="Smallest allowed value (int and float).")
     max: Optional[float] = Field(default=None, description="Largest allowed value (int and float).")
@@ -30,7 +34,6 @@ class Variable(Strict):
     @property
     def required(self) -> bool:
         return "default" not in self.model_fields_set
-
 
 
 def _type_error(kind: str, value: Any) -> Optional[str]:
@@ -92,12 +95,18 @@ def parse_text(kind: str, raw: str) -> Any:
     return value
 
 
-def check_value(template: Template, name: str, value: Any, where: tuple[str, int, int], from_text: bool) -> tuple[Any, Optional[Problem]]:
+def check_value(
+    template: Template, name: str, value: Any, where: tuple[str, int, int], from_text: bool
+) -> tuple[Any, Optional[Problem]]:
     """``value`` for variable ``name`` typed and checked; (value, None) or (None, problem at ``where``)."""
     if name not in template.variables:
         known = list(template.variables)
-        return None, Problem((name,), f"unknown variable '{name}'{did_you_mean(name, known)}; expected one of: "
-                                      f"{', '.join(known) or '(the template declares none)'}", *where)
+        return None, Problem(
+            (name,),
+            f"unknown variable '{name}'{did_you_mean(name, known)}; expected one of: "
+            f"{', '.join(known) or '(the template declares none)'}",
+            *where,
+        )
     var = template.variables[name]
     if from_text:
         try:
@@ -124,7 +133,9 @@ def parse_var_options(template: Template, items: Iterable[str], option: str = "-
         if not sep or not key.strip():
             problems.append(Problem((), "expected name=value", *where))
             continue
-        value, problem = check_value(template, key.strip(), raw, (where[0], 1, len(option) + len(key) + 3), from_text=True)
+        value, problem = check_value(
+            template, key.strip(), raw, (where[0], 1, len(option) + len(key) + 3), from_text=True
+        )
         if problem:
             problems.append(problem)
         else:
@@ -144,8 +155,13 @@ def complete(template: Template, values: dict[str, Any]) -> dict[str, Any]:
         elif not var.required:
             out[name] = var.default
         else:
-            problems.append(Problem((name,), f"has no default and no value; expected --var {name}=VALUE{_help(var)}",
-                                    *template.where(name)))
+            problems.append(
+                Problem(
+                    (name,),
+                    f"has no default and no value; expected --var {name}=VALUE{_help(var)}",
+                    *template.where(name),
+                )
+            )
     if problems:
         raise RecipeError(problems)
     return out

@@ -83,9 +83,15 @@ class Matrix(Strict):
 
     template: str = Field(min_length=1, description="The template, relative to this file.")
     out_dir: str = Field(default=".", min_length=1, description="Where the recipes are written, relative to this file.")
-    configs: list[str] = Field(default_factory=list, description="Folders of stored configs (org__name/config.json), relative to this file, for models that are not local.")
+    configs: list[str] = Field(
+        default_factory=list,
+        description="Folders of stored configs (org__name/config.json), relative to this file, for models that are not local.",
+    )
     vars: dict[str, Any] = Field(default_factory=dict, description="Values of every combination.")
-    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict, description="Variable -> values; one recipe per combination. A value that is a mapping sets several variables at once.")
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description="Variable -> values; one recipe per combination. A value that is a mapping sets several variables at once.",
+    )
 
 
 def matrix_schema() -> dict:
@@ -103,7 +109,9 @@ class Sweep:
     grid_keys: list[str]
     out_dir: Optional[Path]
     configs: list[Path]
-    generated: dict = field(default_factory=dict)  # what rendered it: command, template, matrix (templates.generated_by)
+    generated: dict = field(
+        default_factory=dict
+    )  # what rendered it: command, template, matrix (templates.generated_by)
 
     def owns(self, text: str) -> bool:
         """Whether a recipe on disk says this sweep generated it, so ``--force`` may replace it: it names
@@ -125,30 +133,48 @@ def sweep_from_matrix(path: str | Path, out_dir_given: bool = False) -> Sweep:
     here = Path(path).parent
     root = repository(Path(path))
     keys = [("template", matrix.template)] + ([] if out_dir_given else [("out_dir", matrix.out_dir)])
-    leaving = [marks.problem((key,), f"{value!r} leaves the matrix's repository ({root}); expected a path inside it"
-                             + (", or --out-dir on the command line" if key == "out_dir" else ", or pass the template itself"))
-               for key, value in keys if _outside(here / value, root)]
+    leaving = [
+        marks.problem(
+            (key,),
+            f"{value!r} leaves the matrix's repository ({root}); expected a path inside it"
+            + (", or --out-dir on the command line" if key == "out_dir" else ", or pass the template itself"),
+        )
+        for key, value in keys
+        if _outside(here / value, root)
+    ]
     if leaving:
         raise RecipeError(leaving)
     template = read_template(here / matrix.template)
     problems: list[Problem] = []
     fixed = {}
     for name, value in matrix.vars.items():
-        checked, problem = check_value(template, name, value, marks.locate(("vars", name), prefer_key=True), from_text=False)
+        checked, problem = check_value(
+            template, name, value, marks.locate(("vars", name), prefer_key=True), from_text=False
+        )
         problems += [problem] if problem else []
         fixed[name] = checked
     grid: dict[str, list[Any]] = {}
     for axis, values in matrix.grid.items():
         if axis in matrix.vars:
-            problems.append(marks.problem(("grid", axis), f"'{axis}' is also in vars; expected each variable in vars or grid, not both", prefer_key=True))
+            problems.append(
+                marks.problem(
+                    ("grid", axis),
+                    f"'{axis}' is also in vars; expected each variable in vars or grid, not both",
+                    prefer_key=True,
+                )
+            )
         grid[axis] = []
         if axis not in template.variables and not all(isinstance(v, dict) for v in values):
-            problems.append(check_value(template, axis, None, marks.locate(("grid", axis), prefer_key=True), from_text=False)[1])
+            problems.append(
+                check_value(template, axis, None, marks.locate(("grid", axis), prefer_key=True), from_text=False)[1]
+            )
             continue
         for i, value in enumerate(values):
             if isinstance(value, dict):
                 for name, v in value.items():
-                    checked, problem = check_value(template, name, v, marks.locate(("grid", axis, i, name), prefer_key=True), from_text=False)
+                    checked, problem = check_value(
+                        template, name, v, marks.locate(("grid", axis, i, name), prefer_key=True), from_text=False
+                    )
                     problems += [problem] if problem else []
                 grid[axis].append(value)
             else:
@@ -160,10 +186,20 @@ def sweep_from_matrix(path: str | Path, out_dir_given: bool = False) -> Sweep:
         problems.append(marks.problem(("grid",), many, prefer_key=True))
     if problems:
         raise RecipeError(problems)
-    keys = list(dict.fromkeys(k for axis, values in grid.items() for v in values for k in (v if isinstance(v, dict) else {axis: v})))
-    return Sweep(template, fixed, combinations(grid), keys, here / matrix.out_dir,
-                 [Path(os.path.normpath(here / c)) for c in matrix.configs],
-                 generated_by(f"tli-recipe variants {shown_path(path)}", template.file, path))
+    keys = list(
+        dict.fromkeys(
+            k for axis, values in grid.items() for v in values for k in (v if isinstance(v, dict) else {axis: v})
+        )
+    )
+    return Sweep(
+        template,
+        fixed,
+        combinations(grid),
+        keys,
+        here / matrix.out_dir,
+        [Path(os.path.normpath(here / c)) for c in matrix.configs],
+        generated_by(f"tli-recipe variants {shown_path(path)}", template.file, path),
+    )
 
 
 def sweep_from_options(template_path: str, var_items: Iterable[str], grid_items: Iterable[str]) -> Sweep:
@@ -180,7 +216,15 @@ def sweep_from_options(template_path: str, var_items: Iterable[str], grid_items:
             problems.append(Problem((), "expected name=value1,value2,...", f"--grid {item}", 1, 8))
             continue
         if key in fixed or key in grid:
-            problems.append(Problem((key,), f"'{key}' is given twice (--var or --grid); expected each variable once", f"--grid {item}", 1, 8))
+            problems.append(
+                Problem(
+                    (key,),
+                    f"'{key}' is given twice (--var or --grid); expected each variable once",
+                    f"--grid {item}",
+                    1,
+                    8,
+                )
+            )
             continue
         grid[key] = []
         column = len("--grid ") + len(key) + 2
@@ -217,7 +261,9 @@ class VariantsError(RecipeError):
     total: int = 0
 
     def __str__(self) -> str:
-        lines = [f"{len(self.failed)} of {self.total} combinations {'is' if len(self.failed) == 1 else 'are'} invalid; nothing was written"]
+        lines = [
+            f"{len(self.failed)} of {self.total} combinations {'is' if len(self.failed) == 1 else 'are'} invalid; nothing was written"
+        ]
         for v in self.failed:
             lines.append(f"combination {v.label} ({v.file}):")
             lines += [str(p) for p in v.problems]
@@ -228,14 +274,22 @@ def render_variants(sweep: Sweep, out_dir: Path, configs: Iterable[Path] = ()) -
     """Render and validate every combination; a VariantsError names each invalid one (then nothing may be written)."""
     configs = list(sweep.configs) + [c for c in configs if c not in sweep.configs]
     out_dir = Path(os.path.normpath(out_dir))
-    complete(sweep.template, {**sweep.fixed, **sweep.combos[0][1]})  # a missing value: one message, not one per combination
+    complete(
+        sweep.template, {**sweep.fixed, **sweep.combos[0][1]}
+    )  # a missing value: one message, not one per combination
     variants: list[Variant] = []
     for label, combo in sweep.combos:
         values = complete(sweep.template, {**sweep.fixed, **combo})
         try:
             text = render_text(sweep.template, values)
         except RecipeError as exc:
-            variants.append(Variant(label, out_dir / f"{variant_name(None, sweep.template, values, sweep.grid_keys)}.yaml", problems=exc.problems))
+            variants.append(
+                Variant(
+                    label,
+                    out_dir / f"{variant_name(None, sweep.template, values, sweep.grid_keys)}.yaml",
+                    problems=exc.problems,
+                )
+            )
             continue
         try:  # only the name is wanted here; render_recipe below locates any YAML error
             data = load_data(text, "<rendered>")
@@ -244,7 +298,9 @@ def render_variants(sweep: Sweep, out_dir: Path, configs: Iterable[Path] = ()) -
         own = data.get("name") if isinstance(data, dict) and isinstance(data.get("name"), str) else None
         variant = Variant(label, out_dir / f"{variant_name(own, sweep.template, values, sweep.grid_keys)}.yaml")
         try:
-            variant.rendered = render_recipe(sweep.template, values, str(variant.file), configs, sweep.generated or None)
+            variant.rendered = render_recipe(
+                sweep.template, values, str(variant.file), configs, sweep.generated or None
+            )
         except RecipeError as exc:
             variant.problems = exc.problems
         except TliError as exc:  # a source that cannot be planned (an inconsistent config...)
@@ -253,8 +309,13 @@ def render_variants(sweep: Sweep, out_dir: Path, configs: Iterable[Path] = ()) -
     seen: dict[Path, Variant] = {}
     for v in variants:
         if v.file in seen and not v.problems:
-            v.problems = [v.rendered.loaded.marks.problem(("name",), f"the combinations {seen[v.file].label} and {v.label} both "
-                                                          f"render to {v.file.name}; expected a name that depends on every grid variable")]
+            v.problems = [
+                v.rendered.loaded.marks.problem(
+                    ("name",),
+                    f"the combinations {seen[v.file].label} and {v.label} both "
+                    f"render to {v.file.name}; expected a name that depends on every grid variable",
+                )
+            ]
         seen.setdefault(v.file, v)
     failed = [v for v in variants if v.problems]
     if failed:

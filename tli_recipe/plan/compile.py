@@ -56,8 +56,15 @@ from tli_recipe.source.arch import ArchError, Architecture
 from tli_recipe.source.checkpoint import numel
 from tli_recipe.source.hub import Access
 
-__all__ = ["compile_plan", "judge_preservation", "resolve_sources", "build_layer_map", "assign_tensor_ops",
-           "rewrite_config", "resolve_stages"]
+__all__ = [
+    "compile_plan",
+    "judge_preservation",
+    "resolve_sources",
+    "build_layer_map",
+    "assign_tensor_ops",
+    "rewrite_config",
+    "resolve_stages",
+]
 
 
 def compile_plan(loaded: LoadedRecipe, access: Optional[Access] = None) -> Plan:
@@ -90,8 +97,17 @@ def compile_plan(loaded: LoadedRecipe, access: Optional[Access] = None) -> Plan:
     injected = [e.output for e in layers if e.role == "injected"]
     out_dtype = recipe.dtype or sources.models[sources.base].dtype or "float32"
     config, changes, blocking, config_warnings = rewrite_config(
-        sources.base_config, sources.configs, arch, layers, injected, out_dtype, recipe.output_config,
-        sources.where, problems, moe)
+        sources.base_config,
+        sources.configs,
+        arch,
+        layers,
+        injected,
+        out_dtype,
+        recipe.output_config,
+        sources.where,
+        problems,
+        moe,
+    )
     if upc is not None and not problems.items:  # a safety net over an otherwise sound plan
         check_output_tensors(upc, ops, config, len(layers), problems)
     stage_warnings: list[str] = []
@@ -105,25 +121,52 @@ def compile_plan(loaded: LoadedRecipe, access: Optional[Access] = None) -> Plan:
     name = recipe.name or Path(loaded.file).stem
     recipe_dict = loaded.resolved()
     base_tensors = sources.tensors[sources.base]
-    totals = Totals(layers_before=sources.base_layers, layers_after=len(layers),
-                    parameters_before=sum(numel(s) for _, s in base_tensors.values()),
-                    parameters_after=sum(numel(op.shape) for op in ops),
-                    bytes_to_write=sum(op.nbytes for op in ops), tensors=len(ops))
+    totals = Totals(
+        layers_before=sources.base_layers,
+        layers_after=len(layers),
+        parameters_before=sum(numel(s) for _, s in base_tensors.values()),
+        parameters_after=sum(numel(op.shape) for op in ops),
+        bytes_to_write=sum(op.nbytes for op in ops),
+        tensors=len(ops),
+    )
     return Plan(
-        tli_recipe_version=__version__, name=name, recipe_file=str(loaded.file), recipe_sha256=recipe_hash(recipe_dict),
-        recipe=recipe_dict, architecture=arch.name, layer_prefix=arch.layer_prefix, base_model=recipe.base_model,
-        sources=sources.models, dtype=out_dtype, layers=layers, requires_grad_layers=injected,
-        init={p: str(v) for p, v in policies.items()}, init_recommended=dict(arch.recommended_init),
-        identity_options={b: [", ".join(f"{p}={k}" for p, k in o.items()) for o in opts]
-                          for b, opts in arch.identity_branches.items()},
-        function_preserving=preserving, tensors=ops, config=config, upcycle=upcycled,
-        config_changes=changes, blocking=blocking, stages=stages,
-        warnings=sources.warnings + warnings + op_warnings + config_warnings + stage_warnings, totals=totals,
-        output=recipe.output or f"out/{name}", shard_size=recipe.shard_size,
-        seed=recipe.seed, lesa=recipe.inject.lesa if any(op.op == "lesa" for op in ops) else None,
-        recipe_dtype=recipe.dtype, pins=source_pins(recipe, loaded.marks, sources),
-        layers_pattern=arch.layers_pattern, num_layers_key=arch.num_layers_key, vocab_key=arch.vocab_key,
-        vocab_size=_vocab_size(arch, sources.configs[sources.base]), decoder_config_path=list(arch.config_path),
+        tli_recipe_version=__version__,
+        name=name,
+        recipe_file=str(loaded.file),
+        recipe_sha256=recipe_hash(recipe_dict),
+        recipe=recipe_dict,
+        architecture=arch.name,
+        layer_prefix=arch.layer_prefix,
+        base_model=recipe.base_model,
+        sources=sources.models,
+        dtype=out_dtype,
+        layers=layers,
+        requires_grad_layers=injected,
+        init={p: str(v) for p, v in policies.items()},
+        init_recommended=dict(arch.recommended_init),
+        identity_options={
+            b: [", ".join(f"{p}={k}" for p, k in o.items()) for o in opts] for b, opts in arch.identity_branches.items()
+        },
+        function_preserving=preserving,
+        tensors=ops,
+        config=config,
+        upcycle=upcycled,
+        config_changes=changes,
+        blocking=blocking,
+        stages=stages,
+        warnings=sources.warnings + warnings + op_warnings + config_warnings + stage_warnings,
+        totals=totals,
+        output=recipe.output or f"out/{name}",
+        shard_size=recipe.shard_size,
+        seed=recipe.seed,
+        lesa=recipe.inject.lesa if any(op.op == "lesa" for op in ops) else None,
+        recipe_dtype=recipe.dtype,
+        pins=source_pins(recipe, loaded.marks, sources),
+        layers_pattern=arch.layers_pattern,
+        num_layers_key=arch.num_layers_key,
+        vocab_key=arch.vocab_key,
+        vocab_size=_vocab_size(arch, sources.configs[sources.base]),
+        decoder_config_path=list(arch.config_path),
     )
 
 
@@ -145,9 +188,13 @@ def source_pins(recipe: Recipe, marks: Marks, sources: Sources) -> dict[str, Sou
     recipe's own marks: right for --set overrides and rendered recipes, never re-read later.
     ``checksums.<name>`` locates the value (a mismatch); ``checksums.<name>#key`` the key (a missing file)."""
     refs = [(recipe.base_model, ("base_model",))]
-    refs += [(piece.model, ("slices", i, "model")) for i, piece in enumerate(recipe.slices or []) if piece.model is not None]
-    refs += [(entry.model, ("upcycle", "sources", i, "model"))
-             for i, entry in enumerate(recipe.upcycle.sources or [] if recipe.upcycle else [])]
+    refs += [
+        (piece.model, ("slices", i, "model")) for i, piece in enumerate(recipe.slices or []) if piece.model is not None
+    ]
+    refs += [
+        (entry.model, ("upcycle", "sources", i, "model"))
+        for i, entry in enumerate(recipe.upcycle.sources or [] if recipe.upcycle else [])
+    ]
     pins: dict[str, SourcePin] = {}
     for ref, path in refs:
         key = str(ref)
@@ -188,8 +235,10 @@ def _is_identity(layer_ops: list[TensorOp], arch: Architecture) -> bool:
 
     def exact(proj: str) -> bool:
         tensors = by_projection.get(proj, [])
-        return bool(tensors) and all(zero_effect(op, arch.offset_of(proj) if proj in arch.projections else 0.0)
-                                     for op in tensors)
+        return bool(tensors) and all(
+            zero_effect(op, arch.offset_of(proj) if proj in arch.projections else 0.0) for op in tensors
+        )
 
     return bool(arch.identity_branches) and all(
-        any(all(exact(p) for p in option) for option in options) for options in arch.identity_branches.values())
+        any(all(exact(p) for p in option) for option in options) for options in arch.identity_branches.values()
+    )

@@ -23,10 +23,10 @@ CPU_FLOPS = 45e9
 
 @dataclass(frozen=True)
 class LesaCost:
-    groups: int                     # projection types (one SVD and one predictor each)
+    groups: int  # projection types (one SVD and one predictor each)
     flops: float
-    largest: tuple[int, int]        # the biggest stacked matrix factored
-    peak_bytes: int                 # the biggest fit: its layers, the stack, U, V^T and LAPACK's workspace
+    largest: tuple[int, int]  # the biggest stacked matrix factored
+    peak_bytes: int  # the biggest fit: its layers, the stack, U, V^T and LAPACK's workspace
 
     @property
     def cpu_seconds(self) -> float:
@@ -48,7 +48,7 @@ def lesa_cost(plan: Plan) -> LesaCost | None:
     for (source, _), (out, width) in shapes.items():
         layers = plan.sources[source].num_layers
         m, n = sorted((out, layers * width))
-        flops += 4 * m * m * n + 8 * m ** 3
+        flops += 4 * m * m * n + 8 * m**3
         k = min(out, layers * width)
         flops += epochs * k * max(layers - 2, 0) * 6 * h * (3 * width + h)
         if m * n > largest[0] * largest[1]:

@@ -18,21 +18,32 @@ def check_injection(inject: Optional[Inject], stack: int, base_layers: int, labe
     if inject is None:
         return True
     if inject.every is not None and inject.every > stack:
-        problems.add(("inject", "every"), f"{inject.every} is larger than the {stack} layers of the stack{label}; "
-                                          f"no layer would be injected; expected every <= {stack}")
+        problems.add(
+            ("inject", "every"),
+            f"{inject.every} is larger than the {stack} layers of the stack{label}; "
+            f"no layer would be injected; expected every <= {stack}",
+        )
     for j, position in enumerate(inject.after or []):
         if position >= stack:
-            problems.add(("inject", "after", j), f"stack position {position} does not exist; expected < {stack} "
-                                                 "(the stack's layers are 0-based)")
+            problems.add(
+                ("inject", "after", j),
+                f"stack position {position} does not exist; expected < {stack} (the stack's layers are 0-based)",
+            )
     if inject.between is not None and inject.between[1] > stack:
-        problems.add(("inject", "between"), f"{list(inject.between)} ends past the {stack} layers of the stack; "
-                                            f"expected end <= {stack} (half-open range)")
+        problems.add(
+            ("inject", "between"),
+            f"{list(inject.between)} ends past the {stack} layers of the stack; "
+            f"expected end <= {stack} (half-open range)",
+        )
     # The output size is known from counts alone: refuse a runaway one before building anything.
     positions = sum(1 for p in inject.positions(stack) if p < stack)
     total, bound = stack + inject.copies * positions, MAX_GROWTH * base_layers
     if total > bound:
-        problems.add(("inject", "copies"), f"{inject.copies} copies at {positions} positions give {total} output layers; "
-                                           f"expected at most {bound} ({MAX_GROWTH}x the {base_layers} layers of base_model)")
+        problems.add(
+            ("inject", "copies"),
+            f"{inject.copies} copies at {positions} positions give {total} output layers; "
+            f"expected at most {bound} ({MAX_GROWTH}x the {base_layers} layers of base_model)",
+        )
         return False
     return True
 
@@ -46,12 +57,23 @@ def build_layer_map(stack: Stack, inject: Optional[Inject]) -> tuple[list[LayerE
         if j in positions:
             after = stack[j + 1] if j + 1 < len(stack) else (None, None, None)
             for _ in range(inject.copies):
-                layers.append(LayerEntry(output=len(layers), source=key, layer=layer, role="injected", slice=piece,
-                                         next_source=after[0], next_layer=after[1]))
+                layers.append(
+                    LayerEntry(
+                        output=len(layers),
+                        source=key,
+                        layer=layer,
+                        role="injected",
+                        slice=piece,
+                        next_source=after[0],
+                        next_layer=after[1],
+                    )
+                )
     warnings = []
     if inject is not None and inject.every is not None and len(stack) % inject.every:
         rest = len(stack) % inject.every
         tail = [e.output for e in layers[-rest:]]
-        warnings.append(f"inject.every={inject.every} does not divide the {len(stack)} layers of the stack: the last {rest} "
-                        f"(output layers {tail[0]}..{tail[-1]}) have no injected layer after them")
+        warnings.append(
+            f"inject.every={inject.every} does not divide the {len(stack)} layers of the stack: the last {rest} "
+            f"(output layers {tail[0]}..{tail[-1]}) have no injected layer after them"
+        )
     return layers, warnings

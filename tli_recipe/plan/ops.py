@@ -12,25 +12,37 @@ from typing import Optional
 
 @dataclass(frozen=True)
 class OpSpec:
-    name: str            # "copy", "zero", "fill", "scale", "noise", "random", "interpolate", "lesa", "hidden"
-    reads_source: bool   # reads op.source_name from op.source
-    reads_second: bool   # also reads op.second_name from op.second_source
-    seeded: bool         # draws from op.seed
+    name: str  # "copy", "zero", "fill", "scale", "noise", "random", "interpolate", "lesa", "hidden"
+    reads_source: bool  # reads op.source_name from op.source
+    reads_second: bool  # also reads op.second_name from op.second_source
+    seeded: bool  # draws from op.seed
     value: Optional[str]  # what op.value means ("factor", "std", "fill value", "weight") or None
-    summary: str         # one line for reports
+    summary: str  # one line for reports
 
 
-OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
-    OpSpec("copy", True, False, False, None, "the source tensor (cast to the output dtype)"),
-    OpSpec("zero", False, False, False, None, "all zeros"),
-    OpSpec("fill", False, False, False, "fill value", "every element set to the value (zero_gain: a gain at its effective 0)"),
-    OpSpec("scale", True, False, False, "factor", "the source tensor times the factor"),
-    OpSpec("noise", True, False, True, "std", "the source tensor plus seeded N(0, std^2)"),
-    OpSpec("random", False, False, True, "std", "seeded N(0, std^2)"),
-    OpSpec("interpolate", True, True, False, "weight", "(1 - w) * this layer's tensor + w * the next layer's"),
-    OpSpec("lesa", True, True, False, None, "predicted from both neighbours through an SVD basis (LESA)"),
-    OpSpec("hidden", False, False, False, None, "router rows: the normalised mean MLP input of each expert's prompts"),
-)}
+OPS: dict[str, OpSpec] = {
+    spec.name: spec
+    for spec in (
+        OpSpec("copy", True, False, False, None, "the source tensor (cast to the output dtype)"),
+        OpSpec("zero", False, False, False, None, "all zeros"),
+        OpSpec(
+            "fill",
+            False,
+            False,
+            False,
+            "fill value",
+            "every element set to the value (zero_gain: a gain at its effective 0)",
+        ),
+        OpSpec("scale", True, False, False, "factor", "the source tensor times the factor"),
+        OpSpec("noise", True, False, True, "std", "the source tensor plus seeded N(0, std^2)"),
+        OpSpec("random", False, False, True, "std", "seeded N(0, std^2)"),
+        OpSpec("interpolate", True, True, False, "weight", "(1 - w) * this layer's tensor + w * the next layer's"),
+        OpSpec("lesa", True, True, False, None, "predicted from both neighbours through an SVD basis (LESA)"),
+        OpSpec(
+            "hidden", False, False, False, None, "router rows: the normalised mean MLP input of each expert's prompts"
+        ),
+    )
+}
 
 
 def is_byte_copy(op) -> bool:

@@ -1,5 +1,4 @@
-"""Human-readable views of a Plan: the `plan` table, counts and ranges, the architecture table.
-"""
+"""Human-readable views of a Plan: the `plan` table, counts and ranges, the architecture table."""
 
 from __future__ import annotations
 
@@ -61,7 +60,9 @@ def plan_table(plan: Plan) -> str:
         src = f"{e.source}:{e.layer}" if multi else f"{e.layer}"
         if e.output in with_next:
             src += f"+{e.next_layer}"
-        rows.append((str(e.output), src, e.role + ("*" if e.role == "injected" else ""), _describe(by_layer.get(e.output, []))))
+        rows.append(
+            (str(e.output), src, e.role + ("*" if e.role == "injected" else ""), _describe(by_layer.get(e.output, [])))
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     up = plan.upcycle
     arch = f"{plan.architecture} -> {up.output_architecture} (upcycled)" if up else plan.architecture
@@ -81,10 +82,14 @@ def plan_table(plan: Plan) -> str:
         lines += upcycle_lines(plan)
     if plan.init:
         recommended = plan.init == plan.init_recommended
-        lines.append(f"init        {', '.join(f'{k}={v}' for k, v in plan.init.items())}; other tensors copied"
-                     + (f" (recommended for {plan.architecture})" if recommended else ""))
+        lines.append(
+            f"init        {', '.join(f'{k}={v}' for k, v in plan.init.items())}; other tensors copied"
+            + (f" (recommended for {plan.architecture})" if recommended else "")
+        )
         if not recommended and plan.init_recommended:
-            lines.append(f"            recommended for {plan.architecture}: {', '.join(f'{k}={v}' for k, v in plan.init_recommended.items())}")
+            lines.append(
+                f"            recommended for {plan.architecture}: {', '.join(f'{k}={v}' for k, v in plan.init_recommended.items())}"
+            )
         options = "; ".join(f"{b}: {' | '.join(o)}" for b, o in plan.identity_options.items())
         if options:
             lines.append(f"            exact when each branch has one of: {options}")
@@ -95,17 +100,25 @@ def plan_table(plan: Plan) -> str:
     for s in plan.stages:
         what = f"LoRA r={s.lora.r} on {', '.join(s.lora.targets)}" if s.lora else "full weights"
         groups = f" + {', '.join(s.trainable_groups)}" if s.trainable_groups else ""
-        lines.append(f"stage       {s.name}: {len(s.trainable_layers)} layers{groups}, {what}, "
-                     f"{human_count(s.trainable_parameters)} trainable parameters"
-                     + (f" (adapters on {len(s.parameters)} weights)" if s.lora else "")
-                     + (f"; objective mod: ensemble of layers {ranges(s.mod.layers)} ({human_count(s.mod.head_parameters)} "
-                        f"head parameters, init {s.mod.init})" if s.mod else ""))
+        lines.append(
+            f"stage       {s.name}: {len(s.trainable_layers)} layers{groups}, {what}, "
+            f"{human_count(s.trainable_parameters)} trainable parameters"
+            + (f" (adapters on {len(s.parameters)} weights)" if s.lora else "")
+            + (
+                f"; objective mod: ensemble of layers {ranges(s.mod.layers)} ({human_count(s.mod.head_parameters)} "
+                f"head parameters, init {s.mod.init})"
+                if s.mod
+                else ""
+            )
+        )
     cost = lesa_cost(plan)
     if cost is not None:
-        lines.append(f"lesa        {cost.groups} projection types fitted before writing (SVD of up to "
-                     f"{cost.largest[0]} x {cost.largest[1]}, {cost.flops / 1e12:.1f} TFLOP, ~{human_bytes(cost.peak_bytes)} "
-                     f"in memory): about {human_seconds(cost.cpu_seconds)} on a 2-core CPU, less with more cores or "
-                     "--device cuda (estimate)")
+        lines.append(
+            f"lesa        {cost.groups} projection types fitted before writing (SVD of up to "
+            f"{cost.largest[0]} x {cost.largest[1]}, {cost.flops / 1e12:.1f} TFLOP, ~{human_bytes(cost.peak_bytes)} "
+            f"in memory): about {human_seconds(cost.cpu_seconds)} on a 2-core CPU, less with more cores or "
+            "--device cuda (estimate)"
+        )
     for w in plan.warnings:
         lines.append(f"warning     {w}")
     for b in plan.blocking:
@@ -117,22 +130,32 @@ def upcycle_lines(plan: Plan) -> list[str]:
     """The expert map of an upcycled plan: layers, each expert's source and init, counts, the verdict."""
     up = plan.upcycle
     dense = f"; dense: {ranges(up.dense_layers)}" if up.dense_layers else ""
-    lines = [f"upcycle     {plan.architecture} -> {up.output_architecture}: {up.experts} experts, top-{up.top_k}, "
-             f"router {up.router}; output layers {ranges(up.layers)}{dense}",
-             f"            order: {up.order}"]
+    lines = [
+        f"upcycle     {plan.architecture} -> {up.output_architecture}: {up.experts} experts, top-{up.top_k}, "
+        f"router {up.router}; output layers {ranges(up.layers)}{dense}",
+        f"            order: {up.order}",
+    ]
     for e, (source, init) in enumerate(zip(up.expert_sources, up.expert_init)):
         lines.append(f"expert {e:<4} {init} of the dense MLP of " + (source if source else "each layer's own source"))
-    lines.append(f"moe params  total {human_count(up.parameters_total)}, active per token {human_count(up.parameters_active)} "
-                 f"({up.parameters_total:,} / {up.parameters_active:,}; {up.top_k} of {up.experts} experts per token, "
-                 "embeddings included)")
+    lines.append(
+        f"moe params  total {human_count(up.parameters_total)}, active per token {human_count(up.parameters_active)} "
+        f"({up.parameters_total:,} / {up.parameters_active:,}; {up.top_k} of {up.experts} experts per token, "
+        "embeddings included)"
+    )
     # Zero router: every kept weight is 1/k; w*a + w*a is exactly a for k = 2 (and k = 1), while longer sums may round.
     bits = up.router == "zero" and up.top_k <= 2
-    exact = (f"identical experts and renormalised top-k weights give the dense MLP, "
-             f"{'bit for bit (zero router, k <= 2)' if bits else 'up to float rounding'}"
-             if not up.breaks_preservation else "; ".join(up.breaks_preservation))
+    exact = (
+        f"identical experts and renormalised top-k weights give the dense MLP, "
+        f"{'bit for bit (zero router, k <= 2)' if bits else 'up to float rounding'}"
+        if not up.breaks_preservation
+        else "; ".join(up.breaks_preservation)
+    )
     lines.append(f"moe exact   {'yes' if not up.breaks_preservation else 'no'}: {exact}")
-    lines.append("router loss " + ", ".join(f"{k}={v}" for k, v in up.aux_loss.items())
-                 + " (output config; set them with output_config)")
+    lines.append(
+        "router loss "
+        + ", ".join(f"{k}={v}" for k, v in up.aux_loss.items())
+        + " (output config; set them with output_config)"
+    )
     return lines
 
 
@@ -152,8 +175,10 @@ def architecture_table() -> str:
     """The README's table of supported architectures, generated from the definitions."""
     from tli_recipe.source.arch import load_architectures
 
-    rows = ["| definition | `architectures` | layer prefix | recommended init of an injected layer |",
-            "|---|---|---|---|"]
+    rows = [
+        "| definition | `architectures` | layer prefix | recommended init of an injected layer |",
+        "|---|---|---|---|",
+    ]
     for name, arch in sorted(load_architectures().items()):
         init = ", ".join(f"{p}={k}" for p, k in arch.recommended_init.items())
         prefixes = " or ".join(f"`{p}`" for p in arch.layer_prefixes)

@@ -35,16 +35,16 @@ class Sources:
     """The source checkpoints of a recipe, and the stack of source layers they give."""
 
     arch: Architecture
-    base: str                                    # source key of base_model
-    base_config: dict                            # base_model's whole config.json
+    base: str  # source key of base_model
+    base_config: dict  # base_model's whole config.json
     models: dict[str, SourceModel] = field(default_factory=dict)
-    configs: dict[str, dict] = field(default_factory=dict)          # source key -> decoder config
+    configs: dict[str, dict] = field(default_factory=dict)  # source key -> decoder config
     tensors: dict[str, Tensors] = field(default_factory=dict)
     layers: dict[str, dict[int, list[str]]] = field(default_factory=dict)  # source -> layer -> suffixes in file order
-    where: dict[str, tuple] = field(default_factory=dict)           # source key -> recipe field path
+    where: dict[str, tuple] = field(default_factory=dict)  # source key -> recipe field path
     stack: list[tuple[str, int, Optional[int]]] = field(default_factory=list)  # (source, layer, slice index)
     warnings: list[str] = field(default_factory=list)
-    access: Access = field(default_factory=Access)                  # how far a hub id may be fetched
+    access: Access = field(default_factory=Access)  # how far a hub id may be fetched
 
     @property
     def base_layers(self) -> int:
@@ -67,8 +67,9 @@ def _source_tensors(ckpt: Checkpoint, arch: Architecture, num_layers: int) -> Te
     return {name: (code, shape) for name, shape in arch.expected_tensors(ckpt.config, num_layers).items()}
 
 
-def missing_projections(arch: Architecture, config: dict, per_layer: dict[int, list[str]],
-                        num_layers: int) -> list[tuple[int, str]]:
+def missing_projections(
+    arch: Architecture, config: dict, per_layer: dict[int, list[str]], num_layers: int
+) -> list[tuple[int, str]]:
     """(layer, tensor suffix) of each projection that one layer lacks while other layers have it.
 
     A projection is expected in a layer when one of its module spellings applies there
@@ -103,7 +104,9 @@ def missing_projections(arch: Architecture, config: dict, per_layer: dict[int, l
     return sorted(gaps)
 
 
-def _check_model(ref: str, ckpt: Checkpoint, arch: Architecture, key: str, problems: Problems, path: tuple) -> Optional[int]:
+def _check_model(
+    ref: str, ckpt: Checkpoint, arch: Architecture, key: str, problems: Problems, path: tuple
+) -> Optional[int]:
     """The layer count of a usable source checkpoint; None (with a problem) otherwise."""
     try:
         n = arch.decoder_config(ckpt.config).get(key)
@@ -111,20 +114,26 @@ def _check_model(ref: str, ckpt: Checkpoint, arch: Architecture, key: str, probl
         problems.add(path, str(exc))
         return None
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        problems.add(path, f"{ckpt.path / 'config.json'} has no positive integer {key}; expected the decoder layer count")
+        problems.add(
+            path, f"{ckpt.path / 'config.json'} has no positive integer {key}; expected the decoder layer count"
+        )
         return None
     quantization = ckpt.config.get("quantization_config")
     if quantization:
         method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
         method = method if isinstance(method, str) and method.isidentifier() else "?"
-        problems.add(path, f"{ref} is quantized ({method}): zeroing packed weights does not give zero; "
-                           "expected a full-precision checkpoint (dequantize it first)")
+        problems.add(
+            path,
+            f"{ref} is quantized ({method}): zeroing packed weights does not give zero; "
+            "expected a full-precision checkpoint (dequantize it first)",
+        )
         return None
     return n
 
 
-def _layers_of(ckpt: Checkpoint, arch: Architecture, tensors: Tensors, n: int, key: str,
-               problems: Problems, path: tuple) -> Optional[dict[int, list[str]]]:
+def _layers_of(
+    ckpt: Checkpoint, arch: Architecture, tensors: Tensors, n: int, key: str, problems: Problems, path: tuple
+) -> Optional[dict[int, list[str]]]:
     per_layer: dict[int, list[str]] = {}
     for name in tensors:
         split = arch.split_layer_key(name)
@@ -134,8 +143,11 @@ def _layers_of(ckpt: Checkpoint, arch: Architecture, tensors: Tensors, n: int, k
         return per_layer
     if sorted(per_layer) != list(range(n)):
         found = f"layers {min(per_layer)}..{max(per_layer)}" if per_layer else "no layer tensors"
-        problems.add(path, f"{ckpt.path}: config.json says {key}={n} but the weights hold {found} "
-                           f"(prefix {arch.layer_prefix!r}); the checkpoint is inconsistent")
+        problems.add(
+            path,
+            f"{ckpt.path}: config.json says {key}={n} but the weights hold {found} "
+            f"(prefix {arch.layer_prefix!r}); the checkpoint is inconsistent",
+        )
         return None
     try:
         gaps = missing_projections(arch, arch.decoder_config(ckpt.config), per_layer, n)
@@ -143,12 +155,17 @@ def _layers_of(ckpt: Checkpoint, arch: Architecture, tensors: Tensors, n: int, k
         problems.add(path, str(exc))
         return None
     for layer, suffix in gaps:
-        problems.add(path, f"{ckpt.path}: layer {layer} has no tensor '{arch.layer_key(layer, suffix)}', which the other "
-                           f"layers have ({arch.projection_of(suffix)}); the checkpoint is incomplete: re-download or fix it")
+        problems.add(
+            path,
+            f"{ckpt.path}: layer {layer} has no tensor '{arch.layer_key(layer, suffix)}', which the other "
+            f"layers have ({arch.projection_of(suffix)}); the checkpoint is incomplete: re-download or fix it",
+        )
     return None if gaps else per_layer
 
 
-def add_source(sources: Sources, ref: str, path: tuple, problems: Problems, ckpt: Optional[Checkpoint] = None) -> Optional[str]:
+def add_source(
+    sources: Sources, ref: str, path: tuple, problems: Problems, ckpt: Optional[Checkpoint] = None
+) -> Optional[str]:
     """Open one source (once), check it fits the base architecture, and record its tensors."""
     if ref in sources.models:
         return ref
@@ -162,7 +179,9 @@ def add_source(sources: Sources, ref: str, path: tuple, problems: Problems, ckpt
         problems.add(path, str(exc))
         return None
     if (src_arch.name, src_arch.layer_prefix) != (arch.name, arch.layer_prefix):
-        problems.add(path, f"{ref} is a {src_arch.name} model but base_model is {arch.name}; expected slices of one architecture")
+        problems.add(
+            path, f"{ref} is a {src_arch.name} model but base_model is {arch.name}; expected slices of one architecture"
+        )
         return None
     n = _check_model(ref, ckpt, arch, arch.num_layers_key, problems, path)
     if n is None:
@@ -180,8 +199,15 @@ def add_source(sources: Sources, ref: str, path: tuple, problems: Problems, ckpt
         problems.add(path + sub, message)
     sources.warnings.extend(pin_warnings)
     revision = source_revision(ckpt.path)
-    sources.models[ref] = SourceModel(ref=ref, path=str(ckpt.path.resolve()), architecture=arch.name, num_layers=n,
-                                      dtype=ckpt.dtype(), has_weights=ckpt.has_weights, revision=revision and revision[0])
+    sources.models[ref] = SourceModel(
+        ref=ref,
+        path=str(ckpt.path.resolve()),
+        architecture=arch.name,
+        num_layers=n,
+        dtype=ckpt.dtype(),
+        has_weights=ckpt.has_weights,
+        revision=revision and revision[0],
+    )
     sources.configs[ref] = arch.decoder_config(ckpt.config)
     sources.tensors[ref] = tensors
     sources.layers[ref] = per_layer
@@ -201,11 +227,15 @@ def open_base(recipe: Recipe, problems: Problems, access: Access = Access()) -> 
     sources = Sources(arch=arch, base=str(recipe.base_model), base_config=base.config, access=access)
     if arch.inferred:
         declared = base.config.get("architectures") or ["?"]
-        sources.warnings.append(f"{declared[0]} has no definition; {arch.notes}. Layer tensors of no recognised "
-                                "projection are copied; check the result with `tli-recipe verify`")
+        sources.warnings.append(
+            f"{declared[0]} has no definition; {arch.notes}. Layer tensors of no recognised "
+            "projection are copied; check the result with `tli-recipe verify`"
+        )
     if not base.has_weights:
-        sources.warnings.append(f"{base.path} holds no safetensors weights: tensor shapes were derived from config.json "
-                                f"with the {arch.name} definition; `run` needs the weights")
+        sources.warnings.append(
+            f"{base.path} holds no safetensors weights: tensor shapes were derived from config.json "
+            f"with the {arch.name} definition; `run` needs the weights"
+        )
     add_source(sources, recipe.base_model, ("base_model",), problems, base)
     problems.raise_if_any()
     return sources
@@ -223,8 +253,11 @@ def resolve_sources(recipe: Recipe, problems: Problems, access: Access = Access(
     bound = MAX_GROWTH * sources.base_layers
     total = sum(end - start for start, end in (piece.layer_range for piece in recipe.slices))
     if total > bound:
-        problems.add(("slices",), f"the slices stack {total} layers; expected at most {bound} "
-                                  f"({MAX_GROWTH}x the {sources.base_layers} layers of base_model)")
+        problems.add(
+            ("slices",),
+            f"the slices stack {total} layers; expected at most {bound} "
+            f"({MAX_GROWTH}x the {sources.base_layers} layers of base_model)",
+        )
         return sources
     for i, piece in enumerate(recipe.slices):
         ref = piece.model or recipe.base_model
@@ -234,8 +267,10 @@ def resolve_sources(recipe: Recipe, problems: Problems, access: Access = Access(
         start, end = piece.layer_range
         n = sources.models[key].num_layers
         if end > n:
-            problems.add(("slices", i, "layer_range"),
-                         f"[{start}, {end}] ends past the {n} layers of {ref}; expected end <= {n} (half-open range)")
+            problems.add(
+                ("slices", i, "layer_range"),
+                f"[{start}, {end}] ends past the {n} layers of {ref}; expected end <= {n} (half-open range)",
+            )
             continue
         sources.stack += [(key, layer, i) for layer in range(start, end)]
     return sources

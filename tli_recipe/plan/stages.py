@@ -27,14 +27,21 @@ def _zeroed(op: TensorOp, arch: Optional[Architecture]) -> bool:
     return op.projection is not None and zero_effect(op, offset)
 
 
-def zeroed_projections(by_layer: dict[Optional[int], list[TensorOp]], injected: list[int],
-                       arch: Optional[Architecture] = None) -> set[str]:
+def zeroed_projections(
+    by_layer: dict[Optional[int], list[TensorOp]], injected: list[int], arch: Optional[Architecture] = None
+) -> set[str]:
     """Projections at an effective exact zero in the injected layers, judged from the ops themselves."""
     return {op.projection for layer in injected for op in by_layer.get(layer, ()) if _zeroed(op, arch)}
 
 
-def unmoved_injected(earlier: list[StagePlan], lora_layers: list[int], targets: list[str], ops: list[TensorOp],
-                     init: dict[str, str], injected: list[int]) -> tuple[list[int], list[str]]:
+def unmoved_injected(
+    earlier: list[StagePlan],
+    lora_layers: list[int],
+    targets: list[str],
+    ops: list[TensorOp],
+    init: dict[str, str],
+    injected: list[int],
+) -> tuple[list[int], list[str]]:
     """Injected layers that a LoRA stage can never move, and the zeroed projections its targets leave out.
 
     In an injected layer whose output projections (or output norm gains) are exactly zero, the
@@ -54,9 +61,11 @@ def _selected(stage: Stage, i: int, layers: list[LayerEntry], problems: Problems
             start, end = sel.layers
             if end > len(layers):
                 n_injected = sum(e.role == "injected" for e in layers)
-                problems.add(("stages", i, "trainable", j, "layers"),
-                             f"[{start}, {end}] ends past the {len(layers)} output layers ({len(layers) - n_injected} "
-                             f"original + {n_injected} injected); expected end <= {len(layers)}")
+                problems.add(
+                    ("stages", i, "trainable", j, "layers"),
+                    f"[{start}, {end}] ends past the {len(layers)} output layers ({len(layers) - n_injected} "
+                    f"original + {n_injected} injected); expected end <= {len(layers)}",
+                )
             chosen |= set(range(start, min(end, len(layers))))
         elif sel == "all":
             chosen |= {e.output for e in layers}
@@ -69,8 +78,14 @@ def _selected(stage: Stage, i: int, layers: list[LayerEntry], problems: Problems
     return chosen, groups
 
 
-def _moe_ops(stage: Stage, i: int, groups: set[str], by_layer: dict[Optional[int], list[TensorOp]], arch: Architecture,
-             problems: Problems) -> tuple[list[TensorOp], bool]:
+def _moe_ops(
+    stage: Stage,
+    i: int,
+    groups: set[str],
+    by_layer: dict[Optional[int], list[TensorOp]],
+    arch: Architecture,
+    problems: Problems,
+) -> tuple[list[TensorOp], bool]:
     """The tensors of the MoE groups a stage names (every router, every expert, in any layer that has
     them), and whether a problem was reported."""
     found, before = [], len(problems.items)
@@ -78,16 +93,23 @@ def _moe_ops(stage: Stage, i: int, groups: set[str], by_layer: dict[Optional[int
         if sel not in MOE_GROUPS:
             continue
         if sel == "shared":
-            problems.add(("stages", i, "trainable", j), f"the {arch.name} architecture has no shared experts; expected "
-                                                        "router or experts")
+            problems.add(
+                ("stages", i, "trainable", j),
+                f"the {arch.name} architecture has no shared experts; expected router or experts",
+            )
             continue
         picked = [op for layer, ops in by_layer.items() if layer is not None for op in ops if _in_group(op, sel, arch)]
         if not picked:
-            problems.add(("stages", i, "trainable", j), f"'{sel}' selects nothing: the output has no MoE layers; add an "
-                                                        "upcycle section or pick another group")
+            problems.add(
+                ("stages", i, "trainable", j),
+                f"'{sel}' selects nothing: the output has no MoE layers; add an upcycle section or pick another group",
+            )
         elif stage.lora is not None:
-            problems.add(("stages", i, "trainable", j), f"LoRA adapts linear modules, and '{sel}' tensors are plain "
-                                                        "parameters to transformers; expected a stage without lora")
+            problems.add(
+                ("stages", i, "trainable", j),
+                f"LoRA adapts linear modules, and '{sel}' tensors are plain "
+                "parameters to transformers; expected a stage without lora",
+            )
         found += picked
     return found, len(problems.items) > before
 
@@ -99,8 +121,16 @@ def _in_group(op: TensorOp, group: str, arch: Architecture) -> bool:
     return op.expert is not None or (split is not None and arch.is_expert_tensor(split[1]))
 
 
-def resolve_stage(stage: Stage, i: int, layers: list[LayerEntry], by_layer: dict[Optional[int], list[TensorOp]],
-                  arch: Architecture, earlier: list[StagePlan], problems: Problems, warnings: list[str]) -> StagePlan:
+def resolve_stage(
+    stage: Stage,
+    i: int,
+    layers: list[LayerEntry],
+    by_layer: dict[Optional[int], list[TensorOp]],
+    arch: Architecture,
+    earlier: list[StagePlan],
+    problems: Problems,
+    warnings: list[str],
+) -> StagePlan:
     """One stage: its trainable layers, the names and element count of what trains, its LoRA."""
     chosen, groups = _selected(stage, i, layers, problems)
     moe, moe_problem = _moe_ops(stage, i, groups, by_layer, arch, problems)
@@ -117,47 +147,78 @@ def resolve_stage(stage: Stage, i: int, layers: list[LayerEntry], by_layer: dict
         trained = [op for op in layer_ops if op.projection in targets and op.name.endswith(".weight")]
         for j, sel in enumerate(stage.trainable):
             if sel in ("embeddings", "head"):
-                problems.add(("stages", i, "trainable", j),
-                             f"LoRA adapts linear layers only; '{sel}' cannot get adapters; expected layer groups "
-                             "(injected, original, all, {layers: [start, end]}) in a LoRA stage, or a stage without lora")
+                problems.add(
+                    ("stages", i, "trainable", j),
+                    f"LoRA adapts linear layers only; '{sel}' cannot get adapters; expected layer groups "
+                    "(injected, original, all, {layers: [start, end]}) in a LoRA stage, or a stage without lora",
+                )
         injected = [e.output for e in layers if e.role == "injected"]
         stuck, missing = _unmoved(earlier, chosen, targets, by_layer, injected, arch)
         if stuck and not stage.lora.allow_frozen_injected:
-            warnings.append(f"stage '{stage.name}': LoRA targets leave out {', '.join(missing)}, which are zero in the "
-                            f"injected layers {stuck}; adapters on the other projections of those layers get no "
-                            "gradient through a zero output, so the injected layers never move; `train` and `emit` "
-                            "refuse this stage unless lora.allow_frozen_injected is true")
-        lora = LoraPlan(r=stage.lora.r, alpha=stage.lora.alpha, dropout=stage.lora.dropout,
-                        targets=list(stage.lora.targets), layers=sorted(chosen))
+            warnings.append(
+                f"stage '{stage.name}': LoRA targets leave out {', '.join(missing)}, which are zero in the "
+                f"injected layers {stuck}; adapters on the other projections of those layers get no "
+                "gradient through a zero output, so the injected layers never move; `train` and `emit` "
+                "refuse this stage unless lora.allow_frozen_injected is true"
+            )
+        lora = LoraPlan(
+            r=stage.lora.r,
+            alpha=stage.lora.alpha,
+            dropout=stage.lora.dropout,
+            targets=list(stage.lora.targets),
+            layers=sorted(chosen),
+        )
     # LoRA targets the architecture lacks are reported by check_lora_targets; an empty
     # selection that follows from them is not a second problem.
     unknown_targets = stage.lora is not None and any(t not in arch.projections for t in stage.lora.targets)
     if not trained and not unknown_targets and not moe_problem:
-        problems.add(("stages", i, "trainable"), "selects no parameter of the output model; expected at least one layer")
+        problems.add(
+            ("stages", i, "trainable"), "selects no parameter of the output model; expected at least one layer"
+        )
     mod = _mod_plan(stage, i, layers, by_layer, arch, problems)
-    return StagePlan(name=stage.name, trainable_layers=sorted(chosen), trainable_groups=sorted(groups),
-                     parameters=[op.name for op in trained], lora=lora, mod=mod,
-                     trainable_parameters=trainable_count(trained, stage.lora.r if stage.lora else None)
-                     + (mod.head_parameters if mod else 0), settings=stage)
+    return StagePlan(
+        name=stage.name,
+        trainable_layers=sorted(chosen),
+        trainable_groups=sorted(groups),
+        parameters=[op.name for op in trained],
+        lora=lora,
+        mod=mod,
+        trainable_parameters=trainable_count(trained, stage.lora.r if stage.lora else None)
+        + (mod.head_parameters if mod else 0),
+        settings=stage,
+    )
 
 
-def _mod_plan(stage: Stage, i: int, layers: list[LayerEntry], by_layer: dict[Optional[int], list[TensorOp]],
-              arch: Architecture, problems: Problems) -> Optional[ModPlan]:
+def _mod_plan(
+    stage: Stage,
+    i: int,
+    layers: list[LayerEntry],
+    by_layer: dict[Optional[int], list[TensorOp]],
+    arch: Architecture,
+    problems: Problems,
+) -> Optional[ModPlan]:
     """objective: mod: the last ``k`` output layers as exits; the head's size from the embedding width."""
     if stage.objective != "mod":
         return None
     settings = stage.mod or Mod()
     k = settings.layers
     if k > len(layers):
-        problems.add(("stages", i, "mod", "layers") if stage.mod else ("stages", i, "objective"),
-                     f"an ensemble of the last {k} layers needs at least {k} layers; the output has {len(layers)}; "
-                     f"expected mod.layers between 2 and {len(layers)}")
+        problems.add(
+            ("stages", i, "mod", "layers") if stage.mod else ("stages", i, "objective"),
+            f"an ensemble of the last {k} layers needs at least {k} layers; the output has {len(layers)}; "
+            f"expected mod.layers between 2 and {len(layers)}",
+        )
         return None
     embeddings = [op for op in by_layer.get(None, ()) if arch.tensors.get(op.name, {}).get("group") == "embeddings"]
     hidden = embeddings[0].shape[-1] if embeddings else 0
-    return ModPlan(layers=[e.output for e in layers[-k:]], hidden_size=hidden,
-                   head_parameters=k * hidden + hidden * k + k + 1, distill_weight=settings.distill_weight,
-                   init=settings.init, learning_rate=settings.learning_rate)
+    return ModPlan(
+        layers=[e.output for e in layers[-k:]],
+        hidden_size=hidden,
+        head_parameters=k * hidden + hidden * k + k + 1,
+        distill_weight=settings.distill_weight,
+        init=settings.init,
+        learning_rate=settings.learning_rate,
+    )
 
 
 def trainable_count(trained: list[TensorOp], lora_r: Optional[int]) -> int:
@@ -167,20 +228,36 @@ def trainable_count(trained: list[TensorOp], lora_r: Optional[int]) -> int:
     return sum(lora_r * (op.shape[0] + op.shape[1]) for op in trained if len(op.shape) == 2)
 
 
-def _unmoved(earlier: list[StagePlan], chosen: set[int], targets: set[str], by_layer: dict[Optional[int], list[TensorOp]],
-             injected: list[int], arch: Optional[Architecture]) -> tuple[list[int], list[str]]:
+def _unmoved(
+    earlier: list[StagePlan],
+    chosen: set[int],
+    targets: set[str],
+    by_layer: dict[Optional[int], list[TensorOp]],
+    injected: list[int],
+    arch: Optional[Architecture],
+) -> tuple[list[int], list[str]]:
     missing = sorted(zeroed_projections(by_layer, injected, arch) - targets)
     if not missing:
         return [], []
     trained = {name for stage in earlier if stage.lora is None for name in stage.parameters}
-    stuck = [layer for layer in injected if layer in chosen
-             and (names := [op.name for op in by_layer.get(layer, ()) if op.projection in missing and _zeroed(op, arch)])
-             and not all(name in trained for name in names)]
+    stuck = [
+        layer
+        for layer in injected
+        if layer in chosen
+        and (names := [op.name for op in by_layer.get(layer, ()) if op.projection in missing and _zeroed(op, arch)])
+        and not all(name in trained for name in names)
+    ]
     return stuck, (missing if stuck else [])
 
 
-def resolve_stages(recipe: Recipe, problems: Problems, layers: list[LayerEntry], ops: list[TensorOp],
-                   arch: Architecture, warnings: list[str]) -> list[StagePlan]:
+def resolve_stages(
+    recipe: Recipe,
+    problems: Problems,
+    layers: list[LayerEntry],
+    ops: list[TensorOp],
+    arch: Architecture,
+    warnings: list[str],
+) -> list[StagePlan]:
     by_layer = ops_by_layer(ops)
     stages: list[StagePlan] = []
     for i, stage in enumerate(recipe.stages):

@@ -22,12 +22,17 @@ def choose_policies(inject: Optional[Inject], arch: Architecture, problems: Prob
     policies = inject.init.policies()
     for proj, policy in policies.items():
         if proj not in arch.projections:
-            problems.add(("inject", "init", proj),
-                         f"the {arch.name} architecture has no projection '{proj}'; expected one of: {', '.join(arch.projections)}",
-                         prefer_key=True)
+            problems.add(
+                ("inject", "init", proj),
+                f"the {arch.name} architecture has no projection '{proj}'; expected one of: {', '.join(arch.projections)}",
+                prefer_key=True,
+            )
         elif policy.kind == "zero_gain" and not arch.projections[proj].norm:
-            problems.add(("inject", "init", proj), f"zero_gain sets a norm gain, and '{proj}' is not a norm; "
-                         f"expected zero (or a norm: {', '.join(p for p, d in arch.projections.items() if d.norm)})")
+            problems.add(
+                ("inject", "init", proj),
+                f"zero_gain sets a norm gain, and '{proj}' is not a norm; "
+                f"expected zero (or a norm: {', '.join(p for p, d in arch.projections.items() if d.norm)})",
+            )
     return policies
 
 
@@ -35,9 +40,11 @@ def check_lora_targets(recipe: Recipe, arch: Architecture, problems: Problems) -
     for i, stage in enumerate(recipe.stages):
         for j, target in enumerate(stage.lora.targets if stage.lora is not None else ()):
             if target not in arch.projections:
-                problems.add(("stages", i, "lora", "targets", j),
-                             f"the {arch.name} architecture has no projection '{target}'; expected one of: "
-                             f"{', '.join(arch.linear_projections)}")
+                problems.add(
+                    ("stages", i, "lora", "targets", j),
+                    f"the {arch.name} architecture has no projection '{target}'; expected one of: "
+                    f"{', '.join(arch.linear_projections)}",
+                )
 
 
 def _fallback(fallbacks: dict[str, set[int]], why: str, entry: LayerEntry) -> tuple[str, None]:
@@ -45,27 +52,48 @@ def _fallback(fallbacks: dict[str, set[int]], why: str, entry: LayerEntry) -> tu
     return "copy", None
 
 
-def _neighbour_op(kind: str, entry: LayerEntry, suffix: str, proj: str, sources: Sources, shape: tuple,
-                  fallbacks: dict[str, set[int]]) -> tuple[str, Optional[str]]:
+def _neighbour_op(
+    kind: str, entry: LayerEntry, suffix: str, proj: str, sources: Sources, shape: tuple, fallbacks: dict[str, set[int]]
+) -> tuple[str, Optional[str]]:
     """interpolate and lesa read the layer after the injection point too; where that layer is
     missing (an injection after the last layer) or does not fit, the tensor is copied instead."""
     arch, tensors = sources.arch, sources.tensors
     if kind == "lesa" and (arch.projections[proj].norm or not suffix.endswith(".weight")):
-        return _fallback(fallbacks, "lesa predicts the weights of linear projections; norms and biases are copied (as in the paper)", entry)
+        return _fallback(
+            fallbacks,
+            "lesa predicts the weights of linear projections; norms and biases are copied (as in the paper)",
+            entry,
+        )
     if kind == "lesa" and "{expert}" in "".join(m.path for m in arch.projections[proj].modules):
         return _fallback(fallbacks, "lesa is not defined for MoE expert weights; they are copied", entry)
     if entry.next_source is None:
-        return _fallback(fallbacks, f"{kind} needs the layer after the injection point, and the stack ends there; "
-                                    "the layer before is copied instead", entry)
+        return _fallback(
+            fallbacks,
+            f"{kind} needs the layer after the injection point, and the stack ends there; "
+            "the layer before is copied instead",
+            entry,
+        )
     if kind == "lesa" and entry.next_source != entry.source:
-        return _fallback(fallbacks, "lesa needs both neighbours from one model (one SVD basis); the layer before is copied instead", entry)
-    if kind == "lesa" and any(tensors[entry.source].get(arch.layer_key(i, suffix), (None, None))[1] != shape
-                              for i in range(sources.models[entry.source].num_layers)):
-        return _fallback(fallbacks, f"lesa needs {suffix} in every layer of the source (one SVD basis over all layers); "
-                                    "the layer before is copied instead", entry)
+        return _fallback(
+            fallbacks,
+            "lesa needs both neighbours from one model (one SVD basis); the layer before is copied instead",
+            entry,
+        )
+    if kind == "lesa" and any(
+        tensors[entry.source].get(arch.layer_key(i, suffix), (None, None))[1] != shape
+        for i in range(sources.models[entry.source].num_layers)
+    ):
+        return _fallback(
+            fallbacks,
+            f"lesa needs {suffix} in every layer of the source (one SVD basis over all layers); "
+            "the layer before is copied instead",
+            entry,
+        )
     second = arch.layer_key(entry.next_layer, suffix)
     if tensors[entry.next_source].get(second, (None, None))[1] != shape:
-        return _fallback(fallbacks, f"the layer after has no {suffix} of the same shape; the layer before is copied instead", entry)
+        return _fallback(
+            fallbacks, f"the layer after has no {suffix} of the same shape; the layer before is copied instead", entry
+        )
     return kind, second
 
 
@@ -80,8 +108,9 @@ def _reference_shapes(sources: Sources) -> dict[str, tuple[int, ...]]:
     return reference
 
 
-def assign_tensor_ops(recipe: Recipe, sources: Sources, layers: list[LayerEntry], policies: dict[str, Policy],
-                      problems: Problems) -> tuple[list[TensorOp], list[str]]:
+def assign_tensor_ops(
+    recipe: Recipe, sources: Sources, layers: list[LayerEntry], policies: dict[str, Policy], problems: Problems
+) -> tuple[list[TensorOp], list[str]]:
     """One TensorOp per output tensor (non-layer tensors first, then each output layer in order), and warnings."""
     arch, base = sources.arch, sources.base
 
@@ -90,24 +119,33 @@ def assign_tensor_ops(recipe: Recipe, sources: Sources, layers: list[LayerEntry]
         # dtype (a float32 norm in a bfloat16 checkpoint stays float32). Integers never change.
         return CODES[recipe.dtype] if recipe.dtype and code in NAMES else code
 
-    ops = [TensorOp(name=name, source=base, source_name=name, op="copy", shape=shape, dtype=target_code(code),
-                    source_dtype=code)
-           for name, (code, shape) in sources.tensors[base].items() if arch.split_layer_key(name) is None]
+    ops = [
+        TensorOp(
+            name=name, source=base, source_name=name, op="copy", shape=shape, dtype=target_code(code), source_dtype=code
+        )
+        for name, (code, shape) in sources.tensors[base].items()
+        if arch.split_layer_key(name) is None
+    ]
     warnings: list[str] = []
     reference = _reference_shapes(sources)
     unknown = sorted({s for s in reference if arch.projection_of(s) is None})
     if unknown:
-        warnings.append(f"layer tensors not in the {arch.name} definition are copied as they are: {', '.join(unknown[:8])}"
-                        f"{f' and {len(unknown) - 8} more' if len(unknown) > 8 else ''}")
+        warnings.append(
+            f"layer tensors not in the {arch.name} definition are copied as they are: {', '.join(unknown[:8])}"
+            f"{f' and {len(unknown) - 8} more' if len(unknown) > 8 else ''}"
+        )
     fallbacks: dict[str, set[int]] = {}  # what a neighbour policy does instead -> output layers
     for entry in layers:
         where = ("slices", entry.slice) if entry.slice is not None else ("base_model",)
         for suffix in sources.layers[entry.source][entry.layer]:
             code, shape = sources.tensors[entry.source][arch.layer_key(entry.layer, suffix)]
             if reference.get(suffix) != shape:
-                problems.add(where, f"{suffix} of layer {entry.layer} of {entry.source} has shape {list(shape)}, "
-                                    f"{base} has {list(reference[suffix]) if suffix in reference else 'no such tensor'}; "
-                                    "expected the same widths")
+                problems.add(
+                    where,
+                    f"{suffix} of layer {entry.layer} of {entry.source} has shape {list(shape)}, "
+                    f"{base} has {list(reference[suffix]) if suffix in reference else 'no such tensor'}; "
+                    "expected the same widths",
+                )
                 break
             ops.append(_layer_op(recipe, sources, entry, suffix, code, shape, policies, fallbacks, target_code))
     for why, outputs in sorted(fallbacks.items()):
@@ -115,8 +153,17 @@ def assign_tensor_ops(recipe: Recipe, sources: Sources, layers: list[LayerEntry]
     return ops, warnings
 
 
-def _layer_op(recipe: Recipe, sources: Sources, entry: LayerEntry, suffix: str, code: str, shape: tuple,
-              policies: dict[str, Policy], fallbacks: dict[str, set[int]], target_code) -> TensorOp:
+def _layer_op(
+    recipe: Recipe,
+    sources: Sources,
+    entry: LayerEntry,
+    suffix: str,
+    code: str,
+    shape: tuple,
+    policies: dict[str, Policy],
+    fallbacks: dict[str, set[int]],
+    target_code,
+) -> TensorOp:
     arch = sources.arch
     proj = arch.projection_of(suffix)
     policy = policies.get(proj) if entry.role == "injected" and proj is not None else None
@@ -129,9 +176,17 @@ def _layer_op(recipe: Recipe, sources: Sources, entry: LayerEntry, suffix: str, 
         kind, second = _neighbour_op(kind, entry, suffix, proj, sources, shape, fallbacks)
     target = arch.layer_key(entry.output, suffix)
     return TensorOp(
-        name=target, source=entry.source, source_name=arch.layer_key(entry.layer, suffix), op=kind,
+        name=target,
+        source=entry.source,
+        source_name=arch.layer_key(entry.layer, suffix),
+        op=kind,
         value=value if OPS[kind].value is not None else None,
-        second_source=second and entry.next_source, second_name=second,
+        second_source=second and entry.next_source,
+        second_name=second,
         seed=tensor_seed(recipe.seed, target) if OPS[kind].seeded else None,
-        shape=shape, dtype=target_code(code), source_dtype=code, layer=entry.output, projection=proj,
+        shape=shape,
+        dtype=target_code(code),
+        source_dtype=code,
+        layer=entry.output,
+        projection=proj,
     )

@@ -40,17 +40,20 @@ class Upcycling:
     """An upcycle section resolved against the sources (before the layer map)."""
 
     recipe: Upcycle
-    arch: Architecture                    # the output (MoE) architecture
+    arch: Architecture  # the output (MoE) architecture
     spec: UpcycleSpec
-    expert_sources: list[Optional[str]]   # source key of each expert's MLP; None: the layer's own source
-    layers: Optional[list[int]] = None    # output layers upcycled (set by select_layers)
-    breaks: Optional[dict] = None         # output layer -> why its experts differ from its dense MLP (upcycle_ops)
+    expert_sources: list[Optional[str]]  # source key of each expert's MLP; None: the layer's own source
+    layers: Optional[list[int]] = None  # output layers upcycled (set by select_layers)
+    breaks: Optional[dict] = None  # output layer -> why its experts differ from its dense MLP (upcycle_ops)
 
     @property
     def expert_modules(self) -> dict[str, Module]:
         """MLP projection -> its expert module in the output architecture (``block_sparse_moe.experts.{expert}.w1``)."""
-        return {name: next(m for m in proj.modules if m.experts is not None)
-                for name, proj in self.arch.projections.items() if any(m.experts is not None for m in proj.modules)}
+        return {
+            name: next(m for m in proj.modules if m.experts is not None)
+            for name, proj in self.arch.projections.items()
+            if any(m.experts is not None for m in proj.modules)
+        }
 
 
 def _moe_definitions() -> dict[str, Architecture]:
@@ -73,13 +76,20 @@ def resolve_upcycle(recipe: Recipe, sources: Sources, problems: Problems) -> Opt
             problems.add(("base_model",), str(exc))
             continue
         if not holds:
-            problems.add(("upcycle",), f"{why}, and base_model's config does not meet `{expr}`; expected a source "
-                                       f"{out.name} can hold", prefer_key=True)
+            problems.add(
+                ("upcycle",),
+                f"{why}, and base_model's config does not meet `{expr}`; expected a source {out.name} can hold",
+                prefer_key=True,
+            )
     if up.router.kind == "hidden":
         folder = sources.models[sources.base].path
-        if not any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            sources.warnings.append(f"{folder} has no tokenizer files: the hidden router init tokenizes its prompts "
-                                    "with the source's tokenizer, so `run` will fail until they are there")
+        if not any(
+            (Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+        ):
+            sources.warnings.append(
+                f"{folder} has no tokenizer files: the hidden router init tokenizes its prompts "
+                "with the source's tokenizer, so `run` will fail until they are there"
+            )
     keys: list[Optional[str]] = [None] * up.experts
     for i, entry in enumerate(up.sources or []):
         if i < up.experts:
@@ -93,25 +103,37 @@ def _output_architecture(up: Upcycle, sources: Sources, problems: Problems) -> O
     model_type = sources.configs[sources.base].get("model_type") or sources.base_config.get("model_type")
     siblings = ", ".join(f"{t} -> {n}" for n, a in sorted(moe.items()) for t in a.upcycle.from_types)
     if src.upcycle is not None or ROUTER in src.projections:
-        problems.add(("upcycle",), f"base_model is already a Mixture-of-Experts model ({src.name}); expected a dense "
-                                   f"model ({siblings})", prefer_key=True)
+        problems.add(
+            ("upcycle",),
+            f"base_model is already a Mixture-of-Experts model ({src.name}); expected a dense model ({siblings})",
+            prefer_key=True,
+        )
         return None
     if up.output is None:
         fit = [a for _, a in sorted(moe.items()) if model_type in a.upcycle.from_types]
         if not fit:
-            problems.add(("upcycle",), f"{src.name} models (model_type {model_type!r}) have no MoE sibling with an "
-                                       f"architecture definition; expected a base model of one of: {siblings}",
-                         prefer_key=True)
+            problems.add(
+                ("upcycle",),
+                f"{src.name} models (model_type {model_type!r}) have no MoE sibling with an "
+                f"architecture definition; expected a base model of one of: {siblings}",
+                prefer_key=True,
+            )
             return None
         return fit[0]
     out = moe.get(up.output)
     if out is None:
-        problems.add(("upcycle", "output"), f"'{up.output}' is not an MoE architecture tli-recipe writes"
-                                            f"{did_you_mean(up.output, list(moe))}; expected one of: {', '.join(sorted(moe))}")
+        problems.add(
+            ("upcycle", "output"),
+            f"'{up.output}' is not an MoE architecture tli-recipe writes"
+            f"{did_you_mean(up.output, list(moe))}; expected one of: {', '.join(sorted(moe))}",
+        )
         return None
     if model_type not in out.upcycle.from_types or out.layer_prefix != src.layer_prefix:
-        problems.add(("upcycle", "output"), f"{out.name} is the MoE sibling of {', '.join(out.upcycle.from_types)} models, "
-                                            f"and base_model is model_type {model_type!r}; expected one of: {siblings}")
+        problems.add(
+            ("upcycle", "output"),
+            f"{out.name} is the MoE sibling of {', '.join(out.upcycle.from_types)} models, "
+            f"and base_model is model_type {model_type!r}; expected one of: {siblings}",
+        )
         return None
     return out
 
@@ -124,24 +146,30 @@ def select_layers(upc: Upcycling, layers: list[LayerEntry], problems: Problems) 
         if isinstance(sel, LayerSpan):
             start, end = sel.layers
             if end > n:
-                problems.add(("upcycle", "layers", j, "layers"),
-                             f"[{start}, {end}] ends past the {n} output layers (after slices and inject); expected "
-                             f"end <= {n} (half-open range)")
+                problems.add(
+                    ("upcycle", "layers", j, "layers"),
+                    f"[{start}, {end}] ends past the {n} output layers (after slices and inject); expected "
+                    f"end <= {n} (half-open range)",
+                )
             chosen |= set(range(start, min(end, n)))
         elif sel == "all":
             chosen |= set(range(n))
         else:
             chosen |= {e.output for e in layers if e.role == sel}
     if upc.spec.dense_layers_key is None and upc.recipe.layers is not None and len(chosen) < n:
-        problems.add(("upcycle", "layers"), f"every {upc.arch.name} layer is sparse (it has no dense layers), and these "
-                                            f"select {len(chosen)} of the {n} output layers; expected every layer "
-                                            "(leave out upcycle.layers)")
+        problems.add(
+            ("upcycle", "layers"),
+            f"every {upc.arch.name} layer is sparse (it has no dense layers), and these "
+            f"select {len(chosen)} of the {n} output layers; expected every layer "
+            "(leave out upcycle.layers)",
+        )
     upc.layers = sorted(chosen)
     return upc.layers
 
 
-def upcycle_ops(recipe: Recipe, sources: Sources, layers: list[LayerEntry], ops: list[TensorOp], upc: Upcycling,
-                problems: Problems) -> list[TensorOp]:
+def upcycle_ops(
+    recipe: Recipe, sources: Sources, layers: list[LayerEntry], ops: list[TensorOp], upc: Upcycling, problems: Problems
+) -> list[TensorOp]:
     """The dense ops with each MLP tensor of an upcycled layer replaced by its experts' tensors, and a router per layer."""
     arch, chosen = sources.arch, set(upc.layers)
     experts = upc.expert_modules
@@ -168,14 +196,32 @@ def upcycle_ops(recipe: Recipe, sources: Sources, layers: list[LayerEntry], ops:
 def _router_op(recipe: Recipe, upc: Upcycling, entry: LayerEntry, dense: TensorOp, hidden: Any) -> TensorOp:
     name = upc.arch.layer_key(entry.output, upc.arch.projections[ROUTER].modules[0].path + ".weight")
     policy: Policy = upc.recipe.router
-    return TensorOp(name=name, source=entry.source, source_name="", op=policy.kind, value=policy.value,
-                    seed=tensor_seed(recipe.seed, name) if OPS[policy.kind].seeded else None,
-                    shape=(upc.recipe.experts, int(hidden)), dtype=dense.dtype, source_dtype=dense.dtype,
-                    layer=entry.output, projection=ROUTER)
+    return TensorOp(
+        name=name,
+        source=entry.source,
+        source_name="",
+        op=policy.kind,
+        value=policy.value,
+        seed=tensor_seed(recipe.seed, name) if OPS[policy.kind].seeded else None,
+        shape=(upc.recipe.experts, int(hidden)),
+        dtype=dense.dtype,
+        source_dtype=dense.dtype,
+        layer=entry.output,
+        projection=ROUTER,
+    )
 
 
-def _expert_op(recipe: Recipe, sources: Sources, upc: Upcycling, dense: TensorOp, e: int, policy: Policy, name: str,
-               problems: Problems, reported: set[int]) -> TensorOp:
+def _expert_op(
+    recipe: Recipe,
+    sources: Sources,
+    upc: Upcycling,
+    dense: TensorOp,
+    e: int,
+    policy: Policy,
+    name: str,
+    problems: Problems,
+    reported: set[int],
+) -> TensorOp:
     """Expert ``e``'s copy of a dense tensor: a plain copy of the dense op gets the expert's source and policy;
     a tensor the inject init set (zero, noise...) is set the same way in every expert."""
     if dense.op != "copy":
@@ -187,18 +233,28 @@ def _expert_op(recipe: Recipe, sources: Sources, upc: Upcycling, dense: TensorOp
         if e not in reported and upc.expert_sources[e] is not None:
             reported.add(e)
             what = f"has shape {list(found[1])}" if found else "has no such tensor"
-            problems.add(("upcycle", "sources", e, "model"),
-                         f"{dense.source_name} of {key} {what}, base_model's is {list(dense.shape)}; expected a "
-                         "checkpoint of the same architecture and widths")
+            problems.add(
+                ("upcycle", "sources", e, "model"),
+                f"{dense.source_name} of {key} {what}, base_model's is {list(dense.shape)}; expected a "
+                "checkpoint of the same architecture and widths",
+            )
         found = (dense.source_dtype, dense.shape)
     kind = policy.kind
     if kind != "copy":
         upc.breaks.setdefault(dense.layer, set()).add(f"expert {e}: {policy}")
     if key != dense.source:
         upc.breaks.setdefault(dense.layer, set()).add(f"expert {e} from {key}")
-    return dense.model_copy(update={
-        "name": name, "source": key, "op": kind, "value": policy.value if OPS[kind].value else None,
-        "seed": tensor_seed(recipe.seed, name) if OPS[kind].seeded else None, "source_dtype": found[0], "expert": e})
+    return dense.model_copy(
+        update={
+            "name": name,
+            "source": key,
+            "op": kind,
+            "value": policy.value if OPS[kind].value else None,
+            "seed": tensor_seed(recipe.seed, name) if OPS[kind].seeded else None,
+            "source_dtype": found[0],
+            "expert": e,
+        }
+    )
 
 
 class UpcycleConfig:
@@ -227,11 +283,12 @@ class UpcycleConfig:
             rw.change(key, value, f"{why}: {upc.arch.name} setting")
         for key, value in spec.aux_loss.items():
             if key not in rw.decoder:
-                rw.change(key, value, f"{why}: router auxiliary loss ({upc.arch.name} default; output_config may set it)")
+                rw.change(
+                    key, value, f"{why}: router auxiliary loss ({upc.arch.name} default; output_config may set it)"
+                )
 
 
-def upcycle_summary(upc: Upcycling, ops: list[TensorOp], config: dict,
-                    identity_layers: set[int]) -> UpcyclePlan:
+def upcycle_summary(upc: Upcycling, ops: list[TensorOp], config: dict, identity_layers: set[int]) -> UpcyclePlan:
     """Counts (total, active per token), the renormalisation, and what breaks function preservation."""
     names = upc.arch.names(config)
     try:
@@ -247,17 +304,29 @@ def upcycle_summary(upc: Upcycling, ops: list[TensorOp], config: dict,
     if differ:
         reasons.append(f"the experts are not all copies of the dense MLP ({'; '.join(differ)})")
     if not renormalised and set(upc.layers) - identity_layers:
-        reasons.append(f"{upc.arch.name} does not renormalise the top-k routing weights here "
-                       f"({upc.spec.renormalised} is false), so they sum to less than 1")
+        reasons.append(
+            f"{upc.arch.name} does not renormalise the top-k routing weights here "
+            f"({upc.spec.renormalised} is false), so they sum to less than 1"
+        )
     total = sum(numel(op.shape) for op in ops)
     active = total - sum((up.experts - up.top_k) * n for n in per_expert.values())
     return UpcyclePlan(
-        output_architecture=upc.arch.name, experts=up.experts, top_k=up.top_k, layers=upc.layers,
+        output_architecture=upc.arch.name,
+        experts=up.experts,
+        top_k=up.top_k,
+        layers=upc.layers,
         dense_layers=sorted({op.layer for op in ops if op.layer is not None} - set(upc.layers)),
-        router=str(up.router), prompts=[p.model_dump() for p in up.prompts or []], expert_init=[str(p) for p in up.expert_policies()],
-        expert_sources=list(upc.expert_sources), parameters_total=total, parameters_active=active,
-        renormalised=renormalised, breaks_preservation=reasons,
-        aux_loss={k: config.get(k) for k in upc.spec.aux_loss}, order=ORDER)
+        router=str(up.router),
+        prompts=[p.model_dump() for p in up.prompts or []],
+        expert_init=[str(p) for p in up.expert_policies()],
+        expert_sources=list(upc.expert_sources),
+        parameters_total=total,
+        parameters_active=active,
+        renormalised=renormalised,
+        breaks_preservation=reasons,
+        aux_loss={k: config.get(k) for k in upc.spec.aux_loss},
+        order=ORDER,
+    )
 
 
 def check_output_tensors(upc: Upcycling, ops: list[TensorOp], config: dict, n_layers: int, problems: Problems) -> None:
@@ -265,15 +334,20 @@ def check_output_tensors(upc: Upcycling, ops: list[TensorOp], config: dict, n_la
     try:
         expected = upc.arch.expected_tensors(config, n_layers)
     except ArchError as exc:
-        problems.add(("upcycle",), f"the output config does not describe a {upc.arch.name} model: {exc}", prefer_key=True)
+        problems.add(
+            ("upcycle",), f"the output config does not describe a {upc.arch.name} model: {exc}", prefer_key=True
+        )
         return
     planned = {op.name: tuple(op.shape) for op in ops}
     odd = sorted(set(planned) ^ set(expected)) or sorted(n for n in planned if planned[n] != expected[n])
     if odd:
-        problems.add(("upcycle",), f"the output would not be a {upc.arch.name} checkpoint that transformers loads "
-                                   f"({len(odd)} tensor names or shapes differ from the {upc.arch.name} definition, "
-                                   f"first: {odd[0]}); expected a source of the layout {upc.arch.name} holds",
-                     prefer_key=True)
+        problems.add(
+            ("upcycle",),
+            f"the output would not be a {upc.arch.name} checkpoint that transformers loads "
+            f"({len(odd)} tensor names or shapes differ from the {upc.arch.name} definition, "
+            f"first: {odd[0]}); expected a source of the layout {upc.arch.name} holds",
+            prefer_key=True,
+        )
 
 
 def check_moe_lora(recipe: Recipe, upc: Upcycling, stages, problems: Problems) -> None:
@@ -284,8 +358,10 @@ def check_moe_lora(recipe: Recipe, upc: Upcycling, stages, problems: Problems) -
             continue
         for j, target in enumerate(stage.lora.targets):
             if target in moe_projections:
-                problems.add(("stages", i, "lora", "targets", j),
-                             f"'{target}' in upcycled layers is an MoE {'router' if target == ROUTER else 'expert'} "
-                             "weight, which transformers holds as a plain parameter (experts fused per layer), not a "
-                             "linear module LoRA can adapt; expected attention targets, or a full-weight stage with "
-                             "trainable: [router] or [experts]")
+                problems.add(
+                    ("stages", i, "lora", "targets", j),
+                    f"'{target}' in upcycled layers is an MoE {'router' if target == ROUTER else 'expert'} "
+                    "weight, which transformers holds as a plain parameter (experts fused per layer), not a "
+                    "linear module LoRA can adapt; expected attention targets, or a full-weight stage with "
+                    "trainable: [router] or [experts]",
+                )

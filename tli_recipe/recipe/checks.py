@@ -18,20 +18,40 @@ def recipe_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     seen: dict[str, int] = {}
     for i, stage in enumerate(recipe.stages):
         if stage.name in seen:
-            problems.append((("stages", i, "name"), f"duplicate stage name '{stage.name}' (also stages[{seen[stage.name]}]); expected unique names"))
+            problems.append(
+                (
+                    ("stages", i, "name"),
+                    f"duplicate stage name '{stage.name}' (also stages[{seen[stage.name]}]); expected unique names",
+                )
+            )
         seen.setdefault(stage.name, i)
         groups = [s for s in stage.trainable if isinstance(s, str)]
         for j, sel in enumerate(stage.trainable):
             if sel == "all" and len(stage.trainable) > 1:
                 problems.append((("stages", i, "trainable", j), "'all' already selects every layer; expected it alone"))
         if "injected" in groups and recipe.inject is None:
-            problems.append((("stages", i, "trainable", stage.trainable.index("injected")), "'injected' selects nothing: the recipe has no inject section; add inject or pick another group"))
+            problems.append(
+                (
+                    ("stages", i, "trainable", stage.trainable.index("injected")),
+                    "'injected' selects nothing: the recipe has no inject section; add inject or pick another group",
+                )
+            )
         if stage.lora is not None and len(set(stage.lora.targets)) != len(stage.lora.targets):
             problems.append((("stages", i, "lora", "targets"), "a projection is listed twice; expected each once"))
         if stage.mod is not None and stage.objective != "mod":
-            problems.append((("stages", i, "mod"), "mod settings without objective: mod; expected objective: mod beside them, or no mod"))
+            problems.append(
+                (
+                    ("stages", i, "mod"),
+                    "mod settings without objective: mod; expected objective: mod beside them, or no mod",
+                )
+            )
         if stage.max_steps is not None and stage.epochs is not None:
-            problems.append((("stages", i, "epochs"), f"both max_steps ({stage.max_steps}) and epochs ({stage.epochs:g}) are given; expected one of them"))
+            problems.append(
+                (
+                    ("stages", i, "epochs"),
+                    f"both max_steps ({stage.max_steps}) and epochs ({stage.epochs:g}) are given; expected one of them",
+                )
+            )
     return problems
 
 
@@ -53,16 +73,31 @@ def output_config_problems(output_config: dict[str, Any]) -> list[tuple[tuple, s
         segments = [s for part in dotted for s in str(part).split(".")]
         name = ".".join(segments)
         if "" in segments:
-            problems.append((path, f"'{path[-1]}' has an empty key segment; expected dotted names such as text_config.sliding_window"))
+            problems.append(
+                (
+                    path,
+                    f"'{path[-1]}' has an empty key segment; expected dotted names such as text_config.sliding_window",
+                )
+            )
         elif "auto_map" in segments:
-            problems.append((path, "output_config cannot set or remove auto_map: it makes transformers run Python code the "
-                                   "config names; remove the key"))
+            problems.append(
+                (
+                    path,
+                    "output_config cannot set or remove auto_map: it makes transformers run Python code the "
+                    "config names; remove the key",
+                )
+            )
         elif name in PROTECTED_CONFIG_KEYS:
             owner = "the source checkpoint" if segments[-1] in SOURCE_KEYS else "the plan (it follows the layer map)"
             problems.append((path, f"{name} belongs to {owner}; output_config cannot set or remove it; remove the key"))
         elif name == "text_config":  # a value here replaces the decoder's whole config, layer count included
-            problems.append((path, "output_config cannot replace or remove text_config as a whole (it holds the decoder's "
-                                   "layer count); expected single keys such as text_config.sliding_window"))
+            problems.append(
+                (
+                    path,
+                    "output_config cannot replace or remove text_config as a whole (it holds the decoder's "
+                    "layer count); expected single keys such as text_config.sliding_window",
+                )
+            )
         elif isinstance(value, dict):
             todo += [(path + (k,), dotted + [k], v) for k, v in value.items()]
     return problems

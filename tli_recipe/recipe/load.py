@@ -19,8 +19,18 @@ from tli_recipe.errors import Problem, RecipeError
 from tli_recipe.recipe.read import compose, load_data, read_text
 from tli_recipe.recipe.validate import NULL_MESSAGE, non_finite, validate_model
 
-__all__ = ["Marks", "LoadedRecipe", "read_recipe", "read_text", "load_data", "apply_overrides", "validate_model",
-           "load_recipe", "NULL_MESSAGE", "non_finite"]
+__all__ = [
+    "Marks",
+    "LoadedRecipe",
+    "read_recipe",
+    "read_text",
+    "load_data",
+    "apply_overrides",
+    "validate_model",
+    "load_recipe",
+    "NULL_MESSAGE",
+    "non_finite",
+]
 
 
 @dataclass
@@ -71,19 +81,29 @@ def _walk(node: yaml.Node, path: tuple, marks: Marks, problems: list[Problem]) -
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
-                problems.append(Problem(path, "a key must be a plain name; expected name: value", *_mark(marks.file, key_node)))
+                problems.append(
+                    Problem(path, "a key must be a plain name; expected name: value", *_mark(marks.file, key_node))
+                )
                 continue
             if key_node.tag == MERGE_TAG:
-                problems.append(Problem(path, "YAML merge keys (<<) are not supported; expected the keys written out in full",
-                                        *_mark(marks.file, key_node)))
+                problems.append(
+                    Problem(
+                        path,
+                        "YAML merge keys (<<) are not supported; expected the keys written out in full",
+                        *_mark(marks.file, key_node),
+                    )
+                )
                 continue
             key = str(_scalar(key_node, path, marks, problems))
             child = path + (key,)
             if key in out:
                 first = marks.keys[child]
                 problems.append(
-                    Problem(child, f"duplicate key '{key}' (first written at line {first[1]}); write each key once",
-                            *_mark(marks.file, key_node))
+                    Problem(
+                        child,
+                        f"duplicate key '{key}' (first written at line {first[1]}); write each key once",
+                        *_mark(marks.file, key_node),
+                    )
                 )
                 continue
             marks.keys[child] = _mark(marks.file, key_node)
@@ -112,8 +132,13 @@ def _scalar(node: yaml.ScalarNode, path: tuple, marks: Marks, problems: list[Pro
     try:
         return _SCALARS.construct_object(node)
     except ValueError:  # an integer of more than 4300 digits (Python's int limit)
-        problems.append(Problem(path, f"cannot read this number ({len(node.value)} digits); expected a number of usual size",
-                                *_mark(marks.file, node)))
+        problems.append(
+            Problem(
+                path,
+                f"cannot read this number ({len(node.value)} digits); expected a number of usual size",
+                *_mark(marks.file, node),
+            )
+        )
         return None
 
 
@@ -130,7 +155,9 @@ def read_recipe(path: str | Path, text: str | None = None) -> tuple[dict, Marks]
     except yaml.MarkedYAMLError as exc:  # a tag no safe constructor knows (!!python/object...)
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise RecipeError([Problem((), f"invalid YAML: {exc.problem or exc.context}; fix the syntax", file, line, col)]) from None
+        raise RecipeError(
+            [Problem((), f"invalid YAML: {exc.problem or exc.context}; fix the syntax", file, line, col)]
+        ) from None
     if node is None:
         raise RecipeError([Problem((), "the recipe is empty; expected a mapping with at least base_model", file, 1, 1)])
     if not isinstance(data, dict):
@@ -162,13 +189,22 @@ def _expand(data: Any, path: list) -> tuple[list[list], str]:
         for prefix in paths:
             target: Any = data
             for step in prefix:
-                target = target.get(step) if isinstance(target, dict) else (
-                    target[step] if isinstance(target, list) and isinstance(step, int) and step < len(target) else None)
+                target = (
+                    target.get(step)
+                    if isinstance(target, dict)
+                    else (
+                        target[step]
+                        if isinstance(target, list) and isinstance(step, int) and step < len(target)
+                        else None
+                    )
+                )
             if not isinstance(target, list) or not target:
                 shown = "".join(f"[{s}]" if isinstance(s, int) else (f".{s}" if i else s) for i, s in enumerate(prefix))
-                return [], (f"{shown or '(root)'}[*]: no list items to set ("
-                            f"{'an empty list' if isinstance(target, list) else 'not a list'}); expected [*] after a list "
-                            "that has items, such as stages[*]")
+                return [], (
+                    f"{shown or '(root)'}[*]: no list items to set ("
+                    f"{'an empty list' if isinstance(target, list) else 'not a list'}); expected [*] after a list "
+                    "that has items, such as stages[*]"
+                )
             grown += [prefix + [i] for i in range(len(target))]
         paths = grown
     return paths, ""
@@ -217,8 +253,11 @@ def apply_overrides(data: dict, marks: Marks, overrides: Iterable[str]) -> dict:
             path = _split_path(key.strip())
             value = load_data(raw, where) if raw.strip() else ""
         except RecipeError as exc:
-            problems.append(Problem((), f"cannot parse the override ({exc.problems[0].message}); expected key.path=value",
-                                    where, 1, 1))
+            problems.append(
+                Problem(
+                    (), f"cannot parse the override ({exc.problems[0].message}); expected key.path=value", where, 1, 1
+                )
+            )
             continue
         except ValueError as exc:
             problems.append(Problem((), f"cannot parse the override ({exc}); expected key.path=value", where, 1, 1))
@@ -295,8 +334,10 @@ def recipe_relative(recipe: Any, marks: Marks) -> Any:
         update["output"] = resolve(("output",), recipe.output)
     stages = []
     for i, stage in enumerate(recipe.stages):
-        datasets = [d.model_copy(update={"path": resolve(("stages", i, "datasets", j, "path"), d.path)})
-                    for j, d in enumerate(stage.datasets)]
+        datasets = [
+            d.model_copy(update={"path": resolve(("stages", i, "datasets", j, "path"), d.path)})
+            for j, d in enumerate(stage.datasets)
+        ]
         stages.append(stage.model_copy(update={"datasets": datasets}))
     update["stages"] = stages
     return recipe.model_copy(update=update)

@@ -40,11 +40,15 @@ def _parse_policy(value: Any) -> Any:
     if isinstance(value, str):
         if value in SIMPLE_POLICIES:
             return {"kind": value}
-        raise _fail(f"'{value}' is not an init policy{did_you_mean(value, SIMPLE_POLICIES)}; expected one of: {POLICY_FORMS}")
+        raise _fail(
+            f"'{value}' is not an init policy{did_you_mean(value, SIMPLE_POLICIES)}; expected one of: {POLICY_FORMS}"
+        )
     if isinstance(value, dict) and len(value) == 1:
-        (kind, number), = value.items()
+        ((kind, number),) = value.items()
         if kind not in VALUE_POLICIES:
-            raise _fail(f"'{kind}' is not an init policy{did_you_mean(kind, VALUE_POLICIES)}; expected one of: {POLICY_FORMS}")
+            raise _fail(
+                f"'{kind}' is not an init policy{did_you_mean(kind, VALUE_POLICIES)}; expected one of: {POLICY_FORMS}"
+            )
         if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise _fail(f"{kind} needs a number, got {number!r}; expected for example {{{kind}: 0.01}}")
         if not math.isfinite(number):  # refused by Policy.value (allow_inf_nan), reported once by the loader
@@ -64,10 +68,30 @@ def _dump_policy(policy: Policy) -> Any:
 _POLICY_SCHEMA = {
     "oneOf": [
         {"enum": list(SIMPLE_POLICIES)},
-        {"type": "object", "properties": {"scale": {"type": "number"}}, "required": ["scale"], "additionalProperties": False},
-        {"type": "object", "properties": {"noise": {"type": "number", "minimum": 0}}, "required": ["noise"], "additionalProperties": False},
-        {"type": "object", "properties": {"random": {"type": "number", "minimum": 0}}, "required": ["random"], "additionalProperties": False},
-        {"type": "object", "properties": {"interpolate": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["interpolate"], "additionalProperties": False},
+        {
+            "type": "object",
+            "properties": {"scale": {"type": "number"}},
+            "required": ["scale"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "properties": {"noise": {"type": "number", "minimum": 0}},
+            "required": ["noise"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "properties": {"random": {"type": "number", "minimum": 0}},
+            "required": ["random"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "properties": {"interpolate": {"type": "number", "minimum": 0, "maximum": 1}},
+            "required": ["interpolate"],
+            "additionalProperties": False,
+        },
     ],
     "description": "copy: the source tensor; zero: zeros; zero_gain: a norm gain set to an effective 0 (Gemma: -1); scale: source times x; noise: source plus seeded N(0, std^2); random: seeded N(0, std^2); interpolate: (1 - w) * previous + w * next layer; lesa: predicted from both neighbours (LESA).",
 }

@@ -27,8 +27,13 @@ MAX_BYTES = 1 << 20
 #: Deepest nesting of mappings and lists; a recipe is at most about six levels deep.
 MAX_DEPTH = 64
 
-_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+_KINDS = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
 
 
 def _refuse(file: str, message: str, line: int = 1, column: int = 1) -> RecipeError:
@@ -88,8 +93,12 @@ def decode(data: bytes, file: str) -> str:
         before = data[: exc.start]
         line_start = before.rfind(b"\n") + 1
         column = len(before[line_start:].decode("utf-8", "replace")) + 1
-        raise _refuse(file, f"byte 0x{data[exc.start]:02x} is not UTF-8 text; expected a UTF-8 file",
-                      before.count(b"\n") + 1, column) from None
+        raise _refuse(
+            file,
+            f"byte 0x{data[exc.start]:02x} is not UTF-8 text; expected a UTF-8 file",
+            before.count(b"\n") + 1,
+            column,
+        ) from None
 
 
 def read_text(path: str | Path, what: str, expected: str) -> str:
@@ -111,12 +120,17 @@ class Loader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
-            raise _Refused(f"YAML aliases (*{event.anchor}) and merge keys (<<) are not supported: they can expand a few "
-                           "bytes into billions of values; expected the value written out in full", event.start_mark)
+            raise _Refused(
+                f"YAML aliases (*{event.anchor}) and merge keys (<<) are not supported: they can expand a few "
+                "bytes into billions of values; expected the value written out in full",
+                event.start_mark,
+            )
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                raise _Refused(f"nesting is deeper than {MAX_DEPTH} levels; expected a recipe a few levels deep", event.start_mark)
+                raise _Refused(
+                    f"nesting is deeper than {MAX_DEPTH} levels; expected a recipe a few levels deep", event.start_mark
+                )
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -136,7 +150,9 @@ def compose(text: str, file: str) -> Optional[yaml.Node]:
         what = exc.problem or exc.context or "cannot parse"
         if exc.context and exc.problem and exc.context_mark:
             where = exc.context.removeprefix("while parsing ").removeprefix("while scanning ").removeprefix("a ")
-            what += f" (in the {where} opened at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
+            what += (
+                f" (in the {where} opened at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
+            )
         raise _refuse(file, f"invalid YAML: {what}; fix the syntax", line, col) from None
     except yaml.reader.ReaderError as exc:  # a control character: located by its position in the text
         before = text[: max(exc.position, 0)]

@@ -41,11 +41,22 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 #: Every per-layer tensor group a recipe may name in ``inject.init``. Which of
 #: them a checkpoint really has is the architecture's business (checked at plan time).
 PROJECTIONS: tuple[str, ...] = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj",
-    "gate_proj", "up_proj", "down_proj", "gate_up_proj",
-    "input_layernorm", "post_attention_layernorm",
-    "pre_feedforward_layernorm", "post_feedforward_layernorm",
-    "q_norm", "k_norm", "router",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "gate_up_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+    "q_norm",
+    "k_norm",
+    "router",
 )
 #: The linear projections LoRA can target (norms cannot).
 LINEAR_PROJECTIONS: tuple[str, ...] = tuple(p for p in PROJECTIONS if p.endswith("_proj") or p == "router")
@@ -77,9 +88,13 @@ LayerRange = tuple[
 
 # --- init policies (recipe/policy.py) ---------------------------------------------
 
+
 def _init_fields() -> dict:
     return {
-        name: (Optional[PolicyField], Field(default=None, description=f"Init policy of every tensor of `{name}` (weight and bias)."))
+        name: (
+            Optional[PolicyField],
+            Field(default=None, description=f"Init policy of every tensor of `{name}` (weight and bias)."),
+        )
         for name in PROJECTIONS
     }
 
@@ -103,6 +118,7 @@ Init = create_model(  # type: ignore[call-overload]
 
 # --- layout ------------------------------------------------------------------------
 
+
 def _check_range(value: tuple[int, int]) -> tuple[int, int]:
     start, end = value
     if start < 0:
@@ -117,7 +133,10 @@ def _check_range(value: tuple[int, int]) -> tuple[int, int]:
 class Slice(NoNulls):
     """A run of consecutive source layers copied into the output stack."""
 
-    model: Optional[ModelField] = Field(default=None, description="Model the layers come from (local directory, hub id, or {path, revision, checksums} as base_model); default: base_model.")
+    model: Optional[ModelField] = Field(
+        default=None,
+        description="Model the layers come from (local directory, hub id, or {path, revision, checksums} as base_model); default: base_model.",
+    )
     layer_range: LayerRange = Field(description="Source layers [start, end): half-open, 0-based.")
 
     @field_validator("layer_range")
@@ -132,7 +151,12 @@ class Lesa(Strict):
     hidden: StrictInt = Field(default=256, ge=1, description="Width of the predictor's two hidden layers.")
     epochs: StrictInt = Field(default=10, ge=1, description="Training epochs of each projection type's predictor.")
     lr: float = Field(default=1e-3, gt=0, description="AdamW learning rate.")
-    norm_weight: float = Field(default=5e-4, ge=0, lt=1, description="lambda: weight of the row-norm term in the loss (1 - lambda) * MSE + lambda * MSE(norms).")
+    norm_weight: float = Field(
+        default=5e-4,
+        ge=0,
+        lt=1,
+        description="lambda: weight of the row-norm term in the loss (1 - lambda) * MSE + lambda * MSE(norms).",
+    )
     batch_size: StrictInt = Field(default=64, ge=1, description="Rows (singular directions) per batch.")
     seed: StrictInt = Field(default=0, ge=0, description="Seed of the predictor's initialisation and batch order.")
 
@@ -143,11 +167,29 @@ class Inject(NoNulls):
     Exactly one of `every`, `after` and `between` says where.
     """
 
-    every: Optional[StrictInt] = Field(default=None, ge=1, le=MAX_LAYERS, description="K: insert after every K layers of the sliced stack (Algorithm 1: after stack position i when (i + 1) % K == 0).")
-    after: Optional[list[Position]] = Field(default=None, min_length=1, max_length=MAX_LAYERS, description="Insert after these stack positions (0-based, ascending, each once).")
-    between: Optional[LayerRange] = Field(default=None, description="Insert one layer between each pair of neighbouring stack positions in [start, end) (half-open, 0-based): end - start - 1 new layers, as LESA does over the upper half.")
-    copies: StrictInt = Field(default=1, ge=1, le=MAX_COPIES, description="Number of layers inserted at each position (LLaMA Pro's P).")
-    source: Literal["previous"] = Field(default="previous", description="Which layer each injected layer copies: `previous`, the layer just before it (`interpolate` and `lesa` also read the layer after it).")
+    every: Optional[StrictInt] = Field(
+        default=None,
+        ge=1,
+        le=MAX_LAYERS,
+        description="K: insert after every K layers of the sliced stack (Algorithm 1: after stack position i when (i + 1) % K == 0).",
+    )
+    after: Optional[list[Position]] = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_LAYERS,
+        description="Insert after these stack positions (0-based, ascending, each once).",
+    )
+    between: Optional[LayerRange] = Field(
+        default=None,
+        description="Insert one layer between each pair of neighbouring stack positions in [start, end) (half-open, 0-based): end - start - 1 new layers, as LESA does over the upper half.",
+    )
+    copies: StrictInt = Field(
+        default=1, ge=1, le=MAX_COPIES, description="Number of layers inserted at each position (LLaMA Pro's P)."
+    )
+    source: Literal["previous"] = Field(
+        default="previous",
+        description="Which layer each injected layer copies: `previous`, the layer just before it (`interpolate` and `lesa` also read the layer after it).",
+    )
     init: Optional[Init] = Field(  # type: ignore[valid-type]
         default=None,
         description="Per-projection init policy; tensors not named are copied. Default: the architecture's function-preserving init (o_proj and down_proj zero for Llama-family models). A given `init` replaces the default entirely.",
@@ -191,6 +233,7 @@ def _one_site(inject: "Inject") -> list[tuple[tuple, str]]:
 
 # --- training stages ---------------------------------------------------------------
 
+
 class LayerSpan(Strict):
     """An explicit range of output layers: ``{layers: [start, end]}``, half-open, 0-based."""
 
@@ -205,16 +248,26 @@ class LayerSpan(Strict):
 def _parse_selector(value: Any) -> Any:
     if isinstance(value, str):
         if value not in LAYER_GROUPS:
-            raise _fail(f"'{value}' is not a layer group{did_you_mean(value, LAYER_GROUPS)}; expected one of: {', '.join(LAYER_GROUPS)}, or {{layers: [start, end]}}")
+            raise _fail(
+                f"'{value}' is not a layer group{did_you_mean(value, LAYER_GROUPS)}; expected one of: {', '.join(LAYER_GROUPS)}, or {{layers: [start, end]}}"
+            )
         return value
     if isinstance(value, LayerSpan):
         return value
     if isinstance(value, dict) and set(value) == {"layers"}:
         span = value["layers"]
-        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in span)):
-            raise _fail(f"layers: {span!r} is not a range; expected {{layers: [start, end]}} with integer output layer indices (half-open, 0-based)")
+        if not (
+            isinstance(span, list)
+            and len(span) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+        ):
+            raise _fail(
+                f"layers: {span!r} is not a range; expected {{layers: [start, end]}} with integer output layer indices (half-open, 0-based)"
+            )
         return LayerSpan(layers=(span[0], _check_range(tuple(span))[1]))
-    raise _fail(f"{value!r} is not a layer group; expected one of: {', '.join(LAYER_GROUPS)}, or {{layers: [start, end]}}")
+    raise _fail(
+        f"{value!r} is not a layer group; expected one of: {', '.join(LAYER_GROUPS)}, or {{layers: [start, end]}}"
+    )
 
 
 Selector = Annotated[
@@ -247,7 +300,10 @@ class Lora(Strict):
 class Dataset(Strict):
     """Training text for a stage."""
 
-    path: str = Field(min_length=1, description="A plain-text file (one document per non-empty line, as the `datasets` text loader reads it) or a .jsonl/.json file (one JSON object per line); relative to the recipe file's folder (`~` is the home directory).")
+    path: str = Field(
+        min_length=1,
+        description="A plain-text file (one document per non-empty line, as the `datasets` text loader reads it) or a .jsonl/.json file (one JSON object per line); relative to the recipe file's folder (`~` is the home directory).",
+    )
     text_field: str = Field(default="text", min_length=1, description="The JSONL field holding each document's text.")
 
 
@@ -255,34 +311,101 @@ class Mod(Strict):
     """Mixture-of-Depths ensemble tuning (arXiv 2410.13077): the last `layers` decoder layers each predict
     through a new norm (a copy of the final norm) and the shared head; a router mixes their logits."""
 
-    layers: StrictInt = Field(default=3, ge=2, description="Late decoder layers in the ensemble, the last one included (the paper: 3); at most the output's layer count.")
-    distill_weight: float = Field(default=0.1, ge=0, description="lambda: weight of the KL divergence from the final layer's distribution (not trained through) to each earlier exit, averaged over the exits.")
-    init: Literal["exact", "uniform"] = Field(default="exact", description="exact: the gate between the model's own logits and the ensemble starts at 0, so step 0 computes exactly the model's logits; uniform: the paper's ensemble from step 0 (zero router: equal weights).")
-    learning_rate: float = Field(default=1e-3, gt=0, description="Learning rate of the MoD head (exit norms, router, gate); the stage's learning_rate applies to the model's parameters.")
+    layers: StrictInt = Field(
+        default=3,
+        ge=2,
+        description="Late decoder layers in the ensemble, the last one included (the paper: 3); at most the output's layer count.",
+    )
+    distill_weight: float = Field(
+        default=0.1,
+        ge=0,
+        description="lambda: weight of the KL divergence from the final layer's distribution (not trained through) to each earlier exit, averaged over the exits.",
+    )
+    init: Literal["exact", "uniform"] = Field(
+        default="exact",
+        description="exact: the gate between the model's own logits and the ensemble starts at 0, so step 0 computes exactly the model's logits; uniform: the paper's ensemble from step 0 (zero router: equal weights).",
+    )
+    learning_rate: float = Field(
+        default=1e-3,
+        gt=0,
+        description="Learning rate of the MoD head (exit norms, router, gate); the stage's learning_rate applies to the model's parameters.",
+    )
 
 
 class Stage(Strict):
     """One training stage: which parameters train, and how."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Stage name: letters, digits, '.', '_' and '-'.")
-    trainable: list[Selector] = Field(min_length=1, max_length=MAX_SELECTORS, description="Layer groups that train: injected, original, all, embeddings, head, or {layers: [start, end]} of output layers; in an MoE output also router, experts (and shared where the architecture has shared experts).")
-    lora: Optional[Lora] = Field(default=None, description="Train LoRA adapters on the trainable layers instead of their full weights.")
-    datasets: list[Dataset] = Field(default_factory=list, max_length=MAX_DATASETS, description="Training text of this stage; `tli-recipe train --data` and `emit --data` replace it.")
+    name: str = Field(
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Stage name: letters, digits, '.', '_' and '-'.",
+    )
+    trainable: list[Selector] = Field(
+        min_length=1,
+        max_length=MAX_SELECTORS,
+        description="Layer groups that train: injected, original, all, embeddings, head, or {layers: [start, end]} of output layers; in an MoE output also router, experts (and shared where the architecture has shared experts).",
+    )
+    lora: Optional[Lora] = Field(
+        default=None, description="Train LoRA adapters on the trainable layers instead of their full weights."
+    )
+    datasets: list[Dataset] = Field(
+        default_factory=list,
+        max_length=MAX_DATASETS,
+        description="Training text of this stage; `tli-recipe train --data` and `emit --data` replace it.",
+    )
     learning_rate: float = Field(default=1e-4, gt=0, description="Peak learning rate of AdamW, reached after warmup.")
-    scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Learning-rate schedule after warmup: cosine or linear decay to 0, or constant.")
-    warmup_steps: StrictInt = Field(default=0, ge=0, description="Optimizer steps of linear warmup from 0 to learning_rate.")
-    max_steps: Optional[StrictInt] = Field(default=None, ge=1, description="Optimizer steps to train; give max_steps or epochs, not both.")
-    epochs: Optional[float] = Field(default=None, gt=0, description="Passes over the training data; default 1 when max_steps is absent.")
-    batch_size: StrictInt = Field(default=1, ge=1, description="Packed sequences per device in one forward pass (the micro batch).")
-    gradient_accumulation: StrictInt = Field(default=1, ge=1, description="Micro batches per optimizer step; sequences per step = batch_size x gradient_accumulation x devices.")
-    sequence_length: StrictInt = Field(default=2048, ge=2, description="Tokens per packed training sequence (documents are joined with the EOS token, then cut).")
-    precision: Literal["bfloat16", "float16", "float32"] = Field(default="bfloat16", description="Mixed-precision compute dtype (autocast); float32 turns it off. Weights keep the checkpoint's dtype.")
-    gradient_checkpointing: StrictBool = Field(default=False, description="Recompute activations in the backward pass (non-reentrant): less memory, about a third slower.")
-    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay; applies only to the parameters that train.")
-    validation_fraction: float = Field(default=0.05, ge=0, lt=1, description="Share of the packed sequences held out for the validation loss, in [0, 1); 0: no validation.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="Learning-rate schedule after warmup: cosine or linear decay to 0, or constant."
+    )
+    warmup_steps: StrictInt = Field(
+        default=0, ge=0, description="Optimizer steps of linear warmup from 0 to learning_rate."
+    )
+    max_steps: Optional[StrictInt] = Field(
+        default=None, ge=1, description="Optimizer steps to train; give max_steps or epochs, not both."
+    )
+    epochs: Optional[float] = Field(
+        default=None, gt=0, description="Passes over the training data; default 1 when max_steps is absent."
+    )
+    batch_size: StrictInt = Field(
+        default=1, ge=1, description="Packed sequences per device in one forward pass (the micro batch)."
+    )
+    gradient_accumulation: StrictInt = Field(
+        default=1,
+        ge=1,
+        description="Micro batches per optimizer step; sequences per step = batch_size x gradient_accumulation x devices.",
+    )
+    sequence_length: StrictInt = Field(
+        default=2048,
+        ge=2,
+        description="Tokens per packed training sequence (documents are joined with the EOS token, then cut).",
+    )
+    precision: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16",
+        description="Mixed-precision compute dtype (autocast); float32 turns it off. Weights keep the checkpoint's dtype.",
+    )
+    gradient_checkpointing: StrictBool = Field(
+        default=False,
+        description="Recompute activations in the backward pass (non-reentrant): less memory, about a third slower.",
+    )
+    weight_decay: float = Field(
+        default=0.0, ge=0, description="AdamW weight decay; applies only to the parameters that train."
+    )
+    validation_fraction: float = Field(
+        default=0.05,
+        ge=0,
+        lt=1,
+        description="Share of the packed sequences held out for the validation loss, in [0, 1); 0: no validation.",
+    )
     eval_steps: StrictInt = Field(default=100, ge=1, description="Optimizer steps between validation losses.")
-    save_steps: StrictInt = Field(default=500, ge=1, description="Optimizer steps between resumable checkpoints (an interrupted stage resumes from the last one).")
-    objective: Literal["lm", "mod"] = Field(default="lm", description="lm: next-token cross-entropy of the model's logits; mod: Mixture-of-Depths ensemble tuning (the built-in trainer only).")
+    save_steps: StrictInt = Field(
+        default=500,
+        ge=1,
+        description="Optimizer steps between resumable checkpoints (an interrupted stage resumes from the last one).",
+    )
+    objective: Literal["lm", "mod"] = Field(
+        default="lm",
+        description="lm: next-token cross-entropy of the model's logits; mod: Mixture-of-Depths ensemble tuning (the built-in trainer only).",
+    )
     mod: Optional[Mod] = Field(default=None, description="Settings of objective: mod (default: the paper's k = 3).")
 
 
@@ -308,8 +431,10 @@ def _expert_policy(value: Any, where: str = "") -> Policy:
     except PydanticCustomError as exc:
         raise _fail(where + exc.message()) from None
     if policy.kind not in EXPERT_POLICIES:
-        raise _fail(f"{where}'{policy.kind}' is not an expert init; expected one of: copy, {{noise: std}}, {{scale: x}} "
-                    "(applied to every weight of the expert)")
+        raise _fail(
+            f"{where}'{policy.kind}' is not an expert init; expected one of: copy, {{noise: std}}, {{scale: x}} "
+            "(applied to every weight of the expert)"
+        )
     return policy
 
 
@@ -324,16 +449,30 @@ def _dump_expert_init(value: Any) -> Any:
 
 
 _EXPERT_POLICY_SCHEMA = {"oneOf": [{"enum": ["copy"]}, *_POLICY_SCHEMA["oneOf"][1:3]]}
-ExpertInit = Annotated[Union[Policy, list[Policy]], BeforeValidator(_parse_expert_init), PlainSerializer(_dump_expert_init),
-                       WithJsonSchema({"oneOf": [_EXPERT_POLICY_SCHEMA, {"type": "array", "items": _EXPERT_POLICY_SCHEMA,
-                                                                         "minItems": 1, "maxItems": MAX_EXPERTS}]})]
+ExpertInit = Annotated[
+    Union[Policy, list[Policy]],
+    BeforeValidator(_parse_expert_init),
+    PlainSerializer(_dump_expert_init),
+    WithJsonSchema(
+        {
+            "oneOf": [
+                _EXPERT_POLICY_SCHEMA,
+                {"type": "array", "items": _EXPERT_POLICY_SCHEMA, "minItems": 1, "maxItems": MAX_EXPERTS},
+            ]
+        }
+    ),
+]
 
 
 class ExpertPrompts(Strict):
     """Text that shows what one expert is for: the ``hidden`` router init points its row at these prompts."""
 
-    positive: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=256, description="Prompts this expert should take.")
-    negative: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=256, description="Prompts it should not take (their mean is subtracted).")
+    positive: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1, max_length=256, description="Prompts this expert should take."
+    )
+    negative: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, max_length=256, description="Prompts it should not take (their mean is subtracted)."
+    )
 
 
 class ExpertSource(Strict):
@@ -344,8 +483,10 @@ class ExpertSource(Strict):
 
 def _parse_layers(value: Any) -> Any:
     if isinstance(value, str) and value not in LAYER_SELECTORS:
-        raise _fail(f"'{value}' is not a layer group{did_you_mean(value, LAYER_SELECTORS)}; expected one of: "
-                    f"{', '.join(LAYER_SELECTORS)}, or {{layers: [start, end]}}")
+        raise _fail(
+            f"'{value}' is not a layer group{did_you_mean(value, LAYER_SELECTORS)}; expected one of: "
+            f"{', '.join(LAYER_SELECTORS)}, or {{layers: [start, end]}}"
+        )
     return _parse_selector(value)
 
 
@@ -353,20 +494,47 @@ class Upcycle(NoNulls):
     """Sparse upcycling (arXiv 2212.05055): the dense MLP of chosen output layers becomes E experts and a router."""
 
     experts: StrictInt = Field(ge=1, le=MAX_EXPERTS, description="E: experts per upcycled layer.")
-    top_k: StrictInt = Field(ge=1, le=MAX_EXPERTS, description="k: experts each token is routed to (num_experts_per_tok); k <= E.")
-    layers: Optional[list[Annotated[Union[Literal["all", "injected", "original"], LayerSpan], BeforeValidator(_parse_layers)]]] = Field(
-        default=None, min_length=1, max_length=MAX_SELECTORS,
-        description="Output layers to upcycle (after slices and inject): all, injected, original, or {layers: [start, end]}; default: all.")
-    output: Optional[str] = Field(default=None, min_length=1, description="The MoE architecture written (mixtral, qwen3_moe); default: the source architecture's MoE sibling (llama, mistral -> mixtral; qwen3 -> qwen3_moe).")
-    router: Annotated[Policy, BeforeValidator(_parse_router), PlainSerializer(_dump_policy),
-                      WithJsonSchema({"oneOf": [{"enum": ["zero", "hidden"]}, _POLICY_SCHEMA["oneOf"][3]]})] = Field(
+    top_k: StrictInt = Field(
+        ge=1, le=MAX_EXPERTS, description="k: experts each token is routed to (num_experts_per_tok); k <= E."
+    )
+    layers: Optional[
+        list[Annotated[Union[Literal["all", "injected", "original"], LayerSpan], BeforeValidator(_parse_layers)]]
+    ] = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_SELECTORS,
+        description="Output layers to upcycle (after slices and inject): all, injected, original, or {layers: [start, end]}; default: all.",
+    )
+    output: Optional[str] = Field(
+        default=None,
+        min_length=1,
+        description="The MoE architecture written (mixtral, qwen3_moe); default: the source architecture's MoE sibling (llama, mistral -> mixtral; qwen3 -> qwen3_moe).",
+    )
+    router: Annotated[
+        Policy,
+        BeforeValidator(_parse_router),
+        PlainSerializer(_dump_policy),
+        WithJsonSchema({"oneOf": [{"enum": ["zero", "hidden"]}, _POLICY_SCHEMA["oneOf"][3]]}),
+    ] = Field(
         default_factory=lambda: Policy(kind="zero"),
-        description="Router init: zero (uniform routing), {random: std} (seeded), or hidden: each expert's row is the normalised mean MLP input (the router's own input) at the last token of its prompts, minus that of its negative prompts (runs the source model; needs prompts).")
-    prompts: Optional[list[ExpertPrompts]] = Field(default=None, min_length=1, max_length=MAX_EXPERTS, description="The hidden router init's prompts, one entry per expert: {positive: [...], negative: [...]}.")
+        description="Router init: zero (uniform routing), {random: std} (seeded), or hidden: each expert's row is the normalised mean MLP input (the router's own input) at the last token of its prompts, minus that of its negative prompts (runs the source model; needs prompts).",
+    )
+    prompts: Optional[list[ExpertPrompts]] = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_EXPERTS,
+        description="The hidden router init's prompts, one entry per expert: {positive: [...], negative: [...]}.",
+    )
     init: ExpertInit = Field(
         default_factory=lambda: Policy(kind="copy"),
-        description="Expert init: one policy for every expert, or a list of E (expert i gets entry i): copy, {noise: std}, {scale: x}, applied to every weight of the expert.")
-    sources: Optional[list[ExpertSource]] = Field(default=None, min_length=1, max_length=MAX_EXPERTS, description="Expert i's MLP from sources[i] (E entries; checkpoints of the same architecture and widths); default: every expert from the layer's own source.")
+        description="Expert init: one policy for every expert, or a list of E (expert i gets entry i): copy, {noise: std}, {scale: x}, applied to every weight of the expert.",
+    )
+    sources: Optional[list[ExpertSource]] = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_EXPERTS,
+        description="Expert i's MLP from sources[i] (E entries; checkpoints of the same architecture and widths); default: every expert from the layer's own source.",
+    )
 
     def expert_policies(self) -> list[Policy]:
         return list(self.init) if isinstance(self.init, list) else [self.init] * self.experts
@@ -375,44 +543,105 @@ class Upcycle(NoNulls):
 def _upcycle_problems(up: "Upcycle", has_inject: bool) -> list[tuple[tuple, str]]:
     problems: list[tuple[tuple, str]] = []
     if up.top_k > up.experts:
-        problems.append((("upcycle", "top_k"), f"{up.top_k} is more than the {up.experts} experts; expected top_k <= experts"))
+        problems.append(
+            (("upcycle", "top_k"), f"{up.top_k} is more than the {up.experts} experts; expected top_k <= experts")
+        )
     if isinstance(up.init, list) and len(up.init) != up.experts:
-        problems.append((("upcycle", "init"), f"lists {len(up.init)} policies for {up.experts} experts; expected one "
-                                              "policy, or one per expert"))
+        problems.append(
+            (
+                ("upcycle", "init"),
+                f"lists {len(up.init)} policies for {up.experts} experts; expected one policy, or one per expert",
+            )
+        )
     if up.router.kind == "hidden" and up.prompts is None:
-        problems.append((("upcycle", "router"), "hidden needs prompts for each expert; expected upcycle.prompts: "
-                                                "[{positive: [...]}, ...] with one entry per expert"))
+        problems.append(
+            (
+                ("upcycle", "router"),
+                "hidden needs prompts for each expert; expected upcycle.prompts: "
+                "[{positive: [...]}, ...] with one entry per expert",
+            )
+        )
     if up.prompts is not None and up.router.kind != "hidden":
-        problems.append((("upcycle", "prompts"), f"prompts are for the hidden router init, and router is {up.router}; "
-                                                 "expected router: hidden, or no prompts"))
+        problems.append(
+            (
+                ("upcycle", "prompts"),
+                f"prompts are for the hidden router init, and router is {up.router}; "
+                "expected router: hidden, or no prompts",
+            )
+        )
     if up.prompts is not None and len(up.prompts) != up.experts:
-        problems.append((("upcycle", "prompts"), f"lists {len(up.prompts)} entries for {up.experts} experts; expected "
-                                                 "one per expert"))
+        problems.append(
+            (
+                ("upcycle", "prompts"),
+                f"lists {len(up.prompts)} entries for {up.experts} experts; expected one per expert",
+            )
+        )
     if up.sources is not None and len(up.sources) != up.experts:
-        problems.append((("upcycle", "sources"), f"lists {len(up.sources)} models for {up.experts} experts; expected "
-                                                 "one per expert"))
+        problems.append(
+            (
+                ("upcycle", "sources"),
+                f"lists {len(up.sources)} models for {up.experts} experts; expected one per expert",
+            )
+        )
     if "injected" in (up.layers or []) and not has_inject:
-        problems.append((("upcycle", "layers", up.layers.index("injected")),
-                         "'injected' selects nothing: the recipe has no inject section; add inject or pick another group"))
+        problems.append(
+            (
+                ("upcycle", "layers", up.layers.index("injected")),
+                "'injected' selects nothing: the recipe has no inject section; add inject or pick another group",
+            )
+        )
     return problems
 
 
 # --- the recipe --------------------------------------------------------------------
 
+
 class Recipe(NoNulls):
     """A growth recipe: which layers the output has, how new layers start, how they train."""
 
-    name: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the output model; default: the recipe file's stem.")
-    base_model: ModelField = Field(description="The source checkpoint: a local directory, or a hub id resolved through the local Hugging Face cache (id or id@revision), or {path, revision, checksums} to pin it.")
+    name: Optional[str] = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Name of the output model; default: the recipe file's stem.",
+    )
+    base_model: ModelField = Field(
+        description="The source checkpoint: a local directory, or a hub id resolved through the local Hugging Face cache (id or id@revision), or {path, revision, checksums} to pin it."
+    )
     dtype: Optional[Dtype] = Field(default=None, description="dtype of the output tensors; default: the source dtype.")
-    slices: Optional[list[Slice]] = Field(default=None, min_length=1, max_length=MAX_LAYERS, description="The output stack before injection, as source layer ranges; default: every layer of base_model once. Two overlapping slices are SOLAR-style depth up-scaling.")
-    inject: Optional[Inject] = Field(default=None, description="Layer injection (TLI / LLaMA Pro); absent: no layer is injected.")
-    upcycle: Optional[Upcycle] = Field(default=None, description="Sparse upcycling to Mixture-of-Experts, applied to the output layers after slices and inject; absent: the output stays dense.")
-    stages: list[Stage] = Field(default_factory=list, max_length=MAX_STAGES, description="Training stages, resolved in the plan to trainable layers and parameter names.")
-    output: Optional[str] = Field(default=None, min_length=1, description="Output directory, relative to the recipe file's folder (a --set value: to the working directory); default: out/<name> in the working directory.")
+    slices: Optional[list[Slice]] = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_LAYERS,
+        description="The output stack before injection, as source layer ranges; default: every layer of base_model once. Two overlapping slices are SOLAR-style depth up-scaling.",
+    )
+    inject: Optional[Inject] = Field(
+        default=None, description="Layer injection (TLI / LLaMA Pro); absent: no layer is injected."
+    )
+    upcycle: Optional[Upcycle] = Field(
+        default=None,
+        description="Sparse upcycling to Mixture-of-Experts, applied to the output layers after slices and inject; absent: the output stays dense.",
+    )
+    stages: list[Stage] = Field(
+        default_factory=list,
+        max_length=MAX_STAGES,
+        description="Training stages, resolved in the plan to trainable layers and parameter names.",
+    )
+    output: Optional[str] = Field(
+        default=None,
+        min_length=1,
+        description="Output directory, relative to the recipe file's folder (a --set value: to the working directory); default: out/<name> in the working directory.",
+    )
     shard_size: ShardSize = Field(default=5 * 10**9, description="Largest output shard in bytes (or 5GB, 500MiB...).")
-    seed: StrictInt = Field(default=0, ge=0, description="Seed of the noise and random policies; each tensor draws from its own stream derived from this seed and its name.")
-    output_config: dict[str, Any] = Field(default_factory=dict, max_length=MAX_CONFIG_KEYS, description="Fields of the output config.json set explicitly (null removes a field); applied last. Needed where a config field cannot follow the layer map by itself (plan says which).")
+    seed: StrictInt = Field(
+        default=0,
+        ge=0,
+        description="Seed of the noise and random policies; each tensor draws from its own stream derived from this seed and its name.",
+    )
+    output_config: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=MAX_CONFIG_KEYS,
+        description="Fields of the output config.json set explicitly (null removes a field); applied last. Needed where a config field cannot follow the layer map by itself (plan says which).",
+    )
 
 
 def recipe_schema() -> dict:

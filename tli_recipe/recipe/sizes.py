@@ -10,7 +10,17 @@ from pydantic import BeforeValidator, WithJsonSchema
 from tli_recipe.recipe.base import _fail
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(value: Any) -> int:
@@ -32,6 +42,10 @@ def parse_size(value: Any) -> int:
 ShardSize = Annotated[
     int,
     BeforeValidator(parse_size),
-    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _SIZE.pattern}],
-                    "description": "Largest output shard: bytes, or a string such as 5GB or 500MiB."}),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _SIZE.pattern}],
+            "description": "Largest output shard: bytes, or a string such as 5GB or 500MiB.",
+        }
+    ),
 ]

@@ -30,8 +30,15 @@ def _check_sha256(value: str) -> str:
 class ModelRef(Strict):
     """A source checkpoint, pinned to a revision and/or to the checksums of its files."""
 
-    path: str = Field(min_length=1, description="A local directory, or a hub id (org/name) resolved through the local Hugging Face cache, or downloaded from the hub by `run` when missing.")
-    revision: Optional[str] = Field(default=None, min_length=1, description="The commit the model must be at: a hub id resolves to this cache snapshot (a branch or tag name resolves through refs/ but moves: plan warns); a local directory is checked against the commit `hf download --local-dir` recorded, or its git HEAD.")
+    path: str = Field(
+        min_length=1,
+        description="A local directory, or a hub id (org/name) resolved through the local Hugging Face cache, or downloaded from the hub by `run` when missing.",
+    )
+    revision: Optional[str] = Field(
+        default=None,
+        min_length=1,
+        description="The commit the model must be at: a hub id resolves to this cache snapshot (a branch or tag name resolves through refs/ but moves: plan warns); a local directory is checked against the commit `hf download --local-dir` recorded, or its git HEAD.",
+    )
     checksums: dict[str, Annotated[str, AfterValidator(_check_sha256)]] = Field(
         default_factory=dict,
         description="Expected sha256 of source files by name, relative to the model directory (config.json, model-00001-of-00004.safetensors...); `run` checks them and refuses a mismatch. `tli-recipe pin MODEL` prints them.",
@@ -43,7 +50,9 @@ class ModelRef(Strict):
     def _names(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
             if not name or name.startswith("/") or ".." in name.split("/"):
-                raise _fail(f"{name!r} is not a file of the model directory; expected a name relative to it, such as config.json")
+                raise _fail(
+                    f"{name!r} is not a file of the model directory; expected a name relative to it, such as config.json"
+                )
         return value
 
 
@@ -51,8 +60,14 @@ class SourceRef(str):
     """A validated model reference: the string plan and checkpoint code resolve (``path`` or
     ``org/name@revision``), carrying the pin: ``path``, ``revision``, ``checksums``."""
 
-    def __new__(cls, text: str, path: Optional[str] = None, revision: Optional[str] = None,
-                checksums: Optional[dict[str, str]] = None, form: str = "string") -> "SourceRef":
+    def __new__(
+        cls,
+        text: str,
+        path: Optional[str] = None,
+        revision: Optional[str] = None,
+        checksums: Optional[dict[str, str]] = None,
+        form: str = "string",
+    ) -> "SourceRef":
         self = super().__new__(cls, text)
         self.path, self.revision, self.checksums, self.form = path or text, revision, dict(checksums or {}), form
         return self
@@ -64,9 +79,13 @@ def _parse_ref(value: Any) -> Any:
     if isinstance(value, SourceRef):
         return _parse_ref(_dump_ref(value))
     if not isinstance(value, str):
-        raise _fail(f"{value!r} is not a model; expected a directory, a hub id (org/name or org/name@revision), or {{path: ..., revision: ..., checksums: ...}}")
+        raise _fail(
+            f"{value!r} is not a model; expected a directory, a hub id (org/name or org/name@revision), or {{path: ..., revision: ..., checksums: ...}}"
+        )
     if not value:
-        raise _fail("is empty; expected a directory, a hub id (org/name or org/name@revision), or {path: ..., revision: ...}")
+        raise _fail(
+            "is empty; expected a directory, a hub id (org/name or org/name@revision), or {path: ..., revision: ...}"
+        )
     repo, at, revision = value.partition("@")
     ref = ModelRef(path=repo, revision=revision) if at and revision and _HUB_ID.match(repo) else ModelRef(path=value)
     ref._form = "string"
@@ -84,7 +103,11 @@ def _to_source_ref(ref: ModelRef) -> SourceRef:
 def _dump_ref(ref: Any) -> Any:
     if getattr(ref, "form", "string") == "string" or not isinstance(ref, SourceRef):
         return str(ref)
-    return {"path": ref.path, **({"revision": ref.revision} if ref.revision else {}), **({"checksums": dict(ref.checksums)} if ref.checksums else {})}
+    return {
+        "path": ref.path,
+        **({"revision": ref.revision} if ref.revision else {}),
+        **({"checksums": dict(ref.checksums)} if ref.checksums else {}),
+    }
 
 
 class _RefSchema:
@@ -93,4 +116,6 @@ class _RefSchema:
 
 
 #: A model reference: ``org/name``, ``org/name@revision``, a directory, or a ModelRef mapping.
-ModelField = Annotated[ModelRef, BeforeValidator(_parse_ref), AfterValidator(_to_source_ref), PlainSerializer(_dump_ref), _RefSchema()]
+ModelField = Annotated[
+    ModelRef, BeforeValidator(_parse_ref), AfterValidator(_to_source_ref), PlainSerializer(_dump_ref), _RefSchema()
+]

@@ -26,7 +26,11 @@ def _message(err: dict, model: type[BaseModel]) -> str:
     noun = names[-1] if names else "value"
     if kind == "missing":
         field = _field_at(model, err["loc"])
-        described = f"; expected {field.description[0].lower()}{field.description[1:].rstrip('.')}" if field and field.description else ""
+        described = (
+            f"; expected {field.description[0].lower()}{field.description[1:].rstrip('.')}"
+            if field and field.description
+            else ""
+        )
         return f"is required{described}"
     if kind == "string_pattern_mismatch":
         return f"{shown} is not a valid {noun}; expected letters, digits, '.', '_' and '-', starting with a letter or digit"
@@ -66,7 +70,7 @@ def _message(err: dict, model: type[BaseModel]) -> str:
     msg = err["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
-            msg = msg[len(prefix):]
+            msg = msg[len(prefix) :]
     return msg
 
 
@@ -84,8 +88,11 @@ def validate_model(model: type[BaseModel], data: Any, marks: Marks) -> BaseModel
     except ValidationError as exc:
         problems = [marks.problem(p, NULL_MESSAGE) for p in nulls] + found
         # The walk above already reported each non-finite number once, at its own value.
-        errors = [e for e in exc.errors(include_url=False)
-                  if e["type"] != "finite_number" and tuple(e["loc"]) not in non_finite_paths]
+        errors = [
+            e
+            for e in exc.errors(include_url=False)
+            if e["type"] != "finite_number" and tuple(e["loc"]) not in non_finite_paths
+        ]
         for err in errors:
             err["loc"] = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         # A typo'd key already says "did you mean 'x'"; a second "x is required" adds nothing.
@@ -124,8 +131,6 @@ def non_finite(data: Any, path: tuple = ()) -> list[tuple[tuple, str]]:
     return sorted(found, key=lambda item: str(item[0]))
 
 
-
-
 def _drop_nulls(model: type[BaseModel], data: Any, path: tuple) -> list[tuple]:
     """Remove known keys written with no value (``inject:`` alone) and return their paths.
 
@@ -156,8 +161,10 @@ def _module_hint(key: object) -> str:
     """`` ('w2' is down_proj here: ...)`` for a module name of a projection, else ``""``."""
     if key not in MODULE_NAMES:
         return ""
-    return (f" ('{key}' is {MODULE_NAMES[key]} here: recipes name projections, and Mixtral's experts call "
-            "gate_proj, up_proj and down_proj w1, w3 and w2)")
+    return (
+        f" ('{key}' is {MODULE_NAMES[key]} here: recipes name projections, and Mixtral's experts call "
+        "gate_proj, up_proj and down_proj w1, w3 and w2)"
+    )
 
 
 def _unknown_key(model: type[BaseModel], path: tuple) -> str:

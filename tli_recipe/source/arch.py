@@ -19,8 +19,17 @@ import yaml
 from tli_recipe.source.moe import UpcycleSpec, parse_upcycle
 from tli_recipe.source.rules import ArchError, config_value, evaluate, evaluate_rule
 
-__all__ = ["ArchError", "Architecture", "Module", "Projection", "evaluate", "evaluate_rule", "find_architecture",
-           "infer_architecture", "load_architectures"]
+__all__ = [
+    "ArchError",
+    "Architecture",
+    "Module",
+    "Projection",
+    "evaluate",
+    "evaluate_rule",
+    "find_architecture",
+    "infer_architecture",
+    "load_architectures",
+]
 
 
 # --- definitions -----------------------------------------------------------------------
@@ -32,18 +41,18 @@ _INDEX = r"(?:0|[1-9][0-9]*)"  # a layer or expert index: one whole path segment
 class Module:
     """One spelling of a projection: a module path under the layer prefix, with its weight shape."""
 
-    path: str                        # e.g. "self_attn.o_proj" or "mlp.experts.{expert}.down_proj"
-    shape: tuple                     # weight shape expressions
-    bias: Any = 0                    # expression: does the module have a bias?
-    when: Any = 1                    # expression over config + `layer`: does this layer have it?
-    experts: Any = None              # expression: how many experts fill {expert}
+    path: str  # e.g. "self_attn.o_proj" or "mlp.experts.{expert}.down_proj"
+    shape: tuple  # weight shape expressions
+    bias: Any = 0  # expression: does the module have a bias?
+    when: Any = 1  # expression over config + `layer`: does this layer have it?
+    experts: Any = None  # expression: how many experts fill {expert}
 
 
 @dataclass(frozen=True)
 class Projection:
     name: str
     modules: tuple[Module, ...]
-    norm: bool = False               # a norm gain (policies such as zero_gain apply)
+    norm: bool = False  # a norm gain (policies such as zero_gain apply)
 
 
 def _compile_module(path: str) -> re.Pattern:
@@ -57,26 +66,26 @@ class Architecture:
     model_types: tuple[str, ...]
     layer_prefixes: tuple[str, ...]  # ("model.layers.{layer}.", ...): the first that the checkpoint uses
     defaults: dict[str, Any]
-    tensors: dict[str, dict]         # non-layer tensors: name -> {shape, when, group}
+    tensors: dict[str, dict]  # non-layer tensors: name -> {shape, when, group}
     projections: dict[str, Projection]
     identity_branches: dict[str, tuple[dict[str, str], ...]]  # branch -> options that make it add zero
     recommended_init: dict[str, str]
-    norm_offset: float = 0.0         # a norm multiplies by (offset + weight): Gemma stores 1 + w
+    norm_offset: float = 0.0  # a norm multiplies by (offset + weight): Gemma stores 1 + w
     per_layer_lists: tuple[str, ...] = ()
     derived_lists: dict[str, str] = field(default_factory=dict)  # list key -> expression over config + `layer`
     derived_from: dict[str, tuple[str, ...]] = field(default_factory=dict)  # list key -> config keys its rule reads
-    index_lists: dict[str, str] = field(default_factory=dict)    # key listing layer indices -> membership expression
+    index_lists: dict[str, str] = field(default_factory=dict)  # key listing layer indices -> membership expression
     index_list_resets: dict[str, Any] = field(default_factory=dict)  # keys set when index lists are rewritten
     config_path: tuple[str, ...] = ()  # where the decoder's config lives (("text_config",) for a VLM)
-    num_layers_key: str = ""         # the decoder config key holding the layer count
-    vocab_key: str = ""              # the decoder config key holding the vocabulary size
-    layers_pattern: str = ""         # the peft layers_pattern: the module list holding the decoder layers
+    num_layers_key: str = ""  # the decoder config key holding the layer count
+    vocab_key: str = ""  # the decoder config key holding the vocabulary size
+    layers_pattern: str = ""  # the peft layers_pattern: the module list holding the decoder layers
     upcycle: Optional[UpcycleSpec] = None  # sparse upcycling into this (MoE) architecture
     loaded_names: tuple[tuple[str, str], ...] = ()  # (regex, replacement): a checkpoint name as transformers loads it
     notes: str = ""
     source_file: str = ""
-    inferred: bool = False           # built from tensor names, not from a definition file
-    layer_prefix: str = ""           # the prefix in use (set by for_checkpoint)
+    inferred: bool = False  # built from tensor names, not from a definition file
+    layer_prefix: str = ""  # the prefix in use (set by for_checkpoint)
     _layer_re: re.Pattern = field(init=False, repr=False, compare=False)
     _module_res: tuple = field(init=False, repr=False, compare=False)
     _projections_of: dict = field(init=False, repr=False, compare=False)
@@ -87,10 +96,15 @@ class Architecture:
         head, sep, tail = prefix.partition("{layer}")
         if not sep:
             raise ArchError(f"{self.source_file}: layer prefix {prefix!r} has no {{layer}} placeholder")
-        object.__setattr__(self, "_layer_re", re.compile("^" + re.escape(head) + f"({_INDEX})" + re.escape(tail) + "(.+)$"))
+        object.__setattr__(
+            self, "_layer_re", re.compile("^" + re.escape(head) + f"({_INDEX})" + re.escape(tail) + "(.+)$")
+        )
         object.__setattr__(self, "_projections_of", {})
-        object.__setattr__(self, "_module_res", tuple(
-            (proj.name, _compile_module(m.path)) for proj in self.projections.values() for m in proj.modules))
+        object.__setattr__(
+            self,
+            "_module_res",
+            tuple((proj.name, _compile_module(m.path)) for proj in self.projections.values() for m in proj.modules),
+        )
 
     def for_checkpoint(self, names: Iterable[str]) -> "Architecture":
         """This definition with the layer prefix that the checkpoint's tensor names use."""
@@ -126,8 +140,11 @@ class Architecture:
 
     def is_expert_tensor(self, suffix: str) -> bool:
         """True for a tensor of one MoE expert (``mlp.experts.7.down_proj.weight``)."""
-        return any(m.experts is not None and _compile_module(m.path).match(suffix)
-                   for proj in self.projections.values() for m in proj.modules)
+        return any(
+            m.experts is not None and _compile_module(m.path).match(suffix)
+            for proj in self.projections.values()
+            for m in proj.modules
+        )
 
     @property
     def linear_projections(self) -> list[str]:
@@ -143,12 +160,17 @@ class Architecture:
         for key in self.config_path:
             config = config.get(key) or {}
             if not isinstance(config, Mapping):
-                raise ArchError(f"config.json {key} is {config_value(config)}; expected the decoder's config as a mapping")
+                raise ArchError(
+                    f"config.json {key} is {config_value(config)}; expected the decoder's config as a mapping"
+                )
         return dict(config)
 
     def names(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        values = {k: v for k, v in self.decoder_config(config).items()
-                  if isinstance(v, (int, float, bool, str, list)) or v is None}
+        values = {
+            k: v
+            for k, v in self.decoder_config(config).items()
+            if isinstance(v, (int, float, bool, str, list)) or v is None
+        }
         for key, expr in self.defaults.items():
             if values.get(key) is None:
                 values[key] = evaluate_rule(expr, values, key)
@@ -162,7 +184,9 @@ class Architecture:
         names = self.names(config)
         return [evaluate_rule(expr, {**names, "layer": i}, key) for i in range(num_layers)]
 
-    def layer_flags(self, expr: str, config: Mapping[str, Any], num_layers: int, what: str = "the layer list") -> list[bool]:
+    def layer_flags(
+        self, expr: str, config: Mapping[str, Any], num_layers: int, what: str = "the layer list"
+    ) -> list[bool]:
         names = self.names(config)
         return [bool(evaluate_rule(expr, {**names, "layer": i}, what)) for i in range(num_layers)]
 
@@ -190,10 +214,14 @@ class Architecture:
                         break  # the first spelling that applies is the one a checkpoint has
             return out
         except KeyError as exc:
-            raise ArchError(f"config.json has no '{exc.args[0]}', which the {self.name} definition needs for tensor shapes") from None
+            raise ArchError(
+                f"config.json has no '{exc.args[0]}', which the {self.name} definition needs for tensor shapes"
+            ) from None
         except (TypeError, ValueError):
-            raise ArchError(f"config.json holds a non-integer tensor width, which the {self.name} definition needs for "
-                            "tensor shapes; expected integer sizes (hidden_size, intermediate_size, ...)") from None
+            raise ArchError(
+                f"config.json holds a non-integer tensor width, which the {self.name} definition needs for "
+                "tensor shapes; expected integer sizes (hidden_size, intermediate_size, ...)"
+            ) from None
 
 
 # The shipped definitions are parsed on every `plan`: libyaml's parser where PyYAML has it (five times
@@ -216,9 +244,18 @@ def _projection(name: str, spec: Any, path: str) -> Projection:
     for entry in entries:
         if not isinstance(entry, dict) or "module" not in entry or "shape" not in entry:
             raise ArchError(f"{path}: projection {name!r} needs module and shape")
-        modules.append(Module(path=entry["module"], shape=tuple(entry["shape"]), bias=entry.get("bias", 0),
-                              when=entry.get("when", 1), experts=entry.get("experts")))
-    return Projection(name=name, modules=tuple(modules), norm=bool(spec.get("norm", False)) if isinstance(spec, dict) else False)
+        modules.append(
+            Module(
+                path=entry["module"],
+                shape=tuple(entry["shape"]),
+                bias=entry.get("bias", 0),
+                when=entry.get("when", 1),
+                experts=entry.get("experts"),
+            )
+        )
+    return Projection(
+        name=name, modules=tuple(modules), norm=bool(spec.get("norm", False)) if isinstance(spec, dict) else False
+    )
 
 
 def _required(data: dict, key: str, path: str) -> str:
@@ -228,7 +265,15 @@ def _required(data: dict, key: str, path: str) -> str:
     return value
 
 
-_MERGED = ("defaults", "tensors", "projections", "derived_lists", "identity_branches", "index_lists", "index_list_resets")
+_MERGED = (
+    "defaults",
+    "tensors",
+    "projections",
+    "derived_lists",
+    "identity_branches",
+    "index_lists",
+    "index_list_resets",
+)
 
 
 @lru_cache(maxsize=1)
@@ -277,11 +322,15 @@ def load_architectures() -> dict[str, Architecture]:
             tensors={k: dict(v) for k, v in d.get("tensors", {}).items()},
             projections=projections,
             identity_branches=branches,
-            recommended_init=dict(d.get("recommended_init") or {p: k for opts in branches.values() for p, k in opts[0].items()}),
+            recommended_init=dict(
+                d.get("recommended_init") or {p: k for opts in branches.values() for p, k in opts[0].items()}
+            ),
             norm_offset=float(d.get("norm_offset", 0)),
             per_layer_lists=tuple(d.get("per_layer_lists", ())),
             derived_lists={k: v["rule"] if isinstance(v, dict) else v for k, v in d.get("derived_lists", {}).items()},
-            derived_from={k: tuple(v.get("from", ())) for k, v in d.get("derived_lists", {}).items() if isinstance(v, dict)},
+            derived_from={
+                k: tuple(v.get("from", ())) for k, v in d.get("derived_lists", {}).items() if isinstance(v, dict)
+            },
             index_lists=dict(d.get("index_lists", {})),
             index_list_resets=dict(d.get("index_list_resets", {})),
             config_path=tuple(d.get("config_path", ())),
@@ -303,14 +352,16 @@ def find_architecture(config: Mapping[str, Any], tensor_names: Iterable[str] = (
     names = list(tensor_names)
     declared = config.get("architectures") or []
     if not isinstance(declared, list) or not all(isinstance(a, str) for a in declared):
-        raise ArchError(f"config.json architectures is {config_value(declared)}; expected a list of model class "
-                        "names such as [\"LlamaForCausalLM\"]")
+        raise ArchError(
+            f"config.json architectures is {config_value(declared)}; expected a list of model class "
+            'names such as ["LlamaForCausalLM"]'
+        )
     for arch in archs.values():
         if any(a in arch.architectures for a in declared):
             return arch.for_checkpoint(names)
     model_type = config.get("model_type")
     if model_type is not None and not isinstance(model_type, str):
-        raise ArchError(f"config.json model_type is {config_value(model_type)}; expected a string such as \"llama\"")
+        raise ArchError(f'config.json model_type is {config_value(model_type)}; expected a string such as "llama"')
     for arch in archs.values():
         if model_type in arch.model_types:
             return arch.for_checkpoint(names)
@@ -354,18 +405,29 @@ def infer_architecture(what: str, names: list[str]) -> Optional[Architecture]:
         leaf = module.rsplit(".", 1)[-1]
         if leaf in known:
             modules.setdefault(leaf, set()).add(re.sub(r"\.(?:0|[1-9][0-9]*)\.", ".{expert}.", module))
-    projections = {p: Projection(p, tuple(Module(path=m, shape=()) for m in sorted(ms)), norm="norm" in p)
-                   for p, ms in modules.items()}
+    projections = {
+        p: Projection(p, tuple(Module(path=m, shape=()) for m in sorted(ms)), norm="norm" in p)
+        for p, ms in modules.items()
+    }
     # Both branches are always checked: a branch whose output projection was not recognised
     # cannot be shown to add zero, so such a plan is never called function-preserving.
     branches = {"attention": ({"o_proj": "zero"},), "mlp": ({"down_proj": "zero"},)}
     # Config keys follow the Hugging Face conventions that the llama definition states.
     conventions = archs["llama"]
     return Architecture(
-        name=f"inferred:{what}", architectures=(what,), model_types=(), layer_prefixes=(prefix,), defaults={},
-        tensors={}, projections=projections, identity_branches=branches,
+        name=f"inferred:{what}",
+        architectures=(what,),
+        model_types=(),
+        layer_prefixes=(prefix,),
+        defaults={},
+        tensors={},
+        projections=projections,
+        identity_branches=branches,
         recommended_init={p: "zero" for p in ("o_proj", "down_proj") if p in projections},
-        num_layers_key=conventions.num_layers_key, vocab_key=conventions.vocab_key, layers_pattern=pattern_of[head],
+        num_layers_key=conventions.num_layers_key,
+        vocab_key=conventions.vocab_key,
+        layers_pattern=pattern_of[head],
         notes=f"inferred from tensor names: layer prefix {prefix!r}, projections {', '.join(sorted(projections)) or 'none'}",
-        source_file="(inferred)", inferred=True,
+        source_file="(inferred)",
+        inferred=True,
     )

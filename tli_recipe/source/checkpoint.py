@@ -17,8 +17,20 @@ from typing import Any, Callable, Iterable, Optional
 from tli_recipe.errors import TliError
 
 #: safetensors dtype codes and their sizes in bytes.
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 #: recipe dtype names <-> safetensors codes
@@ -35,9 +47,19 @@ SINGLE_FILE = "model.safetensors"
 
 
 #: Files copied from the source beside the weights when present.
-SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-              "chat_template.json", "preprocessor_config.json")
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
 
 
 def numel(shape: Iterable[int]) -> int:
@@ -92,8 +114,13 @@ def _show(value: object, limit: int = 60) -> str:
 
 def _kind(value: object) -> str:
     """What a JSON value is, in words (for 'X is a JSON list, not ...')."""
-    for types, word in ((bool, "a boolean"), (dict, "a JSON object"), (list, "a JSON list"), (str, "a string"),
-                        ((int, float), "a number")):
+    for types, word in (
+        (bool, "a boolean"),
+        (dict, "a JSON object"),
+        (list, "a JSON list"),
+        (str, "a string"),
+        ((int, float), "a number"),
+    ):
         if isinstance(value, types):
             return word
     return "null"
@@ -154,11 +181,16 @@ def header_length(path: Path | str, first: bytes, size: int) -> int:
         raise _fix(path, f"is {size} bytes, too short to be a safetensors file")
     (length,) = struct.unpack("<Q", first)
     if length > MAX_HEADER:
-        raise _fix(path, f"declares a header of {length} bytes (more than {MAX_HEADER // 2**20} MiB); "
-                         "it is not a safetensors file or is corrupt")
+        raise _fix(
+            path,
+            f"declares a header of {length} bytes (more than {MAX_HEADER // 2**20} MiB); "
+            "it is not a safetensors file or is corrupt",
+        )
     if 8 + length > size:
-        raise _fix(path, f"declares a header of {length} bytes but the file has only {size - 8} after the "
-                         "length; it is truncated")
+        raise _fix(
+            path,
+            f"declares a header of {length} bytes but the file has only {size - 8} after the length; it is truncated",
+        )
     return length
 
 
@@ -193,7 +225,9 @@ def _tensor_info(path: Path, name: str, spec: object, data_start: int, size: int
         raise _fix(path, f"its header entry has no {' or '.join(missing)}", name)
     code, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
     if not isinstance(code, str) or code not in DTYPE_SIZES:
-        raise _fix(path, f"dtype {_show(code)} is not one tli-recipe handles (supported: {', '.join(DTYPE_SIZES)})", name)
+        raise _fix(
+            path, f"dtype {_show(code)} is not one tli-recipe handles (supported: {', '.join(DTYPE_SIZES)})", name
+        )
     if not isinstance(shape, list) or not all(_count(d) for d in shape):
         raise _fix(path, f"shape {_show(shape)} is not a list of non-negative integers", name)
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets):
@@ -203,11 +237,19 @@ def _tensor_info(path: Path, name: str, spec: object, data_start: int, size: int
         raise _fix(path, f"data_offsets [{begin}, {end}] are reversed (the end is before the start)", name)
     expected = nbytes(code, shape)
     if end - begin != expected:
-        raise _fix(path, f"data_offsets [{begin}, {end}] span {end - begin} bytes, but shape {list(shape)} of {code} "
-                         f"needs {expected}", name)
+        raise _fix(
+            path,
+            f"data_offsets [{begin}, {end}] span {end - begin} bytes, but shape {list(shape)} of {code} "
+            f"needs {expected}",
+            name,
+        )
     if data_start + end > size:
-        raise _fix(path, f"data_offsets [{begin}, {end}] run past the end of the file (its data area holds "
-                         f"{size - data_start} bytes); the file is truncated or its header is wrong", name)
+        raise _fix(
+            path,
+            f"data_offsets [{begin}, {end}] run past the end of the file (its data area holds "
+            f"{size - data_start} bytes); the file is truncated or its header is wrong",
+            name,
+        )
     return TensorInfo(name, str(path), code, tuple(shape), data_start + begin, data_start + end)
 
 
@@ -216,13 +258,18 @@ def read_tensors(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return header_tensors(path, *read_header(path))
 
 
-def header_tensors(path: Path, header: dict[str, Any], data_start: int, size: int
-                   ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def header_tensors(
+    path: Path, header: dict[str, Any], data_start: int, size: int
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """The validated tensors and ``__metadata__`` of a header read from ``path`` (a file of ``size`` bytes)."""
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _fix(path, f"the header's __metadata__ is {_kind(metadata)}, not an object of strings"
-                   if not isinstance(metadata, dict) else "the header's __metadata__ holds a value that is not a string")
+        raise _fix(
+            path,
+            f"the header's __metadata__ is {_kind(metadata)}, not an object of strings"
+            if not isinstance(metadata, dict)
+            else "the header's __metadata__ holds a value that is not a string",
+        )
     tensors = {name: _tensor_info(path, name, spec, data_start, size) for name, spec in header.items()}
     previous = None
     for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
@@ -238,7 +285,7 @@ class Checkpoint:
 
     path: Path
     config: dict[str, Any]
-    tensors: dict[str, TensorInfo]   # empty when the directory holds only config.json
+    tensors: dict[str, TensorInfo]  # empty when the directory holds only config.json
     metadata: dict[str, str]
 
     @property
@@ -278,14 +325,22 @@ def _read_index(index_path: Path) -> dict[str, str]:
         raise _fix(index_path, f"is {_kind(index)}, not a JSON object with a weight_map")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict):
-        raise _fix(index_path, "has no weight_map" if weight_map is None else
-                   f"its weight_map is {_kind(weight_map)}, not an object mapping tensor names to shard files")
+        raise _fix(
+            index_path,
+            "has no weight_map"
+            if weight_map is None
+            else f"its weight_map is {_kind(weight_map)}, not an object mapping tensor names to shard files",
+        )
     for tensor, name in weight_map.items():
         if not isinstance(name, str):
             raise _fix(index_path, f"its weight_map entry is {_kind(name)}, not a shard file name", tensor)
         if not name.endswith(".safetensors") or name != Path(name).name or "\\" in name or "\0" in name:
-            raise _fix(index_path, f"its weight_map names the shard '{_show(name)}', which is not a .safetensors "
-                                   "file inside the model folder", tensor)
+            raise _fix(
+                index_path,
+                f"its weight_map names the shard '{_show(name)}', which is not a .safetensors "
+                "file inside the model folder",
+                tensor,
+            )
     return weight_map
 
 
@@ -309,13 +364,18 @@ def _weight_files(path: Path) -> tuple[Optional[dict[str, str]], list[str]]:
         return None, [SINGLE_FILE]
     files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files and any(path.glob("*.bin")):
-        raise CheckpointError(f"{path}: only PyTorch .bin weights found; convert the model to safetensors first "
-                              "(load it with transformers and save_pretrained(..., safe_serialization=True))")
+        raise CheckpointError(
+            f"{path}: only PyTorch .bin weights found; convert the model to safetensors first "
+            "(load it with transformers and save_pretrained(..., safe_serialization=True))"
+        )
     return None, files
 
 
-def open_checkpoint(path: Path, read: Callable[[Path], tuple[dict[str, TensorInfo], dict[str, str]]] = read_tensors,
-                    files: Optional[list[str]] = None) -> Checkpoint:
+def open_checkpoint(
+    path: Path,
+    read: Callable[[Path], tuple[dict[str, TensorInfo], dict[str, str]]] = read_tensors,
+    files: Optional[list[str]] = None,
+) -> Checkpoint:
     """Read config.json and every safetensors header of a model directory (no tensor data).
 
     Every header entry is validated here, so later code can trust a TensorInfo: a bad
@@ -335,8 +395,13 @@ def open_checkpoint(path: Path, read: Callable[[Path], tuple[dict[str, TensorInf
             if tensor in tensors:
                 raise _fix(file, f"is also in {tensors[tensor].file}; the checkpoint is inconsistent", tensor)
             if weight_map is not None and weight_map.get(tensor) != name:
-                raise _fix(file, f"is in this shard but not in {INDEX_FILE}" if tensor not in weight_map else
-                           f"is in this shard but {INDEX_FILE} puts it in {_show(weight_map[tensor])}", tensor)
+                raise _fix(
+                    file,
+                    f"is in this shard but not in {INDEX_FILE}"
+                    if tensor not in weight_map
+                    else f"is in this shard but {INDEX_FILE} puts it in {_show(weight_map[tensor])}",
+                    tensor,
+                )
             tensors[tensor] = info
     if weight_map is not None:
         for tensor, name in weight_map.items():

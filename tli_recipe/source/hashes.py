@@ -83,8 +83,11 @@ class HashCache:
             if path.is_file() and path.stat().st_size <= _MAX_CACHE_BYTES:
                 data = json.loads(path.read_text(encoding="utf-8"))
                 if isinstance(data, dict) and data.get("version") == 1 and isinstance(data.get("entries"), dict):
-                    self.entries = {k: v for k, v in data["entries"].items()
-                                    if isinstance(k, str) and isinstance(v, str) and _HEX64.match(v)}
+                    self.entries = {
+                        k: v
+                        for k, v in data["entries"].items()
+                        if isinstance(k, str) and isinstance(v, str) and _HEX64.match(v)
+                    }
         except (OSError, ValueError, RecursionError):  # damaged, foreign, or nested to blow the stack
             self.entries = {}
 

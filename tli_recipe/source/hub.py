@@ -75,7 +75,7 @@ class Access:
     config.json, the index and the safetensors headers, ``weights`` (run) downloads."""
 
     fetch: str = "cache"
-    offline: bool = False                      # --offline; HF_HUB_OFFLINE counts too
+    offline: bool = False  # --offline; HF_HUB_OFFLINE counts too
     progress: bool = True
     log: Optional[Callable[[str], None]] = None
 
@@ -124,7 +124,8 @@ def _not_cached(ref: str, repo: str, revision: str, why: str = "") -> Checkpoint
     return CheckpointError(
         f"'{ref}' is neither a local directory nor a model in the local Hugging Face cache ({cache_root()}){have}{why}; "
         f"check the path, or download it ({_fix_command(repo, revision)}; HF_HUB_CACHE or HF_HOME locate the cache), "
-        "or point at a local copy (--set base_model=/path/to/model)")
+        "or point at a local copy (--set base_model=/path/to/model)"
+    )
 
 
 def _snapshot(repo: str, revision: str) -> Optional[Path]:
@@ -137,8 +138,13 @@ def _snapshot(repo: str, revision: str) -> Optional[Path]:
 
 def _valid_revision(ref: str, repo: str, revision: str) -> None:
     if not _HUB_REVISION.match(revision) or not _plain_parts(revision) or len(revision) > 200:
-        raise _not_cached(ref, repo, "main", f"; '{_show(revision)}' is not a revision (expected a branch, tag or "
-                                             "commit name: letters, digits, . _ + - and /)")
+        raise _not_cached(
+            ref,
+            repo,
+            "main",
+            f"; '{_show(revision)}' is not a revision (expected a branch, tag or "
+            "commit name: letters, digits, . _ + - and /)",
+        )
 
 
 def missing_files(snapshot: Path) -> tuple[list[str], list[str]]:
@@ -162,7 +168,9 @@ def cached_model(ref: str) -> Path:
     """The cache snapshot of a hub id; no request is made."""
     hub = parse_hub_id(ref)
     if hub is None or Path(ref).expanduser().exists():
-        raise CheckpointError(f"'{ref}' is not a directory; expected a model directory with config.json, or a hub id org/name")
+        raise CheckpointError(
+            f"'{ref}' is not a directory; expected a model directory with config.json, or a hub id org/name"
+        )
     repo, revision = hub
     _valid_revision(ref, repo, revision)
     snapshot = _snapshot(repo, revision)
@@ -189,19 +197,20 @@ def open_model(ref: str, access: Access = Access()) -> Checkpoint:
         if not missing and not dangling:
             return open_checkpoint(snapshot)
         if dangling and not (network and access.fetch == "weights"):
-            raise CheckpointError(f"{snapshot}: an incomplete download: {_names(dangling)} point(s) at blobs that are not "
-                                  f"in the cache; complete it with `{_fix_command(repo, snapshot.name)}`")
+            raise CheckpointError(
+                f"{snapshot}: an incomplete download: {_names(dangling)} point(s) at blobs that are not "
+                f"in the cache; complete it with `{_fix_command(repo, snapshot.name)}`"
+            )
         if not network:
             return open_checkpoint(snapshot)  # config.json alone is enough for plan (shapes from the architecture)
     elif not network:
-        why = ("; --offline forbids downloading" if access.offline else "; HF_HUB_OFFLINE is set" if offline else "")
+        why = "; --offline forbids downloading" if access.offline else "; HF_HUB_OFFLINE is set" if offline else ""
         raise _not_cached(ref, repo, revision, why)
     from tli_recipe.source.hubfetch import download, remote_headers
 
     if access.fetch == "headers":
         return remote_headers(repo, revision, access)
     return open_checkpoint(download(repo, revision, access))
-
 
 
 def pin_target(ref: str, offline: bool = False, log: Optional[Callable[[str], None]] = None) -> str:
@@ -221,8 +230,9 @@ def pin_target(ref: str, offline: bool = False, log: Optional[Callable[[str], No
     return f"{repo}@{commit}"
 
 
-def pin_sources(ref: str, offline: bool = False, log: Optional[Callable[[str], None]] = None
-                ) -> tuple[Checkpoint, dict[str, str]]:
+def pin_sources(
+    ref: str, offline: bool = False, log: Optional[Callable[[str], None]] = None
+) -> tuple[Checkpoint, dict[str, str]]:
     """The checkpoint ``pin`` hashes, and the digests already known without reading: a directory or a
     complete cache snapshot as it is (no digests); an uncached hub model from the hub without its
     weights, whose sha256 the hub lists (``hubfetch.pin_sources``)."""

@@ -72,26 +72,42 @@ def hub_errors(ref: str, repo: str, revision: str, doing: str) -> Iterator[None]
     try:
         yield
     except hf.GatedRepoError as exc:
-        raise CheckpointError(f"{repo} is a gated model on {hub} (HTTP {_status(exc)}): accept its conditions at "
-                              f"{hub}/{repo}, then {LOGIN}") from None
+        raise CheckpointError(
+            f"{repo} is a gated model on {hub} (HTTP {_status(exc)}): accept its conditions at "
+            f"{hub}/{repo}, then {LOGIN}"
+        ) from None
     except hf.RepositoryNotFoundError as exc:
-        raise CheckpointError(f"{repo} was not found on {hub} (HTTP {_status(exc)}); check the id, or if it is private, "
-                              f"{LOGIN} with a token that can read it") from None
+        raise CheckpointError(
+            f"{repo} was not found on {hub} (HTTP {_status(exc)}); check the id, or if it is private, "
+            f"{LOGIN} with a token that can read it"
+        ) from None
     except hf.RevisionNotFoundError:
-        raise _not_cached(ref, repo, revision, f"; {hub} has no revision '{revision}' of {repo} either (expected a "
-                                               "branch, tag or commit of it)") from None
+        raise _not_cached(
+            ref,
+            repo,
+            revision,
+            f"; {hub} has no revision '{revision}' of {repo} either (expected a branch, tag or commit of it)",
+        ) from None
     except hf.EntryNotFoundError:
-        raise CheckpointError(f"{repo}@{revision}: a file it lists is missing on {hub} while {doing}; "
-                              "expected a complete safetensors model") from None
+        raise CheckpointError(
+            f"{repo}@{revision}: a file it lists is missing on {hub} while {doing}; "
+            "expected a complete safetensors model"
+        ) from None
     except hf.HfHubHTTPError as exc:
-        raise CheckpointError(f"{hub} answered HTTP {_status(exc)} while {doing} {repo}; try again later, or "
-                              f"download it with `{_fix_command(repo, revision)}`") from None
+        raise CheckpointError(
+            f"{hub} answered HTTP {_status(exc)} while {doing} {repo}; try again later, or "
+            f"download it with `{_fix_command(repo, revision)}`"
+        ) from None
     except _transfer_errors() as exc:
         if any("Connect" in cls.__name__ for cls in type(exc).__mro__):
-            raise CheckpointError(f"cannot reach {hub} ({_reason(exc)}) while {doing} {repo}; check the network and "
-                                  "HF_ENDPOINT, or use a local copy (--set base_model=/path/to/model)") from None
-        raise CheckpointError(f"{doing} {repo} from {hub} was interrupted ({_reason(exc)}); nothing was written: run "
-                              "the same command again to resume (the cache keeps what arrived)") from None
+            raise CheckpointError(
+                f"cannot reach {hub} ({_reason(exc)}) while {doing} {repo}; check the network and "
+                "HF_ENDPOINT, or use a local copy (--set base_model=/path/to/model)"
+            ) from None
+        raise CheckpointError(
+            f"{doing} {repo} from {hub} was interrupted ({_reason(exc)}); nothing was written: run "
+            "the same command again to resume (the cache keeps what arrived)"
+        ) from None
 
 
 def _status(exc: BaseException) -> str:
@@ -135,7 +151,9 @@ def _lfs_sha256(sibling) -> Optional[str]:
 def _fetch(repo: str, commit: str, name: str) -> Path:
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download(repo, name, revision=commit, cache_dir=cache_root(), endpoint=endpoint(), token=_token()))
+    return Path(
+        hf_hub_download(repo, name, revision=commit, cache_dir=cache_root(), endpoint=endpoint(), token=_token())
+    )
 
 
 def _write_ref(repo: str, revision: str, commit: str) -> None:
@@ -190,8 +208,10 @@ class _Headers:
         self.check(response)
         found = _RANGE.match(response.headers.get("Content-Range", ""))
         if response.status_code != 206 or found is None or int(found[1]) != start:
-            raise CheckpointError(f"{endpoint()} did not answer the range request for {self.repo}/{name} "
-                                  f"(HTTP {response.status_code}); download the model with `{_fix_command(self.repo, self.commit)}`")
+            raise CheckpointError(
+                f"{endpoint()} did not answer the range request for {self.repo}/{name} "
+                f"(HTTP {response.status_code}); download the model with `{_fix_command(self.repo, self.commit)}`"
+            )
         self.requests += 1
         self.bytes += len(response.content)
         return response.content, int(found[3])
@@ -207,7 +227,7 @@ class _Headers:
                 pass
         first, size = self._range(path.name, 0, FIRST_RANGE - 1)
         length = header_length(path, first[:8], size)
-        raw = first[8:8 + length] if 8 + length <= len(first) else self._range(path.name, 8, 7 + length)[0]
+        raw = first[8 : 8 + length] if 8 + length <= len(first) else self._range(path.name, 8, 7 + length)[0]
         if len(raw) != length:
             raise CheckpointError(f"{path}: the hub sent {len(raw)} header bytes of {length}; try again")
         tensors = header_tensors(path, parse_header(path, raw), 8 + length, size)
@@ -246,7 +266,11 @@ def _cached_header(repo: str, commit: str, name: str) -> Optional[tuple[bytes, i
         if data is None:
             return None
         record = json.loads(data.decode("utf-8"))
-        if not isinstance(record, dict) or record.get("version") != 1 or record.get("key") != [endpoint(), repo, commit, name]:
+        if (
+            not isinstance(record, dict)
+            or record.get("version") != 1
+            or record.get("key") != [endpoint(), repo, commit, name]
+        ):
             return None
         raw, size = record.get("header"), record.get("size")
         if not isinstance(raw, str) or type(size) is not int:
@@ -281,9 +305,11 @@ def remote_headers(repo: str, revision: str, access: Access) -> Checkpoint:
         ckpt = open_checkpoint(snapshot, read=reader, files=files)
     small = " and ".join(n for n in ("config.json", INDEX_FILE) if (snapshot / n).is_file())
     kept = f", {reader.cached} known from an earlier read" if reader.cached else ""
-    access.say(f"hub: {repo}@{revision} is commit {commit}; fetched {small} into {snapshot} and read "
-               f"{len(files)} safetensors header(s) ({reader.bytes} bytes in {reader.requests} range requests{kept}); "
-               f"the weights were not downloaded (`run` downloads them, or `{_fix_command(repo, commit)}`)")
+    access.say(
+        f"hub: {repo}@{revision} is commit {commit}; fetched {small} into {snapshot} and read "
+        f"{len(files)} safetensors header(s) ({reader.bytes} bytes in {reader.requests} range requests{kept}); "
+        f"the weights were not downloaded (`run` downloads them, or `{_fix_command(repo, commit)}`)"
+    )
     return ckpt
 
 
@@ -308,8 +334,10 @@ def pin_sources(repo: str, revision: str, access: Access) -> tuple[Checkpoint, d
             if name not in digests:
                 _fetch(repo, commit, name)
         ckpt = open_checkpoint(snapshot, read=_Headers(repo, commit), files=files)
-    access.say(f"hub: {repo}@{revision} is commit {commit}; the sha256 of {len(digests)} of {len(files)} safetensors "
-               f"file(s) from the hub's LFS records (not downloaded), the other files fetched into {snapshot} and hashed")
+    access.say(
+        f"hub: {repo}@{revision} is commit {commit}; the sha256 of {len(digests)} of {len(files)} safetensors "
+        f"file(s) from the hub's LFS records (not downloaded), the other files fetched into {snapshot} and hashed"
+    )
     return ckpt, digests
 
 
@@ -334,9 +362,18 @@ def download(repo: str, revision: str, access: Access) -> Path:
         commit, names = resolve_commit(repo, revision)
         snapshot = _small_files(repo, commit, names)
         wanted = ["config.json", *(n for n in (INDEX_FILE, *SIDE_FILES) if n in names), *_weights(names, snapshot)]
-        access.say(f"hub: downloading {repo}@{revision} (commit {commit}, {len(wanted)} files) from {endpoint()} "
-                   f"into {cache_root()}")
-        path = snapshot_download(repo, revision=commit, cache_dir=cache_root(), endpoint=endpoint(), token=_token(),
-                                 allow_patterns=wanted, tqdm_class=None if access.progress else _quiet_tqdm())
+        access.say(
+            f"hub: downloading {repo}@{revision} (commit {commit}, {len(wanted)} files) from {endpoint()} "
+            f"into {cache_root()}"
+        )
+        path = snapshot_download(
+            repo,
+            revision=commit,
+            cache_dir=cache_root(),
+            endpoint=endpoint(),
+            token=_token(),
+            allow_patterns=wanted,
+            tqdm_class=None if access.progress else _quiet_tqdm(),
+        )
         _write_ref(repo, revision, commit)
     return Path(path)

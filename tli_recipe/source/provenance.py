@@ -40,8 +40,8 @@ _REF = re.compile(r"^refs/[A-Za-z0-9._+-]+(?:/[A-Za-z0-9._+-]+)*$")
 _HUB_REVISION = re.compile(r"^[A-Za-z0-9._+-]+(?:/[A-Za-z0-9._+-]+)*$")
 #: a file name that may be quoted in a warning
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
-_SMALL = 4096            # HEAD, a ref file, download metadata, a hub ref: a few dozen bytes
-_PACKED = 2**20          # packed-refs lists every branch and tag
+_SMALL = 4096  # HEAD, a ref file, download metadata, a hub ref: a few dozen bytes
+_PACKED = 2**20  # packed-refs lists every branch and tag
 _WHY = "a revision is 40 or 64 lowercase hex characters read from a small regular file inside the model directory"
 
 
@@ -144,7 +144,7 @@ def _worktree(folder: Path, warn: list[str]) -> Optional[tuple[Path, Path]]:
             warn.append(f".git is a file that does not say `gitdir: PATH`; ignored it ({_WHY})")
         return None
     try:
-        gitdir = (folder / line[len("gitdir: "):]).resolve(strict=True)
+        gitdir = (folder / line[len("gitdir: ") :]).resolve(strict=True)
         back = read_small(gitdir / "gitdir", gitdir) if gitdir.is_dir() else None
         points_back = back is not None and (gitdir / back.strip()).resolve() == (folder / ".git").resolve()
         common_text = read_small(gitdir / "commondir", gitdir) if points_back else None
@@ -169,7 +169,9 @@ def _download_metadata(folder: Path, warn: list[str]) -> Optional[tuple[str, str
         warn.append(f".cache/huggingface/download is a link leaving the directory; ignored it ({_WHY})")
         return None
     for meta in dict.fromkeys([downloads / "config.json.metadata", *sorted(downloads.glob("*.metadata"))]):
-        name = f".cache/huggingface/download/{meta.name}" if _PLAIN_NAME.match(meta.name) else "a download metadata file"
+        name = (
+            f".cache/huggingface/download/{meta.name}" if _PLAIN_NAME.match(meta.name) else "a download metadata file"
+        )
         text = _token(meta, folder, name, warn)
         if text is None:
             continue
@@ -187,7 +189,11 @@ def source_revision(folder: Path, warnings: Optional[list[str]] = None) -> Optio
     --local-dir`` records the commit in ``.cache/huggingface/download/*.metadata``; a git
     clone has its HEAD. Each file that gives no valid commit adds a warning to ``warnings``.
     """
-    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--") and _COMMIT.match(folder.name):
+    if (
+        folder.parent.name == "snapshots"
+        and folder.parent.parent.name.startswith("models--")
+        and _COMMIT.match(folder.name)
+    ):
         return folder.name, "its Hugging Face cache snapshot"
     warn: list[str] = []
     found = _download_metadata(folder, warn)
@@ -219,13 +225,17 @@ def hub_commit(cache: Path, revision: str) -> Optional[str]:
     try:
         text = read_small(refs / revision, refs) if refs.is_dir() else None
     except _Refused as exc:
-        raise CheckpointError(f"{refs / revision}: is {exc}; expected the commit of '{revision}' (the Hugging Face "
-                              "cache is damaged: download the model again)") from None
+        raise CheckpointError(
+            f"{refs / revision}: is {exc}; expected the commit of '{revision}' (the Hugging Face "
+            "cache is damaged: download the model again)"
+        ) from None
     if text is None:
         return revision
     if not _COMMIT.match(text.strip()):
-        raise CheckpointError(f"{refs / revision}: holds no commit; expected 40 or 64 lowercase hex characters (the "
-                              "Hugging Face cache is damaged: download the model again)")
+        raise CheckpointError(
+            f"{refs / revision}: holds no commit; expected 40 or 64 lowercase hex characters (the "
+            "Hugging Face cache is damaged: download the model again)"
+        )
     return text.strip()
 
 
@@ -238,24 +248,37 @@ def check_pin(ref: Any, folder: Path) -> tuple[list[tuple[tuple, str]], list[str
     if not wanted:
         return [], warnings
     if found is None:
-        return [(("revision",), f"cannot tell which revision {folder} holds (not a Hugging Face cache snapshot, no "
-                                "download metadata, no git HEAD); expected a directory written by `hf download "
-                                "ORG/NAME --revision REV --local-dir DIR` or a git clone, or pin its files with "
-                                "checksums instead of a revision")], warnings
+        return [
+            (
+                ("revision",),
+                f"cannot tell which revision {folder} holds (not a Hugging Face cache snapshot, no "
+                "download metadata, no git HEAD); expected a directory written by `hf download "
+                "ORG/NAME --revision REV --local-dir DIR` or a git clone, or pin its files with "
+                "checksums instead of a revision",
+            )
+        ], warnings
     commit, how = found
     if commit == wanted:
         return [], warnings
     if str(ref) != ref.path:  # written org/name@revision: the cache resolved a branch or tag name through refs/
-        return [], warnings + [f"{ref}: revision '{wanted}' is a branch or tag name, now commit {commit}; it moves, so "
-                               f"pin the commit for a reproducible recipe (revision: {commit})"]
+        return [], warnings + [
+            f"{ref}: revision '{wanted}' is a branch or tag name, now commit {commit}; it moves, so "
+            f"pin the commit for a reproducible recipe (revision: {commit})"
+        ]
     if len(wanted) >= 7 and commit.startswith(wanted):  # an abbreviated commit of a local directory
         return [], warnings
-    return [(("revision",), f"{folder} is at revision {commit} (from {how}), the recipe pins {wanted}; expected the "
-                            f"pinned revision: download it again (hf download ORG/NAME --revision {wanted} "
-                            "--local-dir DIR), or change the pin")], warnings
+    return [
+        (
+            ("revision",),
+            f"{folder} is at revision {commit} (from {how}), the recipe pins {wanted}; expected the "
+            f"pinned revision: download it again (hf download ORG/NAME --revision {wanted} "
+            "--local-dir DIR), or change the pin",
+        )
+    ], warnings
 
 
 # --- checksums ---------------------------------------------------------------------
+
 
 def source_file_names(ckpt: Checkpoint, side_files: bool) -> list[str]:
     """The files of a source that an output depends on, relative to its directory."""
@@ -314,7 +337,14 @@ def pinned_files(plan, checkpoints: dict[str, Checkpoint]) -> dict[str, dict[str
         for name in dict(pin.checksums) if pin else {}:
             if not _inside(ckpt.path, name) or not (ckpt.path / name).is_file():
                 present = ", ".join(source_file_names(ckpt, side_files=True))
-                problems.append(_at(plan, pin, f"checksums.{name}#key", f"{ckpt.path} has no file '{name}'; expected one of: {present}"))
+                problems.append(
+                    _at(
+                        plan,
+                        pin,
+                        f"checksums.{name}#key",
+                        f"{ckpt.path} has no file '{name}'; expected one of: {present}",
+                    )
+                )
             else:
                 names.add(name)
         files[key] = {name: ckpt.path / name for name in sorted(names)}
@@ -331,10 +361,16 @@ def check_digests(plan, files: dict[str, dict[str, Path]], digests: dict[Path, s
         pin = plan.pins.get(key)
         for name, digest in (dict(pin.checksums) if pin else {}).items():
             if name in found[key] and found[key][name] != digest:
-                problems.append(_at(plan, pin, f"checksums.{name}",
-                                    f"{names[name]} has sha256 {found[key][name]}, the recipe expects {digest}; the "
-                                    "file changed: download the pinned revision again, or update the checksum if the change "
-                                    "is intended"))
+                problems.append(
+                    _at(
+                        plan,
+                        pin,
+                        f"checksums.{name}",
+                        f"{names[name]} has sha256 {found[key][name]}, the recipe expects {digest}; the "
+                        "file changed: download the pinned revision again, or update the checksum if the change "
+                        "is intended",
+                    )
+                )
     if problems:
         raise RecipeError(problems)
     return found
@@ -362,12 +398,19 @@ def _at(plan, pin, entry: str, message: str) -> Problem:
 
 def metadata(plan) -> dict[str, str]:
     """Safetensors ``__metadata__`` entries: each source's revision and file checksums, as canonical JSON."""
-    sources = {key: {"revision": src.revision, "sha256": plan.source_files.get(key, {})} for key, src in plan.sources.items()}
+    sources = {
+        key: {"revision": src.revision, "sha256": plan.source_files.get(key, {})} for key, src in plan.sources.items()
+    }
     return {"sources": json.dumps(sources, sort_keys=True, separators=(",", ":"))}
 
 
-def pin_block(ref: str, ckpt: Checkpoint, warnings: Optional[list[str]] = None, known: Optional[dict[str, str]] = None,
-              rehash: bool = False) -> str:
+def pin_block(
+    ref: str,
+    ckpt: Checkpoint,
+    warnings: Optional[list[str]] = None,
+    known: Optional[dict[str, str]] = None,
+    rehash: bool = False,
+) -> str:
     """A ``base_model:`` block pinning ``ref`` to its revision and file checksums (for ``tli-recipe pin``);
     revision files that were ignored add a warning to ``warnings``. ``known``: digests by file name
     that need no read (the hub's LFS records); the others come from hub blob names or the digest
@@ -382,5 +425,5 @@ def pin_block(ref: str, ckpt: Checkpoint, warnings: Optional[list[str]] = None, 
         lines.append(f"  revision: {found[0]}   # from {found[1]}")
     lines.append("  checksums:")
     for name in names:
-        lines.append(f"    {json.dumps(name)}: \"{known.get(name) or digests[ckpt.path / name]}\"")
+        lines.append(f'    {json.dumps(name)}: "{known.get(name) or digests[ckpt.path / name]}"')
     return "\n".join(lines) + "\n"

@@ -16,8 +16,15 @@ class ArchError(TliError):
 
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
-_COMPARE = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
-            ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b,
+_COMPARE = {
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.In: lambda a, b: a in b,
+    ast.NotIn: lambda a, b: a not in b,
 }
 _BINOPS[ast.Mod] = operator.mod
 
@@ -88,5 +95,7 @@ def evaluate_rule(expr: Any, names: Mapping[str, Any], what: str) -> Any:
     except (ArithmeticError, TypeError, ValueError):
         keys = _names_in(expr)
         shown = ", ".join(f"{k}={config_value(names.get(k))}" for k in keys) or "its values"
-        raise ArchError(f"config.json {shown}: cannot compute {what} from it; expected values that the rule "
-                        f"{expr!r} can use (positive integers for periods and counts)") from None
+        raise ArchError(
+            f"config.json {shown}: cannot compute {what} from it; expected values that the rule "
+            f"{expr!r} can use (positive integers for periods and counts)"
+        ) from None

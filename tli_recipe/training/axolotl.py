@@ -33,16 +33,25 @@ LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
 
 #: Hyperparameters after the selection, in the order Axolotl configs list them.
 TRAINING_KEYS = (
-    Key("learning_rate", "learning_rate"), Key("scheduler", "lr_scheduler"), Key("warmup_steps", "warmup_steps"),
-    Key("optimizer", "optimizer"), Key("weight_decay", "weight_decay"), Key("batch_size", "micro_batch_size"),
-    Key("gradient_accumulation", "gradient_accumulation_steps"), Key("max_steps", "max_steps"),
-    Key("epochs", "num_epochs"), Key("precision", "bf16", lambda p: "auto" if p == "bfloat16" else False),
+    Key("learning_rate", "learning_rate"),
+    Key("scheduler", "lr_scheduler"),
+    Key("warmup_steps", "warmup_steps"),
+    Key("optimizer", "optimizer"),
+    Key("weight_decay", "weight_decay"),
+    Key("batch_size", "micro_batch_size"),
+    Key("gradient_accumulation", "gradient_accumulation_steps"),
+    Key("max_steps", "max_steps"),
+    Key("epochs", "num_epochs"),
+    Key("precision", "bf16", lambda p: "auto" if p == "bfloat16" else False),
     # False, not absent: with bf16 auto on a machine without bfloat16, Axolotl would turn fp16 on instead.
     Key("precision", "fp16", is_fp16),
     Key("gradient_checkpointing", "gradient_checkpointing"),
     Key("gradient_checkpointing", "gradient_checkpointing_kwargs", reentrancy),
-    Key("logging_steps", "logging_steps"), Key("save_steps", "save_steps"), Key("save_total_limit", "save_total_limit"),
-    Key("seed", "seed"), Key("eval_steps", "eval_steps"),
+    Key("logging_steps", "logging_steps"),
+    Key("save_steps", "save_steps"),
+    Key("save_total_limit", "save_total_limit"),
+    Key("seed", "seed"),
+    Key("eval_steps", "eval_steps"),
 )
 
 
@@ -115,13 +124,19 @@ class Axolotl(TrainerFormat):
         return StageFiles(self.config(spec), run, {})
 
     def notes(self, spec: StageSpec) -> list[str]:
-        notes = {"bfloat16": ["Precision: bf16: auto trains in bfloat16 where the GPU has it and in float32 elsewhere (CPU,",
-                              "older GPUs); fp16: false keeps Axolotl from falling back to float16. Precision off: bf16: false."],
-                 "float16": ["Precision: fp16: true needs a CUDA GPU. Precision off (float32): fp16: false."],
-                 "float32": ["Precision: float32 (bf16 and fp16 off). On a GPU with bfloat16: bf16: auto."]}[spec.settings.precision]
+        notes = {
+            "bfloat16": [
+                "Precision: bf16: auto trains in bfloat16 where the GPU has it and in float32 elsewhere (CPU,",
+                "older GPUs); fp16: false keeps Axolotl from falling back to float16. Precision off: bf16: false.",
+            ],
+            "float16": ["Precision: fp16: true needs a CUDA GPU. Precision off (float32): fp16: false."],
+            "float32": ["Precision: float32 (bf16 and fp16 off). On a GPU with bfloat16: bf16: auto."],
+        }[spec.settings.precision]
         if spec.plan.lora is not None:
-            notes += ["LoRA kernels: Axolotl's fused LoRA kernels are Triton code that needs a CUDA GPU, so they are off",
-                      f"({', '.join(LORA_KERNELS)}: false); on a CUDA GPU set them to true to train faster."]
+            notes += [
+                "LoRA kernels: Axolotl's fused LoRA kernels are Triton code that needs a CUDA GPU, so they are off",
+                f"({', '.join(LORA_KERNELS)}: false); on a CUDA GPU set them to true to train faster.",
+            ]
         return notes
 
     def config(self, spec: StageSpec) -> dict:
@@ -150,18 +165,33 @@ class Axolotl(TrainerFormat):
         kind = record_format(d.path, d.text_field)
         path = self.ctx.rel(d.path)
         if kind == "chat":
-            return {"path": path, "ds_type": "json", "type": "chat_template", "field_messages": "messages",
-                    "roles_to_train": ["system", "user", "assistant"], "train_on_eos": "all"}
+            return {
+                "path": path,
+                "ds_type": "json",
+                "type": "chat_template",
+                "field_messages": "messages",
+                "roles_to_train": ["system", "user", "assistant"],
+                "train_on_eos": "all",
+            }
         if kind == "instruction":
             return {"path": path, "ds_type": "json", "type": "alpaca"}
-        return {"path": path, "ds_type": "json" if is_jsonl(d.path) else "text", "type": "completion", "field": d.text_field}
+        return {
+            "path": path,
+            "ds_type": "json" if is_jsonl(d.path) else "text",
+            "type": "completion",
+            "field": d.text_field,
+        }
 
     def lora(self, spec: StageSpec) -> dict:
         self.check_frozen_injected(spec)
         sp, quantize = spec.plan, spec.settings.lora.quantize if spec.settings.lora is not None else None
-        keys: dict = {"adapter": "qlora" if quantize == 4 else "lora", "lora_r": sp.lora.r,
-                      "lora_alpha": integer_alpha(spec, self.name), "lora_dropout": sp.lora.dropout,
-                      "lora_target_modules": list(sp.lora.targets)}
+        keys: dict = {
+            "adapter": "qlora" if quantize == 4 else "lora",
+            "lora_r": sp.lora.r,
+            "lora_alpha": integer_alpha(spec, self.name),
+            "lora_dropout": sp.lora.dropout,
+            "lora_target_modules": list(sp.lora.targets),
+        }
         if sp.lora.layers != [e.output for e in self.ctx.plan.layers]:
             keys["peft_layers_to_transform"] = list(sp.lora.layers)
         if quantize:
@@ -182,6 +212,8 @@ class Axolotl(TrainerFormat):
             if {n for n in loaded if axolotl_selects(patterns, n)} != {renamed.get(n, n) for n in sp.parameters}:
                 selected = set()  # pragma: no cover - a bug in axolotl_patterns
         if selected != set(sp.parameters):  # pragma: no cover - a bug in axolotl_patterns
-            raise TliError(f"axolotl: stage '{sp.name}': the patterns select {len(selected)} tensors, the stage "
-                           f"{len(sp.parameters)}; please report this")
+            raise TliError(
+                f"axolotl: stage '{sp.name}': the patterns select {len(selected)} tensors, the stage "
+                f"{len(sp.parameters)}; please report this"
+            )
         return {"unfrozen_parameters": patterns}

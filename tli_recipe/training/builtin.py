@@ -60,11 +60,16 @@ class BuiltinStageConfig(_Strict):
     """One stage of the built-in trainer."""
 
     stage: str
-    root: Optional[str] = Field(default=None, description="The grown checkpoint's folder, relative to this file's folder; "
-                                "the other paths are relative to it (None: absolute, or relative to the working directory).")
+    root: Optional[str] = Field(
+        default=None,
+        description="The grown checkpoint's folder, relative to this file's folder; "
+        "the other paths are relative to it (None: absolute, or relative to the working directory).",
+    )
     index: int = Field(default=1, ge=1)
     stages: int = Field(default=1, ge=1)
-    plan: Optional[str] = Field(default=None, description="The grown checkpoint's plan.json (copied into the stage output).")
+    plan: Optional[str] = Field(
+        default=None, description="The grown checkpoint's plan.json (copied into the stage output)."
+    )
     model: str = Field(description="The checkpoint the stage starts from.")
     output_dir: str
     datasets: list[DataFile]
@@ -72,17 +77,28 @@ class BuiltinStageConfig(_Strict):
     validation_fraction: float = Field(default=0.0, ge=0, lt=1)
     trainable_parameters: list[str]
     lora: Optional[LoraSettings] = None
-    mod: Optional[ModPlan] = Field(default=None, description="objective: mod: the Mixture-of-Depths ensemble head to train beside the parameters.")
-    training_arguments: dict[str, Any] = Field(description="Keyword arguments of transformers.TrainingArguments, less output_dir.")
+    mod: Optional[ModPlan] = Field(
+        default=None, description="objective: mod: the Mixture-of-Depths ensemble head to train beside the parameters."
+    )
+    training_arguments: dict[str, Any] = Field(
+        description="Keyword arguments of transformers.TrainingArguments, less output_dir."
+    )
 
 
 #: ``TrainingArguments`` from the field table, in the order the configs list them.
 ARGUMENT_KEYS = (
-    Key("learning_rate", "learning_rate"), Key("scheduler", "lr_scheduler_type"), Key("warmup_steps", "warmup_steps"),
-    Key("batch_size", "per_device_train_batch_size"), Key("batch_size", "per_device_eval_batch_size"),
-    Key("gradient_accumulation", "gradient_accumulation_steps"), Key("weight_decay", "weight_decay"),
-    Key("optimizer", "optim"), Key("precision", "bf16", is_bf16), Key("precision", "fp16", is_fp16),
-    Key("max_steps", "max_steps"), Key("epochs", "num_train_epochs", float),
+    Key("learning_rate", "learning_rate"),
+    Key("scheduler", "lr_scheduler_type"),
+    Key("warmup_steps", "warmup_steps"),
+    Key("batch_size", "per_device_train_batch_size"),
+    Key("batch_size", "per_device_eval_batch_size"),
+    Key("gradient_accumulation", "gradient_accumulation_steps"),
+    Key("weight_decay", "weight_decay"),
+    Key("optimizer", "optim"),
+    Key("precision", "bf16", is_bf16),
+    Key("precision", "fp16", is_fp16),
+    Key("max_steps", "max_steps"),
+    Key("epochs", "num_train_epochs", float),
     # (renamed activation_checkpointing in recent transformers; train() translates)
     Key("gradient_checkpointing", "gradient_checkpointing", true_or_none),
     Key("gradient_checkpointing", "gradient_checkpointing_kwargs", reentrancy),
@@ -95,8 +111,15 @@ def training_arguments(plan: Plan, spec: StageSpec) -> dict:
     """Keyword arguments of ``transformers.TrainingArguments`` (also valid for TRL's ``SFTConfig``), less output_dir."""
     s = spec.settings
     args = mapped(s, plan.seed, ARGUMENT_KEYS)
-    args.update({"logging_first_step": True, "eval_strategy": "steps" if s.validation_fraction > 0 else "no",
-                 "save_strategy": "steps", **mapped(s, plan.seed, SAVE_KEYS), "report_to": "none"})
+    args.update(
+        {
+            "logging_first_step": True,
+            "eval_strategy": "steps" if s.validation_fraction > 0 else "no",
+            "save_strategy": "steps",
+            **mapped(s, plan.seed, SAVE_KEYS),
+            "report_to": "none",
+        }
+    )
     args.update(mapped(s, plan.seed, (Key("eval_steps", "eval_steps"),)))
     return args
 
@@ -105,26 +128,45 @@ def lora_settings(plan: Plan, spec: StageSpec) -> Optional[LoraSettings]:
     lora = spec.plan.lora
     if lora is None:
         return None
-    return LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=list(lora.targets),
-                        layers=list(lora.layers), layers_pattern=plan.layers_pattern,
-                        all_layers=lora.layers == [e.output for e in plan.layers],
-                        quantize=spec.settings.lora.quantize if spec.settings.lora is not None else None)
+    return LoraSettings(
+        r=lora.r,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        targets=list(lora.targets),
+        layers=list(lora.layers),
+        layers_pattern=plan.layers_pattern,
+        all_layers=lora.layers == [e.output for e in plan.layers],
+        quantize=spec.settings.lora.quantize if spec.settings.lora is not None else None,
+    )
 
 
-def builtin_config(plan: Plan, specs: list[StageSpec], spec: StageSpec, model_dir: Path,
-                   data: Optional[Sequence[str | Path]] = None, into: Optional[Path] = None) -> BuiltinStageConfig:
+def builtin_config(
+    plan: Plan,
+    specs: list[StageSpec],
+    spec: StageSpec,
+    model_dir: Path,
+    data: Optional[Sequence[str | Path]] = None,
+    into: Optional[Path] = None,
+) -> BuiltinStageConfig:
     """The built-in trainer's stage config: what to load, which names train, and the TrainingArguments."""
     problem = frozen_injected_problem(plan, spec)
     if problem:
         raise Refusal(problem)
     return BuiltinStageConfig(
-        stage=spec.plan.name, index=spec.index, stages=len(specs), plan=str(model_dir / "plan.json"),
+        stage=spec.plan.name,
+        index=spec.index,
+        stages=len(specs),
+        plan=str(model_dir / "plan.json"),
         model=str(stage_input(model_dir, specs, spec, BUILTIN, into)),
         output_dir=str(stage_dir(model_dir, spec.plan.name, BUILTIN, into)),
         datasets=[DataFile(path=d.path, text_field=d.text_field) for d in resolve_datasets(spec, data)],
-        sequence_length=spec.settings.sequence_length, validation_fraction=spec.settings.validation_fraction,
-        trainable_parameters=list(spec.plan.parameters), lora=lora_settings(plan, spec), mod=spec.plan.mod,
-        training_arguments=training_arguments(plan, spec))
+        sequence_length=spec.settings.sequence_length,
+        validation_fraction=spec.settings.validation_fraction,
+        trainable_parameters=list(spec.plan.parameters),
+        lora=lora_settings(plan, spec),
+        mod=spec.plan.mod,
+        training_arguments=training_arguments(plan, spec),
+    )
 
 
 PATH_FIELDS = ("plan", "model", "output_dir")
@@ -160,11 +202,16 @@ class Builtin(TrainerFormat):
     def notes(self, spec: StageSpec) -> list[str]:
         if spec.settings.precision == "float32":
             return ["Precision: float32 (bf16 and fp16 off)."]
-        return [f"Precision: {spec.settings.precision} autocast (`tli-recipe train` also runs bfloat16 on a CPU; float16 needs "
-                "a GPU). Precision off:", "re-emit or train with --set 'stages[*].precision=float32'."]
+        return [
+            f"Precision: {spec.settings.precision} autocast (`tli-recipe train` also runs bfloat16 on a CPU; float16 needs "
+            "a GPU). Precision off:",
+            "re-emit or train with --set 'stages[*].precision=float32'.",
+        ]
 
     def stage(self, spec: StageSpec) -> StageFiles:
         ctx = self.ctx
         cfg = relative_config(builtin_config(ctx.plan, ctx.specs, spec, ctx.model_dir, ctx.data), ctx)
         run = f"tli-recipe train . --stage {spec.plan.name}   (or: tli-recipe train --config {self.shown(spec)})"
-        return StageFiles(cfg.model_dump(), run, {f"{spec.file_stem}.parameters.txt": "\n".join(spec.plan.parameters) + "\n"})
+        return StageFiles(
+            cfg.model_dump(), run, {f"{spec.file_stem}.parameters.txt": "\n".join(spec.plan.parameters) + "\n"}
+        )

@@ -20,27 +20,34 @@ def stage_card(cfg, metrics: dict, plan: Optional[Plan]) -> str:
     if base is not None and HUB_ID.fullmatch(base.ref) and base.ref != base.path and ".." not in base.ref:
         front[:0] = [f"base_model: {base.ref}", "base_model_relation: finetune"]
     name = plan.name if plan is not None else cfg.stage
-    what = (f"LoRA adapters (r={cfg.lora.r}, alpha={cfg.lora.alpha:g}) on {', '.join(cfg.lora.targets)} of output layers "
-            f"{ranges(cfg.lora.layers)}, merged into the weights (the adapter is in `adapter/`)" if cfg.lora else
-            f"the full weights of {len(cfg.trainable_parameters)} tensors")
+    what = (
+        f"LoRA adapters (r={cfg.lora.r}, alpha={cfg.lora.alpha:g}) on {', '.join(cfg.lora.targets)} of output layers "
+        f"{ranges(cfg.lora.layers)}, merged into the weights (the adapter is in `adapter/`)"
+        if cfg.lora
+        else f"the full weights of {len(cfg.trainable_parameters)} tensors"
+    )
     args = cfg.training_arguments
     steps = f"{metrics['global_step']} optimizer steps"
-    return "---\n" + "\n".join(front) + f"""
+    return (
+        "---\n"
+        + "\n".join(front)
+        + f"""
 ---
 # {name}: stage {cfg.index} of {cfg.stages}, '{cfg.stage}'
 
-Trained by `tli-recipe train` ({metrics['tli_recipe_version']}) from `{cfg.model}`
+Trained by `tli-recipe train` ({metrics["tli_recipe_version"]}) from `{cfg.model}`
 {f"(grown from `{plan.base_model}` with {plan.totals.layers_before} -> {plan.totals.layers_after} layers)" if plan else ""}.
-Trained: {what}; {metrics['trainable_parameters']:,} trainable parameters. Every other tensor is unchanged.
+Trained: {what}; {metrics["trainable_parameters"]:,} trainable parameters. Every other tensor is unchanged.
 
-- Data: {metrics['tokens']:,} tokens in {metrics['train_sequences']} training and {metrics['validation_sequences']} validation
-  sequences of {metrics['sequence_length']} tokens.
-- Schedule: {steps}, learning rate {args.get('learning_rate')} ({args.get('lr_scheduler_type')}, {args.get('warmup_steps', 0)} warmup
-  steps), batch {args.get('per_device_train_batch_size')} x {args.get('gradient_accumulation_steps', 1)} per device.
-- Training loss: {_loss(metrics['train_loss_first'])} -> {_loss(metrics['train_loss_last'])};
-  validation loss: {_loss(metrics['eval_loss_before'])} -> {_loss(metrics['eval_loss_after'])}.
-- Files: `training_config.yaml` (the stage config), `training_metrics.json`, `losses.csv`{', `losses.png`' if metrics.get('plot') else ''},
+- Data: {metrics["tokens"]:,} tokens in {metrics["train_sequences"]} training and {metrics["validation_sequences"]} validation
+  sequences of {metrics["sequence_length"]} tokens.
+- Schedule: {steps}, learning rate {args.get("learning_rate")} ({args.get("lr_scheduler_type")}, {args.get("warmup_steps", 0)} warmup
+  steps), batch {args.get("per_device_train_batch_size")} x {args.get("gradient_accumulation_steps", 1)} per device.
+- Training loss: {_loss(metrics["train_loss_first"])} -> {_loss(metrics["train_loss_last"])};
+  validation loss: {_loss(metrics["eval_loss_before"])} -> {_loss(metrics["eval_loss_after"])}.
+- Files: `training_config.yaml` (the stage config), `training_metrics.json`, `losses.csv`{", `losses.png`" if metrics.get("plot") else ""},
   `plan.json` (the grown checkpoint's plan).
 
 The license is the base model's: copy its license and terms before you publish this checkpoint.
 """
+    )

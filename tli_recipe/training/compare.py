@@ -73,16 +73,31 @@ def _checked_plans(recipes: Sequence[str | Path], overrides: Sequence[str], stag
             raise TliError(f"{recipe}: has no stage '{stage}'; its stages: {', '.join(names)}")
     seen = [p.name for p in plans]
     if len(set(seen)) != len(seen):
-        raise TliError(f"two recipes share a name ({', '.join(sorted({n for n in seen if seen.count(n) > 1}))}); "
-                       "give each a distinct name (their outputs go to --work/<name>)")
+        raise TliError(
+            f"two recipes share a name ({', '.join(sorted({n for n in seen if seen.count(n) > 1}))}); "
+            "give each a distinct name (their outputs go to --work/<name>)"
+        )
     return plans
 
 
-def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], heldout: Sequence[str | Path], *,
-                    work: Path, steps: int, stage: Optional[str] = None, overrides: Sequence[str] = (),
-                    sequence_length: int = 256, batch_size: int = 4, eval_sequences: Optional[int] = None,
-                    device: str = "auto", tasks: Sequence[str] = (), task_limit: Optional[int] = None,
-                    online: bool = False, log: Callable[[str], None] = print) -> list[CompareRow]:
+def compare_recipes(
+    recipes: Sequence[str | Path],
+    data: Sequence[str | Path],
+    heldout: Sequence[str | Path],
+    *,
+    work: Path,
+    steps: int,
+    stage: Optional[str] = None,
+    overrides: Sequence[str] = (),
+    sequence_length: int = 256,
+    batch_size: int = 4,
+    eval_sequences: Optional[int] = None,
+    device: str = "auto",
+    tasks: Sequence[str] = (),
+    task_limit: Optional[int] = None,
+    online: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[CompareRow]:
     from tli_recipe.execute.executor import execute_plan
     from tli_recipe.training.evaluate import evaluate_models
     from tli_recipe.training.train import stage_configs, train_stage
@@ -97,8 +112,10 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
     def accuracies(model: Path) -> dict[str, dict]:
         if task_set is None:
             return {}
-        return {r.task: {"acc": r.acc, "acc_stderr": r.acc_stderr}
-                for r in task_set.score_models([model], log=log, device=device, limit=task_limit)}
+        return {
+            r.task: {"acc": r.acc, "acc_stderr": r.acc_stderr}
+            for r in task_set.score_models([model], log=log, device=device, limit=task_limit)
+        }
 
     rows = []
     work.mkdir(parents=True, exist_ok=True)
@@ -111,39 +128,78 @@ def compare_recipes(recipes: Sequence[str | Path], data: Sequence[str | Path], h
         def held_out(model: Path) -> tuple[float, float]:
             """The held-out loss, and the forward pass's throughput on it (tokens per second, no gradient;
             loading and tokenizing not counted)."""
-            [result] = evaluate_models([model], heldout, sequence_length=sequence_length, max_sequences=eval_sequences,
-                                       device=device)
+            [result] = evaluate_models(
+                [model], heldout, sequence_length=sequence_length, max_sequences=eval_sequences, device=device
+            )
             return result.loss, (result.tokens + result.sequences) / max(result.forward_seconds, 1e-9)
 
         (init, forward_rate), init_tasks = held_out(grown), accuracies(grown)
         cfg = stage_configs(grown, data=data, stages=[stage or plan.stages[0].name], into=folder / "trained")[0]
-        arguments = {k: v for k, v in cfg.training_arguments.items() if k not in ("num_train_epochs", "eval_steps", "save_steps")}
-        arguments.update(max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
-                         logging_steps=1, eval_strategy="no", save_strategy="no", report_to=[], seed=0, data_seed=0)
+        arguments = {
+            k: v for k, v in cfg.training_arguments.items() if k not in ("num_train_epochs", "eval_steps", "save_steps")
+        }
+        arguments.update(
+            max_steps=steps,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=1,
+            logging_steps=1,
+            eval_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            seed=0,
+            data_seed=0,
+        )
         # every compared stage starts from the grown model, whatever its position, and sees the same tokens
-        cfg = cfg.model_copy(update={"model": str(grown), "sequence_length": sequence_length, "validation_fraction": 0.0,
-                                     "training_arguments": arguments})
+        cfg = cfg.model_copy(
+            update={
+                "model": str(grown),
+                "sequence_length": sequence_length,
+                "validation_fraction": 0.0,
+                "training_arguments": arguments,
+            }
+        )
         warmup = int(arguments.get("warmup_steps") or 0)
         if warmup >= steps:
-            log(f"warning: {plan.name}: stage '{cfg.stage}' warms up for {warmup} steps and compare trains {steps}: the "
+            log(
+                f"warning: {plan.name}: stage '{cfg.stage}' warms up for {warmup} steps and compare trains {steps}: the "
                 f"learning rate never reaches its peak ({cfg.training_arguments.get('learning_rate')}); use --steps above "
-                f"{warmup} or --set 'stages[*].warmup_steps=...'")
+                f"{warmup} or --set 'stages[*].warmup_steps=...'"
+            )
         logger = _loss_logger()
         started = time.perf_counter()
         trained = train_stage(cfg, device=device, force=True, progress=False, log=log, callbacks=[logger])
         train_seconds = time.perf_counter() - started
         (final, _), final_tasks = held_out(trained), accuracies(trained)
         sp = next(s for s in plan.stages if s.name == cfg.stage)
-        metrics = json.loads((trained / "training_metrics.json").read_text()) if (trained / "training_metrics.json").is_file() else {}
-        rows.append(CompareRow(
-            recipe=str(recipe), name=plan.name, stage=cfg.stage, layers=plan.totals.layers_after,
-            parameters=plan.totals.parameters_after, trainable=int(metrics.get("trainable_parameters", sp.trainable_parameters)),
-            function_preserving=plan.function_preserving, init_loss=init, final_loss=final,
-            grow_seconds=grow_seconds, train_seconds=train_seconds, curve=logger.curve, init_tasks=init_tasks,
-            final_tasks=final_tasks, objective=sp.settings.objective, forward_tokens_per_second=forward_rate,
-            active_parameters=plan.upcycle.parameters_active if plan.upcycle else plan.totals.parameters_after,
-            step_seconds=metrics["train_seconds"] / metrics["global_step"]
-            if metrics.get("train_seconds") and metrics.get("global_step") else None))
+        metrics = (
+            json.loads((trained / "training_metrics.json").read_text())
+            if (trained / "training_metrics.json").is_file()
+            else {}
+        )
+        rows.append(
+            CompareRow(
+                recipe=str(recipe),
+                name=plan.name,
+                stage=cfg.stage,
+                layers=plan.totals.layers_after,
+                parameters=plan.totals.parameters_after,
+                trainable=int(metrics.get("trainable_parameters", sp.trainable_parameters)),
+                function_preserving=plan.function_preserving,
+                init_loss=init,
+                final_loss=final,
+                grow_seconds=grow_seconds,
+                train_seconds=train_seconds,
+                curve=logger.curve,
+                init_tasks=init_tasks,
+                final_tasks=final_tasks,
+                objective=sp.settings.objective,
+                forward_tokens_per_second=forward_rate,
+                active_parameters=plan.upcycle.parameters_active if plan.upcycle else plan.totals.parameters_after,
+                step_seconds=metrics["train_seconds"] / metrics["global_step"]
+                if metrics.get("train_seconds") and metrics.get("global_step")
+                else None,
+            )
+        )
         log(f"{plan.name}: held-out loss {init:.4f} at init, {final:.4f} after {steps} steps of '{cfg.stage}'")
     return rows
 
@@ -166,19 +222,23 @@ def _millions(n: int) -> str:
 
 def table(rows: Sequence[CompareRow], steps: int) -> str:
     tasks = _task_names(rows)
-    head = ("| recipe | stage | layers | params (active) | trainable params | preserving | held-out loss at init | "
-            f"after {steps} steps | train time (s) | s/step | fwd tok/s |"
-            + "".join(f" {t} acc at init | after {steps} steps |" for t in tasks))
+    head = (
+        "| recipe | stage | layers | params (active) | trainable params | preserving | held-out loss at init | "
+        f"after {steps} steps | train time (s) | s/step | fwd tok/s |"
+        + "".join(f" {t} acc at init | after {steps} steps |" for t in tasks)
+    )
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|" + "---|---|" * len(tasks)]
     for r in rows:
         stage = r.stage + (" (MoD)" if r.objective == "mod" else "")
         per_step = f"{r.step_seconds:.2f}" if r.step_seconds is not None else "-"
         active = r.active_parameters if r.active_parameters is not None else r.parameters
         rate = f"{r.forward_tokens_per_second:.0f}" if r.forward_tokens_per_second else "-"
-        lines.append(f"| {r.name} | {stage} | {r.layers} | {_millions(r.parameters)} ({_millions(active)}) "
-                     f"| {_millions(r.trainable)} | {'yes' if r.function_preserving else 'no'} "
-                     f"| {r.init_loss:.3f} | {r.final_loss:.3f} | {r.train_seconds:.0f} | {per_step} | {rate} |"
-                     + "".join(f" {_acc(r.init_tasks, t)} | {_acc(r.final_tasks, t)} |" for t in tasks))
+        lines.append(
+            f"| {r.name} | {stage} | {r.layers} | {_millions(r.parameters)} ({_millions(active)}) "
+            f"| {_millions(r.trainable)} | {'yes' if r.function_preserving else 'no'} "
+            f"| {r.init_loss:.3f} | {r.final_loss:.3f} | {r.train_seconds:.0f} | {per_step} | {rate} |"
+            + "".join(f" {_acc(r.init_tasks, t)} | {_acc(r.final_tasks, t)} |" for t in tasks)
+        )
     return "\n".join(lines)
 
 
@@ -190,18 +250,50 @@ def write_outputs(rows: Sequence[CompareRow], folder: Path, steps: int, title: s
     with open(written[1], "w", newline="") as f:
         w = csv.writer(f)
         tasks = _task_names(rows)
-        w.writerow(["recipe", "stage", "layers", "parameters", "trainable", "function_preserving", "init_loss",
-                    "final_loss", "grow_seconds", "train_seconds", "step_seconds", "objective", "active_parameters",
-                    "forward_tokens_per_second"]
-                   + [f"{t}_{m}_{when}" for t in tasks for when in ("init", "final") for m in ("acc", "acc_stderr")])
+        w.writerow(
+            [
+                "recipe",
+                "stage",
+                "layers",
+                "parameters",
+                "trainable",
+                "function_preserving",
+                "init_loss",
+                "final_loss",
+                "grow_seconds",
+                "train_seconds",
+                "step_seconds",
+                "objective",
+                "active_parameters",
+                "forward_tokens_per_second",
+            ]
+            + [f"{t}_{m}_{when}" for t in tasks for when in ("init", "final") for m in ("acc", "acc_stderr")]
+        )
         for r in rows:
-            w.writerow([r.name, r.stage, r.layers, r.parameters, r.trainable, r.function_preserving,
-                        f"{r.init_loss:.5f}", f"{r.final_loss:.5f}", f"{r.grow_seconds:.2f}", f"{r.train_seconds:.2f}",
-                        "" if r.step_seconds is None else f"{r.step_seconds:.4f}", r.objective,
-                        "" if r.active_parameters is None else r.active_parameters,
-                        "" if r.forward_tokens_per_second is None else f"{r.forward_tokens_per_second:.1f}"]
-                       + ["" if (v := scores.get(t, {}).get(m)) is None else f"{v:.5f}"
-                          for t in tasks for scores in (r.init_tasks, r.final_tasks) for m in ("acc", "acc_stderr")])
+            w.writerow(
+                [
+                    r.name,
+                    r.stage,
+                    r.layers,
+                    r.parameters,
+                    r.trainable,
+                    r.function_preserving,
+                    f"{r.init_loss:.5f}",
+                    f"{r.final_loss:.5f}",
+                    f"{r.grow_seconds:.2f}",
+                    f"{r.train_seconds:.2f}",
+                    "" if r.step_seconds is None else f"{r.step_seconds:.4f}",
+                    r.objective,
+                    "" if r.active_parameters is None else r.active_parameters,
+                    "" if r.forward_tokens_per_second is None else f"{r.forward_tokens_per_second:.1f}",
+                ]
+                + [
+                    "" if (v := scores.get(t, {}).get(m)) is None else f"{v:.5f}"
+                    for t in tasks
+                    for scores in (r.init_tasks, r.final_tasks)
+                    for m in ("acc", "acc_stderr")
+                ]
+            )
     written[2].write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     try:
         import matplotlib
@@ -227,16 +319,18 @@ def plot_compare(rows: Sequence[CompareRow], png: Path, steps: int, title: str =
             # a moving average over 5 steps (or a fifth of the run): single-step losses on small
             # batches are noisy, and every model sees the same batches, so the curves stay comparable
             k = max(1, min(5, len(ys) // 5))
-            smooth = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
-            line, = ax.plot(xs, smooth, label=f"{r.name} ({r.stage})")
+            smooth = [sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1]) for i in range(len(ys))]
+            (line,) = ax.plot(xs, smooth, label=f"{r.name} ({r.stage})")
             ax.scatter([0], [r.init_loss], color=line.get_color(), marker="o", s=18)
             ax.scatter([xs[-1]], [r.final_loss], color=line.get_color(), marker="s", s=18)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (moving average); dots: held-out loss")
     ax.set_title(title or "growth methods at the same token budget")
     handles, _ = ax.get_legend_handles_labels()
-    handles += [Line2D([], [], color="gray", marker="o", linestyle="", label="held-out loss at init (step 0)"),
-                Line2D([], [], color="gray", marker="s", linestyle="", label=f"held-out loss after {steps} steps")]
+    handles += [
+        Line2D([], [], color="gray", marker="o", linestyle="", label="held-out loss at init (step 0)"),
+        Line2D([], [], color="gray", marker="s", linestyle="", label=f"held-out loss after {steps} steps"),
+    ]
     legend = ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)

@@ -46,12 +46,15 @@ ALPACA = "### Instruction:\n{instruction}\n\n{input}### Response:\n{output}"
 
 def _chat(path: Path, number: int, messages, tokenizer) -> str:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{path}:{number}: a chat ({{\"messages\": [...]}}) is rendered with the tokenizer's chat template, "
-                        "and this tokenizer has none; use a tokenizer that has one (--tokenizer DIR), or write the text "
-                        "as {\"text\": \"...\"}")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                  and isinstance(m.get("role"), str) for m in messages):
-        raise DataError(f"{path}:{number}: messages must be a list of {{\"role\": ..., \"content\": \"...\"}}")
+        raise DataError(
+            f'{path}:{number}: a chat ({{"messages": [...]}}) is rendered with the tokenizer\'s chat template, '
+            "and this tokenizer has none; use a tokenizer that has one (--tokenizer DIR), or write the text "
+            'as {"text": "..."}'
+        )
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str) for m in messages
+    ):
+        raise DataError(f'{path}:{number}: messages must be a list of {{"role": ..., "content": "..."}}')
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False)
     except Exception as exc:  # noqa: BLE001 - a template error is the data's or the template's
@@ -61,12 +64,18 @@ def _chat(path: Path, number: int, messages, tokenizer) -> str:
 def _instruction(path: Path, number: int, record: dict, tokenizer) -> str:
     fields = {k: record.get(k, "") for k in ("instruction", "input", "output")}
     if not all(isinstance(v, str) for v in fields.values()) or "output" not in record:
-        raise DataError(f"{path}:{number}: an instruction needs string fields instruction and output (input "
-                        "optional): {\"instruction\": \"...\", \"input\": \"...\", \"output\": \"...\"}")
+        raise DataError(
+            f"{path}:{number}: an instruction needs string fields instruction and output (input "
+            'optional): {"instruction": "...", "input": "...", "output": "..."}'
+        )
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         prompt = fields["instruction"] + (f"\n\n{fields['input']}" if fields["input"] else "")
-        return _chat(path, number, [{"role": "user", "content": prompt}, {"role": "assistant", "content": fields["output"]}],
-                     tokenizer)
+        return _chat(
+            path,
+            number,
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": fields["output"]}],
+            tokenizer,
+        )
     given = f"### Input:\n{fields['input']}\n\n" if fields["input"] else ""
     return ALPACA.format(instruction=fields["instruction"], input=given, output=fields["output"])
 
@@ -79,10 +88,12 @@ def _record_text(path: Path, number: int, record, text_field: str, tokenizer) ->
             return _chat(path, number, record["messages"], tokenizer)
         if "instruction" in record:
             return _instruction(path, number, record, tokenizer)
-    raise DataError(f"{path}:{number}: no string field '{text_field}'; expected one object per line: "
-                    f"{{\"{text_field}\": \"...\"}} (another field name: text_field in the recipe's dataset), "
-                    "{\"messages\": [{\"role\": \"user\", \"content\": \"...\"}, ...]} or "
-                    "{\"instruction\": \"...\", \"input\": \"...\", \"output\": \"...\"}")
+    raise DataError(
+        f"{path}:{number}: no string field '{text_field}'; expected one object per line: "
+        f'{{"{text_field}": "..."}} (another field name: text_field in the recipe\'s dataset), '
+        '{"messages": [{"role": "user", "content": "..."}, ...]} or '
+        '{"instruction": "...", "input": "...", "output": "..."}'
+    )
 
 
 def read_documents(path: str | Path, text_field: str = "text", tokenizer=None) -> Iterator[str]:
@@ -102,8 +113,10 @@ def read_documents(path: str | Path, text_field: str = "text", tokenizer=None) -
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: not JSON ({exc.msg}); expected one object per line, "
-                                    f"such as {{\"{text_field}\": \"...\"}}") from None
+                    raise DataError(
+                        f"{path}:{number}: not JSON ({exc.msg}); expected one object per line, "
+                        f'such as {{"{text_field}": "..."}}'
+                    ) from None
                 text = _record_text(path, number, record, text_field, tokenizer)
                 if text:
                     yield text
@@ -137,7 +150,7 @@ def tokenize(paths: Sequence[tuple[str | Path, str]], tokenizer, batch: int = 10
 def pack(ids: Sequence[int], length: int, keep_short: bool = False) -> list[list[int]]:
     """Consecutive sequences of ``length`` tokens; the remainder is dropped (kept as a
     shorter last sequence with ``keep_short`` when no full sequence fits)."""
-    blocks = [list(ids[i:i + length]) for i in range(0, len(ids) - length + 1, length)]
+    blocks = [list(ids[i : i + length]) for i in range(0, len(ids) - length + 1, length)]
     if not blocks and keep_short and len(ids) >= 2:
         blocks = [list(ids)]
     return blocks

@@ -47,44 +47,55 @@ def ranges(values: list[int]) -> str:
 
 def _header(plan: Plan, spec: StageSpec, trainer: str, run: str, notes: Sequence[str] = ()) -> str:
     sp = spec.plan
-    what = (f"LoRA r={sp.lora.r} on {', '.join(sp.lora.targets)} of output layers {ranges(sp.lora.layers)}"
-            if sp.lora else f"full weights of {len(sp.parameters)} tensors (output layers {ranges(sp.trainable_layers)}"
-            + (f" + {', '.join(sp.trainable_groups)}" if sp.trainable_groups else "") + ")")
-    return (f"# {trainer} config for stage {spec.index} '{sp.name}' of {plan.name}, written by tli-recipe {__version__}\n"
-            f"# from plan.json (recipe sha256 {plan.recipe_sha256[:12]}): trains {what}.\n"
-            "# Every path here is relative to the grown checkpoint's folder (the one holding plan.json), so the configs\n"
-            "# move with the checkpoint: run from that folder.\n"
-            f"# Run: {run}\n" + "".join(f"# {line}\n" for line in notes))
+    what = (
+        f"LoRA r={sp.lora.r} on {', '.join(sp.lora.targets)} of output layers {ranges(sp.lora.layers)}"
+        if sp.lora
+        else f"full weights of {len(sp.parameters)} tensors (output layers {ranges(sp.trainable_layers)}"
+        + (f" + {', '.join(sp.trainable_groups)}" if sp.trainable_groups else "")
+        + ")"
+    )
+    return (
+        f"# {trainer} config for stage {spec.index} '{sp.name}' of {plan.name}, written by tli-recipe {__version__}\n"
+        f"# from plan.json (recipe sha256 {plan.recipe_sha256[:12]}): trains {what}.\n"
+        "# Every path here is relative to the grown checkpoint's folder (the one holding plan.json), so the configs\n"
+        "# move with the checkpoint: run from that folder.\n"
+        f"# Run: {run}\n" + "".join(f"# {line}\n" for line in notes)
+    )
 
 
 def _stage_files(trainer: TrainerFormat, spec: StageSpec, refused: set[int]):
     """The trainer's files for ``spec``; a Refusal also when the stage it starts from was refused (no config of
     this trainer would produce its input)."""
     if spec.plan.mod is not None and trainer.name != Builtin.name:
-        raise Refusal(f"{trainer.name}: stage '{spec.plan.name}': objective: mod trains a Mixture-of-Depths ensemble "
-                      f"(new norms and a router over layers {spec.plan.mod.layers[0]}-{spec.plan.mod.layers[-1]}, with "
-                      f"its own loss), which {trainer.title} has no setting for; so no config is written. Train this "
-                      "stage with tli-recipe train (the built-in trainer)")
+        raise Refusal(
+            f"{trainer.name}: stage '{spec.plan.name}': objective: mod trains a Mixture-of-Depths ensemble "
+            f"(new norms and a router over layers {spec.plan.mod.layers[0]}-{spec.plan.mod.layers[-1]}, with "
+            f"its own loss), which {trainer.title} has no setting for; so no config is written. Train this "
+            "stage with tli-recipe train (the built-in trainer)"
+        )
     files = trainer.stage(spec)  # the stage's own refusal comes first
     if spec.index - 1 in refused:
         previous = trainer.ctx.specs[spec.index - 2]
         source = stage_input(trainer.ctx.model_dir, trainer.ctx.specs, spec, trainer.name)
-        raise Refusal(f"{trainer.name}: stage '{spec.plan.name}': it starts from {trainer.ctx.rel(source)}, the output of "
-                      f"stage {previous.index} '{previous.plan.name}', which no {trainer.title} config produces (stage "
-                      f"{previous.index} is refused, see {previous.file_stem}.refused.txt); so no config is written. "
-                      "Train both stages with another trainer (tli-recipe train expresses every stage)")
+        raise Refusal(
+            f"{trainer.name}: stage '{spec.plan.name}': it starts from {trainer.ctx.rel(source)}, the output of "
+            f"stage {previous.index} '{previous.plan.name}', which no {trainer.title} config produces (stage "
+            f"{previous.index} is refused, see {previous.file_stem}.refused.txt); so no config is written. "
+            "Train both stages with another trainer (tli-recipe train expresses every stage)"
+        )
     return files
 
 
-def _write_trainer(trainer: TrainerFormat, chosen: list[StageSpec], out: Path, no_data: list[str],
-                   refusals: list[Refusal]) -> list[Path]:
+def _write_trainer(
+    trainer: TrainerFormat, chosen: list[StageSpec], out: Path, no_data: list[str], refusals: list[Refusal]
+) -> list[Path]:
     """One trainer's stage configs (or ``.refused.txt``), its folder files and README.txt in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     commands = []
     probe = type(trainer)(trainer.ctx)  # for the stages before a chosen one that are not written
     refused: set[int] = set()
-    for spec in trainer.ctx.specs[:max(s.index for s in chosen)]:
+    for spec in trainer.ctx.specs[: max(s.index for s in chosen)]:
         if spec not in chosen:
             try:
                 _stage_files(probe, spec, refused)
@@ -101,8 +112,11 @@ def _write_trainer(trainer: TrainerFormat, chosen: list[StageSpec], out: Path, n
             (out / f"{spec.file_stem}.refused.txt").write_text(str(refusal) + "\n")
             commands.append(f"# stage {spec.index} '{spec.plan.name}': refused, see {spec.file_stem}.refused.txt")
             continue
-        texts = {f"{spec.file_stem}.yaml": _header(trainer.ctx.plan, spec, trainer.title, files.run, trainer.notes(spec)) + dump_yaml(files.config),
-                 **files.extra}
+        texts = {
+            f"{spec.file_stem}.yaml": _header(trainer.ctx.plan, spec, trainer.title, files.run, trainer.notes(spec))
+            + dump_yaml(files.config),
+            **files.extra,
+        }
         for name, text in texts.items():
             (out / name).write_text(text)
             written.append(out / name)
@@ -110,19 +124,31 @@ def _write_trainer(trainer: TrainerFormat, chosen: list[StageSpec], out: Path, n
     for name, text in trainer.folder_files().items():
         (out / name).write_text(text)
         written.append(out / name)
-    note = (f"\n# Stages {', '.join(no_data)} name no datasets: add `datasets` to the recipe's stage, or re-emit "
-            "with `tli-recipe emit . --data FILE`.\n" if no_data else "")
-    (out / "README.txt").write_text(f"# {trainer.name}: the stages of {trainer.ctx.plan.name}, in order. Run from the grown "
-                                    "checkpoint's folder (the one holding plan.json): the paths in the configs are relative "
-                                    f"to it.{note}\n"
-                                    + "\n".join(commands) + "\n")
+    note = (
+        f"\n# Stages {', '.join(no_data)} name no datasets: add `datasets` to the recipe's stage, or re-emit "
+        "with `tli-recipe emit . --data FILE`.\n"
+        if no_data
+        else ""
+    )
+    (out / "README.txt").write_text(
+        f"# {trainer.name}: the stages of {trainer.ctx.plan.name}, in order. Run from the grown "
+        "checkpoint's folder (the one holding plan.json): the paths in the configs are relative "
+        f"to it.{note}\n" + "\n".join(commands) + "\n"
+    )
     return written
 
 
-def write_training_configs(plan: Plan, folder: Path, model_dir: Path, *, formats: Sequence[str] = TRAINERS,
-                           stages: Optional[Sequence[str]] = None, data: Optional[Sequence[str | Path]] = None,
-                           log: Optional[Callable[[str], None]] = None,
-                           final_folder: Optional[Path] = None) -> tuple[list[Path], list[Refusal]]:
+def write_training_configs(
+    plan: Plan,
+    folder: Path,
+    model_dir: Path,
+    *,
+    formats: Sequence[str] = TRAINERS,
+    stages: Optional[Sequence[str]] = None,
+    data: Optional[Sequence[str | Path]] = None,
+    log: Optional[Callable[[str], None]] = None,
+    final_folder: Optional[Path] = None,
+) -> tuple[list[Path], list[Refusal]]:
     """Write ``folder/<trainer>/NN-<stage>.yaml`` for each trainer and stage.
 
     ``final_folder``: where ``folder`` will be once `run` renames its temporary directory into

@@ -19,7 +19,7 @@ from tli_recipe.errors import TliError
 @dataclass
 class EvalReport:
     models: list[str]
-    loss: list[Any] = field(default_factory=list)   # EvalResult per model, when --data was given
+    loss: list[Any] = field(default_factory=list)  # EvalResult per model, when --data was given
     tasks: list[Any] = field(default_factory=list)  # TaskScore per model and task, when --tasks was given
     asked_tasks: bool = False
 
@@ -27,7 +27,9 @@ class EvalReport:
         from tli_recipe.training.evaluate import results_table
         from tli_recipe.training.lmeval import scores_table
 
-        parts = ([results_table(self.loss)] if self.loss else []) + ([scores_table(self.tasks)] if self.asked_tasks else [])
+        parts = ([results_table(self.loss)] if self.loss else []) + (
+            [scores_table(self.tasks)] if self.asked_tasks else []
+        )
         return "\n\n".join(parts)
 
     def to_json(self) -> str:
@@ -38,14 +40,26 @@ class EvalReport:
         return json.dumps({"models": self.models, "loss": loss, "tasks": [r.to_dict() for r in self.tasks]}, indent=2)
 
 
-def run_eval(models: Sequence[str | Path], *, data: Sequence[str | Path] = (), tasks: Sequence[str] = (),
-             limit: Optional[int] = None, online: bool = False, tokenizer: Optional[str | Path] = None,
-             batch_size: int = 8, dtype: str = "float32", device: str = "auto",
-             log: Callable[[str], None] = lambda m: None, **loss_options) -> EvalReport:
+def run_eval(
+    models: Sequence[str | Path],
+    *,
+    data: Sequence[str | Path] = (),
+    tasks: Sequence[str] = (),
+    limit: Optional[int] = None,
+    online: bool = False,
+    tokenizer: Optional[str | Path] = None,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    device: str = "auto",
+    log: Callable[[str], None] = lambda m: None,
+    **loss_options,
+) -> EvalReport:
     """Loss on ``data`` and lm-eval ``tasks`` for every model; ``loss_options`` go to ``evaluate_models``."""
     if not data and not tasks:
-        raise TliError("nothing to evaluate: pass --data FILE (held-out loss) and/or --tasks NAME|FILE.yaml "
-                       "(accuracy with lm-evaluation-harness)")
+        raise TliError(
+            "nothing to evaluate: pass --data FILE (held-out loss) and/or --tasks NAME|FILE.yaml "
+            "(accuracy with lm-evaluation-harness)"
+        )
     report = EvalReport(models=[str(m) for m in models], asked_tasks=bool(tasks))
     task_set = None
     if tasks:
@@ -56,11 +70,20 @@ def run_eval(models: Sequence[str | Path], *, data: Sequence[str | Path] = (), t
     if data:
         from tli_recipe.training.evaluate import evaluate_models
 
-        report.loss = evaluate_models(models, data, batch_size=batch_size, tokenizer=tokenizer, device=device,
-                                      dtype=dtype, log=log, **loss_options)
+        report.loss = evaluate_models(
+            models,
+            data,
+            batch_size=batch_size,
+            tokenizer=tokenizer,
+            device=device,
+            dtype=dtype,
+            log=log,
+            **loss_options,
+        )
     if task_set is not None:
-        report.tasks = task_set.score_models(models, log=log, device=device, dtype=dtype, batch_size=batch_size,
-                                             limit=limit, tokenizer=tokenizer)
+        report.tasks = task_set.score_models(
+            models, log=log, device=device, dtype=dtype, batch_size=batch_size, limit=limit, tokenizer=tokenizer
+        )
     return report
 
 

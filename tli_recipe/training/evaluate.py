@@ -33,7 +33,7 @@ class EvalResult:
     model: str
     loss: float
     perplexity: float
-    tokens: int        # predicted tokens
+    tokens: int  # predicted tokens
     sequences: int
     forward_seconds: float = 0.0  # the forward passes alone (no loading, no tokenizing)
 
@@ -45,10 +45,19 @@ def _tokenizer(path: Path):
     return load_tokenizer(path, "pass --tokenizer DIR (the base model's)")
 
 
-def evaluate_models(models: Sequence[str | Path], data: Sequence[str | Path], *, sequence_length: Optional[int] = None,
-                    batch_size: int = 8, max_sequences: Optional[int] = None, tokenizer: Optional[str | Path] = None,
-                    text_field: str = "text", device: str = "auto", dtype: str = "float32",
-                    log: Callable[[str], None] = lambda m: None) -> list[EvalResult]:
+def evaluate_models(
+    models: Sequence[str | Path],
+    data: Sequence[str | Path],
+    *,
+    sequence_length: Optional[int] = None,
+    batch_size: int = 8,
+    max_sequences: Optional[int] = None,
+    tokenizer: Optional[str | Path] = None,
+    text_field: str = "text",
+    device: str = "auto",
+    dtype: str = "float32",
+    log: Callable[[str], None] = lambda m: None,
+) -> list[EvalResult]:
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -62,8 +71,10 @@ def evaluate_models(models: Sequence[str | Path], data: Sequence[str | Path], *,
     vocab = tok.get_vocab()
     for path in paths[1:] if not tokenizer else []:
         if has_tokenizer(path) and _tokenizer(path).get_vocab() != vocab:
-            raise TliError(f"{path}: its tokenizer differs from {tok_path}'s, so the models would not see the same "
-                           "tokens; compare models that share a tokenizer, or force one with --tokenizer DIR")
+            raise TliError(
+                f"{path}: its tokenizer differs from {tok_path}'s, so the models would not see the same "
+                "tokens; compare models that share a tokenizer, or force one with --tokenizer DIR"
+            )
     if sequence_length is None:
         limit = getattr(load_config(paths[0]), "max_position_embeddings", None) or 1024
         sequence_length = min(1024, int(limit))
@@ -76,8 +87,10 @@ def evaluate_models(models: Sequence[str | Path], data: Sequence[str | Path], *,
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = torch_dtype_named(dtype)
-    log(f"{len(blocks)} sequences of {len(blocks[0])} tokens ({sum(len(b) - 1 for b in blocks):,} predicted tokens) "
-        f"from {', '.join(str(d) for d in data)}")
+    log(
+        f"{len(blocks)} sequences of {len(blocks[0])} tokens ({sum(len(b) - 1 for b in blocks):,} predicted tokens) "
+        f"from {', '.join(str(d) for d in data)}"
+    )
 
     results = []
     for path in paths:
@@ -89,16 +102,25 @@ def evaluate_models(models: Sequence[str | Path], data: Sequence[str | Path], *,
         started = time.perf_counter()
         with torch.no_grad():
             for start in range(0, len(blocks), batch_size):
-                batch = torch.tensor(blocks[start:start + batch_size], dtype=torch.long, device=device)
+                batch = torch.tensor(blocks[start : start + batch_size], dtype=torch.long, device=device)
                 logits = model(input_ids=batch).logits.float()
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                         batch[:, 1:].reshape(-1), reduction="sum")
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                )
                 total += float(loss.double())
                 count += batch[:, 1:].numel()
         del model
         mean = total / count
-        results.append(EvalResult(model=str(path), loss=mean, perplexity=math.exp(min(mean, 700)), tokens=count,
-                                  sequences=len(blocks), forward_seconds=time.perf_counter() - started))
+        results.append(
+            EvalResult(
+                model=str(path),
+                loss=mean,
+                perplexity=math.exp(min(mean, 700)),
+                tokens=count,
+                sequences=len(blocks),
+                forward_seconds=time.perf_counter() - started,
+            )
+        )
     return results
 
 

@@ -15,7 +15,11 @@ from typing import Any, Callable, Optional, Sequence
 from tli_recipe.recipe.schema import Stage
 
 #: The HF scheduler of each recipe schedule, without and with warmup.
-SCHEDULERS = {"cosine": ("cosine", "cosine"), "linear": ("linear", "linear"), "constant": ("constant", "constant_with_warmup")}
+SCHEDULERS = {
+    "cosine": ("cosine", "cosine"),
+    "linear": ("linear", "linear"),
+    "constant": ("constant", "constant_with_warmup"),
+}
 
 
 @dataclass(frozen=True)
@@ -30,23 +34,29 @@ FIELDS: dict[str, Field] = {
     "sequence_length": Field("tokens per packed sequence", lambda s, seed: s.sequence_length),
     "validation_fraction": Field("share of sequences held out", lambda s, seed: s.validation_fraction),
     "learning_rate": Field("peak AdamW learning rate", lambda s, seed: s.learning_rate),
-    "scheduler": Field("HF scheduler name (with warmup when warmup_steps > 0)",
-                       lambda s, seed: SCHEDULERS[s.scheduler][s.warmup_steps > 0]),
+    "scheduler": Field(
+        "HF scheduler name (with warmup when warmup_steps > 0)",
+        lambda s, seed: SCHEDULERS[s.scheduler][s.warmup_steps > 0],
+    ),
     "warmup_steps": Field("linear warmup steps", lambda s, seed: s.warmup_steps),
     "optimizer": Field("the optimizer", lambda s, seed: "adamw_torch"),
     "weight_decay": Field("AdamW weight decay", lambda s, seed: s.weight_decay),
     "batch_size": Field("sequences per device and forward pass", lambda s, seed: s.batch_size),
     "gradient_accumulation": Field("micro batches per optimizer step", lambda s, seed: s.gradient_accumulation),
     "max_steps": Field("optimizer steps (None: train for epochs)", lambda s, seed: s.max_steps),
-    "epochs": Field("passes over the data (None when max_steps is given)",
-                    lambda s, seed: None if s.max_steps is not None else s.epochs or 1),
+    "epochs": Field(
+        "passes over the data (None when max_steps is given)",
+        lambda s, seed: None if s.max_steps is not None else s.epochs or 1,
+    ),
     "precision": Field("mixed-precision compute dtype", lambda s, seed: s.precision),
     "gradient_checkpointing": Field("recompute activations", lambda s, seed: s.gradient_checkpointing),
     "logging_steps": Field("steps between loss logs", lambda s, seed: 1),
     "save_steps": Field("steps between resumable checkpoints", lambda s, seed: s.save_steps),
     "save_total_limit": Field("checkpoints kept", lambda s, seed: 2),
-    "eval_steps": Field("steps between validation losses (None without validation)",
-                        lambda s, seed: s.eval_steps if s.validation_fraction > 0 else None),
+    "eval_steps": Field(
+        "steps between validation losses (None without validation)",
+        lambda s, seed: s.eval_steps if s.validation_fraction > 0 else None,
+    ),
     "seed": Field("the recipe seed", lambda s, seed: seed),
 }
 

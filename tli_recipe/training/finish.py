@@ -78,8 +78,18 @@ def _plan(path: Path):
         return None
 
 
-def finish_stage(cfg: BuiltinStageConfig, trainer, out: Path, work: Path, tok, counts: tuple[int, int, int, int],
-            final_eval: dict, resumed: Optional[str], log, extra=None) -> None:
+def finish_stage(
+    cfg: BuiltinStageConfig,
+    trainer,
+    out: Path,
+    work: Path,
+    tok,
+    counts: tuple[int, int, int, int],
+    final_eval: dict,
+    resumed: Optional[str],
+    log,
+    extra=None,
+) -> None:
     """Write the stage directory next to ``out`` and rename it into place; drop the work directory.
     ``extra(folder)`` writes more files into it (the MoD head)."""
     from tli_recipe.execute.output import swap_into_place
@@ -107,7 +117,8 @@ def finish_stage(cfg: BuiltinStageConfig, trainer, out: Path, work: Path, tok, c
         plan = _plan(plan_file)
         (tmp / "training_config.yaml").write_text(
             f"# The config stage '{cfg.stage}' was trained with (tli-recipe {__version__}).\n"
-            + yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+            + yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+        )
         metrics = _metrics(cfg, trainer, work, tmp, counts, final_eval, resumed, plan.name if plan else None)
         (tmp / "README.md").write_text(stage_card(cfg, metrics, plan))
         (tmp / COMPLETE).write_text(json.dumps(metrics, indent=2) + "\n")
@@ -123,14 +134,27 @@ def finish_stage(cfg: BuiltinStageConfig, trainer, out: Path, work: Path, tok, c
     def loss(value: Optional[float]) -> str:
         return "None" if value is None else format(value, ".4f")
 
-    held = (f"{loss(metrics['eval_loss_before'])} -> {loss(metrics['eval_loss_after'])}"
-            if metrics["eval_loss_before"] is not None and final_eval else "n/a")
-    log(f"stage '{cfg.stage}': wrote {out} ({metrics['global_step']} steps; training loss "
-        f"{loss(metrics['train_loss_first'])} -> {loss(metrics['train_loss_last'])}; validation loss {held})")
+    held = (
+        f"{loss(metrics['eval_loss_before'])} -> {loss(metrics['eval_loss_after'])}"
+        if metrics["eval_loss_before"] is not None and final_eval
+        else "n/a"
+    )
+    log(
+        f"stage '{cfg.stage}': wrote {out} ({metrics['global_step']} steps; training loss "
+        f"{loss(metrics['train_loss_first'])} -> {loss(metrics['train_loss_last'])}; validation loss {held})"
+    )
 
 
-def _metrics(cfg: BuiltinStageConfig, trainer, work: Path, tmp: Path, counts: tuple[int, int, int, int],
-             final_eval: dict, resumed: Optional[str], name: Optional[str] = None) -> dict:
+def _metrics(
+    cfg: BuiltinStageConfig,
+    trainer,
+    work: Path,
+    tmp: Path,
+    counts: tuple[int, int, int, int],
+    final_eval: dict,
+    resumed: Optional[str],
+    name: Optional[str] = None,
+) -> dict:
     """training_metrics.json; also writes losses.csv and losses.png into ``tmp``."""
     trainable, n_tokens, n_train, n_eval = counts
     history = list(trainer.state.log_history)
@@ -139,14 +163,22 @@ def _metrics(cfg: BuiltinStageConfig, trainer, work: Path, tmp: Path, counts: tu
         history.insert(0, {**initial, "step": 0})
     rows = loss_rows(history)
     write_losses(rows, tmp / "losses.csv")
-    plotted = plot_losses(rows, tmp / "losses.png", f"{name}, stage '{cfg.stage}': loss" if name else f"{cfg.stage}: loss")
+    plotted = plot_losses(
+        rows, tmp / "losses.png", f"{name}, stage '{cfg.stage}': loss" if name else f"{cfg.stage}: loss"
+    )
     train_losses = [r["loss"] for r in rows if r.get("loss") is not None]
     eval_losses = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
     return {
-        "stage": cfg.stage, "input": cfg.model, "tli_recipe_version": __version__,
-        "global_step": trainer.state.global_step, "epochs": trainer.state.epoch,
-        "trainable_parameters": trainable, "lora": cfg.lora.model_dump() if cfg.lora else None,
-        "tokens": n_tokens, "train_sequences": n_train, "validation_sequences": n_eval,
+        "stage": cfg.stage,
+        "input": cfg.model,
+        "tli_recipe_version": __version__,
+        "global_step": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "trainable_parameters": trainable,
+        "lora": cfg.lora.model_dump() if cfg.lora else None,
+        "tokens": n_tokens,
+        "train_sequences": n_train,
+        "validation_sequences": n_eval,
         "sequence_length": cfg.sequence_length,
         "train_loss_first": train_losses[0] if train_losses else None,
         "train_loss_last": train_losses[-1] if train_losses else None,

@@ -59,8 +59,9 @@ def require_lm_eval():
         import lm_eval
         from lm_eval.tasks import TaskManager  # noqa: F401 - the API this module needs
     except ImportError as exc:
-        raise TliError(f"--tasks needs lm-evaluation-harness, which is not installed ({exc}); "
-                       f"install it with: {INSTALL}") from None
+        raise TliError(
+            f"--tasks needs lm-evaluation-harness, which is not installed ({exc}); install it with: {INSTALL}"
+        ) from None
     return lm_eval
 
 
@@ -125,8 +126,10 @@ def session(online: bool = False) -> Iterator[None]:
                 stack.enter_context(_environment(name, "1"))
             # The libraries read these variables at import time, so the module constants are set too.
             stack.enter_context(_patched(hub, "HF_HUB_OFFLINE", True))
-            for module, names in (("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
-                                  ("evaluate.config", ("HF_EVALUATE_OFFLINE",))):
+            for module, names in (
+                ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
+                ("evaluate.config", ("HF_EVALUATE_OFFLINE",)),
+            ):
                 if module in sys.modules:
                     for name in names:
                         stack.enter_context(_patched(sys.modules[module], name, True))
@@ -157,8 +160,10 @@ class TaskSet:
             self.manager = TaskManager(include_defaults=defaults)
             for spec, item in zip(self.specs, self.items):
                 if isinstance(item, str) and item not in self.manager.all_tasks:
-                    raise TliError(f"--tasks: no lm-eval task named {item!r}{did_you_mean(item, self.manager.all_tasks)}; "
-                                   "expected an lm-eval task name (`lm_eval ls tasks`) or a task YAML file")
+                    raise TliError(
+                        f"--tasks: no lm-eval task named {item!r}{did_you_mean(item, self.manager.all_tasks)}; "
+                        "expected an lm-eval task name (`lm_eval ls tasks`) or a task YAML file"
+                    )
                 self._check_loads(spec, item)
 
     def _check_loads(self, spec: str, item: str | dict) -> None:
@@ -168,19 +173,24 @@ class TaskSet:
             raise
         except Exception as exc:  # noqa: BLE001 - lm-eval and datasets raise anything; the user gets one line
             if _needs_hub(exc):
-                raise TliError(f"task {spec!r} reads its data from the Hugging Face hub ({_first_line(exc)}); "
-                               "tli-recipe stays offline: pass --online where the hub is reachable, or point "
-                               "--tasks at a local task YAML file") from None
-            raise TliError(f"task {spec!r}: lm-eval could not load it ({_first_line(exc)}); expected a task whose "
-                           "data loads and whose fields match its doc_to_text/doc_to_choice/doc_to_target") from None
+                raise TliError(
+                    f"task {spec!r} reads its data from the Hugging Face hub ({_first_line(exc)}); "
+                    "tli-recipe stays offline: pass --online where the hub is reachable, or point "
+                    "--tasks at a local task YAML file"
+                ) from None
+            raise TliError(
+                f"task {spec!r}: lm-eval could not load it ({_first_line(exc)}); expected a task whose "
+                "data loads and whose fields match its doc_to_text/doc_to_choice/doc_to_target"
+            ) from None
 
     def check_models(self, models: Sequence[str | Path], tokenizer: Optional[str | Path] = None) -> None:
         """Cheap checks of every model folder, before the first (slow) one is scored."""
         for model in models:
             check_model(Path(model), tokenizer)
 
-    def score_models(self, models: Sequence[str | Path], *, log: Callable[[str], None] = lambda m: None,
-                     **options) -> list[TaskScore]:
+    def score_models(
+        self, models: Sequence[str | Path], *, log: Callable[[str], None] = lambda m: None, **options
+    ) -> list[TaskScore]:
         """Every task on every model, in order; ``options`` go to :meth:`score`."""
         rows: list[TaskScore] = []
         for model in models:
@@ -188,8 +198,16 @@ class TaskSet:
             rows.extend(self.score(model, **options))
         return rows
 
-    def score(self, model: str | Path, *, device: str = "auto", dtype: str = "float32", batch_size: int = 8,
-              limit: Optional[int] = None, tokenizer: Optional[str | Path] = None) -> list[TaskScore]:
+    def score(
+        self,
+        model: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "float32",
+        batch_size: int = 8,
+        limit: Optional[int] = None,
+        tokenizer: Optional[str | Path] = None,
+    ) -> list[TaskScore]:
         """Every task on one model folder, as rows in lm-eval's result order."""
         import lm_eval
 
@@ -209,14 +227,24 @@ class TaskSet:
             from tli_recipe.training.loading import load_tokenizer
             from tli_recipe.training.mod import load as load_mod
 
-            model_arg = HFLM(pretrained=load_mod(path, dtype=dtype, device=device), batch_size=batch_size,
-                             tokenizer=load_tokenizer(Path(tokenizer or path), "pass --tokenizer DIR"))
+            model_arg = HFLM(
+                pretrained=load_mod(path, dtype=dtype, device=device),
+                batch_size=batch_size,
+                tokenizer=load_tokenizer(Path(tokenizer or path), "pass --tokenizer DIR"),
+            )
             args = {}
         with session(self.online):
             try:
-                out = lm_eval.simple_evaluate(model=model_arg, model_args=args, tasks=copy.deepcopy(self.items),
-                                              task_manager=self.manager, batch_size=batch_size, limit=limit,
-                                              log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS)
+                out = lm_eval.simple_evaluate(
+                    model=model_arg,
+                    model_args=args,
+                    tasks=copy.deepcopy(self.items),
+                    task_manager=self.manager,
+                    batch_size=batch_size,
+                    limit=limit,
+                    log_samples=False,
+                    bootstrap_iters=BOOTSTRAP_ITERS,
+                )
             except TliError:
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -254,13 +282,26 @@ def scores_of(model: str, out: Optional[dict]) -> list[TaskScore]:
             metrics[metric if filt == "none" else f"{metric},{filt}"] = _number(value)
         named = {k: metrics.pop(k, None) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
         samples = counts.get(task, {}).get("effective", values.get("sample_len"))
-        rows.append(TaskScore(model=model, task=task, samples=samples, **named,
-                              metrics={k: v for k, v in metrics.items() if v is not None}))
+        rows.append(
+            TaskScore(
+                model=model,
+                task=task,
+                samples=samples,
+                **named,
+                metrics={k: v for k, v in metrics.items() if v is not None},
+            )
+        )
     return rows
 
 
-def run_tasks(models: Sequence[str | Path], tasks: Sequence[str], *, online: bool = False,
-              log: Callable[[str], None] = lambda m: None, **options) -> list[TaskScore]:
+def run_tasks(
+    models: Sequence[str | Path],
+    tasks: Sequence[str],
+    *,
+    online: bool = False,
+    log: Callable[[str], None] = lambda m: None,
+    **options,
+) -> list[TaskScore]:
     """``tasks`` on every model folder; ``options`` go to :meth:`TaskSet.score` (device, dtype, limit ...)."""
     task_set = TaskSet(tasks, online=online)
     task_set.check_models(models, options.get("tokenizer"))
@@ -276,8 +317,16 @@ def _cell(value: Optional[float], stderr: Optional[float]) -> str:
 def scores_table(rows: Sequence[TaskScore]) -> str:
     """One line per model and task: samples, acc ± stderr, acc_norm ± stderr."""
     header = ("model", "task", "samples", "acc ± stderr", "acc_norm ± stderr")
-    lines = [(r.model, r.task, "-" if r.samples is None else str(r.samples), _cell(r.acc, r.acc_stderr),
-              _cell(r.acc_norm, r.acc_norm_stderr)) for r in rows]
+    lines = [
+        (
+            r.model,
+            r.task,
+            "-" if r.samples is None else str(r.samples),
+            _cell(r.acc, r.acc_stderr),
+            _cell(r.acc_norm, r.acc_norm_stderr),
+        )
+        for r in rows
+    ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
 
     def fmt(cells) -> str:

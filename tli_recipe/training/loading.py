@@ -47,19 +47,27 @@ def check_config(path: Path) -> dict:
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoadError(f"{file}: not valid JSON ({_first_line(exc)}); fix the file or re-download the checkpoint") from None
+        raise LoadError(
+            f"{file}: not valid JSON ({_first_line(exc)}); fix the file or re-download the checkpoint"
+        ) from None
     if not isinstance(config, dict):
-        raise LoadError(f"{file}: holds a JSON {type(config).__name__}, not an object; fix the file or re-download the checkpoint")
+        raise LoadError(
+            f"{file}: holds a JSON {type(config).__name__}, not an object; fix the file or re-download the checkpoint"
+        )
     model_type = config.get("model_type")
     if model_type is not None and not isinstance(model_type, str):
-        raise LoadError(f"{file}: model_type is {show(model_type)}, not a string; expected the architecture's name "
-                        "(such as 'llama'): fix config.json")
+        raise LoadError(
+            f"{file}: model_type is {show(model_type)}, not a string; expected the architecture's name "
+            "(such as 'llama'): fix config.json"
+        )
     return config
 
 
 def _custom_code(path: Path) -> str:
-    return (f"{path}: the model needs its own Python code (config.json names a model_type transformers does not ship, "
-            "with auto_map); tli-recipe never runs code from a checkpoint: use an architecture that transformers ships")
+    return (
+        f"{path}: the model needs its own Python code (config.json names a model_type transformers does not ship, "
+        "with auto_map); tli-recipe never runs code from a checkpoint: use an architecture that transformers ships"
+    )
 
 
 def _message(path: Path, what: str, exc: BaseException) -> str:
@@ -67,13 +75,19 @@ def _message(path: Path, what: str, exc: BaseException) -> str:
     if "trust_remote_code" in text or "custom code" in text:
         return _custom_code(path)
     if "mismatched" in text or "size mismatch" in text:
-        return (f"{path}: config.json disagrees with the tensors (their shapes differ from what the config describes); "
-                "fix config.json or re-download the checkpoint")
+        return (
+            f"{path}: config.json disagrees with the tensors (their shapes differ from what the config describes); "
+            "fix config.json or re-download the checkpoint"
+        )
     if isinstance(exc, KeyError) or "does not recognize this architecture" in text or "Unrecognized" in text:
-        return (f"{path}: transformers does not know this model ({_first_line(exc)}); tli-recipe runs the "
-                "architectures transformers ships: check model_type in config.json")
-    return (f"{path}: transformers could not load the {what} ({type(exc).__name__}: {_first_line(exc)}); check that "
-            "config.json matches the tensors, or re-download the checkpoint")
+        return (
+            f"{path}: transformers does not know this model ({_first_line(exc)}); tli-recipe runs the "
+            "architectures transformers ships: check model_type in config.json"
+        )
+    return (
+        f"{path}: transformers could not load the {what} ({type(exc).__name__}: {_first_line(exc)}); check that "
+        "config.json matches the tensors, or re-download the checkpoint"
+    )
 
 
 def load_config(path: Path):
@@ -93,14 +107,17 @@ def load_model(path: Path, **kwargs):
 
     check_config(path)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, output_loading_info=True,
-                                                           **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=False, output_loading_info=True, **kwargs
+        )
     except Exception as exc:  # noqa: BLE001 - every failure of transformers becomes one message
         raise LoadError(_message(path, "model", exc)) from None
     missing = sorted(info.get("missing_keys") or ())
     if missing:
-        raise LoadError(f"{path}: {len(missing)} tensors the config describes are in no shard (first: '{missing[0]}'); "
-                        "the checkpoint is incomplete or config.json is wrong: re-download it or fix config.json")
+        raise LoadError(
+            f"{path}: {len(missing)} tensors the config describes are in no shard (first: '{missing[0]}'); "
+            "the checkpoint is incomplete or config.json is wrong: re-download it or fix config.json"
+        )
     mismatched = list(info.get("mismatched_keys") or ())
     if mismatched:
         raise LoadError(_message(path, "model", RuntimeError("mismatched")))
@@ -115,6 +132,7 @@ def load_tokenizer(path: Path, hint: str):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - every failure of transformers becomes one message
         if "trust_remote_code" in str(exc) or "custom code" in str(exc):
-            raise LoadError(f"{path}: the tokenizer needs its own Python code; tli-recipe never runs code from a "
-                            f"checkpoint: {hint}") from None
+            raise LoadError(
+                f"{path}: the tokenizer needs its own Python code; tli-recipe never runs code from a checkpoint: {hint}"
+            ) from None
         raise LoadError(f"{path}: no tokenizer could be loaded ({_first_line(exc)}); {hint}") from None

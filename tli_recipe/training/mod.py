@@ -48,8 +48,10 @@ def _parts(model):
     layers, norm = getattr(decoder, "layers", None), getattr(decoder, "norm", None)
     head = base.get_output_embeddings()
     if layers is None or norm is None or head is None:
-        raise TliError(f"objective: mod needs a decoder with .layers and a final .norm and an output head; "
-                       f"{type(base).__name__} has {'no layers' if layers is None else 'no final norm' if norm is None else 'no head'}")
+        raise TliError(
+            f"objective: mod needs a decoder with .layers and a final .norm and an output head; "
+            f"{type(base).__name__} has {'no layers' if layers is None else 'no final norm' if norm is None else 'no head'}"
+        )
     return base, layers, norm, head
 
 
@@ -71,8 +73,9 @@ def new_head(model, layers: list[int], init: str = "exact"):
             self.router = nn.Linear(hidden, len(layers), dtype=head.weight.dtype, device=head.weight.device)
             nn.init.zeros_(self.router.weight)
             nn.init.zeros_(self.router.bias)
-            self.gate = nn.Parameter(torch.tensor([0.0 if init == "exact" else 1.0], dtype=head.weight.dtype,
-                                                  device=head.weight.device))
+            self.gate = nn.Parameter(
+                torch.tensor([0.0 if init == "exact" else 1.0], dtype=head.weight.dtype, device=head.weight.device)
+            )
             self.last = None  # (exits [B, T, k, V], weights [B, T, k], model logits [B, T, V]) of the last forward
 
     module = MoDHead()
@@ -90,8 +93,10 @@ def attach(model, head) -> list:
     captured: dict[int, object] = {}
     handles = []
     for j, index in enumerate(head.layers):
+
         def keep(module, args, output, j=j):  # noqa: ARG001 - the hook signature
             captured[j] = output[0] if isinstance(output, tuple) else output
+
         handles.append(stack[index].register_forward_hook(keep))
 
     def mix(module, args, kwargs, output):  # noqa: ARG001
@@ -151,8 +156,16 @@ def save_head(head, folder: Path, distill_weight: float) -> Path:
 
     tensors = {name: p.detach().cpu().contiguous() for name, p in head.state_dict().items()}
     path = Path(folder) / HEAD_FILE
-    save_file(tensors, str(path), metadata={"format": FORMAT, "version": VERSION, "layers": json.dumps(head.layers),
-                                            "distill_weight": repr(float(distill_weight))})
+    save_file(
+        tensors,
+        str(path),
+        metadata={
+            "format": FORMAT,
+            "version": VERSION,
+            "layers": json.dumps(head.layers),
+            "distill_weight": repr(float(distill_weight)),
+        },
+    )
     return path
 
 
@@ -166,8 +179,10 @@ def read_head(folder: Path, model):
             meta = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise TliError(f"{path}: not a readable safetensors file ({type(exc).__name__}); expected a MoD head "
-                       "written by tli-recipe train") from None
+        raise TliError(
+            f"{path}: not a readable safetensors file ({type(exc).__name__}); expected a MoD head "
+            "written by tli-recipe train"
+        ) from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise TliError(f"{path}: not a tli-recipe MoD head (format {FORMAT}, version {VERSION})")
     try:
@@ -179,8 +194,10 @@ def read_head(folder: Path, model):
     head = new_head(model, layers)
     expected = head.state_dict()
     if set(tensors) != set(expected) or any(tuple(tensors[k].shape) != tuple(v.shape) for k, v in expected.items()):
-        raise TliError(f"{path}: its tensors do not match a head over layers {layers} of this model "
-                       f"(expected {sorted(expected)} with the model's widths)")
+        raise TliError(
+            f"{path}: its tensors do not match a head over layers {layers} of this model "
+            f"(expected {sorted(expected)} with the model's widths)"
+        )
     head.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
     return head
 
@@ -235,9 +252,14 @@ def mod_trainer(settings, resume: Optional[str] = None):
                 opt_model = self.model if model is None else model
                 head_ids = {id(p) for p in head_of(opt_model).parameters()}
                 rest = [p for p in opt_model.parameters() if p.requires_grad and id(p) not in head_ids]
-                groups = [{"params": rest, "weight_decay": self.args.weight_decay},
-                          {"params": list(head_of(opt_model).parameters()), "weight_decay": 0.0,
-                           "lr": settings.learning_rate}]
+                groups = [
+                    {"params": rest, "weight_decay": self.args.weight_decay},
+                    {
+                        "params": list(head_of(opt_model).parameters()),
+                        "weight_decay": 0.0,
+                        "lr": settings.learning_rate,
+                    },
+                ]
                 cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
                 self.optimizer = cls([g for g in groups if g["params"]], **kwargs)
             return self.optimizer

@@ -36,8 +36,12 @@ def labelled_progress(stage: str):
         def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
             if state.is_world_process_zero and has_length(eval_dataloader):
                 if self.prediction_bar is None:
-                    self.prediction_bar = tqdm(total=len(eval_dataloader), leave=self.training_bar is None,
-                                               dynamic_ncols=True, desc=f"stage '{stage}': {self.phase()}")
+                    self.prediction_bar = tqdm(
+                        total=len(eval_dataloader),
+                        leave=self.training_bar is None,
+                        dynamic_ncols=True,
+                        desc=f"stage '{stage}': {self.phase()}",
+                    )
                 self.prediction_bar.update(1)
 
     return LabelledProgress()

@@ -30,14 +30,18 @@ def _refused(item: str, source: str) -> str | None:
     key = item.partition("=")[0].strip()
     parts = key.replace("[", ".").replace("]", "").split(".")
     if parts[0] != "stages" or len(parts) < 3:
-        return (f"--set {item}: {source} is a grown checkpoint, whose layers and tensors are final; only the stages' "
-                "training settings can change there (stages[N].FIELD or stages[*].FIELD, such as "
-                f"stages[*].precision=float32); to change {key}, edit the recipe and run it again")
+        return (
+            f"--set {item}: {source} is a grown checkpoint, whose layers and tensors are final; only the stages' "
+            "training settings can change there (stages[N].FIELD or stages[*].FIELD, such as "
+            f"stages[*].precision=float32); to change {key}, edit the recipe and run it again"
+        )
     field = ".".join(parts[2:4]) if parts[2] == "lora" and len(parts) > 3 else parts[2]
     if field in RESOLVED or field == "lora":
-        return (f"--set {item}: {field} decides which parameters train, which plan.json resolved against the grown "
-                f"model; on {source} only the other stage settings can change (learning_rate, max_steps, precision, "
-                "datasets, lora.r...): to change it, edit the recipe and run it again")
+        return (
+            f"--set {item}: {field} decides which parameters train, which plan.json resolved against the grown "
+            f"model; on {source} only the other stage settings can change (learning_rate, max_steps, precision, "
+            "datasets, lora.r...): to change it, edit the recipe and run it again"
+        )
     return None
 
 
@@ -57,16 +61,30 @@ def override_stages(plan: Plan, overrides: Sequence[str], source: str = "the che
     stages = validate_model(_Stages, data, marks).stages  # type: ignore[attr-defined]
     for i, stage in enumerate(stages):
         if stage.max_steps is not None and stage.epochs is not None:
-            raise TliError(f"stages[{i}]: both max_steps ({stage.max_steps}) and epochs ({stage.epochs:g}) are given; "
-                           f"expected one of them (--set stages[{i}].epochs=null drops the epochs)")
+            raise TliError(
+                f"stages[{i}]: both max_steps ({stage.max_steps}) and epochs ({stage.epochs:g}) are given; "
+                f"expected one of them (--set stages[{i}].epochs=null drops the epochs)"
+            )
     resolved = []
     for sp, stage in zip(plan.stages, stages):
         # Datasets given with --set are relative to the working directory, as in a recipe.
-        stage = stage.model_copy(update={"datasets": [d.model_copy(update={"path": os.path.abspath(os.path.expanduser(d.path))})
-                                                      for d in stage.datasets]})
-        lora = (sp.lora.model_copy(update={"r": stage.lora.r, "alpha": stage.lora.alpha, "dropout": stage.lora.dropout})
-                if sp.lora is not None and stage.lora is not None else sp.lora)
-        count = sp.trainable_parameters * lora.r // sp.lora.r if lora is not None and sp.lora is not None else sp.trainable_parameters
+        stage = stage.model_copy(
+            update={
+                "datasets": [
+                    d.model_copy(update={"path": os.path.abspath(os.path.expanduser(d.path))}) for d in stage.datasets
+                ]
+            }
+        )
+        lora = (
+            sp.lora.model_copy(update={"r": stage.lora.r, "alpha": stage.lora.alpha, "dropout": stage.lora.dropout})
+            if sp.lora is not None and stage.lora is not None
+            else sp.lora
+        )
+        count = (
+            sp.trainable_parameters * lora.r // sp.lora.r
+            if lora is not None and sp.lora is not None
+            else sp.trainable_parameters
+        )
         resolved.append(sp.model_copy(update={"settings": stage, "lora": lora, "trainable_parameters": count}))
     return plan.model_copy(update={"stages": resolved})
 

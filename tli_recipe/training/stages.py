@@ -57,12 +57,15 @@ def select_stages(specs: list[StageSpec], names: Optional[Sequence[str]]) -> lis
     known = [s.plan.name for s in specs]
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise TliError(f"--stage {unknown[0]}: no such stage{did_you_mean(unknown[0], known)}; "
-                       f"the plan's stages: {', '.join(known) or 'none (add stages to the recipe)'}")
+        raise TliError(
+            f"--stage {unknown[0]}: no such stage{did_you_mean(unknown[0], known)}; "
+            f"the plan's stages: {', '.join(known) or 'none (add stages to the recipe)'}"
+        )
     return [s for s in specs if s.plan.name in names]
 
 
 # --- where stages read and write -----------------------------------------------------------
+
 
 def stage_dir(model_dir: Path, stage: str, trainer: str = BUILTIN, into: Optional[Path] = None) -> Path:
     """Output directory of a stage: a sibling of the model directory (or ``into/<stage>``)."""
@@ -72,8 +75,9 @@ def stage_dir(model_dir: Path, stage: str, trainer: str = BUILTIN, into: Optiona
     return model_dir.parent / f"{model_dir.name}-{stage}{suffix}"
 
 
-def stage_input(model_dir: Path, specs: list[StageSpec], spec: StageSpec, trainer: str = BUILTIN,
-                into: Optional[Path] = None) -> Path:
+def stage_input(
+    model_dir: Path, specs: list[StageSpec], spec: StageSpec, trainer: str = BUILTIN, into: Optional[Path] = None
+) -> Path:
     """The checkpoint a stage starts from: the grown model, or the previous stage's (merged) output."""
     if spec.index == 1:
         return model_dir
@@ -90,6 +94,7 @@ def resolve_datasets(spec: StageSpec, data: Optional[Sequence[str | Path]] = Non
 
 
 # --- facts about the plan every trainer needs ------------------------------------------------
+
 
 def layer_prefix(plan: Plan) -> tuple[str, str]:
     """The architecture's layer prefix split at ``{layer}``: ``("model.layers.", ".")``."""
@@ -117,8 +122,10 @@ def integer_alpha(spec: StageSpec, trainer: str) -> int:
     """The stage's LoRA alpha as the integer Axolotl and LLaMA-Factory take, or a Refusal."""
     alpha = spec.plan.lora.alpha  # type: ignore[union-attr]
     if alpha != int(alpha):
-        raise Refusal(f"{trainer}: stage '{spec.plan.name}': lora.alpha {alpha:g} is not an integer and {trainer} "
-                      "takes an integer lora_alpha; use an integer alpha, or the built-in trainer (tli-recipe train)")
+        raise Refusal(
+            f"{trainer}: stage '{spec.plan.name}': lora.alpha {alpha:g} is not an integer and {trainer} "
+            "takes an integer lora_alpha; use an integer alpha, or the built-in trainer (tli-recipe train)"
+        )
     return int(alpha)
 
 
@@ -134,22 +141,29 @@ def frozen_injected_problem(plan: Plan, spec: StageSpec) -> Optional[str]:
         return None
     from tli_recipe.plan.stages import unmoved_injected
 
-    earlier = plan.stages[:spec.index - 1]
-    injected, missing = unmoved_injected(earlier, list(lora.layers), list(lora.targets), plan.tensors, plan.init,
-                                         plan.requires_grad_layers)
+    earlier = plan.stages[: spec.index - 1]
+    injected, missing = unmoved_injected(
+        earlier, list(lora.layers), list(lora.targets), plan.tensors, plan.init, plan.requires_grad_layers
+    )
     if not injected:
         return None
     linear = [p for p in missing if p in LINEAR_PROJECTIONS]
-    fix = (f"add {', '.join(linear)} to lora.targets, or " if linear == missing else
-           f"LoRA cannot adapt {', '.join(p for p in missing if p not in linear)}, so ")
-    return (f"stage '{spec.plan.name}': LoRA targets {', '.join(lora.targets)} leave out {', '.join(missing)}, which "
-            f"{'is' if len(missing) == 1 else 'are'} zero in the injected layers {injected}: those blocks output exactly 0, "
-            "so adapters on their other projections get no gradient and the injected layers never move. To fix it, "
-            f"{fix}train the injected layers fully in an earlier stage; or set lora.allow_frozen_injected: true if "
-            "this is intended")
+    fix = (
+        f"add {', '.join(linear)} to lora.targets, or "
+        if linear == missing
+        else f"LoRA cannot adapt {', '.join(p for p in missing if p not in linear)}, so "
+    )
+    return (
+        f"stage '{spec.plan.name}': LoRA targets {', '.join(lora.targets)} leave out {', '.join(missing)}, which "
+        f"{'is' if len(missing) == 1 else 'are'} zero in the injected layers {injected}: those blocks output exactly 0, "
+        "so adapters on their other projections get no gradient and the injected layers never move. To fix it, "
+        f"{fix}train the injected layers fully in an earlier stage; or set lora.allow_frozen_injected: true if "
+        "this is intended"
+    )
 
 
 # --- the interface every trainer implements ----------------------------------------------------
+
 
 @dataclass(frozen=True)
 class EmitContext:

@@ -21,8 +21,10 @@ from tli_recipe.errors import TliError
 MAX_TASK_FILE_BYTES = 1 << 20
 MAX_INCLUDE_DEPTH = 8
 TASK_SUFFIXES = (".yaml", ".yml")
-NO_CODE = ("tli-recipe runs only data-only task files (fields or Jinja templates for doc_to_text, "
-           "doc_to_choice, doc_to_target); run lm_eval itself for tasks with Python code")
+NO_CODE = (
+    "tli-recipe runs only data-only task files (fields or Jinja templates for doc_to_text, "
+    "doc_to_choice, doc_to_target); run lm_eval itself for tasks with Python code"
+)
 
 
 class _CodeTag(Exception):
@@ -64,18 +66,23 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise TliError(f"{path}: no such task file; expected an lm-eval task YAML")
     if path.stat().st_size > MAX_TASK_FILE_BYTES:
-        raise TliError(f"{path}: {path.stat().st_size:,} bytes is not a task file; expected a few lines of lm-eval "
-                       f"task YAML (at most {MAX_TASK_FILE_BYTES:,} bytes)")
+        raise TliError(
+            f"{path}: {path.stat().st_size:,} bytes is not a task file; expected a few lines of lm-eval "
+            f"task YAML (at most {MAX_TASK_FILE_BYTES:,} bytes)"
+        )
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
     except _CodeTag as tag:
-        raise TliError(f"{path}:{tag.mark.line + 1}:{tag.mark.column + 1}: !function runs Python code from beside "
-                       f"the task file; {NO_CODE}") from None
+        raise TliError(
+            f"{path}:{tag.mark.line + 1}:{tag.mark.column + 1}: !function runs Python code from beside "
+            f"the task file; {NO_CODE}"
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise TliError(f"{where}: not valid YAML ({exc.problem or exc.context}); expected an lm-eval task "
-                       "file") from None
+        raise TliError(
+            f"{where}: not valid YAML ({exc.problem or exc.context}); expected an lm-eval task file"
+        ) from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise TliError(f"{path}: not readable as YAML ({type(exc).__name__}); expected an lm-eval task file") from None
     if not isinstance(data, dict):
@@ -116,12 +123,15 @@ def _resolve_data_files(path: Path, config: dict[str, Any]) -> None:
         if isinstance(item, list):
             return [resolve(i) for i in item]
         if not isinstance(item, str) or not item:
-            raise TliError(f"{path}: dataset_kwargs.data_files: {item!r}; expected file paths "
-                           "(relative to the task file)")
+            raise TliError(
+                f"{path}: dataset_kwargs.data_files: {item!r}; expected file paths (relative to the task file)"
+            )
         target = item if "://" in item else str((path.parent / item).resolve())
         if "://" not in item and not any(c in item for c in "*?[") and not Path(target).is_file():
-            raise TliError(f"{path}: dataset_kwargs.data_files: {item!r} does not exist (looked for {target}); "
-                           "expected a data file, relative to the task file's folder")
+            raise TliError(
+                f"{path}: dataset_kwargs.data_files: {item!r} does not exist (looked for {target}); "
+                "expected a data file, relative to the task file's folder"
+            )
         return target
 
     if isinstance(files, dict):
@@ -138,7 +148,9 @@ def load_task_file(path: str | Path) -> dict[str, Any]:
         raise TliError(f"{path}: class: a Python task class; {NO_CODE}")
     name: Optional[object] = config.get("group") if "group" in config else config.get("task")
     if not isinstance(name, str) or not name.strip():
-        raise TliError(f"{path}: task: {'missing' if name is None else repr(name)}; expected the task's name "
-                       "(a string, e.g. task: my_cloze)")
+        raise TliError(
+            f"{path}: task: {'missing' if name is None else repr(name)}; expected the task's name "
+            "(a string, e.g. task: my_cloze)"
+        )
     _resolve_data_files(path, config)
     return config

@@ -69,8 +69,10 @@ def require_train_extra() -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise TrainError(f"training needs the train extra ({' and '.join(missing)} not installed); expected "
-                         "`pip install 'tli-recipe[train]'` (peft, accelerate>=1.1, matplotlib)")
+        raise TrainError(
+            f"training needs the train extra ({' and '.join(missing)} not installed); expected "
+            "`pip install 'tli-recipe[train]'` (peft, accelerate>=1.1, matplotlib)"
+        )
 
 
 def load_stage_config(path: str | Path) -> BuiltinStageConfig:
@@ -81,18 +83,28 @@ def load_stage_config(path: str | Path) -> BuiltinStageConfig:
     except yaml.YAMLError as exc:
         raise TrainError(f"{path}: not YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict) or "stage" not in raw or "training_arguments" not in raw:
-        raise TrainError(f"{path}: not a tli-recipe stage config; expected a file from `tli-recipe emit --format builtin`")
+        raise TrainError(
+            f"{path}: not a tli-recipe stage config; expected a file from `tli-recipe emit --format builtin`"
+        )
     try:
         return absolute_config(BuiltinStageConfig.model_validate(raw), path.parent)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg'].lower()}" for e in exc.errors()[:5])
-        raise TrainError(f"{path}: not a valid stage config ({problems}); expected a file from "
-                         "`tli-recipe emit --format builtin`") from None
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg'].lower()}" for e in exc.errors()[:5]
+        )
+        raise TrainError(
+            f"{path}: not a valid stage config ({problems}); expected a file from `tli-recipe emit --format builtin`"
+        ) from None
 
 
-def stage_configs(model_dir: str | Path, *, data: Optional[Sequence[str | Path]] = None,
-                  stages: Optional[Sequence[str]] = None, into: Optional[Path] = None,
-                  overrides: Sequence[str] = ()) -> list[BuiltinStageConfig]:
+def stage_configs(
+    model_dir: str | Path,
+    *,
+    data: Optional[Sequence[str | Path]] = None,
+    stages: Optional[Sequence[str]] = None,
+    into: Optional[Path] = None,
+    overrides: Sequence[str] = (),
+) -> list[BuiltinStageConfig]:
     """The configs of the chosen stages of a grown checkpoint (all of them by default), in order;
     ``overrides`` (``stages[*].FIELD=VALUE``) change the stages' settings first."""
     from tli_recipe.execute.verify import load_plan
@@ -102,20 +114,30 @@ def stage_configs(model_dir: str | Path, *, data: Optional[Sequence[str | Path]]
     plan = override_stages(load_plan(model_dir), overrides, str(model_dir))
     specs = stage_specs(plan)
     if not specs:
-        raise TrainError(f"{model_dir}/plan.json: the recipe defines no stages; add `stages` to the recipe and run it "
-                         "again (see README: Recipes)")
+        raise TrainError(
+            f"{model_dir}/plan.json: the recipe defines no stages; add `stages` to the recipe and run it "
+            "again (see README: Recipes)"
+        )
     # "all" means every stage, unless a stage is itself named "all" (then it is that stage).
     every = not stages or ("all" in stages and "all" not in [s.plan.name for s in specs])
     chosen = select_stages(specs, None if every else stages)
     return [builtin_config(plan, specs, spec, model_dir, data, into) for spec in chosen]
 
 
-def train_output(model_dir: str | Path, *, data: Optional[Sequence[str | Path]] = None,
-                 stages: Optional[Sequence[str]] = None, into: Optional[Path] = None, overrides: Sequence[str] = (),
-                 **kwargs) -> list[Path]:
+def train_output(
+    model_dir: str | Path,
+    *,
+    data: Optional[Sequence[str | Path]] = None,
+    stages: Optional[Sequence[str]] = None,
+    into: Optional[Path] = None,
+    overrides: Sequence[str] = (),
+    **kwargs,
+) -> list[Path]:
     """Train the chosen stages of a grown checkpoint in order; returns the stage directories."""
-    return [train_stage(cfg, **kwargs)
-            for cfg in stage_configs(model_dir, data=data, stages=stages, into=into, overrides=overrides)]
+    return [
+        train_stage(cfg, **kwargs)
+        for cfg in stage_configs(model_dir, data=data, stages=stages, into=into, overrides=overrides)
+    ]
 
 
 def check_report_to(report_to: str) -> None:
@@ -125,8 +147,9 @@ def check_report_to(report_to: str) -> None:
     from transformers.integrations import is_tensorboard_available, is_wandb_available
 
     if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[report_to]():
-        raise TrainError(f"--report-to {report_to}: {report_to} is not installed; pip install {report_to} "
-                         "(or --report-to none)")
+        raise TrainError(
+            f"--report-to {report_to}: {report_to} is not installed; pip install {report_to} (or --report-to none)"
+        )
 
 
 def _device(device: str) -> bool:
@@ -134,8 +157,10 @@ def _device(device: str) -> bool:
     import torch
 
     if device not in ("auto", "cpu", "cuda"):
-        raise TrainError(f"--device {device}: expected auto, cpu or cuda (pick GPUs with CUDA_VISIBLE_DEVICES; "
-                         "several GPUs: accelerate launch, see --print-launch)")
+        raise TrainError(
+            f"--device {device}: expected auto, cpu or cuda (pick GPUs with CUDA_VISIBLE_DEVICES; "
+            "several GPUs: accelerate launch, see --print-launch)"
+        )
     if device == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
     return device == "cpu" or not torch.cuda.is_available()
@@ -158,14 +183,18 @@ class _Blocks:
 
 
 def _load_tokenizer(source: Path, stage: str):
-    return load_tokenizer(source, f"stage '{stage}' needs one to read the data: copy the base model's tokenizer files "
-                                  "there, or pass --tokenizer DIR")
+    return load_tokenizer(
+        source,
+        f"stage '{stage}' needs one to read the data: copy the base model's tokenizer files "
+        "there, or pass --tokenizer DIR",
+    )
 
 
 def _data(cfg: BuiltinStageConfig, tokenizer, log) -> tuple[list[list[int]], list[list[int]], int]:
     if not cfg.datasets:
-        raise TrainError(f"stage '{cfg.stage}' has no training data: pass --data FILE, or add `datasets` to the "
-                         "stage in the recipe")
+        raise TrainError(
+            f"stage '{cfg.stage}' has no training data: pass --data FILE, or add `datasets` to the stage in the recipe"
+        )
     files = [(Path(d.path).expanduser().resolve(), d.text_field) for d in cfg.datasets]
     for path, _ in files:  # said before anything is read: a shared recipe decides which files train reads
         log(f"data: {path}")
@@ -173,11 +202,15 @@ def _data(cfg: BuiltinStageConfig, tokenizer, log) -> tuple[list[list[int]], lis
     length = cfg.sequence_length
     blocks = pack(ids, length)
     if not blocks:
-        raise TrainError(f"stage '{cfg.stage}': the data has {len(ids)} tokens, fewer than one sequence of "
-                         f"sequence_length={length}; add text or lower the stage's sequence_length")
+        raise TrainError(
+            f"stage '{cfg.stage}': the data has {len(ids)} tokens, fewer than one sequence of "
+            f"sequence_length={length}; add text or lower the stage's sequence_length"
+        )
     train, held = split_validation(blocks, cfg.validation_fraction)
-    log(f"stage '{cfg.stage}': {len(ids):,} tokens -> {len(train)} training and {len(held)} validation "
-        f"sequences of {length}")
+    log(
+        f"stage '{cfg.stage}': {len(ids):,} tokens -> {len(train)} training and {len(held)} validation "
+        f"sequences of {length}"
+    )
     return train, held, len(ids)
 
 
@@ -205,8 +238,10 @@ def _freeze(model, cfg: BuiltinStageConfig):
         names = loaded_names(names, params, model.config.to_dict())
         missing = sorted(names - set(params))
         if missing:
-            raise TrainError(f"stage '{cfg.stage}': {len(missing)} trainable parameters of the plan are not parameters "
-                             f"of the loaded model (first: '{missing[0]}'); the checkpoint does not match its plan.json")
+            raise TrainError(
+                f"stage '{cfg.stage}': {len(missing)} trainable parameters of the plan are not parameters "
+                f"of the loaded model (first: '{missing[0]}'); the checkpoint does not match its plan.json"
+            )
         for name, p in params.items():
             p.requires_grad_(name in names)
         return model
@@ -216,17 +251,25 @@ def _freeze(model, cfg: BuiltinStageConfig):
         p.requires_grad_(False)
     if lora.quantize:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-                        target_modules=list(lora.targets), task_type="CAUSAL_LM",
-                        layers_to_transform=None if lora.all_layers else list(lora.layers),
-                        layers_pattern=None if lora.all_layers else lora.layers_pattern)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias="none",
+        target_modules=list(lora.targets),
+        task_type="CAUSAL_LM",
+        layers_to_transform=None if lora.all_layers else list(lora.layers),
+        layers_pattern=None if lora.all_layers else lora.layers_pattern,
+    )
     model = get_peft_model(model, config)
     wrapped = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A")}
     wanted = {n.removesuffix(".weight") for n in names}
     if wrapped != wanted:
         odd = sorted(wrapped ^ wanted)
-        raise TrainError(f"stage '{cfg.stage}': peft put adapters on {len(wrapped)} modules, the plan names "
-                         f"{len(wanted)} (first difference: '{odd[0]}'); the checkpoint does not match its plan.json")
+        raise TrainError(
+            f"stage '{cfg.stage}': peft put adapters on {len(wrapped)} modules, the plan names "
+            f"{len(wanted)} (first difference: '{odd[0]}'); the checkpoint does not match its plan.json"
+        )
     return model
 
 
@@ -237,8 +280,10 @@ def _quantization(cfg: BuiltinStageConfig):
     import torch
 
     if not torch.cuda.is_available():
-        raise TrainError(f"stage '{cfg.stage}': lora.quantize: {bits} (QLoRA) needs bitsandbytes on a CUDA GPU; "
-                         "this machine has none. Remove quantize to train plain LoRA")
+        raise TrainError(
+            f"stage '{cfg.stage}': lora.quantize: {bits} (QLoRA) needs bitsandbytes on a CUDA GPU; "
+            "this machine has none. Remove quantize to train plain LoRA"
+        )
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
@@ -249,15 +294,18 @@ def _quantization(cfg: BuiltinStageConfig):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def _arguments(cfg: BuiltinStageConfig, work: Path, on_cpu: bool, progress: bool, validation: bool,
-               report_to: str = "none"):
+def _arguments(
+    cfg: BuiltinStageConfig, work: Path, on_cpu: bool, progress: bool, validation: bool, report_to: str = "none"
+):
     """``TrainingArguments`` of the stage (creating them also sets up the processes under ``accelerate launch``)."""
     from transformers import TrainingArguments
 
     args = dict(cfg.training_arguments)
     if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:  # transformers >= 5.2x renamed them
-        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
-                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        for old, new in (
+            ("gradient_checkpointing", "activation_checkpointing"),
+            ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+        ):
             if old in args:
                 args[new] = args.pop(old)
     if report_to != "none":  # not part of the config: changing it does not stop a resume
@@ -269,8 +317,10 @@ def _arguments(cfg: BuiltinStageConfig, work: Path, on_cpu: bool, progress: bool
     try:
         return TrainingArguments(output_dir=str(work), use_cpu=on_cpu, disable_tqdm=not progress, **args)
     except (TypeError, ValueError) as exc:
-        raise TrainError(f"stage '{cfg.stage}': training_arguments are not valid TrainingArguments "
-                         f"({str(exc).splitlines()[0][:200]}); fix the stage config or emit it again") from None
+        raise TrainError(
+            f"stage '{cfg.stage}': training_arguments are not valid TrainingArguments "
+            f"({str(exc).splitlines()[0][:200]}); fix the stage config or emit it again"
+        ) from None
 
 
 def _read_yaml(path: Path):
@@ -290,8 +340,10 @@ def _prepare_work(cfg: BuiltinStageConfig, targs, work: Path, restart: bool) -> 
             if restart and work.exists():
                 shutil.rmtree(work)
             if _read_yaml(saved) not in (None, wanted):
-                raise TrainError(f"{work} holds an interrupted run of stage '{cfg.stage}' with a different config; "
-                                 "pass --restart to discard it, or rerun with the same settings to resume")
+                raise TrainError(
+                    f"{work} holds an interrupted run of stage '{cfg.stage}' with a different config; "
+                    "pass --restart to discard it, or rerun with the same settings to resume"
+                )
             work.mkdir(parents=True, exist_ok=True)
             write_atomic(saved, yaml.safe_dump(wanted, sort_keys=False))
     return last_checkpoint(work)
@@ -304,17 +356,31 @@ def _check_start(cfg: BuiltinStageConfig, force: bool, log) -> bool:
         log(f"stage '{cfg.stage}': already trained ({out}); pass --force to train it again")
         return False
     if not (source / "config.json").is_file():
-        before = ("the previous stage's output; train the earlier stages first (or --stage all)" if cfg.index > 1
-                  else "a grown checkpoint")
+        before = (
+            "the previous stage's output; train the earlier stages first (or --stage all)"
+            if cfg.index > 1
+            else "a grown checkpoint"
+        )
         raise TrainError(f"stage '{cfg.stage}' starts from {source}, which holds no config.json; expected {before}")
     if out.exists() and not (out / COMPLETE).is_file():
-        raise TrainError(f"{out} exists but is not a finished stage (no {COMPLETE}); remove it or choose another --into")
+        raise TrainError(
+            f"{out} exists but is not a finished stage (no {COMPLETE}); remove it or choose another --into"
+        )
     return True
 
 
-def train_stage(cfg: BuiltinStageConfig | dict, *, device: str = "auto", tokenizer: Optional[str | Path] = None,
-                restart: bool = False, force: bool = False, progress: bool = True, log: Callable[[str], None] = print,
-                callbacks: Sequence = (), report_to: str = "none") -> Path:
+def train_stage(
+    cfg: BuiltinStageConfig | dict,
+    *,
+    device: str = "auto",
+    tokenizer: Optional[str | Path] = None,
+    restart: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    callbacks: Sequence = (),
+    report_to: str = "none",
+) -> Path:
     """Train one stage from its config; returns the finished stage directory."""
     require_train_extra()
     if isinstance(cfg, dict):
@@ -342,8 +408,12 @@ def train_stage(cfg: BuiltinStageConfig | dict, *, device: str = "auto", tokeniz
     evaluate_first = bool(eval_blocks) and read_json(initial) is None
 
     quant = _quantization(cfg)
-    model = load_model(source, dtype="auto", quantization_config=quant,
-                       **({"device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}} if quant else {}))
+    model = load_model(
+        source,
+        dtype="auto",
+        quantization_config=quant,
+        **({"device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}} if quant else {}),
+    )
     model = _freeze(model, cfg)
     trainer_cls, mod_hooks = Trainer, None
     if cfg.mod is not None:  # objective: mod: the ensemble head trains beside the stage's parameters
@@ -352,9 +422,14 @@ def train_stage(cfg: BuiltinStageConfig | dict, *, device: str = "auto", tokeniz
         mod_hooks = attach(model, new_head(model, cfg.mod.layers, cfg.mod.init))
         trainer_cls = mod_trainer(cfg.mod, last)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    trainer = trainer_cls(model=model, args=targs, train_dataset=_Blocks(train_blocks),
-                      eval_dataset=_Blocks(eval_blocks) if eval_blocks else None,
-                      data_collator=default_data_collator, callbacks=list(callbacks))
+    trainer = trainer_cls(
+        model=model,
+        args=targs,
+        train_dataset=_Blocks(train_blocks),
+        eval_dataset=_Blocks(eval_blocks) if eval_blocks else None,
+        data_collator=default_data_collator,
+        callbacks=list(callbacks),
+    )
     if progress:
         from transformers.trainer_callback import ProgressCallback
 
@@ -363,10 +438,12 @@ def train_stage(cfg: BuiltinStageConfig | dict, *, device: str = "auto", tokeniz
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(labelled_progress(stage))
     steps = trainer.args.max_steps if trainer.args.max_steps > 0 else None
-    log(f"stage '{stage}': {trainable:,} trainable parameters"
+    log(
+        f"stage '{stage}': {trainable:,} trainable parameters"
         + (f" (LoRA r={cfg.lora.r} on {', '.join(cfg.lora.targets)})" if cfg.lora else "")
         + f", {'resuming from ' + Path(last).name if last else 'starting'} in {work}"
-        + (f", {steps} steps" if steps else ""))
+        + (f", {steps} steps" if steps else "")
+    )
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout is for results
         if evaluate_first:
             # The step-0 validation loss (the function the stage starts from); train() resets the log history.
@@ -384,8 +461,19 @@ def train_stage(cfg: BuiltinStageConfig | dict, *, device: str = "auto", tokeniz
 
         def extra(folder: Path) -> None:
             save_head(head, folder, cfg.mod.distill_weight)
+
     if trainer.is_world_process_zero():
-        finish_stage(cfg, trainer, out, work, tok, (trainable, n_tokens, len(train_blocks), len(eval_blocks)),
-                     final_eval, last, log, extra=extra)
+        finish_stage(
+            cfg,
+            trainer,
+            out,
+            work,
+            tok,
+            (trainable, n_tokens, len(train_blocks), len(eval_blocks)),
+            final_eval,
+            last,
+            log,
+            extra=extra,
+        )
     trainer.accelerator.wait_for_everyone()
     return out
