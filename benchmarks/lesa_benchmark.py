@@ -5,11 +5,11 @@ For each of q/k/v/o/gate/up/down (16 layers, hidden 2048, MLP 8192, 8 KV heads o
 tli-recipe's own LESA steps (the SVD of the stacked layers, then the predictor's training) on
 random float32 weights of those shapes, and reports per type: seconds of the SVD
 (``svd_basis``), seconds of the predictor's training per epoch (``train_predictor``), the time at the
-recipe's epochs (a type of a shape measured already, up_proj after gate_proj, reuses that time), peak RSS, and the flops the estimate in
-``tli_recipe/plan/cost.py`` counts, hence the rate this machine sustains. ``--epochs N`` trains
-N epochs and scales the training part to the default 10 epochs (training time is linear in the
-epochs: the same rows each epoch); the SVD is always measured whole. Then the same estimate
-for the shapes of Llama-3-8B and Llama-3.2-3B, from their stored configs.
+recipe's epochs (a type of a shape measured already, up_proj after gate_proj, reuses that time), peak
+RSS, and the flops the estimate in ``tli_recipe/plan/cost.py`` counts, hence the rate this machine
+sustains. ``--epochs N`` trains N epochs and scales the training part to the default 10 epochs
+(training time is linear in the epochs: the same rows each epoch); the SVD is always measured whole.
+Then the same estimate for the shapes of Llama-3-8B and Llama-3.2-3B, from their stored configs.
 
     .venv/bin/python benchmarks/lesa_benchmark.py [--epochs 1] [--types q_proj,gate_proj] [--device cpu]
 """

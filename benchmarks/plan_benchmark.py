@@ -49,7 +49,8 @@ def main() -> None:
     best = min(times)
     print(
         f"plan Qwen3-30B-A3B + TLI every 4 + 3 stages: {plan.totals.tensors} tensors, "
-        f"{len(plan.stages[0].parameters)} trainable in the full stage: {best:.2f} s (best of {args.repeat}; target < 2 s)"
+        f"{len(plan.stages[0].parameters)} trainable in the full stage: {best:.2f} s "
+        f"(best of {args.repeat}; target < 2 s)"
     )
 
 

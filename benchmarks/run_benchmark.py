@@ -565,7 +565,8 @@ def main(argv=None) -> int:
             else:
                 print(f"      note: `{key}` exited {mm['rc']} (log {mm['log']})", flush=True)
         print(
-            f"      round {r}: copy {c['wall']:.2f}, {c2['wall']:.2f} s | run {x['wall']:.2f} s | run --rehash {xh['wall']:.2f} s, "
+            f"      round {r}: copy {c['wall']:.2f}, {c2['wall']:.2f} s | run {x['wall']:.2f} s "
+            f"| run --rehash {xh['wall']:.2f} s, "
             f"peak RSS {fmt_bytes(x['maxrss'])} | --help RSS {fmt_bytes(h['maxrss'])}",
             flush=True,
         )

@@ -76,7 +76,10 @@ def test_imports_point_down(path):
 def test_every_module_imports_on_its_own():
     names = [module_name(p) for p in MODULES if p.name != "__main__.py"]
     assert "tli_recipe.training.train" in names
-    code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n    [sys.modules.pop(m) for m in list(sys.modules) if m.startswith('tli_recipe')]\n"
+    code = (
+        "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n"
+        "    [sys.modules.pop(m) for m in list(sys.modules) if m.startswith('tli_recipe')]\n"
+    )
     result = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
 

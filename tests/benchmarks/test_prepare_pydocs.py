@@ -24,7 +24,8 @@ def synthetic_info(toc_entries: int = 3000) -> str:
     listing), documents with a small menu, a menu-only chapter node, an index and the tag table."""
     top_menu = "".join(f"* Section {i}: Section {i}.\n" for i in range(toc_entries))
     index = "".join(
-        f"* entry {i} (built-in function):       Built-in Functions.\n                                                              (line {i})\n"
+        f"* entry {i} (built-in function):       Built-in Functions.\n"
+        f"                                                              (line {i})\n"
         for i in range(500)
     )
     parts = ["This is python.info, produced by makeinfo version 6.8 from python.texi.\n\n"]
@@ -42,7 +43,7 @@ def synthetic_info(toc_entries: int = 3000) -> str:
             + "".join(f"* Tutorial part {i}:: \n" for i in range(40)),
         )
     )
-    for i, name in enumerate(
+    for _i, name in enumerate(
         ["json", "csv", "re", "math", "os", "sys", "time", "heapq", "array", "enum", "glob", "uuid"]
     ):
         parts.append(

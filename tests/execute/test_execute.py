@@ -117,7 +117,10 @@ def test_bfloat16_output_and_small_shards(tmp_path, tiny, cli):
 
 def test_policies_are_applied_and_deterministic(tmp_path, tiny):
     base = tiny(layers=4)
-    body = "seed: 7\ninject:\n  every: 2\n  init: {o_proj: {scale: 0.5}, down_proj: {noise: 0.1}, q_proj: {random: 0.02}, k_proj: zero}\n"
+    body = (
+        "seed: 7\ninject:\n  every: 2\n  init: {o_proj: {scale: 0.5}, down_proj: {noise: 0.1}, "
+        "q_proj: {random: 0.02}, k_proj: zero}\n"
+    )
     _, first = grow(tmp_path, base, body, name="a")
     _, second = grow(tmp_path, base, body, name="b")
     a, b, src = load_all(first), load_all(second), load_all(base)

@@ -202,7 +202,7 @@ def test_output_buffers_are_not_reused_while_their_write_runs(tmp_path, monkeypa
     must never see its bytes overwritten by the next tensor."""
     names = [f"t{i}" for i in range(6)]
     specs = []
-    for i, name in enumerate(names):
+    for _i, name in enumerate(names):
         specs.append((name, "F32", (4096,)))
         if empty_between:
             specs.append((f"{name}.empty", "F32", (0,)))

@@ -90,7 +90,8 @@ def test_var_values_are_typed_and_checked_and_typos_listed(tmp_path, cli):
     assert result.stderr.splitlines() == [
         "--var every=x: every: 'x' is not an int; expected an integer such as 4 (K)",
         "--var evry=2: evry: unknown variable 'evry' (did you mean 'every'?); expected one of: every, dtype, base",
-        "--var dtype=bf16: dtype: 'bf16' is not allowed (did you mean 'bfloat16'?); expected one of: 'float32', 'bfloat16'",
+        "--var dtype=bf16: dtype: 'bf16' is not allowed (did you mean 'bfloat16'?); expected one of: "
+        "'float32', 'bfloat16'",
         "--var every=0: every: must be >= 1, got 0 (K)",
     ]
 
@@ -105,7 +106,8 @@ def test_required_variable_without_value_points_at_its_declaration(tmp_path, cli
 def test_front_matter_errors_are_located(tmp_path, cli):
     t = template_file(
         tmp_path,
-        "---\nvariables:\n  every: {type: integer}\n  k: {type: int, default: two}\n  plan: {type: str, default: x}\n---\nbase_model: x\n",
+        "---\nvariables:\n  every: {type: integer}\n  k: {type: int, default: two}\n  plan: {type: str, default: x}\n"
+        "---\nbase_model: x\n",
     )
     result = cli("render", t)
     assert result.exit_code == 2
@@ -122,7 +124,8 @@ def test_front_matter_errors_are_located(tmp_path, cli):
     lines = cli("render", t2).stderr.splitlines()
     assert lines == [
         f"{t2}:3:27: variables.k.default: 'two' is not an int; expected a value of type int",
-        f"{t2}:4:3: variables.plan: 'plan' is reserved (the rendered recipe's plan); expected letters, digits and '_', not starting with a digit",
+        f"{t2}:4:3: variables.plan: 'plan' is reserved (the rendered recipe's plan); "
+        "expected letters, digits and '_', not starting with a digit",
     ]
 
 
@@ -225,7 +228,8 @@ def test_render_does_not_touch_the_plan_fast_path():
     ]
     code = (
         "import sys; from tli_recipe.cli import main\n"
-        f"for args in {calls!r}:\n    try:\n        main(args)\n    except SystemExit as exit:\n        assert not exit.code, args\n"
+        f"for args in {calls!r}:\n    try:\n        main(args)\n"
+        "    except SystemExit as exit:\n        assert not exit.code, args\n"
         "bad = [m for m in ('jinja2', 'torch', 'transformers') if m in sys.modules]\nassert not bad, bad"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

@@ -134,7 +134,10 @@ def test_lesa_recipe_is_deterministic_and_copies_norms(tmp_path, tiny):
 
 def test_lesa_keeps_function_when_output_projections_are_zero(tmp_path, tiny):
     base = tiny(layers=6)
-    body = "inject:\n  between: [2, 6]\n  lesa: {epochs: 2}\n  init: {q_proj: lesa, k_proj: lesa, up_proj: lesa, o_proj: zero, down_proj: zero}\n"
+    body = (
+        "inject:\n  between: [2, 6]\n  lesa: {epochs: 2}\n  init: {q_proj: lesa, k_proj: lesa, up_proj: lesa, "
+        "o_proj: zero, down_proj: zero}\n"
+    )
     plan, out = grow(tmp_path, base, body)
     assert plan.function_preserving
     torch.testing.assert_close(logits_of(out), logits_of(base), atol=1e-5, rtol=0)

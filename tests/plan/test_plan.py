@@ -90,7 +90,8 @@ def test_dus_slices_layer_map(tmp_path):
 def test_slices_and_inject_combine(tmp_path):
     plan = plan_of(
         tmp_path,
-        f"base_model: {config_dir(tmp_path)}\nslices:\n  - layer_range: [0, 4]\n  - layer_range: [2, 6]\ninject: {{every: 4}}\n",
+        f"base_model: {config_dir(tmp_path)}\nslices:\n  - layer_range: [0, 4]\n  - layer_range: [2, 6]\n"
+        "inject: {every: 4}\n",
     )
     assert layer_map(plan) == "0 1 2 3 3* 2 3 4 5 5*"
 
@@ -98,7 +99,8 @@ def test_slices_and_inject_combine(tmp_path):
 def test_non_zero_init_is_not_function_preserving(tmp_path):
     plan = plan_of(
         tmp_path,
-        f"base_model: {config_dir(tmp_path)}\ninject:\n  every: 4\n  init: {{o_proj: zero, down_proj: {{noise: 0.01}}}}\n",
+        f"base_model: {config_dir(tmp_path)}\ninject:\n  every: 4\n"
+        "  init: {o_proj: zero, down_proj: {noise: 0.01}}\n",
     )
     assert not plan.function_preserving
     noisy = [op for op in plan.tensors if op.op == "noise"]
@@ -186,7 +188,8 @@ def test_plan_time_errors_point_at_the_recipe(tmp_path):
         compile_plan(load_recipe(recipe))
     assert (
         str(err.value)
-        == f"{recipe}:3:18: slices[0].layer_range: [0, 9] ends past the 8 layers of {config_dir(tmp_path)}; expected end <= 8 (half-open range)"
+        == f"{recipe}:3:18: slices[0].layer_range: [0, 9] ends past the 8 layers of {config_dir(tmp_path)}; "
+        "expected end <= 8 (half-open range)"
     )
 
 

@@ -138,7 +138,8 @@ def test_rewrite_config_locates_a_source_config_it_cannot_grow(tmp_path):
     configs = {sources.base: {**sources.configs[sources.base], "layer_types": ["full_attention"] * 7}}
     rewrite_config(sources.base_config, configs, arch, layers, [4, 9], "float32", {}, sources.where, problems)
     assert [str(p) for p in problems.items] == [
-        f"{recipe.file}:1:13: base_model: {sources.base}: config.json layer_types has 7 entries for 8 layers; the config is inconsistent"
+        f"{recipe.file}:1:13: base_model: {sources.base}: config.json layer_types has 7 entries for 8 layers; "
+        "the config is inconsistent"
     ]
 
 

@@ -227,17 +227,19 @@ def test_post_norm_gain_init_moves_less_after_one_step(tmp_path, tiny, arch, ext
         trainable = [
             p for n, p in model.named_parameters() if any(f"layers.{i}." in n for i in plan.requires_grad_layers)
         ]
-        for n, p in model.named_parameters():
+        for _n, p in model.named_parameters():
             p.requires_grad_(any(p is q for q in trainable))
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.optim.SGD(trainable, lr=1e-2).step()
         changes[name] = float((model(input_ids=ids).logits.detach() - before).abs().max())
     print(
-        f"{arch}: max |logit change| after one SGD step: zero o_proj/down_proj {changes['proj']:.4g}, zero post-norm gain {changes['gain']:.4g}"
+        f"{arch}: max |logit change| after one SGD step: zero o_proj/down_proj {changes['proj']:.4g}, "
+        f"zero post-norm gain {changes['gain']:.4g}"
     )
     assert changes["gain"] < changes["proj"] / 5, (
-        f"max |logit change| after one step: zero o_proj/down_proj {changes['proj']:.3g}, zero post-norm gain {changes['gain']:.3g}"
+        f"max |logit change| after one step: zero o_proj/down_proj {changes['proj']:.3g}, "
+        f"zero post-norm gain {changes['gain']:.3g}"
     )
 
 
@@ -324,7 +326,8 @@ def test_published_configs_give_published_parameter_counts(tmp_path, model, para
         load_recipe(
             write_recipe(
                 tmp_path,
-                f"base_model: {CONFIGS / model}\ninject: {{every: 4}}\noutput_config: {{sliding_window_pattern: null}}\n",
+                f"base_model: {CONFIGS / model}\ninject: {{every: 4}}\n"
+                "output_config: {sliding_window_pattern: null}\n",
             )
         )
     )

@@ -140,7 +140,8 @@ def variants(
     else:
         if var_items or grid_items:
             raise TliError(
-                f"{source} is a matrix file: its vars and grid replace --var and --grid; edit the file, or pass the template itself"
+                f"{source} is a matrix file: its vars and grid replace --var and --grid; edit the file, "
+                "or pass the template itself"
             )
         sweep = sweep_from_matrix(source, out_dir_given=out_dir is not None)
     target = Path(out_dir) if out_dir else sweep.out_dir
@@ -157,7 +158,8 @@ def variants(
         if drift:
             click.echo(
                 f"{len(drift)} of {len(made)} recipes differ from their template's rendering or are missing; "
-                f"regenerate them: tli-recipe variants {source}{' --force' if any(status[f] == 'differs' for f in drift) else ''}",
+                "regenerate them: tli-recipe variants "
+                f"{source}{' --force' if any(status[f] == 'differs' for f in drift) else ''}",
                 err=True,
             )
             sys.exit(1)

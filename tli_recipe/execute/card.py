@@ -24,25 +24,26 @@ def model_card(plan: Plan) -> str:
     """README.md of an output checkpoint."""
     t = plan.totals
     stages = (
-        "\n".join(
-            f"{i}. **{s.name}**: trains {'LoRA adapters (r=' + str(s.lora.r) + ') on ' + ', '.join(s.lora.targets) if s.lora else 'the full weights'} "
-            f"of output layers {ranges(s.trainable_layers)}{' and ' + ', '.join(s.trainable_groups) if s.trainable_groups else ''} "
-            f"({s.trainable_parameters:,} parameters)."
-            for i, s in enumerate(plan.stages, 1)
-        )
+        "\n".join(_stage_line(i, s) for i, s in enumerate(plan.stages, 1))
         or "The recipe defines no training stages. The paper's schedule: first train only the injected layers "
         f"({plan.requires_grad_layers}), then the whole model (often with LoRA)."
+    )
+    parameters = f"{t.parameters_before:,} -> {t.parameters_after:,}"
+    preserving = (
+        "yes, the model computes exactly what the base model computes"
+        if plan.function_preserving
+        else "no: it differs from the base model until trained"
     )
     return (
         _front_matter(plan)
         + f"""# {plan.name}
 
 Grown from `{plan.base_model}` ({plan.architecture}) by tli-recipe {plan.tli_recipe_version}:
-{t.layers_before} -> {t.layers_after} decoder layers, {t.parameters_before:,} -> {t.parameters_after:,} parameters, {plan.dtype}.
+{t.layers_before} -> {t.layers_after} decoder layers, {parameters} parameters, {plan.dtype}.
 
 - Injected layers (output indices, also `requires_grad_layers` in config.json): {plan.requires_grad_layers or "none"}
 - Init of the injected layers: {", ".join(f"{k}={v}" for k, v in plan.init.items()) or "n/a"}; other tensors copied.
-{_upcycle_line(plan)}- Function-preserving: {"yes, the model computes exactly what the base model computes" if plan.function_preserving else "no: it differs from the base model until trained"}.
+{_upcycle_line(plan)}- Function-preserving: {preserving}.
 - Recipe: `recipe.yaml` (resolved), sha256 `{plan.recipe_sha256}`; full plan: `plan.json`.
 
 ## Layer map
@@ -62,6 +63,16 @@ Check the checkpoint against its base model: `tli-recipe verify {plan.output}`.
 The license is the base model's: copy its license and terms before you publish this checkpoint.
 """
         + _provenance(plan)
+    )
+
+
+def _stage_line(i: int, s) -> str:
+    trains = "LoRA adapters (r=" + str(s.lora.r) + ") on " + ", ".join(s.lora.targets) if s.lora else "the full weights"
+    groups = " and " + ", ".join(s.trainable_groups) if s.trainable_groups else ""
+    return (
+        f"{i}. **{s.name}**: trains {trains} "
+        f"of output layers {ranges(s.trainable_layers)}{groups} "
+        f"({s.trainable_parameters:,} parameters)."
     )
 
 

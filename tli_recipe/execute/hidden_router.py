@@ -37,7 +37,8 @@ def hidden_routers(plan: Plan, device: str, log: Callable[[str], None]) -> dict:
         for op in group:
             out[op.name] = rows[entries[op.layer].layer]
         log(
-            f"hidden router: {len(group)} routers from {sum(len(p['positive']) + len(p['negative']) for p in plan.upcycle.prompts)} "
+            f"hidden router: {len(group)} routers from "
+            f"{sum(len(p['positive']) + len(p['negative']) for p in plan.upcycle.prompts)} "
             f"prompts through {key} on {device}"
         )
     return out

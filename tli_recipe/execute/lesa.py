@@ -65,7 +65,7 @@ def train_predictor(blocks: list, settings, device: str = "cpu"):
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr)
     lam = settings.norm_weight
     losses = []
-    for epoch in range(settings.epochs):
+    for _epoch in range(settings.epochs):
         order = torch.randperm(len(x), generator=gen).to(device)
         total, count = 0.0, 0
         for start in range(0, len(x), settings.batch_size):
@@ -96,8 +96,8 @@ def fit_basis(
     model, losses = train_predictor(blocks, settings, device)
     if losses:
         log(
-            f"lesa {label}: {sum(b.shape[0] for b in blocks[1:-1])} rows, loss {losses[0]:.3g} -> {losses[-1]:.3g} over "
-            f"{settings.epochs} epochs ({time.perf_counter() - started:.1f} s)"
+            f"lesa {label}: {sum(b.shape[0] for b in blocks[1:-1])} rows, loss {losses[0]:.3g} -> {losses[-1]:.3g} "
+            f"over {settings.epochs} epochs ({time.perf_counter() - started:.1f} s)"
         )
     return us, blocks, model, losses
 

@@ -261,7 +261,7 @@ def _restore(old: Path, target: Path) -> None:
 
 
 def fsync_tree(folder: Path) -> None:
-    for root, dirs, names in os.walk(folder):
+    for root, _dirs, names in os.walk(folder):
         for name in names:
             _fsync(Path(root) / name)
         _fsync(Path(root))

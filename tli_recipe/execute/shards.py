@@ -323,7 +323,8 @@ class ShardWriter:
         code, shape = self._next(name)
         if info.shape != shape or info.dtype != code:
             raise TliError(
-                f"tensor '{name}': source '{info.name}' is {list(info.shape)} {info.dtype}, the plan says {list(shape)} {code}"
+                f"tensor '{name}': source '{info.name}' is {list(info.shape)} {info.dtype}, the plan says "
+                f"{list(shape)} {code}"
             )
         if info.nbytes:
             self._handle.flush()

@@ -283,13 +283,16 @@ def diff_plans(a, b) -> list[str]:
     stages = []
     for name in list(sa) + [n for n in sb if n not in sa]:
         x, y = sa.get(name), sb.get(name)
-        describe = lambda s: (
-            "(absent)"
-            if s is None
-            else f"layers {ranges(s.trainable_layers)}"
-            + (f" + {', '.join(s.trainable_groups)}" if s.trainable_groups else "")
-            + (f", LoRA r={s.lora.r}" if s.lora else "")
-        )  # noqa: E731
+
+        def describe(s):
+            return (
+                "(absent)"
+                if s is None
+                else f"layers {ranges(s.trainable_layers)}"
+                + (f" + {', '.join(s.trainable_groups)}" if s.trainable_groups else "")
+                + (f", LoRA r={s.lora.r}" if s.lora else "")
+            )
+
         if describe(x) != describe(y):
             stages.append(f"  {name}: {describe(x)} -> {describe(y)}")
     if stages:

@@ -242,7 +242,8 @@ def _variable_problems(name: str, var: Variable) -> list[tuple[tuple, str]]:
 def render_text(
     template: Template, values: dict[str, Any], plan: Optional[dict] = None, generated: Optional[dict] = None
 ) -> str:
-    """The body rendered with ``values`` (and ``plan``, ``generated``), in the sandbox; errors located in the template."""
+    """The body rendered with ``values`` (and ``plan``, ``generated``), in the sandbox; errors located in
+    the template."""
     context = dict(values)
     if template.uses_plan:
         context["plan"] = plan if plan is not None else PLACEHOLDER_PLAN
@@ -283,10 +284,16 @@ def _render_message(exc: BaseException, template: Template) -> str:
         match = re.match(r"^'(\w+)' is undefined$", str(exc))
         if match:
             name = match.group(1)
-            return f"'{name}' is undefined{did_you_mean(name, template.variables)}; expected one of: {', '.join(template.variables)}"
+            return (
+                f"'{name}' is undefined{did_you_mean(name, template.variables)}; expected one of: "
+                f"{', '.join(template.variables)}"
+            )
         return f"{exc}; expected an attribute or key that exists"
     if isinstance(exc, TypeError) and "no loader" in str(exc):
-        return "templates cannot include, import or extend other files (no file access); expected one self-contained template"
+        return (
+            "templates cannot include, import or extend other files (no file access); "
+            "expected one self-contained template"
+        )
     return f"{type(exc).__name__}: {exc}; fix the expression"
 
 

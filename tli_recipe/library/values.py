@@ -53,10 +53,16 @@ def _type_error(kind: str, value: Any) -> Optional[str]:
 
 def _range_error(var: Variable, value: Any) -> Optional[str]:
     if var.choices is not None and value not in var.choices:
-        return f"{show(value)} is not allowed{did_you_mean(str(value), [str(c) for c in var.choices])}; expected one of: {', '.join(show(c) for c in var.choices)}"
+        return (
+            f"{show(value)} is not allowed{did_you_mean(str(value), [str(c) for c in var.choices])}; expected one of: "
+            f"{', '.join(show(c) for c in var.choices)}"
+        )
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
     if (var.min is not None or var.max is not None) and not numeric:
-        return f"min and max apply to int and float variables, and {show(value)} is a {type(value).__name__}; remove them or change the type"
+        return (
+            f"min and max apply to int and float variables, and {show(value)} is a {type(value).__name__}; "
+            "remove them or change the type"
+        )
     if var.min is not None and value < var.min:
         return f"must be >= {var.min:g}, got {show(value)}"
     if var.max is not None and value > var.max:

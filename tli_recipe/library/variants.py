@@ -85,12 +85,16 @@ class Matrix(Strict):
     out_dir: str = Field(default=".", min_length=1, description="Where the recipes are written, relative to this file.")
     configs: list[str] = Field(
         default_factory=list,
-        description="Folders of stored configs (org__name/config.json), relative to this file, for models that are not local.",
+        description=(
+            "Folders of stored configs (org__name/config.json), relative to this file, for models that are not local."
+        ),
     )
     vars: dict[str, Any] = Field(default_factory=dict, description="Values of every combination.")
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(
         default_factory=dict,
-        description="Variable -> values; one recipe per combination. A value that is a mapping sets several variables at once.",
+        description=(
+            "Variable -> values; one recipe per combination. A value that is a mapping sets several variables at once."
+        ),
     )
 
 
@@ -262,7 +266,8 @@ class VariantsError(RecipeError):
 
     def __str__(self) -> str:
         lines = [
-            f"{len(self.failed)} of {self.total} combinations {'is' if len(self.failed) == 1 else 'are'} invalid; nothing was written"
+            f"{len(self.failed)} of {self.total} combinations {'is' if len(self.failed) == 1 else 'are'} invalid; "
+            "nothing was written"
         ]
         for v in self.failed:
             lines.append(f"combination {v.label} ({v.file}):")

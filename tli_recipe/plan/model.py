@@ -31,7 +31,9 @@ class SourceModel(Frozen):
     has_weights: bool = Field(description="False when the directory holds only config.json (plan only; run refuses).")
     revision: Optional[str] = Field(
         default=None,
-        description="The commit the directory holds (hub cache snapshot, download metadata or git HEAD); None when unknown.",
+        description=(
+            "The commit the directory holds (hub cache snapshot, download metadata or git HEAD); None when unknown."
+        ),
     )
 
 
@@ -47,7 +49,9 @@ class LayerEntry(Frozen):
     )
     next_source: Optional[str] = Field(
         default=None,
-        description="Injected layers: source model of the stack layer after the injection point (None at the end of the stack).",
+        description=(
+            "Injected layers: source model of the stack layer after the injection point (None at the end of the stack)."
+        ),
     )
     next_layer: Optional[int] = Field(
         default=None, description="Injected layers: source layer index after the injection point."
@@ -117,7 +121,9 @@ class StagePlan(Frozen):
     name: str
     trainable_layers: list[int] = Field(description="Output layer indices that train.")
     trainable_groups: list[str] = Field(
-        description="Groups beyond whole layers that train fully: embeddings, head, and in an MoE model router, experts."
+        description=(
+            "Groups beyond whole layers that train fully: embeddings, head, and in an MoE model router, experts."
+        )
     )
     parameters: list[str] = Field(
         description="Names of the output tensors that train (for LoRA: the weights that get adapters)."
@@ -127,7 +133,10 @@ class StagePlan(Frozen):
         default=None, description="objective: mod: the ensemble head that trains beside the parameters."
     )
     trainable_parameters: int = Field(
-        description="Elements that train: of the parameters above, or for LoRA of its adapters (r*(in+out) per adapted weight), plus the MoD head."
+        description=(
+            "Elements that train: of the parameters above, or for LoRA of its adapters (r*(in+out) per adapted "
+            "weight), plus the MoD head."
+        )
     )
     settings: Stage = Field(
         description="The recipe's typed stage: datasets, learning rate, precision, LoRA settings..."
@@ -152,10 +161,14 @@ class UpcyclePlan(Frozen):
     )
     parameters_total: int
     parameters_active: int = Field(
-        description="Parameters used per token: the total less the experts a token is not routed to (embeddings included)."
+        description=(
+            "Parameters used per token: the total less the experts a token is not routed to (embeddings included)."
+        )
     )
     renormalised: bool = Field(
-        description="The top-k routing weights are renormalised to sum 1 (Mixtral always; Qwen3-MoE with norm_topk_prob)."
+        description=(
+            "The top-k routing weights are renormalised to sum 1 (Mixtral always; Qwen3-MoE with norm_topk_prob)."
+        )
     )
     breaks_preservation: list[str] = Field(
         description="Why the MoE layers differ from the dense MLPs (empty: they compute the same)."
@@ -220,7 +233,9 @@ class Plan(Frozen):
     config_changes: list[ConfigChange]
     blocking: list[str] = Field(
         default_factory=list,
-        description="Choices the recipe must state before `run` (config fields that cannot follow the layer map by themselves).",
+        description=(
+            "Choices the recipe must state before `run` (config fields that cannot follow the layer map by themselves)."
+        ),
     )
     stages: list[StagePlan]
     warnings: list[str]
@@ -249,7 +264,10 @@ class Plan(Frozen):
     vocab_key: str = Field(description="The config.json key holding the vocabulary size, from the architecture.")
     vocab_size: Optional[int] = Field(
         default=None,
-        description="The vocabulary size (the decoder config's vocab_key, or the architecture's default for it); None when unknown.",
+        description=(
+            "The vocabulary size (the decoder config's vocab_key, or the architecture's default for it); None when "
+            "unknown."
+        ),
     )
     decoder_config_path: list[str] = Field(
         default_factory=list,
@@ -257,7 +275,10 @@ class Plan(Frozen):
     )
     source_files: dict[str, dict[str, str]] = Field(
         default_factory=dict,
-        description="sha256 of every file each source contributes, by source key and file name; filled in by `run` (empty in `plan`).",
+        description=(
+            "sha256 of every file each source contributes, by source key and file name; filled in by `run` "
+            "(empty in `plan`)."
+        ),
     )
 
     def injected(self) -> list[LayerEntry]:

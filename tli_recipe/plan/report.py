@@ -70,12 +70,20 @@ def plan_table(plan: Plan) -> str:
     for r in rows:
         lines.append(f"  {r[0]:>{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
     t = plan.totals
+    preserving = (
+        "yes: the output computes exactly the base model"
+        if plan.function_preserving
+        else "no: the output differs from the base model until trained"
+    )
     lines += [
         "",
-        f"layers      {t.layers_before} -> {t.layers_after} ({len(plan.requires_grad_layers)} injected: {plan.requires_grad_layers})",
-        f"parameters  {human_count(t.parameters_before)} -> {human_count(t.parameters_after)} ({t.parameters_before:,} -> {t.parameters_after:,})",
-        f"write       {t.tensors} tensors, {human_bytes(t.bytes_to_write)} as {plan.dtype}, shards of at most {human_bytes(plan.shard_size)}",
-        f"preserving  {'yes: the output computes exactly the base model' if plan.function_preserving else 'no: the output differs from the base model until trained'}",
+        f"layers      {t.layers_before} -> {t.layers_after} ({len(plan.requires_grad_layers)} injected: "
+        f"{plan.requires_grad_layers})",
+        f"parameters  {human_count(t.parameters_before)} -> {human_count(t.parameters_after)} "
+        f"({t.parameters_before:,} -> {t.parameters_after:,})",
+        f"write       {t.tensors} tensors, {human_bytes(t.bytes_to_write)} as {plan.dtype}, shards of at most "
+        f"{human_bytes(plan.shard_size)}",
+        f"preserving  {preserving}",
         f"output      {plan.output}",
     ]
     if up is not None:
@@ -88,7 +96,8 @@ def plan_table(plan: Plan) -> str:
         )
         if not recommended and plan.init_recommended:
             lines.append(
-                f"            recommended for {plan.architecture}: {', '.join(f'{k}={v}' for k, v in plan.init_recommended.items())}"
+                f"            recommended for {plan.architecture}: "
+                f"{', '.join(f'{k}={v}' for k, v in plan.init_recommended.items())}"
             )
         options = "; ".join(f"{b}: {' | '.join(o)}" for b, o in plan.identity_options.items())
         if options:

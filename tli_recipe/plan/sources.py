@@ -27,6 +27,9 @@ from tli_recipe.source.provenance import check_pin, source_revision
 #: ``copies: 100000000`` is refused before anything is built.
 MAX_GROWTH = 16
 
+#: The access of a caller that names none (``Access`` is frozen, so one shared default is safe).
+DEFAULT_ACCESS = Access()
+
 Tensors = dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (dtype code, shape)
 
 
@@ -215,7 +218,7 @@ def add_source(
     return ref
 
 
-def open_base(recipe: Recipe, problems: Problems, access: Access = Access()) -> Sources:
+def open_base(recipe: Recipe, problems: Problems, access: Access = DEFAULT_ACCESS) -> Sources:
     """The base model and its architecture; raises (located at base_model) when either is unusable."""
     base = _open(recipe.base_model, ("base_model",), problems, access)
     problems.raise_if_any()
@@ -241,7 +244,7 @@ def open_base(recipe: Recipe, problems: Problems, access: Access = Access()) -> 
     return sources
 
 
-def resolve_sources(recipe: Recipe, problems: Problems, access: Access = Access()) -> Sources:
+def resolve_sources(recipe: Recipe, problems: Problems, access: Access = DEFAULT_ACCESS) -> Sources:
     """Every source checkpoint, checked, and the stack: the slices, or every base layer once.
 
     Problems of the slices are added to ``problems`` (not raised): the caller raises once the

@@ -14,7 +14,8 @@ from tli_recipe.source.checkpoint import CODES, NAMES
 
 
 def choose_policies(inject: Optional[Inject], arch: Architecture, problems: Problems) -> dict[str, Policy]:
-    """The init policy of each projection of the injected layers: the recipe's, or the architecture's recommended one."""
+    """The init policy of each projection of the injected layers: the recipe's, or the architecture's
+    recommended one."""
     if inject is None:
         return {}
     if inject.init is None:
@@ -24,7 +25,8 @@ def choose_policies(inject: Optional[Inject], arch: Architecture, problems: Prob
         if proj not in arch.projections:
             problems.add(
                 ("inject", "init", proj),
-                f"the {arch.name} architecture has no projection '{proj}'; expected one of: {', '.join(arch.projections)}",
+                f"the {arch.name} architecture has no projection '{proj}'; expected one of: "
+                f"{', '.join(arch.projections)}",
                 prefer_key=True,
             )
         elif policy.kind == "zero_gain" and not arch.projections[proj].norm:

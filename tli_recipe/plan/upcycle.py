@@ -170,7 +170,8 @@ def select_layers(upc: Upcycling, layers: list[LayerEntry], problems: Problems) 
 def upcycle_ops(
     recipe: Recipe, sources: Sources, layers: list[LayerEntry], ops: list[TensorOp], upc: Upcycling, problems: Problems
 ) -> list[TensorOp]:
-    """The dense ops with each MLP tensor of an upcycled layer replaced by its experts' tensors, and a router per layer."""
+    """The dense ops with each MLP tensor of an upcycled layer replaced by its experts' tensors, and a
+    router per layer."""
     arch, chosen = sources.arch, set(upc.layers)
     experts = upc.expert_modules
     hidden = sources.arch.names(sources.configs[sources.base]).get("hidden_size")

@@ -181,7 +181,7 @@ def _expand(data: Any, path: list) -> tuple[list[list], str]:
     """``path`` with each ``*`` replaced by every index of the list it stands for (``stages[*].precision``
     -> one path per stage), or ``([], why)`` when a ``*`` is not over a list with items."""
     paths: list[list] = [[]]
-    for depth, part in enumerate(path):
+    for _depth, part in enumerate(path):
         if part != "*":
             paths = [p + [part] for p in paths]
             continue

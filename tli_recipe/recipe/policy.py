@@ -93,7 +93,11 @@ _POLICY_SCHEMA = {
             "additionalProperties": False,
         },
     ],
-    "description": "copy: the source tensor; zero: zeros; zero_gain: a norm gain set to an effective 0 (Gemma: -1); scale: source times x; noise: source plus seeded N(0, std^2); random: seeded N(0, std^2); interpolate: (1 - w) * previous + w * next layer; lesa: predicted from both neighbours (LESA).",
+    "description": (
+        "copy: the source tensor; zero: zeros; zero_gain: a norm gain set to an effective 0 (Gemma: -1); scale: "
+        "source times x; noise: source plus seeded N(0, std^2); random: seeded N(0, std^2); interpolate: (1 - w) * "
+        "previous + w * next layer; lesa: predicted from both neighbours (LESA)."
+    ),
 }
 
 PolicyField = Annotated[

@@ -135,7 +135,10 @@ class Slice(NoNulls):
 
     model: Optional[ModelField] = Field(
         default=None,
-        description="Model the layers come from (local directory, hub id, or {path, revision, checksums} as base_model); default: base_model.",
+        description=(
+            "Model the layers come from (local directory, hub id, or {path, revision, checksums} as base_model); "
+            "default: base_model."
+        ),
     )
     layer_range: LayerRange = Field(description="Source layers [start, end): half-open, 0-based.")
 
@@ -171,7 +174,10 @@ class Inject(NoNulls):
         default=None,
         ge=1,
         le=MAX_LAYERS,
-        description="K: insert after every K layers of the sliced stack (Algorithm 1: after stack position i when (i + 1) % K == 0).",
+        description=(
+            "K: insert after every K layers of the sliced stack (Algorithm 1: after stack position i "
+            "when (i + 1) % K == 0)."
+        ),
     )
     after: Optional[list[Position]] = Field(
         default=None,
@@ -181,18 +187,28 @@ class Inject(NoNulls):
     )
     between: Optional[LayerRange] = Field(
         default=None,
-        description="Insert one layer between each pair of neighbouring stack positions in [start, end) (half-open, 0-based): end - start - 1 new layers, as LESA does over the upper half.",
+        description=(
+            "Insert one layer between each pair of neighbouring stack positions in [start, end) (half-open, 0-based): "
+            "end - start - 1 new layers, as LESA does over the upper half."
+        ),
     )
     copies: StrictInt = Field(
         default=1, ge=1, le=MAX_COPIES, description="Number of layers inserted at each position (LLaMA Pro's P)."
     )
     source: Literal["previous"] = Field(
         default="previous",
-        description="Which layer each injected layer copies: `previous`, the layer just before it (`interpolate` and `lesa` also read the layer after it).",
+        description=(
+            "Which layer each injected layer copies: `previous`, the layer just before it (`interpolate` and `lesa` "
+            "also read the layer after it)."
+        ),
     )
     init: Optional[Init] = Field(  # type: ignore[valid-type]
         default=None,
-        description="Per-projection init policy; tensors not named are copied. Default: the architecture's function-preserving init (o_proj and down_proj zero for Llama-family models). A given `init` replaces the default entirely.",
+        description=(
+            "Per-projection init policy; tensors not named are copied. Default: the architecture's "
+            "function-preserving init (o_proj and down_proj zero for Llama-family models). A given `init` replaces "
+            "the default entirely."
+        ),
     )
     lesa: Lesa = Field(default_factory=Lesa, description="Settings of the lesa policy.")
 
@@ -249,7 +265,8 @@ def _parse_selector(value: Any) -> Any:
     if isinstance(value, str):
         if value not in LAYER_GROUPS:
             raise _fail(
-                f"'{value}' is not a layer group{did_you_mean(value, LAYER_GROUPS)}; expected one of: {', '.join(LAYER_GROUPS)}, or {{layers: [start, end]}}"
+                f"'{value}' is not a layer group{did_you_mean(value, LAYER_GROUPS)}; expected one of: "
+                f"{', '.join(LAYER_GROUPS)}, or {{layers: [start, end]}}"
             )
         return value
     if isinstance(value, LayerSpan):
@@ -262,7 +279,8 @@ def _parse_selector(value: Any) -> Any:
             and all(isinstance(x, int) and not isinstance(x, bool) for x in span)
         ):
             raise _fail(
-                f"layers: {span!r} is not a range; expected {{layers: [start, end]}} with integer output layer indices (half-open, 0-based)"
+                f"layers: {span!r} is not a range; expected {{layers: [start, end]}} with integer output layer "
+                "indices (half-open, 0-based)"
             )
         return LayerSpan(layers=(span[0], _check_range(tuple(span))[1]))
     raise _fail(
@@ -285,15 +303,25 @@ class Lora(Strict):
     targets: list[Literal[LINEAR_PROJECTIONS]] = Field(  # type: ignore[valid-type]
         min_length=1,
         max_length=len(LINEAR_PROJECTIONS),
-        description="Projections that get adapters. Leaving out o_proj/down_proj on zero-initialised injected layers means they never move.",
+        description=(
+            "Projections that get adapters. Leaving out o_proj/down_proj on zero-initialised injected layers means "
+            "they never move."
+        ),
     )
     quantize: Optional[Literal[4, 8]] = Field(
         default=None,
-        description="QLoRA: hold the frozen weights in 4 or 8 bits while training (bitsandbytes, CUDA only); the adapters are merged into the unquantized weights at the end of the stage.",
+        description=(
+            "QLoRA: hold the frozen weights in 4 or 8 bits while training (bitsandbytes, CUDA only); the adapters are "
+            "merged into the unquantized weights at the end of the stage."
+        ),
     )
     allow_frozen_injected: StrictBool = Field(
         default=False,
-        description="Accept targets that leave out projections zero-initialised in the injected layers (o_proj, down_proj): those layers then stay the identity through this stage. Without it `train` and `emit` refuse such a stage.",
+        description=(
+            "Accept targets that leave out projections zero-initialised in the injected layers (o_proj, down_proj): "
+            "those layers then stay the identity through this stage. Without it `train` and `emit` refuse such a "
+            "stage."
+        ),
     )
 
 
@@ -302,7 +330,11 @@ class Dataset(Strict):
 
     path: str = Field(
         min_length=1,
-        description="A plain-text file (one document per non-empty line, as the `datasets` text loader reads it) or a .jsonl/.json file (one JSON object per line); relative to the recipe file's folder (`~` is the home directory).",
+        description=(
+            "A plain-text file (one document per non-empty line, as the `datasets` text loader reads it) or a "
+            ".jsonl/.json file (one JSON object per line); relative to the recipe file's folder (`~` is the home "
+            "directory)."
+        ),
     )
     text_field: str = Field(default="text", min_length=1, description="The JSONL field holding each document's text.")
 
@@ -314,21 +346,33 @@ class Mod(Strict):
     layers: StrictInt = Field(
         default=3,
         ge=2,
-        description="Late decoder layers in the ensemble, the last one included (the paper: 3); at most the output's layer count.",
+        description=(
+            "Late decoder layers in the ensemble, the last one included (the paper: 3); at most the output's layer "
+            "count."
+        ),
     )
     distill_weight: float = Field(
         default=0.1,
         ge=0,
-        description="lambda: weight of the KL divergence from the final layer's distribution (not trained through) to each earlier exit, averaged over the exits.",
+        description=(
+            "lambda: weight of the KL divergence from the final layer's distribution (not trained through) to each "
+            "earlier exit, averaged over the exits."
+        ),
     )
     init: Literal["exact", "uniform"] = Field(
         default="exact",
-        description="exact: the gate between the model's own logits and the ensemble starts at 0, so step 0 computes exactly the model's logits; uniform: the paper's ensemble from step 0 (zero router: equal weights).",
+        description=(
+            "exact: the gate between the model's own logits and the ensemble starts at 0, so step 0 computes exactly "
+            "the model's logits; uniform: the paper's ensemble from step 0 (zero router: equal weights)."
+        ),
     )
     learning_rate: float = Field(
         default=1e-3,
         gt=0,
-        description="Learning rate of the MoD head (exit norms, router, gate); the stage's learning_rate applies to the model's parameters.",
+        description=(
+            "Learning rate of the MoD head (exit norms, router, gate); the stage's learning_rate applies to the "
+            "model's parameters."
+        ),
     )
 
 
@@ -343,7 +387,10 @@ class Stage(Strict):
     trainable: list[Selector] = Field(
         min_length=1,
         max_length=MAX_SELECTORS,
-        description="Layer groups that train: injected, original, all, embeddings, head, or {layers: [start, end]} of output layers; in an MoE output also router, experts (and shared where the architecture has shared experts).",
+        description=(
+            "Layer groups that train: injected, original, all, embeddings, head, or {layers: [start, end]} of output "
+            "layers; in an MoE output also router, experts (and shared where the architecture has shared experts)."
+        ),
     )
     lora: Optional[Lora] = Field(
         default=None, description="Train LoRA adapters on the trainable layers instead of their full weights."
@@ -372,7 +419,9 @@ class Stage(Strict):
     gradient_accumulation: StrictInt = Field(
         default=1,
         ge=1,
-        description="Micro batches per optimizer step; sequences per step = batch_size x gradient_accumulation x devices.",
+        description=(
+            "Micro batches per optimizer step; sequences per step = batch_size x gradient_accumulation x devices."
+        ),
     )
     sequence_length: StrictInt = Field(
         default=2048,
@@ -381,7 +430,9 @@ class Stage(Strict):
     )
     precision: Literal["bfloat16", "float16", "float32"] = Field(
         default="bfloat16",
-        description="Mixed-precision compute dtype (autocast); float32 turns it off. Weights keep the checkpoint's dtype.",
+        description=(
+            "Mixed-precision compute dtype (autocast); float32 turns it off. Weights keep the checkpoint's dtype."
+        ),
     )
     gradient_checkpointing: StrictBool = Field(
         default=False,
@@ -404,7 +455,10 @@ class Stage(Strict):
     )
     objective: Literal["lm", "mod"] = Field(
         default="lm",
-        description="lm: next-token cross-entropy of the model's logits; mod: Mixture-of-Depths ensemble tuning (the built-in trainer only).",
+        description=(
+            "lm: next-token cross-entropy of the model's logits; mod: Mixture-of-Depths ensemble tuning (the built-in "
+            "trainer only)."
+        ),
     )
     mod: Optional[Mod] = Field(default=None, description="Settings of objective: mod (default: the paper's k = 3).")
 
@@ -503,12 +557,18 @@ class Upcycle(NoNulls):
         default=None,
         min_length=1,
         max_length=MAX_SELECTORS,
-        description="Output layers to upcycle (after slices and inject): all, injected, original, or {layers: [start, end]}; default: all.",
+        description=(
+            "Output layers to upcycle (after slices and inject): all, injected, original, or {layers: [start, end]}; "
+            "default: all."
+        ),
     )
     output: Optional[str] = Field(
         default=None,
         min_length=1,
-        description="The MoE architecture written (mixtral, qwen3_moe); default: the source architecture's MoE sibling (llama, mistral -> mixtral; qwen3 -> qwen3_moe).",
+        description=(
+            "The MoE architecture written (mixtral, qwen3_moe); default: the source architecture's MoE sibling "
+            "(llama, mistral -> mixtral; qwen3 -> qwen3_moe)."
+        ),
     )
     router: Annotated[
         Policy,
@@ -517,7 +577,11 @@ class Upcycle(NoNulls):
         WithJsonSchema({"oneOf": [{"enum": ["zero", "hidden"]}, _POLICY_SCHEMA["oneOf"][3]]}),
     ] = Field(
         default_factory=lambda: Policy(kind="zero"),
-        description="Router init: zero (uniform routing), {random: std} (seeded), or hidden: each expert's row is the normalised mean MLP input (the router's own input) at the last token of its prompts, minus that of its negative prompts (runs the source model; needs prompts).",
+        description=(
+            "Router init: zero (uniform routing), {random: std} (seeded), or hidden: each expert's row is the "
+            "normalised mean MLP input (the router's own input) at the last token of its prompts, minus that of its "
+            "negative prompts (runs the source model; needs prompts)."
+        ),
     )
     prompts: Optional[list[ExpertPrompts]] = Field(
         default=None,
@@ -527,13 +591,19 @@ class Upcycle(NoNulls):
     )
     init: ExpertInit = Field(
         default_factory=lambda: Policy(kind="copy"),
-        description="Expert init: one policy for every expert, or a list of E (expert i gets entry i): copy, {noise: std}, {scale: x}, applied to every weight of the expert.",
+        description=(
+            "Expert init: one policy for every expert, or a list of E (expert i gets entry i): copy, {noise: std}, "
+            "{scale: x}, applied to every weight of the expert."
+        ),
     )
     sources: Optional[list[ExpertSource]] = Field(
         default=None,
         min_length=1,
         max_length=MAX_EXPERTS,
-        description="Expert i's MLP from sources[i] (E entries; checkpoints of the same architecture and widths); default: every expert from the layer's own source.",
+        description=(
+            "Expert i's MLP from sources[i] (E entries; checkpoints of the same architecture and widths); default: "
+            "every expert from the layer's own source."
+        ),
     )
 
     def expert_policies(self) -> list[Policy]:
@@ -605,21 +675,30 @@ class Recipe(NoNulls):
         description="Name of the output model; default: the recipe file's stem.",
     )
     base_model: ModelField = Field(
-        description="The source checkpoint: a local directory, or a hub id resolved through the local Hugging Face cache (id or id@revision), or {path, revision, checksums} to pin it."
+        description=(
+            "The source checkpoint: a local directory, or a hub id resolved through the local Hugging Face cache "
+            "(id or id@revision), or {path, revision, checksums} to pin it."
+        )
     )
     dtype: Optional[Dtype] = Field(default=None, description="dtype of the output tensors; default: the source dtype.")
     slices: Optional[list[Slice]] = Field(
         default=None,
         min_length=1,
         max_length=MAX_LAYERS,
-        description="The output stack before injection, as source layer ranges; default: every layer of base_model once. Two overlapping slices are SOLAR-style depth up-scaling.",
+        description=(
+            "The output stack before injection, as source layer ranges; default: every layer of base_model once. Two "
+            "overlapping slices are SOLAR-style depth up-scaling."
+        ),
     )
     inject: Optional[Inject] = Field(
         default=None, description="Layer injection (TLI / LLaMA Pro); absent: no layer is injected."
     )
     upcycle: Optional[Upcycle] = Field(
         default=None,
-        description="Sparse upcycling to Mixture-of-Experts, applied to the output layers after slices and inject; absent: the output stays dense.",
+        description=(
+            "Sparse upcycling to Mixture-of-Experts, applied to the output layers after slices and inject; absent: "
+            "the output stays dense."
+        ),
     )
     stages: list[Stage] = Field(
         default_factory=list,
@@ -629,18 +708,27 @@ class Recipe(NoNulls):
     output: Optional[str] = Field(
         default=None,
         min_length=1,
-        description="Output directory, relative to the recipe file's folder (a --set value: to the working directory); default: out/<name> in the working directory.",
+        description=(
+            "Output directory, relative to the recipe file's folder (a --set value: to the working directory); "
+            "default: out/<name> in the working directory."
+        ),
     )
     shard_size: ShardSize = Field(default=5 * 10**9, description="Largest output shard in bytes (or 5GB, 500MiB...).")
     seed: StrictInt = Field(
         default=0,
         ge=0,
-        description="Seed of the noise and random policies; each tensor draws from its own stream derived from this seed and its name.",
+        description=(
+            "Seed of the noise and random policies; each tensor draws from its own stream derived from this seed and "
+            "its name."
+        ),
     )
     output_config: dict[str, Any] = Field(
         default_factory=dict,
         max_length=MAX_CONFIG_KEYS,
-        description="Fields of the output config.json set explicitly (null removes a field); applied last. Needed where a config field cannot follow the layer map by itself (plan says which).",
+        description=(
+            "Fields of the output config.json set explicitly (null removes a field); applied last. Needed where a "
+            "config field cannot follow the layer map by itself (plan says which)."
+        ),
     )
 
 

@@ -32,16 +32,27 @@ class ModelRef(Strict):
 
     path: str = Field(
         min_length=1,
-        description="A local directory, or a hub id (org/name) resolved through the local Hugging Face cache, or downloaded from the hub by `run` when missing.",
+        description=(
+            "A local directory, or a hub id (org/name) resolved through the local Hugging Face cache, or downloaded "
+            "from the hub by `run` when missing."
+        ),
     )
     revision: Optional[str] = Field(
         default=None,
         min_length=1,
-        description="The commit the model must be at: a hub id resolves to this cache snapshot (a branch or tag name resolves through refs/ but moves: plan warns); a local directory is checked against the commit `hf download --local-dir` recorded, or its git HEAD.",
+        description=(
+            "The commit the model must be at: a hub id resolves to this cache snapshot (a branch or tag name resolves "
+            "through refs/ but moves: plan warns); a local directory is checked against the commit "
+            "`hf download --local-dir` recorded, or its git HEAD."
+        ),
     )
     checksums: dict[str, Annotated[str, AfterValidator(_check_sha256)]] = Field(
         default_factory=dict,
-        description="Expected sha256 of source files by name, relative to the model directory (config.json, model-00001-of-00004.safetensors...); `run` checks them and refuses a mismatch. `tli-recipe pin MODEL` prints them.",
+        description=(
+            "Expected sha256 of source files by name, relative to the model directory (config.json, "
+            "model-00001-of-00004.safetensors...); `run` checks them and refuses a mismatch. `tli-recipe pin MODEL` "
+            "prints them."
+        ),
     )
     _form: str = PrivateAttr(default="mapping")
 
@@ -51,7 +62,8 @@ class ModelRef(Strict):
         for name in value:
             if not name or name.startswith("/") or ".." in name.split("/"):
                 raise _fail(
-                    f"{name!r} is not a file of the model directory; expected a name relative to it, such as config.json"
+                    f"{name!r} is not a file of the model directory; expected a name relative to it, "
+                    "such as config.json"
                 )
         return value
 
@@ -80,7 +92,8 @@ def _parse_ref(value: Any) -> Any:
         return _parse_ref(_dump_ref(value))
     if not isinstance(value, str):
         raise _fail(
-            f"{value!r} is not a model; expected a directory, a hub id (org/name or org/name@revision), or {{path: ..., revision: ..., checksums: ...}}"
+            f"{value!r} is not a model; expected a directory, a hub id (org/name or org/name@revision), "
+            "or {path: ..., revision: ..., checksums: ...}"
         )
     if not value:
         raise _fail(

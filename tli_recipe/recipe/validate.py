@@ -33,7 +33,10 @@ def _message(err: dict, model: type[BaseModel]) -> str:
         )
         return f"is required{described}"
     if kind == "string_pattern_mismatch":
-        return f"{shown} is not a valid {noun}; expected letters, digits, '.', '_' and '-', starting with a letter or digit"
+        return (
+            f"{shown} is not a valid {noun}; expected letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
     if kind == "string_too_short":
         return f"is empty; expected a non-empty {noun}"
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
@@ -66,7 +69,10 @@ def _message(err: dict, model: type[BaseModel]) -> str:
         choices = [c.strip(" '") for c in expected.replace(" or ", ",").split(",") if c.strip()]
         noun = "LoRA target" if noun == "targets" else noun
         hint = _module_hint(value) if noun == "LoRA target" else ""
-        return f"{shown} is not a valid {noun}{hint or did_you_mean(value, choices)}; expected one of: {', '.join(choices)}"
+        return (
+            f"{shown} is not a valid {noun}{hint or did_you_mean(value, choices)}; expected one of: "
+            f"{', '.join(choices)}"
+        )
     msg = err["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):

@@ -372,7 +372,8 @@ def find_architecture(config: Mapping[str, Any], tensor_names: Iterable[str] = (
             return inferred
     known = sorted(a for arch in archs.values() for a in arch.architectures)
     raise ArchError(
-        f"architecture {what} has no definition{' and its layer structure could not be inferred from the tensor names' if names else ''}; "
+        f"architecture {what} has no definition"
+        f"{' and its layer structure could not be inferred from the tensor names' if names else ''}; "
         f"supported: {', '.join(known)}. To add one, write a data file in tli_recipe/_data/architectures/ "
         "(README: Adding an architecture)"
     )
@@ -427,7 +428,10 @@ def infer_architecture(what: str, names: list[str]) -> Optional[Architecture]:
         num_layers_key=conventions.num_layers_key,
         vocab_key=conventions.vocab_key,
         layers_pattern=pattern_of[head],
-        notes=f"inferred from tensor names: layer prefix {prefix!r}, projections {', '.join(sorted(projections)) or 'none'}",
+        notes=(
+            f"inferred from tensor names: layer prefix {prefix!r}, projections "
+            f"{', '.join(sorted(projections)) or 'none'}"
+        ),
         source_file="(inferred)",
         inferred=True,
     )

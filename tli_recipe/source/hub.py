@@ -122,7 +122,8 @@ def _not_cached(ref: str, repo: str, revision: str, why: str = "") -> Checkpoint
     held = cached_revisions(folder) if folder.is_dir() else []
     have = f"; the cache holds {repo} at: {', '.join(held[:10])}" if held else ""
     return CheckpointError(
-        f"'{ref}' is neither a local directory nor a model in the local Hugging Face cache ({cache_root()}){have}{why}; "
+        f"'{ref}' is neither a local directory nor a model in the local Hugging Face cache "
+        f"({cache_root()}){have}{why}; "
         f"check the path, or download it ({_fix_command(repo, revision)}; HF_HUB_CACHE or HF_HOME locate the cache), "
         "or point at a local copy (--set base_model=/path/to/model)"
     )

@@ -173,7 +173,8 @@ PATH_FIELDS = ("plan", "model", "output_dir")
 
 
 def relative_config(cfg: BuiltinStageConfig, ctx) -> BuiltinStageConfig:
-    """``cfg`` with its paths relative to the grown checkpoint's folder, and ``root`` leading there from the config's folder."""
+    """``cfg`` with its paths relative to the grown checkpoint's folder, and ``root`` leading there from
+    the config's folder."""
     update: dict[str, Any] = {k: ctx.rel(getattr(cfg, k)) for k in PATH_FIELDS if getattr(cfg, k) is not None}
     update["datasets"] = [d.model_copy(update={"path": ctx.rel(d.path)}) for d in cfg.datasets]
     update["root"] = os.path.relpath(ctx.model_dir, ctx.shown)
@@ -203,8 +204,8 @@ class Builtin(TrainerFormat):
         if spec.settings.precision == "float32":
             return ["Precision: float32 (bf16 and fp16 off)."]
         return [
-            f"Precision: {spec.settings.precision} autocast (`tli-recipe train` also runs bfloat16 on a CPU; float16 needs "
-            "a GPU). Precision off:",
+            f"Precision: {spec.settings.precision} autocast (`tli-recipe train` also runs bfloat16 on a CPU; float16 "
+            "needs a GPU). Precision off:",
             "re-emit or train with --set 'stages[*].precision=float32'.",
         ]
 

@@ -28,6 +28,14 @@ def stage_card(cfg, metrics: dict, plan: Optional[Plan]) -> str:
     )
     args = cfg.training_arguments
     steps = f"{metrics['global_step']} optimizer steps"
+    grown = (
+        f"(grown from `{plan.base_model}` with {plan.totals.layers_before} -> {plan.totals.layers_after} layers)"
+        if plan
+        else ""
+    )
+    validation_sequences = metrics["validation_sequences"]
+    warmup = args.get("warmup_steps", 0)
+    plot_file = ", `losses.png`" if metrics.get("plot") else ""
     return (
         "---\n"
         + "\n".join(front)
@@ -36,16 +44,16 @@ def stage_card(cfg, metrics: dict, plan: Optional[Plan]) -> str:
 # {name}: stage {cfg.index} of {cfg.stages}, '{cfg.stage}'
 
 Trained by `tli-recipe train` ({metrics["tli_recipe_version"]}) from `{cfg.model}`
-{f"(grown from `{plan.base_model}` with {plan.totals.layers_before} -> {plan.totals.layers_after} layers)" if plan else ""}.
+{grown}.
 Trained: {what}; {metrics["trainable_parameters"]:,} trainable parameters. Every other tensor is unchanged.
 
-- Data: {metrics["tokens"]:,} tokens in {metrics["train_sequences"]} training and {metrics["validation_sequences"]} validation
+- Data: {metrics["tokens"]:,} tokens in {metrics["train_sequences"]} training and {validation_sequences} validation
   sequences of {metrics["sequence_length"]} tokens.
-- Schedule: {steps}, learning rate {args.get("learning_rate")} ({args.get("lr_scheduler_type")}, {args.get("warmup_steps", 0)} warmup
+- Schedule: {steps}, learning rate {args.get("learning_rate")} ({args.get("lr_scheduler_type")}, {warmup} warmup
   steps), batch {args.get("per_device_train_batch_size")} x {args.get("gradient_accumulation_steps", 1)} per device.
 - Training loss: {_loss(metrics["train_loss_first"])} -> {_loss(metrics["train_loss_last"])};
   validation loss: {_loss(metrics["eval_loss_before"])} -> {_loss(metrics["eval_loss_after"])}.
-- Files: `training_config.yaml` (the stage config), `training_metrics.json`, `losses.csv`{", `losses.png`" if metrics.get("plot") else ""},
+- Files: `training_config.yaml` (the stage config), `training_metrics.json`, `losses.csv`{plot_file},
   `plan.json` (the grown checkpoint's plan).
 
 The license is the base model's: copy its license and terms before you publish this checkpoint.

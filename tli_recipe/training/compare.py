@@ -161,9 +161,9 @@ def compare_recipes(
         warmup = int(arguments.get("warmup_steps") or 0)
         if warmup >= steps:
             log(
-                f"warning: {plan.name}: stage '{cfg.stage}' warms up for {warmup} steps and compare trains {steps}: the "
-                f"learning rate never reaches its peak ({cfg.training_arguments.get('learning_rate')}); use --steps above "
-                f"{warmup} or --set 'stages[*].warmup_steps=...'"
+                f"warning: {plan.name}: stage '{cfg.stage}' warms up for {warmup} steps and compare trains {steps}: "
+                f"the learning rate never reaches its peak ({cfg.training_arguments.get('learning_rate')}); "
+                f"use --steps above {warmup} or --set 'stages[*].warmup_steps=...'"
             )
         logger = _loss_logger()
         started = time.perf_counter()

@@ -11,8 +11,9 @@ A ``.jsonl``/``.json`` file holds one JSON object per line, each one of
 
 Any other file is plain text with one document per non-empty
 line, as the Hugging Face ``datasets`` text loader (and so Axolotl and LLaMA-Factory)
-reads it. The loss covers every token of the rendered text (prompts included). Documents are tokenized with the checkpoint's tokenizer, each followed by
-the EOS token, concatenated, and cut into sequences of ``length`` tokens. No torch here.
+reads it. The loss covers every token of the rendered text (prompts included). Documents are
+tokenized with the checkpoint's tokenizer, each followed by the EOS token, concatenated, and cut
+into sequences of ``length`` tokens. No torch here.
 """
 
 from __future__ import annotations

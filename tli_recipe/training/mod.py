@@ -50,7 +50,8 @@ def _parts(model):
     if layers is None or norm is None or head is None:
         raise TliError(
             f"objective: mod needs a decoder with .layers and a final .norm and an output head; "
-            f"{type(base).__name__} has {'no layers' if layers is None else 'no final norm' if norm is None else 'no head'}"
+            f"{type(base).__name__} has "
+            f"{'no layers' if layers is None else 'no final norm' if norm is None else 'no head'}"
         )
     return base, layers, norm, head
 

@@ -155,10 +155,10 @@ def frozen_injected_problem(plan: Plan, spec: StageSpec) -> Optional[str]:
     )
     return (
         f"stage '{spec.plan.name}': LoRA targets {', '.join(lora.targets)} leave out {', '.join(missing)}, which "
-        f"{'is' if len(missing) == 1 else 'are'} zero in the injected layers {injected}: those blocks output exactly 0, "
-        "so adapters on their other projections get no gradient and the injected layers never move. To fix it, "
-        f"{fix}train the injected layers fully in an earlier stage; or set lora.allow_frozen_injected: true if "
-        "this is intended"
+        f"{'is' if len(missing) == 1 else 'are'} zero in the injected layers {injected}: those blocks output "
+        "exactly 0, so adapters on their other projections get no gradient and the injected layers never move. "
+        f"To fix it, {fix}train the injected layers fully in an earlier stage; or set lora.allow_frozen_injected: "
+        "true if this is intended"
     )
 
 
