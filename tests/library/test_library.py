@@ -192,15 +192,15 @@ def test_describe_method():
     )
 
 
-def test_readme_table_is_what_list_markdown_prints(cli, monkeypatch, tmp_path):
+def test_docs_table_is_what_list_markdown_prints(cli, monkeypatch, tmp_path):
     """Issue 15: the README's recipe table had drifted from `list --markdown` (grouped rows, no
-    counts column); it is now pasted from it, and this test keeps the two equal."""
+    counts column); it is now pasted from it into docs/library.md, and this test keeps the two equal."""
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # counts from the stored configs, on any machine
     monkeypatch.delenv("TLI_RECIPE_CONFIGS", raising=False)
     result = cli("list", "--markdown")
     assert result.exit_code == 0, result.stderr
-    lines = (ROOT / "README.md").read_text().splitlines()
+    lines = (ROOT / "docs" / "library.md").read_text().splitlines()
     start = lines.index("| recipe | base | method | layers | parameters | counts from |")
     table = []
     for line in lines[start:]:
@@ -208,5 +208,5 @@ def test_readme_table_is_what_list_markdown_prints(cli, monkeypatch, tmp_path):
             break
         table.append(line)
     assert "\n".join(table) == result.stdout.rstrip("\n"), (
-        "README's recipe table is stale: paste `tli-recipe list --markdown`"
+        "docs/library.md's recipe table is stale: paste `tli-recipe list --markdown`"
     )

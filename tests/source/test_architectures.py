@@ -277,12 +277,12 @@ def test_unknown_architecture_without_layers_fails_clearly(tmp_path):
         compile_plan(load_recipe(recipe))
 
 
-def test_readme_table_matches_the_definitions():
+def test_docs_table_matches_the_definitions():
     from tli_recipe.plan.report import architecture_table
 
-    readme = (ROOT / "README.md").read_text()
-    assert architecture_table() in readme, (
-        "README's architecture table is stale: paste `tli-recipe architectures --markdown`"
+    page = (ROOT / "docs" / "architectures.md").read_text()
+    assert architecture_table() in page, (
+        "docs/architectures.md's architecture table is stale: paste `tli-recipe architectures --markdown`"
     )
 
 
