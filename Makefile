@@ -1,6 +1,6 @@
 # Two commands on a fresh clone (see README):
 #   make demo   set up, then grow the real SmolLM2-135M by TLI, verify it, and compare generations
-#   make test   set up, then run the test suite
+#   make test   set up, check the style (ruff), then run the test suite (quick tests, then slow ones)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   := .demo
 
-.PHONY: setup test test-light demo clean
+.PHONY: setup lint test test-quick test-light demo clean
 
 $(BIN)/tli-recipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,20 @@ $(BIN)/tli-recipe: pyproject.toml
 
 setup: $(BIN)/tli-recipe
 
-test: setup
-	$(BIN)/python -m pytest -q
+# Style first (ruff, pinned in the `test` extra), then the quick tests, then the ones marked slow:
+# together they are every test. Each pytest step prints its 10 slowest tests.
+test: lint
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
+	$(BIN)/python -m pytest -q -m slow --durations=10
 	$(MAKE) --no-print-directory test-light
+
+# The loop while editing: style and the tests not marked slow.
+test-quick: lint
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # validate and plan must work without torch or transformers: check it in a venv without them.
 test-light:
