@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   := .demo
 
-.PHONY: setup test test-light demo clean
+.PHONY: setup test test-light mutants demo clean
 
 $(BIN)/tli-recipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ setup: $(BIN)/tli-recipe
 test: setup
 	$(BIN)/python -m pytest -q
 	$(MAKE) --no-print-directory test-light
+	$(MAKE) --no-print-directory mutants
+
+# Each safeguard broken on purpose (scripts/mutants.py) must fail a test; run in a copy of the tree.
+mutants: setup
+	$(BIN)/python scripts/mutants.py
 
 # validate and plan must work without torch or transformers: check it in a venv without them.
 test-light:
