@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   := .demo
 
-.PHONY: setup lint test test-quick test-light demo clean
+.PHONY: setup lint test test-quick test-light mutants demo clean
 
 $(BIN)/tli-recipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: lint
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 	$(BIN)/python -m pytest -q -m slow --durations=10
 	$(MAKE) --no-print-directory test-light
+	$(MAKE) --no-print-directory mutants
+
+# Each safeguard broken on purpose (scripts/mutants.py) must fail a test; run in a copy of the tree.
+mutants: setup
+	$(BIN)/python scripts/mutants.py
 
 # The loop while editing: style and the tests not marked slow.
 test-quick: lint

@@ -134,3 +134,67 @@ def test_shard_writer_refuses_a_tensor_of_another_dtype(tmp_path):
     writer = ShardWriter(tmp_path, layout_shards([("a", "F32", (2, 2))], 1 << 20), {"format": "pt"})
     with pytest.raises(TliError, match=r"tensor 'a': got shape \(2, 2\) torch.float16, the plan says \(2, 2\) F32"):
         writer.write("a", torch.zeros(2, 2, dtype=torch.float16))
+
+
+def set_element(folder, name: str, value: float) -> None:
+    """Overwrite the first element of tensor ``name`` in a written checkpoint, in the tensor's own dtype."""
+    from tli_recipe.execute.shards import torch_dtype
+
+    info = open_checkpoint(folder).tensors[name]
+    with open(info.file, "r+b") as f:
+        f.seek(info.start)
+        f.write(torch.tensor([value], dtype=torch_dtype(info.dtype)).view(torch.uint8).numpy().tobytes())
+
+
+def test_verify_atol_is_the_tolerance_of_the_logits(tmp_path, tiny, cli):
+    _, out = grow(tmp_path, tiny(layers=4), "inject: {every: 2}\n")
+    set_element(out, "model.norm.weight", 1.5)  # the logits move by far more than 1e-5, far less than 100
+    loose = cli("verify", out, "--no-tensors", "--atol", "100")
+    assert loose.exit_code == 0 and "(within tolerance 100)" in loose.stdout, loose.output
+    diff = float(loose.stdout.split("max |output - base| = ")[1].split()[0])
+    assert 1e-5 < diff < 100
+    strict = cli("verify", out, "--no-tensors", "--atol", f"{diff / 2:g}")
+    assert strict.exit_code != 0 and f"BEYOND tolerance {diff / 2:g}" in strict.stdout
+    assert f"> tolerance {diff / 2:g}" in strict.stderr
+
+
+def _poisoned(out, op) -> list[str]:
+    set_element(out, op.name, float("nan"))
+    return verify_output(out, logits=False).tensor_problems
+
+
+def test_verify_refuses_a_non_finite_lesa_tensor(tmp_path, tiny):
+    init = "{q_proj: lesa, o_proj: zero, down_proj: zero}"
+    plan, out = grow(tmp_path, tiny(layers=4), f"inject:\n  after: [1]\n  lesa: {{epochs: 1}}\n  init: {init}\n")
+    report = verify_output(out, logits=False)
+    assert report.ok and report.not_recomputed == 1
+    op = next(op for op in plan.tensors if op.op == "lesa")
+    assert _poisoned(out, op) == [f"'{op.name}': values differ from the plan's lesa of '{op.source_name}'"]
+
+
+def test_verify_refuses_a_non_finite_hidden_router(tmp_path):
+    from conftest import build_tiny
+    from tiny_text import add_char_tokenizer
+
+    base = add_char_tokenizer(build_tiny(tmp_path / "base", layers=2))
+    body = "upcycle:\n  experts: 2\n  top_k: 1\n  router: hidden\n  prompts:\n" + "    - {positive: [the cat]}\n" * 2
+    plan, out = grow(tmp_path, base, body)
+    assert verify_output(out, logits=False).ok
+    op = next(op for op in plan.tensors if op.op == "hidden")
+    assert _poisoned(out, op) == [f"'{op.name}': values differ from the plan's hidden of '{op.source_name}'"]
+
+
+def test_noise_seeds_differ_across_injected_layers_copying_the_same_layer(tmp_path, tiny):
+    """Two copies after each position copy the same source layer: each tensor still gets its own noise."""
+    plan, out = grow(
+        tmp_path, tiny(layers=2), "inject:\n  every: 2\n  copies: 2\n  init: {down_proj: {noise: 0.1}, o_proj: zero}\n"
+    )
+    noisy = [op for op in plan.tensors if op.op == "noise"]
+    assert [(op.layer, op.source_name) for op in noisy] == [
+        (2, "model.layers.1.mlp.down_proj.weight"),
+        (3, "model.layers.1.mlp.down_proj.weight"),
+    ]
+    assert len({op.seed for op in noisy}) == 2
+    weights = load_all(out)
+    first, second = (weights[op.name] - load_all(tiny(layers=2))[op.source_name] for op in noisy)
+    assert first.abs().min() > 0 and not torch.equal(first, second)

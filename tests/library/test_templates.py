@@ -170,6 +170,8 @@ def test_rendered_recipe_errors_are_located_in_the_rendered_text(tmp_path, cli):
         ("{{ '{0.__class__}'.format(1) }}", "access to attribute '__class__'"),
         ("{{ [1].append(2) }}", "access to attribute 'append' of 'list' object is unsafe"),
         ("{{ 'x' * 100000000 }}", "larger than the sandbox allows"),
+        ("{{ 10 ** 1000 }}", "exponent 1000 is larger than the sandbox allows (256)"),
+        ("{{ 2 ** -257 }}", "exponent -257 is larger than the sandbox allows (256)"),
     ],
 )
 def test_sandbox_refuses_python_internals(tmp_path, cli, body, refused):

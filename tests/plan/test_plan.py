@@ -254,3 +254,45 @@ def test_plan_json_round_trips(tmp_path, cli):
     table = cli("plan", recipe)
     assert "4       3  injected*  o_proj=zero, down_proj=zero, rest copy" in table.stdout
     assert "layers      8 -> 10" in table.stdout
+
+
+def test_inject_every_is_checked_against_the_sliced_stack(tmp_path):
+    """8 base layers sliced to a stack of 4: every 6 injects nothing, though 6 <= the base's 8 layers."""
+    recipe = write_recipe(
+        tmp_path, f"base_model: {config_dir(tmp_path)}\nslices:\n  - layer_range: [0, 4]\ninject: {{every: 6}}\n"
+    )
+    with pytest.raises(RecipeError, match=r"inject\.every: 6 is larger than the 4 layers of the stack") as err:
+        compile_plan(load_recipe(recipe))
+    assert "expected every <= 4" in str(err.value)
+    assert layer_map(plan_of(tmp_path, f"base_model: {config_dir(tmp_path)}\ninject: {{every: 6}}\n")).count("*") == 1
+
+
+def test_the_growth_bound_holds_exactly_at_its_limit(tmp_path):
+    """At most 16x the base's layers (8 -> 128): 128 output layers are built, 136 are refused."""
+    base = config_dir(tmp_path)
+    assert len(plan_of(tmp_path, f"base_model: {base}\ninject: {{every: 1, copies: 15}}\n").layers) == 128
+    with pytest.raises(RecipeError, match="16 copies at 8 positions give 136 output layers; expected at most 128"):
+        plan_of(tmp_path, f"base_model: {base}\ninject: {{every: 1, copies: 16}}\n")
+    assert len(plan_of(tmp_path, f"base_model: {base}\nslices:\n" + "  - layer_range: [0, 8]\n" * 16).layers) == 128
+    with pytest.raises(RecipeError, match="the slices stack 136 layers; expected at most 128"):
+        plan_of(tmp_path, f"base_model: {base}\nslices:\n" + "  - layer_range: [0, 8]\n" * 17)
+
+
+def test_a_lora_all_stage_adapts_the_layers_not_embeddings_and_head(tmp_path):
+    plan = plan_of(
+        tmp_path,
+        f"""base_model: {config_dir(tmp_path)}
+inject: {{every: 4}}
+stages:
+  - name: full
+    trainable: [all]
+  - name: lora
+    trainable: [all]
+    lora: {{r: 4, alpha: 8, targets: [q_proj, o_proj, down_proj]}}
+""",
+    )
+    full, lora = plan.stages
+    assert full.trainable_groups == ["embeddings", "head"]
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(full.parameters)
+    assert lora.trainable_groups == [] and lora.lora.layers == list(range(10))
+    assert all(name.startswith("model.layers.") for name in lora.parameters) and len(lora.parameters) == 10 * 3

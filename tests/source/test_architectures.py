@@ -373,8 +373,8 @@ def test_lora_after_a_full_stage_on_the_injected_layers_is_not_refused(tmp_path,
     from tli_recipe.training.emit import frozen_injected_problem, stage_specs
 
     specs = stage_specs(after)
-    assert frozen_injected_problem(after, specs[1]) is None
-    assert frozen_injected_problem(alone, stage_specs(alone)[0]) is not None
+    assert frozen_injected_problem(specs[1]) is None
+    assert frozen_injected_problem(stage_specs(alone)[0]) is not None
 
 
 def plan_of_text(tmp_path, text):

@@ -127,6 +127,15 @@ def test_run_checks_pinned_checksums(tmp_path, tiny, cli):
     assert tree_digest(base) == before
 
 
+def test_a_pin_that_differs_only_in_its_last_character_is_refused(tmp_path, tiny, cli):
+    base = tiny()
+    digest = sha(base / "model.safetensors")
+    near = digest[:-1] + ("0" if digest[-1] != "0" else "1")
+    result = run(cli, pinned(tmp_path, base, {"model.safetensors": near}), tmp_path / "out")
+    assert result.exit_code == 2 and f"has sha256 {digest}, the recipe expects {near}" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_pinned_file_that_is_missing_is_named(tmp_path, tiny, cli):
     base = tiny()
     recipe = pinned(tmp_path, base, {"tokenizer.json": "a" * 64})

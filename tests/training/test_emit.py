@@ -7,6 +7,7 @@ LLaMA-Factory is installed, the last tests also run their own validation and fre
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -278,6 +279,9 @@ def test_llamafactory_refuses_what_it_cannot_express(tmp_path, tiny, cli):
 # --- the zero-initialised projections ----------------------------------------------------------------
 
 
+ALLOW = "stages[0].lora.allow_frozen_injected=true"
+
+
 def test_lora_leaving_out_zeroed_projections_is_refused_unless_intended(tmp_path, tiny, cli):
     stages = """stages:
   - name: lora
@@ -293,6 +297,18 @@ def test_lora_leaving_out_zeroed_projections_is_refused_unless_intended(tmp_path
     assert result.exit_code == 2 and "never move" in result.stderr
     result = cli("train", out, "--data", write_text(tmp_path / "t.txt", 10))
     assert result.exit_code == 2 and "never move" in result.stderr and "Traceback" not in result.stderr
+    # judged once by compile_plan and stored in plan.json; emit reads it and the stage's allow flag
+    lora = load_plan(out).stages[0].lora
+    assert (lora.frozen_injected, lora.frozen_by) == ([4, 9], ["down_proj", "o_proj"])
+    result = cli("emit", out, "--format", "builtin", "-o", tmp_path / "allowed", "--set", ALLOW)
+    assert result.exit_code == 0 and (tmp_path / "allowed" / "builtin" / "01-lora.yaml").is_file(), result.stderr
+    plan_json = out / "plan.json"
+    stored = json.loads(plan_json.read_text())
+    stored["stages"][0]["lora"]["frozen_injected"] = []
+    plan_json.write_text(json.dumps(stored))
+    assert load_plan(out).stages[0].lora.frozen_injected == []
+    result = cli("emit", out, "--format", "builtin", "-o", tmp_path / "stored")
+    assert result.exit_code == 0 and (tmp_path / "stored" / "builtin" / "01-lora.yaml").is_file(), result.stderr
     meant = grown(
         tmp_path, tiny, "inject: {every: 4}", stages=stages % ", allow_frozen_injected: true", layers=8, name="meant"
     )

@@ -27,7 +27,7 @@ from tli_recipe.execute.shards import (
     torch_dtype,
 )
 from tli_recipe.plan.model import Plan, TensorOp
-from tli_recipe.plan.ops import OPS
+from tli_recipe.plan.ops import OPS, needs_torch
 from tli_recipe.source.checkpoint import SIDE_FILES, CheckpointError, open_checkpoint
 from tli_recipe.source.hashes import SourceHasher
 from tli_recipe.source.provenance import check_digests, pinned_files, side_file
@@ -44,11 +44,6 @@ def pick_device(device: str) -> str:
     if device != "cpu" and not device.startswith("cuda"):
         raise TliError(f"--device {device}: unknown device; expected auto, cpu or cuda[:N]")
     return device
-
-
-def needs_torch(op: TensorOp) -> bool:
-    """False for tensors written as bytes: an unchanged copy, or zeros."""
-    return not (op.op == "zero" or (op.op == "copy" and op.dtype == op.source_dtype))
 
 
 def make_tensor(

@@ -36,7 +36,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from pydantic import Field
 
 from tli_recipe.errors import Problem, RecipeError, did_you_mean
-from tli_recipe.library.values import Variable, _range_error, _type_error
+from tli_recipe.library.values import Variable, range_error, type_error
 from tli_recipe.recipe.load import (
     LoadedRecipe,
     Marks,
@@ -226,11 +226,11 @@ def _variable_problems(name: str, var: Variable) -> list[tuple[tuple, str]]:
                 )
             )
     for i, choice in enumerate(var.choices or []):
-        error = _type_error(var.type, choice)
+        error = type_error(var.type, choice)
         if error:
             problems.append((("choices", i), error))
     if not var.required:
-        error = _type_error(var.type, var.default) or _range_error(var, var.default)
+        error = type_error(var.type, var.default) or range_error(var, var.default)
         if error:
             problems.append((("default",), error))
     return problems

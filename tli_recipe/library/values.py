@@ -36,7 +36,8 @@ class Variable(Strict):
         return "default" not in self.model_fields_set
 
 
-def _type_error(kind: str, value: Any) -> Optional[str]:
+def type_error(kind: str, value: Any) -> Optional[str]:
+    """Why ``value`` is not of the variable type ``kind``, or None."""
     ok = {
         "str": isinstance(value, str),
         "int": isinstance(value, int) and not isinstance(value, bool),
@@ -51,7 +52,8 @@ def _type_error(kind: str, value: Any) -> Optional[str]:
     return f"{show(value)} is not {'an' if kind == 'int' else 'a'} {kind}{hint}; expected a value of type {kind}"
 
 
-def _range_error(var: Variable, value: Any) -> Optional[str]:
+def range_error(var: Variable, value: Any) -> Optional[str]:
+    """Why ``value`` is outside ``var``'s choices or bounds, or None."""
     if var.choices is not None and value not in var.choices:
         return (
             f"{show(value)} is not allowed{did_you_mean(str(value), [str(c) for c in var.choices])}; expected one of: "
@@ -119,7 +121,7 @@ def check_value(
             value = parse_text(var.type, value)
         except ValueError as exc:
             return None, Problem((name,), str(exc) + _help(var), *where)
-    error = _type_error(var.type, value) or _range_error(var, value)
+    error = type_error(var.type, value) or range_error(var, value)
     if error:
         return None, Problem((name,), error + _help(var), *where)
     return value, None

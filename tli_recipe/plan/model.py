@@ -100,6 +100,16 @@ class LoraPlan(Frozen):
     dropout: float
     targets: list[str]
     layers: list[int] = Field(description="Output layers that get adapters (peft layers_to_transform).")
+    frozen_injected: list[int] = Field(
+        description=(
+            "Injected output layers these adapters can never move: their block outputs exactly 0 through "
+            "zeroed projections the targets leave out (frozen_by) and no earlier full-weight stage trained. "
+            "emit and train refuse the stage unless its lora.allow_frozen_injected is true."
+        )
+    )
+    frozen_by: list[str] = Field(
+        description="The zeroed projections of those layers that the targets leave out (empty when none is frozen)."
+    )
 
 
 class ModPlan(Frozen):

@@ -34,24 +34,6 @@ def zeroed_projections(
     return {op.projection for layer in injected for op in by_layer.get(layer, ()) if _zeroed(op, arch)}
 
 
-def unmoved_injected(
-    earlier: list[StagePlan],
-    lora_layers: list[int],
-    targets: list[str],
-    ops: list[TensorOp],
-    init: dict[str, str],
-    injected: list[int],
-) -> tuple[list[int], list[str]]:
-    """Injected layers that a LoRA stage can never move, and the zeroed projections its targets leave out.
-
-    In an injected layer whose output projections (or output norm gains) are exactly zero, the
-    block outputs 0 and adapters on its other projections get no gradient through it. A layer
-    whose zeroed tensors an earlier full-weight stage trained is no longer zero, so it is not
-    counted. ``init`` is kept for callers; the zeros are read from the ops themselves.
-    """
-    return _unmoved(earlier, set(lora_layers), set(targets), ops_by_layer(ops), injected, None)
-
-
 def _selected(stage: Stage, i: int, layers: list[LayerEntry], problems: Problems) -> tuple[set[int], set[str]]:
     """The output layers and non-layer groups a stage's trainable selectors choose."""
     chosen: set[int] = set()
@@ -153,6 +135,8 @@ def resolve_stage(
                     "(injected, original, all, {layers: [start, end]}) in a LoRA stage, or a stage without lora",
                 )
         injected = [e.output for e in layers if e.role == "injected"]
+        # Judged once, here, and stored in the plan: emit and train read it (allow_frozen_injected can
+        # still change with `--set` on a grown checkpoint; the layers and targets cannot).
         stuck, missing = _unmoved(earlier, chosen, targets, by_layer, injected, arch)
         if stuck and not stage.lora.allow_frozen_injected:
             warnings.append(
@@ -167,6 +151,8 @@ def resolve_stage(
             dropout=stage.lora.dropout,
             targets=list(stage.lora.targets),
             layers=sorted(chosen),
+            frozen_injected=stuck,
+            frozen_by=missing,
         )
     # LoRA targets the architecture lacks are reported by check_lora_targets; an empty
     # selection that follows from them is not a second problem.

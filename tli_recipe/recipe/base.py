@@ -11,8 +11,13 @@ from pydantic_core import PydanticCustomError
 NULL_MESSAGE = "is empty (null); expected a value, or remove the key"
 
 
-def _fail(message: str) -> PydanticCustomError:
+def fail(message: str) -> PydanticCustomError:
+    """The error a recipe validator raises: pydantic keeps its location, the loader prints ``message``."""
     return PydanticCustomError("tli", "{message}", {"message": message})
+
+
+# The old name, still imported by recipe/sources.py until the source/ split rewrites that file.
+_fail = fail
 
 
 class Strict(BaseModel):
@@ -32,7 +37,7 @@ class NoNulls(Strict):
     @classmethod
     def _not_null(cls, value: Any) -> Any:
         if value is None:
-            raise _fail(NULL_MESSAGE)
+            raise fail(NULL_MESSAGE)
         return value
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tli_recipe.recipe.schema import Recipe, _one_site, _upcycle_problems
+from tli_recipe.recipe.schema import Inject, Recipe, Upcycle
 
 
 def recipe_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
@@ -101,3 +101,69 @@ def output_config_problems(output_config: dict[str, Any]) -> list[tuple[tuple, s
         elif isinstance(value, dict):
             todo += [(path + (k,), dotted + [k], v) for k, v in value.items()]
     return problems
+
+
+# One injection site, exactly: checked here so the message points at inject.
+def _one_site(inject: Inject) -> list[tuple[tuple, str]]:
+    given = [k for k in ("every", "after", "between") if getattr(inject, k) is not None]
+    if len(given) != 1:
+        what = "none of them" if not given else ", ".join(given)
+        return [(("inject",), f"got {what}; expected exactly one of every, after, between")]
+    return []
+
+
+def _upcycle_problems(up: Upcycle, has_inject: bool) -> list[tuple[tuple, str]]:
+    """upcycle's cross-field checks: top_k, per-expert lists, the hidden router's prompts."""
+    problems: list[tuple[tuple, str]] = []
+    if up.top_k > up.experts:
+        problems.append(
+            (("upcycle", "top_k"), f"{up.top_k} is more than the {up.experts} experts; expected top_k <= experts")
+        )
+    if isinstance(up.init, list) and len(up.init) != up.experts:
+        problems.append(
+            (
+                ("upcycle", "init"),
+                f"lists {len(up.init)} policies for {up.experts} experts; expected one policy, or one per expert",
+            )
+        )
+    if up.router.kind == "hidden" and up.prompts is None:
+        problems.append(
+            (
+                ("upcycle", "router"),
+                "hidden needs prompts for each expert; expected upcycle.prompts: "
+                "[{positive: [...]}, ...] with one entry per expert",
+            )
+        )
+    if up.prompts is not None and up.router.kind != "hidden":
+        problems.append(
+            (
+                ("upcycle", "prompts"),
+                f"prompts are for the hidden router init, and router is {up.router}; "
+                "expected router: hidden, or no prompts",
+            )
+        )
+    if up.prompts is not None and len(up.prompts) != up.experts:
+        problems.append(
+            (
+                ("upcycle", "prompts"),
+                f"lists {len(up.prompts)} entries for {up.experts} experts; expected one per expert",
+            )
+        )
+    if up.sources is not None and len(up.sources) != up.experts:
+        problems.append(
+            (
+                ("upcycle", "sources"),
+                f"lists {len(up.sources)} models for {up.experts} experts; expected one per expert",
+            )
+        )
+    if "injected" in (up.layers or []) and not has_inject:
+        problems.append(
+            (
+                ("upcycle", "layers", up.layers.index("injected")),
+                "'injected' selects nothing: the recipe has no inject section; add inject or pick another group",
+            )
+        )
+    return problems
+
+
+# --- the recipe --------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 from tli_recipe.errors import did_you_mean
-from tli_recipe.recipe.base import Strict, _fail
+from tli_recipe.recipe.base import Strict, fail
 
 POLICY_FORMS = "copy, zero, zero_gain, lesa, {scale: x}, {noise: std}, {random: std}, {interpolate: w}"
 SIMPLE_POLICIES = ("copy", "zero", "zero_gain", "lesa")
@@ -34,38 +34,40 @@ class Policy(Strict):
         return self.kind if self.value is None else f"{self.kind}({self.value:g})"
 
 
-def _parse_policy(value: Any) -> Any:
+def parse_policy(value: Any) -> Any:
+    """A policy as written (``zero``, ``{noise: 0.01}``) -> ``Policy`` fields, or the error saying what is expected."""
     if isinstance(value, Policy):
         return value
     if isinstance(value, str):
         if value in SIMPLE_POLICIES:
             return {"kind": value}
-        raise _fail(
+        raise fail(
             f"'{value}' is not an init policy{did_you_mean(value, SIMPLE_POLICIES)}; expected one of: {POLICY_FORMS}"
         )
     if isinstance(value, dict) and len(value) == 1:
         ((kind, number),) = value.items()
         if kind not in VALUE_POLICIES:
-            raise _fail(
+            raise fail(
                 f"'{kind}' is not an init policy{did_you_mean(kind, VALUE_POLICIES)}; expected one of: {POLICY_FORMS}"
             )
         if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise _fail(f"{kind} needs a number, got {number!r}; expected for example {{{kind}: 0.01}}")
+            raise fail(f"{kind} needs a number, got {number!r}; expected for example {{{kind}: 0.01}}")
         if not math.isfinite(number):  # refused by Policy.value (allow_inf_nan), reported once by the loader
             return {"kind": kind, "value": number}
         if kind in ("noise", "random") and number < 0:
-            raise _fail(f"{kind} is a standard deviation and must be >= 0, got {number}")
+            raise fail(f"{kind} is a standard deviation and must be >= 0, got {number}")
         if kind == "interpolate" and not 0 <= number <= 1:
-            raise _fail(f"interpolate is a weight in [0, 1], got {number}; expected (1 - w) * previous + w * next")
+            raise fail(f"interpolate is a weight in [0, 1], got {number}; expected (1 - w) * previous + w * next")
         return {"kind": kind, "value": float(number)}
-    raise _fail(f"{value!r} is not an init policy; expected one of: {POLICY_FORMS}")
+    raise fail(f"{value!r} is not an init policy; expected one of: {POLICY_FORMS}")
 
 
-def _dump_policy(policy: Policy) -> Any:
+def dump_policy(policy: Policy) -> Any:
+    """A ``Policy`` back in the form a recipe writes it."""
     return policy.kind if policy.value is None else {policy.kind: policy.value}
 
 
-_POLICY_SCHEMA = {
+POLICY_SCHEMA = {
     "oneOf": [
         {"enum": list(SIMPLE_POLICIES)},
         {
@@ -102,7 +104,7 @@ _POLICY_SCHEMA = {
 
 PolicyField = Annotated[
     Policy,
-    BeforeValidator(_parse_policy),
-    PlainSerializer(_dump_policy),
-    WithJsonSchema(_POLICY_SCHEMA),
+    BeforeValidator(parse_policy),
+    PlainSerializer(dump_policy),
+    WithJsonSchema(POLICY_SCHEMA),
 ]

@@ -22,16 +22,16 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from tli_recipe.errors import did_you_mean
-from tli_recipe.recipe.base import NoNulls, Strict, _fail, file_schema
+from tli_recipe.recipe.base import NoNulls, Strict, fail, file_schema
 from tli_recipe.recipe.policy import (  # noqa: F401 - exported here too
-    _POLICY_SCHEMA,
     POLICY_FORMS,
+    POLICY_SCHEMA,
     SIMPLE_POLICIES,
     VALUE_POLICIES,
     Policy,
     PolicyField,
-    _dump_policy,
-    _parse_policy,
+    dump_policy,
+    parse_policy,
 )
 from tli_recipe.recipe.sizes import ShardSize, parse_size  # noqa: F401 - parse_size exported here too
 from tli_recipe.recipe.sources import ModelField, ModelRef, SourceRef  # noqa: F401 - ModelRef, SourceRef exported here too
@@ -122,11 +122,11 @@ Init = create_model(  # type: ignore[call-overload]
 def _check_range(value: tuple[int, int]) -> tuple[int, int]:
     start, end = value
     if start < 0:
-        raise _fail(f"start must be >= 0, got {start}; layer indices are 0-based")
+        raise fail(f"start must be >= 0, got {start}; layer indices are 0-based")
     if end <= start:
-        raise _fail(f"[{start}, {end}] is empty; expected [start, end) with start < end (half-open, 0-based)")
+        raise fail(f"[{start}, {end}] is empty; expected [start, end) with start < end (half-open, 0-based)")
     if end > MAX_LAYERS:
-        raise _fail(f"end {end} is past any checkpoint's layers; expected layer indices of at most {MAX_LAYERS}")
+        raise fail(f"end {end} is past any checkpoint's layers; expected layer indices of at most {MAX_LAYERS}")
     return value
 
 
@@ -216,7 +216,7 @@ class Inject(NoNulls):
     @classmethod
     def _after(cls, value: Optional[list[int]]) -> Optional[list[int]]:
         if value is not None and (any(v < 0 for v in value) or value != sorted(set(value))):
-            raise _fail(f"{value} must be ascending stack positions >= 0, each once; expected for example [15, 16, 17]")
+            raise fail(f"{value} must be ascending stack positions >= 0, each once; expected for example [15, 16, 17]")
         return value
 
     @field_validator("between")
@@ -225,7 +225,7 @@ class Inject(NoNulls):
         if value is not None:
             start, end = _check_range(value)
             if end - start < 2:
-                raise _fail(f"[{start}, {end}] holds no pair of neighbouring positions; expected end - start >= 2")
+                raise fail(f"[{start}, {end}] holds no pair of neighbouring positions; expected end - start >= 2")
         return value
 
     def positions(self, stack: int) -> list[int]:
@@ -236,15 +236,6 @@ class Inject(NoNulls):
             return list(self.after)
         start, end = self.between
         return list(range(start, end - 1))
-
-
-# One injection site, exactly: checked here so the message points at inject.
-def _one_site(inject: "Inject") -> list[tuple[tuple, str]]:
-    given = [k for k in ("every", "after", "between") if getattr(inject, k) is not None]
-    if len(given) != 1:
-        what = "none of them" if not given else ", ".join(given)
-        return [(("inject",), f"got {what}; expected exactly one of every, after, between")]
-    return []
 
 
 # --- training stages ---------------------------------------------------------------
@@ -264,7 +255,7 @@ class LayerSpan(Strict):
 def _parse_selector(value: Any) -> Any:
     if isinstance(value, str):
         if value not in LAYER_GROUPS:
-            raise _fail(
+            raise fail(
                 f"'{value}' is not a layer group{did_you_mean(value, LAYER_GROUPS)}; expected one of: "
                 f"{', '.join(LAYER_GROUPS)}, or {{layers: [start, end]}}"
             )
@@ -278,12 +269,12 @@ def _parse_selector(value: Any) -> Any:
             and len(span) == 2
             and all(isinstance(x, int) and not isinstance(x, bool) for x in span)
         ):
-            raise _fail(
+            raise fail(
                 f"layers: {span!r} is not a range; expected {{layers: [start, end]}} with integer output layer "
                 "indices (half-open, 0-based)"
             )
         return LayerSpan(layers=(span[0], _check_range(tuple(span))[1]))
-    raise _fail(
+    raise fail(
         f"{value!r} is not a layer group; expected one of: {', '.join(LAYER_GROUPS)}, or {{layers: [start, end]}}"
     )
 
@@ -473,19 +464,19 @@ def _parse_router(value: Any) -> Any:
     if value == "hidden":
         return {"kind": "hidden"}
     if value == "zero" or (isinstance(value, dict) and list(value) == ["random"]):
-        return _parse_policy(value)
+        return parse_policy(value)
     if isinstance(value, Policy):
         return value
-    raise _fail(f"{value!r} is not a router init; expected one of: {ROUTER_FORMS}")
+    raise fail(f"{value!r} is not a router init; expected one of: {ROUTER_FORMS}")
 
 
 def _expert_policy(value: Any, where: str = "") -> Policy:
     try:
-        policy = value if isinstance(value, Policy) else Policy(**_parse_policy(value))
+        policy = value if isinstance(value, Policy) else Policy(**parse_policy(value))
     except PydanticCustomError as exc:
-        raise _fail(where + exc.message()) from None
+        raise fail(where + exc.message()) from None
     if policy.kind not in EXPERT_POLICIES:
-        raise _fail(
+        raise fail(
             f"{where}'{policy.kind}' is not an expert init; expected one of: copy, {{noise: std}}, {{scale: x}} "
             "(applied to every weight of the expert)"
         )
@@ -499,10 +490,10 @@ def _parse_expert_init(value: Any) -> Any:
 
 
 def _dump_expert_init(value: Any) -> Any:
-    return [_dump_policy(p) for p in value] if isinstance(value, list) else _dump_policy(value)
+    return [dump_policy(p) for p in value] if isinstance(value, list) else dump_policy(value)
 
 
-_EXPERT_POLICY_SCHEMA = {"oneOf": [{"enum": ["copy"]}, *_POLICY_SCHEMA["oneOf"][1:3]]}
+_EXPERT_POLICY_SCHEMA = {"oneOf": [{"enum": ["copy"]}, *POLICY_SCHEMA["oneOf"][1:3]]}
 ExpertInit = Annotated[
     Union[Policy, list[Policy]],
     BeforeValidator(_parse_expert_init),
@@ -537,7 +528,7 @@ class ExpertSource(Strict):
 
 def _parse_layers(value: Any) -> Any:
     if isinstance(value, str) and value not in LAYER_SELECTORS:
-        raise _fail(
+        raise fail(
             f"'{value}' is not a layer group{did_you_mean(value, LAYER_SELECTORS)}; expected one of: "
             f"{', '.join(LAYER_SELECTORS)}, or {{layers: [start, end]}}"
         )
@@ -573,8 +564,8 @@ class Upcycle(NoNulls):
     router: Annotated[
         Policy,
         BeforeValidator(_parse_router),
-        PlainSerializer(_dump_policy),
-        WithJsonSchema({"oneOf": [{"enum": ["zero", "hidden"]}, _POLICY_SCHEMA["oneOf"][3]]}),
+        PlainSerializer(dump_policy),
+        WithJsonSchema({"oneOf": [{"enum": ["zero", "hidden"]}, POLICY_SCHEMA["oneOf"][3]]}),
     ] = Field(
         default_factory=lambda: Policy(kind="zero"),
         description=(
@@ -608,59 +599,6 @@ class Upcycle(NoNulls):
 
     def expert_policies(self) -> list[Policy]:
         return list(self.init) if isinstance(self.init, list) else [self.init] * self.experts
-
-
-def _upcycle_problems(up: "Upcycle", has_inject: bool) -> list[tuple[tuple, str]]:
-    problems: list[tuple[tuple, str]] = []
-    if up.top_k > up.experts:
-        problems.append(
-            (("upcycle", "top_k"), f"{up.top_k} is more than the {up.experts} experts; expected top_k <= experts")
-        )
-    if isinstance(up.init, list) and len(up.init) != up.experts:
-        problems.append(
-            (
-                ("upcycle", "init"),
-                f"lists {len(up.init)} policies for {up.experts} experts; expected one policy, or one per expert",
-            )
-        )
-    if up.router.kind == "hidden" and up.prompts is None:
-        problems.append(
-            (
-                ("upcycle", "router"),
-                "hidden needs prompts for each expert; expected upcycle.prompts: "
-                "[{positive: [...]}, ...] with one entry per expert",
-            )
-        )
-    if up.prompts is not None and up.router.kind != "hidden":
-        problems.append(
-            (
-                ("upcycle", "prompts"),
-                f"prompts are for the hidden router init, and router is {up.router}; "
-                "expected router: hidden, or no prompts",
-            )
-        )
-    if up.prompts is not None and len(up.prompts) != up.experts:
-        problems.append(
-            (
-                ("upcycle", "prompts"),
-                f"lists {len(up.prompts)} entries for {up.experts} experts; expected one per expert",
-            )
-        )
-    if up.sources is not None and len(up.sources) != up.experts:
-        problems.append(
-            (
-                ("upcycle", "sources"),
-                f"lists {len(up.sources)} models for {up.experts} experts; expected one per expert",
-            )
-        )
-    if "injected" in (up.layers or []) and not has_inject:
-        problems.append(
-            (
-                ("upcycle", "layers", up.layers.index("injected")),
-                "'injected' selects nothing: the recipe has no inject section; add inject or pick another group",
-            )
-        )
-    return problems
 
 
 # --- the recipe --------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, WithJsonSchema
 
-from tli_recipe.recipe.base import _fail
+from tli_recipe.recipe.base import fail
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -26,16 +26,16 @@ _UNITS = {
 def parse_size(value: Any) -> int:
     """``"5GB"`` -> 5_000_000_000 bytes; an integer is a byte count."""
     if isinstance(value, bool):
-        raise _fail(f"{value!r} is not a size; expected bytes or a string such as 5GB or 500MiB")
+        raise fail(f"{value!r} is not a size; expected bytes or a string such as 5GB or 500MiB")
     if isinstance(value, int):
         size = value
     else:
         match = _SIZE.match(str(value))
         if not match:
-            raise _fail(f"{value!r} is not a size; expected bytes or a string such as 5GB or 500MiB")
+            raise fail(f"{value!r} is not a size; expected bytes or a string such as 5GB or 500MiB")
         size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
     if size < 1:
-        raise _fail(f"must be at least 1 byte, got {value!r}")
+        raise fail(f"must be at least 1 byte, got {value!r}")
     return size
 
 

@@ -149,7 +149,7 @@ def builtin_config(
     into: Optional[Path] = None,
 ) -> BuiltinStageConfig:
     """The built-in trainer's stage config: what to load, which names train, and the TrainingArguments."""
-    problem = frozen_injected_problem(plan, spec)
+    problem = frozen_injected_problem(spec)
     if problem:
         raise Refusal(problem)
     return BuiltinStageConfig(

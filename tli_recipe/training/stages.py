@@ -129,24 +129,20 @@ def integer_alpha(spec: StageSpec, trainer: str) -> int:
     return int(alpha)
 
 
-def frozen_injected_problem(plan: Plan, spec: StageSpec) -> Optional[str]:
+def frozen_injected_problem(spec: StageSpec) -> Optional[str]:
     """Why a LoRA stage can never move the injected layers it names, or None.
 
     In an injected layer whose o_proj and down_proj are zero (or whose output norm gain
     is zero), the block's output is exactly 0, so the gradient reaching the adapters on
-    every other projection of that block is 0 too. The recipe may say this is intended.
+    every other projection of that block is 0 too. compile_plan judged which layers that
+    leaves frozen (``LoraPlan.frozen_injected``); the recipe may say this is intended.
     """
     lora = spec.plan.lora
-    if lora is None or (spec.settings.lora is not None and spec.settings.lora.allow_frozen_injected):
+    if lora is None or not lora.frozen_injected:
         return None
-    from tli_recipe.plan.stages import unmoved_injected
-
-    earlier = plan.stages[: spec.index - 1]
-    injected, missing = unmoved_injected(
-        earlier, list(lora.layers), list(lora.targets), plan.tensors, plan.init, plan.requires_grad_layers
-    )
-    if not injected:
+    if spec.settings.lora is not None and spec.settings.lora.allow_frozen_injected:
         return None
+    injected, missing = lora.frozen_injected, lora.frozen_by
     linear = [p for p in missing if p in LINEAR_PROJECTIONS]
     fix = (
         f"add {', '.join(linear)} to lora.targets, or "
@@ -214,7 +210,7 @@ class TrainerFormat:
         return Refusal(f"{self.name}: stage '{spec.plan.name}': {why}")
 
     def check_frozen_injected(self, spec: StageSpec) -> None:
-        problem = frozen_injected_problem(self.ctx.plan, spec)
+        problem = frozen_injected_problem(spec)
         if problem:
             raise Refusal(f"{self.name}: {problem}")
 
