@@ -24,21 +24,22 @@ from tli_recipe.source.checkpoint import (
     SINGLE_FILE,
     Checkpoint,
     CheckpointError,
-    _read_index,
-    _show,
     header_length,
     header_tensors,
     open_checkpoint,
     parse_header,
+    read_index,
+    show,
 )
 from tli_recipe.source.hub import (
     Access,
-    _fix_command,
-    _not_cached,
     cache_root,
     endpoint,
+    fix_command,
+    not_cached,
+    token,
 )
-from tli_recipe.source.provenance import _COMMIT
+from tli_recipe.source.revisions import COMMIT
 
 #: The first request for a safetensors header; most headers are smaller (huggingface_hub does the same).
 FIRST_RANGE = 100_000
@@ -60,7 +61,7 @@ def _transfer_errors() -> tuple[type[BaseException], ...]:
 
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {_show(text[0] if text else '', 160)}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {show(text[0] if text else '', 160)}" if text else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -82,7 +83,7 @@ def hub_errors(ref: str, repo: str, revision: str, doing: str) -> Iterator[None]
             f"{LOGIN} with a token that can read it"
         ) from None
     except hf.RevisionNotFoundError:
-        raise _not_cached(
+        raise not_cached(
             ref,
             repo,
             revision,
@@ -96,7 +97,7 @@ def hub_errors(ref: str, repo: str, revision: str, doing: str) -> Iterator[None]
     except hf.HfHubHTTPError as exc:
         raise CheckpointError(
             f"{hub} answered HTTP {_status(exc)} while {doing} {repo}; try again later, or "
-            f"download it with `{_fix_command(repo, revision)}`"
+            f"download it with `{fix_command(repo, revision)}`"
         ) from None
     except _transfer_errors() as exc:
         if any("Connect" in cls.__name__ for cls in type(exc).__mro__):
@@ -118,20 +119,14 @@ def _status(exc: BaseException) -> str:
 def _api():
     from huggingface_hub import HfApi
 
-    return HfApi(endpoint=endpoint(), token=_token())
-
-
-def _token() -> Optional[str]:
-    from tli_recipe.source.hub import _token as token
-
-    return token()
+    return HfApi(endpoint=endpoint(), token=token())
 
 
 def _model_info(repo: str, revision: str, blobs: bool = False):
     """The hub's model info for ``revision``: its commit (checked), and its files (``siblings``)."""
     info = _api().model_info(repo, revision=revision, files_metadata=blobs)
     commit = getattr(info, "sha", None)
-    if not isinstance(commit, str) or not _COMMIT.match(commit):
+    if not isinstance(commit, str) or not COMMIT.match(commit):
         raise CheckpointError(f"{endpoint()} gave no valid commit for {repo}@{revision}; expected 40 hex characters")
     siblings = [s for s in (getattr(info, "siblings", None) or []) if isinstance(getattr(s, "rfilename", None), str)]
     return commit, siblings
@@ -152,7 +147,7 @@ def _fetch(repo: str, commit: str, name: str) -> Path:
     from huggingface_hub import hf_hub_download
 
     return Path(
-        hf_hub_download(repo, name, revision=commit, cache_dir=cache_root(), endpoint=endpoint(), token=_token())
+        hf_hub_download(repo, name, revision=commit, cache_dir=cache_root(), endpoint=endpoint(), token=token())
     )
 
 
@@ -171,7 +166,7 @@ def _write_ref(repo: str, revision: str, commit: str) -> None:
 def _weights(names: list[str], snapshot: Path) -> list[str]:
     """The safetensors files a plan reads: the index's shards, else model.safetensors, else every top-level one."""
     if INDEX_FILE in names:
-        return sorted(set(_read_index(snapshot / INDEX_FILE).values()))
+        return sorted(set(read_index(snapshot / INDEX_FILE).values()))
     if SINGLE_FILE in names:
         return [SINGLE_FILE]
     return sorted(n for n in names if n.endswith(".safetensors") and "/" not in n)
@@ -199,7 +194,7 @@ class _Headers:
         )
 
         self.repo, self.commit, self.url = repo, commit, hf_hub_url
-        self.session, self.headers, self.check = get_session(), build_hf_headers(token=_token()), hf_raise_for_status
+        self.session, self.headers, self.check = get_session(), build_hf_headers(token=token()), hf_raise_for_status
         self.requests = self.bytes = self.cached = 0
 
     def _range(self, name: str, start: int, end: int) -> tuple[bytes, int]:
@@ -210,7 +205,7 @@ class _Headers:
         if response.status_code != 206 or found is None or int(found[1]) != start:
             raise CheckpointError(
                 f"{endpoint()} did not answer the range request for {self.repo}/{name} "
-                f"(HTTP {response.status_code}); download the model with `{_fix_command(self.repo, self.commit)}`"
+                f"(HTTP {response.status_code}); download the model with `{fix_command(self.repo, self.commit)}`"
             )
         self.requests += 1
         self.bytes += len(response.content)
@@ -308,7 +303,7 @@ def remote_headers(repo: str, revision: str, access: Access) -> Checkpoint:
     access.say(
         f"hub: {repo}@{revision} is commit {commit}; fetched {small} into {snapshot} and read "
         f"{len(files)} safetensors header(s) ({reader.bytes} bytes in {reader.requests} range requests{kept}); "
-        f"the weights were not downloaded (`run` downloads them, or `{_fix_command(repo, commit)}`)"
+        f"the weights were not downloaded (`run` downloads them, or `{fix_command(repo, commit)}`)"
     )
     return ckpt
 
@@ -371,7 +366,7 @@ def download(repo: str, revision: str, access: Access) -> Path:
             revision=commit,
             cache_dir=cache_root(),
             endpoint=endpoint(),
-            token=_token(),
+            token=token(),
             allow_patterns=wanted,
             tqdm_class=None if access.progress else _quiet_tqdm(),
         )
