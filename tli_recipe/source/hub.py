@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -77,6 +77,7 @@ class Access:
     offline: bool = False  # --offline; HF_HUB_OFFLINE counts too
     progress: bool = True
     log: Optional[Callable[[str], None]] = None
+    pins: dict[str, str] = field(default_factory=dict)  # file name -> sha256 the recipe pins (checked as bytes land)
 
     def say(self, message: str) -> None:
         if self.log is not None:
@@ -209,6 +210,7 @@ def open_model(ref: str, access: Access = Access()) -> Checkpoint:
         raise not_cached(ref, repo, revision, why)
     from tli_recipe.source.hubfetch import download, remote_headers
 
+    access = replace(access, pins=dict(getattr(ref, "checksums", None) or {}))
     if access.fetch == "headers":
         return remote_headers(repo, revision, access)
     return open_checkpoint(download(repo, revision, access))
