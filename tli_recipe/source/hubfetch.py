@@ -36,6 +36,7 @@ from tli_recipe.source.checkpoint import (
     read_index,
     show,
 )
+from tli_recipe.source.hashes import remember
 from tli_recipe.source.hub import (
     Access,
     cache_root,
@@ -393,6 +394,7 @@ def fetch_file(repo: str, commit: str, file: HubFile, pin: Optional[str], access
             )
         os.chmod(tmp, 0o644)
         os.replace(tmp, blobs / arrived)
+        remember(blobs / arrived, digest)  # its sha256, taken as it landed: the run reads it no second time
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
