@@ -85,14 +85,25 @@ def test_pins_carry_their_recipe_locations(tmp_path):
     plan = compile_plan(load_recipe(recipe))
     (pin,) = plan.pins.values()
     assert pin.revision is None and pin.checksums == {"config.json": SHA}
-    assert pin.locations["revision"] == f"{recipe}:2:3: base_model.revision"  # no revision: its mapping
-    assert pin.locations["checksums.config.json"] == f"{recipe}:4:18: base_model.checksums.config.json"
-    assert pin.locations["checksums.config.json#key"] == f"{recipe}:4:5: base_model.checksums.config.json"
+    revision, checksum = pin.revision_at, pin.checksums_at["config.json"]
+    assert (revision.file, revision.line, revision.column) == (str(recipe), 2, 3)  # no revision: its mapping
+    assert revision.path == ("base_model", "revision")
+    assert checksum.path == ("base_model", "checksums", "config.json")
+    assert (checksum.file, checksum.line, checksum.column, checksum.key_line, checksum.key_column) == (
+        str(recipe),
+        4,
+        18,
+        4,
+        5,
+    )
+    # structured data survives plan.json as it is: nothing is parsed back out of a string
+    again = Plan.model_validate_json(plan.model_dump_json()).pins[str(plan.base_model)]
+    assert again == pin
 
 
 def test_pin_locations_follow_a_set_override(tmp_path):
     base = config_dir(tmp_path)
     recipe = write_recipe(tmp_path, "base_model: /nowhere\n")
     plan = compile_plan(load_recipe(recipe, [f"base_model={base}"]))
-    (location,) = [p.locations["revision"] for p in plan.pins.values()]
-    assert location.startswith("--set base_model=") and location.endswith(": base_model.revision")
+    (spot,) = [p.revision_at for p in plan.pins.values()]
+    assert spot.file.startswith("--set base_model=") and spot.path == ("base_model", "revision")

@@ -36,16 +36,28 @@ def hub_layout(tmp_path, files: dict[str, bytes], lfs=("model.safetensors",)):
     return repo, snap
 
 
-def test_a_hub_lfs_blob_is_named_by_its_sha256_and_is_not_read(tmp_path):
+def test_a_hub_blob_this_tool_did_not_hash_is_hashed_once_then_remembered(tmp_path, settled):
+    """A blob's name is the hub's word, not this tool's: it is hashed (and checked against its name)
+    the first time, then its digest is known from this tool's own cache entry."""
     repo, snap = hub_layout(tmp_path, {"model.safetensors": b"w" * 5000, "config.json": b"{}"})
     assert hub_blob_digest(snap / "model.safetensors") == hashlib.sha256(b"w" * 5000).hexdigest()
     assert hub_blob_digest(snap / "config.json") is None  # a git blob id, not a sha256
-    hasher = SourceHasher([snap / "model.safetensors", snap / "config.json"], cache=HashCache(None)).start()
-    assert hasher.result() == {
-        snap / "model.safetensors": sha(snap / "model.safetensors"),
-        snap / "config.json": sha(snap / "config.json"),
-    }
-    assert hasher.hashed == 2  # only config.json was read
+    files = [snap / "model.safetensors", snap / "config.json"]
+    hasher = SourceHasher(files, cache=HashCache(tmp_path / "cache.json")).start()
+    assert hasher.result() == {f: sha(f) for f in files}
+    assert hasher.hashed == 5002
+    again = SourceHasher(files, cache=HashCache(tmp_path / "cache.json")).start()
+    assert again.result() == {f: sha(f) for f in files} and again.hashed == 0
+
+
+def test_a_blob_whose_bytes_differ_from_its_name_stops_the_hashing(tmp_path):
+    from tli_recipe.source.checkpoint import CheckpointError
+
+    repo, snap = hub_layout(tmp_path, {"model.safetensors": b"w" * 5000})
+    blob = (snap / "model.safetensors").resolve()
+    blob.write_bytes(b"w" * 4999 + b"x")  # one byte flipped, the name kept
+    with pytest.raises(CheckpointError, match=f"is named sha256 {blob.name}, but its bytes have sha256"):
+        SourceHasher([snap / "model.safetensors"], cache=HashCache(None)).start().result()
 
 
 def test_a_link_that_only_looks_like_a_blob_is_hashed(tmp_path):
@@ -93,16 +105,30 @@ def test_a_file_written_just_now_is_not_remembered(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content", [b"\xff\xfe", b"[]", b'{"version": 1, "entries": {"k": "not-hex"}}', b'{"version": 2, "entries": {}}']
+    "content",
+    [b'{"tool": "tli-recipe digest cache", "version": 2, "entries": [', b'{"version": 1, "entries": {"k": "not-hex"}}'],
 )
-def test_a_damaged_or_foreign_cache_file_is_ignored(tmp_path, content, settled):
+def test_a_damaged_cache_of_ours_is_ignored_and_replaced(tmp_path, content, settled):
     cache_file = tmp_path / "sha256.json"
     cache_file.write_bytes(content)
     a = tmp_path / "a.bin"
     a.write_bytes(b"a" * 10)
     hasher = SourceHasher([a], cache=HashCache(cache_file)).start()
     assert hasher.result() == {a: sha(a)} and hasher.hashed == 10
-    assert json.loads(cache_file.read_text())["version"] == 1  # rewritten whole
+    record = json.loads(cache_file.read_text())  # rewritten whole, with the marker
+    assert record["version"] == 2 and record["tool"] == "tli-recipe digest cache" and len(record["entries"]) == 1
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe", b"[]", b'{"version": 2, "entries": {}}', b"my thesis notes\n"])
+def test_a_foreign_file_at_the_cache_path_is_neither_read_nor_replaced(tmp_path, content, settled, capsys):
+    cache_file = tmp_path / "notes.txt"
+    cache_file.write_bytes(content)
+    a = tmp_path / "a.bin"
+    a.write_bytes(b"a" * 10)
+    hasher = SourceHasher([a], cache=HashCache(cache_file)).start()
+    assert hasher.result() == {a: sha(a)}
+    assert cache_file.read_bytes() == content and not (tmp_path / "notes.txt.key").exists()
+    assert "it is not a file this tool wrote); left it as it is" in capsys.readouterr().err
 
 
 def test_an_unwritable_cache_costs_a_rehash_not_the_run(tmp_path, settled):

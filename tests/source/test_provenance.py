@@ -13,7 +13,7 @@ import pytest
 from conftest import tree_digest, write_recipe
 
 from tli_recipe import compile_plan, load_recipe
-from tli_recipe.source.provenance import source_revision
+from tli_recipe.source.revisions import source_revision
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER = "fedcba9876543210fedcba9876543210fedcba98"
@@ -290,7 +290,7 @@ def git_dir(tmp_path, head: str, **files: str) -> Path:
     ],
 )
 def test_git_revisions_that_count(tmp_path, head, files, commit):
-    from tli_recipe.source.provenance import source_revision
+    from tli_recipe.source.revisions import source_revision
 
     warnings: list[str] = []
     assert source_revision(git_dir(tmp_path, head, **files), warnings) == (commit, "its git HEAD")
@@ -298,7 +298,7 @@ def test_git_revisions_that_count(tmp_path, head, files, commit):
 
 
 def test_a_ref_file_linked_inside_git_counts(tmp_path):
-    from tli_recipe.source.provenance import source_revision
+    from tli_recipe.source.revisions import source_revision
 
     folder = git_dir(tmp_path, "ref: refs/heads/main\n", refs__heads__dev=f"{COMMIT}\n")
     (folder / ".git" / "refs" / "heads" / "main").symlink_to("dev")
@@ -320,7 +320,7 @@ def test_a_ref_file_linked_inside_git_counts(tmp_path):
     ],
 )
 def test_git_revisions_that_are_ignored_with_a_warning_quoting_nothing(tmp_path, head, files):
-    from tli_recipe.source.provenance import source_revision
+    from tli_recipe.source.revisions import source_revision
 
     secret = tmp_path / "secret"
     secret.write_text(f"{OTHER}\n")  # looks like a commit: only staying inside .git keeps it out
@@ -335,7 +335,7 @@ def test_git_revisions_that_are_ignored_with_a_warning_quoting_nothing(tmp_path,
 def test_a_head_that_is_no_small_regular_file_inside_git_is_not_read(tmp_path, kind):
     import os
 
-    from tli_recipe.source.provenance import source_revision
+    from tli_recipe.source.revisions import source_revision
 
     folder = git_dir(tmp_path, "")
     head = folder / ".git" / "HEAD"
@@ -364,7 +364,7 @@ def test_a_head_that_is_no_small_regular_file_inside_git_is_not_read(tmp_path, k
 
 
 def test_download_metadata_is_validated_too(tmp_path):
-    from tli_recipe.source.provenance import source_revision
+    from tli_recipe.source.revisions import source_revision
 
     folder = tmp_path / "model"
     meta = folder / ".cache" / "huggingface" / "download"
@@ -382,7 +382,7 @@ def test_download_metadata_is_validated_too(tmp_path):
 
 def test_a_hub_ref_must_hold_a_commit(tmp_path):
     from tli_recipe.source.checkpoint import CheckpointError
-    from tli_recipe.source.provenance import hub_commit
+    from tli_recipe.source.revisions import hub_commit
 
     cache = tmp_path / "models--org--x"
     (cache / "refs").mkdir(parents=True)
@@ -444,15 +444,24 @@ def test_a_checksum_of_a_rendered_recipe_is_located_in_the_rendered_text(tmp_pat
 def test_hash_sources_reads_the_plan_not_the_recipe(tmp_path, tiny):
     """The plan alone decides: a plan whose recipe copy says nothing about pins is still checked."""
     from tli_recipe.errors import RecipeError
-    from tli_recipe.plan.model import SourcePin
+    from tli_recipe.plan.model import RecipeSpot, SourcePin
     from tli_recipe.source.checkpoint import open_checkpoint
-    from tli_recipe.source.provenance import hash_sources
+    from tli_recipe.source.checksums import hash_sources
 
     base = tiny()
     plan = compile_plan(load_recipe(write_recipe(tmp_path, f"base_model: {base}\ninject: {{every: 4}}\n")))
     pin = SourcePin(
         checksums={"config.json": WRONG},
-        locations={"checksums.config.json": "elsewhere.yaml:7:9: base_model.checksums.config.json"},
+        checksums_at={
+            "config.json": RecipeSpot(
+                path=("base_model", "checksums", "config.json"),
+                file="elsewhere.yaml",
+                line=7,
+                column=9,
+                key_line=7,
+                key_column=5,
+            )
+        },
     )
     plan = plan.model_copy(update={"pins": {str(base): pin}, "recipe": {}, "recipe_file": str(tmp_path / "gone.yaml")})
     with pytest.raises(RecipeError) as caught:

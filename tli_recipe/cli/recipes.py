@@ -289,8 +289,8 @@ def pin(model: str, offline: bool, rehash: bool) -> None:
     resolved to its commit on the hub. An uncached hub model's weights are not downloaded: their
     sha256 is the one the hub records for them (Git LFS), which names their blobs once downloaded;
     `run --rehash` hashes the bytes themselves."""
+    from tli_recipe.source.checksums import pin_block
     from tli_recipe.source.hub import pin_sources, pin_target
-    from tli_recipe.source.provenance import pin_block
 
     def log(message: str) -> None:
         click.echo(message, err=True)

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 from tli_recipe.plan.model import Plan
 from tli_recipe.plan.report import ranges
-
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+from tli_recipe.recipe.sources import is_hub_id
 
 
 def _front_matter(plan: Plan) -> str:
@@ -15,7 +12,7 @@ def _front_matter(plan: Plan) -> str:
     nothing on the hub and would publish a directory name of this machine)."""
     base = plan.sources[plan.base_model]
     lines = ["library_name: transformers", "pipeline_tag: text-generation", "tags: [tli-recipe, depth-up-scaling]"]
-    if HUB_ID.fullmatch(base.ref) and base.ref != base.path and ".." not in base.ref:
+    if is_hub_id(base.ref) and base.ref != base.path:
         lines[:0] = [f"base_model: {base.ref}", "base_model_relation: finetune"]
     return "---\n" + "\n".join(lines) + "\n---\n"
 

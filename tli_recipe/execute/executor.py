@@ -29,9 +29,9 @@ from tli_recipe.execute.shards import (
 from tli_recipe.plan.model import Plan, TensorOp
 from tli_recipe.plan.ops import OPS, needs_torch
 from tli_recipe.source.checkpoint import SIDE_FILES, CheckpointError, open_checkpoint
+from tli_recipe.source.checksums import check_digests, pinned_files, side_file
+from tli_recipe.source.checksums import metadata as provenance_metadata
 from tli_recipe.source.hashes import SourceHasher
-from tli_recipe.source.provenance import check_digests, pinned_files, side_file
-from tli_recipe.source.provenance import metadata as provenance_metadata
 
 
 def pick_device(device: str) -> str:

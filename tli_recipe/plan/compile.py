@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Optional
 
 from tli_recipe._version import __version__
-from tli_recipe.errors import format_path
 from tli_recipe.plan.config import rewrite_config
 from tli_recipe.plan.layers import build_layer_map, check_injection
 from tli_recipe.plan.model import (
     LayerEntry,
     Plan,
+    RecipeSpot,
     SourcePin,
     TensorOp,
     Totals,
@@ -178,15 +178,16 @@ def _vocab_size(arch: Architecture, decoder: dict) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def _location(marks: Marks, path: tuple, prefer_key: bool = False) -> str:
-    file, line, column = marks.locate(path, prefer_key)
-    return f"{file}:{line}:{column}: {format_path(path)}"
+def recipe_spot(marks: Marks, path: tuple) -> RecipeSpot:
+    """Where ``path`` was written (its value and its key), from the recipe's own marks."""
+    file, line, column = marks.locate(path)
+    _, key_line, key_column = marks.locate(path, prefer_key=True)
+    return RecipeSpot(path=path, file=file, line=line, column=column, key_line=key_line, key_column=key_column)
 
 
 def source_pins(recipe: Recipe, marks: Marks, sources: Sources) -> dict[str, SourcePin]:
     """Each source's pin (revision, checksums) with the recipe location of each entry, from the
-    recipe's own marks: right for --set overrides and rendered recipes, never re-read later.
-    ``checksums.<name>`` locates the value (a mismatch); ``checksums.<name>#key`` the key (a missing file)."""
+    recipe's own marks: right for --set overrides and rendered recipes, never re-read later."""
     refs = [(recipe.base_model, ("base_model",))]
     refs += [
         (piece.model, ("slices", i, "model")) for i, piece in enumerate(recipe.slices or []) if piece.model is not None
@@ -200,11 +201,12 @@ def source_pins(recipe: Recipe, marks: Marks, sources: Sources) -> dict[str, Sou
         key = str(ref)
         if key in pins or key not in sources.models:
             continue
-        locations = {"revision": _location(marks, path + ("revision",))}
-        for file in ref.checksums:
-            locations[f"checksums.{file}"] = _location(marks, path + ("checksums", file))
-            locations[f"checksums.{file}#key"] = _location(marks, path + ("checksums", file), prefer_key=True)
-        pins[key] = SourcePin(revision=ref.revision, checksums=dict(ref.checksums), locations=locations)
+        pins[key] = SourcePin(
+            revision=ref.revision,
+            checksums=dict(ref.checksums),
+            revision_at=recipe_spot(marks, path + ("revision",)),
+            checksums_at={file: recipe_spot(marks, path + ("checksums", file)) for file in ref.checksums},
+        )
     return pins
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -187,14 +187,29 @@ class UpcyclePlan(Frozen):
     order: str = Field(description="How upcycling combines with slices and inject.")
 
 
+class RecipeSpot(Frozen):
+    """Where a recipe entry was written: the field path, and the file, line and column of its value
+    and of its key (a missing file is reported at the key, a wrong digest at the value). A key
+    or value that was not written is at its nearest written ancestor."""
+
+    path: tuple[Union[str, int], ...] = Field(
+        description="The field path, e.g. ('base_model', 'checksums', 'config.json')."
+    )
+    file: str = Field(description="The recipe file, or the command-line option (--set ...) that wrote the entry.")
+    line: int = Field(ge=1)
+    column: int = Field(ge=1)
+    key_line: int = Field(ge=1)
+    key_column: int = Field(ge=1)
+
+
 class SourcePin(Frozen):
-    """What the recipe pins a source to, with the recipe locations to report a mismatch at."""
+    """What the recipe pins a source to, with the recipe spots to report a mismatch at."""
 
     revision: Optional[str] = Field(default=None, description="The commit the recipe pins (None: not pinned).")
     checksums: dict[str, str] = Field(default_factory=dict, description="Expected sha256 by file name.")
-    locations: dict[str, str] = Field(
-        default_factory=dict,
-        description="'revision' and 'checksums.<file name>' -> the recipe location prefix 'file:line:col: field.path'.",
+    revision_at: Optional[RecipeSpot] = Field(default=None, description="Where the revision is (or would be) written.")
+    checksums_at: dict[str, RecipeSpot] = Field(
+        default_factory=dict, description="Where each pinned file's checksum is written, by file name."
     )
 
 

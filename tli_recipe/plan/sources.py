@@ -20,7 +20,7 @@ from tli_recipe.source.arch import (
 )
 from tli_recipe.source.checkpoint import CODES, Checkpoint
 from tli_recipe.source.hub import Access, open_model
-from tli_recipe.source.provenance import check_pin, source_revision
+from tli_recipe.source.revisions import check_pin, source_revision
 
 #: The most output layers a plan may have, as a multiple of the base model's layer count:
 #: growth methods stay far below (LLaMA Pro 1.25x, TLI 1.5x, DUS 1.5x), while a typo such as

@@ -17,8 +17,20 @@ from pydantic import (
 
 from tli_recipe.recipe.base import Strict, _fail
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+
+#: A Hugging Face hub model id ``org/name``, by the hub's own rules (huggingface_hub's
+#: ``validate_repo_id``): each part 1 to 96 of ``A-Z a-z 0-9 . _ -``, starting and ending with a
+#: letter, digit or ``_``; no ``--`` or ``..``; not ending in ``.git``. The one definition: the
+#: recipe, the hub code and the model cards all ask :func:`is_hub_id`.
+HUB_ID = re.compile(
+    r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?/[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+)
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` is a hub model id ``org/name`` (no revision)."""
+    return HUB_ID.fullmatch(text) is not None and "--" not in text and ".." not in text and not text.endswith(".git")
 
 
 def _check_sha256(value: str) -> str:
@@ -100,13 +112,13 @@ def _parse_ref(value: Any) -> Any:
             "is empty; expected a directory, a hub id (org/name or org/name@revision), or {path: ..., revision: ...}"
         )
     repo, at, revision = value.partition("@")
-    ref = ModelRef(path=repo, revision=revision) if at and revision and _HUB_ID.match(repo) else ModelRef(path=value)
+    ref = ModelRef(path=repo, revision=revision) if at and revision and is_hub_id(repo) else ModelRef(path=value)
     ref._form = "string"
     return ref
 
 
 def _to_source_ref(ref: ModelRef) -> SourceRef:
-    hub = ref.revision is not None and _HUB_ID.match(ref.path)
+    hub = ref.revision is not None and is_hub_id(ref.path)
     # A hub id at a revision is written id@revision, which resolve_model understands; a local
     # directory is its path (its revision is checked against the directory itself).
     text = f"{ref.path}@{ref.revision}" if hub else ref.path

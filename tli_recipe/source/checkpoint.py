@@ -105,7 +105,7 @@ MAX_JSON_FILE = 64 * 2**20
 FIX = "re-download or fix the file"
 
 
-def _show(value: object, limit: int = 60) -> str:
+def show(value: object, limit: int = 60) -> str:
     """A value read from a checkpoint, fit to echo: printable, short (it may be hostile)."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     text = "".join(c if c.isprintable() else f"\\x{ord(c) & 0xFF:02x}" for c in text)
@@ -128,7 +128,7 @@ def _kind(value: object) -> str:
 
 def _fix(path: Path | str, what: str, tensor: Optional[str] = None) -> CheckpointError:
     """``file: tensor 'name': what is wrong; re-download or fix the file``."""
-    where = f"{path}: tensor '{_show(tensor, 200)}': " if tensor is not None else f"{path}: "
+    where = f"{path}: tensor '{show(tensor, 200)}': " if tensor is not None else f"{path}: "
     return CheckpointError(f"{where}{what}; {FIX}")
 
 
@@ -149,7 +149,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"the key '{_show(key)}' appears twice")
+            raise ValueError(f"the key '{show(key)}' appears twice")
         seen[key] = value
     return seen
 
@@ -163,7 +163,7 @@ def _parse_json(raw: bytes, path: Path, what: str) -> Any:
         raise _fix(path, f"{what} nests too deeply to be a real one") from None
     except ValueError as exc:  # JSONDecodeError or a duplicate key
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-        raise _fix(path, f"{what} is not valid JSON ({_show(reason, 80)})") from None
+        raise _fix(path, f"{what} is not valid JSON ({show(reason, 80)})") from None
 
 
 def read_json(path: Path) -> Any:
@@ -226,12 +226,12 @@ def _tensor_info(path: Path, name: str, spec: object, data_start: int, size: int
     code, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
     if not isinstance(code, str) or code not in DTYPE_SIZES:
         raise _fix(
-            path, f"dtype {_show(code)} is not one tli-recipe handles (supported: {', '.join(DTYPE_SIZES)})", name
+            path, f"dtype {show(code)} is not one tli-recipe handles (supported: {', '.join(DTYPE_SIZES)})", name
         )
     if not isinstance(shape, list) or not all(_count(d) for d in shape):
-        raise _fix(path, f"shape {_show(shape)} is not a list of non-negative integers", name)
+        raise _fix(path, f"shape {show(shape)} is not a list of non-negative integers", name)
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets):
-        raise _fix(path, f"data_offsets {_show(offsets)} is not a pair of non-negative integers", name)
+        raise _fix(path, f"data_offsets {show(offsets)} is not a pair of non-negative integers", name)
     begin, end = offsets
     if end < begin:
         raise _fix(path, f"data_offsets [{begin}, {end}] are reversed (the end is before the start)", name)
@@ -274,7 +274,7 @@ def header_tensors(
     previous = None
     for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
         if previous is not None and info.start < previous.end:
-            raise _fix(path, f"its bytes overlap those of tensor '{_show(previous.name, 200)}'", info.name)
+            raise _fix(path, f"its bytes overlap those of tensor '{show(previous.name, 200)}'", info.name)
         previous = info
     return tensors, metadata
 
@@ -318,7 +318,7 @@ def resolve_model(ref: str) -> Path:
     return cached_model(ref)
 
 
-def _read_index(index_path: Path) -> dict[str, str]:
+def read_index(index_path: Path) -> dict[str, str]:
     """The index's weight_map: tensor name -> shard file name, each a plain file inside the folder."""
     index = read_json(index_path)
     if not isinstance(index, dict):
@@ -337,7 +337,7 @@ def _read_index(index_path: Path) -> dict[str, str]:
         if not name.endswith(".safetensors") or name != Path(name).name or "\\" in name or "\0" in name:
             raise _fix(
                 index_path,
-                f"its weight_map names the shard '{_show(name)}', which is not a .safetensors "
+                f"its weight_map names the shard '{show(name)}', which is not a .safetensors "
                 "file inside the model folder",
                 tensor,
             )
@@ -358,7 +358,7 @@ def _weight_files(path: Path) -> tuple[Optional[dict[str, str]], list[str]]:
     """The index's weight_map (None without an index) and the shard files to read."""
     index_path = path / INDEX_FILE
     if index_path.is_file():
-        weight_map = _read_index(index_path)
+        weight_map = read_index(index_path)
         return weight_map, sorted(set(weight_map.values()))
     if (path / SINGLE_FILE).is_file():
         return None, [SINGLE_FILE]
@@ -399,7 +399,7 @@ def open_checkpoint(
                     file,
                     f"is in this shard but not in {INDEX_FILE}"
                     if tensor not in weight_map
-                    else f"is in this shard but {INDEX_FILE} puts it in {_show(weight_map[tensor])}",
+                    else f"is in this shard but {INDEX_FILE} puts it in {show(weight_map[tensor])}",
                     tensor,
                 )
             tensors[tensor] = info

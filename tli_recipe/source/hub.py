@@ -15,29 +15,28 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
+from tli_recipe.recipe.sources import is_hub_id
 from tli_recipe.source.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
     Checkpoint,
     CheckpointError,
-    _read_index,
-    _show,
     open_checkpoint,
+    read_index,
+    show,
 )
-from tli_recipe.source.provenance import (
-    _COMMIT,
-    _HUB_REVISION,
-    _plain_parts,
-    _Refused,
+from tli_recipe.source.revisions import (
+    COMMIT,
+    Refused,
     hub_commit,
     read_small,
+    valid_revision,
 )
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
@@ -65,7 +64,7 @@ def endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
-def _token() -> Optional[str]:
+def token() -> Optional[str]:
     return os.environ.get("HF_TOKEN") or None  # None: huggingface_hub's stored token (hf auth login)
 
 
@@ -78,6 +77,7 @@ class Access:
     offline: bool = False  # --offline; HF_HUB_OFFLINE counts too
     progress: bool = True
     log: Optional[Callable[[str], None]] = None
+    pins: dict[str, str] = field(default_factory=dict)  # file name -> sha256 the recipe pins (checked as bytes land)
 
     def say(self, message: str) -> None:
         if self.log is not None:
@@ -87,10 +87,10 @@ class Access:
 def parse_hub_id(ref: str) -> Optional[tuple[str, str]]:
     """``(repo, revision)`` of ``org/name[@revision]`` (revision ``main`` when none), None for another shape."""
     repo, _, revision = str(ref).partition("@")
-    return (repo, revision or "main") if HUB_ID.match(repo) else None
+    return (repo, revision or "main") if is_hub_id(repo) else None
 
 
-def _fix_command(repo: str, revision: str) -> str:
+def fix_command(repo: str, revision: str) -> str:
     return f"hf download {repo}" + (f" --revision {revision}" if revision != "main" else "")
 
 
@@ -102,29 +102,29 @@ def cached_revisions(folder: Path) -> list[str]:
     if refs.is_dir() and not refs.is_symlink():
         for path in sorted(refs.rglob("*"))[:200]:
             name = path.relative_to(refs).as_posix()
-            if not _HUB_REVISION.match(name) or not _plain_parts(name) or len(name) > 100:
+            if not valid_revision(name) or len(name) > 100:
                 continue
             try:
                 text = (read_small(path, refs) or "").strip()
-            except _Refused:
+            except Refused:
                 continue
-            if _COMMIT.match(text):
+            if COMMIT.match(text):
                 seen.setdefault(text, name)
     snapshots = folder / "snapshots"
-    commits = sorted(p.name for p in snapshots.iterdir() if _COMMIT.match(p.name)) if snapshots.is_dir() else []
+    commits = sorted(p.name for p in snapshots.iterdir() if COMMIT.match(p.name)) if snapshots.is_dir() else []
     out = [f"{name} ({commit})" for commit, name in seen.items() if commit in commits]
     out += [commit for commit in commits if commit not in seen]
     return out
 
 
-def _not_cached(ref: str, repo: str, revision: str, why: str = "") -> CheckpointError:
+def not_cached(ref: str, repo: str, revision: str, why: str = "") -> CheckpointError:
     folder = cache_root() / ("models--" + repo.replace("/", "--"))
     held = cached_revisions(folder) if folder.is_dir() else []
     have = f"; the cache holds {repo} at: {', '.join(held[:10])}" if held else ""
     return CheckpointError(
         f"'{ref}' is neither a local directory nor a model in the local Hugging Face cache "
         f"({cache_root()}){have}{why}; "
-        f"check the path, or download it ({_fix_command(repo, revision)}; HF_HUB_CACHE or HF_HOME locate the cache), "
+        f"check the path, or download it ({fix_command(repo, revision)}; HF_HUB_CACHE or HF_HOME locate the cache), "
         "or point at a local copy (--set base_model=/path/to/model)"
     )
 
@@ -137,13 +137,14 @@ def _snapshot(repo: str, revision: str) -> Optional[Path]:
     return snapshot if snapshot is not None and snapshot.is_dir() else None
 
 
-def _valid_revision(ref: str, repo: str, revision: str) -> None:
-    if not _HUB_REVISION.match(revision) or not _plain_parts(revision) or len(revision) > 200:
-        raise _not_cached(
+def check_revision(ref: str, repo: str, revision: str) -> None:
+    """Refuse a revision that cannot name a cache path or a hub revision (:func:`valid_revision`)."""
+    if not valid_revision(revision):
+        raise not_cached(
             ref,
             repo,
             "main",
-            f"; '{_show(revision)}' is not a revision (expected a branch, tag or "
+            f"; '{show(revision)}' is not a revision (expected a branch, tag or "
             "commit name: letters, digits, . _ + - and /)",
         )
 
@@ -154,7 +155,7 @@ def missing_files(snapshot: Path) -> tuple[list[str], list[str]]:
     dangling = sorted(p.name for p in snapshot.iterdir() if p.is_symlink() and not p.exists())
     missing = [] if (snapshot / "config.json").is_file() else ["config.json"]
     if (snapshot / INDEX_FILE).is_file():
-        missing += [n for n in sorted(set(_read_index(snapshot / INDEX_FILE).values())) if not (snapshot / n).is_file()]
+        missing += [n for n in sorted(set(read_index(snapshot / INDEX_FILE).values())) if not (snapshot / n).is_file()]
     elif not (snapshot / SINGLE_FILE).is_file() and not any(p.is_file() for p in snapshot.glob("*.safetensors")):
         missing.append(SINGLE_FILE if SINGLE_FILE in dangling else "*.safetensors")
     return missing, dangling
@@ -173,10 +174,10 @@ def cached_model(ref: str) -> Path:
             f"'{ref}' is not a directory; expected a model directory with config.json, or a hub id org/name"
         )
     repo, revision = hub
-    _valid_revision(ref, repo, revision)
+    check_revision(ref, repo, revision)
     snapshot = _snapshot(repo, revision)
     if snapshot is None:
-        raise _not_cached(ref, repo, revision)
+        raise not_cached(ref, repo, revision)
     return snapshot
 
 
@@ -189,7 +190,7 @@ def open_model(ref: str, access: Access = Access()) -> Checkpoint:
 
         return open_checkpoint(resolve_model(ref))
     repo, revision = parse_hub_id(ref)
-    _valid_revision(ref, repo, revision)
+    check_revision(ref, repo, revision)
     offline = access.offline or offline_env()
     network = access.fetch != "cache" and not offline
     snapshot = _snapshot(repo, revision)
@@ -200,15 +201,16 @@ def open_model(ref: str, access: Access = Access()) -> Checkpoint:
         if dangling and not (network and access.fetch == "weights"):
             raise CheckpointError(
                 f"{snapshot}: an incomplete download: {_names(dangling)} point(s) at blobs that are not "
-                f"in the cache; complete it with `{_fix_command(repo, snapshot.name)}`"
+                f"in the cache; complete it with `{fix_command(repo, snapshot.name)}`"
             )
         if not network:
             return open_checkpoint(snapshot)  # config.json alone is enough for plan (shapes from the architecture)
     elif not network:
         why = "; --offline forbids downloading" if access.offline else "; HF_HUB_OFFLINE is set" if offline else ""
-        raise _not_cached(ref, repo, revision, why)
+        raise not_cached(ref, repo, revision, why)
     from tli_recipe.source.hubfetch import download, remote_headers
 
+    access = replace(access, pins=dict(getattr(ref, "checksums", None) or {}))
     if access.fetch == "headers":
         return remote_headers(repo, revision, access)
     return open_checkpoint(download(repo, revision, access))
@@ -218,10 +220,10 @@ def pin_target(ref: str, offline: bool = False, log: Optional[Callable[[str], No
     """``org/name@commit`` for a hub id whose revision is a branch or tag, resolved on the hub now
     (the cache's refs/ may be stale); ``ref`` itself for a directory, a commit, or offline."""
     hub = parse_hub_id(ref)
-    if hub is None or Path(ref).expanduser().exists() or offline or offline_env() or _COMMIT.match(hub[1]):
+    if hub is None or Path(ref).expanduser().exists() or offline or offline_env() or COMMIT.match(hub[1]):
         return ref
     repo, revision = hub
-    _valid_revision(ref, repo, revision)
+    check_revision(ref, repo, revision)
     from tli_recipe.source.hubfetch import hub_errors, resolve_commit
 
     with hub_errors(ref, repo, revision, "resolving"):
@@ -243,7 +245,7 @@ def pin_sources(
     if hub is None or local.exists() or offline or offline_env():
         return open_model(ref, access), {}
     repo, revision = hub
-    _valid_revision(ref, repo, revision)
+    check_revision(ref, repo, revision)
     snapshot = _snapshot(repo, revision)
     if snapshot is not None and missing_files(snapshot) == ([], []):
         return open_checkpoint(snapshot), {}

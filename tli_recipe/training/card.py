@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from tli_recipe.execute.card import HUB_ID
 from tli_recipe.plan.model import Plan
 from tli_recipe.plan.report import ranges
+from tli_recipe.recipe.sources import is_hub_id
 
 
 def _loss(value: Optional[float]) -> str:
@@ -17,7 +17,7 @@ def stage_card(cfg, metrics: dict, plan: Optional[Plan]) -> str:
     """README.md of ``<model>-<stage>``: what was trained, on what, and how it went."""
     base = plan.sources[plan.base_model] if plan is not None else None
     front = ["library_name: transformers", "pipeline_tag: text-generation", "tags: [tli-recipe, depth-up-scaling]"]
-    if base is not None and HUB_ID.fullmatch(base.ref) and base.ref != base.path and ".." not in base.ref:
+    if base is not None and is_hub_id(base.ref) and base.ref != base.path:
         front[:0] = [f"base_model: {base.ref}", "base_model_relation: finetune"]
     name = plan.name if plan is not None else cfg.stage
     what = (

@@ -7,6 +7,13 @@
   (and ranges: ``Range: bytes=a-b`` gets 206 with Content-Range), as the hub answers.
 Errors carry the X-Error-Code huggingface_hub maps to its exceptions (RepoNotFound, GatedRepo,
 RevisionNotFound, EntryNotFound). Every request is logged.
+
+Hostile modes (a compromised or broken hub), each keyed by file name where it concerns a file:
+``claim`` lists another LFS sha256 (model info, tree and ETag agree on the lie), ``etag`` sends
+another ETag only, ``zero`` serves the data bytes zeroed under the true ETag and sha256,
+``status`` answers a file with that HTTP status, ``redirect`` answers a file with a redirect to
+that address, ``info_body`` replaces the model info's body, ``stall`` makes the model info
+(``"info"``) or every file transfer (``"transfer"``, after half the body) wait that many seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,6 +42,13 @@ class FakeHub:
     log: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, range)
     cut: bool = False  # send half of each .safetensors body, then close the connection
     url: str = ""
+    claim: dict[str, str] = field(default_factory=dict)
+    etag: dict[str, str] = field(default_factory=dict)
+    zero: set[str] = field(default_factory=set)
+    status: dict[str, int] = field(default_factory=dict)
+    redirect: dict[str, str] = field(default_factory=dict)
+    info_body: bytes | None = None
+    stall: tuple[str, float] | None = None
 
     def add(self, repo: str, folder: Path, commit: str, branch: str = "main") -> None:
         files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
@@ -56,6 +71,14 @@ def _lfs(name: str, data: bytes) -> dict:
     return {"lfs": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}}
 
 
+def _claimed(hub: "FakeHub", name: str, data: bytes) -> dict:
+    """The LFS record the hub lists: the true one, or its ``claim``."""
+    record = _lfs(name, data)
+    if record and name in hub.claim:
+        record = {"lfs": {**record["lfs"], "sha256": hub.claim[name]}}
+    return record
+
+
 def _handler(hub: FakeHub):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -66,7 +89,8 @@ def _handler(hub: FakeHub):
         def _error(self, status: int, code: str) -> None:
             body = json.dumps({"error": code}).encode()
             self.send_response(status)
-            self.send_header("X-Error-Code", code)
+            if code:
+                self.send_header("X-Error-Code", code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -103,6 +127,14 @@ def _handler(hub: FakeHub):
             hub.log.append((self.command, path, self.headers.get("range", "")))
             api = re.match(r"^/api/models/([^/]+/[^/]+)/(revision|tree)/([^/]+)$", path)
             resolve = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
+            if api and api[2] == "revision" and hub.stall and hub.stall[0] == "info":
+                time.sleep(hub.stall[1])
+            if api and api[2] == "revision" and hub.info_body is not None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(hub.info_body)))
+                self.end_headers()
+                return self.wfile.write(hub.info_body)
             if api:
                 found = self._repo(api[1], api[3])
                 if found is None:
@@ -115,7 +147,10 @@ def _handler(hub: FakeHub):
                             "id": api[1],
                             "sha": commit,
                             "siblings": [
-                                {"rfilename": n, **({"blobId": _oid(b), "size": len(b), **_lfs(n, b)} if blobs else {})}
+                                {
+                                    "rfilename": n,
+                                    **({"blobId": _oid(b), "size": len(b), **_claimed(hub, n, b)} if blobs else {}),
+                                }
                                 for n, b in files.items()
                             ],
                         }
@@ -128,7 +163,13 @@ def _handler(hub: FakeHub):
                             "size": len(b),
                             "oid": _oid(b),
                             **(
-                                {"lfs": {"oid": hashlib.sha256(b).hexdigest(), "size": len(b), "pointerSize": 134}}
+                                {
+                                    "lfs": {
+                                        "oid": _claimed(hub, n, b)["lfs"]["sha256"],
+                                        "size": len(b),
+                                        "pointerSize": 134,
+                                    }
+                                }
                                 if n.endswith(".safetensors")
                                 else {}
                             ),
@@ -147,14 +188,27 @@ def _handler(hub: FakeHub):
             self._error(404, "NotFound")
 
         def _file(self, commit: str, name: str, data: bytes) -> None:
-            lfs = name.endswith(".safetensors")
+            if name in hub.status:
+                return self._error(hub.status[name], "")
+            if name in hub.redirect:
+                self.send_response(302)
+                self.send_header("Location", hub.redirect[name])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            record = _claimed(hub, name, data)
+            lfs = bool(record)
+            etag = hub.etag.get(name) or (record["lfs"]["sha256"] if lfs else _oid(data))
+            if name in hub.zero:  # the data bytes (after the safetensors header) zeroed, same length
+                length = 8 + int.from_bytes(data[:8], "little")
+                data = data[:length] + bytes(len(data) - length)
             start, end = 0, len(data) - 1
             ranged = re.match(r"^bytes=(\d+)-(\d*)$", self.headers.get("range", ""))
             if ranged:
                 start = int(ranged[1])
                 end = min(int(ranged[2]) if ranged[2] else len(data) - 1, len(data) - 1)
             self.send_response(206 if ranged else 200)
-            self.send_header("ETag", '"%s"' % (hashlib.sha256(data).hexdigest() if lfs else _oid(data)))
+            self.send_header("ETag", '"%s"' % etag)
             self.send_header("X-Repo-Commit", commit)
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Length", str(end - start + 1))
@@ -167,6 +221,12 @@ def _handler(hub: FakeHub):
             if hub.cut and lfs and not ranged or hub.cut and lfs and start > 0:
                 self.wfile.write(body[: len(body) // 2])
                 self.wfile.flush()
+                self.close_connection = True
+                return
+            if hub.stall and hub.stall[0] == "transfer" and not ranged:
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                time.sleep(hub.stall[1])
                 self.close_connection = True
                 return
             self.wfile.write(body)
