@@ -64,24 +64,6 @@ def imports(path) -> list[tuple[int, str]]:
 #: holding ``__version__`` (setuptools-scm and hatch-vcs write the same file); its one name is a dunder.
 PRIVATE_MODULES = {"tli_recipe._version": {"__version__"}}
 
-#: (importer, defining module, private name) still imported across modules: being removed by the source/
-#: split (another branch restructures source/ and recipe/sources.py); the lead deletes this at merge.
-ALLOWED_PRIVATE = {
-    ("tli_recipe.recipe.sources", "tli_recipe.recipe.base", "_fail"),
-    ("tli_recipe.source.hub", "tli_recipe.source.checkpoint", "_read_index"),
-    ("tli_recipe.source.hub", "tli_recipe.source.checkpoint", "_show"),
-    ("tli_recipe.source.hub", "tli_recipe.source.provenance", "_COMMIT"),
-    ("tli_recipe.source.hub", "tli_recipe.source.provenance", "_HUB_REVISION"),
-    ("tli_recipe.source.hub", "tli_recipe.source.provenance", "_plain_parts"),
-    ("tli_recipe.source.hub", "tli_recipe.source.provenance", "_Refused"),
-    ("tli_recipe.source.hubfetch", "tli_recipe.source.checkpoint", "_read_index"),
-    ("tli_recipe.source.hubfetch", "tli_recipe.source.checkpoint", "_show"),
-    ("tli_recipe.source.hubfetch", "tli_recipe.source.hub", "_fix_command"),
-    ("tli_recipe.source.hubfetch", "tli_recipe.source.hub", "_not_cached"),
-    ("tli_recipe.source.hubfetch", "tli_recipe.source.hub", "_token"),
-    ("tli_recipe.source.hubfetch", "tli_recipe.source.provenance", "_COMMIT"),
-}
-
 
 def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
@@ -140,7 +122,6 @@ def test_no_private_names_of_other_modules(path):
     bad = [
         f"{path}:{line}: {me} uses {name} of {module}; make it public in {module} or move it"
         for line, module, name in private_uses(path.read_text(), me)
-        if (me, module, name) not in ALLOWED_PRIVATE
     ]
     assert not bad, "\n".join(bad)
 

@@ -16,10 +16,6 @@ def fail(message: str) -> PydanticCustomError:
     return PydanticCustomError("tli", "{message}", {"message": message})
 
 
-# The old name, still imported by recipe/sources.py until the source/ split rewrites that file.
-_fail = fail
-
-
 class Strict(BaseModel):
     """Base of every recipe model: unknown keys are errors, instances are immutable."""
 

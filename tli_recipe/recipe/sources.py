@@ -15,7 +15,7 @@ from pydantic import (
     field_validator,
 )
 
-from tli_recipe.recipe.base import Strict, _fail
+from tli_recipe.recipe.base import Strict, fail
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
@@ -35,7 +35,7 @@ def is_hub_id(text: str) -> bool:
 
 def _check_sha256(value: str) -> str:
     if not _SHA256.match(value):
-        raise _fail(f"{value!r} is not a sha256; expected 64 lowercase hex digits (as sha256sum prints them)")
+        raise fail(f"{value!r} is not a sha256; expected 64 lowercase hex digits (as sha256sum prints them)")
     return value
 
 
@@ -73,7 +73,7 @@ class ModelRef(Strict):
     def _names(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
             if not name or name.startswith("/") or ".." in name.split("/"):
-                raise _fail(
+                raise fail(
                     f"{name!r} is not a file of the model directory; expected a name relative to it, "
                     "such as config.json"
                 )
@@ -103,12 +103,12 @@ def _parse_ref(value: Any) -> Any:
     if isinstance(value, SourceRef):
         return _parse_ref(_dump_ref(value))
     if not isinstance(value, str):
-        raise _fail(
+        raise fail(
             f"{value!r} is not a model; expected a directory, a hub id (org/name or org/name@revision), "
             "or {path: ..., revision: ..., checksums: ...}"
         )
     if not value:
-        raise _fail(
+        raise fail(
             "is empty; expected a directory, a hub id (org/name or org/name@revision), or {path: ..., revision: ...}"
         )
     repo, at, revision = value.partition("@")
