@@ -4,7 +4,8 @@ Every ```bash block not marked ``no-test`` of README.md and docs/*.md runs. Bloc
 ```bash no-test need a download or a GPU (`make demo`, `run` on real weights, training). The
 others run in a copy of the repository (so `schema -o` and `render -o` write into the copy),
 with the command `tli-recipe` of this tree on PATH and an empty Hugging Face cache.
-Every relative link of those pages (and its #anchor) must name a file of the repository.
+Every ```yaml block that is a whole recipe (it has `base_model`) must pass `tli-recipe validate`,
+and every relative link of those pages (and its #anchor) must name a file of the repository.
 """
 
 from __future__ import annotations
@@ -75,6 +76,42 @@ def test_the_tour_shows_the_demo_recipe():
     shown = [yaml.safe_load(b) for b in blocks if "name: smollm2-135m-k4\n" in b]
     assert len(shown) == 1
     assert shown[0] == yaml.safe_load((ROOT / "recipes" / "smollm2-135m-k4.yaml").read_text())
+
+
+def recipe_blocks(text: str) -> list[tuple[int, str]]:
+    """(line, body) of every ```yaml block that is a whole recipe (a mapping with `base_model`), not marked no-test."""
+    out = []
+    for match in FENCE.finditer(text):
+        words = match["info"].split()
+        if words[:1] == ["yaml"] and not set(words[1:]) & set(SKIPPED):
+            try:
+                data = yaml.safe_load(match["body"])
+            except yaml.YAMLError:  # a template's front matter and body: not a recipe
+                continue
+            if isinstance(data, dict) and "base_model" in data:
+                out.append((text.count("\n", 0, match.start()) + 1, match["body"]))
+    return out
+
+
+RECIPE_BLOCKS = [
+    (f"{page.relative_to(ROOT)}:{line}", body) for page in PAGES for line, body in recipe_blocks(page.read_text())
+]
+
+
+def test_the_recipe_blocks_are_found():
+    text = "```yaml\nbase_model: a/b\n```\n```yaml no-test\nbase_model: {path: a/b}\n```\n```yaml\nstages: []\n```\n"
+    assert recipe_blocks(text) == [(1, "base_model: a/b\n")]
+    pages = {where.rsplit(":", 1)[0] for where, _ in RECIPE_BLOCKS}
+    assert {"README.md", "docs/recipes.md", "docs/upcycling.md"} <= pages, pages
+
+
+@pytest.mark.parametrize("where,body", RECIPE_BLOCKS, ids=[where for where, _ in RECIPE_BLOCKS])
+def test_a_recipe_shown_in_the_docs_validates(where, body, tmp_path, cli):
+    """A recipe on a page is a recipe `tli-recipe validate` accepts (validate reads no model)."""
+    recipe = tmp_path / "shown.yaml"
+    recipe.write_text(body)
+    result = cli("validate", recipe)
+    assert result.exit_code == 0, f"{where}: the recipe shown there does not validate:\n{result.stderr}"
 
 
 # Links: [text](target) and ![alt](target) outside code; the target ends at the first space or ")".

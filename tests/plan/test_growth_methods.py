@@ -102,7 +102,9 @@ def smooth_layers(n=12, out=32, width=32, theta=0.5, seed=0):
 
 
 def test_lesa_predictor_learns_and_beats_the_mean_of_the_neighbours():
-    weights = smooth_layers()
+    # 16 x 16 layers: half the rows of 32 x 32 and half the time, with a wider margin
+    # (lesa/mean 0.20-0.24 here, 0.24-0.25 at 32 x 32; the bound is 0.5).
+    weights = smooth_layers(out=16, width=16)
     us, blocks, model, losses = fit_basis(weights, Lesa(epochs=100, seed=0))
     assert losses[-1] < losses[0] / 10, losses
     for i in (3, 6, 9):

@@ -235,14 +235,34 @@ def test_task_lists_and_models_are_checked_first(models, tmp_path):
         run_tasks([models[1], tmp_path / "nowhere"], [str(task)])
 
 
+@pytest.fixture
+def one_task_manager(monkeypatch):
+    """One lm-eval TaskManager per set of arguments for the test: each new one indexes lm-eval's built-in
+    task files again (about 14,000 YAML files, 20 s on a loaded 2-core machine)."""
+    import lm_eval.tasks
+
+    made = {}
+    real = lm_eval.tasks.TaskManager
+
+    def shared(*args, **kwargs):
+        key = repr((args, sorted(kwargs.items())))
+        if key not in made:
+            made[key] = real(*args, **kwargs)
+        return made[key]
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", shared)
+    return made
+
+
 @pytest.mark.slow  # lm-eval indexes its ~200 built-in task folders (seconds)
-def test_unknown_and_hub_task_names(models):
+def test_unknown_and_hub_task_names(one_task_manager):
     from tli_recipe.training.lmeval import TaskSet
 
     with pytest.raises(TliError, match=r"no lm-eval task named 'hellaswg' \(did you mean 'hellaswag'\?\)"):
         TaskSet(["hellaswg"])
     with pytest.raises(TliError, match=r"task 'kobest_copa' reads its data from the Hugging Face hub.*--online"):
         TaskSet(["kobest_copa"])
+    assert len(one_task_manager) == 1  # both names were looked up in lm-eval's full built-in index
 
 
 @pytest.mark.slow  # two models through lm-eval and the loss, via the CLI

@@ -160,11 +160,12 @@ def test_a_mod_model_generates(trained):
 
 @pytest.mark.slow  # two trainings of the tiny model
 def test_an_interrupted_mod_stage_resumes_to_the_same_weights_and_head(tmp_path, base, data):
-    grown = grow(tmp_path, base, data, steps=8, save=3, extra="    mod: {learning_rate: 0.05}\n")
+    # 4 steps, a checkpoint every 2, stopped after step 3: the resumed run redoes step 3 from checkpoint-2
+    grown = grow(tmp_path, base, data, steps=4, save=2, extra="    mod: {learning_rate: 0.05}\n")
     [cfg] = stage_configs(grown)
     with pytest.raises(KeyboardInterrupt):
-        train_stage(cfg, progress=False, log=quiet, callbacks=[_Interrupt(7)])
-    assert (tmp_path / "grown-mod.partial" / "checkpoint-6" / "mod_head.safetensors").is_file()
+        train_stage(cfg, progress=False, log=quiet, callbacks=[_Interrupt(3)])
+    assert (tmp_path / "grown-mod.partial" / "checkpoint-2" / "mod_head.safetensors").is_file()
     resumed = train_stage(cfg, progress=False, log=quiet)
     straight = train_stage(cfg.model_copy(update={"output_dir": str(tmp_path / "straight")}), progress=False, log=quiet)
     for a, b in (

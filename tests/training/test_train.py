@@ -143,30 +143,31 @@ class _Interrupt:
 
 @pytest.mark.slow  # trains the tiny model twice
 def test_interrupted_stage_resumes_to_the_same_final_step(tmp_path, base, data):
+    # 4 steps, a checkpoint after each, stopped after step 3 (before its checkpoint): checkpoints 1 and 2
     grown = grow(
-        tmp_path, base, "  - name: injected-only\n    trainable: [injected]\n" + FAST.format(data=data, steps=8, save=3)
+        tmp_path, base, "  - name: injected-only\n    trainable: [injected]\n" + FAST.format(data=data, steps=4, save=1)
     )
     [cfg] = stage_configs(grown)
     with pytest.raises(KeyboardInterrupt):
-        train_stage(cfg, progress=False, log=quiet, callbacks=[_Interrupt(7)])
+        train_stage(cfg, progress=False, log=quiet, callbacks=[_Interrupt(3)])
     partial = tmp_path / "grown-injected-only.partial"
-    assert sorted(p.name for p in partial.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert sorted(p.name for p in partial.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert not (tmp_path / "grown-injected-only").exists()
     # What a crash while writing leaves (files of an older version, or a save cut short): half a JSON.
-    for half in (partial / "initial_eval.json", partial / "checkpoint-6" / "trainer_state.json"):
+    for half in (partial / "initial_eval.json", partial / "checkpoint-2" / "trainer_state.json"):
         half.write_text(half.read_text()[: len(half.read_text()) // 2])
     messages = []
     out = train_stage(cfg, progress=False, log=messages.append)
-    assert any("resuming from checkpoint-3" in m for m in messages)
+    assert any("resuming from checkpoint-1" in m for m in messages)
     metrics = json.loads((out / "training_metrics.json").read_text())
-    assert metrics["global_step"] == 8 and metrics["resumed_from"] == "checkpoint-3"  # checkpoint-6 is incomplete
+    assert metrics["global_step"] == 4 and metrics["resumed_from"] == "checkpoint-1"  # checkpoint-2 is incomplete
     assert metrics["eval_loss_before"] is not None  # the step-0 evaluation, done again
     steps = [int(r["step"]) for r in csv.DictReader((out / "losses.csv").open())]
-    assert steps == list(range(9))
+    assert steps == list(range(5))
     # The same run without the interruption ends on the same step with the same weights.
     cfg = cfg.model_copy(update={"output_dir": str(tmp_path / "straight")})
     straight = train_stage(cfg, progress=False, log=quiet)
-    assert json.loads((straight / "training_metrics.json").read_text())["global_step"] == 8
+    assert json.loads((straight / "training_metrics.json").read_text())["global_step"] == 4
     for name, tensor in tensors(straight).items():
         torch.testing.assert_close(tensors(out)[name], tensor, atol=1e-6, rtol=1e-5)
     assert "already trained" in "".join(_log_of(lambda log: train_stage(cfg, progress=False, log=log)))
