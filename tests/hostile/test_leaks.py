@@ -259,7 +259,13 @@ def test_a_pinned_snapshot_link_out_of_its_repos_blobs_is_not_hashed(
         f'base_model:\n  path: org/tiny\n  checksums:\n    tokenizer.json: "{"0" * 64}"\ninject: {{every: 2}}\n',
     )
     result = hostile_cli("run", recipe, "--output", out, "--device", "cpu", "--no-progress")
-    refused(result, "has no file 'tokenizer.json'", inputs=inputs, target=out, secrets=SECRETS)
+    refused(
+        result,
+        "tokenizer.json is a link leaving its Hugging Face cache repo",
+        inputs=inputs,
+        target=out,
+        secrets=SECRETS,
+    )
 
 
 def test_an_unpinned_side_file_linking_out_of_the_cache_is_neither_copied_nor_hashed(tmp_path, hub, hostile_cli):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass
@@ -307,6 +308,51 @@ class Checkpoint:
         return sorted({Path(t.file) for t in self.tensors.values()})
 
 
+#: a blob of a Hugging Face cache repo: a git blob id or an LFS sha256
+_BLOB_NAME = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})\Z")
+
+
+def link_problem(folder: Path, name: str) -> Optional[str]:
+    """Why the file ``name`` of the source folder ``folder`` may not be read, or None when it may.
+
+    The one link rule for every file read from a source (config.json, the index, the weights, the
+    side files, a pinned file), the same in plan, run, pin and verify: ``name`` is a plain relative
+    path, and it resolves inside the folder, or, in a Hugging Face cache snapshot
+    (``<repo>/snapshots/<commit>``, itself no link), to a blob of that repo (``<repo>/blobs/<id>``,
+    ``blobs`` no link). A missing file is no link problem (whoever needs it says it is missing)."""
+    parts = Path(name).parts
+    if Path(name).is_absolute() or not parts or ".." in parts or "\0" in name:
+        return "is not a plain name inside the folder"
+    try:
+        target = (folder / name).resolve(strict=True)
+        base = folder.resolve(strict=True)
+    except FileNotFoundError:
+        return None
+    except (OSError, RuntimeError):
+        return "is a link that loops or cannot be followed"
+    snapshots = folder.parent
+    if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
+        repo = snapshots.parent.resolve()
+        if base != repo / "snapshots" / folder.name:
+            return "is in a Hugging Face cache snapshot folder that is a link leaving its repo"
+        if target.is_relative_to(base):
+            return None
+        if not (repo / "blobs").is_symlink() and target.parent == repo / "blobs" and _BLOB_NAME.match(target.name):
+            return None
+        return "is a link leaving its Hugging Face cache repo (it may point only into the repo's own blobs/)"
+    return None if target.is_relative_to(base) else "is a link leaving the model folder"
+
+
+def check_link(folder: Path, name: str) -> None:
+    """Raise a CheckpointError when :func:`link_problem` finds one."""
+    why = link_problem(folder, name)
+    if why is not None:
+        raise CheckpointError(
+            f"{folder / name}: {why}; a source file is read only from inside its folder (copy the file in, "
+            "or point at the folder that holds it; for a damaged Hugging Face cache, download the model again)"
+        )
+
+
 def resolve_model(ref: str) -> Path:
     """A local directory, or ``org/name[@revision]`` from the local Hugging Face cache (no network:
     ``tli_recipe.source.hub.open_model`` is the one that may download)."""
@@ -346,6 +392,7 @@ def read_index(index_path: Path) -> dict[str, str]:
 
 def _read_config(path: Path) -> dict[str, Any]:
     config_path = path / "config.json"
+    check_link(path, "config.json")
     if not config_path.exists():
         raise CheckpointError(f"{config_path}: not found; a model directory needs its config.json")
     config = read_json(config_path)
@@ -357,6 +404,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 def _weight_files(path: Path) -> tuple[Optional[dict[str, str]], list[str]]:
     """The index's weight_map (None without an index) and the shard files to read."""
     index_path = path / INDEX_FILE
+    check_link(path, INDEX_FILE)
     if index_path.is_file():
         weight_map = read_index(index_path)
         return weight_map, sorted(set(weight_map.values()))
@@ -389,6 +437,7 @@ def open_checkpoint(
     metadata: dict[str, str] = {}
     for name in files:
         file = path / name
+        check_link(path, name)
         found, meta = read(file)
         metadata.update(meta)
         for tensor, info in found.items():

@@ -11,7 +11,6 @@ the safetensors metadata. No torch; hashing streams 8 MiB at a time.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +19,7 @@ from tli_recipe.source.checkpoint import (
     INDEX_FILE,
     SIDE_FILES,
     Checkpoint,
+    link_problem,
 )
 from tli_recipe.source.hashes import SourceHasher
 from tli_recipe.source.revisions import source_revision
@@ -39,32 +39,14 @@ def source_file_names(ckpt: Checkpoint, side_files: bool) -> list[str]:
 
 def side_file(folder: Path, name: str) -> bool:
     """Whether ``folder`` has the side file ``name`` (a tokenizer or generation file) to hash and copy:
-    a file inside the folder, or in a hub snapshot a link into its repo's blobs; a link anywhere else
-    is not the model's (it is never read, so nothing from outside reaches the output)."""
-    return (folder / name).is_file() and _inside(folder, name)
+    one that passes the link rule (:func:`checkpoint.link_problem`); a link anywhere else is not the
+    model's (it is never read, so nothing from outside reaches the output)."""
+    return (folder / name).is_file() and link_problem(folder, name) is None
 
 
 def expected_checksums(plan) -> dict[str, dict[str, str]]:
     """Source key -> expected sha256 by file name, from the plan's pins (never the recipe again)."""
     return {key: dict(pin.checksums) for key, pin in plan.pins.items() if pin.checksums}
-
-
-_BLOB_NAME = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")  # a git blob id, or an LFS sha256
-
-
-def _inside(folder: Path, name: str) -> bool:
-    """Whether a pinned file name is a plain relative path that stays inside ``folder`` (for a Hugging
-    Face cache snapshot, ``<repo>/snapshots/<commit>``, also a link into its own ``<repo>/blobs``)."""
-    parts = Path(name).parts
-    if Path(name).is_absolute() or not parts or ".." in parts:
-        return False
-    target = (folder / name).resolve()
-    if target.is_relative_to(folder.resolve()):
-        return True
-    if folder.parent.name != "snapshots":
-        return False
-    blobs = folder.parent.parent.resolve() / "blobs"  # the repo's own blobs folder, itself no link
-    return not blobs.is_symlink() and target.parent == blobs and _BLOB_NAME.match(target.name) is not None
 
 
 def pinned_files(plan, checkpoints: dict[str, Checkpoint]) -> dict[str, dict[str, Path]]:
@@ -80,7 +62,11 @@ def pinned_files(plan, checkpoints: dict[str, Checkpoint]) -> dict[str, dict[str
         pin = plan.pins.get(key)
         names = set(source_file_names(ckpt, side_files=key == plan.base_model))
         for name in dict(pin.checksums) if pin else {}:
-            if not _inside(ckpt.path, name) or not (ckpt.path / name).is_file():
+            why = link_problem(ckpt.path, name)
+            if why is not None:
+                message = f"{ckpt.path / name} {why}; a pinned file is read only from inside the model folder"
+                problems.append(_at(plan, pin, name, message, at_key=True))
+            elif not (ckpt.path / name).is_file():
                 present = ", ".join(source_file_names(ckpt, side_files=True))
                 problems.append(
                     _at(plan, pin, name, f"{ckpt.path} has no file '{name}'; expected one of: {present}", at_key=True)
