@@ -53,18 +53,32 @@ def load_plan(folder: Path) -> Plan:
 
 class _Files:
     """Reads tensors through ``safetensors.safe_open``: a second reader, independent of the
-    executor's ``TensorReader``, so a bug in one is caught by the other."""
+    executor's ``TensorReader``, so a bug in one is caught by the other.
 
-    def __init__(self) -> None:
+    safe_open maps the whole file, and every page read stays in the process's resident set
+    while the map is open: on the 1.1B benchmark model, keeping the maps open put the tensor
+    check at 5.1 GB RSS. The maps are closed after every ``budget`` bytes read (reopening
+    costs one header parse)."""
+
+    def __init__(self, budget: int = 256 << 20) -> None:
         self._open: dict[str, object] = {}
+        self._budget = budget
+        self._read = 0
 
     def get(self, info):
         from safetensors import safe_open
 
+        if self._read >= self._budget:
+            self.close()
         handle = self._open.get(info.file)
         if handle is None:
             handle = self._open[info.file] = safe_open(info.file, framework="pt")
+        self._read += info.nbytes
         return handle.get_tensor(info.name)
+
+    def close(self) -> None:
+        self._open.clear()
+        self._read = 0
 
 
 def _same_bits(a, b) -> bool:
