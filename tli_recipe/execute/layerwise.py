@@ -31,6 +31,8 @@ from tli_recipe.source.checkpoint import open_checkpoint
 
 #: Bytes per element of the compute dtypes verify offers.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: Largest slice of a stored tensor converted at once (bytes as stored).
+CHUNK = 64 << 20
 #: Safetensors dtype codes -> compute dtype names (``--dtype stored``).
 STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
@@ -102,7 +104,7 @@ def estimate_peak(plan: Plan, *, batch: int, length: int, dtype: str = "float32"
     """What verify holds at its peak, from the plan's output shapes alone (no tensor read).
 
     Streamed: one unit at a time (a decoder layer, the embedding, the head), each in the compute
-    dtype, plus the stored bytes of the largest tensor while it is converted. The base model's
+    dtype, plus one slice of at most ``CHUNK`` stored bytes while it is converted. The base model's
     units are its layers, which the output copies (or widens), so the output's largest unit bounds
     both. Whole: both models at once. Activations: the residual after every layer of both models,
     and both models' logits with their log-softmaxes."""
@@ -113,7 +115,7 @@ def estimate_peak(plan: Plan, *, batch: int, length: int, dtype: str = "float32"
         numel = math.prod(op.shape)
         key = f"layer {op.layer}" if op.layer is not None else op.name
         units[key] = units.get(key, 0) + numel * size
-        largest_stored = max(largest_stored, op.nbytes)
+        largest_stored = max(largest_stored, min(op.nbytes, CHUNK))
     if not units:
         raise TliError("plan.json lists no tensors; nothing to verify")
     decoder = plan.config
@@ -356,7 +358,9 @@ class _StreamedModel:
     # -- loading and freeing -------------------------------------------------------------------
 
     def _read(self, keys: list[str]) -> dict:
-        """The tensors, each checked for NaN/inf, in the compute dtype; one safe_open per file, closed after."""
+        """The tensors, each checked for NaN/inf, in the compute dtype; one safe_open per file, closed after.
+        A tensor is converted in slices of at most ``CHUNK`` stored bytes, so the stored copy of a large
+        tensor (a bf16 embedding) never sits beside its float32 copy whole."""
         import torch
         from safetensors import safe_open
 
@@ -367,13 +371,31 @@ class _StreamedModel:
         for file, names in by_file.items():
             with safe_open(file, framework="pt") as handle:
                 for key in names:
-                    t = handle.get_tensor(key)
-                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                        self.nonfinite.append(f"{self.label}: {key}")
-                    if self.round_to is not None and t.is_floating_point():
-                        t = t.to(self.round_to)
-                    out[key] = t.to(self.dtype) if t.is_floating_point() else t
+                    info = self.checkpoint.tensors[key]
+                    if info.nbytes <= CHUNK or len(info.shape) == 0 or info.shape[0] < 2:
+                        out[key] = self._convert(key, handle.get_tensor(key))
+                        continue
+                    rows = max(1, info.shape[0] * CHUNK // info.nbytes)
+                    part = handle.get_slice(key)
+                    first = self._convert(key, part[0:rows])
+                    whole = torch.empty((info.shape[0], *first.shape[1:]), dtype=first.dtype, device=first.device)
+                    whole[0:rows] = first
+                    del first
+                    for start in range(rows, info.shape[0], rows):
+                        whole[start : start + rows] = self._convert(key, part[start : start + rows])
+                    out[key] = whole
         return out
+
+    def _convert(self, key: str, t):
+        import torch
+
+        if not t.is_floating_point():
+            return t
+        if not bool(torch.isfinite(t).all()) and f"{self.label}: {key}" not in self.nonfinite:
+            self.nonfinite.append(f"{self.label}: {key}")
+        if self.round_to is not None:
+            t = t.to(self.round_to)
+        return t.to(self.dtype)
 
     def load(self, unit: str) -> None:
         import torch
