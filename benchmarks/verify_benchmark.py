@@ -180,7 +180,8 @@ def part_paper() -> None:
 
     print("== On paper: expected peak memory of verify, K=4, 2 x 24 tokens (from the plan's shapes) ==")
     print(
-        f"  {'model':<16} {'layers':>9} {'streamed fp32':>14} {'largest unit':>16} {'streamed bf16':>14} {'whole fp32':>11}"
+        f"  {'model':<16} {'layers':>9} {'streamed fp32':>14} {'largest unit':>26} {'streamed bf16':>14} "
+        f"{'whole fp32':>11}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for name, shape in LLAMA3.items():
@@ -207,7 +208,7 @@ def part_paper() -> None:
             whole = estimate_peak(plan, batch=2, length=24, whole=True)
             layers = f"{shape['num_hidden_layers']}->{len(plan.layers)}"
             print(
-                f"  {name:<16} {layers:>9} {gb(fp32.total):>14} {fp32.largest_unit:>16} {gb(bf16.total):>14} "
+                f"  {name:<16} {layers:>9} {gb(fp32.total):>14} {fp32.largest_unit:>26} {gb(bf16.total):>14} "
                 f"{gb(whole.total):>11}"
             )
     print("  (plus the interpreter with torch and transformers: the baseline RSS measured in part 1b)")
