@@ -234,3 +234,31 @@ def test_large_tensors_convert_in_slices_exactly(tiny, monkeypatch, dtype):
     assert all(torch.equal(read[k], whole[k].float()) for k in keys)
     _, logits = model.run(ids)
     torch.testing.assert_close(logits, logits_of(base, ids), atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["llama-tied", "gemma3-window", "qwen3-upcycled-qwen3_moe"])
+def test_cuda_streamed_matches_whole_on_cuda(tmp_path, tiny, case):
+    """--device cuda: every layer runs on the GPU, and the numbers are those of the whole models there."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    base, body = build(tiny, case)
+    _, out = grow(tmp_path, base, body)
+    streamed = verify_output(out, tensors=False, device="cuda")
+    whole = verify_output(out, tensors=False, device="cuda", whole=True)
+    assert streamed.ok and whole.ok and streamed.function.device == "cuda"
+    assert streamed.function.logits_max_abs_diff == pytest.approx(whole.function.logits_max_abs_diff, abs=1e-6)
+    for a, b in zip(streamed.function.layers, whole.function.layers):
+        assert a.max_abs_diff == pytest.approx(b.max_abs_diff, abs=1e-6)
+
+
+def test_text_must_be_a_regular_utf8_file(tmp_path, tiny, cli):
+    base = add_char_tokenizer(tmp_path / "base")
+    shutil.copytree(tiny(arch="llama", layers=4), base, dirs_exist_ok=True)
+    _, out = grow(tmp_path, base, "inject: {every: 2}")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    result = cli("verify", out, "--no-tensors", "--text", latin)
+    assert result.exit_code == 2 and "cannot read it as UTF-8 text (UnicodeDecodeError)" in result.output
+    result = cli("verify", out, "--no-tensors", "--text", "/dev/zero")
+    assert result.exit_code == 2 and "/dev/zero: not a regular file" in result.output

@@ -21,6 +21,7 @@ KL divergence and top-1 agreement. torch and transformers are imported inside th
 from __future__ import annotations
 
 import math
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -170,8 +171,16 @@ def text_ids(text_file: Path, tokenizer_dir: Path, batch: int, length: int, voca
     """``batch`` rows of ``length`` consecutive tokens of the text, tokenised by the base's tokenizer."""
     import torch
 
+    # Enough bytes for any tokenizer to give batch * length tokens (a token is rarely over 64 bytes), and no
+    # more: a hostile --text (a device, a huge file) is neither read whole nor waited on.
+    limit = max(1 << 20, batch * length * 64)
     try:
-        text = Path(text_file).read_text(encoding="utf-8")
+        if not stat.S_ISREG(Path(text_file).stat().st_mode):
+            raise TliError(f"{text_file}: not a regular file; --text reads a UTF-8 text file")
+        with open(text_file, "rb") as f:
+            text = f.read(limit).decode(
+                "utf-8", errors="ignore" if Path(text_file).stat().st_size > limit else "strict"
+            )
     except (OSError, UnicodeDecodeError) as exc:
         raise TliError(f"{text_file}: cannot read it as UTF-8 text ({exc.__class__.__name__})") from None
     try:
