@@ -67,6 +67,7 @@ class FunctionCheck:
     first_divergent_layer: Optional[int] = None  # first output layer beyond the tolerance
     nonfinite: list[str] = field(default_factory=list)  # "<model>: <tensor>" holding NaN or inf
     expected_peak_bytes: int = 0
+    base_source: str = ""  # the base model's key in plan.sources (shown as "base" in the table)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -621,6 +622,7 @@ def check_function(
         dtype=dtype,
         device=device,
         expected_peak_bytes=estimate.total,
+        base_source=plan.base_model,
     )
     compute = getattr(torch, dtype)
     # Only a recipe dtype casts the weights; without one every tensor kept its own dtype.
@@ -645,16 +647,16 @@ def check_function(
 def report_table(check: FunctionCheck, *, atol: float, preserving: bool) -> list[str]:
     """The text report: one line per output layer, then the logits."""
     lines = [f"function check ({check.mode}, {check.dtype} on {check.device}, {check.tokens} tokens of {check.inputs})"]
-    lines.append(f"  {'layer':>5}  {'from':<14} {'role':<9} {'max |diff| to base':>19}")
+    lines.append(f"  {'layer':>5}  {'from':<10} {'role':<9} {'max |diff| to base':>19}")
     for row in check.layers:
-        origin = f"{row.source}:{row.layer}"
+        origin = f"{'base' if row.source == check.base_source else row.source}:{row.layer}"
         if row.max_abs_diff is None:
             shown = "(not the base's)"
         else:
             shown = f"{row.max_abs_diff:.3g}"
             if row.max_abs_diff > layer_tolerance(atol, row.base_scale):
                 shown += " *"
-        lines.append(f"  {row.output:>5}  {origin:<14} {row.role:<9} {shown:>19}")
+        lines.append(f"  {row.output:>5}  {origin:<10} {row.role:<9} {shown:>19}")
     lines.append(
         f"  logits: max |diff| {check.logits_max_abs_diff:.3g}, KL(base||output) {check.kl_divergence:.3g} nats, "
         f"top-1 agreement {check.top1_agreement:.1%}"

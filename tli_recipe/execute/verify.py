@@ -268,7 +268,8 @@ def raise_for(report: VerifyReport, folder: Path) -> None:
                 diff = "no base layer to compare" if row.max_abs_diff is None else f"{row.max_abs_diff:.3g}"
                 where = (
                     f"; the output first parts from the base at layer {row.output} ({row.role}, from "
-                    f"{row.source} layer {row.layer}): max |residual difference| {diff}"
+                    f"{'base' if row.source == check.base_source else row.source} layer {row.layer}): "
+                    f"max |residual difference| {diff}"
                 )
             lines.append(f"max |logits - base logits| = {report.max_abs_diff:.3g} > tolerance {report.atol:g}{where}")
         lines.extend(_nonfinite_lines(report))
