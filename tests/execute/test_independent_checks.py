@@ -99,7 +99,7 @@ def test_verify_catches_one_wrong_bit_in_any_op(tmp_path, tiny, op_name):
     ]
 
 
-def test_verify_compares_bits_so_a_nan_copied_exactly_passes(tmp_path, tiny):
+def test_verify_compares_bits_so_a_nan_copied_exactly_is_no_value_problem_but_is_named(tmp_path, tiny):
     base = tmp_path / "nan-model"
     shutil.copytree(tiny(layers=2), base)
     shard = next(base.glob("*.safetensors"))
@@ -108,7 +108,9 @@ def test_verify_compares_bits_so_a_nan_copied_exactly_passes(tmp_path, tiny):
     save_file(tensors, shard, metadata={"format": "pt"})
     _, out = grow(tmp_path, base, "inject: {every: 1}\n")
     report = verify_output(out, logits=False)
-    assert report.ok, report.tensor_problems
+    assert not report.tensor_problems  # NaN equals the same NaN bit for bit: the copy is what the plan says
+    assert not report.ok  # but the source holds NaN, and verify says which tensor (issue 23)
+    assert report.nonfinite_sources == [f"{base}: 'model.layers.0.mlp.up_proj.weight' in {shard} (2 of 2048 values)"]
 
 
 def test_run_refuses_a_source_that_changed_since_the_plan(tmp_path, tiny):

@@ -116,29 +116,109 @@ def run(
     "--atol",
     default=1e-5,
     show_default=True,
-    help="Largest allowed |logits - base logits| for a function-preserving plan.",
+    help="Largest allowed |logits - base logits| for a function-preserving plan (and per layer, times the "
+    "base residual's max |value| when above 1).",
 )
 @click.option("--no-tensors", is_flag=True, help="Skip the tensor-by-tensor check against the plan.")
-@click.option("--no-logits", is_flag=True, help="Skip loading both models with transformers.")
-@click.option("--device", default="cpu", show_default=True, help="Device for the logits comparison.")
+@click.option("--no-logits", is_flag=True, help="Skip running both models with transformers.")
+@click.option(
+    "--whole",
+    is_flag=True,
+    help="Load both models whole (from_pretrained) instead of streaming one decoder layer at a time.",
+)
+@click.option("--device", default="cpu", show_default=True, help="Device that runs each layer (cpu, cuda, cuda:1).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16", "stored"]),
+    default="float32",
+    show_default=True,
+    help="Compute dtype of both models; stored: the output's stored dtype.",
+)
+@click.option(
+    "--text",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Measure on this UTF-8 text, tokenised by the base model's tokenizer (default: random token ids).",
+)
+@click.option("--batch", default=2, show_default=True, type=click.IntRange(1, 1024), help="Rows of tokens.")
+@click.option("--length", default=24, show_default=True, type=click.IntRange(1, 65536), help="Tokens per row.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (the per-layer numbers included).")
+@click.option("-o", "--plot", type=click.Path(dir_okay=False), help="Write a plot of the difference by layer (PNG).")
 @reported
-def verify(output: str, atol: float, no_tensors: bool, no_logits: bool, device: str) -> None:
-    """Check an output directory against its plan.json and its base model."""
+def verify(
+    output: str,
+    atol: float,
+    no_tensors: bool,
+    no_logits: bool,
+    whole: bool,
+    device: str,
+    dtype: str,
+    text: str | None,
+    batch: int,
+    length: int,
+    as_json: bool,
+    plot: str | None,
+) -> None:
+    """Check an output directory against its plan.json and its base model.
+
+    Every tensor is recomputed from the plan and compared bit for bit; then base and output run on
+    the same tokens, one decoder layer at a time, and the report gives, for every output layer,
+    the largest difference of the residual stream to the base layer at the same position, and for
+    the logits the largest difference, KL divergence and top-1 agreement."""
     from tli_recipe import verify_output
+    from tli_recipe.execute.layerwise import plot_report, report_table
     from tli_recipe.execute.verify import raise_for
 
-    report = verify_output(output, atol=atol, tensors=not no_tensors, logits=not no_logits, device=device)
-    if not no_tensors:
+    report = verify_output(
+        output,
+        atol=atol,
+        tensors=not no_tensors,
+        logits=not no_logits,
+        device=device,
+        whole=whole,
+        dtype=dtype,
+        text=Path(text) if text else None,
+        batch=batch,
+        length=length,
+        log=lambda msg: click.echo(msg, err=True),
+    )
+    check = report.function
+    if check is not None and plot:
+        plot_report(check, Path(plot), atol=atol)
+    if as_json:
         click.echo(
-            f"tensors: {report.tensors_checked} checked against the plan, {len(report.tensor_problems)} problems"
+            json.dumps(
+                {
+                    "output": output,
+                    "ok": report.ok,
+                    "function_preserving": report.function_preserving,
+                    "atol": atol,
+                    "tensors_checked": report.tensors_checked,
+                    "tensor_problems": report.tensor_problems,
+                    "nonfinite_sources": report.nonfinite_sources,
+                    "function": check.to_json() if check is not None else None,
+                },
+                indent=2,
+            )
         )
-    if report.max_abs_diff is not None:
-        verdict = ("within" if report.max_abs_diff <= atol else "BEYOND") + f" tolerance {atol:g}"
-        if not report.function_preserving:
-            verdict = "the plan is not function-preserving, so a difference is expected"
-        click.echo(f"logits: max |output - base| = {report.max_abs_diff:.3g} over {report.tokens} tokens ({verdict})")
+    else:
+        if not no_tensors:
+            click.echo(
+                f"tensors: {report.tensors_checked} checked against the plan, {len(report.tensor_problems)} problems"
+            )
+        if check is not None:
+            for line in report_table(check, atol=atol, preserving=report.function_preserving):
+                click.echo(line)
+            verdict = ("within" if check.logits_max_abs_diff <= atol else "BEYOND") + f" tolerance {atol:g}"
+            if not report.function_preserving:
+                verdict = "the plan is not function-preserving, so a difference is expected"
+            click.echo(
+                f"logits: max |output - base| = {check.logits_max_abs_diff:.3g} over {check.tokens} tokens ({verdict})"
+            )
+        if plot and check is not None:
+            click.echo(f"wrote {plot}")
     raise_for(report, Path(output))
-    click.echo(f"ok: {output}")
+    if not as_json:
+        click.echo(f"ok: {output}")
 
 
 @click.command()
