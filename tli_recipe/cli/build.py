@@ -162,7 +162,12 @@ SCHEMA_FILES = {"recipe": "schemas/recipe.schema.json", "matrix": "schemas/matri
 
 @click.command()
 @click.argument("kind", type=click.Choice(sorted(SCHEMA_FILES)), default="recipe")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write the schema here instead of stdout.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="Write the schema here instead of stdout (missing folders are created; the file is replaced).",
+)
 @click.option("--check", is_flag=True, help="Exit 1 if --output differs from the current schema.")
 @reported
 def schema(kind: str, output: str | None, check: bool) -> None:
@@ -181,8 +186,9 @@ def schema(kind: str, output: str | None, check: bool) -> None:
             raise TliError(f"{output} is stale; regenerate it with `tli-recipe schema {kind} -o {output}`")
         click.echo(f"ok: {output} is current")
     else:
-        Path(output).write_text(text)
-        click.echo(f"wrote {output}")
+        from tli_recipe.files import write_output
+
+        click.echo(write_output(output, text, replace=True), err=True)
 
 
 COMMANDS = (validate, plan, run, verify, architectures, schema)

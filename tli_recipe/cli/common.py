@@ -29,6 +29,8 @@ def reported(func):
         except TliError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except BrokenPipeError:
+            raise  # a reader that stopped early (`| head`): click's main exits 1 quietly, as Unix tools do
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"error: {where}{exc.strerror or exc}; check the path, permissions and free space", err=True)

@@ -6,7 +6,6 @@ Registered on the main group by ``register(main)``. jinja2 is imported only by
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -44,7 +43,12 @@ def _write(path: Path, text: str) -> None:
     metavar="NAME=VALUE",
     help="A template variable, parsed as its declared type. Repeatable.",
 )
-@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write the recipe here instead of stdout.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="Write the recipe here instead of stdout (missing folders are created).",
+)
 @click.option("--configs", multiple=True, type=click.Path(file_okay=False), help=CONFIGS_HELP)
 @click.option("--force", is_flag=True, help="Replace an existing --output file whose text differs.")
 @reported
@@ -72,23 +76,9 @@ def render(
     if output is None:
         click.echo(rendered.text, nl=False)
         return
-    path = Path(output)
-    if os.path.lexists(path):
-        if path.is_symlink() or not path.is_file():
-            raise TliError(
-                f"{output} exists and is not a regular file; nothing was written; remove it or choose another --output"
-            )
-        data = rendered.text.encode("utf-8")
-        if path.stat().st_size == len(data) and path.read_bytes() == data:
-            click.echo(f"unchanged {output}", err=True)
-            return
-        if not force:  # like `variants`: a recipe edited by hand is not lost to a re-render
-            raise TliError(
-                f"{output} exists and differs from the rendering; nothing was written; "
-                "pass --force to replace it (or choose another --output)"
-            )
-    _write(path, rendered.text)
-    click.echo(f"wrote {output}", err=True)
+    from tli_recipe.files import write_output
+
+    click.echo(write_output(output, rendered.text, force=force, what="the rendering"), err=True)
 
 
 @click.command()

@@ -309,7 +309,7 @@ TASKS_HELP = (
     "--output",
     "-o",
     type=click.Path(dir_okay=False),
-    help="Also write the JSON results to this file (and a PNG of them beside it).",
+    help="Also write the JSON results to this file (and a PNG of them beside it); missing folders are created.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing --output file.")
 @reported
@@ -331,7 +331,7 @@ def eval_(
     force: bool,
 ) -> None:
     """Held-out loss (--data) and task accuracy (--tasks) of each model: base vs grown vs trained."""
-    from tli_recipe.files import write_text_atomic
+    from tli_recipe.files import write_output
     from tli_recipe.training.eval_report import run_eval
 
     png = None
@@ -358,9 +358,9 @@ def eval_(
     if output:
         from tli_recipe.training.eval_report import plot_report
 
-        write_text_atomic(Path(output), report.to_json() + "\n")
-        wrote = [output] + ([str(png)] if plot_report(report, png) else [])
-        click.echo(f"wrote {', '.join(wrote)}", err=True)
+        click.echo(write_output(output, report.to_json() + "\n", force=True), err=True)  # --force checked above
+        if plot_report(report, png):
+            click.echo(f"wrote {png}", err=True)
     click.echo(report.to_json() if as_json else report.table())
 
 
