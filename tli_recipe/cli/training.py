@@ -55,6 +55,7 @@ DATA_HELP = (
     metavar="KEY=VALUE",
     help=SET_HELP + " On a grown checkpoint: stage settings only, such as 'stages[*].precision=float32'.",
 )
+@click.option("--strict", is_flag=True, help="Exit 2 when any stage is refused by any trainer (default: a warning).")
 @reported
 def emit(
     source: str,
@@ -64,12 +65,15 @@ def emit(
     output: str | None,
     model_dir: str | None,
     overrides: tuple[str, ...],
+    strict: bool,
 ) -> None:
     """Write one training config per stage for Axolotl, LLaMA-Factory and the built-in trainer.
 
     SOURCE is a directory written by `run` (its plan.json) or a recipe file. The configs
     select exactly the plan's parameters; a stage a trainer cannot express exactly is
-    refused with the reason (exit 2) instead of an approximate config.
+    refused instead of an approximate config: the files written are listed, each refusal is a
+    warning with its reason (and a .refused.txt), and the exit status is 0 unless nothing could
+    be written (2), or any stage was refused with --strict (2).
     """
     from tli_recipe.training.emit import write_training_configs
 
@@ -100,8 +104,18 @@ def emit(
     )
     for file in written:
         click.echo(f"wrote {file}")
-    if refusals:
-        raise TliError("\n".join(str(r) for r in refusals))
+    from tli_recipe.training.emit import refusal_warnings, select_stages, stage_specs
+
+    for line in refusal_warnings(refusals):
+        click.echo(line, err=True)
+    tried = len(chosen) * len(select_stages(stage_specs(plan), stages or None))
+    if refusals and len(refusals) >= tried:
+        raise TliError(
+            f"nothing could be written: each of the {tried} stage configs asked for was refused (reasons above); "
+            "choose another --format (tli-recipe train expresses every stage)"
+        )
+    if refusals and strict:
+        raise TliError(f"{len(refusals)} of {tried} stage configs were refused (reasons above) and --strict is given")
 
 
 @click.command()
