@@ -41,14 +41,46 @@ def plan(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Compile a recipe against its base model's config and headers; print the layer map and totals.
 
     A hub id not in the local Hugging Face cache: config.json and the index are fetched and the
-    safetensors headers read by range requests; the weights are not downloaded."""
-    compiled = compile_recipe(recipe, overrides)
+    safetensors headers read by range requests; the weights are not downloaded. When the base model
+    cannot be opened (offline, the hub unreachable, a gated model) and its published config is stored
+    in the package, the plan is made from that config, and a note says so."""
+    try:
+        compiled = compile_recipe(recipe, overrides)
+    except RecipeError as exc:
+        compiled = _from_stored_config(recipe, overrides, exc)
     if as_json:
         click.echo(compiled.model_dump_json(indent=2))
         return
     from tli_recipe.plan.report import plan_table
 
     click.echo(plan_table(compiled))
+
+
+def _from_stored_config(recipe: str, overrides: tuple[str, ...], failed: RecipeError):
+    """The plan against the stored config of the base model when opening the model itself failed (as `list`,
+    `diff` and `render` plan the library); ``failed`` is raised when that does not apply or fails too."""
+    from tli_recipe.library.catalog import default_configs, stored_config
+
+    if not failed.problems or any(p.path[:1] != ("base_model",) for p in failed.problems):
+        raise failed
+    folder = stored_config(load(recipe, overrides).recipe.base_model, default_configs())
+    if folder is None:
+        raise failed
+    notes = (
+        f"note: {failed.problems[0].message}\n"
+        f"note: so the plan is made from the stored config {folder / 'config.json'} (the published layer and "
+        "parameter counts; no revision or checksum is checked); `run` needs the weights: it downloads them when the "
+        "hub is reachable, or give a local copy with --set base_model=/path/to/model"
+    )
+    try:
+        compiled = compile_recipe(recipe, (*overrides, f"base_model={folder}"))
+    except RecipeError as exc:
+        if all(p.path[:1] == ("base_model",) for p in exc.problems):
+            raise failed from None
+        click.echo(notes, err=True)  # the recipe's own problems, found against the stored config
+        raise
+    click.echo(notes, err=True)
+    return compiled
 
 
 @click.command()

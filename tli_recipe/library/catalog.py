@@ -58,6 +58,21 @@ def find_model(ref: Any, configs: Iterable[Path] = ()) -> tuple[Optional[Path], 
     return None, "not found"
 
 
+def stored_config(ref: Any, configs: Iterable[Path] = ()) -> Optional[Path]:
+    """The stored config folder (``org__name`` holding config.json) of a hub id among ``configs``; None for a
+    local path or a model without one."""
+    from tli_recipe.source.hub import parse_hub_id
+
+    path = str(getattr(ref, "path", ref))
+    if parse_hub_id(path) is None or Path(path).expanduser().exists():
+        return None
+    name = path.split("@")[0].replace("/", "__")
+    for folder in configs:
+        if (Path(folder) / name / "config.json").is_file():
+            return Path(folder) / name
+    return None
+
+
 def plan_recipe(loaded: LoadedRecipe, label: str, text: Optional[str] = None, configs: Iterable[Path] = ()):
     """(Plan, where its config came from), or (None, 'not found') when the base model's config is nowhere.
 
