@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   := .demo
 
-.PHONY: setup test test-light demo clean
+.PHONY: setup test test-light test-wheel demo clean
 
 $(BIN)/tli-recipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ setup: $(BIN)/tli-recipe
 test: setup
 	$(BIN)/python -m pytest -q
 	$(MAKE) --no-print-directory test-light
+	$(MAKE) --no-print-directory test-wheel
+
+# The wheel carries the recipe library: build it, install it into a fresh venv (no dependencies: they
+# come from $(VENV)), run the README's library commands from another folder (about 40 s).
+test-wheel: setup
+	VENV=$(VENV) scripts/test_wheel.sh
 
 # validate and plan must work without torch or transformers: check it in a venv without them.
 test-light:

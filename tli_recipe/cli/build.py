@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from tli_recipe.cli.common import SET_HELP, compile_recipe, load, reported
+from tli_recipe.cli.common import SET_HELP, compile_recipe, library_file, load, reported
 from tli_recipe.errors import RecipeError, TliError
 
 
@@ -20,11 +20,14 @@ from tli_recipe.errors import RecipeError, TliError
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @reported
 def validate(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
-    """Check recipe files against the schema (no checkpoint needed). All errors at once."""
+    """Check recipe files against the schema (no checkpoint needed). All errors at once.
+
+    A recipe is a file, or a library recipe by name (qwen3-4b-k4: recipes/NAME.yaml here, else in the
+    library installed with tli-recipe); the same holds for plan and run."""
     problems = []
     for recipe in recipes:
         try:
-            load(recipe, overrides)
+            load(library_file(recipe), overrides)
             click.echo(f"ok: {recipe}")
         except RecipeError as exc:
             problems += exc.problems
@@ -44,6 +47,7 @@ def plan(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
     safetensors headers read by range requests; the weights are not downloaded. When the base model
     cannot be opened (offline, the hub unreachable, a gated model) and its published config is stored
     in the package, the plan is made from that config, and a note says so."""
+    recipe = library_file(recipe)
     try:
         compiled = compile_recipe(recipe, overrides)
     except RecipeError as exc:
@@ -122,6 +126,7 @@ def run(
 
     A hub id not in the local Hugging Face cache is downloaded first (config, safetensors, tokenizer
     and generation files only), unless --offline."""
+    recipe = library_file(recipe)
     compiled = compile_recipe(recipe, overrides, fetch="weights", offline=offline, progress=not no_progress)
     for warning in compiled.warnings:
         click.echo(f"warning: {warning}", err=True)

@@ -42,6 +42,14 @@ def reported(func):
     return wrapper
 
 
+def library_file(arg: str, kind: str = "recipe") -> str:
+    """A command's file argument, or the library file it names (``qwen3-4b-k4``, ``tli``, or
+    ``recipes/...`` outside a checkout): see ``library.catalog.find_in_library``."""
+    from tli_recipe.library.catalog import find_in_library
+
+    return find_in_library(arg, kind, log=lambda msg: click.echo(msg, err=True))
+
+
 def load(recipe: str, overrides: tuple[str, ...]):
     from tli_recipe import load_recipe
 
