@@ -338,7 +338,7 @@ def diff_layer_maps(a, b, context: int = 1) -> list[str]:
 
 def diff_plans(a, b) -> list[str]:
     """What a reviewer wants to see: totals, layer map, policies, config and stages that differ."""
-    from tli_recipe.plan.report import human_count, ranges
+    from tli_recipe.plan.report import human_count, ranges, summarize
 
     lines = []
     ta, tb = a.totals, b.totals
@@ -347,7 +347,7 @@ def diff_plans(a, b) -> list[str]:
         f"parameters  {human_count(ta.parameters_before)} -> {human_count(ta.parameters_after)}   |   "
         f"{human_count(tb.parameters_before)} -> {human_count(tb.parameters_after)}"
     )
-    lines.append(f"injected    {a.requires_grad_layers}   |   {b.requires_grad_layers}")
+    lines.append(f"injected    {summarize(a.requires_grad_layers)}   |   {summarize(b.requires_grad_layers)}")
     if a.init != b.init:
         fmt = lambda p: ", ".join(f"{k}={v}" for k, v in p.init.items()) or "none"  # noqa: E731
         lines.append(f"init        {fmt(a)}   |   {fmt(b)}")
