@@ -17,8 +17,10 @@ from tli_recipe.errors import TliError
 from tli_recipe.training.emit import TRAINERS
 
 DATA_HELP = (
-    "Training text: a plain-text file (one document per line) or JSONL with a 'text' field; repeatable. "
-    "Replaces the stages' datasets."
+    "Training text, repeatable; replaces the stages' datasets. A plain-text file (one document per line), or "
+    'JSONL (.jsonl, .json, .gz) with one record per line: raw text {"text": ...}; a chat {"messages": '
+    '[{"role": "user", "content": ...}, ...]} (the tokenizer\'s chat template); or an instruction '
+    '{"instruction": ..., "input": ..., "output": ...} (chat template, else the Alpaca prompt).'
 )
 
 

@@ -74,7 +74,7 @@ def _shown(op: TensorOp) -> str:
     return f"{op.op}({op.value:g})" if OPS[op.op].value is not None and op.value is not None else op.op
 
 
-def _describe(ops: list[TensorOp]) -> str:
+def describe_ops(ops: list[TensorOp]) -> str:
     """The policy column of one output layer: each projection not copied, by its op and value; the
     experts of an upcycled layer as their count and each expert's ops (``experts=4 (copy)``). A
     projection whose experts differ is left to the experts' part."""
@@ -98,7 +98,7 @@ def _describe(ops: list[TensorOp]) -> str:
 
 
 def layer_policy(plan: Plan, output: int) -> str:
-    return _describe([op for op in plan.tensors if op.layer == output])
+    return describe_ops([op for op in plan.tensors if op.layer == output])
 
 
 def plan_table(plan: Plan) -> str:
@@ -118,7 +118,7 @@ def plan_table(plan: Plan) -> str:
                 src,
                 e.role + ("*" if e.role == "injected" else ""),
                 str(e.slice) if e.slice is not None else "",
-                _describe(by_layer.get(e.output, [])),
+                describe_ops(by_layer.get(e.output, [])),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
