@@ -65,7 +65,10 @@ def _from_stored_config(recipe: str, overrides: tuple[str, ...], failed: RecipeE
     `diff` and `render` plan the library); ``failed`` is raised when that does not apply or fails too."""
     from tli_recipe.library.catalog import default_configs, stored_config
 
-    if not failed.problems or any(p.path[:1] != ("base_model",) for p in failed.problems):
+    # Only a base model that could not be opened (located at base_model itself, not at a pin's revision or checksum)
+    if not failed.problems or any(
+        tuple(p.path) not in (("base_model",), ("base_model", "path")) for p in failed.problems
+    ):
         raise failed
     folder = stored_config(load(recipe, overrides).recipe.base_model, default_configs())
     if folder is None:
@@ -79,7 +82,7 @@ def _from_stored_config(recipe: str, overrides: tuple[str, ...], failed: RecipeE
     try:
         compiled = compile_recipe(recipe, (*overrides, f"base_model={folder}"))
     except RecipeError as exc:
-        if all(p.path[:1] == ("base_model",) for p in exc.problems):
+        if all(tuple(p.path)[:1] == ("base_model",) for p in exc.problems):
             raise failed from None
         click.echo(notes, err=True)  # the recipe's own problems, found against the stored config
         raise
