@@ -12,7 +12,9 @@ trap 'rm -rf "$WORK"' EXIT
 SECONDS=0
 
 rm -rf build  # setuptools' build/lib would carry stale files into the wheel
-"$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" . >/dev/null
+# The venv's setuptools builds it when there is one (no download); else pip fetches it (build isolation).
+isolation=$("$PY" -c "import setuptools" 2>/dev/null && echo --no-build-isolation || true)
+"$PY" -m pip wheel -q --no-deps $isolation -w "$WORK/dist" . >/dev/null
 rm -rf build
 "$PY" -m venv --without-pip "$WORK/venv"
 purelib='import sysconfig; print(sysconfig.get_paths()["purelib"])'
