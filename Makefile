@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   := .demo
 
-.PHONY: setup lint test test-quick test-light mutants demo clean
+.PHONY: setup lint test test-quick test-light test-wheel mutants demo clean
 
 $(BIN)/tli-recipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,13 @@ test: lint
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 	$(BIN)/python -m pytest -q -m slow --durations=10
 	$(MAKE) --no-print-directory test-light
+	$(MAKE) --no-print-directory test-wheel
 	$(MAKE) --no-print-directory mutants
+
+# The wheel carries the recipe library: build it, install it into a fresh venv (no dependencies: they
+# come from $(VENV)), run the README's library commands from another folder (about 40 s).
+test-wheel: setup
+	VENV=$(VENV) scripts/test_wheel.sh
 
 # Each safeguard broken on purpose (scripts/mutants.py) must fail a test; run in a copy of the tree.
 mutants: setup

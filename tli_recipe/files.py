@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from tli_recipe.errors import TliError
+
 
 def current_umask() -> int:
     """The process's umask (reading it means setting it; it is put back at once)."""
@@ -31,3 +33,42 @@ def write_text_atomic(path: Path, text: str, mode: Optional[int] = None) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """The folders above ``path`` that do not exist yet, outermost first."""
+    missing = []
+    for folder in Path(path).parents:
+        if folder.exists() or folder.is_symlink():
+            break
+        missing.append(folder)
+    return missing[::-1]
+
+
+def write_output(path: str | Path, text: str, *, force: bool = False, replace: bool = False, what: str = "") -> str:
+    """Write the file a command was asked for with ``-o``/``--output``: the one behaviour of every command.
+
+    Missing parent folders are created (the returned line names the outermost one); a target that
+    exists and is not a regular file (a folder, a link, a device) is refused; a file already holding
+    ``text`` is left alone; a file that differs is replaced only with ``force``, or always when
+    ``replace`` (a generated file such as a schema, which a rerun is meant to refresh). The file is
+    written whole or not at all, mode 0666 less the umask. ``what`` names the new text in messages
+    ("the rendering"). Returns the line to show the user: ``wrote PATH``, ``unchanged PATH``.
+    """
+    path = Path(path)
+    if os.path.lexists(path):
+        if path.is_symlink() or not path.is_file():
+            raise TliError(
+                f"{path} exists and is not a regular file; nothing was written; remove it or choose another --output"
+            )
+        data = text.encode("utf-8")
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return f"unchanged {path}"
+        if not (force or replace):
+            raise TliError(
+                f"{path} exists and differs{f' from {what}' if what else ''}; nothing was written; "
+                "pass --force to replace it (or choose another --output)"
+            )
+    created = missing_folders(path)
+    write_text_atomic(path, text)
+    return f"wrote {path}" + (f" (created the folder {created[0]})" if created else "")

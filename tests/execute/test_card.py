@@ -30,3 +30,69 @@ def test_card_of_a_hub_base_names_it(tmp_path, tiny):
         hub = plan.model_copy(update={"sources": {plan.base_model: base.model_copy(update={"ref": ref})}})
         meta = front_matter(model_card(hub))
         assert (meta.get("base_model") == ref) is named, ref
+
+
+def test_card_of_a_local_base_says_how_to_set_base_model_and_names_only_its_folder(tmp_path, tiny):
+    base = tiny(layers=4)
+    plan, out = grow(tmp_path, base, "inject: {every: 2}\n")
+    card = (out / "README.md").read_text()
+    assert f"# base_model: the hub id of {base.name} (a local folder here)" in card
+    assert f"Grown from `{base.name}` (llama)" in card
+    assert str(base.parent) not in card and "../" not in card  # no path of this machine, relative or absolute
+    meta = front_matter(card)
+    assert meta["pipeline_tag"] == "text-generation" and meta["tags"][:3] == [
+        "tli-recipe",
+        "depth-up-scaling",
+        "transformer-layer-injection",
+    ]
+
+
+def test_a_base_in_the_hub_cache_is_named_by_its_hub_id(tmp_path, tiny):
+    plan, _ = grow(tmp_path, tiny(layers=4), "inject: {every: 2}\n")
+    base = plan.sources[plan.base_model]
+    snapshot = "/home/me/.cache/huggingface/hub/models--HuggingFaceTB--SmolLM2-135M/snapshots/" + "a" * 40
+    cached = plan.model_copy(
+        update={"sources": {plan.base_model: base.model_copy(update={"ref": snapshot, "path": snapshot})}}
+    )
+    card = model_card(cached)
+    meta = front_matter(card)
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M" and meta["base_model_relation"] == "finetune"
+    assert "Grown from `HuggingFaceTB/SmolLM2-135M`" in card and "/home/me" not in card
+
+
+def test_card_gives_the_commands_to_verify_and_train_each_stage_from_its_folder(tmp_path, tiny):
+    stages = (
+        "stages:\n  - name: new\n    trainable: [injected]\n"
+        "  - name: tuned\n    trainable: [all]\n    lora: {r: 4, alpha: 8, targets: [q_proj, o_proj, down_proj]}\n"
+        "    datasets: [{path: data.txt}]\n"
+    )
+    (tmp_path / "data.txt").write_text("hello\n")
+    plan, out = grow(tmp_path, tiny(layers=4), "inject: {every: 2}\n" + stages)
+    card = (out / "README.md").read_text()
+    assert "```sh\ntli-recipe verify .    # tensors against plan.json" in card
+    assert "tli-recipe train . --stage new --data train.txt    # stage 1\n" in card
+    assert "tli-recipe train . --stage tuned    # stage 2\n" in card  # its recipe names its data
+    assert "`training/axolotl/`" in card and (out / "training" / "axolotl").is_dir()
+
+
+def test_layer_map_is_a_table_of_runs(tmp_path, tiny):
+    plan, out = grow(tmp_path, tiny(layers=8), "inject: {every: 4}\n")
+    card = (out / "README.md").read_text()
+    table = card.split("## Layer map\n\n")[1].split("\n\n")[0].splitlines()
+    assert table == [
+        "| output layers | source layers | role | init |",
+        "|---|---|---|---|",
+        "| 0-3 | 0-3 | original | copy |",
+        "| 4 | 3 | injected | o_proj=zero, down_proj=zero, rest copy |",
+        "| 5-8 | 4-7 | original | copy |",
+        "| 9 | 7 | injected | o_proj=zero, down_proj=zero, rest copy |",
+    ]
+
+
+def test_a_long_layer_map_shows_its_ends(tmp_path, tiny):
+    plan, out = grow(tmp_path, tiny(layers=60), "inject: {every: 2}\n")  # 30 injected: 60 runs
+    card = (out / "README.md").read_text()
+    table = card.split("## Layer map\n\n")[1].split("\n\n")[0].splitlines()
+    assert len(table) == 2 + 32 + 1 + 8 and "| ... | 20 more rows: see plan.json |  |  |" in table
+    assert table[-1] == "| 89 | 59 | injected | o_proj=zero, down_proj=zero, rest copy |"
+    assert "[2, 5, 8, ..., 89] (30 entries, every 3rd)" in card

@@ -268,9 +268,19 @@ def test_llamafactory_refuses_what_it_cannot_express(tmp_path, tiny, cli):
     assert "evenly spaced" in reasons["03-lora-injected.refused.txt"]
     assert "8.5 is not an integer" in reasons["04-half-alpha.refused.txt"]
     result = cli("emit", out, "--format", "llamafactory", "--stage", "injected-only", "-o", tmp_path / "again")
-    assert result.exit_code == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: llamafactory: stage 'injected-only': output layers [4, 9]")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr  # the only config asked for was refused
+    assert result.stderr.startswith("warning: llamafactory: stage 'injected-only': output layers [4, 9]")
     assert "no config is written" in result.stderr and not list((tmp_path / "again").rglob("*.yaml"))
+    assert "error: nothing could be written: each of the 1 stage configs asked for was refused" in result.stderr
+    # Some written, some refused: the written ones are listed, each refusal is a warning, exit 0 (as run's notes).
+    result = cli("emit", out, "--stage", "injected-only", "-o", tmp_path / "mixed")
+    assert result.exit_code == 0, result.stderr
+    assert f"wrote {tmp_path / 'mixed' / 'axolotl' / '01-injected-only.yaml'}" in result.stdout
+    assert result.stderr.startswith("warning: llamafactory: stage 'injected-only': output layers [4, 9]")
+    assert "error" not in result.stderr
+    strict = cli("emit", out, "--stage", "injected-only", "-o", tmp_path / "strict", "--strict")
+    assert strict.exit_code == 2
+    assert "error: 1 of 3 stage configs were refused (reasons above) and --strict is given" in strict.stderr
     # The other trainers express all of it.
     assert len(emitted(out, "axolotl")) == 3 and (out / "training" / "axolotl" / "04-half-alpha.refused.txt").is_file()
     assert len(emitted(out, "builtin")) == 4
@@ -387,7 +397,7 @@ def test_chat_and_instruction_data_get_the_trainers_own_formats(tmp_path, tiny, 
     ):
         out = tmp_path / f"cfg-{data.stem}"
         result = cli("emit", recipe, "-o", out, "--data", data)
-        assert result.exit_code == 2 and "error: llamafactory: stage 'new'" in result.stderr  # a stage was refused
+        assert result.exit_code == 0 and "warning: llamafactory: stage 'new'" in result.stderr  # a stage was refused
         cfg = yaml.safe_load((out / "axolotl" / "01-new.yaml").read_text())
         assert expected.items() <= cfg["datasets"][0].items()
         assert cfg.get("train_on_inputs") is (True if data == instruction else None)

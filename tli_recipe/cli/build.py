@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from tli_recipe.cli.common import SET_HELP, compile_recipe, load, reported
+from tli_recipe.cli.common import SET_HELP, compile_recipe, library_file, load, reported
 from tli_recipe.errors import RecipeError, TliError
 
 
@@ -20,11 +20,14 @@ from tli_recipe.errors import RecipeError, TliError
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @reported
 def validate(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
-    """Check recipe files against the schema (no checkpoint needed). All errors at once."""
+    """Check recipe files against the schema (no checkpoint needed). All errors at once.
+
+    A recipe is a file, or a library recipe by name (qwen3-4b-k4: recipes/NAME.yaml here, else in the
+    library installed with tli-recipe); the same holds for plan and run."""
     problems = []
     for recipe in recipes:
         try:
-            load(recipe, overrides)
+            load(library_file(recipe), overrides)
             click.echo(f"ok: {recipe}")
         except RecipeError as exc:
             problems += exc.problems
@@ -41,14 +44,50 @@ def plan(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Compile a recipe against its base model's config and headers; print the layer map and totals.
 
     A hub id not in the local Hugging Face cache: config.json and the index are fetched and the
-    safetensors headers read by range requests; the weights are not downloaded."""
-    compiled = compile_recipe(recipe, overrides)
+    safetensors headers read by range requests; the weights are not downloaded. When the base model
+    cannot be opened (offline, the hub unreachable, a gated model) and its published config is stored
+    in the package, the plan is made from that config, and a note says so."""
+    recipe = library_file(recipe)
+    try:
+        compiled = compile_recipe(recipe, overrides)
+    except RecipeError as exc:
+        compiled = _from_stored_config(recipe, overrides, exc)
     if as_json:
         click.echo(compiled.model_dump_json(indent=2))
         return
     from tli_recipe.plan.report import plan_table
 
     click.echo(plan_table(compiled))
+
+
+def _from_stored_config(recipe: str, overrides: tuple[str, ...], failed: RecipeError):
+    """The plan against the stored config of the base model when opening the model itself failed (as `list`,
+    `diff` and `render` plan the library); ``failed`` is raised when that does not apply or fails too."""
+    from tli_recipe.library.catalog import default_configs, stored_config
+
+    # Only a base model that could not be opened (located at base_model itself, not at a pin's revision or checksum)
+    if not failed.problems or any(
+        tuple(p.path) not in (("base_model",), ("base_model", "path")) for p in failed.problems
+    ):
+        raise failed
+    folder = stored_config(load(recipe, overrides).recipe.base_model, default_configs())
+    if folder is None:
+        raise failed
+    notes = (
+        f"note: {failed.problems[0].message}\n"
+        f"note: so the plan is made from the stored config {folder / 'config.json'} (the published layer and "
+        "parameter counts; no revision or checksum is checked); `run` needs the weights: it downloads them when the "
+        "hub is reachable, or give a local copy with --set base_model=/path/to/model"
+    )
+    try:
+        compiled = compile_recipe(recipe, (*overrides, f"base_model={folder}"))
+    except RecipeError as exc:
+        if all(tuple(p.path)[:1] == ("base_model",) for p in exc.problems):
+            raise failed from None
+        click.echo(notes, err=True)  # the recipe's own problems, found against the stored config
+        raise
+    click.echo(notes, err=True)
+    return compiled
 
 
 @click.command()
@@ -90,6 +129,7 @@ def run(
 
     A hub id not in the local Hugging Face cache is downloaded first (config, safetensors, tokenizer
     and generation files only), unless --offline."""
+    recipe = library_file(recipe)
     compiled = compile_recipe(recipe, overrides, fetch="weights", offline=offline, progress=not no_progress)
     for warning in compiled.warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -242,7 +282,12 @@ SCHEMA_FILES = {"recipe": "schemas/recipe.schema.json", "matrix": "schemas/matri
 
 @click.command()
 @click.argument("kind", type=click.Choice(sorted(SCHEMA_FILES)), default="recipe")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write the schema here instead of stdout.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="Write the schema here instead of stdout (missing folders are created; the file is replaced).",
+)
 @click.option("--check", is_flag=True, help="Exit 1 if --output differs from the current schema.")
 @reported
 def schema(kind: str, output: str | None, check: bool) -> None:
@@ -261,8 +306,9 @@ def schema(kind: str, output: str | None, check: bool) -> None:
             raise TliError(f"{output} is stale; regenerate it with `tli-recipe schema {kind} -o {output}`")
         click.echo(f"ok: {output} is current")
     else:
-        Path(output).write_text(text)
-        click.echo(f"wrote {output}")
+        from tli_recipe.files import write_output
+
+        click.echo(write_output(output, text, replace=True), err=True)
 
 
 COMMANDS = (validate, plan, run, verify, architectures, schema)

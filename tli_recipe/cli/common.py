@@ -29,6 +29,8 @@ def reported(func):
         except TliError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except BrokenPipeError:
+            raise  # a reader that stopped early (`| head`): click's main exits 1 quietly, as Unix tools do
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"error: {where}{exc.strerror or exc}; check the path, permissions and free space", err=True)
@@ -38,6 +40,14 @@ def reported(func):
             sys.exit(130)
 
     return wrapper
+
+
+def library_file(arg: str, kind: str = "recipe") -> str:
+    """A command's file argument, or the library file it names (``qwen3-4b-k4``, ``tli``, or
+    ``recipes/...`` outside a checkout): see ``library.catalog.find_in_library``."""
+    from tli_recipe.library.catalog import find_in_library
+
+    return find_in_library(arg, kind, log=lambda msg: click.echo(msg, err=True))
 
 
 def load(recipe: str, overrides: tuple[str, ...]):

@@ -6,14 +6,13 @@ Registered on the main group by ``register(main)``. jinja2 is imported only by
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from pathlib import Path
 
 import click
 
-from tli_recipe.cli.common import reported
+from tli_recipe.cli.common import library_file, reported
 from tli_recipe.errors import RecipeError, TliError
 
 CONFIGS_HELP = (
@@ -44,7 +43,12 @@ def _write(path: Path, text: str) -> None:
     metavar="NAME=VALUE",
     help="A template variable, parsed as its declared type. Repeatable.",
 )
-@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write the recipe here instead of stdout.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="Write the recipe here instead of stdout (missing folders are created).",
+)
 @click.option("--configs", multiple=True, type=click.Path(file_okay=False), help=CONFIGS_HELP)
 @click.option("--force", is_flag=True, help="Replace an existing --output file whose text differs.")
 @reported
@@ -55,6 +59,8 @@ def render(
 
     The recipe is also planned when its base model's config is found (local, hub cache or
     stored configs), so plan-time errors show too; nothing is written if anything is wrong.
+    TEMPLATE is a file, or a library template by name (tli, dus, llama-pro): recipes/templates/NAME.yaml.j2
+    here, else in the library installed with tli-recipe.
     """
     from tli_recipe.library.templates import (
         generated_by,
@@ -64,31 +70,19 @@ def render(
     )
     from tli_recipe.library.values import complete, parse_var_options
 
+    template = library_file(template, "template")
     parsed = read_template(template)
     values = complete(parsed, parse_var_options(parsed, var_items))
     command = " ".join([f"tli-recipe render {shown_path(template)}", *(f"--var {shlex.quote(i)}" for i in var_items)])
     generated = generated_by(command.replace("\n", " "), template)  # a one-off: no matrix
-    rendered = render_recipe(parsed, values, output or "<stdout>", _configs(configs), generated)
+    folder = Path(output).parent if output else Path(".")  # standard output: a file written here, presumably
+    rendered = render_recipe(parsed, values, output or "<stdout>", _configs(configs), generated, folder=folder)
     if output is None:
         click.echo(rendered.text, nl=False)
         return
-    path = Path(output)
-    if os.path.lexists(path):
-        if path.is_symlink() or not path.is_file():
-            raise TliError(
-                f"{output} exists and is not a regular file; nothing was written; remove it or choose another --output"
-            )
-        data = rendered.text.encode("utf-8")
-        if path.stat().st_size == len(data) and path.read_bytes() == data:
-            click.echo(f"unchanged {output}", err=True)
-            return
-        if not force:  # like `variants`: a recipe edited by hand is not lost to a re-render
-            raise TliError(
-                f"{output} exists and differs from the rendering; nothing was written; "
-                "pass --force to replace it (or choose another --output)"
-            )
-    _write(path, rendered.text)
-    click.echo(f"wrote {output}", err=True)
+    from tli_recipe.files import write_output
+
+    click.echo(write_output(output, rendered.text, force=force, what="the rendering"), err=True)
 
 
 @click.command()
@@ -128,13 +122,17 @@ def variants(
     SOURCE is a template (.yaml.j2, with --var and --grid) or a matrix file (.yaml: template,
     out_dir, configs, vars, grid). Every combination is rendered, validated and, where its
     model's config is found, planned; if any is invalid, each is named and nothing is written.
+    SOURCE may also be a library name: recipes/matrices/NAME.yaml, else recipes/templates/NAME.yaml.j2,
+    here or in the library installed with tli-recipe (whose recipes are written only with --out-dir).
     """
+    from tli_recipe.library.catalog import from_installed_library
     from tli_recipe.library.variants import (
         render_variants,
         sweep_from_matrix,
         sweep_from_options,
     )
 
+    source = library_file(source, "sweep")
     if source.endswith(".j2"):
         sweep = sweep_from_options(source, var_items, grid_items)
     else:
@@ -145,6 +143,11 @@ def variants(
             )
         sweep = sweep_from_matrix(source, out_dir_given=out_dir is not None)
     target = Path(out_dir) if out_dir else sweep.out_dir
+    if target is not None and not out_dir and not check and from_installed_library(source):
+        raise TliError(
+            f"{source} is the library installed with tli-recipe: its recipes are not written there; "
+            "give --out-dir DIR (or --check to compare the installed recipes with their template)"
+        )
     if target is None:
         raise TliError("--out-dir is required with a template (a matrix file names its out_dir)")
     made = render_variants(sweep, target, _configs(configs))
@@ -215,15 +218,21 @@ def _table(made, status) -> None:
 def list_recipes(paths: tuple[str, ...], configs: tuple[str, ...], markdown: bool) -> None:
     """Show the recipe library: name, base model, method, layers and parameters before -> after.
 
-    PATHS are recipe files or folders (default: recipes/; matrices/ and templates/ are skipped).
+    PATHS are recipe files or folders (default: recipes/, else the library installed with tli-recipe;
+    matrices/ and templates/ are skipped).
     Counts come from the plan against the local model, the hub cache, or a stored config: the
     last column says which.
     """
-    from tli_recipe.library.catalog import format_rows, list_rows, recipe_files
+    from tli_recipe.library.catalog import format_rows, library_roots, list_rows, recipe_files
 
-    if not paths and not Path("recipes").is_dir():
-        raise TliError("no recipes/ folder here; give recipe files or folders: tli-recipe list PATH...")
-    files = recipe_files(paths or ("recipes",))
+    if not paths:
+        roots = library_roots()
+        if not roots:
+            raise TliError("no recipes/ folder here; give recipe files or folders: tli-recipe list PATH...")
+        if roots[0] != Path("."):
+            click.echo(f"note: no recipes/ folder here; the library installed with tli-recipe ({roots[0]})", err=True)
+        paths = (str(roots[0] / "recipes") if roots[0] != Path(".") else "recipes",)
+    files = recipe_files(paths)
     rows, problems = list_rows(files, _configs(configs))
     click.echo(format_rows(rows, markdown))
     if problems:
@@ -237,10 +246,12 @@ def list_recipes(paths: tuple[str, ...], configs: tuple[str, ...], markdown: boo
 @reported
 def diff(a: str, b: str, configs: tuple[str, ...]) -> None:
     """Show how two recipes differ: their fields, then their plans (layer maps, init policies,
-    output config, stages), as a reviewer of a recipe change wants to see them."""
+    output config, stages), as a reviewer of a recipe change wants to see them. A and B are files or
+    library recipes by name (llama3.2-1b-k4)."""
     from tli_recipe import load_recipe
     from tli_recipe.library.catalog import diff_plans, diff_recipes, plan_recipe
 
+    a, b = library_file(a), library_file(b)
     problems = []
     loaded = []
     for path in (a, b):

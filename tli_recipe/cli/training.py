@@ -17,8 +17,10 @@ from tli_recipe.errors import TliError
 from tli_recipe.training.emit import TRAINERS
 
 DATA_HELP = (
-    "Training text: a plain-text file (one document per line) or JSONL with a 'text' field; repeatable. "
-    "Replaces the stages' datasets."
+    "Training text, repeatable; replaces the stages' datasets. A plain-text file (one document per line), or "
+    'JSONL (.jsonl, .json, .gz) with one record per line: raw text {"text": ...}; a chat {"messages": '
+    '[{"role": "user", "content": ...}, ...]} (the tokenizer\'s chat template); or an instruction '
+    '{"instruction": ..., "input": ..., "output": ...} (chat template, else the Alpaca prompt).'
 )
 
 
@@ -55,6 +57,7 @@ DATA_HELP = (
     metavar="KEY=VALUE",
     help=SET_HELP + " On a grown checkpoint: stage settings only, such as 'stages[*].precision=float32'.",
 )
+@click.option("--strict", is_flag=True, help="Exit 2 when any stage is refused by any trainer (default: a warning).")
 @reported
 def emit(
     source: str,
@@ -64,12 +67,15 @@ def emit(
     output: str | None,
     model_dir: str | None,
     overrides: tuple[str, ...],
+    strict: bool,
 ) -> None:
     """Write one training config per stage for Axolotl, LLaMA-Factory and the built-in trainer.
 
     SOURCE is a directory written by `run` (its plan.json) or a recipe file. The configs
     select exactly the plan's parameters; a stage a trainer cannot express exactly is
-    refused with the reason (exit 2) instead of an approximate config.
+    refused instead of an approximate config: the files written are listed, each refusal is a
+    warning with its reason (and a .refused.txt), and the exit status is 0 unless nothing could
+    be written (2), or any stage was refused with --strict (2).
     """
     from tli_recipe.training.emit import write_training_configs
 
@@ -100,8 +106,18 @@ def emit(
     )
     for file in written:
         click.echo(f"wrote {file}")
-    if refusals:
-        raise TliError("\n".join(str(r) for r in refusals))
+    from tli_recipe.training.emit import refusal_warnings, select_stages, stage_specs
+
+    for line in refusal_warnings(refusals):
+        click.echo(line, err=True)
+    tried = len(chosen) * len(select_stages(stage_specs(plan), stages or None))
+    if refusals and len(refusals) >= tried:
+        raise TliError(
+            f"nothing could be written: each of the {tried} stage configs asked for was refused (reasons above); "
+            "choose another --format (tli-recipe train expresses every stage)"
+        )
+    if refusals and strict:
+        raise TliError(f"{len(refusals)} of {tried} stage configs were refused (reasons above) and --strict is given")
 
 
 @click.command()
@@ -309,7 +325,7 @@ TASKS_HELP = (
     "--output",
     "-o",
     type=click.Path(dir_okay=False),
-    help="Also write the JSON results to this file (and a PNG of them beside it).",
+    help="Also write the JSON results to this file (and a PNG of them beside it); missing folders are created.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing --output file.")
 @reported
@@ -331,7 +347,7 @@ def eval_(
     force: bool,
 ) -> None:
     """Held-out loss (--data) and task accuracy (--tasks) of each model: base vs grown vs trained."""
-    from tli_recipe.files import write_text_atomic
+    from tli_recipe.files import write_output
     from tli_recipe.training.eval_report import run_eval
 
     png = None
@@ -358,9 +374,9 @@ def eval_(
     if output:
         from tli_recipe.training.eval_report import plot_report
 
-        write_text_atomic(Path(output), report.to_json() + "\n")
-        wrote = [output] + ([str(png)] if plot_report(report, png) else [])
-        click.echo(f"wrote {', '.join(wrote)}", err=True)
+        click.echo(write_output(output, report.to_json() + "\n", force=True), err=True)  # --force checked above
+        if plot_report(report, png):
+            click.echo(f"wrote {png}", err=True)
     click.echo(report.to_json() if as_json else report.table())
 
 

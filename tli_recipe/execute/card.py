@@ -2,65 +2,176 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+from typing import Optional
+
 from tli_recipe.plan.model import Plan
-from tli_recipe.plan.report import ranges
+from tli_recipe.plan.report import describe_ops, is_hub_source, ranges, summarize
+from tli_recipe.plan.stages import ops_by_layer
 from tli_recipe.recipe.sources import is_hub_id
 
 
+def hub_id(src) -> Optional[str]:
+    """The hub id of a source model: the id the recipe wrote, or the one its folder is a Hugging Face cache
+    snapshot of (``models--org--name/snapshots/<commit>``); None for any other local folder."""
+    if is_hub_id(src.ref) and src.ref != src.path and is_hub_source(src):
+        return src.ref
+    parts = PurePosixPath(src.path).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        org, _, name = parts[-3][len("models--") :].partition("--")
+        if is_hub_id(f"{org}/{name}"):
+            return f"{org}/{name}"
+    return None
+
+
+def model_name(src) -> str:
+    """How the card names a source model: its hub id, else its folder's name (never a path of this machine)."""
+    return hub_id(src) or PurePosixPath(src.path).name
+
+
 def _front_matter(plan: Plan) -> str:
-    """The card's YAML header: ``base_model`` only when the base is a hub id (a local path means
-    nothing on the hub and would publish a directory name of this machine)."""
+    """The card's YAML header, as the Hugging Face hub reads it: ``base_model`` only when the base is a hub
+    id (the hub accepts nothing else there, and a path would publish a directory of this machine); for a
+    local folder a comment says to set it."""
     base = plan.sources[plan.base_model]
-    lines = ["library_name: transformers", "pipeline_tag: text-generation", "tags: [tli-recipe, depth-up-scaling]"]
-    if is_hub_id(base.ref) and base.ref != base.path:
-        lines[:0] = [f"base_model: {base.ref}", "base_model_relation: finetune"]
+    hub = hub_id(base)
+    tags = ["tli-recipe", "depth-up-scaling"]
+    if plan.requires_grad_layers:
+        tags.append("transformer-layer-injection")
+    if plan.upcycle is not None:
+        tags.append("mixture-of-experts")
+    if hub:
+        lines = [f"base_model: {hub}", "base_model_relation: finetune"]
+    else:
+        lines = [
+            f"# base_model: the hub id of {model_name(base)} (a local folder here), if it has one: set it, with",
+            "# base_model_relation: finetune, before publishing",
+        ]
+    lines += ["library_name: transformers", "pipeline_tag: text-generation", "tags:"] + [f"- {t}" for t in tags]
     return "---\n" + "\n".join(lines) + "\n---\n"
 
 
 def model_card(plan: Plan) -> str:
-    """README.md of an output checkpoint."""
+    """README.md of an output checkpoint: what it is, its layer map, and the commands to check and train
+    it, run from its own folder (the card moves with the checkpoint)."""
     t = plan.totals
-    stages = (
-        "\n".join(_stage_line(i, s) for i, s in enumerate(plan.stages, 1))
-        or "The recipe defines no training stages. The paper's schedule: first train only the injected layers "
-        f"({plan.requires_grad_layers}), then the whole model (often with LoRA)."
-    )
+    base = plan.sources[plan.base_model]
     parameters = f"{t.parameters_before:,} -> {t.parameters_after:,}"
     preserving = (
         "yes, the model computes exactly what the base model computes"
         if plan.function_preserving
         else "no: it differs from the base model until trained"
     )
+    injected = summarize(plan.requires_grad_layers) if plan.requires_grad_layers else "none"
     return (
         _front_matter(plan)
         + f"""# {plan.name}
 
-Grown from `{plan.base_model}` ({plan.architecture}) by tli-recipe {plan.tli_recipe_version}:
+Grown from `{model_name(base)}` ({plan.architecture}) by tli-recipe {plan.tli_recipe_version}:
 {t.layers_before} -> {t.layers_after} decoder layers, {parameters} parameters, {plan.dtype}.
 
-- Injected layers (output indices, also `requires_grad_layers` in config.json): {plan.requires_grad_layers or "none"}
+- Injected layers (output indices, also `requires_grad_layers` in config.json): {injected}
 - Init of the injected layers: {", ".join(f"{k}={v}" for k, v in plan.init.items()) or "n/a"}; other tensors copied.
 {_upcycle_line(plan)}- Function-preserving: {preserving}.
 - Recipe: `recipe.yaml` (resolved), sha256 `{plan.recipe_sha256}`; full plan: `plan.json`.
 
 ## Layer map
 
-| output | source layer | role |
-|---|---|---|
-"""
-        + "\n".join(f"| {e.output} | {e.source}:{e.layer} | {e.role} |" for e in plan.layers)
-        + f"""
+{_layer_map(plan)}
 
-## Training next
+## Check and train
 
-{stages}
-
-Check the checkpoint against its base model: `tli-recipe verify {plan.output}`.
+{_commands(plan)}
 
 The license is the base model's: copy its license and terms before you publish this checkpoint.
 """
         + _provenance(plan)
     )
+
+
+#: A layer map longer than this many rows shows its first and last rows (plan.json has every layer).
+MAP_ROWS = 40
+
+
+def _layer_map(plan: Plan) -> str:
+    """The layer map as runs: consecutive output layers copying consecutive layers of one source with the
+    same role, slice and policy are one row."""
+    by_layer = ops_by_layer(plan.tensors)
+    names = {key: model_name(src) for key, src in plan.sources.items()}
+    runs: list[list] = []  # [first output, last output, source key, first layer, last layer, role, slice, policy]
+    for e in plan.layers:
+        policy = describe_ops(by_layer.get(e.output, []))
+        last = runs[-1] if runs else None
+        if (
+            last is not None
+            and e.output == last[1] + 1
+            and (e.source, e.role, e.slice, policy) == (last[2], last[5], last[6], last[7])
+            and e.layer == last[4] + 1
+        ):
+            last[1], last[4] = e.output, e.layer
+        else:
+            runs.append([e.output, e.output, e.source, e.layer, e.layer, e.role, e.slice, policy])
+    slices = any(r[6] is not None for r in runs)
+    multi = len(plan.sources) > 1
+    header = ["output layers", "source layers", "role"] + (["slice"] if slices else []) + ["init"]
+    rows = []
+    for first, last, source, a, b, role, slice_, policy in runs:
+        span = lambda x, y: f"{x}" if x == y else f"{x}-{y}"  # noqa: E731
+        cells = [span(first, last), (f"{names[source]} " if multi else "") + span(a, b), role]
+        cells += [str(slice_) if slice_ is not None else ""] if slices else []
+        rows.append("| " + " | ".join(cells + [policy]) + " |")
+    if len(rows) > MAP_ROWS:
+        hidden = len(rows) - MAP_ROWS
+        gap = "| ... | " + " | ".join([f"{hidden} more rows: see plan.json"] + [""] * (len(header) - 2)) + " |"
+        rows = rows[: MAP_ROWS - 8] + [gap] + rows[-8:]
+    note = (
+        "Ranges are inclusive; layer indices are 0-based"
+        + (f"; source layers are of `{model_name(plan.sources[plan.base_model])}`" if not multi else "")
+        + "."
+    )
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *rows, "", note])
+
+
+def _commands(plan: Plan) -> str:
+    """The exact commands to verify the checkpoint and train each stage, run from its folder."""
+    lines = [
+        "Run these from this folder (the one holding this README and plan.json):",
+        "",
+        "```sh",
+        "tli-recipe verify .    # tensors against plan.json, logits against the base model",
+    ]
+    needs_data = False
+    for i, s in enumerate(plan.stages, 1):
+        data = "" if s.settings.datasets else " --data train.txt"
+        needs_data = needs_data or bool(data)
+        lines.append(f"tli-recipe train . --stage {s.name}{data}    # stage {i}")
+    lines.append("```")
+    if plan.stages:
+        lines += ["", "The stages, in order:", ""] + [_stage_line(i, s) for i, s in enumerate(plan.stages, 1)]
+        if needs_data:
+            lines += [
+                "",
+                "`train.txt` is your training text: plain text with one document per line, or JSONL of "
+                '`{"text": ...}`, chat `{"messages": [...]}` or `{"instruction", "input", "output"}` records.',
+            ]
+        lines += [
+            "",
+            "Each stage's config for Axolotl and LLaMA-Factory is in `training/axolotl/` and "
+            "`training/llamafactory/` (their README.txt gives the commands; a stage a trainer cannot express "
+            "exactly has a `.refused.txt` saying why).",
+        ]
+    else:
+        lines += [
+            "",
+            "The recipe defines no training stages. The paper's schedule: first train only the injected layers "
+            f"({injected_or_none(plan)}), then the whole model (often with LoRA); add `stages` to the recipe "
+            "and run it again, or `tli-recipe train . --data train.txt` trains the whole model.",
+        ]
+    return "\n".join(lines)
+
+
+def injected_or_none(plan: Plan) -> str:
+    return summarize(plan.requires_grad_layers) if plan.requires_grad_layers else "none here"
 
 
 def _stage_line(i: int, s) -> str:
@@ -97,10 +208,11 @@ def _provenance(plan: Plan) -> str:
     ]
     for key, src in plan.sources.items():
         lines.append(
-            f"- `{key}`: revision `{src.revision or 'unknown'}`, {len(plan.source_files.get(key, {}))} files hashed"
+            f"- `{model_name(src)}`: revision `{src.revision or 'unknown'}`, "
+            f"{len(plan.source_files.get(key, {}))} files hashed"
         )
     rows = [
-        f"| `{key}` | {name} | `{digest}` |"
+        f"| `{model_name(plan.sources[key]) if key in plan.sources else key}` | {name} | `{digest}` |"
         for key, files in plan.source_files.items()
         for name, digest in files.items()
     ]

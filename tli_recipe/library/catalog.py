@@ -9,6 +9,7 @@ as in ``tli_recipe/_data/configs/``), so the library can be listed on a machine 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -31,6 +32,83 @@ def default_configs() -> list[Path]:
     if os.environ.get("TLI_RECIPE_CONFIGS"):
         return [Path(p) for p in os.environ["TLI_RECIPE_CONFIGS"].split(os.pathsep) if p]
     return [STORED_CONFIGS]
+
+
+#: The library as a wheel installs it: recipes/ and schemas/ copied into the package (see setup.py).
+INSTALLED_LIBRARY = Path(__file__).resolve().parent.parent / "_data" / "library"
+#: The source checkout this package runs from, if any (an editable install, PYTHONPATH).
+SOURCE_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def installed_library() -> Optional[Path]:
+    """The library that comes with this tli_recipe, a folder holding ``recipes/`` and ``schemas/``: the
+    wheel's copy, else the checkout the package runs from; None if neither is there."""
+    if (INSTALLED_LIBRARY / "recipes").is_dir():
+        return INSTALLED_LIBRARY
+    if (SOURCE_CHECKOUT / "recipes").is_dir() and (SOURCE_CHECKOUT / "pyproject.toml").is_file():
+        return SOURCE_CHECKOUT
+    return None
+
+
+def library_roots() -> list[Path]:
+    """Where a library name is looked up, the first match winning: the working directory when it has a
+    ``recipes/`` folder (a checkout, or a user's own library), then the library installed with tli-recipe."""
+    roots = [Path(".")] if Path("recipes").is_dir() else []
+    installed = installed_library()
+    if installed is not None and installed.resolve() != Path.cwd().resolve():
+        roots.append(installed)
+    return roots
+
+
+#: What a name stands for, by the kind of file a command takes.
+LIBRARY_NAMES = {
+    "recipe": ("recipes/{}.yaml",),
+    "template": ("recipes/templates/{}.yaml.j2",),
+    "sweep": ("recipes/matrices/{}.yaml", "recipes/templates/{}.yaml.j2"),
+}
+_LIBRARY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
+
+
+def find_in_library(arg: str, kind: str, log=None) -> str:
+    """The file a command argument means: ``arg`` itself when it exists; else a library name (``tli``,
+    ``qwen3-4b-k4``, ``llama``) or a path inside the library (``recipes/templates/tli.yaml.j2``) found
+    in :func:`library_roots`; else ``arg`` unchanged (the command then says it is missing). ``log`` is
+    told when the file comes from the installed library rather than the working directory."""
+    if os.path.lexists(arg):
+        return arg
+    path = Path(arg)
+    if _LIBRARY_NAME.match(arg) and not arg.endswith((".yaml", ".j2", ".json")):
+        candidates = [pattern.format(arg) for pattern in LIBRARY_NAMES[kind]]
+    elif not path.is_absolute() and path.parts[:1] in (("recipes",), ("schemas",)) and ".." not in path.parts:
+        candidates = [path.as_posix()]
+    else:
+        return arg
+    for root in library_roots():
+        for candidate in candidates:
+            found = root / candidate
+            if found.is_file() and not found.is_symlink():
+                if log is not None and root != Path("."):
+                    log(f"note: {arg}: from the library installed with tli-recipe ({found})")
+                return str(found) if root != Path(".") else candidate
+    return arg
+
+
+def from_installed_library(path: str | Path) -> bool:
+    """Whether ``path`` is inside the wheel's copy of the library (site-packages: never written to)."""
+    try:
+        Path(path).resolve().relative_to(INSTALLED_LIBRARY)
+        return True
+    except ValueError:
+        return False
+
+
+def library_schema(near: Optional[Path] = None) -> Optional[Path]:
+    """The recipe schema a recipe should link to: the one of the repository ``near`` is in (a template's
+    checkout), else the installed library's."""
+    for root in ([near] if near is not None else []) + [installed_library()]:
+        if root is not None and (root / "schemas" / "recipe.schema.json").is_file():
+            return root / "schemas" / "recipe.schema.json"
+    return None
 
 
 def recipe_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -56,6 +134,21 @@ def find_model(ref: Any, configs: Iterable[Path] = ()) -> tuple[Optional[Path], 
         if (Path(folder) / name / "config.json").is_file():
             return Path(folder) / name, "stored config"
     return None, "not found"
+
+
+def stored_config(ref: Any, configs: Iterable[Path] = ()) -> Optional[Path]:
+    """The stored config folder (``org__name`` holding config.json) of a hub id among ``configs``; None for a
+    local path or a model without one."""
+    from tli_recipe.source.hub import parse_hub_id
+
+    path = str(getattr(ref, "path", ref))
+    if parse_hub_id(path) is None or Path(path).expanduser().exists():
+        return None
+    name = path.split("@")[0].replace("/", "__")
+    for folder in configs:
+        if (Path(folder) / name / "config.json").is_file():
+            return Path(folder) / name
+    return None
 
 
 def plan_recipe(loaded: LoadedRecipe, label: str, text: Optional[str] = None, configs: Iterable[Path] = ()):
@@ -245,7 +338,7 @@ def diff_layer_maps(a, b, context: int = 1) -> list[str]:
 
 def diff_plans(a, b) -> list[str]:
     """What a reviewer wants to see: totals, layer map, policies, config and stages that differ."""
-    from tli_recipe.plan.report import human_count, ranges
+    from tli_recipe.plan.report import human_count, ranges, summarize
 
     lines = []
     ta, tb = a.totals, b.totals
@@ -254,7 +347,7 @@ def diff_plans(a, b) -> list[str]:
         f"parameters  {human_count(ta.parameters_before)} -> {human_count(ta.parameters_after)}   |   "
         f"{human_count(tb.parameters_before)} -> {human_count(tb.parameters_after)}"
     )
-    lines.append(f"injected    {a.requires_grad_layers}   |   {b.requires_grad_layers}")
+    lines.append(f"injected    {summarize(a.requires_grad_layers)}   |   {summarize(b.requires_grad_layers)}")
     if a.init != b.init:
         fmt = lambda p: ", ".join(f"{k}={v}" for k, v in p.init.items()) or "none"  # noqa: E731
         lines.append(f"init        {fmt(a)}   |   {fmt(b)}")

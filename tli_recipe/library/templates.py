@@ -332,12 +332,37 @@ PLACEHOLDER_GENERATED = {"command": "", "template": "", "matrix": ""}
 
 
 def repository(path: Path) -> Path:
-    """The git work tree holding ``path`` (a folder with .git), else ``path``'s own folder."""
+    """The git work tree holding ``path`` (a folder with .git) or the library installed with tli-recipe
+    (its copy of the repository's recipes/ and schemas/), else ``path``'s own folder."""
+    from tli_recipe.library.catalog import INSTALLED_LIBRARY
+
     folder = path.resolve().parent
     for candidate in (folder, *folder.parents):
-        if (candidate / ".git").exists():
+        if (candidate / ".git").exists() or candidate == INSTALLED_LIBRARY:
             return candidate
     return folder
+
+
+#: The editor's schema line of a recipe (yaml-language-server), as the library's templates write it.
+_SCHEMA_LINE = re.compile(r"^(# yaml-language-server: \$schema=)(\S*recipe\.schema\.json)[ \t]*$", re.MULTILINE)
+
+
+def link_schema(text: str, template_file: str | Path, folder: Path) -> str:
+    """``text`` with its ``$schema=`` link to the recipe schema made to resolve from ``folder``, where the
+    recipe is written: the schema of the template's repository, else of the library installed with
+    tli-recipe; a relative path when the two share a folder below the file system's root (a checkout),
+    else a ``file://`` URL (an installed library seen from a project elsewhere). A URL is left as it is."""
+    import os
+
+    from tli_recipe.library.catalog import library_schema
+
+    schema = library_schema(repository(Path(template_file)))
+    if schema is None:
+        return text
+    schema, folder = schema.resolve(), Path(folder).resolve()
+    shared = Path(os.path.commonpath([schema, folder]))
+    link = schema.as_uri() if shared == Path(shared.anchor) else Path(os.path.relpath(schema, folder)).as_posix()
+    return _SCHEMA_LINE.sub(lambda m: m.group(0) if "://" in m.group(2) else m.group(1) + link, text)
 
 
 def shown_path(path: str | Path) -> str:
@@ -376,10 +401,13 @@ def render_recipe(
     label: str,
     configs: Iterable[Path] = (),
     generated: Optional[dict] = None,
+    folder: Optional[Path] = None,
 ) -> Rendered:
     """Render, validate (errors located at ``label``:line:col of the rendered text) and plan
     when the base model's config is found; ``plan`` in the template gets the plan's counts,
-    ``generated`` what rendered it (without it, a line naming the command is appended)."""
+    ``generated`` what rendered it (without it, a line naming the command is appended).
+    ``folder``: where the recipe is written (standard output: the working directory); its
+    ``$schema`` link is made to resolve from there (``link_schema``)."""
     from tli_recipe.library.catalog import plan_recipe
 
     text = render_text(template, values)
@@ -423,6 +451,8 @@ def render_recipe(
         text = final
     if generated is not None and f"`{generated['command']}`" not in text:
         text += ("" if text.endswith("\n") or not text else "\n") + provenance_line(generated)
+    if folder is not None:
+        text = link_schema(text, template.file, folder)
     if text != first:
         loaded = load_recipe(label, text=text)
     return Rendered(values=values, text=text, loaded=loaded, plan=plan, found=found)

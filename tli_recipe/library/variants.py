@@ -304,7 +304,7 @@ def render_variants(sweep: Sweep, out_dir: Path, configs: Iterable[Path] = ()) -
         variant = Variant(label, out_dir / f"{variant_name(own, sweep.template, values, sweep.grid_keys)}.yaml")
         try:
             variant.rendered = render_recipe(
-                sweep.template, values, str(variant.file), configs, sweep.generated or None
+                sweep.template, values, str(variant.file), configs, sweep.generated or None, folder=out_dir
             )
         except RecipeError as exc:
             variant.problems = exc.problems

@@ -51,7 +51,7 @@ from tli_recipe.plan.upcycle import (
     upcycle_summary,
 )
 from tli_recipe.recipe.load import LoadedRecipe, Marks
-from tli_recipe.recipe.schema import Recipe
+from tli_recipe.recipe.schema import Recipe, projection_order
 from tli_recipe.source.arch import ArchError, Architecture
 from tli_recipe.source.checkpoint import numel
 from tli_recipe.source.hub import Access
@@ -142,8 +142,8 @@ def compile_plan(loaded: LoadedRecipe, access: Optional[Access] = None) -> Plan:
         dtype=out_dtype,
         layers=layers,
         requires_grad_layers=injected,
-        init={p: str(v) for p, v in policies.items()},
-        init_recommended=dict(arch.recommended_init),
+        init={p: str(policies[p]) for p in sorted(policies, key=projection_order)},
+        init_recommended={p: arch.recommended_init[p] for p in sorted(arch.recommended_init, key=projection_order)},
         identity_options={
             b: [", ".join(f"{p}={k}" for p, k in o.items()) for o in opts] for b, opts in arch.identity_branches.items()
         },

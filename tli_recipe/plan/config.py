@@ -308,13 +308,14 @@ def rewrite_config(
                 f"config.json: {rw.dotted}{key} has one entry per layer but the {arch.name} definition does not "
                 f"list it as a per-layer list; it is left unchanged (add it to per_layer_lists if it is one)"
             )
-    rw.change(
-        "requires_grad_layers",
-        injected,
-        "output indices of the injected layers (TLI Algorithm 1)",
-        rw.out,
-        "requires_grad_layers",
-    )
+    if injected or "requires_grad_layers" in rw.out:  # a plan without injected layers writes no empty list
+        rw.change(
+            "requires_grad_layers",
+            injected,
+            "output indices of the injected layers (TLI Algorithm 1)",
+            rw.out,
+            "requires_grad_layers",
+        )
     dtype_key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
     rw.change(dtype_key, dtype, "dtype of the output tensors", rw.out, dtype_key)
     if moe is not None:

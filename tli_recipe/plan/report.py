@@ -6,6 +6,7 @@ from tli_recipe.plan.cost import human_seconds, lesa_cost
 from tli_recipe.plan.model import Plan, TensorOp
 from tli_recipe.plan.ops import OPS
 from tli_recipe.plan.stages import ops_by_layer
+from tli_recipe.recipe.schema import projection_order
 
 
 def human_bytes(n: float) -> str:
@@ -23,11 +24,57 @@ def human_count(n: int) -> str:
     return str(n)
 
 
+#: Lists longer than this are summarised (first entries, ..., last, and the count) wherever a plan is shown.
+LIST_LIMIT = 12
+
+
+def summarize(values) -> str:
+    """A list as the plan printout, the card and diff show it: whole up to LIST_LIMIT entries, else its first
+    three, ``...``, its last, and the count (with the step when evenly spaced): ``[4, 9, 14, ..., 479] (96
+    entries, every 5th)``."""
+    values = list(values)
+    if len(values) <= LIST_LIMIT:
+        return "[" + ", ".join(map(str, values)) + "]"
+    steps = {b - a for a, b in zip(values, values[1:])} if all(type(v) is int for v in values) else set()
+    step = f", every {next(iter(steps))}{_ordinal(next(iter(steps)))}" if len(steps) == 1 else ""
+    head = ", ".join(map(str, values[:3]))
+    return f"[{head}, ..., {values[-1]}] ({len(values)} entries{step})"
+
+
+def _ordinal(n: int) -> str:
+    if n % 100 in (11, 12, 13):
+        return "th"
+    return {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+
+
+def is_hub_source(src) -> bool:
+    """Whether a plan's source model came from the hub (its ``ref`` an ``org/name`` id that resolved into a
+    cache), not from a local directory (whose resolved ``path`` ends with what the recipe wrote)."""
+    from tli_recipe.source.hub import parse_hub_id
+
+    return parse_hub_id(src.ref) is not None and not src.path.endswith("/" + src.ref.rstrip("/"))
+
+
+def shown_source(plan: Plan, key: str) -> str:
+    """A source model as every view prints it: its hub id, or its local directory as an absolute path."""
+    src = plan.sources.get(key)
+    if src is None:
+        return key
+    return src.ref if is_hub_source(src) else src.path
+
+
+def shown_path(path: str) -> str:
+    """A local path printed one way: absolute (a relative one is relative to the working directory)."""
+    from pathlib import Path
+
+    return str(Path(path).expanduser().absolute())
+
+
 def _shown(op: TensorOp) -> str:
     return f"{op.op}({op.value:g})" if OPS[op.op].value is not None and op.value is not None else op.op
 
 
-def _describe(ops: list[TensorOp]) -> str:
+def describe_ops(ops: list[TensorOp]) -> str:
     """The policy column of one output layer: each projection not copied, by its op and value; the
     experts of an upcycled layer as their count and each expert's ops (``experts=4 (copy)``). A
     projection whose experts differ is left to the experts' part."""
@@ -37,7 +84,11 @@ def _describe(ops: list[TensorOp]) -> str:
         by_proj.setdefault(op.projection or op.name, set()).add(_shown(op))
         if op.expert is not None:
             experts.setdefault(op.expert, set()).add(_shown(op))
-    shown = {p: next(iter(v)) for p, v in by_proj.items() if len(v) == 1 and v != {"copy"}}
+    shown = {
+        p: next(iter(v))
+        for p, v in sorted(by_proj.items(), key=lambda i: projection_order(i[0]))
+        if len(v) == 1 and v != {"copy"}
+    }
     text = ", ".join(f"{p}={v}" for p, v in shown.items()) + ", rest copy" if shown else "copy"
     if experts:
         kinds = ["+".join(sorted(experts[e])) for e in sorted(experts)]
@@ -47,13 +98,14 @@ def _describe(ops: list[TensorOp]) -> str:
 
 
 def layer_policy(plan: Plan, output: int) -> str:
-    return _describe([op for op in plan.tensors if op.layer == output])
+    return describe_ops([op for op in plan.tensors if op.layer == output])
 
 
 def plan_table(plan: Plan) -> str:
     """The layer map and totals, as `tli-recipe plan` prints them."""
     multi = len(plan.sources) > 1
-    rows = [("out", "source", "role", "policy")]
+    slices = _slices(plan)
+    rows = [("out", "source", "role", "slice", "policy")]
     by_layer = ops_by_layer(plan.tensors)  # one pass: the table stays linear in the plan's size
     with_next = {op.layer for op in plan.tensors if op.second_name}
     for e in plan.layers:
@@ -61,31 +113,43 @@ def plan_table(plan: Plan) -> str:
         if e.output in with_next:
             src += f"+{e.next_layer}"
         rows.append(
-            (str(e.output), src, e.role + ("*" if e.role == "injected" else ""), _describe(by_layer.get(e.output, [])))
+            (
+                str(e.output),
+                src,
+                e.role + ("*" if e.role == "injected" else ""),
+                str(e.slice) if e.slice is not None else "",
+                describe_ops(by_layer.get(e.output, [])),
+            )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
     up = plan.upcycle
     arch = f"{plan.architecture} -> {up.output_architecture} (upcycled)" if up else plan.architecture
-    lines = [f"plan {plan.name}: {arch} from {plan.base_model}"]
+    lines = [f"plan {plan.name}: {arch} from {shown_source(plan, plan.base_model)}"]
     for r in rows:
-        lines.append(f"  {r[0]:>{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
+        cells = [f"{r[0]:>{widths[0]}}", f"{r[1]:>{widths[1]}}", f"{r[2]:<{widths[2]}}"]
+        if slices:
+            cells.append(f"{r[3]:>{widths[3]}}")
+        lines.append(("  " + "  ".join(cells) + "  " + r[4]).rstrip())
     t = plan.totals
     preserving = (
         "yes: the output computes exactly the base model"
         if plan.function_preserving
         else "no: the output differs from the base model until trained"
     )
+    injected = plan.requires_grad_layers
     lines += [
         "",
-        f"layers      {t.layers_before} -> {t.layers_after} ({len(plan.requires_grad_layers)} injected: "
-        f"{plan.requires_grad_layers})",
+        f"layers      {t.layers_before} -> {t.layers_after}"
+        + (f" ({len(injected)} injected: {summarize(injected)})" if injected else ""),
         f"parameters  {human_count(t.parameters_before)} -> {human_count(t.parameters_after)} "
         f"({t.parameters_before:,} -> {t.parameters_after:,})",
         f"write       {t.tensors} tensors, {human_bytes(t.bytes_to_write)} as {plan.dtype}, shards of at most "
         f"{human_bytes(plan.shard_size)}",
         f"preserving  {preserving}",
-        f"output      {plan.output}",
+        f"output      {shown_path(plan.output)}",
     ]
+    for index, text in slices:
+        lines.append(f"slice {index:<5} {text}")
     if up is not None:
         lines += upcycle_lines(plan)
     if plan.init:
@@ -103,8 +167,8 @@ def plan_table(plan: Plan) -> str:
         if options:
             lines.append(f"            exact when each branch has one of: {options}")
     for c in plan.config_changes:
-        after = c.after if not isinstance(c.after, list) or len(c.after) <= 12 else f"[{len(c.after)} entries]"
-        before = c.before if not isinstance(c.before, list) or len(c.before) <= 12 else f"[{len(c.before)} entries]"
+        after = summarize(c.after) if isinstance(c.after, list) else c.after
+        before = summarize(c.before) if isinstance(c.before, list) else c.before
         lines.append(f"config      {c.key}: {before} -> {after} ({c.why})")
     for s in plan.stages:
         what = f"LoRA r={s.lora.r} on {', '.join(s.lora.targets)}" if s.lora else "full weights"
@@ -133,6 +197,21 @@ def plan_table(plan: Plan) -> str:
     for b in plan.blocking:
         lines.append(f"blocking    {b}")
     return "\n".join(lines)
+
+
+def _slices(plan: Plan) -> list[tuple[int, str]]:
+    """``(index, 'layers [8, 32) of SOURCE -> output 24-47')`` for each recipe slice; none for a plain stack."""
+    given = plan.recipe.get("slices") or []
+    if not given:
+        return []
+    out = []
+    for index, item in enumerate(given):
+        start, end = item.get("layer_range", [None, None])
+        outputs = [e.output for e in plan.layers if e.slice == index]
+        source = item.get("source") or item.get("model")
+        where = f" of {source}" if isinstance(source, str) and source else ""
+        out.append((index, f"layers [{start}, {end}){where} -> output {ranges(outputs)}"))
+    return out
 
 
 def upcycle_lines(plan: Plan) -> list[str]:

@@ -58,6 +58,14 @@ PROJECTIONS: tuple[str, ...] = (
     "k_norm",
     "router",
 )
+
+
+def projection_order(name: str) -> tuple[int, str]:
+    """The one order projections are shown in (q, k, v, o, ..., norms, router), whatever order a recipe
+    wrote them in; a name outside PROJECTIONS (an expert's tensor) goes last, alphabetically."""
+    return (PROJECTIONS.index(name) if name in PROJECTIONS else len(PROJECTIONS), name)
+
+
 #: The linear projections LoRA can target (norms cannot).
 LINEAR_PROJECTIONS: tuple[str, ...] = tuple(p for p in PROJECTIONS if p.endswith("_proj") or p == "router")
 

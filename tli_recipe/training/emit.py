@@ -171,6 +171,12 @@ def write_training_configs(
         trainer = FORMATS[name](EmitContext(plan, specs, model_dir, data, shown))
         written += _write_trainer(trainer, chosen, folder / name, no_data, refusals)
     if log:
-        for refusal in refusals:
-            log(f"note: {refusal}")
+        for line in refusal_warnings(refusals):
+            log(line)
     return written, refusals
+
+
+def refusal_warnings(refusals: Sequence[Refusal]) -> list[str]:
+    """How `emit` and `run` show refused stages: one warning each, with its reason (the same text as its
+    ``.refused.txt``)."""
+    return [f"warning: {refusal}" for refusal in refusals]
