@@ -208,3 +208,25 @@ def test_a_redirect_to_another_scheme_is_not_followed(tmp_path, hub, tiny, hosti
     result = hostile_cli("plan", tmp_path / "recipe.yaml")
     refused(result, "only http and https are followed")
     assert "missing" not in result.stderr and "root:" not in result.stderr
+
+
+def test_a_hub_that_sends_more_bytes_than_it_lists_is_cut_off(tmp_path, hub, tiny, hostile_cli, refused):
+    hub.add("org/tiny", tiny(layers=4), C1)
+    hub.pad["model.safetensors"] = 9 * 2**20  # an endless body would fill the disk: it stops at the listed size
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    result = hostile_cli("run", tmp_path / "recipe.yaml", "-o", tmp_path / "out", "--no-progress")
+    refused(result, "the hub sent more than the", target=tmp_path / "out")
+    assert not [n for n in blob_names(tmp_path) if n.endswith(".incomplete")]
+    assert not (repo_folder(tmp_path) / "snapshots" / C1 / "model.safetensors").exists()
+
+
+def test_a_cache_folder_that_is_a_link_is_not_downloaded_into(tmp_path, hub, tiny, hostile_cli, refused):
+    hub.add("org/tiny", tiny(layers=4), C1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    repo_folder(tmp_path).mkdir(parents=True)
+    (repo_folder(tmp_path) / "blobs").symlink_to(elsewhere, target_is_directory=True)
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    result = hostile_cli("plan", tmp_path / "recipe.yaml")
+    refused(result, "blobs: is a link in the Hugging Face cache")
+    assert list(elsewhere.iterdir()) == []

@@ -359,6 +359,12 @@ def fetch_file(repo: str, commit: str, file: HubFile, pin: Optional[str], access
     claim = file.lfs_sha256 or file.blob_id
     if claim is not None and (blobs / claim).is_file() and not (blobs / claim).is_symlink():
         return _link(snapshot, file.name, claim)  # already here: what the cache guarantees, see docs/pins.md
+    for folder_in_cache in (blobs, snapshot.parent, snapshot):
+        if folder_in_cache.is_symlink():  # a write through it could land anywhere
+            raise CheckpointError(
+                f"{folder_in_cache}: is a link in the Hugging Face cache; nothing was downloaded into it (the cache "
+                "is damaged: remove the link, or the model's folder, and run again)"
+            )
     _, transfer, setting = timeouts()
     url = f"{endpoint()}/{repo}/resolve/{commit}/{quote(file.name)}"
     what = f"downloading {repo}@{commit}/{file.name}"
@@ -371,7 +377,14 @@ def fetch_file(repo: str, commit: str, file: HubFile, pin: Optional[str], access
             _check_status(response, what)
             _check_headers(first, repo, commit, file)
             bar = _bar(access, file)
+            written = 0
             for chunk in response.iter_bytes(_CHUNK):
+                written += len(chunk)
+                if file.size is not None and written > file.size:
+                    raise MismatchError(
+                        f"{repo}@{commit}/{file.name} from {endpoint()}: the hub sent more than the {file.size} "
+                        "bytes it lists; nothing was kept"
+                    )
                 sha256.update(chunk)
                 out.write(chunk)
                 bar.update(len(chunk))
