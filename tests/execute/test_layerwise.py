@@ -65,7 +65,11 @@ def build(tiny, case: str):
     return tiny(arch=arch, layers=layers, tie=tie, **extra), body
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+#: In the quick loop: a tied head, sliding windows with post-norms, an upcycled MoE; every case in `make test`.
+QUICK = {"llama-tied", "gemma3-window", "qwen3-upcycled-qwen3_moe"}
+
+
+@pytest.mark.parametrize("case", [c if c in QUICK else pytest.param(c, marks=pytest.mark.slow) for c in sorted(CASES)])
 def test_streamed_gives_the_whole_models_numbers(tmp_path, tiny, case):
     base, body = build(tiny, case)
     plan, out = grow(tmp_path, base, body)
