@@ -695,7 +695,8 @@ def plot_report(check: FunctionCheck, path: Path, *, atol: float) -> None:
     inj = [(r.output, max(r.max_abs_diff, floor)) for r in rows if r.role == "injected"]
     if inj:
         ax.scatter(*zip(*inj), color="tab:red", zorder=3, s=20, label="injected layer")
-    ax.axhline(atol, color="grey", ls="--", lw=1, label=f"tolerance {atol:g}")
+    tol = [layer_tolerance(atol, r.base_scale) for r in rows]
+    ax.step(xs, tol, where="mid", color="grey", ls="--", lw=1, label=f"tolerance ({atol:g} x max(1, max |base|))")
     ax.set_yscale("log")
     ax.set_xlabel("output layer")
     ax.set_ylabel(f"max |diff| (0 shown as {floor:g})")
