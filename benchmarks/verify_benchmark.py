@@ -171,7 +171,10 @@ def part_smollm2(work: Path) -> None:
         )
         if injected:
             print(f"  {'':<13} injected layers' max |residual diff|: {', '.join(f'{x:.3g}' for x in injected)}")
-        print(f"  {'':<13} largest residual diff over all layers: {max(rows):.3g}; verify exit {r['rc']}")
+        print(
+            f"  {'':<13} largest residual diff over all layers: {max(rows):.3g}; logits tolerance "
+            f"{f['logits_tolerance']:.3g} (max |base logits| {f['logits_scale']:.3g}); verify exit {r['rc']}"
+        )
 
 
 def part_paper() -> None:

@@ -156,8 +156,8 @@ def run(
     "--atol",
     default=1e-5,
     show_default=True,
-    help="Largest allowed |logits - base logits| for a function-preserving plan (and per layer, times the "
-    "base residual's max |value| when above 1).",
+    help="Tolerance of a function-preserving plan, relative: |logits - base logits| may reach atol x max |base "
+    "logits| (at least atol), and each layer's residual atol x its max |value|.",
 )
 @click.option("--no-tensors", is_flag=True, help="Skip the tensor-by-tensor check against the plan.")
 @click.option("--no-logits", is_flag=True, help="Skip running both models with transformers.")
@@ -248,7 +248,10 @@ def verify(
         if check is not None:
             for line in report_table(check, atol=atol, preserving=report.function_preserving):
                 click.echo(line)
-            verdict = ("within" if check.logits_max_abs_diff <= atol else "BEYOND") + f" tolerance {atol:g}"
+            verdict = ("within" if check.logits_max_abs_diff <= check.logits_tolerance else "BEYOND") + (
+                f" tolerance {check.logits_tolerance:.3g} = {atol:g} x max(1, max |base logits| "
+                f"{check.logits_scale:.3g})"
+            )
             if not report.function_preserving:
                 verdict = "the plan is not function-preserving, so a difference is expected"
             click.echo(

@@ -35,8 +35,13 @@ class VerifyReport:
     nonfinite_sources: list[str] = field(default_factory=list)  # source tensors holding NaN or inf
 
     @property
+    def tolerance(self) -> float:
+        """What the logits of a function-preserving plan must meet: atol x max(1, max |base logits|)."""
+        return self.function.logits_tolerance if self.function is not None else self.atol
+
+    @property
     def ok(self) -> bool:
-        logits_ok = self.max_abs_diff is None or not self.function_preserving or self.max_abs_diff <= self.atol
+        logits_ok = self.max_abs_diff is None or not self.function_preserving or self.max_abs_diff <= self.tolerance
         nonfinite = self.nonfinite_sources or (self.function is not None and self.function.nonfinite)
         return not self.tensor_problems and logits_ok and not nonfinite
 
@@ -260,7 +265,11 @@ def raise_for(report: VerifyReport, folder: Path) -> None:
         lines = list(report.tensor_problems[:20])
         if len(report.tensor_problems) > 20:
             lines.append(f"... and {len(report.tensor_problems) - 20} more")
-        if report.max_abs_diff is not None and report.function_preserving and not report.max_abs_diff <= report.atol:
+        if (
+            report.max_abs_diff is not None
+            and report.function_preserving
+            and not report.max_abs_diff <= report.tolerance
+        ):
             where = ""
             check = report.function
             if check is not None and check.first_divergent_layer is not None:
@@ -271,6 +280,9 @@ def raise_for(report: VerifyReport, folder: Path) -> None:
                     f"{'base' if row.source == check.base_source else row.source} layer {row.layer}): "
                     f"max |residual difference| {diff}"
                 )
-            lines.append(f"max |logits - base logits| = {report.max_abs_diff:.3g} > tolerance {report.atol:g}{where}")
+            lines.append(
+                f"max |logits - base logits| = {report.max_abs_diff:.3g} > tolerance {report.tolerance:.3g}"
+                f" (--atol {report.atol:g} x max |base logits|, at least 1){where}"
+            )
         lines.extend(_nonfinite_lines(report))
         raise VerifyError(f"{folder}: verification failed:\n  " + "\n  ".join(lines))
