@@ -34,6 +34,7 @@ from tli_recipe.training.builtin import (
     BuiltinStageConfig,
     absolute_config,
     builtin_config,
+    check_layout,
 )
 from tli_recipe.training.data import pack, split_validation, tokenize
 from tli_recipe.training.finish import (
@@ -87,7 +88,7 @@ def load_stage_config(path: str | Path) -> BuiltinStageConfig:
             f"{path}: not a tli-recipe stage config; expected a file from `tli-recipe emit --format builtin`"
         )
     try:
-        return absolute_config(BuiltinStageConfig.model_validate(raw), path.parent)
+        cfg = absolute_config(BuiltinStageConfig.model_validate(raw), path.parent)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg'].lower()}" for e in exc.errors()[:5]
@@ -95,6 +96,8 @@ def load_stage_config(path: str | Path) -> BuiltinStageConfig:
         raise TrainError(
             f"{path}: not a valid stage config ({problems}); expected a file from `tli-recipe emit --format builtin`"
         ) from None
+    check_layout(cfg, path)
+    return cfg
 
 
 def stage_configs(

@@ -1,0 +1,104 @@
+"""Hostile cases for what `train` and `emit` read back: plan.json, stage configs, resume checkpoints.
+
+A grown checkpoint is shared like a recipe: its plan.json and emitted configs decide where
+`train` and `emit` write, so every name and path read from them is checked first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+STAGE = "stages:\n  - name: warm\n    trainable: [injected]\n    max_steps: 2\n    precision: float32\n"
+
+
+@pytest.fixture
+def grown(tmp_path, tiny, hostile_cli) -> Path:
+    base = tiny(layers=4)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"base_model: {base}\noutput: {tmp_path / 'grown'}\ninject: {{every: 2}}\n{STAGE}")
+    result = hostile_cli("run", recipe, "--no-progress", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return tmp_path / "grown"
+
+
+def tamper_stage_name(grown: Path, name: str) -> None:
+    plan = json.loads((grown / "plan.json").read_text())
+    plan["stages"][0]["name"] = name
+    plan["stages"][0]["settings"]["name"] = name
+    (grown / "plan.json").write_text(json.dumps(plan))
+
+
+ESCAPE = "../../../../E09-escaped"
+
+
+@pytest.mark.parametrize("command", [("train",), ("emit", "--format", "builtin")])
+def test_a_stage_name_that_climbs_out_is_refused(tmp_path, grown, hostile_cli, refused, snapshot, command):
+    tamper_stage_name(grown, ESCAPE)
+    inputs = snapshot(tmp_path)
+    result = hostile_cli(*command, grown, *(["--data", grown / "plan.json"] if command[0] == "train" else []))
+    refused(result, "plan.json: not a plan of this tli-recipe version (stages.0.name: String should match pattern")
+    assert ESCAPE not in result.output
+    inputs.unchanged()
+    assert not any(p.name.startswith("E09") for p in tmp_path.parents[3].iterdir())
+
+
+def test_a_stage_name_different_from_its_settings_is_refused(grown, hostile_cli, refused):
+    plan = json.loads((grown / "plan.json").read_text())
+    plan["stages"][0]["name"] = "other"
+    (grown / "plan.json").write_text(json.dumps(plan))
+    refused(hostile_cli("emit", grown), "stages.0: Value error, the stage is named 'other' but its settings 'warm'")
+
+
+def test_a_plan_name_with_a_newline_is_refused(grown, hostile_cli, refused):
+    plan = json.loads((grown / "plan.json").read_text())
+    plan["name"] = "x\nmodel: /etc"
+    (grown / "plan.json").write_text(json.dumps(plan))
+    refused(hostile_cli("emit", grown), "name: String should match pattern")
+
+
+@pytest.fixture
+def config(grown, hostile_cli) -> Path:
+    result = hostile_cli("emit", grown, "--format", "builtin")
+    assert result.exit_code == 0, result.output
+    return grown / "training" / "builtin" / "01-warm.yaml"
+
+
+def edit(config: Path, **changes) -> None:
+    data = yaml.safe_load(config.read_text())
+    data.update(changes)
+    config.write_text(yaml.safe_dump(data))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"stage": ESCAPE}, "stage: string should match pattern"),
+        ({"output_dir": "../../../../E09-escaped"}, "output_dir: stage 'warm' of "),
+        ({"output_dir": "/tmp/E09-escaped"}, "output_dir: stage 'warm' of "),
+        ({"model": "../../../somewhere"}, "model: a stage starts from the grown checkpoint"),
+        ({"plan": "../../etc/passwd"}, "plan: expected the grown checkpoint's plan.json"),
+    ],
+)
+def test_a_tampered_stage_config_does_not_decide_where_train_writes(
+    tmp_path, config, hostile_cli, refused, snapshot, changes, message
+):
+    edit(config, **changes)
+    inputs = snapshot(tmp_path)
+    result = hostile_cli("train", "--config", config, "--data", config)
+    refused(result, message, inputs=inputs)
+    grown = config.parents[2]
+    assert not (grown.parents[3] / "E09-escaped").exists() and not Path("/tmp/E09-escaped").exists()
+
+
+def test_an_emitted_config_moved_with_its_checkpoint_still_passes_the_check(tmp_path, config):
+    from tli_recipe.training.train import load_stage_config
+
+    moved = tmp_path / "elsewhere" / "grown"
+    moved.parent.mkdir()
+    config.parents[2].rename(moved)
+    cfg = load_stage_config(moved / "training" / "builtin" / "01-warm.yaml")
+    assert Path(cfg.output_dir) == tmp_path / "elsewhere" / "grown-warm"
