@@ -302,15 +302,17 @@ def test_force_refuses_an_output_holding_a_symlink(earlier, hostile_cli, refused
 
 
 def test_a_failed_final_rename_restores_the_previous_output(earlier, hostile_cli, refused, snapshot, monkeypatch):
+    from tli_recipe.execute import output
+
     base, recipe, out = earlier
-    real = os.rename
+    real = output.rename_noreplace  # the final rename (the move aside is os.rename)
 
     def failing(src, dst, *a, **k):
         if ".tmp-" in Path(src).name and Path(dst) == out:
             raise OSError(5, "Input/output error", str(dst))
         return real(src, dst, *a, **k)
 
-    monkeypatch.setattr(os, "rename", failing)
+    monkeypatch.setattr(output, "rename_noreplace", failing)
     previous = snapshot(out, base)
     refused(run(hostile_cli, recipe, "--force"), f"error: {out}: Input/output error", inputs=previous, target=out)
 
@@ -460,3 +462,28 @@ def test_lock_notes_naming_other_folders_are_ignored(tmp_path, tiny, hostile_cli
     assert result.exit_code == 0, result.output
     kept.unchanged()
     assert "removed" not in result.stderr and "restored" not in result.stderr
+
+
+def test_an_empty_folder_created_right_before_the_rename_is_not_swallowed(
+    tmp_path, tiny, hostile_cli, refused, snapshot, monkeypatch
+):
+    """``os.rename`` replaces an empty directory: the last step must not (renameat2 RENAME_NOREPLACE)."""
+    from tli_recipe.execute import output
+
+    base = tiny(layers=4)
+    out = tmp_path / "out"
+    real = output.check_target
+
+    def check_then_user_mkdir(target, force, appeared=False):
+        exists = real(target, force, appeared)
+        if appeared:  # after the last check, before the rename
+            out.mkdir()
+        return exists
+
+    monkeypatch.setattr(output, "check_target", check_then_user_mkdir)
+    inputs = snapshot(base)
+    result = run(hostile_cli, recipe_for(tmp_path, base, out))
+    refused(
+        result, f"output {out} appeared while this run was writing; it was left as it is", inputs=inputs, target=out
+    )
+    assert list(out.iterdir()) == []

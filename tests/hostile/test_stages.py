@@ -102,3 +102,34 @@ def test_an_emitted_config_moved_with_its_checkpoint_still_passes_the_check(tmp_
     config.parents[2].rename(moved)
     cfg = load_stage_config(moved / "training" / "builtin" / "01-warm.yaml")
     assert Path(cfg.output_dir) == tmp_path / "elsewhere" / "grown-warm"
+
+
+# --- a folder created while a stage trains --------------------------------------------------------
+
+
+def test_a_folder_created_while_a_stage_trains_survives(tmp_path, grown, leftovers):
+    from tiny_text import add_char_tokenizer, write_text
+    from transformers import TrainerCallback
+
+    from tli_recipe.errors import TliError
+    from tli_recipe.training.train import train_output
+
+    out = tmp_path / "grown-warm"
+    seen = []
+
+    class UserMakesTheFolder(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            seen.append(state.global_step)
+            out.mkdir()
+            (out / "thesis.txt").write_text("years of work")
+
+    tok = add_char_tokenizer(tmp_path / "tok")
+    data = write_text(tmp_path / "train.txt", 100)
+    with pytest.raises(TliError, match="grown-warm appeared while stage 'warm' was training; it was left as it is"):
+        train_output(
+            grown, data=[data], tokenizer=tok, progress=False, log=lambda m: None, callbacks=[UserMakesTheFolder()]
+        )
+    assert seen == [2]  # the folder came at the end of training, after the check at the start
+    assert [p.name for p in out.iterdir()] == ["thesis.txt"]
+    assert (out / "thesis.txt").read_text() == "years of work"
+    assert [n for n in leftovers(out) if ".tmp-" in n] == []

@@ -89,10 +89,21 @@ def finish_stage(
     resumed: Optional[str],
     log,
     extra=None,
+    replace: bool = False,
 ) -> None:
     """Write the stage directory next to ``out`` and rename it into place; drop the work directory.
-    ``extra(folder)`` writes more files into it (the MoD head)."""
+    ``extra(folder)`` writes more files into it (the MoD head). ``replace``: ``out`` held a finished
+    stage when training started (``--force``); anything else found at ``out`` now came during the
+    run and is left as it is."""
+    from tli_recipe.errors import TliError
     from tli_recipe.execute.output import swap_into_place
+
+    if os.path.lexists(out) and not (replace and not out.is_symlink() and (out / COMPLETE).is_file()):
+        raise TliError(
+            f"{out} appeared while stage '{cfg.stage}' was training; it was left as it is and nothing was "
+            f"written; move it away and run the same command again (it resumes from the last checkpoint saved "
+            f"in {work})"
+        )
 
     source = Path(cfg.model)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +136,7 @@ def finish_stage(
         if (work / "runs").is_dir():  # --report-to tensorboard logs there
             shutil.copytree(work / "runs", tmp / "runs")
         _files_to_umask(tmp)
-        swap_into_place(tmp, out)
+        swap_into_place(tmp, out, replace=replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

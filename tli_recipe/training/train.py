@@ -393,6 +393,7 @@ def train_stage(
     out, source, stage = Path(cfg.output_dir), Path(cfg.model), cfg.stage
     if not _check_start(cfg, force, log):
         return out
+    replace = (out / COMPLETE).is_file()  # --force on a finished stage; anything else there later is not ours
 
     from transformers import Trainer, default_data_collator
 
@@ -477,6 +478,7 @@ def train_stage(
             last,
             log,
             extra=extra,
+            replace=replace,
         )
     trainer.accelerator.wait_for_everyone()
     return out
