@@ -133,3 +133,13 @@ def test_a_folder_created_while_a_stage_trains_survives(tmp_path, grown, leftove
     assert [p.name for p in out.iterdir()] == ["thesis.txt"]
     assert (out / "thesis.txt").read_text() == "years of work"
     assert [n for n in leftovers(out) if ".tmp-" in n] == []
+
+
+def test_a_head_beside_the_model_a_stage_starts_from_is_said_to_be_unused(grown, hostile_cli):
+    (grown / "mod_head.safetensors").write_bytes(b"not read")
+    result = hostile_cli("train", grown)  # no data: stops right after the start checks
+    assert result.exit_code == 2
+    assert f"stage 'warm': {grown / 'mod_head.safetensors'} (a MoD head) is not used: this stage trains the " in (
+        result.stderr
+    )
+    assert "error: stage 'warm' has no training data" in result.stderr

@@ -394,6 +394,13 @@ def train_stage(
     if not _check_start(cfg, force, log):
         return out
     replace = (out / COMPLETE).is_file()  # --force on a finished stage; anything else there later is not ours
+    from tli_recipe.training.mod import HEAD_FILE, has_mod_head
+
+    if has_mod_head(source):  # said, not silently dropped: a stage loads the model without it
+        log(
+            f"stage '{stage}': {source / HEAD_FILE} (a MoD head) is not used: this stage trains "
+            + ("a new head over the model" if cfg.mod is not None else "the model alone, and its output has no head")
+        )
 
     from transformers import Trainer, default_data_collator
 
