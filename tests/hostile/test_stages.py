@@ -137,9 +137,9 @@ def test_a_folder_created_while_a_stage_trains_survives(tmp_path, grown, leftove
 
 def test_a_head_beside_the_model_a_stage_starts_from_is_said_to_be_unused(grown, hostile_cli):
     (grown / "mod_head.safetensors").write_bytes(b"not read")
-    result = hostile_cli("train", grown)  # no data: stops right after the start checks
+    result = hostile_cli("train", grown)  # no tokenizer: stops right after the start checks
     assert result.exit_code == 2
     assert f"stage 'warm': {grown / 'mod_head.safetensors'} (a MoD head) is not used: this stage trains the " in (
         result.stderr
     )
-    assert "error: stage 'warm' has no training data" in result.stderr
+    assert "needs one to read the data" in result.stderr  # it stopped at the tokenizer, after saying so
