@@ -487,3 +487,63 @@ def test_an_empty_folder_created_right_before_the_rename_is_not_swallowed(
         result, f"output {out} appeared while this run was writing; it was left as it is", inputs=inputs, target=out
     )
     assert list(out.iterdir()) == []
+
+
+# --- a full disk names the path, and leaves no lock --------------------------------------------------
+
+
+def fill(folder: Path) -> None:
+    """Fill the file system of ``folder`` to the last byte (and inode, as far as a few files go)."""
+    with open(folder / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_a_disk_full_before_the_run_names_the_output_and_leaves_no_lock(
+    small_fs, tiny, hostile_cli, refused, snapshot, tmp_path
+):
+    base = tiny(layers=4)
+    out = small_fs / "out"
+    fill(small_fs)
+    inputs = snapshot(base)
+    result = run(hostile_cli, recipe_for(tmp_path, base, out))
+    refused(result, f"output {out}: no space left on the file system of {small_fs}", inputs=inputs, target=out)
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
+
+
+def test_a_lock_whose_first_note_fails_is_removed(tmp_path, tiny, hostile_cli, refused, monkeypatch, leftovers):
+    """The note (the pid) is written right after the lock is taken: a full disk there used to leave the lock."""
+    import errno
+
+    from tli_recipe.execute.lock import TargetLock
+
+    def full(self, **notes):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(TargetLock, "note", full)
+    out = tmp_path / "out"
+    result = run(hostile_cli, recipe_for(tmp_path, tiny(layers=4), out))
+    refused(result, f"output {out}: no space left on the file system of {tmp_path}", target=out)
+    assert leftovers(out) == []
+
+
+def test_render_to_a_full_disk_names_the_file(small_fs, hostile_cli, refused, tmp_path):
+    template = tmp_path / "t.yaml.j2"
+    template.write_text("---\nvariables:\n  base: {type: str, default: org/model}\n---\nbase_model: {{ base }}\n")
+    fill(small_fs)
+    target = small_fs / "recipe.yaml"
+    refused(hostile_cli("render", template, "--output", target), f"error: {target}: No space left on device")
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
+
+
+def test_missing_parents_of_an_output_are_created_and_said(tmp_path, tiny, hostile_cli):
+    out = tmp_path / "new" / "deeper" / "out"
+    result = run(hostile_cli, recipe_for(tmp_path, tiny(layers=4), out))
+    assert result.exit_code == 0, result.output
+    assert f"created {tmp_path / 'new'} and 1 folder inside it (it did not exist)" in result.stderr
+    again = run(hostile_cli, recipe_for(tmp_path, tiny(layers=4), tmp_path / "new" / "deeper" / "out2"))
+    assert again.exit_code == 0 and "(it did not exist)" not in again.stderr

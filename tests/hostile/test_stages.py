@@ -7,6 +7,7 @@ A grown checkpoint is shared like a recipe: its plan.json and emitted configs de
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,59 @@ def test_a_head_beside_the_model_a_stage_starts_from_is_said_to_be_unused(grown,
         result.stderr
     )
     assert "needs one to read the data" in result.stderr  # it stopped at the tokenizer, after saying so
+
+
+# --- resume checkpoints -------------------------------------------------------------------------------
+
+
+class _Pwn:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def resume_from(tmp_path, grown, files: dict):
+    """Train the stage with an interrupted run's ``checkpoint-5`` holding ``files`` (name -> bytes or object)."""
+    import torch
+    from tiny_text import add_char_tokenizer, write_text
+
+    from tli_recipe.training.train import train_output
+
+    ckpt = tmp_path / "grown-warm.partial" / "checkpoint-5"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text('{"global_step": 5}')
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            (ckpt / name).write_bytes(content)
+        else:
+            torch.save(content, ckpt / name)
+    tok = add_char_tokenizer(tmp_path / "tok")
+    data = write_text(tmp_path / "train.txt", 100)
+    return lambda: train_output(grown, data=[data], tokenizer=tok, progress=False, log=lambda m: None)
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"pytorch_model.bin": b"pickle"}, "checkpoint-5: holds pytorch_model.bin, which this tool's trainer does not"),
+        ({"model.safetensors": b"x", "optimizer.pt": b"\x80\x04K\x01."}, "optimizer.pt: not a torch.save archive"),
+        ({"model.safetensors": b"x", "optimizer.pt": "PWN"}, "optimizer.pt: refused by torch's safe loader"),
+        ({"model.safetensors": b"x", "rng_state.pth": "PWN"}, "rng_state.pth: refused by torch's safe loader"),
+        ({"config.json": b"{}"}, "checkpoint-5: no model.safetensors or adapter_model.safetensors"),
+    ],
+)
+def test_a_resume_checkpoint_the_trainer_did_not_write_is_refused_in_one_line(tmp_path, grown, files, message):
+    from tli_recipe.errors import TliError
+
+    marker = tmp_path / "pwned"
+    files = {k: (_Pwn(str(marker)) if v == "PWN" else v) for k, v in files.items()}
+    train = resume_from(tmp_path, grown, files)
+    with pytest.raises(TliError, match=re.escape(message)) as err:
+        train()
+    assert "pass --restart to discard the interrupted run" in str(err.value)
+    assert "\n" not in str(err.value) and not marker.exists()
+    assert not (tmp_path / "grown-warm").exists()

@@ -358,7 +358,7 @@ def eval_(
     if output:
         from tli_recipe.training.eval_report import plot_report
 
-        write_text_atomic(Path(output), report.to_json() + "\n")
+        write_text_atomic(Path(output), report.to_json() + "\n", log=lambda msg: click.echo(msg, err=True))
         wrote = [output] + ([str(png)] if plot_report(report, png) else [])
         click.echo(f"wrote {', '.join(wrote)}", err=True)
     click.echo(report.to_json() if as_json else report.table())

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Optional
 from tli_recipe.errors import TliError
 from tli_recipe.execute.lock import TargetLock, pid_alive, shielded
 from tli_recipe.execute.manifest import MANIFEST, output_problem, write_manifest
-from tli_recipe.files import current_umask
+from tli_recipe.files import current_umask, make_folder
 from tli_recipe.plan.model import Plan
 
 #: Inside a temporary folder while a run writes it: which run made it (pid, host, target name).
@@ -81,7 +81,22 @@ def staged_output(target: Path, *, force: bool, recipe_sha256: str, sync: bool =
     right before the swap. On any failure (exception, Ctrl-C, SIGTERM, a full disk) the
     temporary folder is removed and the target is as it was.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        make_folder(target.parent, log)
+        with _staged(target, force, recipe_sha256, sync, log) as tmp:
+            yield tmp
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" (writing {exc.filename})" if exc.filename else ""
+        raise TliError(
+            f"output {target}: no space left on the file system of {target.parent}{where}; nothing was "
+            f"written and the partial output was removed, as was the lock; free space or choose another --output"
+        ) from exc
+
+
+@contextmanager
+def _staged(target: Path, force: bool, recipe_sha256: str, sync: bool, log) -> Iterator[Path]:
     with sigterm_as_interrupt(), TargetLock(target, log) as lock:
         if lock.stale_pid is not None:
             finish_dead_swap(target, lock.stale_pid, lock.stale_notes, log)
@@ -100,14 +115,8 @@ def staged_output(target: Path, *, force: bool, recipe_sha256: str, sync: bool =
             swap_into_place(tmp, target, aside=lambda old: lock.note(tmp=tmp.name, aside=old.name), replace=replace)
             if sync:
                 _fsync(target.parent)  # the renames themselves
-        except BaseException as exc:
+        except BaseException:
             remove_quietly(tmp)
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise TliError(
-                    f"output {target}: no space left on the file system of {target.parent}; "
-                    "nothing was written and the partial output was removed; free space or choose "
-                    "another --output"
-                ) from exc
             raise
 
 

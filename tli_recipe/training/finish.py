@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Optional
 import yaml
 
 from tli_recipe._version import __version__
-from tli_recipe.files import current_umask, write_text_atomic
+from tli_recipe.errors import TliError
+from tli_recipe.files import current_umask, make_folder, named, write_text_atomic
 from tli_recipe.training.builtin import BuiltinStageConfig
 from tli_recipe.training.card import stage_card
 from tli_recipe.training.loading import load_model
@@ -54,6 +56,71 @@ def last_checkpoint(work: Path) -> Optional[str]:
         if read_json(folder / "trainer_state.json") is not None:
             return str(folder)
     return None
+
+
+#: What a ``checkpoint-N`` of this tool's trainer holds (the Trainer's files, peft's adapter, the MoD head).
+RESUME_FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "README.md",
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "trainer_state.json",
+    "training_args.bin",
+    "mod_head.safetensors",
+}
+RESUME_PATTERNS = (re.compile(r"model-\d{5}-of-\d{5}\.safetensors"), re.compile(r"rng_state(_\d{1,5})?\.pth"))
+#: The pickles the Trainer loads on resume (with torch's safe loader); training_args.bin is never loaded.
+RESUME_PICKLES = re.compile(r"(optimizer|scheduler|scaler)\.pt|rng_state(_\d{1,5})?\.pth")
+
+
+def check_resume(folder: Path) -> None:
+    """Refuse, with one line, a resume checkpoint that is not what this tool's trainer writes.
+
+    Only regular files of the known names; the model in safetensors (a ``pytorch_model.bin`` pickle is
+    refused by name); and each pickle the Trainer will load is loaded first, the same way (torch's
+    ``weights_only`` loader with transformers' numpy allowlist, memory-mapped so the tensors are not
+    read), so a hostile one stops here instead of in a traceback from inside the Trainer.
+    """
+    import zipfile
+
+    fix = f"pass --restart to discard the interrupted run (or remove {folder})"
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        known = name in RESUME_FILES or any(p.fullmatch(name) for p in RESUME_PATTERNS)
+        if not known:
+            shown = name if len(name) <= 80 and name.isprintable() else repr(name[:80]) + "..."
+            raise TliError(
+                f"{folder}: holds {shown}, which this tool's trainer does not write (a resumed model is read from "
+                f"safetensors only); {fix}"
+            )
+        if path.is_symlink() or not path.is_file():
+            raise TliError(f"{path}: not a regular file; a resume checkpoint holds only files the trainer wrote; {fix}")
+    if not any(
+        (folder / n).is_file()
+        for n in ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+    ):
+        raise TliError(f"{folder}: no model.safetensors or adapter_model.safetensors; {fix}")
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    for path in sorted(p for p in folder.iterdir() if RESUME_PICKLES.fullmatch(p.name)):
+        if not zipfile.is_zipfile(path):
+            raise TliError(f"{path}: not a torch.save archive, as the trainer writes it; {fix}")
+        try:
+            with safe_globals():
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - the unpickler raises many kinds; one line for the user
+            text = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise TliError(
+                f"{path}: refused by torch's safe loader ({type(exc).__name__}: {text}); not what this tool's "
+                f"trainer writes; {fix}"
+            ) from None
 
 
 def _private_to_umask(folder: Path) -> None:
@@ -106,7 +173,7 @@ def finish_stage(
         )
 
     source = Path(cfg.model)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent, log)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _private_to_umask(tmp)
@@ -137,8 +204,10 @@ def finish_stage(
             shutil.copytree(work / "runs", tmp / "runs")
         _files_to_umask(tmp)
         swap_into_place(tmp, out, replace=replace)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk names no file: name the stage output
+            raise named(exc, out) from exc
         raise
     shutil.rmtree(work, ignore_errors=True)
 

@@ -39,6 +39,7 @@ from tli_recipe.training.builtin import (
 from tli_recipe.training.data import pack, split_validation, tokenize
 from tli_recipe.training.finish import (
     COMPLETE,
+    check_resume,
     finish_stage,
     last_checkpoint,
     read_json,
@@ -414,6 +415,8 @@ def train_stage(
     work = out.with_name(out.name + ".partial")
     targs = _arguments(cfg, work, on_cpu, progress, bool(eval_blocks), report_to)
     last = _prepare_work(cfg, targs, work, restart)
+    if last is not None:
+        check_resume(Path(last))  # hostile input like any file read back: one line, not a Trainer traceback
     initial = work / "initial_eval.json"
     # Decided before anyone evaluates: every process must take part in the same evaluations.
     evaluate_first = bool(eval_blocks) and read_json(initial) is None
