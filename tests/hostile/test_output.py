@@ -494,11 +494,10 @@ def test_an_empty_folder_created_right_before_the_rename_is_not_swallowed(
 
 def fill(folder: Path) -> None:
     """Fill the file system of ``folder`` to the last byte (and inode, as far as a few files go)."""
-    with open(folder / "filler", "wb") as f:
+    with open(folder / "filler", "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 4096)
-                f.flush()
         except OSError:
             pass
 
