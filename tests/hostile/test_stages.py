@@ -200,3 +200,11 @@ def test_a_resume_checkpoint_the_trainer_did_not_write_is_refused_in_one_line(tm
     assert "pass --restart to discard the interrupted run" in str(err.value)
     assert "\n" not in str(err.value) and not marker.exists()
     assert not (tmp_path / "grown-warm").exists()
+
+
+def test_into_replaces_a_config_output_dir_it_would_refuse(tmp_path, config):
+    from tli_recipe.training.train import load_stage_config
+
+    edit(config, output_dir="../../../../E09-escaped")
+    cfg = load_stage_config(config, into=True)  # the CLI then writes into/<stage>
+    assert cfg.stage == "warm"

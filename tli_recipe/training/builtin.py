@@ -198,21 +198,22 @@ def absolute_config(cfg: BuiltinStageConfig, folder: Path) -> BuiltinStageConfig
     return cfg.model_copy(update=update)
 
 
-def check_layout(cfg: BuiltinStageConfig, path: Path) -> None:
+def check_layout(cfg: BuiltinStageConfig, path: Path, into: bool = False) -> None:
     """Refuse a stage config read from ``path`` whose paths are not where emit puts them.
 
     A config file decides where ``train`` writes, so it is hostile input: emit writes the grown
     checkpoint's ``plan.json``, starts stage 1 from that checkpoint and stage k from the previous
     stage's sibling folder, and writes the stage to ``<checkpoint>-<stage>`` beside it. Anything
     else (an edited ``output_dir`` three levels up, a ``model`` elsewhere) is refused before any
-    file is read or written; ``--into DIR`` chooses another place for the output.
+    file is read or written; ``--into DIR`` chooses another place for the output (``into``: it was
+    given, so ``output_dir`` is not used).
     """
     fix = "emit the configs again (tli-recipe emit), or pass --into DIR to write the stage elsewhere"
     if cfg.plan is None or Path(cfg.plan).name != "plan.json":
         raise TliError(f"{path}: plan: expected the grown checkpoint's plan.json, as emit writes it; {fix}")
     grown = Path(cfg.plan).parent
     wanted = stage_dir(grown, cfg.stage)
-    if Path(cfg.output_dir) != wanted:
+    if not into and Path(cfg.output_dir) != wanted:
         raise TliError(
             f"{path}: output_dir: stage '{cfg.stage}' of {grown} is written to {wanted}, and this config "
             f"names another folder ({_shown(cfg.output_dir)}); {fix}"

@@ -77,8 +77,9 @@ def require_train_extra() -> None:
         )
 
 
-def load_stage_config(path: str | Path) -> BuiltinStageConfig:
-    """A stage config written by ``tli-recipe emit --format builtin`` (comments allowed), validated."""
+def load_stage_config(path: str | Path, into: bool = False) -> BuiltinStageConfig:
+    """A stage config written by ``tli-recipe emit --format builtin`` (comments allowed), validated;
+    ``into``: the caller writes the stage elsewhere (``--into``), so its ``output_dir`` is not used."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -97,7 +98,7 @@ def load_stage_config(path: str | Path) -> BuiltinStageConfig:
         raise TrainError(
             f"{path}: not a valid stage config ({problems}); expected a file from `tli-recipe emit --format builtin`"
         ) from None
-    check_layout(cfg, path)
+    check_layout(cfg, path, into)
     return cfg
 
 
