@@ -122,19 +122,21 @@ def test_swap_into_place_keeps_the_old_target_when_the_final_rename_fails(tmp_pa
     (target / "old").write_text("old")
     tmp.mkdir()
     (tmp / "new").write_text("new")
-    real = os.rename
+    from tli_recipe.execute import output
+
+    real = output.rename_noreplace  # the final rename
 
     def failing(src, dst):
         if Path(src) == tmp:
             raise OSError(18, "Invalid cross-device link")
         return real(src, dst)
 
-    monkeypatch.setattr(os, "rename", failing)
+    monkeypatch.setattr(output, "rename_noreplace", failing)
     with pytest.raises(OSError):
         swap_into_place(tmp, target)
     assert [p.name for p in target.iterdir()] == ["old"] and beside(target) == [".out.tmp-1"]
-    monkeypatch.setattr(os, "rename", real)
-    swap_into_place(tmp, target)  # the train stage's use: (tmp, target), old removed afterwards
+    monkeypatch.setattr(output, "rename_noreplace", real)
+    swap_into_place(tmp, target)  # replace=True: old removed afterwards
     assert [p.name for p in target.iterdir()] == ["new"] and beside(target) == []
 
 

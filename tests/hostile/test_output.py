@@ -302,15 +302,17 @@ def test_force_refuses_an_output_holding_a_symlink(earlier, hostile_cli, refused
 
 
 def test_a_failed_final_rename_restores_the_previous_output(earlier, hostile_cli, refused, snapshot, monkeypatch):
+    from tli_recipe.execute import output
+
     base, recipe, out = earlier
-    real = os.rename
+    real = output.rename_noreplace  # the final rename (the move aside is os.rename)
 
     def failing(src, dst, *a, **k):
         if ".tmp-" in Path(src).name and Path(dst) == out:
             raise OSError(5, "Input/output error", str(dst))
         return real(src, dst, *a, **k)
 
-    monkeypatch.setattr(os, "rename", failing)
+    monkeypatch.setattr(output, "rename_noreplace", failing)
     previous = snapshot(out, base)
     refused(run(hostile_cli, recipe, "--force"), f"error: {out}: Input/output error", inputs=previous, target=out)
 
@@ -460,3 +462,87 @@ def test_lock_notes_naming_other_folders_are_ignored(tmp_path, tiny, hostile_cli
     assert result.exit_code == 0, result.output
     kept.unchanged()
     assert "removed" not in result.stderr and "restored" not in result.stderr
+
+
+def test_an_empty_folder_created_right_before_the_rename_is_not_swallowed(
+    tmp_path, tiny, hostile_cli, refused, snapshot, monkeypatch
+):
+    """``os.rename`` replaces an empty directory: the last step must not (renameat2 RENAME_NOREPLACE)."""
+    from tli_recipe.execute import output
+
+    base = tiny(layers=4)
+    out = tmp_path / "out"
+    real = output.check_target
+
+    def check_then_user_mkdir(target, force, appeared=False):
+        exists = real(target, force, appeared)
+        if appeared:  # after the last check, before the rename
+            out.mkdir()
+        return exists
+
+    monkeypatch.setattr(output, "check_target", check_then_user_mkdir)
+    inputs = snapshot(base)
+    result = run(hostile_cli, recipe_for(tmp_path, base, out))
+    refused(
+        result, f"output {out} appeared while this run was writing; it was left as it is", inputs=inputs, target=out
+    )
+    assert list(out.iterdir()) == []
+
+
+# --- a full disk names the path, and leaves no lock --------------------------------------------------
+
+
+def fill(folder: Path) -> None:
+    """Fill the file system of ``folder`` to the last byte (and inode, as far as a few files go)."""
+    with open(folder / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+def test_a_disk_full_before_the_run_names_the_output_and_leaves_no_lock(
+    small_fs, tiny, hostile_cli, refused, snapshot, tmp_path
+):
+    base = tiny(layers=4)
+    out = small_fs / "out"
+    fill(small_fs)
+    inputs = snapshot(base)
+    result = run(hostile_cli, recipe_for(tmp_path, base, out))
+    refused(result, f"output {out}: no space left on the file system of {small_fs}", inputs=inputs, target=out)
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
+
+
+def test_a_lock_whose_first_note_fails_is_removed(tmp_path, tiny, hostile_cli, refused, monkeypatch, leftovers):
+    """The note (the pid) is written right after the lock is taken: a full disk there used to leave the lock."""
+    import errno
+
+    from tli_recipe.execute.lock import TargetLock
+
+    def full(self, **notes):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(TargetLock, "note", full)
+    out = tmp_path / "out"
+    result = run(hostile_cli, recipe_for(tmp_path, tiny(layers=4), out))
+    refused(result, f"output {out}: no space left on the file system of {tmp_path}", target=out)
+    assert leftovers(out) == []
+
+
+def test_render_to_a_full_disk_names_the_file(small_fs, hostile_cli, refused, tmp_path):
+    template = tmp_path / "t.yaml.j2"
+    template.write_text("---\nvariables:\n  base: {type: str, default: org/model}\n---\nbase_model: {{ base }}\n")
+    fill(small_fs)
+    target = small_fs / "recipe.yaml"
+    refused(hostile_cli("render", template, "--output", target), f"error: {target}: No space left on device")
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
+
+
+def test_missing_parents_of_an_output_are_created_and_said(tmp_path, tiny, hostile_cli):
+    out = tmp_path / "new" / "deeper" / "out"
+    result = run(hostile_cli, recipe_for(tmp_path, tiny(layers=4), out))
+    assert result.exit_code == 0, result.output
+    assert f"created {tmp_path / 'new'} and 1 folder inside it (it did not exist)" in result.stderr
+    again = run(hostile_cli, recipe_for(tmp_path, tiny(layers=4), tmp_path / "new" / "deeper" / "out2"))
+    assert again.exit_code == 0 and "(it did not exist)" not in again.stderr

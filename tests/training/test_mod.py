@@ -228,5 +228,5 @@ def test_a_head_file_that_does_not_fit_is_refused(trained, tmp_path):
     with pytest.raises(TliError, match="not a tli-recipe MoD head"):
         mod.load(bad)
     (bad / mod.HEAD_FILE).write_bytes(b"\x00" * 16)
-    with pytest.raises(TliError, match="not a readable safetensors file"):
+    with pytest.raises(TliError, match="the safetensors header is not valid JSON"):
         mod.load(bad)

@@ -31,7 +31,7 @@ def _write(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (no half-written recipe), mode 0644."""
     from tli_recipe.files import write_text_atomic
 
-    write_text_atomic(path, text, mode=0o644)
+    write_text_atomic(path, text, mode=0o644, log=lambda msg: click.echo(msg, err=True))
 
 
 @click.command()

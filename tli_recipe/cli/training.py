@@ -253,7 +253,7 @@ def train(
     )
     try:
         if config is not None:
-            cfg = trainer.load_stage_config(config)
+            cfg = trainer.load_stage_config(config, into=bool(into))
             if data:
                 from tli_recipe.training.builtin import DataFile
 

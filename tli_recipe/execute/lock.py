@@ -87,10 +87,14 @@ class TargetLock:
             raise TliError(f"output {self.target}: could not lock {self.path}; another run keeps taking it, try again")
         stale, notes = _recorded(fd)
         self.fd = fd
+        try:
+            self.note()  # may fail (a full disk): the lock file must not stay behind then
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         if stale is not None and stale != os.getpid():
             self.stale_pid, self.stale_notes = stale, notes
             self.log(f"{self.path}: took over the lock of an earlier run that did not finish (pid {stale})")
-        self.note()
         return self
 
     def note(self, **notes: str) -> None:

@@ -9,6 +9,7 @@ earlier output, recognised by its manifest (``tli-recipe.json``, see ``manifest.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -23,7 +24,7 @@ from typing import Callable, Iterator, Optional
 from tli_recipe.errors import TliError
 from tli_recipe.execute.lock import TargetLock, pid_alive, shielded
 from tli_recipe.execute.manifest import MANIFEST, output_problem, write_manifest
-from tli_recipe.files import current_umask
+from tli_recipe.files import current_umask, make_folder
 from tli_recipe.plan.model import Plan
 
 #: Inside a temporary folder while a run writes it: which run made it (pid, host, target name).
@@ -45,13 +46,14 @@ def check_output(target: Path, plan: Plan, sources: dict, force: bool) -> None:
     check_target(target, force)
 
 
-def check_target(target: Path, force: bool, appeared: bool = False) -> None:
+def check_target(target: Path, force: bool, appeared: bool = False) -> bool:
     """Refuse a target that is not absent, empty-with-force, or (with --force) an earlier tli-recipe output.
 
     ``appeared``: the check right before the swap, so whatever is there now came during the run.
+    Returns whether the target exists (and may be replaced).
     """
     if not os.path.lexists(target):
-        return
+        return False
     during = " appeared while this run was writing and" if appeared else ""
     kept = "; it was left as it is and nothing was written" if appeared else ""
     if target.is_symlink() or not target.is_dir():
@@ -68,6 +70,7 @@ def check_target(target: Path, force: bool, appeared: bool = False) -> None:
             f"output {target}{during} is not a tli-recipe output ({problem}){kept}; --force replaces only "
             "an earlier tli-recipe output: remove it yourself or choose another --output"
         )
+    return True
 
 
 @contextmanager
@@ -78,7 +81,22 @@ def staged_output(target: Path, *, force: bool, recipe_sha256: str, sync: bool =
     right before the swap. On any failure (exception, Ctrl-C, SIGTERM, a full disk) the
     temporary folder is removed and the target is as it was.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        make_folder(target.parent, log)
+        with _staged(target, force, recipe_sha256, sync, log) as tmp:
+            yield tmp
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" (writing {exc.filename})" if exc.filename else ""
+        raise TliError(
+            f"output {target}: no space left on the file system of {target.parent}{where}; nothing was "
+            f"written and the partial output was removed, as was the lock; free space or choose another --output"
+        ) from exc
+
+
+@contextmanager
+def _staged(target: Path, force: bool, recipe_sha256: str, sync: bool, log) -> Iterator[Path]:
     with sigterm_as_interrupt(), TargetLock(target, log) as lock:
         if lock.stale_pid is not None:
             finish_dead_swap(target, lock.stale_pid, lock.stale_notes, log)
@@ -92,18 +110,13 @@ def staged_output(target: Path, *, force: bool, recipe_sha256: str, sync: bool =
             if sync:
                 fsync_tree(tmp)
             (tmp / RUN_MARKER).unlink()
-            check_target(target, force, appeared=True)
-            swap_into_place(tmp, target, aside=lambda old: lock.note(tmp=tmp.name, aside=old.name))
+            # True: a genuine earlier output was there (checked); whatever comes after this check is not ours.
+            replace = check_target(target, force, appeared=True)
+            swap_into_place(tmp, target, aside=lambda old: lock.note(tmp=tmp.name, aside=old.name), replace=replace)
             if sync:
                 _fsync(target.parent)  # the renames themselves
-        except BaseException as exc:
+        except BaseException:
             remove_quietly(tmp)
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise TliError(
-                    f"output {target}: no space left on the file system of {target.parent}; "
-                    "nothing was written and the partial output was removed; free space or choose "
-                    "another --output"
-                ) from exc
             raise
 
 
@@ -224,29 +237,78 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def swap_into_place(tmp: Path, target: Path, aside: Optional[Callable[[Path], None]] = None) -> None:
+def swap_into_place(
+    tmp: Path, target: Path, aside: Optional[Callable[[Path], None]] = None, replace: bool = True
+) -> None:
     """Rename the finished directory onto the target; an old target is removed only afterwards.
 
-    ``os.rename`` of a directory never replaces a file or a non-empty directory, so whatever
-    appeared at the target since the last check makes the rename fail instead of being lost.
+    The final rename never replaces anything (``rename_noreplace``), so whatever appeared at the
+    target since the last check makes it fail instead of being lost or written into.
     If the final rename fails, the old target is renamed back. ``aside(old)`` is called
     before the old target moves (the lock records where it goes, for a run after a SIGKILL).
+    ``replace=False``: the target was absent at the last check, so whatever is there now is not
+    ours to move: the swap fails and leaves it as it is.
     """
     old = None
-    if os.path.lexists(target):
+    if replace and os.path.lexists(target):
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         os.rmdir(old)
         if aside is not None:
             aside(old)
         os.rename(target, old)
     try:
-        os.rename(tmp, target)
-    except BaseException:
+        rename_noreplace(tmp, target)
+    except BaseException as exc:
         if old is not None:
             _restore(old, target)
+        if isinstance(exc, FileExistsError):
+            raise TliError(
+                f"output {target} appeared while this run was writing; it was left as it is and nothing was "
+                "written; remove it or choose another --output"
+            ) from None
         raise
     if old is not None:
         remove_quietly(old)
+
+
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists (FileExistsError), in one step where the kernel can.
+
+    ``os.rename`` of a directory silently replaces an *empty* directory, so a folder a user creates
+    between the last check and the rename would be swallowed; Linux's ``renameat2(RENAME_NOREPLACE)``
+    closes that window. Where it is missing (another OS, a file system without it) the check and the
+    rename are two steps.
+    """
+    libc = _libc()
+    if libc is not None:
+        result = libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        if result == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+_LIBC: list = []
+
+
+def _libc():
+    if not _LIBC:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            libc.renameat2.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            libc = None
+        _LIBC.append(libc)
+    return _LIBC[0]
 
 
 def _restore(old: Path, target: Path) -> None:

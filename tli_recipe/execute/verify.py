@@ -53,7 +53,20 @@ def load_plan(folder: Path) -> Plan:
     except FileNotFoundError:
         raise TliError(f"{path}: not found; verify works on a directory written by `tli-recipe run`") from None
     except ValueError as exc:
-        raise TliError(f"{path}: not a plan of this tli-recipe version ({str(exc).splitlines()[0]})") from None
+        raise TliError(f"{path}: not a plan of this tli-recipe version ({plan_problems(exc)})") from None
+
+
+def plan_problems(exc: ValueError, limit: int = 3) -> str:
+    """The first problems of a plan.json that did not validate: field path and rule, never the value
+    (an edited plan.json is hostile input; its text is not echoed)."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc).splitlines()[0][:200]
+    errors = exc.errors(include_input=False, include_url=False)
+    shown = [f"{'.'.join(str(p)[:60] for p in e['loc']) or '(root)'}: {e['msg'][:200]}" for e in errors[:limit]]
+    more = f"; and {len(errors) - limit} more" if len(errors) > limit else ""
+    return "; ".join(shown) + more
 
 
 class _Files:

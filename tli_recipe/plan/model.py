@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tli_recipe.recipe.schema import Lesa, Stage
 from tli_recipe.source.checkpoint import nbytes
@@ -125,10 +125,15 @@ class ModPlan(Frozen):
     learning_rate: float
 
 
+#: A name that becomes a path segment (a stage's output folder and config files, the output model's
+#: name): the recipe's own rule, applied again when a plan.json is read back (it may have been edited).
+SEGMENT = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
 class StagePlan(Frozen):
     """A training stage resolved against the output model."""
 
-    name: str
+    name: str = Field(pattern=SEGMENT, max_length=200, description="The stage's name: one plain path segment.")
     trainable_layers: list[int] = Field(description="Output layer indices that train.")
     trainable_groups: list[str] = Field(
         description=(
@@ -151,6 +156,12 @@ class StagePlan(Frozen):
     settings: Stage = Field(
         description="The recipe's typed stage: datasets, learning rate, precision, LoRA settings..."
     )
+
+    @model_validator(mode="after")
+    def _one_name(self) -> "StagePlan":
+        if self.settings.name != self.name:
+            raise ValueError(f"the stage is named {self.name!r} but its settings {self.settings.name!r}")
+        return self
 
 
 class UpcyclePlan(Frozen):
@@ -226,7 +237,11 @@ class Plan(Frozen):
     """Everything the executor does, as data. ``tli-recipe plan --json`` prints it."""
 
     tli_recipe_version: str
-    name: str
+    name: str = Field(
+        pattern=r"^[^\x00-\x1f\x7f/\\]+$",
+        max_length=255,
+        description="The output model's name (the recipe's name or file stem): one line, no path separator.",
+    )
     recipe_file: str
     recipe_sha256: str = Field(description="sha256 of the resolved recipe (after --set), canonical JSON.")
     recipe: dict[str, Any] = Field(description="The resolved recipe.")

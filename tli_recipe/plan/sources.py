@@ -107,6 +107,42 @@ def missing_projections(
     return sorted(gaps)
 
 
+#: How many disagreeing tensors a message names (the rest are counted).
+SHOWN_DISAGREEMENTS = 3
+
+
+def config_disagreements(ckpt: Checkpoint, arch: Architecture, tensors: Tensors, n: int) -> Optional[str]:
+    """What config.json says that the weights contradict, or None.
+
+    Every tensor's shape is compared with the shape the architecture definition derives from
+    config.json, and a tensor of a known projection that the config says does not exist (a bias
+    under ``mlp_bias: false``) is named: either would give an output that transformers cannot load,
+    or tensors that upcycling silently drops.
+    """
+    try:
+        expected = arch.expected_tensors(ckpt.config, n)
+    except ArchError as exc:
+        return f"{ckpt.path / 'config.json'}: {exc}"
+    wrong: list[str] = []
+    for name, (_, shape) in tensors.items():
+        want = expected.get(name)
+        if want is not None:
+            if tuple(shape) != tuple(want):
+                wrong.append(f"'{name}' is {list(shape)} in the weights, config.json gives {list(want)}")
+            continue
+        split = arch.split_layer_key(name)
+        if split is not None and arch.projection_of(split[1]) is not None and name.endswith(".bias"):
+            wrong.append(f"'{name}' is in the weights, and config.json says the projection has no bias")
+    if not wrong:
+        return None
+    more = f"; and {len(wrong) - SHOWN_DISAGREEMENTS} more" if len(wrong) > SHOWN_DISAGREEMENTS else ""
+    return (
+        f"{ckpt.path}: config.json disagrees with the weights ({len(wrong)} tensor{'s' * (len(wrong) != 1)}): "
+        f"{'; '.join(wrong[:SHOWN_DISAGREEMENTS])}{more}; expected a config.json that describes these weights "
+        "(fix it or re-download the checkpoint)"
+    )
+
+
 def _check_model(
     ref: str, ckpt: Checkpoint, arch: Architecture, key: str, problems: Problems, path: tuple
 ) -> Optional[int]:
@@ -197,6 +233,11 @@ def add_source(
     per_layer = _layers_of(ckpt, arch, tensors, n, arch.num_layers_key, problems, path)
     if per_layer is None:
         return None
+    if ckpt.has_weights and not arch.inferred:
+        disagreements = config_disagreements(ckpt, arch, tensors, n)
+        if disagreements:
+            problems.add(path, disagreements)
+            return None
     pin_problems, pin_warnings = check_pin(ref, ckpt.path)
     for sub, message in pin_problems:
         problems.add(path + sub, message)

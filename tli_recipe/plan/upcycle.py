@@ -68,19 +68,7 @@ def resolve_upcycle(recipe: Recipe, sources: Sources, problems: Problems) -> Opt
     out = _output_architecture(up, sources, problems)
     if out is None:
         return None
-    names = sources.arch.names(sources.configs[sources.base])
-    for expr, why in out.upcycle.requires.items():
-        try:
-            holds = evaluate_rule(expr, names, f"{out.name} upcycle requirement")
-        except ArchError as exc:
-            problems.add(("base_model",), str(exc))
-            continue
-        if not holds:
-            problems.add(
-                ("upcycle",),
-                f"{why}, and base_model's config does not meet `{expr}`; expected a source {out.name} can hold",
-                prefer_key=True,
-            )
+    _check_requirements(out, sources, sources.base, ("base_model",), problems)
     if up.router.kind == "hidden":
         folder = sources.models[sources.base].path
         if not any(
@@ -93,8 +81,31 @@ def resolve_upcycle(recipe: Recipe, sources: Sources, problems: Problems) -> Opt
     keys: list[Optional[str]] = [None] * up.experts
     for i, entry in enumerate(up.sources or []):
         if i < up.experts:
-            keys[i] = add_source(sources, entry.model, ("upcycle", "sources", i, "model"), problems)
+            where = ("upcycle", "sources", i, "model")
+            keys[i] = add_source(sources, entry.model, where, problems)
+            if keys[i] is not None and keys[i] != sources.base and keys[i] in sources.configs:
+                # An expert's MLP comes from this source: the output architecture's requirements
+                # (no MLP bias in Mixtral) hold for it as for base_model, or its tensors would be dropped.
+                _check_requirements(out, sources, keys[i], where, problems)
     return Upcycling(recipe=up, arch=out, spec=out.upcycle, expert_sources=keys)
+
+
+def _check_requirements(out: Architecture, sources: Sources, key: str, where: tuple, problems: Problems) -> None:
+    """The output architecture's ``upcycle.requires`` rules over one source's config, located at ``where``."""
+    names = sources.arch.names(sources.configs[key])
+    what = "base_model's config" if where == ("base_model",) else f"the config of upcycle.sources[{where[2]}]"
+    for expr, why in out.upcycle.requires.items():
+        try:
+            holds = evaluate_rule(expr, names, f"{out.name} upcycle requirement")
+        except ArchError as exc:
+            problems.add(where, str(exc))
+            continue
+        if not holds:
+            problems.add(
+                ("upcycle",) if where == ("base_model",) else where,
+                f"{why}, and {what} does not meet `{expr}`; expected a source {out.name} can hold",
+                prefer_key=where == ("base_model",),
+            )
 
 
 def _output_architecture(up: Upcycle, sources: Sources, problems: Problems) -> Optional[Architecture]:

@@ -9,12 +9,14 @@ that train, LoRA settings, and the keyword arguments of ``transformers.TrainingA
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tli_recipe.plan.model import ModPlan, Plan
+from tli_recipe.errors import TliError
+from tli_recipe.plan.model import SEGMENT, ModPlan, Plan
 from tli_recipe.training.fields import (
     Key,
     is_bf16,
@@ -59,7 +61,7 @@ class LoraSettings(_Strict):
 class BuiltinStageConfig(_Strict):
     """One stage of the built-in trainer."""
 
-    stage: str
+    stage: str = Field(pattern=SEGMENT, max_length=200, description="The stage's name: one plain path segment.")
     root: Optional[str] = Field(
         default=None,
         description="The grown checkpoint's folder, relative to this file's folder; "
@@ -194,6 +196,41 @@ def absolute_config(cfg: BuiltinStageConfig, folder: Path) -> BuiltinStageConfig
     update["datasets"] = [d.model_copy(update={"path": absolute(d.path)}) for d in cfg.datasets]
     update["root"] = None
     return cfg.model_copy(update=update)
+
+
+def check_layout(cfg: BuiltinStageConfig, path: Path, into: bool = False) -> None:
+    """Refuse a stage config read from ``path`` whose paths are not where emit puts them.
+
+    A config file decides where ``train`` writes, so it is hostile input: emit writes the grown
+    checkpoint's ``plan.json``, starts stage 1 from that checkpoint and stage k from the previous
+    stage's sibling folder, and writes the stage to ``<checkpoint>-<stage>`` beside it. Anything
+    else (an edited ``output_dir`` three levels up, a ``model`` elsewhere) is refused before any
+    file is read or written; ``--into DIR`` chooses another place for the output (``into``: it was
+    given, so ``output_dir`` is not used).
+    """
+    fix = "emit the configs again (tli-recipe emit), or pass --into DIR to write the stage elsewhere"
+    if cfg.plan is None or Path(cfg.plan).name != "plan.json":
+        raise TliError(f"{path}: plan: expected the grown checkpoint's plan.json, as emit writes it; {fix}")
+    grown = Path(cfg.plan).parent
+    wanted = stage_dir(grown, cfg.stage)
+    if not into and Path(cfg.output_dir) != wanted:
+        raise TliError(
+            f"{path}: output_dir: stage '{cfg.stage}' of {grown} is written to {wanted}, and this config "
+            f"names another folder ({_shown(cfg.output_dir)}); {fix}"
+        )
+    model = Path(cfg.model)
+    stage = model.name.removeprefix(f"{grown.name}-")
+    if model != grown and not (model.parent == grown.parent and model.name != stage and re.fullmatch(SEGMENT, stage)):
+        raise TliError(
+            f"{path}: model: a stage starts from the grown checkpoint {grown} or an earlier stage's folder "
+            f"beside it ({grown.name}-<stage>), and this config names another ({_shown(cfg.model)}); {fix}"
+        )
+
+
+def _shown(value: str, limit: int = 200) -> str:
+    """A path from a file, shown on one line and bounded."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
 
 
 class Builtin(TrainerFormat):

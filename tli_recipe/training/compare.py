@@ -107,7 +107,7 @@ def compare_recipes(
     if tasks:
         from tli_recipe.training.lmeval import TaskSet
 
-        task_set = TaskSet(tasks, online=online)
+        task_set = TaskSet(tasks, online=online, limit=task_limit)
 
     def accuracies(model: Path) -> dict[str, dict]:
         if task_set is None:

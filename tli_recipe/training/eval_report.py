@@ -65,7 +65,7 @@ def run_eval(
     if tasks:
         from tli_recipe.training.lmeval import TaskSet
 
-        task_set = TaskSet(tasks, online=online)  # every task loads (or fails) before a model does
+        task_set = TaskSet(tasks, online=online, limit=limit)  # every task loads (or fails) before a model does
         task_set.check_models(models, tokenizer)
     if data:
         from tli_recipe.training.evaluate import evaluate_models

@@ -129,5 +129,6 @@ def results_table(results: list[EvalResult]) -> str:
     lines = [f"{'model':<{width}}  {'loss':>8}  {'perplexity':>10}  {'vs first':>9}  tokens"]
     for r in results:
         delta = r.loss - results[0].loss
-        lines.append(f"{r.model:<{width}}  {r.loss:8.4f}  {r.perplexity:10.3f}  {delta:+9.4f}  {r.tokens:,}")
+        ppl = f"{r.perplexity:10.3f}" if r.perplexity < 1e6 else f"{r.perplexity:10.3e}"  # never 300 digits
+        lines.append(f"{r.model:<{width}}  {r.loss:8.4f}  {ppl}  {delta:+9.4f}  {r.tokens:,}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Optional
 import yaml
 
 from tli_recipe._version import __version__
-from tli_recipe.files import current_umask, write_text_atomic
+from tli_recipe.errors import TliError
+from tli_recipe.files import current_umask, make_folder, named, write_text_atomic
 from tli_recipe.training.builtin import BuiltinStageConfig
 from tli_recipe.training.card import stage_card
 from tli_recipe.training.loading import load_model
@@ -56,6 +58,71 @@ def last_checkpoint(work: Path) -> Optional[str]:
     return None
 
 
+#: What a ``checkpoint-N`` of this tool's trainer holds (the Trainer's files, peft's adapter, the MoD head).
+RESUME_FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "README.md",
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "trainer_state.json",
+    "training_args.bin",
+    "mod_head.safetensors",
+}
+RESUME_PATTERNS = (re.compile(r"model-\d{5}-of-\d{5}\.safetensors"), re.compile(r"rng_state(_\d{1,5})?\.pth"))
+#: The pickles the Trainer loads on resume (with torch's safe loader); training_args.bin is never loaded.
+RESUME_PICKLES = re.compile(r"(optimizer|scheduler|scaler)\.pt|rng_state(_\d{1,5})?\.pth")
+
+
+def check_resume(folder: Path) -> None:
+    """Refuse, with one line, a resume checkpoint that is not what this tool's trainer writes.
+
+    Only regular files of the known names; the model in safetensors (a ``pytorch_model.bin`` pickle is
+    refused by name); and each pickle the Trainer will load is loaded first, the same way (torch's
+    ``weights_only`` loader with transformers' numpy allowlist, memory-mapped so the tensors are not
+    read), so a hostile one stops here instead of in a traceback from inside the Trainer.
+    """
+    import zipfile
+
+    fix = f"pass --restart to discard the interrupted run (or remove {folder})"
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        known = name in RESUME_FILES or any(p.fullmatch(name) for p in RESUME_PATTERNS)
+        if not known:
+            shown = name if len(name) <= 80 and name.isprintable() else repr(name[:80]) + "..."
+            raise TliError(
+                f"{folder}: holds {shown}, which this tool's trainer does not write (a resumed model is read from "
+                f"safetensors only); {fix}"
+            )
+        if path.is_symlink() or not path.is_file():
+            raise TliError(f"{path}: not a regular file; a resume checkpoint holds only files the trainer wrote; {fix}")
+    if not any(
+        (folder / n).is_file()
+        for n in ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+    ):
+        raise TliError(f"{folder}: no model.safetensors or adapter_model.safetensors; {fix}")
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    for path in sorted(p for p in folder.iterdir() if RESUME_PICKLES.fullmatch(p.name)):
+        if not zipfile.is_zipfile(path):
+            raise TliError(f"{path}: not a torch.save archive, as the trainer writes it; {fix}")
+        try:
+            with safe_globals():
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - the unpickler raises many kinds; one line for the user
+            text = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise TliError(
+                f"{path}: refused by torch's safe loader ({type(exc).__name__}: {text}); not what this tool's "
+                f"trainer writes; {fix}"
+            ) from None
+
+
 def _private_to_umask(folder: Path) -> None:
     """mkdtemp makes the folder private (0700); the stage output is an ordinary directory."""
     os.chmod(folder, 0o777 & ~current_umask())
@@ -89,13 +156,24 @@ def finish_stage(
     resumed: Optional[str],
     log,
     extra=None,
+    replace: bool = False,
 ) -> None:
     """Write the stage directory next to ``out`` and rename it into place; drop the work directory.
-    ``extra(folder)`` writes more files into it (the MoD head)."""
+    ``extra(folder)`` writes more files into it (the MoD head). ``replace``: ``out`` held a finished
+    stage when training started (``--force``); anything else found at ``out`` now came during the
+    run and is left as it is."""
+    from tli_recipe.errors import TliError
     from tli_recipe.execute.output import swap_into_place
 
+    if os.path.lexists(out) and not (replace and not out.is_symlink() and (out / COMPLETE).is_file()):
+        raise TliError(
+            f"{out} appeared while stage '{cfg.stage}' was training; it was left as it is and nothing was "
+            f"written; move it away and run the same command again (it resumes from the last checkpoint saved "
+            f"in {work})"
+        )
+
     source = Path(cfg.model)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent, log)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _private_to_umask(tmp)
@@ -125,9 +203,11 @@ def finish_stage(
         if (work / "runs").is_dir():  # --report-to tensorboard logs there
             shutil.copytree(work / "runs", tmp / "runs")
         _files_to_umask(tmp)
-        swap_into_place(tmp, out)
-    except BaseException:
+        swap_into_place(tmp, out, replace=replace)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk names no file: name the stage output
+            raise named(exc, out) from exc
         raise
     shutil.rmtree(work, ignore_errors=True)
 

@@ -103,12 +103,18 @@ def _environment(name: str, value: Optional[str]) -> Iterator[None]:
 
 
 def _sandboxed_templates():
-    """lm-eval's template environment, rebuilt as a Jinja sandbox (no attribute walks to Python internals)."""
+    """lm-eval's template environment, rebuilt as a Jinja sandbox (no attribute walks to Python internals)
+    with the recipe templates' bounds on ``*`` and ``**`` (``'x' * 10**9`` is refused, not computed)."""
     from jinja2 import BaseLoader, StrictUndefined
     from jinja2.sandbox import SandboxedEnvironment
     from lm_eval import utils
 
-    env = SandboxedEnvironment(loader=BaseLoader, undefined=StrictUndefined, keep_trailing_newline=True)
+    from tli_recipe.library.sandbox import BoundedOps
+
+    class BoundedSandbox(BoundedOps, SandboxedEnvironment):
+        pass
+
+    env = BoundedSandbox(loader=BaseLoader, undefined=StrictUndefined, keep_trailing_newline=True)
     env.filters.update(utils.env.filters)
     return env
 
@@ -146,7 +152,8 @@ def session(online: bool = False) -> Iterator[None]:
 class TaskSet:
     """``--tasks`` entries resolved and loaded once (every error before any model loads), then scored per model."""
 
-    def __init__(self, tasks: Sequence[str], *, online: bool = False) -> None:
+    def __init__(self, tasks: Sequence[str], *, online: bool = False, limit: Optional[int] = None) -> None:
+        """``limit``: the documents per task that will be scored (their templates are rendered here first)."""
         require_lm_eval()
         from lm_eval.tasks import TaskManager
 
@@ -164,10 +171,28 @@ class TaskSet:
                         f"--tasks: no lm-eval task named {item!r}{did_you_mean(item, self.manager.all_tasks)}; "
                         "expected an lm-eval task name (`lm_eval ls tasks`) or a task YAML file"
                     )
-                self._check_loads(spec, item)
+                self._check_loads(spec, item, limit)
 
-    def _check_loads(self, spec: str, item: str | dict) -> None:
+    def _check_loads(self, spec: str, item: str | dict, limit: Optional[int] = None) -> None:
+        """Load the task and, for a task file, render its templates on every document to be scored in a
+        child process under the template limits (``library/sandbox.py``): a template that would hang
+        or exhaust memory stops here, naming the limit, before any model loads."""
+        from tli_recipe.library.sandbox import LimitHit, run_bounded
+
         try:
+            if isinstance(item, dict):
+                try:
+                    failed = run_bounded(_render_task, self.manager, item, limit)
+                except LimitHit as hit:
+                    raise TliError(
+                        f"task {spec!r}: rendering its templates was stopped: {hit}; expected doc_to_text, "
+                        "doc_to_choice and doc_to_target templates that render each document in milliseconds"
+                    ) from None
+                if failed:
+                    raise TliError(
+                        f"task {spec!r}: lm-eval could not load it ({failed}); expected a task whose data loads "
+                        "and whose fields match its doc_to_text/doc_to_choice/doc_to_target"
+                    )
             self.manager.load([copy.deepcopy(item)])
         except TliError:
             raise
@@ -252,6 +277,19 @@ class TaskSet:
         return scores_of(str(path), out)
 
 
+def _render_task(manager, item: dict, limit: Optional[int]) -> Optional[str]:
+    """Build every request of a task file's tasks (each template on each document), as ``simple_evaluate``
+    will; runs in the bounded child. None when it worked, else the first line of the error."""
+    try:
+        for task in manager.load([copy.deepcopy(item)])["tasks"].values():
+            task.build_all_requests(limit=limit, rank=0, world_size=1)
+    except MemoryError:
+        raise  # the limit that was hit: run_bounded reports it
+    except Exception as exc:  # noqa: BLE001
+        return _first_line(exc)
+    return None
+
+
 def check_model(path: Path, tokenizer: Optional[str | Path]) -> None:
     if not (path / "config.json").is_file():
         raise TliError(f"{path}: no config.json; expected a model directory")
@@ -303,7 +341,7 @@ def run_tasks(
     **options,
 ) -> list[TaskScore]:
     """``tasks`` on every model folder; ``options`` go to :meth:`TaskSet.score` (device, dtype, limit ...)."""
-    task_set = TaskSet(tasks, online=online)
+    task_set = TaskSet(tasks, online=online, limit=options.get("limit"))
     task_set.check_models(models, options.get("tokenizer"))
     return task_set.score_models(models, log=log, **options)
 

@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import os
+import stat
 from pathlib import Path
 from typing import Optional
 
@@ -37,8 +40,16 @@ HEAD_FILE = "mod_head.safetensors"
 FORMAT, VERSION = "tli-recipe-mod", "1"
 
 
+#: A head's metadata value longer than this is not one this tool wrote (a few hundred layers at most).
+MAX_META_CHARS = 1 << 16
+#: A trained gate stays near [0, 1]; far outside, the mixed logits are the exits' differences magnified.
+MAX_GATE = 1e3
+
+
 def has_mod_head(folder: str | Path) -> bool:
-    return (Path(folder) / HEAD_FILE).is_file()
+    """True when the folder has an entry named ``mod_head.safetensors`` (a link or a device too: then
+    ``read_head`` refuses it, instead of the folder being scored without its head)."""
+    return os.path.lexists(Path(folder) / HEAD_FILE)
 
 
 def _parts(model):
@@ -63,7 +74,8 @@ def new_head(model, layers: list[int], init: str = "exact"):
 
     _, stack, norm, head = _parts(model)
     if len(layers) < 2 or any(not 0 <= i < len(stack) for i in layers) or layers != sorted(set(layers)):
-        raise TliError(f"a MoD head needs ascending decoder layers of the model (0-{len(stack) - 1}); got {layers}")
+        shown = ", ".join(map(str, layers[:8])) + (f", ... ({len(layers)} in all)" if len(layers) > 8 else "")
+        raise TliError(f"a MoD head needs ascending decoder layers of the model (0-{len(stack) - 1}); got [{shown}]")
     hidden = head.weight.shape[1]
 
     class MoDHead(nn.Module):
@@ -171,19 +183,25 @@ def save_head(head, folder: Path, distill_weight: float) -> Path:
 
 
 def read_head(folder: Path, model):
-    """The head saved in ``folder`` for ``model``, checked (a hostile file gets a TliError, not a traceback)."""
+    """The head saved in ``folder`` for ``model``, checked like a checkpoint header (a hostile file gets
+    one line, never a traceback, and nothing from it is echoed unbounded): a regular file, the
+    format's metadata within bounds, exactly the tensors a head over its layers has, finite values."""
     from safetensors import SafetensorError, safe_open
 
+    from tli_recipe.source.checkpoint import header_tensors, read_header
+
     path = Path(folder) / HEAD_FILE
+    expected_what = "expected the MoD head written by tli-recipe train"
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise TliError(
-            f"{path}: not a readable safetensors file ({type(exc).__name__}); expected a MoD head "
-            "written by tli-recipe train"
-        ) from None
+        mode = os.lstat(path).st_mode
+    except OSError as exc:
+        raise TliError(f"{path}: cannot read ({exc.strerror}); {expected_what}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise TliError(f"{path}: {kind}; {expected_what} (a regular file), or remove it to use the model alone")
+    infos, meta = header_tensors(path, *read_header(path))  # bounded header, tensors inside the file
+    if any(len(v) > MAX_META_CHARS for v in meta.values()):
+        raise TliError(f"{path}: a metadata value longer than {MAX_META_CHARS:,} characters; {expected_what}")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise TliError(f"{path}: not a tli-recipe MoD head (format {FORMAT}, version {VERSION})")
     try:
@@ -192,12 +210,35 @@ def read_head(folder: Path, model):
         layers = None
     if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
         raise TliError(f"{path}: its metadata 'layers' is not a list of layer indices")
+    count = len(_parts(model)[1])
+    if len(layers) > count:
+        raise TliError(
+            f"{path}: its metadata 'layers' lists {len(layers):,} layers and the model has {count}; {expected_what}"
+        )
     head = new_head(model, layers)
     expected = head.state_dict()
-    if set(tensors) != set(expected) or any(tuple(tensors[k].shape) != tuple(v.shape) for k, v in expected.items()):
+    if set(infos) != set(expected) or any(tuple(infos[k].shape) != tuple(v.shape) for k, v in expected.items()):
         raise TliError(
             f"{path}: its tensors do not match a head over layers {layers} of this model "
             f"(expected {sorted(expected)} with the model's widths)"
+        )
+    try:
+        with safe_open(str(path), "pt") as f:
+            tensors = {name: f.get_tensor(name) for name in expected}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TliError(f"{path}: not a readable safetensors file ({type(exc).__name__}); {expected_what}") from None
+    for name, tensor in tensors.items():
+        values = tensor.to(expected[name].dtype)
+        if not bool(values.isfinite().all()):
+            raise TliError(
+                f"{path}: tensor '{name}' holds NaN or infinite values (as {str(expected[name].dtype)[6:]}, the "
+                f"model's dtype); a head with them scores nan; {expected_what}"
+            )
+    gate = float(tensors["gate"].float()[0])
+    if not math.isfinite(gate) or abs(gate) > MAX_GATE:
+        raise TliError(
+            f"{path}: the gate is {gate:.3g}, outside +-{MAX_GATE:g} (training starts it at 0 or 1 and keeps it "
+            f"near); {expected_what}"
         )
     head.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
     return head

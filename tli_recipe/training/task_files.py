@@ -90,9 +90,13 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
-def _with_includes(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The file's mapping merged over its ``include:`` files (lm-eval's rule: the including file's keys win)."""
+def _with_includes(path: Path, seen: tuple[Path, ...] = (), root: Optional[Path] = None) -> dict[str, Any]:
+    """The file's mapping merged over its ``include:`` files (lm-eval's rule: the including file's keys win).
+
+    Includes stay inside ``root``, the folder of the task file given to ``--tasks`` (links resolved):
+    a shared task file must not read, or echo in an error, a file from elsewhere on the machine."""
     path = path.resolve()
+    root = root or path.parent
     if path in seen:
         raise TliError(f"{seen[-1]}: include: {path} includes itself again; expected includes without a cycle")
     if len(seen) >= MAX_INCLUDE_DEPTH:
@@ -103,13 +107,24 @@ def _with_includes(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return data
     merged: dict[str, Any] = {}
     for name in includes if isinstance(includes, list) else [includes]:
-        if not isinstance(name, str) or not name:
-            raise TliError(f"{path}: include: {name!r}; expected a task file path (relative to this file)")
-        included = _with_includes(path.parent / name, (*seen, path))
+        if not isinstance(name, str) or not name or len(name) > 4096:
+            raise TliError(f"{path}: include: {_shown(name)}; expected a task file path (relative to this file)")
+        target = (path.parent / name).resolve()
+        if root != target and root not in target.parents:
+            raise TliError(
+                f"{path}: include: {_shown(name)} is outside the task's folder {root}; expected a task file "
+                "inside it (copy the shared part there)"
+            )
+        included = _with_includes(target, (*seen, path), root)
         included.pop("task_list", None)
         merged.update(included)
     merged.update(data)
     return merged
+
+
+def _shown(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _resolve_data_files(path: Path, config: dict[str, Any]) -> None:

@@ -34,10 +34,12 @@ from tli_recipe.training.builtin import (
     BuiltinStageConfig,
     absolute_config,
     builtin_config,
+    check_layout,
 )
 from tli_recipe.training.data import pack, split_validation, tokenize
 from tli_recipe.training.finish import (
     COMPLETE,
+    check_resume,
     finish_stage,
     last_checkpoint,
     read_json,
@@ -75,8 +77,9 @@ def require_train_extra() -> None:
         )
 
 
-def load_stage_config(path: str | Path) -> BuiltinStageConfig:
-    """A stage config written by ``tli-recipe emit --format builtin`` (comments allowed), validated."""
+def load_stage_config(path: str | Path, into: bool = False) -> BuiltinStageConfig:
+    """A stage config written by ``tli-recipe emit --format builtin`` (comments allowed), validated;
+    ``into``: the caller writes the stage elsewhere (``--into``), so its ``output_dir`` is not used."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -87,7 +90,7 @@ def load_stage_config(path: str | Path) -> BuiltinStageConfig:
             f"{path}: not a tli-recipe stage config; expected a file from `tli-recipe emit --format builtin`"
         )
     try:
-        return absolute_config(BuiltinStageConfig.model_validate(raw), path.parent)
+        cfg = absolute_config(BuiltinStageConfig.model_validate(raw), path.parent)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg'].lower()}" for e in exc.errors()[:5]
@@ -95,6 +98,8 @@ def load_stage_config(path: str | Path) -> BuiltinStageConfig:
         raise TrainError(
             f"{path}: not a valid stage config ({problems}); expected a file from `tli-recipe emit --format builtin`"
         ) from None
+    check_layout(cfg, path, into)
+    return cfg
 
 
 def stage_configs(
@@ -390,6 +395,14 @@ def train_stage(
     out, source, stage = Path(cfg.output_dir), Path(cfg.model), cfg.stage
     if not _check_start(cfg, force, log):
         return out
+    replace = (out / COMPLETE).is_file()  # --force on a finished stage; anything else there later is not ours
+    from tli_recipe.training.mod import HEAD_FILE, has_mod_head
+
+    if has_mod_head(source):  # said, not silently dropped: a stage loads the model without it
+        log(
+            f"stage '{stage}': {source / HEAD_FILE} (a MoD head) is not used: this stage trains "
+            + ("a new head over the model" if cfg.mod is not None else "the model alone, and its output has no head")
+        )
 
     from transformers import Trainer, default_data_collator
 
@@ -403,6 +416,8 @@ def train_stage(
     work = out.with_name(out.name + ".partial")
     targs = _arguments(cfg, work, on_cpu, progress, bool(eval_blocks), report_to)
     last = _prepare_work(cfg, targs, work, restart)
+    if last is not None:
+        check_resume(Path(last))  # hostile input like any file read back: one line, not a Trainer traceback
     initial = work / "initial_eval.json"
     # Decided before anyone evaluates: every process must take part in the same evaluations.
     evaluate_first = bool(eval_blocks) and read_json(initial) is None
@@ -474,6 +489,7 @@ def train_stage(
             last,
             log,
             extra=extra,
+            replace=replace,
         )
     trainer.accelerator.wait_for_everyone()
     return out
