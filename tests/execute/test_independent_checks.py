@@ -152,12 +152,15 @@ def test_verify_atol_is_the_tolerance_of_the_logits(tmp_path, tiny, cli):
     _, out = grow(tmp_path, tiny(layers=4), "inject: {every: 2}\n")
     set_element(out, "model.norm.weight", 1.5)  # the logits move by far more than 1e-5, far less than 100
     loose = cli("verify", out, "--no-tensors", "--atol", "100")
-    assert loose.exit_code == 0 and "(within tolerance 100)" in loose.stdout, loose.output
+    assert loose.exit_code == 0 and "= 100 x max(1, max |base logits|" in loose.stdout, loose.output
     diff = float(loose.stdout.split("max |output - base| = ")[1].split()[0])
+    scale = max(1.0, float(loose.stdout.split("max |base logits| ")[1].split(")")[0]))
     assert 1e-5 < diff < 100
-    strict = cli("verify", out, "--no-tensors", "--atol", f"{diff / 2:g}")
-    assert strict.exit_code != 0 and f"BEYOND tolerance {diff / 2:g}" in strict.stdout
-    assert f"> tolerance {diff / 2:g}" in strict.stderr
+    atol = diff / 2 / scale  # the tolerance is relative: atol x max(1, max |base logits|)
+    strict = cli("verify", out, "--no-tensors", "--atol", f"{atol:g}")
+    assert strict.exit_code != 0 and "BEYOND tolerance" in strict.stdout, strict.output
+    assert f"= {atol:g} x max(1, max |base logits|" in strict.stdout
+    assert f"> tolerance {diff / 2:.3g}" in strict.stderr
 
 
 def _poisoned(out, op) -> list[str]:
