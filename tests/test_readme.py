@@ -49,7 +49,7 @@ def test_the_extractor_sees_the_markers():
     assert runnable(text) == [(2, "echo one\n"), (11, "echo two\n")]
 
 
-# The front page and the reference; a docs/ page without a shell block is checked for its links only.
+# The front page and the reference pages: their shell blocks, recipes and links.
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README = (ROOT / "README.md").read_text()
 BLOCKS = [(f"{page.relative_to(ROOT)}:{line}", body) for page in PAGES for line, body in runnable(page.read_text())]
@@ -59,6 +59,7 @@ def test_the_readme_has_runnable_and_marked_blocks():
     assert len(runnable(README)) >= 2
     marked = [body for _, info, body in shell_blocks(README) if "no-test" in info.split()]
     assert any("make demo" in b for b in marked) and any(".demo/" in b for b in marked)
+    assert any("make test" in b for b in marked)  # the front page's two commands
 
 
 def test_the_pages_run_every_command_that_needs_no_model():
