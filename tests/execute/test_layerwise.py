@@ -191,7 +191,7 @@ def test_json_plot_and_expected_peak(tmp_path, tiny, cli):
     estimate = layerwise.estimate_peak(plan, batch=2, length=24)
     layer0 = sum(4 * torch.Size(op.shape).numel() for op in plan.tensors if op.layer == 0)
     embed = 64 * 32 * 4
-    assert estimate.weights == max(layer0, embed) + min(max(op.nbytes for op in plan.tensors), layerwise.CHUNK)
+    assert estimate.weights == max(layer0, embed) + 4 * min(max(op.nbytes for op in plan.tensors), layerwise.CHUNK)
     assert layerwise.estimate_peak(plan, batch=2, length=24, dtype="bfloat16").weights < estimate.weights
 
 
