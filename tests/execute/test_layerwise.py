@@ -191,7 +191,7 @@ def test_json_plot_and_expected_peak(tmp_path, tiny, cli):
     estimate = layerwise.estimate_peak(plan, batch=2, length=24)
     layer0 = sum(4 * torch.Size(op.shape).numel() for op in plan.tensors if op.layer == 0)
     embed = 64 * 32 * 4
-    assert estimate.weights == max(layer0, embed) + min(max(op.nbytes for op in plan.tensors), layerwise.CHUNK)
+    assert estimate.weights == max(layer0, embed) + 4 * min(max(op.nbytes for op in plan.tensors), layerwise.CHUNK)
     assert layerwise.estimate_peak(plan, batch=2, length=24, dtype="bfloat16").weights < estimate.weights
 
 
@@ -288,3 +288,21 @@ def test_the_logits_tolerance_is_relative_to_the_base_logits():
     check = layerwise.FunctionCheck(mode="streamed", inputs="x", tokens=1, dtype="float32", device="cpu")
     layerwise.compare(plan, [], small, [], small + 2e-5, atol=1e-5, check=check)
     assert check.logits_tolerance == 1e-5  # at least atol: values below 1 do not shrink it
+
+
+def test_the_tensor_check_closes_its_file_maps_as_it_reads(tiny):
+    """Every page read through an open safetensors map stays resident: the reader drops its maps after
+    each budget of bytes (on the 1.1B benchmark model, 5.1 GB RSS with the maps kept, 0.82 GB without)."""
+    from tli_recipe.execute.verify import _Files
+    from tli_recipe.source.checkpoint import open_checkpoint
+
+    infos = list(open_checkpoint(tiny(arch="llama", layers=2)).tensors.values())
+    files = _Files(budget=3000)
+    opened = []
+    for info in infos:
+        files.get(info)
+        opened.append(len(files._open))
+        assert files._read <= 3000 + info.nbytes
+    assert opened.count(0) == 0 and files._read < sum(i.nbytes for i in infos)
+    files.close()
+    assert not files._open

@@ -32,8 +32,9 @@ from tli_recipe.source.checkpoint import open_checkpoint
 
 #: Bytes per element of the compute dtypes verify offers.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-#: Largest slice of a stored tensor converted at once (bytes as stored).
-CHUNK = 64 << 20
+#: Largest slice of a stored tensor converted at once (bytes as stored). While a slice is converted, the
+#: stored slice, its rounding, its compute-dtype copy and the NaN mask coexist: about 4 x CHUNK.
+CHUNK = 16 << 20
 #: Safetensors dtype codes -> compute dtype names (``--dtype stored``).
 STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
@@ -99,8 +100,9 @@ class PeakEstimate:
 
     def describe(self) -> str:
         return (
-            f"expected peak memory ~{_gb(self.total)} above the interpreter: the largest unit of weights "
-            f"({self.largest_unit}) {_gb(self.weights)} + activations {_gb(self.activations)}"
+            f"expected peak memory ~{_gb(self.total)} above the interpreter (torch, transformers and the model "
+            f"code: ~0.4 GB on CPU): the largest unit of weights ({self.largest_unit}) {_gb(self.weights)} + "
+            f"activations {_gb(self.activations)}"
         )
 
 
@@ -112,7 +114,7 @@ def estimate_peak(plan: Plan, *, batch: int, length: int, dtype: str = "float32"
     """What verify holds at its peak, from the plan's output shapes alone (no tensor read).
 
     Streamed: one unit at a time (a decoder layer, the embedding, the head), each in the compute
-    dtype, plus one slice of at most ``CHUNK`` stored bytes while it is converted. The base model's
+    dtype, plus the copies of one slice of at most ``CHUNK`` stored bytes while it is converted. The base model's
     units are its layers, which the output copies (or widens), so the output's largest unit bounds
     both. Whole: both models at once. Activations: the residual after every layer of both models,
     and both models' logits with their log-softmaxes."""
@@ -123,7 +125,7 @@ def estimate_peak(plan: Plan, *, batch: int, length: int, dtype: str = "float32"
         numel = math.prod(op.shape)
         key = f"layer {op.layer}" if op.layer is not None else op.name
         units[key] = units.get(key, 0) + numel * size
-        largest_stored = max(largest_stored, min(op.nbytes, CHUNK))
+        largest_stored = max(largest_stored, 4 * min(op.nbytes, CHUNK))
     if not units:
         raise TliError("plan.json lists no tensors; nothing to verify")
     decoder = plan.config
