@@ -58,13 +58,55 @@ class LayerEntry(Frozen):
     )
 
 
+class WidenAxis(Frozen):
+    """One axis of a widened tensor: output index i along ``axis`` reads source index ``index[i]``
+    of the dimension map ``dim`` (expanded by its unit); ``reads``: the tensor reads that dimension
+    (an input side), so the map's per-unit ``scale`` and its noise pairs apply."""
+
+    axis: int = Field(ge=0)
+    dim: Literal["residual", "intermediate", "heads", "kv_heads"]
+    reads: bool
+
+
+class DimMap(Frozen):
+    """How one width grows: output unit i is a copy of source unit ``index[i]`` (a unit is ``unit``
+    consecutive elements: head_dim for heads, 1 otherwise)."""
+
+    before: int = Field(description="Source units.")
+    after: int = Field(description="Output units.")
+    unit: int = Field(ge=1, description="Elements per unit.")
+    index: list[int] = Field(description="Source unit of each output unit; the first `before` are the identity.")
+    scale: list[float] = Field(
+        description="Factor on each output unit where a tensor reads it (the copies of a unit sum to 1; 0: zero init)."
+    )
+    noise: float = Field(default=0.0, description="Std of the exact noise on reading sides; 0: none.")
+    noise_pairs: list[tuple[int, int]] = Field(
+        default_factory=list, description="Output units (a, b) copying one source unit: +N on a, -N on b."
+    )
+
+
+class WidenPlan(Frozen):
+    """Width growth: the dimension maps every widened tensor is gathered through, and the new widths."""
+
+    dims: dict[str, DimMap]
+    config: dict[str, int] = Field(description="The new widths written into config.json (head_dim explicit).")
+    before: dict[str, int] = Field(description="The source's widths.")
+    init: str
+    noise: float
+    seed: int
+    tied_fold: Optional[float] = Field(
+        default=None, description="Tied embeddings and hidden x n: the final norm gain's factor (1/n)."
+    )
+    order: str = Field(description="How widening combines with slices and inject.")
+
+
 class TensorOp(Frozen):
     """How one output tensor is made."""
 
     name: str = Field(description="Output tensor name.")
     source: str = Field(description="Key of the source model in Plan.sources.")
     source_name: str = Field(description="Source tensor name (read unless op is zero or random).")
-    op: Literal["copy", "zero", "fill", "scale", "noise", "random", "interpolate", "lesa", "hidden"]
+    op: Literal["copy", "zero", "fill", "scale", "noise", "random", "interpolate", "lesa", "hidden", "widen"]
     value: Optional[float] = Field(
         default=None, description="scale factor, standard deviation, fill value, or interpolation weight."
     )
@@ -80,6 +122,12 @@ class TensorOp(Frozen):
     projection: Optional[str] = None
     expert: Optional[int] = Field(
         default=None, description="Upcycled layers: the expert this tensor belongs to (0-based); None elsewhere."
+    )
+    axes: Optional[list[WidenAxis]] = Field(
+        default=None, description="widen: the axes gathered through Plan.widen's dimension maps, in order."
+    )
+    source_shape: Optional[tuple[int, ...]] = Field(
+        default=None, description="widen: the shape of the source tensor (None: the same as shape)."
     )
 
     @property
@@ -274,6 +322,7 @@ class Plan(Frozen):
     upcycle: Optional[UpcyclePlan] = Field(
         default=None, description="Sparse upcycling to MoE; None: the output is not upcycled."
     )
+    widen: Optional[WidenPlan] = Field(default=None, description="Width growth; None: widths stay the source's.")
     recipe_dtype: Optional[str] = Field(
         default=None, description="The dtype the recipe asked for; None: each tensor keeps its dtype."
     )
