@@ -554,6 +554,10 @@ def compare(plan: Plan, base_hidden: list, base_logits, out_hidden: list, out_lo
         diff = scale = None
         if mapped is not None and mapped < len(base_hidden) and got is not None and base_hidden[mapped] is not None:
             want = base_hidden[mapped]
+            if got.shape[-1] != want.shape[-1] and got.shape[-1] % want.shape[-1] == 0:
+                # a widened residual stream (hidden x n) is n copies of the base's: compare each copy
+                got = got.reshape(*got.shape[:-1], got.shape[-1] // want.shape[-1], want.shape[-1])
+                want = want.unsqueeze(-2)
             diff = float((got - want).abs().max())
             scale = float(want.abs().max())
         row = LayerRow(entry.output, entry.role, entry.source, entry.layer, mapped, diff, scale)

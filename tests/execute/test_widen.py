@@ -1,0 +1,136 @@
+"""Width growth: exact logits on tiny models of each supported architecture, tied and untied, alone
+and after inject; every tensor against a reference written here in plain torch (not the executor's
+code); the copies move apart after one SGD step; verify checks a widened output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY, logits_of
+from growing import grow, load_all
+from safetensors.torch import load_file
+
+from tli_recipe import verify_output
+
+CASES = [("llama", False), ("llama", True), ("mistral", False), ("qwen2", False), ("qwen2", True), ("qwen3", True)]
+BODIES = {
+    "mlp-split": "widen: {intermediate_size: 100, noise: 0.05}",
+    "mlp-zero": "widen: {intermediate_size: 100, init: zero}",
+    "heads": "widen: {num_attention_heads: 8, noise: 0.1}",
+    "hidden-x2": "widen: {hidden_size: 64, noise: 0.1}",
+    "hidden-x3-mlp": "widen: {hidden_size: 96, intermediate_size: 70, num_attention_heads: 12}",
+    "inject-hidden": "inject: {every: 2}\nwiden: {hidden_size: 64, num_attention_heads: 16}",
+}
+
+
+@pytest.mark.parametrize("arch,tie", CASES, ids=[f"{a}-{'tied' if t else 'untied'}" for a, t in CASES])
+@pytest.mark.parametrize("body", list(BODIES), ids=list(BODIES))
+def test_widened_logits_equal_the_base(tiny, tmp_path, arch, tie, body):
+    base = tiny(arch=arch, layers=3, tie=tie)
+    plan, out = grow(tmp_path, base, BODIES[body])
+    assert plan.function_preserving and plan.widen is not None
+    assert plan.totals.parameters_after > plan.totals.parameters_before
+    got = logits_of(out)  # also: no missing or unexpected keys
+    torch.testing.assert_close(got, logits_of(base), atol=1e-5, rtol=0)
+    names = set(load_all(out))
+    assert ("lm_head.weight" in names) == (not tie)  # never invent a head, never drop one
+
+
+def _reference(base: dict, name: str, cfg: dict, w) -> torch.Tensor:
+    """Each construction written out by hand, from the issue's description (hidden x n with heads and
+    intermediate x n, the HyperCloning tiling; no noise)."""
+    n = w.config["hidden_size"] // cfg["hidden_size"]
+    t = base[name].float()
+    if name.endswith("embed_tokens.weight"):
+        return t.repeat(1, n)
+    if name == "model.norm.weight":
+        return t.repeat(n) / (n if cfg["tie_word_embeddings"] else 1)
+    if name == "lm_head.weight":
+        return t.repeat(1, n) / n
+    if name.endswith("layernorm.weight"):
+        return t.repeat(n)
+    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")):
+        return t.repeat(n, n) / n
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        # init split: the copies of a head (neuron) share its output column unevenly; the shares are data
+        dim = w.dims["heads" if "o_proj" in name else "intermediate"]
+        shares = torch.tensor(dim.scale).repeat_interleave(dim.unit)
+        for unit in range(dim.before):
+            assert abs(sum(s for s, i in zip(dim.scale, dim.index) if i == unit) - 1) < 1e-12
+        return t.repeat(n, n) * shares
+    if name.endswith("_proj.bias"):
+        return t.repeat(n)
+    return t  # q_norm, k_norm: per head_dim
+
+
+@pytest.mark.parametrize("arch,tie", [("llama", True), ("qwen2", False), ("qwen3", True)])
+def test_hidden_x2_tensors_match_a_hand_written_hypercloning(tiny, tmp_path, arch, tie):
+    base = tiny(arch=arch, layers=3, tie=tie)
+    plan, out = grow(tmp_path, base, "widen: {hidden_size: 64}")
+    source, got = load_all(base), load_all(out)
+    cfg = {**TINY, "tie_word_embeddings": tie}
+    assert set(got) == set(source)
+    for name in source:
+        torch.testing.assert_close(got[name], _reference(source, name, cfg, plan.widen), atol=0, rtol=0, msg=name)
+
+
+def test_mlp_split_and_zero_follow_net2net(tiny, tmp_path):
+    """New neuron j copies neuron index[j]'s gate/up rows; down columns of one neuron's copies sum to
+    the original column (split: uneven, every share in (0, 1)); zero: the copies' columns are 0."""
+    base = tiny(arch="llama", layers=3)
+    source = load_all(base)
+    for init in ("split", "zero"):
+        plan, out = grow(tmp_path, base, f"widen: {{intermediate_size: 100, init: {init}}}", name=init)
+        got, index = load_all(out), plan.widen.dims["intermediate"].index
+        for layer in range(3):
+            key = f"model.layers.{layer}.mlp."
+            gate, down = source[key + "gate_proj.weight"], source[key + "down_proj.weight"]
+            assert torch.equal(got[key + "gate_proj.weight"], gate[index])
+            new_down = got[key + "down_proj.weight"]
+            for j in range(64):
+                copies = [k for k, src in enumerate(index) if src == j]
+                torch.testing.assert_close(new_down[:, copies].sum(1), down[:, j], atol=1e-6, rtol=0)
+                if len(copies) > 1 and init == "zero":
+                    assert torch.equal(new_down[:, copies[1:]], torch.zeros_like(new_down[:, copies[1:]]))
+                if len(copies) > 1 and init == "split":
+                    shares = new_down[0, copies] / down[0, j]
+                    assert all(0.15 < float(s) < 0.85 for s in shares), shares
+                    assert float(shares.max() - shares.min()) > 1e-3  # uneven: the copies get different gradients
+
+
+def test_noise_is_exact_at_step_0_and_one_sgd_step_moves_the_copies_apart(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = tiny(arch="llama", layers=3)
+    plan, out = grow(tmp_path, base, "widen: {hidden_size: 64, noise: 0.05}")
+    torch.testing.assert_close(logits_of(out), logits_of(base), atol=1e-5, rtol=0)
+    q = load_file(next(out.glob("*.safetensors")))["model.layers.0.self_attn.q_proj.weight"]
+    # the two column blocks (reading the two copies of the residual) differ by the noise, sum as W
+    assert float((q[:, :32] - q[:, 32:]).abs().max()) > 1e-3
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(3))
+    model(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+    emb = model.model.embed_tokens.weight.detach()
+    assert float((emb[:, :32] - emb[:, 32:]).abs().max()) > 1e-4  # the residual copies are no longer equal
+
+
+def test_verify_checks_a_widened_output(tiny, tmp_path):
+    base = tiny(arch="qwen3", layers=3, tie=True)
+    plan, out = grow(tmp_path, base, "inject: {every: 3}\nwiden: {hidden_size: 64, intermediate_size: 80, noise: 0.01}")
+    report = verify_output(out)
+    assert report.ok and report.tensors_checked == len(plan.tensors)
+    assert report.max_abs_diff <= 1e-5
+    rows = [r for r in report.function.layers if r.base_layer is not None]
+    assert rows and all(r.max_abs_diff is not None and r.max_abs_diff < 1e-4 for r in rows)
+    # a tensor changed after the run is caught by the recomputation
+    shard = next(out.glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors["model.layers.0.mlp.down_proj.weight"][0, 70] += 1
+    from safetensors.torch import save_file
+
+    save_file(tensors, shard, metadata={"format": "pt"})
+    bad = verify_output(out, logits=False)
+    assert any("down_proj" in p for p in bad.tensor_problems)
