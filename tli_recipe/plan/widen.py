@@ -155,15 +155,15 @@ def resolve_widen(recipe: Recipe, sources: Sources, problems: Problems) -> Optio
     for field, value, least in (("num_attention_heads", new_heads, heads), ("num_key_value_heads", new_kv, kv)):
         if value is not None and value < least:
             refuse(field, f"{value} is fewer than the source's {least}; expected at least {least}")
-    if ok and new_heads % group:
+    if new_heads >= heads and new_heads % group:
         refuse(
             "num_attention_heads",
             f"{new_heads} heads break the GQA grouping ({heads} heads / {kv} KV heads = {group} per KV head); "
             f"expected a multiple of {group}: {_nearest(new_heads, group, heads)}",
         )
-    if ok and new_kv is None:
+    if new_kv is None and new_heads % group == 0:
         new_kv = new_heads // group
-    if ok and new_kv * group != new_heads:
+    if new_kv is not None and new_kv >= kv and new_heads % group == 0 and new_kv * group != new_heads:
         refuse(
             "num_key_value_heads",
             f"{new_kv} KV heads with {new_heads} heads change the GQA ratio {group}; expected {new_heads // group} "
@@ -313,7 +313,7 @@ def widen_ops(recipe: Recipe, sources: Sources, ops: list[TensorOp], wid: Wideni
                 op.model_copy(
                     update={
                         "op": "widen",
-                        "value": fold if fold is not None else 1.0,
+                        "value": fold,
                         "axes": [WidenAxis(axis=a, dim=d, reads=r) for a, d, r in growing],
                         "source_shape": tuple(op.shape),
                         "shape": tuple(shape),
