@@ -12,7 +12,24 @@ from safetensors.torch import load_file
 
 from tli_recipe import verify_output
 
-CASES = [("llama", False), ("llama", True), ("mistral", False), ("qwen2", False), ("qwen2", True), ("qwen3", True)]
+CASES = [
+    ("llama", False),
+    ("llama", True),
+    ("mistral", False),
+    ("qwen2", False),
+    ("qwen2", True),
+    ("qwen3", True),
+    ("gemma2", True),
+    ("gemma3", True),
+    ("gemma3", False),
+]
+
+
+def tiny_of(tiny, arch: str, tie: bool):
+    extra = {"head_dim": 8} if arch.startswith("gemma") else {}  # Gemma's default head_dim is 256
+    return tiny(arch=arch, layers=3, tie=tie, **extra)
+
+
 BODIES = {
     "mlp-split": "widen: {intermediate_size: 100, noise: 0.05}",
     "mlp-zero": "widen: {intermediate_size: 100, init: zero}",
@@ -26,7 +43,7 @@ BODIES = {
 @pytest.mark.parametrize("arch,tie", CASES, ids=[f"{a}-{'tied' if t else 'untied'}" for a, t in CASES])
 @pytest.mark.parametrize("body", list(BODIES), ids=list(BODIES))
 def test_widened_logits_equal_the_base(tiny, tmp_path, arch, tie, body):
-    base = tiny(arch=arch, layers=3, tie=tie)
+    base = tiny_of(tiny, arch, tie)
     plan, out = grow(tmp_path, base, BODIES[body])
     assert plan.function_preserving and plan.widen is not None
     assert plan.totals.parameters_after > plan.totals.parameters_before
@@ -40,9 +57,12 @@ def _reference(base: dict, name: str, cfg: dict, w) -> torch.Tensor:
     """Each construction written out by hand, from the issue's description (hidden x n with heads and
     intermediate x n, the HyperCloning tiling; no noise)."""
     n = w.config["hidden_size"] // cfg["hidden_size"]
+    gemma = cfg["gemma"]  # embeddings scaled by sqrt(hidden_size) inside the model; norms store w of 1 + w
     t = base[name].float()
     if name.endswith("embed_tokens.weight"):
-        return t.repeat(1, n)
+        return t.repeat(1, n) / (n**0.5 if gemma else 1)
+    if name == "model.norm.weight" and gemma and cfg["tie_word_embeddings"]:
+        return (1 + t.repeat(n)) / n**0.5 - 1
     if name == "model.norm.weight":
         return t.repeat(n) / (n if cfg["tie_word_embeddings"] else 1)
     if name == "lm_head.weight":
@@ -63,15 +83,18 @@ def _reference(base: dict, name: str, cfg: dict, w) -> torch.Tensor:
     return t  # q_norm, k_norm: per head_dim
 
 
-@pytest.mark.parametrize("arch,tie", [("llama", True), ("qwen2", False), ("qwen3", True)])
+@pytest.mark.parametrize(
+    "arch,tie", [("llama", True), ("qwen2", False), ("qwen3", True), ("gemma3", True), ("gemma3", False)]
+)
 def test_hidden_x2_tensors_match_a_hand_written_hypercloning(tiny, tmp_path, arch, tie):
-    base = tiny(arch=arch, layers=3, tie=tie)
+    base = tiny_of(tiny, arch, tie)
     plan, out = grow(tmp_path, base, "widen: {hidden_size: 64}")
     source, got = load_all(base), load_all(out)
-    cfg = {**TINY, "tie_word_embeddings": tie}
+    cfg = {**TINY, "tie_word_embeddings": tie, "gemma": arch.startswith("gemma")}
     assert set(got) == set(source)
     for name in source:
-        torch.testing.assert_close(got[name], _reference(source, name, cfg, plan.widen), atol=0, rtol=0, msg=name)
+        want = _reference(source, name, cfg, plan.widen)
+        torch.testing.assert_close(got[name], want, atol=1e-7, rtol=1e-6, msg=name)
 
 
 def test_mlp_split_and_zero_follow_net2net(tiny, tmp_path):

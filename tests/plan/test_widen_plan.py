@@ -63,7 +63,7 @@ def test_heads_breaking_gqa_and_a_changed_ratio_are_refused(tmp_path):
 
 
 def test_unsupported_architectures_and_upcycle_are_refused_at_widen(tmp_path):
-    for name in ("google__gemma-3-1b-pt", "microsoft__Phi-3-mini-4k-instruct", "allenai__OLMo-2-1124-7B"):
+    for name in ("google__gemma-3-4b-pt", "microsoft__Phi-3-mini-4k-instruct", "allenai__OLMo-2-1124-7B"):
         text = refusal(tmp_path, f"base_model: {CONFIGS / name}\nwiden: {{intermediate_size: 99999}}\n")
         assert "recipe.yaml:2:1: widen: widening" in text and "is not supported" in text
     text = refusal(
@@ -85,3 +85,11 @@ def test_plan_prints_the_new_widths(tmp_path, cli):
     assert result.exit_code == 0, result.stderr
     assert "widen       intermediate_size 8192 -> 9216 (head_dim 64; init split, noise 0.01, seed 0)" in result.stdout
     assert "preserving  yes" in result.stdout
+
+
+def test_gemma_tied_folds_the_embedding_scale_into_the_final_norm(tmp_path):
+    plan = plan_of(tmp_path, f"base_model: {CONFIGS / 'google__gemma-3-1b-pt'}\nwiden: {{hidden_size: 2304}}\n")
+    w = plan.widen
+    assert w.embed_factor == w.tied_fold == pytest.approx(0.5**0.5) and w.norm_offset == 1
+    norm = next(op for op in plan.tensors if op.name == "model.norm.weight")
+    assert (norm.op, norm.value, norm.value_offset) == ("widen", pytest.approx(0.5**0.5), 1)

@@ -160,8 +160,9 @@ def _widen(op: TensorOp, work, dims: Optional[dict]):
             moved[..., first.reshape(-1)] += draw
             moved[..., second.reshape(-1)] -= draw
             work = moved.movedim(-1, ax.axis)
-    if op.value is not None and op.value != 1.0:
-        work = work * op.value
+    if op.value is not None:
+        offset = op.value_offset or 0.0
+        work = (work + offset) * op.value - offset
     return work
 
 

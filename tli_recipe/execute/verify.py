@@ -113,7 +113,10 @@ def _expected_widen(op, this, dims):
                     last[..., a * m.unit : (a + 1) * m.unit] += block
                     last[..., b * m.unit : (b + 1) * m.unit] -= block
         this = last.movedim(-1, ax.axis)
-    return this * op.value if op.value is not None and op.value != 1.0 else this
+    if op.value is None:
+        return this
+    offset = op.value_offset or 0.0  # a gain stored as w in offset + w
+    return (offset + this) * op.value - offset
 
 
 def expected_tensor(op, read_source, dims=None):

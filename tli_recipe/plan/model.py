@@ -95,8 +95,14 @@ class WidenPlan(Frozen):
     noise: float
     seed: int
     tied_fold: Optional[float] = Field(
-        default=None, description="Tied embeddings and hidden x n: the final norm gain's factor (1/n)."
+        default=None,
+        description="Tied embeddings and hidden x n: the final norm gain's factor (1/n; Gemma 1/sqrt(n)).",
     )
+    embed_factor: Optional[float] = Field(
+        default=None,
+        description="Gemma and hidden x n: the embedding's factor (1/sqrt(n), for its sqrt(hidden) scale).",
+    )
+    norm_offset: float = Field(default=0.0, description="Norm gains are stored as w in offset + w (Gemma: 1).")
     order: str = Field(description="How widening combines with slices and inject.")
 
 
@@ -125,6 +131,9 @@ class TensorOp(Frozen):
     )
     axes: Optional[list[WidenAxis]] = Field(
         default=None, description="widen: the axes gathered through Plan.widen's dimension maps, in order."
+    )
+    value_offset: Optional[float] = Field(
+        default=None, description="widen: the factor multiplies offset + stored value (a Gemma 1 + w norm gain)."
     )
     source_shape: Optional[tuple[int, ...]] = Field(
         default=None, description="widen: the shape of the source tensor (None: the same as shape)."

@@ -23,6 +23,7 @@ The constructions (docs/widen.md):
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Optional
@@ -34,7 +35,17 @@ from tli_recipe.recipe.schema import Recipe
 
 #: Architecture definitions (and the model types within them) whose constructions are checked
 #: against transformers on tiny models (tests/execute/test_widen.py).
-SUPPORTED = {"llama": ("llama", "mistral"), "qwen2": ("qwen2",), "qwen3": ("qwen3",)}
+SUPPORTED = {
+    "llama": ("llama", "mistral"),
+    "qwen2": ("qwen2",),
+    "qwen3": ("qwen3",),
+    "gemma2": ("gemma2",),
+    "gemma3": ("gemma3_text",),
+}
+
+#: Architectures whose model multiplies the embedding output by sqrt(hidden_size): widened n times,
+#: that factor grows by sqrt(n), so the tiled embedding is divided by sqrt(n).
+EMBED_SCALED = ("gemma2", "gemma3")
 
 ORDER = "slices, then inject, then widen (every output layer, injected ones included, is widened alike)"
 
@@ -43,6 +54,8 @@ ORDER = "slices, then inject, then widen (every output layer, injected ones incl
 LAYER_AXES: dict[str, tuple[Optional[str], Optional[str]]] = {
     "input_layernorm": ("residual", None),
     "post_attention_layernorm": ("residual", None),
+    "pre_feedforward_layernorm": ("residual", None),  # Gemma's sandwich norms act on the residual width
+    "post_feedforward_layernorm": ("residual", None),
     "q_proj": ("heads", "residual"),
     "k_proj": ("kv_heads", "residual"),
     "v_proj": ("kv_heads", "residual"),
@@ -95,8 +108,8 @@ def resolve_widen(recipe: Recipe, sources: Sources, problems: Problems) -> Optio
         problems.add(
             ("widen",),
             f"widening {model_type or arch.name} models is not supported: exact constructions are checked for "
-            f"{supported} only (Gemma's sqrt(hidden_size) embedding scale and 1 + w norms, Phi-3's fused "
-            "projections and OLMo 2's post-norms are not built); expected a model of those types",
+            f"{supported} only (Phi-3's fused projections, OLMo 2's post-norm blocks, Granite's multipliers and "
+            "multimodal or MoE models are not built); expected a model of those types",
             prefer_key=True,
         )
         return None
@@ -192,6 +205,9 @@ def resolve_widen(recipe: Recipe, sources: Sources, problems: Problems) -> Optio
     # k/v are read by attention, never by a Linear: no scale and no noise on a KV side
     kv_map = kv_map.model_copy(update={"scale": [1.0] * new_kv, "noise": 0.0, "noise_pairs": []})
     tied = bool(cfg.get("tie_word_embeddings"))
+    embed = 1.0 / math.sqrt(n) if arch.name in EMBED_SCALED and n > 1 else None
+    # the head's logits: tied, n copies of the (embedding-scaled) head sum up; the final norm takes it back
+    fold = (1.0 / n if embed is None else embed) if tied and n > 1 else None
     plan = WidenPlan(
         dims={"residual": residual, "intermediate": inter, "heads": q_map, "kv_heads": kv_map},
         config={
@@ -205,7 +221,9 @@ def resolve_widen(recipe: Recipe, sources: Sources, problems: Problems) -> Optio
         init=w.init,
         noise=w.noise,
         seed=seed,
-        tied_fold=1.0 / n if tied and n > 1 else None,
+        tied_fold=fold,
+        embed_factor=embed,
+        norm_offset=arch.norm_offset,
         order=ORDER,
     )
     return Widening(plan=plan, tied=tied)
@@ -276,6 +294,18 @@ def _axes_of(op: TensorOp, sources: Sources, tied: bool) -> Optional[list[tuple[
     return None
 
 
+def _factor(op: TensorOp, sources: Sources, w: WidenPlan) -> Optional[float]:
+    """The whole-tensor factor: the tied final norm's fold; an embedding-scaled model's embedding."""
+    if op.layer is not None:
+        return None
+    group = sources.arch.tensors.get(op.name, {}).get("group")
+    if group == "head" and len(op.shape) == 1:
+        return w.tied_fold
+    if group == "embeddings" and len(op.shape) == 2:
+        return w.embed_factor
+    return None
+
+
 def widen_ops(recipe: Recipe, sources: Sources, ops: list[TensorOp], wid: Widening, problems: Problems) -> list:
     """Each op whose tensor touches a growing width, rewritten to the widened shape."""
     dims = wid.plan.dims
@@ -288,7 +318,7 @@ def widen_ops(recipe: Recipe, sources: Sources, ops: list[TensorOp], wid: Wideni
             out.append(op)
             continue
         growing = [(a, d, r) for a, d, r in axes if dims[d].after != dims[d].before]
-        fold = wid.plan.tied_fold if op.layer is None and len(op.shape) == 1 else None
+        fold = _factor(op, sources, wid.plan)
         if not growing and fold is None:
             out.append(op)
             continue
@@ -314,6 +344,7 @@ def widen_ops(recipe: Recipe, sources: Sources, ops: list[TensorOp], wid: Wideni
                     update={
                         "op": "widen",
                         "value": fold,
+                        "value_offset": wid.plan.norm_offset if fold is not None and len(op.shape) == 1 else None,
                         "axes": [WidenAxis(axis=a, dim=d, reads=r) for a, d, r in growing],
                         "source_shape": tuple(op.shape),
                         "shape": tuple(shape),
@@ -341,7 +372,10 @@ def widen_lines(plan) -> list[str]:
     changed = [f"{k} {w.before[k]} -> {v}" for k, v in w.config.items() if k != "head_dim" and w.before[k] != v]
     how = f"init {w.init}" + (f", noise {w.noise:g}" if w.noise else "") + f", seed {w.seed}"
     lines = [f"widen       {', '.join(changed) or 'no width grows'} (head_dim {w.config['head_dim']}; {how})"]
+    if w.embed_factor is not None:
+        lines.append(f"widen       the embedding times {w.embed_factor:g} (the model scales it by sqrt(hidden_size))")
     if w.tied_fold is not None:
-        lines.append(f"widen       tied embeddings: the final norm gain times {w.tied_fold:g} (no lm_head is made)")
+        gain = "(1 + w)" if w.norm_offset == 1 else "gain"
+        lines.append(f"widen       tied embeddings: the final norm's {gain} times {w.tied_fold:g} (no lm_head is made)")
     lines.append(f"widen       order: {w.order}")
     return lines
