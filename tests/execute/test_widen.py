@@ -157,3 +157,28 @@ def test_verify_checks_a_widened_output(tiny, tmp_path):
     save_file(tensors, shard, metadata={"format": "pt"})
     bad = verify_output(out, logits=False)
     assert any("down_proj" in p for p in bad.tensor_problems)
+
+
+def test_a_hostile_plan_json_is_refused_before_any_tensor_is_computed(tiny, tmp_path):
+    import json
+
+    from tli_recipe import execute_plan
+    from tli_recipe.errors import TliError
+    from tli_recipe.plan.model import Plan
+
+    base = tiny(arch="llama", layers=3)
+    plan, out = grow(tmp_path, base, "widen: {intermediate_size: 80}")
+    data = json.loads((out / "plan.json").read_text())
+    data["widen"]["dims"]["intermediate"]["index"][70] = 10**6  # would index out of range
+    with pytest.raises(ValueError, match="stay within them"):
+        Plan.model_validate(data)
+    (out / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(TliError, match="not a plan of this tli-recipe version"):
+        verify_output(out)
+    ops = [
+        op.model_copy(update={"shape": (32, 96)}) if op.name.endswith("0.mlp.down_proj.weight") else op
+        for op in plan.tensors
+    ]
+    with pytest.raises(TliError, match=r"down_proj.weight': its maps give shape \[32, 80\], the plan says \[32, 96\]"):
+        execute_plan(plan.model_copy(update={"tensors": ops}), tmp_path / "other", progress=False, log=lambda m: None)
+    assert not (tmp_path / "other").exists()

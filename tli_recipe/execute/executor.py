@@ -28,6 +28,7 @@ from tli_recipe.execute.shards import (
 )
 from tli_recipe.plan.model import Plan, TensorOp
 from tli_recipe.plan.ops import OPS, needs_torch
+from tli_recipe.plan.widen import check_widen_op
 from tli_recipe.source.checkpoint import SIDE_FILES, CheckpointError, open_checkpoint
 from tli_recipe.source.checksums import check_digests, pinned_files, side_file
 from tli_recipe.source.checksums import metadata as provenance_metadata
@@ -189,7 +190,11 @@ def _check_sources(plan: Plan) -> dict:
             )
         opened[key] = open_checkpoint(Path(src.path))
     mismatched = []
+    dims = plan.widen.dims if plan.widen is not None else None
     for op in plan.tensors:
+        wrong = check_widen_op(op, dims) if op.op == "widen" else None
+        if wrong:
+            raise TliError(f"plan.json: tensor '{op.name}': {wrong}; plan again")
         if not OPS[op.op].reads_source:
             continue
         info = opened[op.source].tensors.get(op.source_name)

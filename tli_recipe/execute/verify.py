@@ -19,6 +19,7 @@ from typing import Optional
 from tli_recipe.errors import TliError, VerifyError
 from tli_recipe.execute.layerwise import FunctionCheck
 from tli_recipe.plan.model import Plan
+from tli_recipe.plan.widen import check_widen_op
 from tli_recipe.source.checkpoint import open_checkpoint
 
 
@@ -96,8 +97,9 @@ def _expected_widen(op, this, dims):
     first unit and subtracted from its second."""
     import torch
 
-    if not dims:
-        raise TliError(f"plan.json: tensor '{op.name}': a widen op, and the plan has no widen section")
+    wrong = check_widen_op(op, dims)
+    if wrong:
+        raise TliError(f"plan.json: tensor '{op.name}': {wrong}")
     for ax in op.axes or ():
         m = dims[ax.dim]
         elements = [src * m.unit + k for src in m.index for k in range(m.unit)]

@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tli_recipe.recipe.schema import Lesa, Stage
 from tli_recipe.source.checkpoint import nbytes
@@ -83,6 +83,19 @@ class DimMap(Frozen):
     noise_pairs: list[tuple[int, int]] = Field(
         default_factory=list, description="Output units (a, b) copying one source unit: +N on a, -N on b."
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DimMap":
+        # plan.json is an input like any other: a map that would index out of range is refused here
+        if not (1 <= self.before <= self.after) or len(self.index) != self.after or len(self.scale) != self.after:
+            raise ValueError(f"a dimension map of {self.before} -> {self.after} units needs that many index and scale")
+        if any(not 0 <= i < self.before for i in self.index) or self.index[: self.before] != list(range(self.before)):
+            raise ValueError("a dimension map's index must keep the source units first and stay within them")
+        if any(not (0 <= a < self.after and 0 <= b < self.after and a != b) for a, b in self.noise_pairs):
+            raise ValueError("a dimension map's noise pairs must be two different output units")
+        if len({u for pair in self.noise_pairs for u in pair}) != 2 * len(self.noise_pairs):
+            raise ValueError("a dimension map's noise pairs must not share a unit")
+        return self
 
 
 class WidenPlan(Frozen):

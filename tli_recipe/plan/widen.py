@@ -379,3 +379,20 @@ def widen_lines(plan) -> list[str]:
         lines.append(f"widen       tied embeddings: the final norm's {gain} times {w.tied_fold:g} (no lm_head is made)")
     lines.append(f"widen       order: {w.order}")
     return lines
+
+
+def check_widen_op(op: TensorOp, dims: Optional[dict]) -> Optional[str]:
+    """What is wrong with a widen op read from plan.json (None: it is consistent with its maps)."""
+    if not dims or not op.axes or op.source_shape is None or len(op.source_shape) != len(op.shape):
+        return "a widen op needs the plan's widen section, its axes and its source shape"
+    expected = list(op.source_shape)
+    for ax in op.axes:
+        m = dims.get(ax.dim)
+        if m is None or ax.axis >= len(expected) or expected[ax.axis] != m.before * m.unit:
+            return f"axis {ax.axis} does not match the {ax.dim} map"
+        expected[ax.axis] = m.after * m.unit
+    if tuple(expected) != tuple(op.shape):
+        return f"its maps give shape {expected}, the plan says {list(op.shape)}"
+    if any(ax.reads and dims[ax.dim].noise_pairs and dims[ax.dim].noise > 0 for ax in op.axes) and op.seed is None:
+        return "its noise has no seed"
+    return None
