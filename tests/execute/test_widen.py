@@ -182,3 +182,27 @@ def test_a_hostile_plan_json_is_refused_before_any_tensor_is_computed(tiny, tmp_
     with pytest.raises(TliError, match=r"down_proj.weight': its maps give shape \[32, 80\], the plan says \[32, 96\]"):
         execute_plan(plan.model_copy(update={"tensors": ops}), tmp_path / "other", progress=False, log=lambda m: None)
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize(
+    "arch,tie,body",
+    [
+        ("llama", False, "inject: {every: 2}\nwiden: {hidden_size: 64, noise: 0.05}\nupcycle: {experts: 2, top_k: 1}"),
+        ("llama", True, "widen: {intermediate_size: 96}\nupcycle: {experts: 4, top_k: 2, router: {random: 0.5}}"),
+        ("qwen3", True, "inject: {every: 2}\nwiden: {hidden_size: 64}\nupcycle: {experts: 3, top_k: 2}"),
+    ],
+    ids=["llama-mixtral-hidden", "llama-mixtral-mlp", "qwen3-moe-hidden"],
+)
+def test_widen_then_upcycle_is_exact(tiny, tmp_path, arch, tie, body):
+    """Slices, inject, widen, then upcycle: every expert is a copy of the widened MLP."""
+    import json
+
+    base = tiny_of(tiny, arch, tie) if arch != "qwen3" else tiny(arch="qwen3", layers=3, tie=tie, head_dim=8)
+    plan, out = grow(tmp_path, base, body)
+    assert plan.function_preserving and plan.upcycle is not None and plan.widen is not None
+    config = json.loads((out / "config.json").read_text())
+    width = plan.widen.config["intermediate_size"]
+    assert config.get("moe_intermediate_size", config["intermediate_size"]) == width
+    torch.testing.assert_close(logits_of(out), logits_of(base), atol=1e-5, rtol=0)
+    report = verify_output(out)
+    assert report.ok and not report.tensor_problems

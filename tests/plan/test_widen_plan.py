@@ -62,14 +62,27 @@ def test_heads_breaking_gqa_and_a_changed_ratio_are_refused(tmp_path):
     assert (plan.config["num_attention_heads"], plan.config["num_key_value_heads"]) == (40, 10)
 
 
-def test_unsupported_architectures_and_upcycle_are_refused_at_widen(tmp_path):
+def test_unsupported_architectures_and_the_hidden_router_are_refused_at_widen(tmp_path):
     for name in ("google__gemma-3-4b-pt", "microsoft__Phi-3-mini-4k-instruct", "allenai__OLMo-2-1124-7B"):
         text = refusal(tmp_path, f"base_model: {CONFIGS / name}\nwiden: {{intermediate_size: 99999}}\n")
         assert "recipe.yaml:2:1: widen: widening" in text and "is not supported" in text
     text = refusal(
-        tmp_path, f"base_model: {LLAMA_1B}\nwiden: {{intermediate_size: 9000}}\nupcycle: {{experts: 2, top_k: 1}}\n"
+        tmp_path,
+        f"base_model: {LLAMA_1B}\nwiden: {{intermediate_size: 9000}}\nupcycle: {{experts: 2, top_k: 1, router: hidden, "
+        "prompts: [{positive: [a]}, {positive: [b]}]}\n",
     )
-    assert "widen: widen together with upcycle is not supported yet" in text
+    assert "widen: widen together with the hidden router init is not supported" in text
+
+
+def test_widen_then_upcycle_writes_the_widened_expert_width(tmp_path):
+    plan = plan_of(
+        tmp_path, f"base_model: {LLAMA_1B}\nwiden: {{hidden_size: 4096}}\nupcycle: {{experts: 2, top_k: 1}}\n"
+    )
+    assert plan.config["model_type"] == "mixtral" and plan.config["intermediate_size"] == 16384
+    assert plan.config["hidden_size"] == 4096 and plan.function_preserving
+    router = next(op for op in plan.tensors if op.name.endswith("layers.0.block_sparse_moe.gate.weight"))
+    expert = next(op for op in plan.tensors if op.name.endswith("layers.0.block_sparse_moe.experts.1.w2.weight"))
+    assert router.shape == (2, 4096) and expert.op == "widen" and expert.shape == (4096, 16384)
 
 
 def test_output_config_cannot_set_a_width_the_plan_writes(tmp_path):

@@ -51,7 +51,7 @@ from tli_recipe.plan.upcycle import (
     upcycle_ops,
     upcycle_summary,
 )
-from tli_recipe.plan.widen import resolve_widen, widen_ops
+from tli_recipe.plan.widen import BothConfigs, resolve_widen, widen_ops
 from tli_recipe.recipe.load import LoadedRecipe, Marks
 from tli_recipe.recipe.schema import Recipe, projection_order
 from tli_recipe.source.arch import ArchError, Architecture
@@ -97,8 +97,11 @@ def compile_plan(loaded: LoadedRecipe, access: Optional[Access] = None) -> Plan:
     moe = None
     if upc is not None:
         select_layers(upc, layers, problems)
-        ops = upcycle_ops(recipe, sources, layers, ops, upc, problems)
-        moe = UpcycleConfig(upc, len(layers), arch.names(sources.configs[sources.base]).get("intermediate_size"))
+        widths = wid.plan.config if wid is not None else arch.names(sources.configs[sources.base])
+        ops = upcycle_ops(recipe, sources, layers, ops, upc, problems, hidden=widths.get("hidden_size"))
+        moe = UpcycleConfig(upc, len(layers), widths.get("intermediate_size"))
+        if wid is not None:
+            moe = BothConfigs(moe, wid)
     injected = [e.output for e in layers if e.role == "injected"]
     out_dtype = recipe.dtype or sources.models[sources.base].dtype or "float32"
     config, changes, blocking, config_warnings = rewrite_config(

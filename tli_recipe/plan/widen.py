@@ -47,7 +47,10 @@ SUPPORTED = {
 #: that factor grows by sqrt(n), so the tiled embedding is divided by sqrt(n).
 EMBED_SCALED = ("gemma2", "gemma3")
 
-ORDER = "slices, then inject, then widen (every output layer, injected ones included, is widened alike)"
+ORDER = (
+    "slices, then inject, then widen (every output layer, injected ones included, is widened alike), then upcycle "
+    "(each expert a copy of the widened MLP)"
+)
 
 #: Per projection of a decoder layer: the dimension of axis 0 (rows: written) and of axis 1
 #: (columns: read) of its weight; a bias or a norm gain has axis 0 only.
@@ -69,6 +72,21 @@ LAYER_AXES: dict[str, tuple[Optional[str], Optional[str]]] = {
 
 #: The config keys widening writes (rewrite_config refuses them in output_config).
 CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+
+
+class BothConfigs:
+    """Two growth steps' config keys (upcycle, then widen) through rewrite_config's one slot."""
+
+    def __init__(self, first, second) -> None:
+        self.first, self.second = first, second
+
+    @property
+    def owned(self) -> set[str]:
+        return set(self.first.owned) | set(self.second.owned)
+
+    def apply(self, rw) -> None:
+        self.first.apply(rw)
+        self.second.apply(rw)
 
 
 @dataclass
@@ -113,11 +131,11 @@ def resolve_widen(recipe: Recipe, sources: Sources, problems: Problems) -> Optio
             prefer_key=True,
         )
         return None
-    if recipe.upcycle is not None:
+    if recipe.upcycle is not None and recipe.upcycle.router.kind == "hidden":
         problems.add(
             ("widen",),
-            "widen together with upcycle is not supported yet; expected one of them (widen first, then upcycle "
-            "the widened output in a second recipe)",
+            "widen together with the hidden router init is not supported (it runs the source model, whose "
+            "hidden states have the source's width); expected upcycle.router zero or {random: std}",
             prefer_key=True,
         )
         return None
