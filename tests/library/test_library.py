@@ -57,6 +57,7 @@ EXPECTED = {
     "gemma3-1b-k2": ("google/gemma-3-1b-pt", 26, 39),
     "mistral-7b-dus-solar": ("mistralai/Mistral-7B-v0.1", 32, 48),
     "llama2-7b-k4-llama-pro": ("meta-llama/Llama-2-7b-hf", 32, 40),
+    "llama3.2-1b-widen-x2": ("meta-llama/Llama-3.2-1B", 16, 16),
     # hand-written (the README's example and the demo)
     "llama3-8b-k4": ("meta-llama/Meta-Llama-3-8B", 32, 40),
     "smollm2-135m-k4": ("HuggingFaceTB/SmolLM2-135M", 30, 37),
