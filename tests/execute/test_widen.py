@@ -143,6 +143,8 @@ def test_noise_is_exact_at_step_0_and_one_sgd_step_moves_the_copies_apart(tiny, 
 def test_verify_checks_a_widened_output(tiny, tmp_path):
     base = tiny(arch="qwen3", layers=3, tie=True)
     plan, out = grow(tmp_path, base, "inject: {every: 3}\nwiden: {hidden_size: 64, intermediate_size: 80, noise: 0.01}")
+    card = (out / "README.md").read_text()
+    assert "- Widened" in card and "hidden_size 32 -> 64, intermediate_size 64 -> 80" in card and "width-growth" in card
     report = verify_output(out)
     assert report.ok and report.tensors_checked == len(plan.tensors)
     assert report.max_abs_diff <= 1e-5
