@@ -140,7 +140,7 @@ def test_noise_is_exact_at_step_0_and_one_sgd_step_moves_the_copies_apart(tiny, 
     assert float((emb[:, :32] - emb[:, 32:]).abs().max()) > 1e-4  # the residual copies are no longer equal
 
 
-def test_verify_checks_a_widened_output(tiny, tmp_path):
+def test_verify_checks_a_widened_output(tiny, tmp_path, cli):
     base = tiny(arch="qwen3", layers=3, tie=True)
     plan, out = grow(tmp_path, base, "inject: {every: 3}\nwiden: {hidden_size: 64, intermediate_size: 80, noise: 0.01}")
     card = (out / "README.md").read_text()
@@ -148,8 +148,12 @@ def test_verify_checks_a_widened_output(tiny, tmp_path):
     report = verify_output(out)
     assert report.ok and report.tensors_checked == len(plan.tensors)
     assert report.max_abs_diff <= 1e-5
+    assert report.function.residual_copies == 2
     rows = [r for r in report.function.layers if r.base_layer is not None]
     assert rows and all(r.max_abs_diff is not None and r.max_abs_diff < 1e-4 for r in rows)
+    result = cli("verify", out)
+    assert result.exit_code == 0, result.stderr
+    assert "residual stream is 2 copies of the base's (widen): each copy is compared" in result.stdout + result.stderr
     # a tensor changed after the run is caught by the recomputation
     shard = next(out.glob("*.safetensors"))
     tensors = load_file(shard)
