@@ -57,12 +57,27 @@ EXPECTED = {
     "gemma3-1b-k2": ("google/gemma-3-1b-pt", 26, 39),
     "mistral-7b-dus-solar": ("mistralai/Mistral-7B-v0.1", 32, 48),
     "llama2-7b-k4-llama-pro": ("meta-llama/Llama-2-7b-hf", 32, 40),
+    "llama3.2-1b-widen-x2": ("meta-llama/Llama-3.2-1B", 16, 16),
     # hand-written (the README's example and the demo)
     "llama3-8b-k4": ("meta-llama/Meta-Llama-3-8B", 32, 40),
     "smollm2-135m-k4": ("HuggingFaceTB/SmolLM2-135M", 30, 37),
     "smollm2-135m-k4-mod": ("HuggingFaceTB/SmolLM2-135M", 30, 37),
     "smollm2-135m-moe": ("HuggingFaceTB/SmolLM2-135M", 30, 30),
+    "smollm2-135m-widen-mlp": ("HuggingFaceTB/SmolLM2-135M", 30, 30),
 }
+
+
+def test_widen_mlp_recipe_is_about_tli_k4s_added_parameters():
+    configs = [f"base_model={CONFIGS / 'HuggingFaceTB__SmolLM2-135M'}"]
+    wide = compile_plan(load_recipe(RECIPES / "smollm2-135m-widen-mlp.yaml", configs)).totals
+    deep = compile_plan(load_recipe(RECIPES / "smollm2-135m-k4.yaml", configs)).totals
+    added = wide.parameters_after - wide.parameters_before
+    assert added == 30 * 3 * 576 * 512  # gate, up, down of 512 new neurons in 30 layers
+    assert abs(added / (deep.parameters_after - deep.parameters_before) - 1) < 0.08
+    assert (
+        f"{wide.parameters_before:,} -> {wide.parameters_after:,} parameters"
+        in (RECIPES / "smollm2-135m-widen-mlp.yaml").read_text()
+    )
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

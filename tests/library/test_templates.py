@@ -61,6 +61,8 @@ def test_a_one_off_rendering_says_what_made_it_and_which_model_it_grows(template
     args = ["--var", "base=Qwen/Qwen3-4B"] + (
         ["--var", "layers=36", "--var", "name=qwen3-dus"] if template.name == "dus.yaml.j2" else []
     )
+    if template.name == "widen.yaml.j2":  # target sizes are the model's own: Qwen3-4B's hidden 2560 x 2
+        args += ["--var", "hidden_size=5120"]
     result = cli("render", rel, *args, "--configs", CONFIGS)
     assert result.exit_code == 0, result.stderr
     header = result.stdout
@@ -73,7 +75,8 @@ def test_a_one_off_rendering_says_what_made_it_and_which_model_it_grows(template
     )
     assert "matrices" not in header and "tli-recipe variants" not in header
     if template.name != "dus.yaml.j2":
-        assert yaml.safe_load(header)["name"].startswith("qwen3-4b-k")  # the family follows the hub id too
+        prefix = "qwen3-4b-widen-" if template.name == "widen.yaml.j2" else "qwen3-4b-k"
+        assert yaml.safe_load(header)["name"].startswith(prefix)  # the family follows the hub id too
 
 
 def test_recipe_data_must_not_depend_on_what_generated_it(tmp_path, cli):

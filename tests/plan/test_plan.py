@@ -223,8 +223,9 @@ def test_every_recipe_compiles_against_its_real_config(recipe):
     stored = CONFIGS / loaded.recipe.base_model.path.replace("/", "__")
     assert (stored / "config.json").is_file(), f"store the config of {loaded.recipe.base_model} in {stored}"
     plan = compile_plan(load_recipe(recipe, [f"base_model={stored}"]))
-    grows = plan.totals.layers_after > plan.totals.layers_before  # deeper, or (upcycled) wider in experts
-    assert grows or (plan.upcycle is not None and plan.totals.parameters_after > plan.totals.parameters_before)
+    grows = plan.totals.layers_after > plan.totals.layers_before  # deeper, or wider (upcycled experts, widen)
+    wider = plan.upcycle is not None or plan.widen is not None
+    assert grows or (wider and plan.totals.parameters_after > plan.totals.parameters_before)
     header = recipe.read_text()
     # The comment header states the layer counts; keep it honest.
     assert f"{plan.totals.layers_before} -> {plan.totals.layers_after} layers" in header

@@ -40,6 +40,8 @@ def _front_matter(plan: Plan) -> str:
         tags.append("transformer-layer-injection")
     if plan.upcycle is not None:
         tags.append("mixture-of-experts")
+    if plan.widen is not None:
+        tags.append("width-growth")
     if hub:
         lines = [f"base_model: {hub}", "base_model_relation: finetune"]
     else:
@@ -72,7 +74,7 @@ Grown from `{model_name(base)}` ({plan.architecture}) by tli-recipe {plan.tli_re
 
 - Injected layers (output indices, also `requires_grad_layers` in config.json): {injected}
 - Init of the injected layers: {", ".join(f"{k}={v}" for k, v in plan.init.items()) or "n/a"}; other tensors copied.
-{_upcycle_line(plan)}- Function-preserving: {preserving}.
+{_widen_line(plan)}{_upcycle_line(plan)}- Function-preserving: {preserving}.
 - Recipe: `recipe.yaml` (resolved), sha256 `{plan.recipe_sha256}`; full plan: `plan.json`.
 
 ## Layer map
@@ -181,6 +183,17 @@ def _stage_line(i: int, s) -> str:
         f"{i}. **{s.name}**: trains {trains} "
         f"of output layers {ranges(s.trainable_layers)}{groups} "
         f"({s.trainable_parameters:,} parameters)."
+    )
+
+
+def _widen_line(plan: Plan) -> str:
+    w = plan.widen
+    if w is None:
+        return ""
+    grown = [f"{k} {w.before[k]} -> {v}" for k, v in w.config.items() if k != "head_dim" and w.before[k] != v]
+    return (
+        f"- Widened (docs/widen.md of tli-recipe; init {w.init}, noise {w.noise:g}): "
+        f"{', '.join(grown) or 'no width grows'}; head_dim {w.config['head_dim']}.\n"
     )
 
 

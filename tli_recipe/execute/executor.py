@@ -28,6 +28,7 @@ from tli_recipe.execute.shards import (
 )
 from tli_recipe.plan.model import Plan, TensorOp
 from tli_recipe.plan.ops import OPS, needs_torch
+from tli_recipe.plan.widen import check_widen_op
 from tli_recipe.source.checkpoint import SIDE_FILES, CheckpointError, open_checkpoint
 from tli_recipe.source.checksums import check_digests, pinned_files, side_file
 from tli_recipe.source.checksums import metadata as provenance_metadata
@@ -54,6 +55,7 @@ def make_tensor(
     sources: Optional[dict] = None,
     precomputed: Optional[dict] = None,
     out=None,
+    dims: Optional[dict] = None,
 ):
     """The output tensor of one TensorOp (on the CPU, in the output dtype); with ``out`` (a CPU tensor
     of the op's dtype and shape), the values are stored there and ``out`` is returned.
@@ -62,7 +64,7 @@ def make_tensor(
     give the same values; only the arithmetic runs on ``device``.
     """
     plain_copy = out is not None and op.op == "copy"
-    tensor = _compute(op, reader, source, device, sources, precomputed, cast=not plain_copy)
+    tensor = _compute(op, reader, source, device, sources, precomputed, cast=not plain_copy, dims=dims)
     if out is None:
         return tensor
     # copy_ would broadcast a wrong shape and cast a wrong dtype: refuse them as the writer does
@@ -82,6 +84,7 @@ def _compute(
     sources: Optional[dict],
     precomputed: Optional[dict],
     cast: bool = True,
+    dims: Optional[dict] = None,
 ):
     import torch
 
@@ -121,9 +124,47 @@ def _compute(
             )
         nxt = reader.read(other, slot=1).to(device=device, dtype=torch.float32)
         work = (1 - op.value) * work + op.value * nxt
+    elif op.op == "widen":
+        work = _widen(op, work, dims)
     else:  # pragma: no cover - the plan's Literal admits nothing else
         raise TliError(f"unknown operation {op.op!r} for tensor '{op.name}'")
     return work.to(out_dtype).cpu()
+
+
+def _widen(op: TensorOp, work, dims: Optional[dict]):
+    """Gather ``work`` along each widened axis through its dimension map; on a reading side, scale each
+    unit by its share and add the exact noise (+N on one copy, -N on its twin)."""
+    import torch
+
+    if not dims:
+        raise TliError(f"tensor '{op.name}': a widen op, and the plan has no widen section; plan again")
+    device = work.device
+    for ax in op.axes or ():
+        m = dims[ax.dim]
+        unit = torch.arange(m.unit, device=device)
+        index = (torch.tensor(m.index, device=device)[:, None] * m.unit + unit).reshape(-1)
+        work = work.index_select(ax.axis, index)
+        if not ax.reads:
+            continue
+        shape = [1] * work.dim()
+        shape[ax.axis] = -1
+        scale = torch.tensor(m.scale, dtype=torch.float32, device=device).repeat_interleave(m.unit)
+        work = work * scale.reshape(shape)
+        if m.noise > 0 and m.noise_pairs:
+            moved = work.movedim(ax.axis, -1)
+            draw_shape = (*moved.shape[:-1], len(m.noise_pairs) * m.unit)
+            gen = torch.Generator().manual_seed(op.seed)
+            draw = (torch.randn(draw_shape, generator=gen, dtype=torch.float32) * m.noise).to(device)
+            first = torch.tensor([a for a, _ in m.noise_pairs], device=device)[:, None] * m.unit + unit
+            second = torch.tensor([b for _, b in m.noise_pairs], device=device)[:, None] * m.unit + unit
+            moved = moved.clone()
+            moved[..., first.reshape(-1)] += draw
+            moved[..., second.reshape(-1)] -= draw
+            work = moved.movedim(-1, ax.axis)
+    if op.value is not None:
+        offset = op.value_offset or 0.0
+        work = (work + offset) * op.value - offset
+    return work
 
 
 def _lesa(plan: Plan, sources: dict, device: str, log) -> dict:
@@ -149,11 +190,15 @@ def _check_sources(plan: Plan) -> dict:
             )
         opened[key] = open_checkpoint(Path(src.path))
     mismatched = []
+    dims = plan.widen.dims if plan.widen is not None else None
     for op in plan.tensors:
+        wrong = check_widen_op(op, dims) if op.op == "widen" else None
+        if wrong:
+            raise TliError(f"plan.json: tensor '{op.name}': {wrong}; plan again")
         if not OPS[op.op].reads_source:
             continue
         info = opened[op.source].tensors.get(op.source_name)
-        if info is None or info.shape != tuple(op.shape) or info.dtype != op.source_dtype:
+        if info is None or info.shape != tuple(op.source_shape or op.shape) or info.dtype != op.source_dtype:
             mismatched.append(op.source_name)
     if mismatched:
         raise TliError(
@@ -279,6 +324,7 @@ def _write_tensors(plan: Plan, writer: ShardWriter, sources, device: str, precom
                             sources,
                             precomputed,
                             out=writer.buffer(op.dtype, tuple(op.shape)),
+                            dims=plan.widen.dims if plan.widen is not None else None,
                         ),
                     )
                 bar.update(written)

@@ -71,6 +71,7 @@ class FunctionCheck:
     nonfinite: list[str] = field(default_factory=list)  # "<model>: <tensor>" holding NaN or inf
     expected_peak_bytes: int = 0
     base_source: str = ""  # the base model's key in plan.sources (shown as "base" in the table)
+    residual_copies: int = 1  # widen (hidden x n): the output's residual is n copies, each compared with the base's
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -562,6 +563,11 @@ def compare(plan: Plan, base_hidden: list, base_logits, out_hidden: list, out_lo
         diff = scale = None
         if mapped is not None and mapped < len(base_hidden) and got is not None and base_hidden[mapped] is not None:
             want = base_hidden[mapped]
+            if got.shape[-1] != want.shape[-1] and got.shape[-1] % want.shape[-1] == 0:
+                # a widened residual stream (hidden x n) is n copies of the base's: compare each copy
+                check.residual_copies = got.shape[-1] // want.shape[-1]
+                got = got.reshape(*got.shape[:-1], check.residual_copies, want.shape[-1])
+                want = want.unsqueeze(-2)
             diff = float((got - want).abs().max())
             scale = float(want.abs().max())
         row = LayerRow(entry.output, entry.role, entry.source, entry.layer, mapped, diff, scale)
@@ -657,6 +663,11 @@ def check_function(
 def report_table(check: FunctionCheck, *, atol: float, preserving: bool) -> list[str]:
     """The text report: one line per output layer, then the logits."""
     lines = [f"function check ({check.mode}, {check.dtype} on {check.device}, {check.tokens} tokens of {check.inputs})"]
+    if check.residual_copies > 1:
+        lines.append(
+            f"  the output's residual stream is {check.residual_copies} copies of the base's (widen): each copy is "
+            "compared with the base's residual"
+        )
     lines.append(f"  {'layer':>5}  {'from':<10} {'role':<9} {'max |diff| to base':>19}")
     for row in check.layers:
         origin = f"{'base' if row.source == check.base_source else row.source}:{row.layer}"

@@ -19,6 +19,7 @@ from typing import Optional
 from tli_recipe.errors import TliError, VerifyError
 from tli_recipe.execute.layerwise import FunctionCheck
 from tli_recipe.plan.model import Plan
+from tli_recipe.plan.widen import check_widen_op
 from tli_recipe.source.checkpoint import open_checkpoint
 
 
@@ -108,7 +109,37 @@ def _same_bits(a, b) -> bool:
     return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
-def expected_tensor(op, read_source):
+def _expected_widen(op, this, dims):
+    """widen, from the op's definition: element by element index and scale lists, applied to the
+    axis moved last; the noise draw (shape: the other axes, then pairs x unit) added to each pair's
+    first unit and subtracted from its second."""
+    import torch
+
+    wrong = check_widen_op(op, dims)
+    if wrong:
+        raise TliError(f"plan.json: tensor '{op.name}': {wrong}")
+    for ax in op.axes or ():
+        m = dims[ax.dim]
+        elements = [src * m.unit + k for src in m.index for k in range(m.unit)]
+        last = this.movedim(ax.axis, -1)[..., elements]
+        if ax.reads:
+            last = last * torch.tensor([s for s in m.scale for _ in range(m.unit)], dtype=torch.float32)
+            if m.noise > 0 and m.noise_pairs:
+                gen = torch.Generator().manual_seed(op.seed)
+                width = len(m.noise_pairs) * m.unit
+                draw = torch.randn((*last.shape[:-1], width), generator=gen, dtype=torch.float32) * m.noise
+                for p, (a, b) in enumerate(m.noise_pairs):
+                    block = draw[..., p * m.unit : (p + 1) * m.unit]
+                    last[..., a * m.unit : (a + 1) * m.unit] += block
+                    last[..., b * m.unit : (b + 1) * m.unit] -= block
+        this = last.movedim(-1, ax.axis)
+    if op.value is None:
+        return this
+    offset = op.value_offset or 0.0  # a gain stored as w in offset + w
+    return (offset + this) * op.value - offset
+
+
+def expected_tensor(op, read_source, dims=None):
     """What the plan says ``op`` holds, computed from the op's definition alone (not by the executor's
     code): ``read_source(source_key, tensor_name)`` gives a source tensor. None for ``lesa``, whose
     values come from a trained predictor, and ``hidden`` routers, which come from running the source
@@ -139,6 +170,8 @@ def expected_tensor(op, read_source):
     if op.op == "interpolate":
         nxt = read_source(op.second_source, op.second_name).to(torch.float32)
         return ((1 - op.value) * this + op.value * nxt).to(dtype)
+    if op.op == "widen":
+        return _expected_widen(op, this, dims).to(dtype)
     raise TliError(
         f"plan.json: tensor '{op.name}': operation {op.op!r} is not one this tli-recipe version knows; "
         "plan again with this version"
@@ -187,7 +220,7 @@ def check_tensors(plan: Plan, folder: Path, report: VerifyReport) -> None:
             )
             continue
         got = files.get(info)
-        want = expected_tensor(op, read_source)
+        want = expected_tensor(op, read_source, plan.widen.dims if plan.widen is not None else None)
         if want is None:  # lesa, hidden
             ok = bool(torch.isfinite(got.float()).all())
             report.not_recomputed += 1

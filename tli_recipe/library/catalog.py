@@ -191,6 +191,19 @@ def describe_method(recipe) -> str:
             else []
         )
         parts.append(f"{name}, {site}{copies}" + (f", init {'/'.join(kinds)}" if kinds else ""))
+    widen = recipe.widen
+    if widen is not None:
+        sizes = [
+            f"{short} {value}"
+            for short, value in (
+                ("hidden", widen.hidden_size),
+                ("mlp", widen.intermediate_size),
+                ("heads", widen.num_attention_heads),
+                ("kv", widen.num_key_value_heads),
+            )
+            if value is not None
+        ]
+        parts.append(f"widen {', '.join(sizes)}")
     up = recipe.upcycle
     if up is not None:
         parts.append(f"MoE, E = {up.experts}, k = {up.top_k}" + (", other sources" if up.sources else ""))

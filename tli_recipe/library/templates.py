@@ -312,6 +312,7 @@ PLACEHOLDER_PLAN = {
     "architecture": "",
     "init": "",
     "warnings": [],
+    "widths": {},
 }
 
 
@@ -328,6 +329,8 @@ def plan_values(plan) -> dict:
         "architecture": plan.architecture,
         "init": ", ".join(f"{k}={v}" for k, v in plan.init.items()),
         "warnings": list(plan.warnings),
+        # widen: each width key of config.json -> [before, after] (empty when the plan widens nothing)
+        "widths": {k: [plan.widen.before[k], v] for k, v in plan.widen.config.items()} if plan.widen else {},
     }
 
 

@@ -6,7 +6,8 @@ sequence of named steps, each a function of its inputs:
 
 1. ``resolve_sources``: open the checkpoints, build the stack of source layers (plan/sources.py);
 2. ``build_layer_map``: the output layers, original and injected (plan/layers.py);
-3. ``assign_tensor_ops``: one TensorOp per output tensor (plan/tensor_ops.py); with an ``upcycle``
+3. ``assign_tensor_ops``: one TensorOp per output tensor (plan/tensor_ops.py); with a ``widen``
+   section, ``widen_ops`` then grows the widths (plan/widen.py); with an ``upcycle``
    section, ``upcycle_ops`` then turns the MLP of chosen output layers into experts (plan/upcycle.py);
 4. ``rewrite_config``: the output config.json (plan/config.py);
 5. ``resolve_stages``: training stages as layers and parameter names (plan/stages.py);
@@ -50,6 +51,7 @@ from tli_recipe.plan.upcycle import (
     upcycle_ops,
     upcycle_summary,
 )
+from tli_recipe.plan.widen import BothConfigs, resolve_widen, widen_ops
 from tli_recipe.recipe.load import LoadedRecipe, Marks
 from tli_recipe.recipe.schema import Recipe, projection_order
 from tli_recipe.source.arch import ArchError, Architecture
@@ -75,6 +77,7 @@ def compile_plan(loaded: LoadedRecipe, access: Optional[Access] = None) -> Plan:
     problems = Problems(loaded)
     sources = resolve_sources(recipe, problems, access or Access())
     upc = resolve_upcycle(recipe, sources, problems) if not problems.items else None  # may add expert sources
+    wid = resolve_widen(recipe, sources, problems) if not problems.items else None
     stack_ok = not problems.items  # the steps below need the whole stack
     arch = sources.arch
     out_arch = upc.arch if upc is not None else arch  # the architecture the output is written in
@@ -89,11 +92,16 @@ def compile_plan(loaded: LoadedRecipe, access: Optional[Access] = None) -> Plan:
         problems.raise_if_any()
     layers, warnings = build_layer_map(sources.stack, recipe.inject)
     ops, op_warnings = assign_tensor_ops(recipe, sources, layers, policies, problems)
+    if wid is not None:
+        ops = widen_ops(recipe, sources, ops, wid, problems)
     moe = None
     if upc is not None:
         select_layers(upc, layers, problems)
-        ops = upcycle_ops(recipe, sources, layers, ops, upc, problems)
-        moe = UpcycleConfig(upc, len(layers), arch.names(sources.configs[sources.base]).get("intermediate_size"))
+        widths = wid.plan.config if wid is not None else arch.names(sources.configs[sources.base])
+        ops = upcycle_ops(recipe, sources, layers, ops, upc, problems, hidden=widths.get("hidden_size"))
+        moe = UpcycleConfig(upc, len(layers), widths.get("intermediate_size"))
+        if wid is not None:
+            moe = BothConfigs(moe, wid)
     injected = [e.output for e in layers if e.role == "injected"]
     out_dtype = recipe.dtype or sources.models[sources.base].dtype or "float32"
     config, changes, blocking, config_warnings = rewrite_config(
@@ -106,7 +114,7 @@ def compile_plan(loaded: LoadedRecipe, access: Optional[Access] = None) -> Plan:
         recipe.output_config,
         sources.where,
         problems,
-        moe,
+        moe if moe is not None else wid,
     )
     if upc is not None and not problems.items:  # a safety net over an otherwise sound plan
         check_output_tensors(upc, ops, config, len(layers), problems)
@@ -151,6 +159,7 @@ def compile_plan(loaded: LoadedRecipe, access: Optional[Access] = None) -> Plan:
         tensors=ops,
         config=config,
         upcycle=upcycled,
+        widen=wid.plan if wid is not None else None,
         config_changes=changes,
         blocking=blocking,
         stages=stages,

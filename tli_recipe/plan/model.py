@@ -58,13 +58,74 @@ class LayerEntry(Frozen):
     )
 
 
+class WidenAxis(Frozen):
+    """One axis of a widened tensor: output index i along ``axis`` reads source index ``index[i]``
+    of the dimension map ``dim`` (expanded by its unit); ``reads``: the tensor reads that dimension
+    (an input side), so the map's per-unit ``scale`` and its noise pairs apply."""
+
+    axis: int = Field(ge=0)
+    dim: Literal["residual", "intermediate", "heads", "kv_heads"]
+    reads: bool
+
+
+class DimMap(Frozen):
+    """How one width grows: output unit i is a copy of source unit ``index[i]`` (a unit is ``unit``
+    consecutive elements: head_dim for heads, 1 otherwise)."""
+
+    before: int = Field(description="Source units.")
+    after: int = Field(description="Output units.")
+    unit: int = Field(ge=1, description="Elements per unit.")
+    index: list[int] = Field(description="Source unit of each output unit; the first `before` are the identity.")
+    scale: list[float] = Field(
+        description="Factor on each output unit where a tensor reads it (the copies of a unit sum to 1; 0: zero init)."
+    )
+    noise: float = Field(default=0.0, description="Std of the exact noise on reading sides; 0: none.")
+    noise_pairs: list[tuple[int, int]] = Field(
+        default_factory=list, description="Output units (a, b) copying one source unit: +N on a, -N on b."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DimMap":
+        # plan.json is an input like any other: a map that would index out of range is refused here
+        if not (1 <= self.before <= self.after) or len(self.index) != self.after or len(self.scale) != self.after:
+            raise ValueError(f"a dimension map of {self.before} -> {self.after} units needs that many index and scale")
+        if any(not 0 <= i < self.before for i in self.index) or self.index[: self.before] != list(range(self.before)):
+            raise ValueError("a dimension map's index must keep the source units first and stay within them")
+        if any(not (0 <= a < self.after and 0 <= b < self.after and a != b) for a, b in self.noise_pairs):
+            raise ValueError("a dimension map's noise pairs must be two different output units")
+        if len({u for pair in self.noise_pairs for u in pair}) != 2 * len(self.noise_pairs):
+            raise ValueError("a dimension map's noise pairs must not share a unit")
+        return self
+
+
+class WidenPlan(Frozen):
+    """Width growth: the dimension maps every widened tensor is gathered through, and the new widths."""
+
+    dims: dict[str, DimMap]
+    config: dict[str, int] = Field(description="The new widths written into config.json (head_dim explicit).")
+    before: dict[str, int] = Field(description="The source's widths.")
+    init: str
+    noise: float
+    seed: int
+    tied_fold: Optional[float] = Field(
+        default=None,
+        description="Tied embeddings and hidden x n: the final norm gain's factor (1/n; Gemma 1/sqrt(n)).",
+    )
+    embed_factor: Optional[float] = Field(
+        default=None,
+        description="Gemma and hidden x n: the embedding's factor (1/sqrt(n), for its sqrt(hidden) scale).",
+    )
+    norm_offset: float = Field(default=0.0, description="Norm gains are stored as w in offset + w (Gemma: 1).")
+    order: str = Field(description="How widening combines with slices and inject.")
+
+
 class TensorOp(Frozen):
     """How one output tensor is made."""
 
     name: str = Field(description="Output tensor name.")
     source: str = Field(description="Key of the source model in Plan.sources.")
     source_name: str = Field(description="Source tensor name (read unless op is zero or random).")
-    op: Literal["copy", "zero", "fill", "scale", "noise", "random", "interpolate", "lesa", "hidden"]
+    op: Literal["copy", "zero", "fill", "scale", "noise", "random", "interpolate", "lesa", "hidden", "widen"]
     value: Optional[float] = Field(
         default=None, description="scale factor, standard deviation, fill value, or interpolation weight."
     )
@@ -80,6 +141,15 @@ class TensorOp(Frozen):
     projection: Optional[str] = None
     expert: Optional[int] = Field(
         default=None, description="Upcycled layers: the expert this tensor belongs to (0-based); None elsewhere."
+    )
+    axes: Optional[list[WidenAxis]] = Field(
+        default=None, description="widen: the axes gathered through Plan.widen's dimension maps, in order."
+    )
+    value_offset: Optional[float] = Field(
+        default=None, description="widen: the factor multiplies offset + stored value (a Gemma 1 + w norm gain)."
+    )
+    source_shape: Optional[tuple[int, ...]] = Field(
+        default=None, description="widen: the shape of the source tensor (None: the same as shape)."
     )
 
     @property
@@ -289,6 +359,7 @@ class Plan(Frozen):
     upcycle: Optional[UpcyclePlan] = Field(
         default=None, description="Sparse upcycling to MoE; None: the output is not upcycled."
     )
+    widen: Optional[WidenPlan] = Field(default=None, description="Width growth; None: widths stay the source's.")
     recipe_dtype: Optional[str] = Field(
         default=None, description="The dtype the recipe asked for; None: each tensor keeps its dtype."
     )

@@ -12,7 +12,7 @@ from typing import Optional
 
 @dataclass(frozen=True)
 class OpSpec:
-    name: str  # "copy", "zero", "fill", "scale", "noise", "random", "interpolate", "lesa", "hidden"
+    name: str  # "copy", "zero", "fill", "scale", "noise", "random", "interpolate", "lesa", "hidden", "widen"
     reads_source: bool  # reads op.source_name from op.source
     reads_second: bool  # also reads op.second_name from op.second_source
     seeded: bool  # draws from op.seed
@@ -38,6 +38,14 @@ OPS: dict[str, OpSpec] = {
         OpSpec("random", False, False, True, "std", "seeded N(0, std^2)"),
         OpSpec("interpolate", True, True, False, "weight", "(1 - w) * this layer's tensor + w * the next layer's"),
         OpSpec("lesa", True, True, False, None, "predicted from both neighbours through an SVD basis (LESA)"),
+        OpSpec(
+            "widen",
+            True,
+            False,
+            True,
+            "factor",
+            "the source gathered along its widened axes (Plan.widen), reading sides scaled, times the factor",
+        ),
         OpSpec(
             "hidden", False, False, False, None, "router rows: the normalised mean MLP input of each expert's prompts"
         ),

@@ -6,6 +6,7 @@ from tli_recipe.plan.cost import human_seconds, lesa_cost
 from tli_recipe.plan.model import Plan, TensorOp
 from tli_recipe.plan.ops import OPS
 from tli_recipe.plan.stages import ops_by_layer
+from tli_recipe.plan.widen import widen_lines
 from tli_recipe.recipe.schema import projection_order
 
 
@@ -152,6 +153,7 @@ def plan_table(plan: Plan) -> str:
         lines.append(f"slice {index:<5} {text}")
     if up is not None:
         lines += upcycle_lines(plan)
+    lines += widen_lines(plan)
     if plan.init:
         recommended = plan.init == plan.init_recommended
         lines.append(

@@ -179,13 +179,20 @@ def select_layers(upc: Upcycling, layers: list[LayerEntry], problems: Problems) 
 
 
 def upcycle_ops(
-    recipe: Recipe, sources: Sources, layers: list[LayerEntry], ops: list[TensorOp], upc: Upcycling, problems: Problems
+    recipe: Recipe,
+    sources: Sources,
+    layers: list[LayerEntry],
+    ops: list[TensorOp],
+    upc: Upcycling,
+    problems: Problems,
+    hidden: Optional[int] = None,
 ) -> list[TensorOp]:
     """The dense ops with each MLP tensor of an upcycled layer replaced by its experts' tensors, and a
-    router per layer."""
+    router per layer (``hidden``: the residual width when widen changed it)."""
     arch, chosen = sources.arch, set(upc.layers)
     experts = upc.expert_modules
-    hidden = sources.arch.names(sources.configs[sources.base]).get("hidden_size")
+    if hidden is None:
+        hidden = sources.arch.names(sources.configs[sources.base]).get("hidden_size")
     entries = {e.output: e for e in layers}
     reported: set[int] = set()  # expert sources already reported as misfits
     upc.breaks = {}

@@ -18,6 +18,7 @@ from pydantic import (
     WithJsonSchema,
     create_model,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -609,6 +610,75 @@ class Upcycle(NoNulls):
         return list(self.init) if isinstance(self.init, list) else [self.init] * self.experts
 
 
+MAX_WIDTH = 1 << 20  # a target size beyond any released model's width
+
+
+class Widen(NoNulls):
+    """Function-preserving width growth: target sizes in the config's own terms (any subset).
+
+    Applied to the output layers after slices and inject. Every size must be at least the
+    source's; plan refuses sizes no exact construction reaches, with the nearest that work."""
+
+    hidden_size: Optional[StrictInt] = Field(
+        default=None,
+        ge=1,
+        le=MAX_WIDTH,
+        description=(
+            "Residual width; an integer multiple n of the source's (HyperCloning: the residual stream becomes n "
+            "copies). Heads, KV heads and intermediate_size default to n times theirs."
+        ),
+    )
+    intermediate_size: Optional[StrictInt] = Field(
+        default=None, ge=1, le=MAX_WIDTH, description="MLP width: any size at least the source's (new neurons)."
+    )
+    num_attention_heads: Optional[StrictInt] = Field(
+        default=None,
+        ge=1,
+        le=MAX_WIDTH,
+        description="Query heads at the same head_dim; heads / num_key_value_heads stays the source's ratio.",
+    )
+    num_key_value_heads: Optional[StrictInt] = Field(
+        default=None,
+        ge=1,
+        le=MAX_WIDTH,
+        description="Key/value heads at the same head_dim; default: num_attention_heads over the source's ratio.",
+    )
+    init: Literal["split", "zero"] = Field(
+        default="split",
+        description=(
+            "New neurons and heads: split (Net2Net: copies of seeded-chosen ones, the output weight divided among "
+            "the copies with seeded uneven shares) or zero (copies whose output weights are 0)."
+        ),
+    )
+    noise: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Std of seeded noise added to one copy's output-side weights and subtracted from another's (the sum, "
+            "so the function, is unchanged); 0: none."
+        ),
+    )
+
+    seed: Optional[StrictInt] = Field(
+        default=None,
+        ge=0,
+        description="Seed of the copies chosen, the split shares and the noise; default: the recipe's seed.",
+    )
+
+    @model_validator(mode="after")
+    def _some_size(self) -> "Widen":
+        if all(
+            v is None
+            for v in (self.hidden_size, self.intermediate_size, self.num_attention_heads, self.num_key_value_heads)
+        ):
+            raise fail(
+                "no target size; expected at least one of hidden_size, intermediate_size, num_attention_heads, "
+                "num_key_value_heads"
+            )
+        return self
+
+
 # --- the recipe --------------------------------------------------------------------
 
 
@@ -638,6 +708,13 @@ class Recipe(NoNulls):
     )
     inject: Optional[Inject] = Field(
         default=None, description="Layer injection (TLI / LLaMA Pro); absent: no layer is injected."
+    )
+    widen: Optional[Widen] = Field(
+        default=None,
+        description=(
+            "Function-preserving width growth (MLP width, heads, hidden size), applied after slices and inject; "
+            "absent: widths stay the source's."
+        ),
     )
     upcycle: Optional[Upcycle] = Field(
         default=None,
