@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -52,6 +54,65 @@ from tli_recipe.training.stages import select_stages, stage_specs
 class TrainError(TliError):
     """A stage cannot start or finish; the message says what to do."""
 
+
+class Preempted(TliError):
+    """SIGTERM stopped training after a checkpoint; the same command resumes from it."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+class Preemption:
+    """SIGTERM (what SLURM and Kubernetes send before they stop a job) asks for a checkpoint at the next
+    optimizer step: every process finishes the step it is in, they agree (one all-reduce of a flag per
+    step, since the signal reaches them at different moments), the Trainer saves a checkpoint, and
+    :func:`train_stage` raises :class:`Preempted`. Used as a context manager around the stages."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "Preemption":
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGTERM, self._request)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _request(self, signum, frame) -> None:  # noqa: ARG002 - the handler signature
+        self.requested = True
+
+    def callback(self):
+        """A TrainerCallback that stops and saves at the first step boundary after SIGTERM in any process."""
+        from transformers import TrainerCallback
+
+        preemption = self
+
+        class StopOnSigterm(TrainerCallback):
+            stopped_at: Optional[int] = None
+
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: ARG002
+                import torch
+                import torch.distributed as dist
+
+                flag = preemption.requested
+                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                    agreed = torch.tensor([int(flag)], device=args.device)
+                    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+                    flag = bool(agreed.item())
+                if flag:
+                    control.should_save = True
+                    control.should_training_stop = True
+                    self.stopped_at = state.global_step
+                return control
+
+        return StopOnSigterm()
+
+
+#: How an interrupted command continues.
+RESUME = "run the same command again to resume from the last checkpoint (--restart to start over)"
 
 #: What the built-in trainer needs beyond the base install: the ``train`` extra.
 TRAIN_EXTRA = ("peft", "accelerate")
@@ -140,6 +201,49 @@ def train_output(
     ]
 
 
+def run_train(
+    model_dir: Optional[str | Path],
+    config: Optional[str | Path],
+    *,
+    data: Sequence[str | Path] = (),
+    stages: Sequence[str] = (),
+    into: Optional[str | Path] = None,
+    overrides: Sequence[str] = (),
+    max_steps: Optional[int] = None,
+    learning_rate: Optional[float] = None,
+    **kwargs,
+) -> list[Path]:
+    """``tli-recipe train``: the chosen stages of a grown checkpoint (``model_dir``), or one stage from an
+    emitted ``config`` file, with the command's flags applied; SIGTERM stops at a checkpoint
+    (:class:`Preempted`). Returns the stage directories."""
+    from tli_recipe.training.settings import flag_overrides
+
+    with Preemption() as preemption:
+        if config is None:
+            return train_output(
+                model_dir,  # type: ignore[arg-type]
+                data=data or None,
+                stages=stages or None,
+                overrides=flag_overrides(max_steps, learning_rate) + list(overrides),
+                into=Path(into) if into else None,
+                preemption=preemption,
+                **kwargs,
+            )
+        cfg = load_stage_config(config)
+        if data:
+            from tli_recipe.training.builtin import DataFile
+
+            cfg.datasets = [DataFile(path=str(Path(d).resolve())) for d in data]
+        if into:
+            cfg.output_dir = str(Path(into) / cfg.stage)
+        if max_steps:
+            cfg.training_arguments = {k: v for k, v in cfg.training_arguments.items() if k != "num_train_epochs"}
+            cfg.training_arguments["max_steps"] = max_steps
+        if learning_rate:
+            cfg.training_arguments["learning_rate"] = learning_rate
+        return [train_stage(cfg, preemption=preemption, **kwargs)]
+
+
 def check_report_to(report_to: str) -> None:
     """``--report-to``: the logger must be installed (the Trainer would fail later, or silently log nothing)."""
     if report_to == "none":
@@ -164,6 +268,19 @@ def _device(device: str) -> bool:
     if device == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
     return device == "cpu" or not torch.cuda.is_available()
+
+
+def _initial_eval(path: Path):
+    """A callback keeping the step-0 validation loss (``eval_on_start``) in ``initial_eval.json``: ``train()``
+    resets the log history on resume, so the stage's first loss is read from there at its end."""
+    from transformers import TrainerCallback
+
+    class InitialEval(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # noqa: ARG002
+            if state.global_step == 0 and state.is_world_process_zero and metrics is not None:
+                write_json(path, dict(metrics))
+
+    return InitialEval()
 
 
 class _Blocks:
@@ -295,9 +412,20 @@ def _quantization(cfg: BuiltinStageConfig):
 
 
 def _arguments(
-    cfg: BuiltinStageConfig, work: Path, on_cpu: bool, progress: bool, validation: bool, report_to: str = "none"
+    cfg: BuiltinStageConfig,
+    work: Path,
+    on_cpu: bool,
+    progress: bool,
+    validation: bool,
+    report_to: str = "none",
+    evaluate_first: bool = False,
 ):
-    """``TrainingArguments`` of the stage (creating them also sets up the processes under ``accelerate launch``)."""
+    """``TrainingArguments`` of the stage (creating them also sets up the processes under ``accelerate launch``).
+
+    ``evaluate_first``: the step-0 validation loss is measured inside ``train()`` (``eval_on_start``), after
+    the Trainer has wrapped the model for several processes (DDP, FSDP, DeepSpeed). Evaluating before
+    ``train()`` marked the bare model as prepared, so accelerate never wrapped it: the ranks trained
+    unsynchronised replicas (and DeepSpeed ZeRO-2 refused the evaluation)."""
     from transformers import TrainingArguments
 
     args = dict(cfg.training_arguments)
@@ -314,6 +442,7 @@ def _arguments(
     if not validation:
         args["eval_strategy"] = "no"
         args.pop("eval_steps", None)
+    args["eval_on_start"] = evaluate_first  # not part of the config: a resume does not evaluate again
     try:
         return TrainingArguments(output_dir=str(work), use_cpu=on_cpu, disable_tqdm=not progress, **args)
     except (TypeError, ValueError) as exc:
@@ -380,8 +509,10 @@ def train_stage(
     log: Callable[[str], None] = print,
     callbacks: Sequence = (),
     report_to: str = "none",
+    preemption: Optional[Preemption] = None,
 ) -> Path:
-    """Train one stage from its config; returns the finished stage directory."""
+    """Train one stage from its config; returns the finished stage directory. With ``preemption`` (a
+    :class:`Preemption` entered around the stages), SIGTERM saves a checkpoint and raises :class:`Preempted`."""
     require_train_extra()
     if isinstance(cfg, dict):
         cfg = BuiltinStageConfig.model_validate(cfg)
@@ -390,6 +521,9 @@ def train_stage(
     out, source, stage = Path(cfg.output_dir), Path(cfg.model), cfg.stage
     if not _check_start(cfg, force, log):
         return out
+    work = out.with_name(out.name + ".partial")
+    if preemption is not None and preemption.requested:  # between two stages: the next one does not start
+        raise Preempted(f"SIGTERM: stopped before stage '{stage}'; {RESUME}")
 
     from transformers import Trainer, default_data_collator
 
@@ -400,12 +534,12 @@ def train_stage(
         hf_logging.disable_progress_bar()
     tok = _load_tokenizer(Path(tokenizer) if tokenizer else source, stage)
     train_blocks, eval_blocks, n_tokens = _data(cfg, tok, log)
-    work = out.with_name(out.name + ".partial")
-    targs = _arguments(cfg, work, on_cpu, progress, bool(eval_blocks), report_to)
-    last = _prepare_work(cfg, targs, work, restart)
     initial = work / "initial_eval.json"
     # Decided before anyone evaluates: every process must take part in the same evaluations.
-    evaluate_first = bool(eval_blocks) and read_json(initial) is None
+    # Step 0 only: a resumed run (a checkpoint in the work directory) is past it.
+    evaluate_first = bool(eval_blocks) and (restart or (read_json(initial) is None and not last_checkpoint(work)))
+    targs = _arguments(cfg, work, on_cpu, progress, bool(eval_blocks), report_to, evaluate_first)
+    last = _prepare_work(cfg, targs, work, restart)
 
     quant = _quantization(cfg)
     model = load_model(
@@ -444,13 +578,19 @@ def train_stage(
         + f", {'resuming from ' + Path(last).name if last else 'starting'} in {work}"
         + (f", {steps} steps" if steps else "")
     )
+    if evaluate_first:
+        trainer.add_callback(_initial_eval(initial))
+    stop = preemption.callback() if preemption is not None else None
+    if stop is not None:
+        trainer.add_callback(stop)
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout is for results
-        if evaluate_first:
-            # The step-0 validation loss (the function the stage starts from); train() resets the log history.
-            first = trainer.evaluate()
-            if trainer.is_world_process_zero():
-                write_json(initial, first)
         trainer.train(resume_from_checkpoint=last)
+        if stop is not None and stop.stopped_at is not None:
+            trainer.accelerator.wait_for_everyone()  # every process's part of the checkpoint is written
+            raise Preempted(
+                f"SIGTERM: stage '{stage}' stopped after step {stop.stopped_at}, saved in "
+                f"{work / f'checkpoint-{stop.stopped_at}'}; {RESUME}"
+            )
         final_eval = trainer.evaluate() if eval_blocks else {}
 
     extra = None
