@@ -115,6 +115,14 @@ class ModPlan(Frozen):
     learning_rate: float
 
 
+class DistributedPlan(Frozen):
+    """How a stage is parallelised over several processes, resolved from its ``distributed`` setting."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    zero_stage: Optional[Literal[2, 3]] = Field(default=None, description="DeepSpeed's ZeRO stage (deepspeed only).")
+    offload: bool = Field(default=False, description="Sharded state (fsdp) or optimizer state (deepspeed) on the CPU.")
+
+
 class StagePlan(Frozen):
     """A training stage resolved against the output model."""
 
@@ -137,6 +145,9 @@ class StagePlan(Frozen):
             "Elements that train: of the parameters above, or for LoRA of its adapters (r*(in+out) per adapted "
             "weight), plus the MoD head."
         )
+    )
+    distributed: DistributedPlan = Field(
+        default_factory=DistributedPlan, description="How the stage is parallelised over several processes."
     )
     settings: Stage = Field(
         description="The recipe's typed stage: datasets, learning rate, precision, LoRA settings..."

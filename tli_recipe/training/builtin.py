@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from tli_recipe.plan.model import ModPlan, Plan
+from tli_recipe.training.distributed import deepspeed_config, fsdp_arguments
 from tli_recipe.training.fields import (
     Key,
     is_bf16,
@@ -121,6 +122,11 @@ def training_arguments(plan: Plan, spec: StageSpec) -> dict:
         }
     )
     args.update(mapped(s, plan.seed, (Key("eval_steps", "eval_steps"),)))
+    d = spec.plan.distributed
+    if d.strategy == "fsdp":
+        args.update(fsdp_arguments(d))
+    elif d.strategy == "deepspeed":  # inline: TrainingArguments takes the JSON as a dict
+        args["deepspeed"] = deepspeed_config(d)
     return args
 
 

@@ -478,6 +478,12 @@ def _prepare_work(cfg: BuiltinStageConfig, targs, work: Path, restart: bool) -> 
     return last_checkpoint(work)
 
 
+def dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _check_start(cfg: BuiltinStageConfig, force: bool, log) -> bool:
     """False when the stage is already trained; raises when it cannot start."""
     out, source = Path(cfg.output_dir), Path(cfg.model)
@@ -541,6 +547,12 @@ def train_stage(
     targs = _arguments(cfg, work, on_cpu, progress, bool(eval_blocks), report_to, evaluate_first)
     last = _prepare_work(cfg, targs, work, restart)
 
+    if "deepspeed" in cfg.training_arguments and dist_initialized():
+        # ZeRO-3 builds the model sharded (zero.Init inside from_pretrained), with DeepSpeed's own view of
+        # the processes: without it DeepSpeed counts one process and refuses the batch sizes.
+        import deepspeed
+
+        deepspeed.init_distributed()
     quant = _quantization(cfg)
     model = load_model(
         source,
@@ -593,6 +605,10 @@ def train_stage(
             )
         final_eval = trainer.evaluate() if eval_blocks else {}
 
+    state_dict = None
+    if getattr(trainer, "is_deepspeed_enabled", False) and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        # Each process holds a shard of every parameter: all of them gather the whole tensors for rank 0.
+        state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)
     extra = None
     if mod_hooks is not None:  # the model is saved plain; the head goes beside it
         from tli_recipe.training.mod import detach, save_head
@@ -614,6 +630,7 @@ def train_stage(
             last,
             log,
             extra=extra,
+            state_dict=state_dict,
         )
     trainer.accelerator.wait_for_everyone()
     return out
