@@ -81,8 +81,8 @@ def test_two_processes_train_what_one_process_trains(tmp_path, cli, strategy):
     if strategy.startswith("zero"):
         pytest.importorskip("deepspeed")
     model = grown(tmp_path, cli)
-    # ZeRO-3 partitions the MoD head too, which the plan refuses: the stages before it.
-    stages = list(STAGES)[:3] if strategy == "zero3" else list(STAGES)
+    # ZeRO-3: the plan refuses MoD, the built-in trainer LoRA (its merge loads the base in rank 0 alone).
+    stages = list(STAGES)[:2] if strategy == "zero3" else list(STAGES)
     chosen = [x for s in stages for x in ("--stage", s)]
     # One process, 2 sequences a step; two processes, 1 sequence each: the same global batch.
     one = cli("train", model, "--no-progress", "--into", tmp_path / "one", "--set", "stages[*].batch_size=2", *chosen)
@@ -102,7 +102,8 @@ def test_two_processes_train_what_one_process_trains(tmp_path, cli, strategy):
         head_two = load_file(tmp_path / "two" / "mod" / "mod_head.safetensors")
         assert max((head_one[k] - head_two[k]).abs().max().item() for k in head_one) <= 1e-6
     # Rank 0 alone speaks and writes: one line per stage on stdout, one data line per stage.
-    assert two.stdout.split() == [str(tmp_path / "two" / s) for s in stages]
+    printed = [line for line in two.stdout.splitlines() if not line.startswith("[")]  # less DeepSpeed's own log
+    assert printed == [str(tmp_path / "two" / s) for s in stages]
     assert two.stderr.count("data: ") == len(stages) and two.stderr.count("wrote ") == len(stages), two.stderr[-4000:]
 
 
@@ -148,3 +149,14 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, cli):
     one = cli("train", model, "--no-progress", "--into", tmp_path / "one", "--set", "stages[*].batch_size=2", *steps)
     assert one.exit_code == 0, one.stderr
     assert max_difference(tmp_path / "one" / "inj", tmp_path / "two" / "inj") <= 1e-6
+
+
+def test_one_process_trains_a_sharded_stage_whole(tmp_path, cli):
+    """FSDP and DeepSpeed need a launcher's processes; `tli-recipe train` alone trains the stage unsharded."""
+    model = grown(tmp_path, cli)
+    result = cli(
+        "train", model, "--stage", "inj", "--no-progress", "--into", tmp_path / "one", "--max-steps", "1",
+        "--set", "stages[*].distributed=fsdp",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert "stage 'inj': distributed: fsdp applies under a launcher" in result.stderr

@@ -22,7 +22,6 @@ STAGES = """stages:
   - name: zero3
     trainable: [all]
     precision: float32
-    lora: {r: 2, alpha: 4, targets: [q_proj, o_proj, down_proj]}
     distributed: {strategy: deepspeed, offload: true}
   - name: zero2
     trainable: [all]
@@ -138,6 +137,17 @@ def test_plan_refuses_what_cannot_work(tmp_path, tiny, cli, stage, message):
     assert result.exit_code == 2 and f"stages[0].distributed: {message}" in result.stderr, result.stderr
 
 
+def test_the_builtin_trainer_refuses_lora_under_zero3(tmp_path, tiny, cli):
+    lora = "    lora: {r: 2, alpha: 4, targets: [q_proj, o_proj, down_proj]}\n    distributed: {strategy: deepspeed"
+    out = grown(tmp_path, tiny, STAGES.replace("    distributed: {strategy: deepspeed", lora, 1))
+    result = cli("emit", out, "--format", "builtin", "-o", tmp_path / "c")
+    assert result.exit_code == 2 and "stage 'zero3': LoRA with deepspeed zero_stage 3 is not supported" in result.stderr
+    assert configs(out, "axolotl")["zero3"]["adapter"] == "lora"  # Axolotl merges it itself
+    # QLoRA set on the grown checkpoint: ZeRO-3 would shard the quantized base
+    result = cli("emit", out, "-o", tmp_path / "e", "--set", "stages[1].lora.quantize=4")
+    assert result.exit_code == 2 and "stages[1].distributed: deepspeed with zero_stage 3 shards" in result.stderr
+
+
 def test_set_changes_the_setting_of_a_grown_checkpoint(tmp_path, tiny, cli):
     out = grown(tmp_path, tiny)
     result = cli("emit", out, "--format", "builtin", "-o", tmp_path / "c", "--set", "stages[*].distributed=ddp")
@@ -149,17 +159,6 @@ def test_set_changes_the_setting_of_a_grown_checkpoint(tmp_path, tiny, cli):
     assert (
         "deepspeed" in yaml.safe_load((tmp_path / "d" / "builtin" / "04-plain.yaml").read_text())["training_arguments"]
     )
-    result = cli(
-        "emit",
-        out,
-        "-o",
-        tmp_path / "e",
-        "--set",
-        "stages[1].lora.quantize=4",
-        "--set",
-        "stages[1].distributed.zero_stage=3",
-    )
-    assert result.exit_code == 2 and "stages[1].distributed: deepspeed with zero_stage 3 shards" in result.stderr
 
 
 def test_axolotl_own_validation(tmp_path, tiny):

@@ -158,6 +158,12 @@ def builtin_config(
     problem = frozen_injected_problem(plan, spec)
     if problem:
         raise Refusal(problem)
+    if spec.plan.lora is not None and spec.plan.distributed.zero_stage == 3:
+        # Merging loads the base again in rank 0 alone, which ZeRO-3's sharded loading (zero.Init) cannot do.
+        raise Refusal(
+            f"{BUILTIN}: stage '{spec.plan.name}': LoRA with deepspeed zero_stage 3 is not supported by the built-in "
+            "trainer (the adapters are merged in one process); use zero_stage 2 or fsdp, or Axolotl or LLaMA-Factory"
+        )
     return BuiltinStageConfig(
         stage=spec.plan.name,
         index=spec.index,

@@ -31,6 +31,11 @@ def under_launcher() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launched() -> bool:
+    """True in a process that a launcher started (torchrun, accelerate launch), even a single one."""
+    return "LOCAL_RANK" in os.environ
+
+
 def train_argv(
     model_dir: Optional[str],
     config: Optional[str],

@@ -46,7 +46,7 @@ from tli_recipe.training.finish import (
     write_atomic,
     write_json,
 )
-from tli_recipe.training.launch import is_main_process
+from tli_recipe.training.launch import is_main_process, launched
 from tli_recipe.training.loading import load_model, load_tokenizer
 from tli_recipe.training.stages import select_stages, stage_specs
 
@@ -443,6 +443,16 @@ def _arguments(
         args["eval_strategy"] = "no"
         args.pop("eval_steps", None)
     args["eval_on_start"] = evaluate_first  # not part of the config: a resume does not evaluate again
+    sharded = [k for k in ("fsdp", "deepspeed") if k in args]
+    if sharded and not launched():  # FSDP and DeepSpeed need the processes a launcher starts
+        for key in ("fsdp", "fsdp_config", "deepspeed"):
+            args.pop(key, None)
+        if is_main_process():
+            print(
+                f"stage '{cfg.stage}': distributed: {sharded[0]} applies under a launcher (see train --print-launch); "
+                "this single process trains the whole model",
+                file=sys.stderr,
+            )
     try:
         return TrainingArguments(output_dir=str(work), use_cpu=on_cpu, disable_tqdm=not progress, **args)
     except (TypeError, ValueError) as exc:
