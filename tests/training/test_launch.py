@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, build_tiny, write_recipe
 from tiny_text import add_char_tokenizer, write_text
 
-from tli_recipe.training.launch import is_main_process, launch_command, under_launcher
+from tli_recipe.training.launch import is_main_process, launch_command, launch_lines, under_launcher
 
 STAGE = """stages:
   - name: new
@@ -36,6 +36,26 @@ def test_launch_line_runs_the_package_module():
     line = launch_command(["train", "/m dir", "--stage", "new"], 2)
     assert line == "accelerate launch --num_processes 2 --multi_gpu -m tli_recipe train '/m dir' --stage new"
     assert launch_command(["train", "x"], 1) == "accelerate launch --num_processes 1 -m tli_recipe train x"
+
+
+def test_launch_lines_for_several_machines():
+    argv = ["train", "/m", "--stage", "new"]
+    lines = launch_lines(argv, 8, machines=4)
+    assert lines[0] == "accelerate launch --num_processes 8 --multi_gpu -m tli_recipe train /m --stage new"
+    assert lines[1] == "torchrun --nproc_per_node 8 -m tli_recipe train /m --stage new"
+    # accelerate counts the processes of all machines; torchrun counts per machine.
+    assert (
+        "accelerate launch --multi_gpu --num_machines 4 --num_processes 32 --machine_rank $MACHINE_RANK "
+        "--main_process_ip $MAIN_HOST --main_process_port 29500 -m tli_recipe train /m --stage new"
+    ) in lines
+    assert (
+        "torchrun --nproc_per_node 8 --nnodes 4 --node_rank $MACHINE_RANK --rdzv_backend c10d "
+        "--rdzv_endpoint $MAIN_HOST:29500 -m tli_recipe train /m --stage new"
+    ) in lines
+    assert any("only global rank 0 writes" in line and "same paths" in line for line in lines)
+    assert "32 processes" in " ".join(launch_lines(argv, 0, machines=4, per_machine=8))
+    # On CPUs: torchrun starts the processes (accelerate launch --cpu would start one).
+    assert "torchrun --nproc_per_node N" in launch_lines(argv, 0)[2]
 
 
 def test_rank_zero_is_the_main_process(monkeypatch):
@@ -62,7 +82,9 @@ def test_printed_launch_line_trains_with_two_processes(tmp_path, cli, monkeypatc
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # what a 2-GPU machine prints
     printed = cli("train", tmp_path / "grown", "--no-progress", "--print-launch")
     assert printed.exit_code == 0, printed.stderr
-    argv = shlex.split(printed.stdout.strip())
+    lines = printed.stdout.splitlines()
+    argv = shlex.split(lines[0])
+    assert lines[1].startswith("torchrun --nproc_per_node 2 -m tli_recipe train ")
     assert argv[:6] == ["accelerate", "launch", "--num_processes", "2", "--multi_gpu", "-m"] and argv[6] == "tli_recipe"
     # The printed line, run as it is on this machine without a GPU: torchrun starts 2 processes and the
     # Trainer runs DDP on the CPU over gloo. (`--cpu` would not do: accelerate then starts one process.)

@@ -149,7 +149,21 @@ def emit(
 @click.option("--force", is_flag=True, help="Train a stage again even when its directory is complete.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option(
-    "--print-launch", is_flag=True, help="Print the `accelerate launch` command for all visible GPUs and exit."
+    "--print-launch",
+    is_flag=True,
+    help="Print the `accelerate launch` and `torchrun` lines for all visible GPUs (and for --machines) and exit.",
+)
+@click.option(
+    "--machines",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With --print-launch: also the lines for this many machines.",
+)
+@click.option(
+    "--gpus-per-machine",
+    type=click.IntRange(min=1),
+    help="With --print-launch --machines: GPUs of each machine (default: as many as this one has, at least 1).",
 )
 @click.option(
     "--set",
@@ -181,6 +195,8 @@ def train(
     force: bool,
     no_progress: bool,
     print_launch: bool,
+    machines: int,
+    gpus_per_machine: int | None,
     overrides: tuple[str, ...],
     max_steps: int | None,
     learning_rate: float | None,
@@ -199,41 +215,34 @@ def train(
         raise TliError(
             "give either MODEL_DIR (a directory written by `run`) or --config FILE (from `emit --format builtin`)"
         )
-    trainer.require_train_extra()
-    # This same command, for `accelerate launch` (each process then takes its own GPU).
-    argv = [
-        "train",
-        *([model_dir] if model_dir else ["--config", config]),
-        *(x for d in data for x in ("--data", d)),
-        *(x for s in stages for x in ("--stage", s)),
-        *(["--into", into] if into else []),
-        *(["--tokenizer", tokenizer] if tokenizer else []),
-        *(["--restart"] if restart else []),
-        *(["--force"] if force else []),
-        *(["--no-progress"] if no_progress else []),
-        *(x for o in overrides for x in ("--set", o)),
-        *(["--max-steps", str(max_steps)] if max_steps else []),
-        *(["--learning-rate", repr(learning_rate)] if learning_rate else []),
-        *(["--report-to", report_to] if report_to != "none" else []),
-    ]
-    from tli_recipe.training.settings import flag_overrides
-
     if config is not None and overrides:
         raise TliError(
             "--set changes the stage settings of a grown checkpoint (MODEL_DIR); with --config, edit the "
             "file (its training_arguments are transformers.TrainingArguments)"
         )
+    trainer.require_train_extra()
     trainer.check_report_to(report_to)
+    # This same command, for a launcher that runs it in every process (each then takes its own GPU).
+    argv = launch.train_argv(
+        model_dir,
+        config,
+        data=data,
+        stages=stages,
+        into=into,
+        tokenizer=tokenizer,
+        restart=restart,
+        force=force,
+        no_progress=no_progress,
+        overrides=overrides,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        report_to=report_to,
+    )
     import torch
 
     gpus = torch.cuda.device_count()
     if print_launch:
-        click.echo(launch.launch_command(argv, max(1, gpus)))
-        click.echo(
-            f"# {gpus} GPU{'s' * (gpus != 1)} visible here. Several machines: add --num_machines N --machine_rank R "
-            "--main_process_ip HOST --main_process_port PORT (or run `accelerate config` once).",
-            err=True,
-        )
+        click.echo("\n".join(launch.launch_lines(argv, gpus, machines, gpus_per_machine)))
         return
     if gpus > 1 and not launch.under_launcher():
         click.echo(
@@ -241,49 +250,37 @@ def train(
             + launch.launch_command(argv, gpus),
             err=True,
         )
-    log = lambda msg: click.echo(msg, err=True)  # noqa: E731
-    kwargs = dict(
-        device=device,
-        tokenizer=tokenizer,
-        restart=restart,
-        force=force,
-        progress=not no_progress,
-        log=log,
-        report_to=report_to,
-    )
     try:
-        if config is not None:
-            cfg = trainer.load_stage_config(config, into=bool(into))
-            if data:
-                from tli_recipe.training.builtin import DataFile
-
-                cfg.datasets = [DataFile(path=str(Path(d).resolve())) for d in data]
-            if into:
-                cfg.output_dir = str(Path(into) / cfg.stage)
-            if max_steps:
-                cfg.training_arguments = {k: v for k, v in cfg.training_arguments.items() if k != "num_train_epochs"}
-                cfg.training_arguments["max_steps"] = max_steps
-            if learning_rate:
-                cfg.training_arguments["learning_rate"] = learning_rate
-            outputs = [trainer.train_stage(cfg, **kwargs)]
-        else:
-            outputs = trainer.train_output(
-                model_dir,
-                data=data or None,
-                stages=stages or None,
-                overrides=flag_overrides(max_steps, learning_rate) + list(overrides),
-                into=Path(into) if into else None,
-                **kwargs,
-            )
-    except KeyboardInterrupt:
-        click.echo(
-            "interrupted: the last saved checkpoint is kept; run the same command again to resume from it "
-            "(--restart to start over)",
-            err=True,
+        outputs = trainer.run_train(
+            model_dir,
+            config,
+            data=data,
+            stages=stages,
+            into=into,
+            overrides=overrides,
+            max_steps=max_steps,
+            learning_rate=learning_rate,
+            device=device,
+            tokenizer=tokenizer,
+            restart=restart,
+            force=force,
+            progress=not no_progress,
+            log=lambda msg: click.echo(msg, err=True),
+            report_to=report_to,
         )
-        sys.exit(130)
-    for out in outputs:
-        click.echo(str(out))
+    except (KeyboardInterrupt, trainer.Preempted) as exc:
+        # SIGTERM (a preemption) saved a checkpoint at a step boundary; Ctrl-C keeps the last saved one.
+        if launch.is_main_process():
+            click.echo(
+                f"interrupted: {exc}"
+                if isinstance(exc, trainer.Preempted)
+                else f"interrupted: the last saved checkpoint is kept; {trainer.RESUME}",
+                err=True,
+            )
+        sys.exit(exc.exit_code if isinstance(exc, trainer.Preempted) else 130)
+    if launch.is_main_process():  # one process speaks for all of them
+        for out in outputs:
+            click.echo(str(out))
 
 
 TASKS_HELP = (

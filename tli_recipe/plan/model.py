@@ -200,6 +200,14 @@ class ModPlan(Frozen):
 SEGMENT = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
+class DistributedPlan(Frozen):
+    """How a stage is parallelised over several processes, resolved from its ``distributed`` setting."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    zero_stage: Optional[Literal[2, 3]] = Field(default=None, description="DeepSpeed's ZeRO stage (deepspeed only).")
+    offload: bool = Field(default=False, description="Sharded state (fsdp) or optimizer state (deepspeed) on the CPU.")
+
+
 class StagePlan(Frozen):
     """A training stage resolved against the output model."""
 
@@ -222,6 +230,9 @@ class StagePlan(Frozen):
             "Elements that train: of the parameters above, or for LoRA of its adapters (r*(in+out) per adapted "
             "weight), plus the MoD head."
         )
+    )
+    distributed: DistributedPlan = Field(
+        default_factory=DistributedPlan, description="How the stage is parallelised over several processes."
     )
     settings: Stage = Field(
         description="The recipe's typed stage: datasets, learning rate, precision, LoRA settings..."

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from tli_recipe.plan.model import LayerEntry, LoraPlan, ModPlan, StagePlan, TensorOp
+from tli_recipe.plan.model import DistributedPlan, LayerEntry, LoraPlan, ModPlan, StagePlan, TensorOp
 from tli_recipe.plan.ops import zero_effect
 from tli_recipe.plan.problems import Problems
 from tli_recipe.recipe.schema import MOE_GROUPS, LayerSpan, Mod, Recipe, Stage
@@ -162,6 +162,9 @@ def resolve_stage(
             ("stages", i, "trainable"), "selects no parameter of the output model; expected at least one layer"
         )
     mod = _mod_plan(stage, i, layers, by_layer, arch, problems)
+    distributed, why = resolve_distributed(stage)
+    if why:
+        problems.add(("stages", i, "distributed"), why)
     return StagePlan(
         name=stage.name,
         trainable_layers=sorted(chosen),
@@ -171,8 +174,37 @@ def resolve_stage(
         mod=mod,
         trainable_parameters=trainable_count(trained, stage.lora.r if stage.lora else None)
         + (mod.head_parameters if mod else 0),
+        distributed=distributed,
         settings=stage,
     )
+
+
+def resolve_distributed(stage: Stage) -> tuple[DistributedPlan, Optional[str]]:
+    """The stage's ``distributed`` setting with its defaults (ZeRO stage 3), and why it cannot work, or None.
+
+    FSDP2 shards each parameter on its own, so a stage may train any part of a wrapped decoder layer (FSDP1's
+    flat parameters would need each layer all-frozen or all-trainable); ZeRO 2 and 3 keep no optimizer state
+    for frozen parameters. What cannot work is a QLoRA base sharded: the built-in trainer places the 4- or
+    8-bit weights on each process's GPU itself (bitsandbytes), which FSDP and ZeRO-3 would have to own."""
+    d = stage.distributed
+    plan = DistributedPlan(
+        strategy=d.strategy,
+        zero_stage=(d.zero_stage or 3) if d.strategy == "deepspeed" else None,
+        offload=d.offload,
+    )
+    sharded = plan.strategy == "fsdp" or plan.zero_stage == 3
+    if sharded and stage.lora is not None and stage.lora.quantize:
+        what = "fsdp" if plan.strategy == "fsdp" else "deepspeed with zero_stage 3"
+        return plan, (
+            f"{what} shards the parameters, and lora.quantize ({stage.lora.quantize}-bit QLoRA) loads the quantized "
+            "base on each process's GPU; expected strategy ddp, or deepspeed with zero_stage: 2 (or no quantize)"
+        )
+    if plan.zero_stage == 3 and stage.objective == "mod":
+        return plan, (
+            "deepspeed with zero_stage 3 partitions the MoD head's parameters too, and the built-in trainer saves "
+            "the head from the model as one process holds it; expected zero_stage: 2, or strategy fsdp or ddp"
+        )
+    return plan, None
 
 
 def _mod_plan(

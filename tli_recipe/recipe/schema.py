@@ -339,6 +339,59 @@ class Dataset(Strict):
     text_field: str = Field(default="text", min_length=1, description="The JSONL field holding each document's text.")
 
 
+STRATEGIES = ("ddp", "fsdp", "deepspeed")
+
+
+def _parse_distributed(value: Any) -> Any:
+    if isinstance(value, str):  # `distributed: fsdp` is `distributed: {strategy: fsdp}`
+        if value not in STRATEGIES:
+            raise fail(
+                f"'{value}' is not a strategy{did_you_mean(value, STRATEGIES)}; "
+                f"expected one of: {', '.join(STRATEGIES)}"
+            )
+        return {"strategy": value}
+    return value
+
+
+class Distributed(Strict):
+    """How a stage is spread over several processes (GPUs, machines) when it runs under a launcher
+    (`accelerate launch`, `torchrun`); one process trains the same way whatever this says."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        default="ddp",
+        description=(
+            "ddp: every process holds the whole model and the gradients are averaged; fsdp: FSDP2 shards "
+            "parameters, gradients and optimizer state over the processes (each parameter on its own, so a stage "
+            "may train part of a layer); deepspeed: DeepSpeed ZeRO (zero_stage)."
+        ),
+    )
+    zero_stage: Optional[Literal[2, 3]] = Field(
+        default=None,
+        description=(
+            "deepspeed only: 2 shards gradients and optimizer state, 3 also the parameters (default 3). Frozen "
+            "parameters get no optimizer state in either."
+        ),
+    )
+    offload: StrictBool = Field(
+        default=False,
+        description=(
+            "fsdp: parameters, gradients and optimizer state on the CPU; deepspeed: optimizer state (and with "
+            "zero_stage 3 the parameters) on the CPU. Less GPU memory, slower steps."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _for_the_strategy(self) -> "Distributed":
+        if self.zero_stage is not None and self.strategy != "deepspeed":
+            raise fail(
+                f"zero_stage is a DeepSpeed setting and the strategy is {self.strategy}; expected strategy: deepspeed, "
+                "or no zero_stage"
+            )
+        if self.offload and self.strategy == "ddp":
+            raise fail("offload needs a sharded strategy; expected strategy: fsdp or deepspeed, or offload: false")
+        return self
+
+
 class Mod(Strict):
     """Mixture-of-Depths ensemble tuning (arXiv 2410.13077): the last `layers` decoder layers each predict
     through a new norm (a copy of the final norm) and the shared head; a router mixes their logits."""
@@ -461,6 +514,13 @@ class Stage(Strict):
         ),
     )
     mod: Optional[Mod] = Field(default=None, description="Settings of objective: mod (default: the paper's k = 3).")
+    distributed: Annotated[Distributed, BeforeValidator(_parse_distributed)] = Field(
+        default_factory=Distributed,
+        description=(
+            "How the stage is parallelised over several processes: ddp (default), fsdp or deepspeed, as a name or "
+            "{strategy, zero_stage, offload}; every trainer's config carries it."
+        ),
+    )
 
 
 # --- sparse upcycling ----------------------------------------------------------------

@@ -7,12 +7,14 @@ Every emitted selection is checked against that rule on the plan's tensor names.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Iterable
 
 from tli_recipe.errors import TliError
 from tli_recipe.plan.model import Plan
 from tli_recipe.training.data import is_jsonl, record_format
+from tli_recipe.training.distributed import DEEPSPEED_SUFFIX, axolotl_fsdp, deepspeed_config
 from tli_recipe.training.fields import Key, is_fp16, mapped, reentrancy
 from tli_recipe.training.stages import (
     StageFiles,
@@ -121,7 +123,14 @@ class Axolotl(TrainerFormat):
     def stage(self, spec: StageSpec) -> StageFiles:
         target = self.shown(spec)
         run = f"axolotl train {target}" + (f" && axolotl merge-lora {target}" if spec.plan.lora else "")
-        return StageFiles(self.config(spec), run, {})
+        config, extra = self.config(spec), {}
+        d = spec.plan.distributed
+        if d.strategy == "fsdp":
+            config.update(axolotl_fsdp(d))
+        elif d.strategy == "deepspeed":  # a path from the grown checkpoint's folder, where the commands run
+            config["deepspeed"] = self.shown(spec, DEEPSPEED_SUFFIX)
+            extra[f"{spec.file_stem}{DEEPSPEED_SUFFIX}"] = json.dumps(deepspeed_config(d), indent=2) + "\n"
+        return StageFiles(config, run, extra)
 
     def notes(self, spec: StageSpec) -> list[str]:
         notes = {

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tli_recipe.errors import TliError
 from tli_recipe.plan.model import SEGMENT, ModPlan, Plan
+from tli_recipe.training.distributed import deepspeed_config, fsdp_arguments
 from tli_recipe.training.fields import (
     Key,
     is_bf16,
@@ -123,6 +124,11 @@ def training_arguments(plan: Plan, spec: StageSpec) -> dict:
         }
     )
     args.update(mapped(s, plan.seed, (Key("eval_steps", "eval_steps"),)))
+    d = spec.plan.distributed
+    if d.strategy == "fsdp":
+        args.update(fsdp_arguments(d))
+    elif d.strategy == "deepspeed":  # inline: TrainingArguments takes the JSON as a dict
+        args["deepspeed"] = deepspeed_config(d)
     return args
 
 
@@ -154,6 +160,12 @@ def builtin_config(
     problem = frozen_injected_problem(spec)
     if problem:
         raise Refusal(problem)
+    if spec.plan.lora is not None and spec.plan.distributed.zero_stage == 3:
+        # Merging loads the base again in rank 0 alone, which ZeRO-3's sharded loading (zero.Init) cannot do.
+        raise Refusal(
+            f"{BUILTIN}: stage '{spec.plan.name}': LoRA with deepspeed zero_stage 3 is not supported by the built-in "
+            "trainer (the adapters are merged in one process); use zero_stage 2 or fsdp, or Axolotl or LLaMA-Factory"
+        )
     return BuiltinStageConfig(
         stage=spec.plan.name,
         index=spec.index,

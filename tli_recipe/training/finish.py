@@ -157,11 +157,13 @@ def finish_stage(
     log,
     extra=None,
     replace: bool = False,
+    state_dict=None,
 ) -> None:
     """Write the stage directory next to ``out`` and rename it into place; drop the work directory.
     ``extra(folder)`` writes more files into it (the MoD head). ``replace``: ``out`` held a finished
     stage when training started (``--force``); anything else found at ``out`` now came during the
-    run and is left as it is."""
+    run and is left as it is. ``state_dict``: the model's whole tensors when the processes held only
+    shards of them (DeepSpeed ZeRO-3), gathered by every process."""
     from tli_recipe.errors import TliError
     from tli_recipe.execute.output import swap_into_place
 
@@ -180,12 +182,13 @@ def finish_stage(
         model = trainer.accelerator.unwrap_model(trainer.model)
         if cfg.lora:
             adapter = tmp / "adapter"
-            model.save_pretrained(adapter)
+            model.save_pretrained(adapter, state_dict=state_dict)
             # Merge into freshly loaded, unquantized weights: exact for LoRA, and the only way for QLoRA.
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(load_model(source, dtype="auto"), adapter).merge_and_unload()
-        model.save_pretrained(tmp)
+            state_dict = None
+        model.save_pretrained(tmp, state_dict=state_dict)
         tok.save_pretrained(tmp)
         if extra is not None:
             extra(tmp)

@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Sequence
 
 from tli_recipe.recipe.schema import Dataset
 from tli_recipe.training.data import is_jsonl, record_format
+from tli_recipe.training.distributed import DEEPSPEED_SUFFIX, deepspeed_config, fsdp_arguments
 from tli_recipe.training.fields import Key, is_bf16, is_fp16, mapped
 from tli_recipe.training.stages import (
     Refusal,
@@ -148,6 +149,12 @@ class LlamaFactory(TrainerFormat):
         target, merge = self.shown(spec), self.shown(spec, ".merge.yaml")
         run = f"llamafactory-cli train {target}" + (f" && llamafactory-cli export {merge}" if spec.plan.lora else "")
         extra = {}
+        d = spec.plan.distributed
+        if d.strategy == "fsdp":  # transformers' own TrainingArguments keys, which LLaMA-Factory's extend
+            cfg.update(fsdp_arguments(d))
+        elif d.strategy == "deepspeed":  # a path from the grown checkpoint's folder, where the commands run
+            cfg["deepspeed"] = self.shown(spec, DEEPSPEED_SUFFIX)
+            extra[f"{spec.file_stem}{DEEPSPEED_SUFFIX}"] = json.dumps(deepspeed_config(d), indent=2) + "\n"
         if spec.plan.lora:
             extra[Path(merge).name] = (
                 f"# Merge the LoRA adapter of stage '{spec.plan.name}' into {cfg['output_dir']}/merged\n"

@@ -54,6 +54,8 @@ def has_mod_head(folder: str | Path) -> bool:
 
 def _parts(model):
     """(decoder layers, final norm, head) of a causal LM, or a TliError naming what is missing."""
+    # compute_loss gets the model as the Trainer wrapped it for several processes (DDP's .module)
+    model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     layers, norm = getattr(decoder, "layers", None), getattr(decoder, "norm", None)

@@ -20,18 +20,23 @@ def labelled_progress(stage: str):
             self.trained = False
 
         def on_train_begin(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, desc=f"stage '{stage}': training")
             self.current_step = 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            # Drawn at the first step, after the step-0 validation (eval_on_start) that train() runs first.
+            if state.is_world_process_zero and self.training_bar is None:
+                self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, desc=f"stage '{stage}': training")
+                self.current_step = 0
 
         def on_train_end(self, args, state, control, **kwargs):
             super().on_train_end(args, state, control, **kwargs)
             self.trained = True
 
-        def phase(self) -> str:
-            if self.training_bar is not None:
-                return "validation"
-            return "final validation" if self.trained else "validation before training"
+        def phase(self, state) -> str:
+            if self.trained:
+                return "final validation"
+            # eval_on_start: the step-0 validation runs inside train(), before the first step
+            return "validation" if state.global_step > 0 else "validation before training"
 
         def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
             if state.is_world_process_zero and has_length(eval_dataloader):
@@ -40,7 +45,7 @@ def labelled_progress(stage: str):
                         total=len(eval_dataloader),
                         leave=self.training_bar is None,
                         dynamic_ncols=True,
-                        desc=f"stage '{stage}': {self.phase()}",
+                        desc=f"stage '{stage}': {self.phase(state)}",
                     )
                 self.prediction_bar.update(1)
 

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from tli_recipe.errors import TliError
 from tli_recipe.plan.model import Plan
+from tli_recipe.plan.stages import resolve_distributed
 from tli_recipe.recipe.base import Strict
 from tli_recipe.recipe.load import Marks, apply_overrides, validate_model
 from tli_recipe.recipe.schema import Stage
@@ -85,7 +86,14 @@ def override_stages(plan: Plan, overrides: Sequence[str], source: str = "the che
             if lora is not None and sp.lora is not None
             else sp.trainable_parameters
         )
-        resolved.append(sp.model_copy(update={"settings": stage, "lora": lora, "trainable_parameters": count}))
+        distributed, why = resolve_distributed(stage)
+        if why:
+            raise TliError(f"--set: stages[{len(resolved)}].distributed: {why}")
+        resolved.append(
+            sp.model_copy(
+                update={"settings": stage, "lora": lora, "trainable_parameters": count, "distributed": distributed}
+            )
+        )
     return plan.model_copy(update={"stages": resolved})
 
 

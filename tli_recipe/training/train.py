@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -46,7 +48,7 @@ from tli_recipe.training.finish import (
     write_atomic,
     write_json,
 )
-from tli_recipe.training.launch import is_main_process
+from tli_recipe.training.launch import is_main_process, launched
 from tli_recipe.training.loading import load_model, load_tokenizer
 from tli_recipe.training.stages import select_stages, stage_specs
 
@@ -54,6 +56,65 @@ from tli_recipe.training.stages import select_stages, stage_specs
 class TrainError(TliError):
     """A stage cannot start or finish; the message says what to do."""
 
+
+class Preempted(TliError):
+    """SIGTERM stopped training after a checkpoint; the same command resumes from it."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+class Preemption:
+    """SIGTERM (what SLURM and Kubernetes send before they stop a job) asks for a checkpoint at the next
+    optimizer step: every process finishes the step it is in, they agree (one all-reduce of a flag per
+    step, since the signal reaches them at different moments), the Trainer saves a checkpoint, and
+    :func:`train_stage` raises :class:`Preempted`. Used as a context manager around the stages."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "Preemption":
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGTERM, self._request)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _request(self, signum, frame) -> None:  # noqa: ARG002 - the handler signature
+        self.requested = True
+
+    def callback(self):
+        """A TrainerCallback that stops and saves at the first step boundary after SIGTERM in any process."""
+        from transformers import TrainerCallback
+
+        preemption = self
+
+        class StopOnSigterm(TrainerCallback):
+            stopped_at: Optional[int] = None
+
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: ARG002
+                import torch
+                import torch.distributed as dist
+
+                flag = preemption.requested
+                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                    agreed = torch.tensor([int(flag)], device=args.device)
+                    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+                    flag = bool(agreed.item())
+                if flag:
+                    control.should_save = True
+                    control.should_training_stop = True
+                    self.stopped_at = state.global_step
+                return control
+
+        return StopOnSigterm()
+
+
+#: How an interrupted command continues.
+RESUME = "run the same command again to resume from the last checkpoint (--restart to start over)"
 
 #: What the built-in trainer needs beyond the base install: the ``train`` extra.
 TRAIN_EXTRA = ("peft", "accelerate")
@@ -145,6 +206,49 @@ def train_output(
     ]
 
 
+def run_train(
+    model_dir: Optional[str | Path],
+    config: Optional[str | Path],
+    *,
+    data: Sequence[str | Path] = (),
+    stages: Sequence[str] = (),
+    into: Optional[str | Path] = None,
+    overrides: Sequence[str] = (),
+    max_steps: Optional[int] = None,
+    learning_rate: Optional[float] = None,
+    **kwargs,
+) -> list[Path]:
+    """``tli-recipe train``: the chosen stages of a grown checkpoint (``model_dir``), or one stage from an
+    emitted ``config`` file, with the command's flags applied; SIGTERM stops at a checkpoint
+    (:class:`Preempted`). Returns the stage directories."""
+    from tli_recipe.training.settings import flag_overrides
+
+    with Preemption() as preemption:
+        if config is None:
+            return train_output(
+                model_dir,  # type: ignore[arg-type]
+                data=data or None,
+                stages=stages or None,
+                overrides=flag_overrides(max_steps, learning_rate) + list(overrides),
+                into=Path(into) if into else None,
+                preemption=preemption,
+                **kwargs,
+            )
+        cfg = load_stage_config(config, into=bool(into))
+        if data:
+            from tli_recipe.training.builtin import DataFile
+
+            cfg.datasets = [DataFile(path=str(Path(d).resolve())) for d in data]
+        if into:
+            cfg.output_dir = str(Path(into) / cfg.stage)
+        if max_steps:
+            cfg.training_arguments = {k: v for k, v in cfg.training_arguments.items() if k != "num_train_epochs"}
+            cfg.training_arguments["max_steps"] = max_steps
+        if learning_rate:
+            cfg.training_arguments["learning_rate"] = learning_rate
+        return [train_stage(cfg, preemption=preemption, **kwargs)]
+
+
 def check_report_to(report_to: str) -> None:
     """``--report-to``: the logger must be installed (the Trainer would fail later, or silently log nothing)."""
     if report_to == "none":
@@ -169,6 +273,19 @@ def _device(device: str) -> bool:
     if device == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
     return device == "cpu" or not torch.cuda.is_available()
+
+
+def _initial_eval(path: Path):
+    """A callback keeping the step-0 validation loss (``eval_on_start``) in ``initial_eval.json``: ``train()``
+    resets the log history on resume, so the stage's first loss is read from there at its end."""
+    from transformers import TrainerCallback
+
+    class InitialEval(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # noqa: ARG002
+            if state.global_step == 0 and state.is_world_process_zero and metrics is not None:
+                write_json(path, dict(metrics))
+
+    return InitialEval()
 
 
 class _Blocks:
@@ -300,9 +417,20 @@ def _quantization(cfg: BuiltinStageConfig):
 
 
 def _arguments(
-    cfg: BuiltinStageConfig, work: Path, on_cpu: bool, progress: bool, validation: bool, report_to: str = "none"
+    cfg: BuiltinStageConfig,
+    work: Path,
+    on_cpu: bool,
+    progress: bool,
+    validation: bool,
+    report_to: str = "none",
+    evaluate_first: bool = False,
 ):
-    """``TrainingArguments`` of the stage (creating them also sets up the processes under ``accelerate launch``)."""
+    """``TrainingArguments`` of the stage (creating them also sets up the processes under ``accelerate launch``).
+
+    ``evaluate_first``: the step-0 validation loss is measured inside ``train()`` (``eval_on_start``), after
+    the Trainer has wrapped the model for several processes (DDP, FSDP, DeepSpeed). Evaluating before
+    ``train()`` marked the bare model as prepared, so accelerate never wrapped it: the ranks trained
+    unsynchronised replicas (and DeepSpeed ZeRO-2 refused the evaluation)."""
     from transformers import TrainingArguments
 
     args = dict(cfg.training_arguments)
@@ -319,6 +447,17 @@ def _arguments(
     if not validation:
         args["eval_strategy"] = "no"
         args.pop("eval_steps", None)
+    args["eval_on_start"] = evaluate_first  # not part of the config: a resume does not evaluate again
+    sharded = [k for k in ("fsdp", "deepspeed") if k in args]
+    if sharded and not launched():  # FSDP and DeepSpeed need the processes a launcher starts
+        for key in ("fsdp", "fsdp_config", "deepspeed"):
+            args.pop(key, None)
+        if is_main_process():
+            print(
+                f"stage '{cfg.stage}': distributed: {sharded[0]} applies under a launcher (see train --print-launch); "
+                "this single process trains the whole model",
+                file=sys.stderr,
+            )
     try:
         return TrainingArguments(output_dir=str(work), use_cpu=on_cpu, disable_tqdm=not progress, **args)
     except (TypeError, ValueError) as exc:
@@ -354,6 +493,12 @@ def _prepare_work(cfg: BuiltinStageConfig, targs, work: Path, restart: bool) -> 
     return last_checkpoint(work)
 
 
+def dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _check_start(cfg: BuiltinStageConfig, force: bool, log) -> bool:
     """False when the stage is already trained; raises when it cannot start."""
     out, source = Path(cfg.output_dir), Path(cfg.model)
@@ -385,8 +530,10 @@ def train_stage(
     log: Callable[[str], None] = print,
     callbacks: Sequence = (),
     report_to: str = "none",
+    preemption: Optional[Preemption] = None,
 ) -> Path:
-    """Train one stage from its config; returns the finished stage directory."""
+    """Train one stage from its config; returns the finished stage directory. With ``preemption`` (a
+    :class:`Preemption` entered around the stages), SIGTERM saves a checkpoint and raises :class:`Preempted`."""
     require_train_extra()
     if isinstance(cfg, dict):
         cfg = BuiltinStageConfig.model_validate(cfg)
@@ -403,6 +550,9 @@ def train_stage(
             f"stage '{stage}': {source / HEAD_FILE} (a MoD head) is not used: this stage trains "
             + ("a new head over the model" if cfg.mod is not None else "the model alone, and its output has no head")
         )
+    work = out.with_name(out.name + ".partial")
+    if preemption is not None and preemption.requested:  # between two stages: the next one does not start
+        raise Preempted(f"SIGTERM: stopped before stage '{stage}'; {RESUME}")
 
     from transformers import Trainer, default_data_collator
 
@@ -413,15 +563,21 @@ def train_stage(
         hf_logging.disable_progress_bar()
     tok = _load_tokenizer(Path(tokenizer) if tokenizer else source, stage)
     train_blocks, eval_blocks, n_tokens = _data(cfg, tok, log)
-    work = out.with_name(out.name + ".partial")
-    targs = _arguments(cfg, work, on_cpu, progress, bool(eval_blocks), report_to)
+    initial = work / "initial_eval.json"
+    # Decided before anyone evaluates: every process must take part in the same evaluations.
+    # Step 0 only: a resumed run (a checkpoint in the work directory) is past it.
+    evaluate_first = bool(eval_blocks) and (restart or (read_json(initial) is None and not last_checkpoint(work)))
+    targs = _arguments(cfg, work, on_cpu, progress, bool(eval_blocks), report_to, evaluate_first)
     last = _prepare_work(cfg, targs, work, restart)
     if last is not None:
         check_resume(Path(last))  # hostile input like any file read back: one line, not a Trainer traceback
-    initial = work / "initial_eval.json"
-    # Decided before anyone evaluates: every process must take part in the same evaluations.
-    evaluate_first = bool(eval_blocks) and read_json(initial) is None
 
+    if "deepspeed" in cfg.training_arguments and dist_initialized():
+        # ZeRO-3 builds the model sharded (zero.Init inside from_pretrained), with DeepSpeed's own view of
+        # the processes: without it DeepSpeed counts one process and refuses the batch sizes.
+        import deepspeed
+
+        deepspeed.init_distributed()
     quant = _quantization(cfg)
     model = load_model(
         source,
@@ -459,15 +615,25 @@ def train_stage(
         + f", {'resuming from ' + Path(last).name if last else 'starting'} in {work}"
         + (f", {steps} steps" if steps else "")
     )
+    if evaluate_first:
+        trainer.add_callback(_initial_eval(initial))
+    stop = preemption.callback() if preemption is not None else None
+    if stop is not None:
+        trainer.add_callback(stop)
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout is for results
-        if evaluate_first:
-            # The step-0 validation loss (the function the stage starts from); train() resets the log history.
-            first = trainer.evaluate()
-            if trainer.is_world_process_zero():
-                write_json(initial, first)
         trainer.train(resume_from_checkpoint=last)
+        if stop is not None and stop.stopped_at is not None:
+            trainer.accelerator.wait_for_everyone()  # every process's part of the checkpoint is written
+            raise Preempted(
+                f"SIGTERM: stage '{stage}' stopped after step {stop.stopped_at}, saved in "
+                f"{work / f'checkpoint-{stop.stopped_at}'}; {RESUME}"
+            )
         final_eval = trainer.evaluate() if eval_blocks else {}
 
+    state_dict = None
+    if getattr(trainer, "is_deepspeed_enabled", False) and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        # Each process holds a shard of every parameter: all of them gather the whole tensors for rank 0.
+        state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)
     extra = None
     if mod_hooks is not None:  # the model is saved plain; the head goes beside it
         from tli_recipe.training.mod import detach, save_head
@@ -490,6 +656,7 @@ def train_stage(
             log,
             extra=extra,
             replace=replace,
+            state_dict=state_dict,
         )
     trainer.accelerator.wait_for_everyone()
     return out
