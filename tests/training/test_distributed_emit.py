@@ -140,8 +140,10 @@ def test_plan_refuses_what_cannot_work(tmp_path, tiny, cli, stage, message):
 def test_the_builtin_trainer_refuses_lora_under_zero3(tmp_path, tiny, cli):
     lora = "    lora: {r: 2, alpha: 4, targets: [q_proj, o_proj, down_proj]}\n    distributed: {strategy: deepspeed"
     out = grown(tmp_path, tiny, STAGES.replace("    distributed: {strategy: deepspeed", lora, 1))
-    result = cli("emit", out, "--format", "builtin", "-o", tmp_path / "c")
+    result = cli("emit", out, "--format", "builtin", "-o", tmp_path / "c", "--strict")
     assert result.exit_code == 2 and "stage 'zero3': LoRA with deepspeed zero_stage 3 is not supported" in result.stderr
+    result = cli("emit", out, "--format", "builtin", "-o", tmp_path / "d")  # the other stages are written
+    assert result.exit_code == 0 and "stage 'zero3': LoRA with deepspeed zero_stage 3 is not supported" in result.stderr
     assert configs(out, "axolotl")["zero3"]["adapter"] == "lora"  # Axolotl merges it itself
     # QLoRA set on the grown checkpoint: ZeRO-3 would shard the quantized base
     result = cli("emit", out, "-o", tmp_path / "e", "--set", "stages[1].lora.quantize=4")
