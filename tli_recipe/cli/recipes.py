@@ -213,7 +213,7 @@ def _table(made, status) -> None:
 @click.command(name="list")
 @click.argument("paths", nargs=-1, type=click.Path(exists=True))
 @click.option("--configs", multiple=True, type=click.Path(file_okay=False), help=CONFIGS_HELP)
-@click.option("--markdown", is_flag=True, help="Print a Markdown table (for the README).")
+@click.option("--markdown", is_flag=True, help="Print a Markdown table (for docs/library.md).")
 @reported
 def list_recipes(paths: tuple[str, ...], configs: tuple[str, ...], markdown: bool) -> None:
     """Show the recipe library: name, base model, method, layers and parameters before -> after.

@@ -99,7 +99,7 @@ def emit(
         folder = Path(output)
         where = Path(model_dir or plan.output)
     if not plan.stages:
-        raise TliError(f"{source}: the recipe defines no stages; nothing to emit (add `stages`, see README: Recipes)")
+        raise TliError(f"{source}: the recipe defines no stages; nothing to emit (add `stages`, see docs/recipes.md)")
     chosen = TRAINERS if "all" in formats else tuple(dict.fromkeys(formats))
     written, refusals = write_training_configs(
         plan, folder, where, formats=chosen, stages=stages or None, data=data or None

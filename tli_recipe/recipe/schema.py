@@ -1,6 +1,6 @@
 """The recipe: pydantic models of the YAML a user writes. No I/O, no torch.
 
-Key names are the public contract (see README). Indices are 0-based and ranges
+Key names are the public contract (see docs/recipes.md). Indices are 0-based and ranges
 half-open ``[start, end)``, as in Python slices. Checks that need the checkpoint
 (layer counts, which projections exist) run later, in ``plan.compile_plan``.
 """

@@ -375,7 +375,7 @@ def find_architecture(config: Mapping[str, Any], tensor_names: Iterable[str] = (
         f"architecture {what} has no definition"
         f"{' and its layer structure could not be inferred from the tensor names' if names else ''}; "
         f"supported: {', '.join(known)}. To add one, write a data file in tli_recipe/_data/architectures/ "
-        "(README: Adding an architecture)"
+        "(docs/architectures.md: Adding an architecture)"
     )
 
 

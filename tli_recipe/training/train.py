@@ -182,7 +182,7 @@ def stage_configs(
     if not specs:
         raise TrainError(
             f"{model_dir}/plan.json: the recipe defines no stages; add `stages` to the recipe and run it "
-            "again (see README: Recipes)"
+            "again (see docs/recipes.md)"
         )
     # "all" means every stage, unless a stage is itself named "all" (then it is that stage).
     every = not stages or ("all" in stages and "all" not in [s.plan.name for s in specs])
