@@ -306,3 +306,14 @@ def test_the_tensor_check_closes_its_file_maps_as_it_reads(tiny):
     assert opened.count(0) == 0 and files._read < sum(i.nbytes for i in infos)
     files.close()
     assert not files._open
+
+
+def test_all_finite():
+    x = torch.randn(1000)
+    assert layerwise.all_finite(x) and layerwise.all_finite(x.bfloat16())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[417] = bad
+        assert not layerwise.all_finite(y) and not layerwise.all_finite(y.bfloat16())
+    big = torch.full((4,), 3e38)  # the sum overflows; every value is finite
+    assert layerwise.all_finite(big)

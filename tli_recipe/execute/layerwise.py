@@ -77,6 +77,18 @@ class FunctionCheck:
         return asdict(self)
 
 
+def all_finite(t) -> bool:
+    """No NaN or inf in ``t``. A float32 sum is non-finite whenever an element is (NaN propagates, inf
+    stays inf or makes NaN), and is 10x faster on CPU than ``isfinite(t).all()`` (15 ms against 205 ms
+    for 16M bf16 values); only a non-finite sum, which an overflow of finite values can also give,
+    is confirmed element by element."""
+    import torch
+
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def layer_tolerance(atol: float, base_scale: Optional[float]) -> float:
     """A difference counts above ``atol`` times the size of the base's values (at least 1): float rounding
     is relative. A plan that is exact by construction (TLI's zeroed projections) gives 0 at every layer;
@@ -278,7 +290,7 @@ def run_whole(path: str, ids, *, device: str, dtype, round_to=None, nonfinite: l
         raise _load_error(path, exc) from None
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if not bool(torch.isfinite(p).all()):
+            if not all_finite(p):
                 nonfinite.append(f"{label}: {name}")
             if round_to is not None:
                 p.copy_(p.to(round_to).to(torch.float32))
@@ -406,11 +418,9 @@ class _StreamedModel:
         return out
 
     def _convert(self, key: str, t):
-        import torch
-
         if not t.is_floating_point():
             return t
-        if not bool(torch.isfinite(t).all()) and f"{self.label}: {key}" not in self.nonfinite:
+        if not all_finite(t) and f"{self.label}: {key}" not in self.nonfinite:
             self.nonfinite.append(f"{self.label}: {key}")
         if self.round_to is not None:
             t = t.to(self.round_to)

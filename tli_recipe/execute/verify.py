@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from tli_recipe.errors import TliError, VerifyError
-from tli_recipe.execute.layerwise import FunctionCheck
+from tli_recipe.execute.layerwise import FunctionCheck, all_finite
 from tli_recipe.plan.model import Plan
 from tli_recipe.plan.widen import check_widen_op
 from tli_recipe.source.checkpoint import open_checkpoint
@@ -203,7 +203,7 @@ def check_tensors(plan: Plan, folder: Path, report: VerifyReport) -> None:
         tensor = files.get(info)
         if (key, name) not in seen:
             seen.add((key, name))
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.is_floating_point() and not all_finite(tensor):
                 bad = int((~torch.isfinite(tensor)).sum())
                 report.nonfinite_sources.append(f"{key}: '{name}' in {info.file} ({bad} of {tensor.numel()} values)")
         return tensor
