@@ -41,7 +41,10 @@ AX=$(venv axolotl "" "--no-deps axolotl==0.19.0" \
   "transformers==5.16.1 peft==0.20.0 accelerate==1.13.0 datasets==4.8.4 trl==1.9.0 pydantic==2.12.5 addict colorama pillow")
 LF=$(venv llamafactory "" "--no-deps llamafactory==0.9.5" \
   "transformers>=4.55,<=5.6.0 datasets>=2.16,<=4.0.0 accelerate>=1.3,<=1.11.0 peft>=0.18,<=0.18.1 trl>=0.18,<=0.24.0 omegaconf matplotlib>=3.7.0")
-DS=$(venv deepspeed "[train]" "deepspeed==0.19.8")
+# DeepSpeed is an sdist: built against the venv's torch (no build isolation), with its CPU shared-memory
+# communication op compiled now; left to a JIT build at first use it took 2.5-4 min here and was sometimes
+# rebuilt by both ranks at once (see docs/distributed-training.md).
+DS=$(DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_ACCELERATOR=cpu venv deepspeed "[train]" "--no-build-isolation deepspeed==0.19.8")
 
 run() {  # run PYTHON FILE KEYWORD: pytest, which must pass without a skip
   local out

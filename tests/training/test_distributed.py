@@ -67,7 +67,6 @@ def max_difference(a: Path, b: Path) -> float:
 #: --set values of the strategies (ddp is the default).
 STRATEGIES = {
     "ddp": None,
-    "fsdp": "fsdp",
     "zero2": "{strategy: deepspeed, zero_stage: 2}",
     "zero3": "{strategy: deepspeed, zero_stage: 3}",
 }
@@ -76,8 +75,8 @@ STRATEGIES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_two_processes_train_what_one_process_trains(tmp_path, cli, strategy):
-    """ddp (the default), FSDP2 (each parameter sharded on its own: frozen and trainable ones share layers),
-    DeepSpeed ZeRO-2 and ZeRO-3 (where DeepSpeed is installed: `make test-trainers`)."""
+    """ddp (the default), DeepSpeed ZeRO-2 and ZeRO-3 (where DeepSpeed is installed: `make test-trainers`).
+    Not FSDP: accelerate runs it on GPUs only (on CPUs it would train DDP; benchmarks/gpu_check.sh runs it)."""
     if strategy.startswith("zero"):
         pytest.importorskip("deepspeed")
     model = grown(tmp_path, cli)
@@ -102,7 +101,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path, cli, strategy):
         head_two = load_file(tmp_path / "two" / "mod" / "mod_head.safetensors")
         assert max((head_one[k] - head_two[k]).abs().max().item() for k in head_one) <= 1e-6
     # Rank 0 alone speaks and writes: one line per stage on stdout, one data line per stage.
-    printed = [line for line in two.stdout.splitlines() if not line.startswith("[")]  # less DeepSpeed's own log
+    printed = [line for line in two.stdout.splitlines() if line.startswith(str(tmp_path))]  # less DeepSpeed's log
     assert printed == [str(tmp_path / "two" / s) for s in stages]
     assert two.stderr.count("data: ") == len(stages) and two.stderr.count("wrote ") == len(stages), two.stderr[-4000:]
 
@@ -160,3 +159,15 @@ def test_one_process_trains_a_sharded_stage_whole(tmp_path, cli):
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert "stage 'inj': distributed: fsdp applies under a launcher" in result.stderr
+
+
+def test_sharding_that_cannot_apply_is_said_not_silent():
+    from tli_recipe.training.train import unsharded
+
+    fsdp, ds = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2}}, {"deepspeed": {}}
+    assert "applies under a launcher" in unsharded(fsdp, on_cpu=False, launched=False)
+    assert "applies under a launcher" in unsharded(ds, on_cpu=True, launched=False)
+    assert "fsdp needs GPUs" in unsharded(fsdp, on_cpu=True, launched=True)  # accelerate would run DDP silently
+    assert unsharded(fsdp, on_cpu=False, launched=True) is None
+    assert unsharded(ds, on_cpu=True, launched=True) is None  # DeepSpeed runs on CPUs (gloo)
+    assert unsharded({}, on_cpu=True, launched=False) is None

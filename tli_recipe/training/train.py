@@ -448,16 +448,12 @@ def _arguments(
         args["eval_strategy"] = "no"
         args.pop("eval_steps", None)
     args["eval_on_start"] = evaluate_first  # not part of the config: a resume does not evaluate again
-    sharded = [k for k in ("fsdp", "deepspeed") if k in args]
-    if sharded and not launched():  # FSDP and DeepSpeed need the processes a launcher starts
+    why = unsharded(args, on_cpu, launched())
+    if why:
         for key in ("fsdp", "fsdp_config", "deepspeed"):
             args.pop(key, None)
         if is_main_process():
-            print(
-                f"stage '{cfg.stage}': distributed: {sharded[0]} applies under a launcher (see train --print-launch); "
-                "this single process trains the whole model",
-                file=sys.stderr,
-            )
+            print(f"stage '{cfg.stage}': {why}", file=sys.stderr)
     try:
         return TrainingArguments(output_dir=str(work), use_cpu=on_cpu, disable_tqdm=not progress, **args)
     except (TypeError, ValueError) as exc:
@@ -465,6 +461,19 @@ def _arguments(
             f"stage '{cfg.stage}': training_arguments are not valid TrainingArguments "
             f"({str(exc).splitlines()[0][:200]}); fix the stage config or emit it again"
         ) from None
+
+
+def unsharded(args: dict, on_cpu: bool, launched: bool) -> Optional[str]:
+    """Why the stage's sharding cannot apply in this run (it then trains as ddp, saying so), or None."""
+    strategy = next((k for k in ("fsdp", "deepspeed") if k in args), None)
+    if strategy and not launched:  # FSDP and DeepSpeed need the processes a launcher starts
+        return (
+            f"distributed: {strategy} applies under a launcher (see train --print-launch); this single process "
+            "trains the whole model"
+        )
+    if strategy == "fsdp" and on_cpu:  # accelerate would silently run DDP instead (its FSDP needs GPUs)
+        return "distributed: fsdp needs GPUs (accelerate runs FSDP on GPUs only); these CPU processes train as ddp"
+    return None
 
 
 def _read_yaml(path: Path):
