@@ -116,8 +116,8 @@ M = {
         (PLAN + "test_inject_every_is_checked_against_the_sliced_stack",),
     ),
     "verify-atol-ignored": Mutant(
-        "report = VerifyReport(function_preserving=plan.function_preserving, atol=atol)",
-        "report = VerifyReport(function_preserving=plan.function_preserving)",
+        "            atol=atol,\n            whole=whole,",
+        "            whole=whole,",
         (IC + "test_verify_atol_is_the_tolerance_of_the_logits",),
     ),
     "verify-lesa-hidden-unchecked": Mutant(
