@@ -180,3 +180,37 @@ def test_python_dash_m_runs_the_cli():
     for args in (["-m", "tli_recipe", "--help"], ["-m", "tli_recipe.cli", "--help"]):
         result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 0 and "validate" in result.stdout, result.stderr
+
+
+def _plan_models() -> set[type]:
+    """Every pydantic model the Plan holds, following its fields' annotations down."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from tli_recipe.plan.model import Plan
+
+    seen: set[type] = set()
+    todo: list[object] = [Plan]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            if item not in seen:
+                seen.add(item)
+                todo += [f.annotation for f in item.model_fields.values()]
+        else:
+            todo += typing.get_args(item)
+    return seen
+
+
+def test_the_plan_holds_only_plan_types():
+    """The plan is pure data of its own floor: no recipe type in any of its fields (a recipe model
+    would make plan.json's meaning follow the recipe schema), and plan/model.py imports no recipe module."""
+    models = _plan_models()
+    assert len(models) > 10
+    recipe_types = sorted(m.__qualname__ for m in models if not m.__module__.startswith("tli_recipe.plan."))
+    assert recipe_types == []
+    recipe_imports = [
+        name for _line, name in imports(PKG / "plan" / "model.py") if name.startswith("tli_recipe.recipe")
+    ]
+    assert recipe_imports == []

@@ -54,6 +54,23 @@ def test_a_stage_name_different_from_its_settings_is_refused(grown, hostile_cli,
     refused(hostile_cli("emit", grown), "stages.0: Value error, the stage is named 'other' but its settings 'warm'")
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("learning_rate", -1.0, "stages.0.settings.learning_rate: Input should be greater than 0"),
+        ("precision", "int4", "stages.0.settings.precision: Input should be 'bfloat16', 'float16' or 'float32'"),
+        ("datasets", [{"path": ""}], "stages.0.settings.datasets.0.path: String should have at least 1 character"),
+        ("shell", "rm -rf", "stages.0.settings.shell: Extra inputs are not permitted"),
+    ],
+)
+def test_edited_stage_settings_are_refused(grown, hostile_cli, refused, field, value, problem):
+    """The plan's own stage settings keep the recipe's bounds: an edited plan.json is refused, located."""
+    plan = json.loads((grown / "plan.json").read_text())
+    plan["stages"][0]["settings"][field] = value
+    (grown / "plan.json").write_text(json.dumps(plan))
+    refused(hostile_cli("emit", grown), f"plan.json: not a plan of this tli-recipe version ({problem}")
+
+
 def test_a_plan_name_with_a_newline_is_refused(grown, hostile_cli, refused):
     plan = json.loads((grown / "plan.json").read_text())
     plan["name"] = "x\nmodel: /etc"

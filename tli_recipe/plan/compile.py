@@ -26,6 +26,7 @@ from tli_recipe.plan.config import rewrite_config
 from tli_recipe.plan.layers import build_layer_map, check_injection
 from tli_recipe.plan.model import (
     LayerEntry,
+    LesaSettings,
     Plan,
     RecipeSpot,
     SourcePin,
@@ -168,7 +169,7 @@ def compile_plan(loaded: LoadedRecipe, access: Optional[Access] = None) -> Plan:
         output=recipe.output or f"out/{name}",
         shard_size=recipe.shard_size,
         seed=recipe.seed,
-        lesa=recipe.inject.lesa if any(op.op == "lesa" for op in ops) else None,
+        lesa=LesaSettings(**recipe.inject.lesa.model_dump()) if any(op.op == "lesa" for op in ops) else None,
         recipe_dtype=recipe.dtype,
         pins=source_pins(recipe, loaded.marks, sources),
         layers_pattern=arch.layers_pattern,

@@ -10,9 +10,8 @@ import hashlib
 import json
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
-from tli_recipe.recipe.schema import Lesa, Stage
 from tli_recipe.source.checkpoint import nbytes
 
 
@@ -208,6 +207,96 @@ class DistributedPlan(Frozen):
     offload: bool = Field(default=False, description="Sharded state (fsdp) or optimizer state (deepspeed) on the CPU.")
 
 
+class LesaSettings(Frozen):
+    """Settings of the lesa policy, copied from the recipe's ``inject.lesa`` (the recipe checked them)."""
+
+    hidden: StrictInt = Field(ge=1)
+    epochs: StrictInt = Field(ge=1)
+    lr: float = Field(gt=0)
+    norm_weight: float = Field(ge=0, lt=1)
+    batch_size: StrictInt = Field(ge=1)
+    seed: StrictInt = Field(ge=0)
+
+
+class SettingsSpan(Frozen):
+    """A ``{layers: [start, end]}`` trainable selector: output layers [start, end), half-open, 0-based."""
+
+    layers: tuple[StrictInt, StrictInt]
+
+    @model_validator(mode="after")
+    def _range(self) -> "SettingsSpan":
+        if not 0 <= self.layers[0] < self.layers[1]:
+            raise ValueError("a layer span must be [start, end] with 0 <= start < end")
+        return self
+
+
+class SettingsLora(Frozen):
+    """A stage's LoRA settings as the recipe gave them (LoraPlan holds what they resolved to)."""
+
+    r: StrictInt = Field(ge=1)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    targets: list[str] = Field(min_length=1)
+    quantize: Optional[Literal[4, 8]] = None
+    allow_frozen_injected: StrictBool = False
+
+
+class SettingsDataset(Frozen):
+    """Training text of a stage: a file path (absolute once compiled) and the JSONL text field."""
+
+    path: str = Field(min_length=1)
+    text_field: str = Field(default="text", min_length=1)
+
+
+class SettingsMod(Frozen):
+    layers: StrictInt = Field(ge=2)
+    distill_weight: float = Field(ge=0)
+    init: Literal["exact", "uniform"]
+    learning_rate: float = Field(gt=0)
+
+
+class SettingsDistributed(Frozen):
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    zero_stage: Optional[Literal[2, 3]] = None
+    offload: StrictBool = False
+
+
+class StageSettings(Frozen):
+    """A stage's training settings, copied once from the recipe's stage when the plan is compiled: what
+    emit, train and compare read (datasets, schedule, precision, LoRA...). The recipe validated them; the
+    bounds here refuse an edited plan.json. Its JSON has the recipe stage's shape, so ``--set`` on a grown
+    checkpoint can validate overrides through the recipe's schema and convert back (training/settings.py)."""
+
+    name: str = Field(pattern=SEGMENT, max_length=200)
+    trainable: list[
+        Union[Literal["injected", "original", "all", "embeddings", "head", "router", "experts", "shared"], SettingsSpan]
+    ] = Field(min_length=1)
+    lora: Optional[SettingsLora] = None
+    datasets: list[SettingsDataset] = Field(default_factory=list)
+    learning_rate: float = Field(gt=0)
+    scheduler: Literal["cosine", "linear", "constant"]
+    warmup_steps: StrictInt = Field(ge=0)
+    max_steps: Optional[StrictInt] = Field(default=None, ge=1)
+    epochs: Optional[float] = Field(default=None, gt=0)
+    batch_size: StrictInt = Field(ge=1)
+    gradient_accumulation: StrictInt = Field(ge=1)
+    sequence_length: StrictInt = Field(ge=2)
+    precision: Literal["bfloat16", "float16", "float32"]
+    gradient_checkpointing: StrictBool
+    weight_decay: float = Field(ge=0)
+    validation_fraction: float = Field(ge=0, lt=1)
+    eval_steps: StrictInt = Field(ge=1)
+    save_steps: StrictInt = Field(ge=1)
+    objective: Literal["lm", "mod"]
+    mod: Optional[SettingsMod] = None
+    distributed: SettingsDistributed = Field(default_factory=SettingsDistributed)
+
+    @classmethod
+    def of(cls, stage: Any) -> "StageSettings":
+        """The plan's copy of a recipe stage (any object that dumps to the recipe stage's JSON)."""
+        return cls.model_validate(stage.model_dump(mode="json", exclude_none=True))
+
+
 class StagePlan(Frozen):
     """A training stage resolved against the output model."""
 
@@ -234,8 +323,8 @@ class StagePlan(Frozen):
     distributed: DistributedPlan = Field(
         default_factory=DistributedPlan, description="How the stage is parallelised over several processes."
     )
-    settings: Stage = Field(
-        description="The recipe's typed stage: datasets, learning rate, precision, LoRA settings..."
+    settings: StageSettings = Field(
+        description="The stage's training settings from the recipe: datasets, learning rate, precision, LoRA..."
     )
 
     @model_validator(mode="after")
@@ -364,7 +453,7 @@ class Plan(Frozen):
     output: str
     shard_size: int
     seed: int = Field(description="The recipe seed (noise and random policies, training).")
-    lesa: Optional[Lesa] = Field(
+    lesa: Optional[LesaSettings] = Field(
         default=None, description="Settings of the lesa policy; None when no tensor is made by lesa."
     )
     upcycle: Optional[UpcyclePlan] = Field(

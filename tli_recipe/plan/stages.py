@@ -6,7 +6,15 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from tli_recipe.plan.model import DistributedPlan, LayerEntry, LoraPlan, ModPlan, StagePlan, TensorOp
+from tli_recipe.plan.model import (
+    DistributedPlan,
+    LayerEntry,
+    LoraPlan,
+    ModPlan,
+    StagePlan,
+    StageSettings,
+    TensorOp,
+)
 from tli_recipe.plan.ops import zero_effect
 from tli_recipe.plan.problems import Problems
 from tli_recipe.recipe.schema import MOE_GROUPS, LayerSpan, Mod, Recipe, Stage
@@ -175,7 +183,7 @@ def resolve_stage(
         trainable_parameters=trainable_count(trained, stage.lora.r if stage.lora else None)
         + (mod.head_parameters if mod else 0),
         distributed=distributed,
-        settings=stage,
+        settings=StageSettings.of(stage),
     )
 
 

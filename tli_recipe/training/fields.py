@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from tli_recipe.recipe.schema import Stage
+from tli_recipe.plan.model import StageSettings
 
 #: The HF scheduler of each recipe schedule, without and with warmup.
 SCHEDULERS = {
@@ -27,7 +27,7 @@ class Field:
     """One hyperparameter: what it means and its value for a stage (None: not set)."""
 
     doc: str
-    value: Callable[[Stage, int], Any]
+    value: Callable[[StageSettings, int], Any]
 
 
 FIELDS: dict[str, Field] = {
@@ -70,7 +70,7 @@ class Key:
     convert: Optional[Callable[[Any], Any]] = None
 
 
-def mapped(stage: Stage, seed: int, keys: Sequence[Key]) -> dict[str, Any]:
+def mapped(stage: StageSettings, seed: int, keys: Sequence[Key]) -> dict[str, Any]:
     """The trainer's keys for ``keys``, in order, with the stage's values."""
     out: dict[str, Any] = {}
     for k in keys:

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from tli_recipe.recipe.schema import Dataset
+from tli_recipe.plan.model import SettingsDataset
 from tli_recipe.training.data import is_jsonl, record_format
 from tli_recipe.training.distributed import DEEPSPEED_SUFFIX, deepspeed_config, fsdp_arguments
 from tli_recipe.training.fields import Key, is_bf16, is_fp16, mapped
@@ -108,7 +108,7 @@ def llamafactory_lora_modules(
     return {m for m in modules if any(t in m for t in targets) and any(i in m for i in ids)}
 
 
-def llamafactory_dataset_info(datasets: list[Dataset]) -> dict[str, dict]:
+def llamafactory_dataset_info(datasets: list[SettingsDataset]) -> dict[str, dict]:
     """``dataset_info.json`` entries, one per file: pre-training text in the ``prompt`` column."""
     info: dict[str, dict] = {}
     for d in datasets:
@@ -186,7 +186,7 @@ class LlamaFactory(TrainerFormat):
         names = []
         # LLaMA-Factory joins file_name to dataset_dir, the folder of dataset_info.json.
         here = [
-            Dataset(path=os.path.relpath(d.path, self.ctx.shown), text_field=d.text_field)
+            SettingsDataset(path=os.path.relpath(d.path, self.ctx.shown), text_field=d.text_field)
             for d in resolve_datasets(spec, self.ctx.data)
         ]
         for key, entry in llamafactory_dataset_info(here).items():

@@ -3,8 +3,9 @@
 A grown checkpoint's ``plan.json`` is final for its layers and tensors, and for which parameters each
 stage trains (resolved against the model when the recipe was compiled). What a stage trains *with*
 (learning rate, steps, precision, batch size, datasets, LoRA rank and alpha...) can still change: the
-overrides are applied to the stages' recipe settings with the recipe's own ``--set`` machinery
-(``stages[*].precision=float32`` sets every stage) and validated by the recipe schema.
+overrides are applied to the stages' settings (``StagePlan.settings``, whose JSON has the recipe
+stage's shape) with the recipe's own ``--set`` machinery (``stages[*].precision=float32`` sets every
+stage), validated by the recipe schema, and copied back into the plan's own type.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 from typing import Sequence
 
 from tli_recipe.errors import TliError
-from tli_recipe.plan.model import Plan
+from tli_recipe.plan.model import Plan, StageSettings
 from tli_recipe.plan.stages import resolve_distributed
 from tli_recipe.recipe.base import Strict
 from tli_recipe.recipe.load import Marks, apply_overrides, validate_model
@@ -91,7 +92,12 @@ def override_stages(plan: Plan, overrides: Sequence[str], source: str = "the che
             raise TliError(f"--set: stages[{len(resolved)}].distributed: {why}")
         resolved.append(
             sp.model_copy(
-                update={"settings": stage, "lora": lora, "trainable_parameters": count, "distributed": distributed}
+                update={
+                    "settings": StageSettings.of(stage),
+                    "lora": lora,
+                    "trainable_parameters": count,
+                    "distributed": distributed,
+                }
             )
         )
     return plan.model_copy(update={"stages": resolved})

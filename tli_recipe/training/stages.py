@@ -1,7 +1,7 @@
 """The stage-selection core every trainer shares: which stages, where they read and write, their data.
 
 Pure data; no torch. A :class:`StageSpec` is one stage of the plan with its position
-and its typed recipe settings (``StagePlan.settings``); the plan is the only input.
+and its training settings (``StagePlan.settings``, copied from the recipe at compile time); the plan is the only input.
 
 Stages chain: stage 1 starts from the grown checkpoint, stage k from stage k-1's
 output (for a LoRA stage, its merged output). Stage outputs are siblings of the
@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 import yaml
 
 from tli_recipe.errors import TliError, did_you_mean
-from tli_recipe.plan.model import Plan, StagePlan
-from tli_recipe.recipe.schema import LINEAR_PROJECTIONS, Dataset, Stage
+from tli_recipe.plan.model import Plan, SettingsDataset, StagePlan, StageSettings
+from tli_recipe.recipe.schema import LINEAR_PROJECTIONS
 
 #: The built-in trainer's folder and ``--format`` name.
 BUILTIN = "builtin"
@@ -32,13 +32,13 @@ class Refusal(TliError):
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One stage: its position (1-based) and what the plan resolved, typed recipe settings included."""
+    """One stage: its position (1-based) and what the plan resolved, its training settings included."""
 
     index: int
     plan: StagePlan
 
     @property
-    def settings(self) -> Stage:
+    def settings(self) -> StageSettings:
         return self.plan.settings
 
     @property
@@ -87,10 +87,10 @@ def stage_input(
     return out / "merged" if previous.plan.lora is not None and trainer != BUILTIN else out
 
 
-def resolve_datasets(spec: StageSpec, data: Optional[Sequence[str | Path]] = None) -> list[Dataset]:
+def resolve_datasets(spec: StageSpec, data: Optional[Sequence[str | Path]] = None) -> list[SettingsDataset]:
     """The stage's datasets (or ``data``, which replaces them), with absolute paths."""
-    chosen = [Dataset(path=str(p)) for p in data] if data else list(spec.settings.datasets)
-    return [Dataset(path=str(Path(d.path).expanduser().resolve()), text_field=d.text_field) for d in chosen]
+    chosen = [SettingsDataset(path=str(p)) for p in data] if data else list(spec.settings.datasets)
+    return [SettingsDataset(path=str(Path(d.path).expanduser().resolve()), text_field=d.text_field) for d in chosen]
 
 
 # --- facts about the plan every trainer needs ------------------------------------------------
