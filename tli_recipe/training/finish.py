@@ -1,4 +1,5 @@
-"""The end of a stage (rank 0 only): the stage directory written beside its target and renamed into place.
+"""The end of a stage (rank 0 only): the stage directory written beside its target and renamed into place,
+with what it holds for people: the loss history (``losses.csv``, ``losses.png``) and the model card.
 
 Also the work directory's small files: written atomically (a crash never leaves half a JSON for the
 resumed run to trip on) and read back tolerantly, and the last checkpoint that is complete.
@@ -6,6 +7,7 @@ resumed run to trip on) and read back tolerantly, and the last checkpoint that i
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -20,10 +22,11 @@ import yaml
 from tli_recipe._version import __version__
 from tli_recipe.errors import TliError
 from tli_recipe.files import current_umask, make_folder, named, write_text_atomic
+from tli_recipe.plan.model import Plan
+from tli_recipe.plan.report import ranges
+from tli_recipe.recipe.sources import is_hub_id
 from tli_recipe.training.builtin import BuiltinStageConfig
-from tli_recipe.training.card import stage_card
 from tli_recipe.training.loading import load_model
-from tli_recipe.training.losses import loss_rows, plot_losses, write_losses
 
 COMPLETE = "training_metrics.json"  # present only in a finished stage directory
 
@@ -274,3 +277,109 @@ def _metrics(
         "mod_head": "mod_head.safetensors" if (tmp / "mod_head.safetensors").is_file() else None,
         "train_seconds": next((h["train_runtime"] for h in history if "train_runtime" in h), None),
     }
+
+
+# --- the loss history of a stage -------------------------------------------------------------------------
+
+
+def loss_rows(history: list[dict]) -> list[dict]:
+    """One row per step from the Trainer's log history: step, epoch, learning_rate, loss, eval_loss."""
+    rows: dict[int, dict] = {}
+    for entry in history:
+        if "loss" not in entry and "eval_loss" not in entry:
+            continue
+        row = rows.setdefault(int(entry.get("step", 0)), {"step": int(entry.get("step", 0))})
+        for key in ("epoch", "learning_rate", "loss", "eval_loss"):
+            if key in entry:
+                row[key] = entry[key]
+    return [rows[k] for k in sorted(rows)]
+
+
+def write_losses(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["step", "epoch", "learning_rate", "loss", "eval_loss"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in writer.fieldnames})
+
+
+def plot_losses(rows: list[dict], path: Path, title: str) -> bool:
+    """A PNG of the training and validation loss; False (and no file) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    held = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    if train:
+        ax.plot(*zip(*train), label="training loss", linewidth=1)
+    if held:
+        ax.plot(*zip(*held), "o-", label="validation loss", markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+# --- the model card (README.md) of a trained stage, from its config and metrics ---------------------------
+
+
+def _loss(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def stage_card(cfg, metrics: dict, plan: Optional[Plan]) -> str:
+    """README.md of ``<model>-<stage>``: what was trained, on what, and how it went."""
+    base = plan.sources[plan.base_model] if plan is not None else None
+    front = ["library_name: transformers", "pipeline_tag: text-generation", "tags: [tli-recipe, depth-up-scaling]"]
+    if base is not None and is_hub_id(base.ref) and base.ref != base.path:
+        front[:0] = [f"base_model: {base.ref}", "base_model_relation: finetune"]
+    name = plan.name if plan is not None else cfg.stage
+    what = (
+        f"LoRA adapters (r={cfg.lora.r}, alpha={cfg.lora.alpha:g}) on {', '.join(cfg.lora.targets)} of output layers "
+        f"{ranges(cfg.lora.layers)}, merged into the weights (the adapter is in `adapter/`)"
+        if cfg.lora
+        else f"the full weights of {len(cfg.trainable_parameters)} tensors"
+    )
+    args = cfg.training_arguments
+    steps = f"{metrics['global_step']} optimizer steps"
+    grown = (
+        f"(grown from `{plan.base_model}` with {plan.totals.layers_before} -> {plan.totals.layers_after} layers)"
+        if plan
+        else ""
+    )
+    validation_sequences = metrics["validation_sequences"]
+    warmup = args.get("warmup_steps", 0)
+    plot_file = ", `losses.png`" if metrics.get("plot") else ""
+    return (
+        "---\n"
+        + "\n".join(front)
+        + f"""
+---
+# {name}: stage {cfg.index} of {cfg.stages}, '{cfg.stage}'
+
+Trained by `tli-recipe train` ({metrics["tli_recipe_version"]}) from `{cfg.model}`
+{grown}.
+Trained: {what}; {metrics["trainable_parameters"]:,} trainable parameters. Every other tensor is unchanged.
+
+- Data: {metrics["tokens"]:,} tokens in {metrics["train_sequences"]} training and {validation_sequences} validation
+  sequences of {metrics["sequence_length"]} tokens.
+- Schedule: {steps}, learning rate {args.get("learning_rate")} ({args.get("lr_scheduler_type")}, {warmup} warmup
+  steps), batch {args.get("per_device_train_batch_size")} x {args.get("gradient_accumulation_steps", 1)} per device.
+- Training loss: {_loss(metrics["train_loss_first"])} -> {_loss(metrics["train_loss_last"])};
+  validation loss: {_loss(metrics["eval_loss_before"])} -> {_loss(metrics["eval_loss_after"])}.
+- Files: `training_config.yaml` (the stage config), `training_metrics.json`, `losses.csv`{plot_file},
+  `plan.json` (the grown checkpoint's plan).
+
+The license is the base model's: copy its license and terms before you publish this checkpoint.
+"""
+    )
