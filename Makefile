@@ -27,7 +27,6 @@ test: lint
 	$(BIN)/python -m pytest -q -m slow --durations=10
 	$(MAKE) --no-print-directory test-light
 	$(MAKE) --no-print-directory test-wheel
-	$(MAKE) --no-print-directory mutants
 
 # The wheel carries the recipe library: build it, install it into a fresh venv (no dependencies: they
 # come from $(VENV)), run the README's library commands from another folder (about 40 s).
