@@ -408,23 +408,28 @@ class _StreamedModel:
                         continue
                     rows = max(1, info.shape[0] * CHUNK // info.nbytes)
                     part = handle.get_slice(key)
-                    first = self._convert(key, part[0:rows])
-                    whole = torch.empty((info.shape[0], *first.shape[1:]), dtype=first.dtype, device=first.device)
-                    whole[0:rows] = first
+                    first = self._rounded(key, part[0:rows])
+                    dtype = self.dtype if first.is_floating_point() else first.dtype
+                    whole = torch.empty((info.shape[0], *first.shape[1:]), dtype=dtype)
+                    whole[0:rows].copy_(first)  # the cast to the compute dtype happens in this one copy
                     del first
                     for start in range(rows, info.shape[0], rows):
-                        whole[start : start + rows] = self._convert(key, part[start : start + rows])
+                        whole[start : start + rows].copy_(self._rounded(key, part[start : start + rows]))
                     out[key] = whole
         return out
 
-    def _convert(self, key: str, t):
+    def _rounded(self, key: str, t):
+        """``t`` checked for NaN/inf and rounded to the output's dtype (the base model only), still in its
+        stored precision or that rounding: the caller casts it to the compute dtype."""
         if not t.is_floating_point():
             return t
         if not all_finite(t) and f"{self.label}: {key}" not in self.nonfinite:
             self.nonfinite.append(f"{self.label}: {key}")
-        if self.round_to is not None:
-            t = t.to(self.round_to)
-        return t.to(self.dtype)
+        return t.to(self.round_to) if self.round_to is not None else t
+
+    def _convert(self, key: str, t):
+        t = self._rounded(key, t)
+        return t.to(self.dtype) if t.is_floating_point() else t
 
     def load(self, unit: str) -> None:
         import torch
