@@ -119,6 +119,42 @@ def test_one_decoder_layer_resident_at_a_time(tiny, monkeypatch):
     assert all(p.is_meta for layer in model.layers for p in layer.parameters())  # all freed
 
 
+def test_each_layer_reads_into_the_previous_layers_buffers(tiny, monkeypatch):
+    """Decoder layers share shapes: layer i+1's weights land in the memory freed by layer i (no fresh pages
+    per layer), at most one layer's buffers wait in the pool, and none once the head loads."""
+    base = tiny(arch="llama", layers=4)
+    model = layerwise._StreamedModel(
+        str(base), device="cpu", dtype=torch.float32, round_to=None, nonfinite=[], label="b"
+    )
+    memory: dict[str, set[int]] = {}
+    pooled: list[int] = []
+    load = model.load
+
+    def spying(unit):
+        pooled.append(sum(len(v) for v in model._pool.values()))
+        load(unit)
+        memory[unit] = {p.data_ptr() for p in model._module(unit).parameters()}
+        assert not model._pool  # what a unit does not reuse is dropped once it has loaded
+
+    fresh: list[tuple] = []  # buffers allocated anew, not taken from the pool
+    empty = model._empty
+
+    def counting(shape, dtype):
+        if not model._pool.get((shape, dtype)):
+            fresh.append(shape)
+        return empty(shape, dtype)
+
+    monkeypatch.setattr(model, "load", spying)
+    monkeypatch.setattr(model, "_empty", counting)
+    hidden, logits = model.run(torch.zeros((1, 4), dtype=torch.long))
+    layer_params = len(list(model.layers[0].parameters()))
+    assert len(fresh) == layer_params + 3  # layer 0, the embedding, the final norm, the head: no other layer
+    for i in range(1, 4):
+        assert memory[f"layer {i}"] == memory["layer 0"]
+    assert max(pooled) == layer_params
+    torch.testing.assert_close(logits, logits_of(base, torch.zeros((1, 4), dtype=torch.long)), atol=1e-6, rtol=0)
+
+
 def test_non_preserving_plans_report_where_they_part(tmp_path, tiny, cli):
     base = tiny(arch="llama", layers=8)
     plan, out = grow(tmp_path, base, "slices:\n  - layer_range: [0, 6]\n  - layer_range: [2, 8]", "dus")
@@ -317,3 +353,7 @@ def test_all_finite():
         assert not layerwise.all_finite(y) and not layerwise.all_finite(y.bfloat16())
     big = torch.full((4,), 3e38)  # the sum overflows; every value is finite
     assert layerwise.all_finite(big)
+    assert layerwise.all_finite(torch.full((1000,), 60000.0).half())  # fp16: 6e7 overflows its sum
+    long = torch.randn(1 << 20).bfloat16()  # the sum of a large tensor in its own dtype: the last value counts
+    long[-1] = float("nan")
+    assert not layerwise.all_finite(long)

@@ -78,13 +78,15 @@ class FunctionCheck:
 
 
 def all_finite(t) -> bool:
-    """No NaN or inf in ``t``. A float32 sum is non-finite whenever an element is (NaN propagates, inf
-    stays inf or makes NaN), and is 10x faster on CPU than ``isfinite(t).all()`` (15 ms against 205 ms
-    for 16M bf16 values); only a non-finite sum, which an overflow of finite values can also give,
-    is confirmed element by element."""
+    """No NaN or inf in ``t``. A sum is non-finite whenever an element is (NaN propagates, inf stays inf
+    or makes NaN). It is taken in ``t``'s own dtype: torch's bf16/fp16 sum accumulates in float32 inside
+    and rounds only the result, and is 15x faster on CPU than a sum with ``dtype=float32`` (5 ms against
+    80 ms for 16M bf16 values, which are first converted) and 20x faster than ``isfinite(t).all()``.
+    Only a non-finite sum, which an overflow of finite values can also give (more often in fp16), is
+    confirmed element by element."""
     import torch
 
-    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+    if bool(torch.isfinite(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
 
@@ -328,6 +330,9 @@ class _StreamedModel:
         self.layer_list, self.layers = decoder_layers(model)
         self.units = self._units()
         self.twins = self._find_twins()
+        # Weight buffers of the last freed decoder layer, by (shape, dtype), for the next layer to read
+        # into (CPU only): see _empty.
+        self._pool: dict[tuple, list] = {}
 
     # -- building ------------------------------------------------------------------------------
 
@@ -404,13 +409,20 @@ class _StreamedModel:
                 for key in names:
                     info = self.checkpoint.tensors[key]
                     if info.nbytes <= CHUNK or len(info.shape) == 0 or info.shape[0] < 2:
-                        out[key] = self._convert(key, handle.get_tensor(key))
+                        t = self._rounded(key, handle.get_tensor(key))
+                        if t.is_floating_point():
+                            t = self._empty(tuple(t.shape), self.dtype).copy_(t)
+                        out[key] = t
                         continue
                     rows = max(1, info.shape[0] * CHUNK // info.nbytes)
                     part = handle.get_slice(key)
                     first = self._rounded(key, part[0:rows])
-                    dtype = self.dtype if first.is_floating_point() else first.dtype
-                    whole = torch.empty((info.shape[0], *first.shape[1:]), dtype=dtype)
+                    shape = (info.shape[0], *first.shape[1:])
+                    whole = (
+                        self._empty(shape, self.dtype)
+                        if first.is_floating_point()
+                        else torch.empty(shape, dtype=first.dtype)
+                    )
                     whole[0:rows].copy_(first)  # the cast to the compute dtype happens in this one copy
                     del first
                     for start in range(rows, info.shape[0], rows):
@@ -427,9 +439,15 @@ class _StreamedModel:
             self.nonfinite.append(f"{self.label}: {key}")
         return t.to(self.round_to) if self.round_to is not None else t
 
-    def _convert(self, key: str, t):
-        t = self._rounded(key, t)
-        return t.to(self.dtype) if t.is_floating_point() else t
+    def _empty(self, shape: tuple, dtype):
+        """A buffer for one tensor in the compute dtype: the freed previous layer's buffer of the same shape
+        where there is one (decoder layers share their shapes), else a new one. Reading into the same
+        memory layer after layer spares the kernel from mapping and zeroing fresh pages for every layer
+        (about a million page faults on the 1.1B benchmark model) and the allocator from returning them."""
+        import torch
+
+        kept = self._pool.get((shape, dtype))
+        return kept.pop() if kept else torch.empty(shape, dtype=dtype)
 
     def load(self, unit: str) -> None:
         import torch
@@ -438,7 +456,9 @@ class _StreamedModel:
         from transformers.utils import logging as hf_logging
 
         keys = self.units.get(unit, [])
+        self._trim_pool(unit, keys)
         state = self._read(keys)
+        self._pool.clear()  # what this layer did not reuse
         tied = self._tied_sources(unit)
         for source_key in set(tied.values()) - set(state):
             state.update(self._read([source_key]))
@@ -502,11 +522,35 @@ class _StreamedModel:
         import torch
 
         module = self._module(unit)
+        pooled = unit.startswith("layer ")
         for sub in module.modules():
             for name, p in list(sub._parameters.items()):
                 if p is not None and not p.is_meta:
+                    if pooled and p.device.type == "cpu" and p.is_floating_point() and p.dtype == self.dtype:
+                        self._pool.setdefault((tuple(p.shape), p.dtype), []).append(p.data)
                     sub._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
-        _return_freed_memory()
+        if not pooled:
+            _return_freed_memory()
+
+    def _trim_pool(self, unit: str, keys: list[str]) -> None:
+        """Drop the pooled buffers that ``unit`` will not read into, before it allocates its own, so that
+        at most one layer's weights are resident: all of them for a unit that is not a decoder layer (the
+        head after the last layer), the unmatched ones for a layer of another shape (a dense layer after
+        an MoE one)."""
+        if not self._pool:
+            return
+        if not unit.startswith("layer "):
+            self._pool.clear()
+            _return_freed_memory()
+            return
+        wanted: dict[tuple, int] = {}
+        for key in keys:
+            info = self.checkpoint.tensors[key]
+            wanted[tuple(info.shape)] = wanted.get(tuple(info.shape), 0) + 1
+        for (shape, dtype), buffers in list(self._pool.items()):
+            del buffers[wanted.get(shape, 0) :]
+            if not buffers:
+                del self._pool[(shape, dtype)]
 
     # -- running -------------------------------------------------------------------------------
 
