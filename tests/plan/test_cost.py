@@ -148,3 +148,16 @@ def test_plan_prints_memory_per_gpu_and_verifys_peak(tmp_path, cli):
     on8 = cli("plan", llama3_8b_k4(tmp_path), "--gpus", "8").stdout
     assert "train, on 8 GPUs" in on8 and "divide" not in on8
     assert f"= {sum(per_device(8)['all']) / GIB:.1f} GiB\n" in on8
+
+
+def test_the_docs_show_the_memory_lines_plan_prints(cli):
+    """docs/distributed-training.md shows the memory lines of `plan recipes/llama3-8b-k4.yaml`: what it prints."""
+    root = CONFIGS.parents[2]
+    page = (root / "docs" / "distributed-training.md").read_text()
+    shown = page.split("## Memory per GPU, before you train")[1].split("```text\n")[1].split("```")[0]
+    result = cli(
+        "plan", root / "recipes" / "llama3-8b-k4.yaml", "--set", f"base_model={CONFIGS / 'meta-llama__Meta-Llama-3-8B'}"
+    )
+    assert result.exit_code == 0, result.stderr
+    printed = result.stdout.split("\nmemory ", 1)[1].split("\nwarning ")[0]
+    assert shown == "memory " + printed + "\n"

@@ -249,7 +249,7 @@ def stage_memory(plan: Plan, stage: StagePlan, world_size: int | None = None) ->
         weights = stored + (trainable - numel) * per  # the MoD head, if any, in the weights' dtype
         all_elements = elements + trainable - numel
     if dist.strategy == "deepspeed":
-        zero = dist.zero_stage or 2
+        zero = dist.zero_stage or 3  # compile_plan resolves it; 3 is the recipe default
         setup = f"deepspeed ZeRO-{zero}"
         if mixed:
             weights, per = all_elements * 2, 2  # the engine casts the model to the 16-bit precision
