@@ -53,6 +53,7 @@ H, MLP, V, KV = 4096, 14336, 128256, 8 * 128  # hidden, MLP, vocabulary, key/val
 LAYER = 2 * H * H + 2 * H * KV + 3 * H * MLP + 2 * H  # q, o; k, v; gate, up, down; two norms
 TOTAL = 40 * LAYER + 2 * V * H + H  # embeddings and an untied head, the final norm
 INJECTED = 8 * LAYER
+MATRICES = 40 * (LAYER - 2 * H)  # the decoder layers' 2-D weights (all but the norms)
 ADAPTERS = 40 * 16 * ((H + H) + (H + KV))  # LoRA r=16 on q_proj [H, H] and v_proj [KV, H]: r * (in + out)
 GIB = 2**30
 
@@ -76,6 +77,9 @@ stages:
     trainable: [injected]
     precision: float32
     distributed: {strategy: fsdp}
+  - name: qlora
+    trainable: [all]
+    lora: {r: 16, alpha: 32, targets: [q_proj, v_proj], quantize: 4}
 """
 
 
@@ -103,6 +107,8 @@ def per_device(n: int = 1) -> dict:
         "tune": (TOTAL * 2 + ADAPTERS * 4, ADAPTERS * 4, ADAPTERS * 4 * 2),
         # fsdp without autocast: nothing upcast, everything bf16 and sharded
         "fp32": (shard(TOTAL * 2), shard(INJECTED * 2), shard(INJECTED * 2 * 2)),
+        # QLoRA: the decoder layers' matrices at 4 bits, every other weight (norms, embeddings, head) in fp32
+        "qlora": (MATRICES // 2 + (TOTAL - MATRICES) * 4 + ADAPTERS * 4, ADAPTERS * 4, ADAPTERS * 4 * 2),
     }
 
 
@@ -146,7 +152,7 @@ def test_plan_prints_memory_per_gpu_and_verifys_peak(tmp_path, cli):
     assert f"memory      verify: ~{(unit + activations) / GIB:.1f} GiB at its peak" in text
     assert f"(model.embed_tokens.weight) {unit / GIB:.1f} GiB + activations {activations / 2**20:.1f} MiB" in text
     on8 = cli("plan", llama3_8b_k4(tmp_path), "--gpus", "8").stdout
-    assert "train, on 8 GPUs" in on8 and "divide" not in on8
+    assert "train, per GPU of 8, from" in on8 and "divide" not in on8
     assert f"= {sum(per_device(8)['all']) / GIB:.1f} GiB\n" in on8
 
 

@@ -218,7 +218,7 @@ _PART_NAMES = {"weights": "weights", "gradients": "gradients", "optimizer": "Ada
 def memory_lines(plan: Plan, world_size: int | None = None) -> list[str]:
     """Memory per device of each training stage and verify's peak (plan/cost.py), before any long work."""
     lines = []
-    gpus = f"on {world_size} GPUs" if world_size else "per GPU"
+    gpus = f"per GPU of {world_size}" if world_size else "per GPU"
     if plan.stages:
         lines += [
             f"memory      train, {gpus}, from the parameter counts: weights, gradients and Adam state of the trainable",
