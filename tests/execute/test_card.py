@@ -96,3 +96,43 @@ def test_a_long_layer_map_shows_its_ends(tmp_path, tiny):
     assert len(table) == 2 + 32 + 1 + 8 and "| ... | 20 more rows: see plan.json |  |  |" in table
     assert table[-1] == "| 89 | 59 | injected | o_proj=zero, down_proj=zero, rest copy |"
     assert "[2, 5, 8, ..., 89] (30 entries, every 3rd)" in card
+
+
+def stage_card_of(plan, model: str) -> str:
+    from types import SimpleNamespace
+
+    from tli_recipe.training.finish import stage_card
+
+    cfg = SimpleNamespace(
+        stage="new", index=1, stages=1, model=model, lora=None, trainable_parameters=["w"], training_arguments={}
+    )
+    metrics = dict(
+        global_step=3, tli_recipe_version="0", trainable_parameters=10, tokens=100, train_sequences=2,
+        validation_sequences=1, sequence_length=8, train_loss_first=2.0, train_loss_last=1.0,
+        eval_loss_before=2.0, eval_loss_after=1.5,
+    )  # fmt: skip
+    return stage_card(cfg, metrics, plan)
+
+
+def test_the_stage_card_names_the_base_by_the_model_cards_rule(tmp_path, tiny):
+    """A trained stage's card: base_model is a hub id (the id written, or a cache snapshot's) or absent with
+    the folder named in a comment; never a path, relative or absolute, nor the source's plan key."""
+    plan, out = grow(tmp_path, tiny(layers=4), "inject: {every: 2}\n")
+    base = plan.sources[plan.base_model]
+    snapshot = "/home/me/.cache/huggingface/hub/models--HuggingFaceTB--SmolLM2-135M/snapshots/" + "a" * 40
+    cases = [
+        ({"ref": "HuggingFaceTB/SmolLM2-135M"}, "HuggingFaceTB/SmolLM2-135M"),  # resolved into the hub cache
+        ({"ref": snapshot, "path": snapshot}, "HuggingFaceTB/SmolLM2-135M"),
+        ({"ref": "models/tiny", "path": "/work/models/tiny"}, None),  # a relative folder that looks like an id
+        ({"ref": base.path}, None),
+    ]
+    for update, hub in cases:
+        src = base.model_copy(update=update)
+        card = stage_card_of(plan.model_copy(update={"sources": {plan.base_model: src}}), "../runs/grown")
+        meta = front_matter(card)
+        assert meta.get("base_model") == hub and meta["library_name"] == "transformers", update
+        named = hub or src.path.rsplit("/", 1)[1]
+        assert f"grown from `{named}` with 4 -> 6 layers" in card
+        if hub is None:
+            assert f"# base_model: the hub id of {named} (a local folder here)" in card
+        assert "from `grown`" in card and "../" not in card and "/work/" not in card and "/home/me" not in card

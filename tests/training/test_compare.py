@@ -98,8 +98,31 @@ def test_compare_plot_legend_explains_its_markers(tmp_path):
         curve=[(1, 2.0), (2, 1.8)],
     )
     labels = plot_compare([row], tmp_path / "c.png", 2)
-    assert labels == ["tli (new)", "held-out loss at init (step 0)", "held-out loss after 2 steps"]
+    assert labels == [
+        "tli (new)",
+        "lines: training loss (per step)",
+        "held-out loss at init (step 0)",
+        "held-out loss after 2 steps",
+    ]
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_compare_plot_axis_names_one_quantity_and_the_legend_the_series():
+    pytest.importorskip("matplotlib")
+    from tli_recipe.training.compare import CompareRow, compare_figure
+
+    curve = [(s, 3.0 - s / 20) for s in range(1, 21)]
+    rows = [
+        CompareRow(recipe=f"{n}.yaml", name=n, stage="new", layers=6, parameters=1, trainable=1,
+                   function_preserving=True, init_loss=3.0, final_loss=2.1, grow_seconds=0, train_seconds=0,
+                   curve=curve)
+        for n in ("tli", "copy")
+    ]  # fmt: skip
+    [ax] = compare_figure(rows, 20).axes
+    assert ax.get_ylabel() == "loss (nats/token)" and ax.get_xlabel() == "optimizer step"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[:3] == ["tli (new)", "copy (new)", "lines: training loss (moving average over 4 steps)"]
+    assert labels[3:] == ["held-out loss at init (step 0)", "held-out loss after 20 steps"]
 
 
 def test_compare_checks_every_recipe_before_growing(tmp_path, cli):

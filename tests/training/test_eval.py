@@ -64,3 +64,45 @@ def test_eval_errors(models, tmp_path, cli):
     )
     result = cli("eval", other, base, "--data", write_text(tmp_path / "t.txt", 3), "--tokenizer", base)
     assert result.exit_code == 0, result.stderr
+
+
+def close_report():
+    from tli_recipe.training.eval_report import EvalReport
+    from tli_recipe.training.evaluate import EvalResult
+    from tli_recipe.training.lmeval import TaskScore
+
+    models = ["/m/base", "/m/grown"]
+    return EvalReport(
+        models=models,
+        loss=[EvalResult(models[0], 4.2, math.exp(4.2), 100, 2), EvalResult(models[1], 3.98, math.exp(3.98), 100, 2)],
+        tasks=[
+            TaskScore(models[0], "arc", 100, acc=0.61, acc_stderr=0.02),
+            TaskScore(models[1], "arc", 100, acc=0.64, acc_stderr=0.025),
+            TaskScore(models[1], "boolq", 100),  # no accuracy: no bar, no label
+        ],
+        asked_tasks=True,
+    )
+
+
+def test_eval_plot_labels_every_value_and_its_axes_span_the_data(tmp_path):
+    pytest.importorskip("matplotlib")
+    from tli_recipe.training.eval_report import plot_report, report_figure
+
+    loss_ax, task_ax = report_figure(close_report()).axes
+    assert [t.get_text() for t in loss_ax.texts] == ["4.200", "3.980"]
+    bottom, top = loss_ax.get_ylim()
+    # not from 0: 4.20 against 3.98 takes most of the axis, and the labels fit above the bars
+    assert 3.5 < bottom < 3.98 and top > 4.2 and (4.2 - 3.98) / (top - bottom) > 0.4
+    assert [t.get_text() for t in task_ax.texts] == ["0.610±0.020", "0.640±0.025"]
+    bottom, top = task_ax.get_ylim()
+    assert 0.45 < bottom < 0.59 and top > 0.665
+    png = tmp_path / "report.png"
+    assert plot_report(close_report(), png) and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_value_axis_stays_above_zero_and_gives_one_value_room():
+    from tli_recipe.training.eval_report import value_axis
+
+    assert value_axis([0.01, 0.5], [0.01, 0.5])[0] == 0.0  # accuracies near 0: the axis starts at 0, not below
+    bottom, top = value_axis([4.2], [4.2])  # one model: a bar of visible height around its value
+    assert 3.9 < bottom < 4.2 < top < 4.5

@@ -75,8 +75,9 @@ def test_injected_only_stage_trains_exactly_the_injected_layers(tmp_path, base, 
     assert stat.S_IMODE(out.stat().st_mode) == 0o750
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()} == {0o640}
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers\n") and "stage 1 of 1, 'injected-only'" in card
-    assert "12 optimizer steps" in card and f"{grown}" in card and "unchanged" in card
+    assert card.startswith("---\n# base_model: the hub id of") and "stage 1 of 1, 'injected-only'" in card
+    assert "library_name: transformers\n" in card and "12 optimizer steps" in card and "unchanged" in card
+    assert f"from `{grown.name}`" in card and str(tmp_path) not in card  # the folder's name, not its path
     assert out == tmp_path / "grown-injected-only"
     before, after = tensors(grown), tensors(out)
     trainable = set(json.loads((grown / "plan.json").read_text())["stages"][0]["parameters"])

@@ -38,10 +38,24 @@ def validate(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
 @click.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the whole plan as JSON, with the memory estimates under the key `estimates`.",
+)
+@click.option(
+    "--gpus",
+    type=click.IntRange(1, 1 << 20),
+    default=None,
+    help="Processes (GPUs) a sharded stage (fsdp, deepspeed) is divided over in the memory estimates [default: "
+    "per GPU of one, naming the parts to divide].",
+)
 @reported
-def plan(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
-    """Compile a recipe against its base model's config and headers; print the layer map and totals.
+def plan(recipe: str, overrides: tuple[str, ...], as_json: bool, gpus: int | None) -> None:
+    """Compile a recipe against its base model's config and headers; print the layer map, the totals, and
+    the memory each training stage and `verify` will need (weights, gradients and Adam state per GPU, from
+    the parameter counts; activations not counted).
 
     A hub id not in the local Hugging Face cache: config.json and the index are fetched and the
     safetensors headers read by range requests; the weights are not downloaded. When the base model
@@ -53,11 +67,16 @@ def plan(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
     except RecipeError as exc:
         compiled = _from_stored_config(recipe, overrides, exc)
     if as_json:
-        click.echo(compiled.model_dump_json(indent=2))
+        from tli_recipe.plan.cost import estimates
+
+        # the plan's own JSON, then its estimates: derived, so Plan drops them when this JSON is read back
+        text = compiled.model_dump_json(indent=2)
+        extra = json.dumps({"estimates": estimates(compiled, gpus)}, indent=2)
+        click.echo(text[: text.rindex("}")].rstrip() + ",\n" + extra[1:].lstrip("\n"))
         return
     from tli_recipe.plan.report import plan_table
 
-    click.echo(plan_table(compiled))
+    click.echo(plan_table(compiled, gpus))
 
 
 def _from_stored_config(recipe: str, overrides: tuple[str, ...], failed: RecipeError):

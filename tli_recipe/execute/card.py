@@ -29,12 +29,24 @@ def model_name(src) -> str:
     return hub_id(src) or PurePosixPath(src.path).name
 
 
+def base_model_lines(src) -> list[str]:
+    """The front matter's ``base_model`` lines for a source model, in every card (the model's and each trained
+    stage's): ``base_model`` and ``base_model_relation`` when it has a hub id (the hub accepts nothing else
+    there); for a local folder a comment naming the folder (never its path) and saying to set them."""
+    hub = hub_id(src)
+    if hub:
+        return [f"base_model: {hub}", "base_model_relation: finetune"]
+    return [
+        f"# base_model: the hub id of {model_name(src)} (a local folder here), if it has one: set it, with",
+        "# base_model_relation: finetune, before publishing",
+    ]
+
+
 def _front_matter(plan: Plan) -> str:
     """The card's YAML header, as the Hugging Face hub reads it: ``base_model`` only when the base is a hub
     id (the hub accepts nothing else there, and a path would publish a directory of this machine); for a
     local folder a comment says to set it."""
     base = plan.sources[plan.base_model]
-    hub = hub_id(base)
     tags = ["tli-recipe", "depth-up-scaling"]
     if plan.requires_grad_layers:
         tags.append("transformer-layer-injection")
@@ -42,14 +54,11 @@ def _front_matter(plan: Plan) -> str:
         tags.append("mixture-of-experts")
     if plan.widen is not None:
         tags.append("width-growth")
-    if hub:
-        lines = [f"base_model: {hub}", "base_model_relation: finetune"]
-    else:
-        lines = [
-            f"# base_model: the hub id of {model_name(base)} (a local folder here), if it has one: set it, with",
-            "# base_model_relation: finetune, before publishing",
-        ]
-    lines += ["library_name: transformers", "pipeline_tag: text-generation", "tags:"] + [f"- {t}" for t in tags]
+    lines = (
+        base_model_lines(base)
+        + ["library_name: transformers", "pipeline_tag: text-generation", "tags:"]
+        + [f"- {t}" for t in tags]
+    )
     return "---\n" + "\n".join(lines) + "\n---\n"
 
 

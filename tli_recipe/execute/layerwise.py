@@ -27,14 +27,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from tli_recipe.errors import TliError
+from tli_recipe.plan.cost import CHUNK, DTYPE_BYTES, PeakEstimate, verify_peak
 from tli_recipe.plan.model import Plan
 from tli_recipe.source.checkpoint import open_checkpoint
 
-#: Bytes per element of the compute dtypes verify offers.
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-#: Largest slice of a stored tensor converted at once (bytes as stored). While a slice is converted, the
-#: stored slice, its rounding, its compute-dtype copy and the NaN mask coexist: about 4 x CHUNK.
-CHUNK = 16 << 20
 #: Safetensors dtype codes -> compute dtype names (``--dtype stored``).
 STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
@@ -106,60 +102,10 @@ def layer_tolerance(atol: float, base_scale: Optional[float]) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class PeakEstimate:
-    weights: int  # the largest unit of weights resident at once, in the compute dtype
-    largest_unit: str
-    activations: int  # recorded residuals, logits and their softmaxes
-    total: int
-
-    def describe(self) -> str:
-        return (
-            f"expected peak memory ~{_gb(self.total)} above the interpreter (torch, transformers and the model "
-            f"code: ~0.4 GB on CPU): the largest unit of weights ({self.largest_unit}) {_gb(self.weights)} + "
-            f"activations {_gb(self.activations)}"
-        )
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
-
-
 def estimate_peak(plan: Plan, *, batch: int, length: int, dtype: str = "float32", whole: bool = False) -> PeakEstimate:
-    """What verify holds at its peak, from the plan's output shapes alone (no tensor read).
-
-    Streamed: one unit at a time (a decoder layer, the embedding, the head), each in the compute
-    dtype, plus the copies of one slice of at most ``CHUNK`` stored bytes while it is converted. The base model's
-    units are its layers, which the output copies (or widens), so the output's largest unit bounds
-    both. Whole: both models at once. Activations: the residual after every layer of both models,
-    and both models' logits with their log-softmaxes."""
-    size = DTYPE_BYTES[dtype]
-    units: dict[str, int] = {}
-    largest_stored = 0
-    for op in plan.tensors:
-        numel = math.prod(op.shape)
-        key = f"layer {op.layer}" if op.layer is not None else op.name
-        units[key] = units.get(key, 0) + numel * size
-        largest_stored = max(largest_stored, 4 * min(op.nbytes, CHUNK))
-    if not units:
-        raise TliError("plan.json lists no tensors; nothing to verify")
-    decoder = plan.config
-    for key in plan.decoder_config_path:
-        decoder = decoder.get(key) or {}
-    hidden = int(decoder.get("hidden_size") or 0)
-    vocab = int(plan.vocab_size or 0)
-    base_layers = plan.sources[plan.base_model].num_layers
-    tokens = batch * length
-    activations = (base_layers + len(plan.layers) + 4) * tokens * hidden * 4 + 2 * 3 * tokens * vocab * 4
-    if whole:
-        # the base's parameters: the output's less what injection and upcycling added (approximately)
-        base_weights = plan.totals.parameters_before * size
-        out_weights = sum(units.values())
-        return PeakEstimate(out_weights + base_weights, "both models whole", activations,
-                            out_weights + base_weights + activations)  # fmt: skip
-    name, weights = max(units.items(), key=lambda kv: kv[1])
-    weights += largest_stored
-    return PeakEstimate(weights, name, activations, weights + activations)
+    """What verify holds at its peak, from the plan's shapes alone: the arithmetic is
+    :func:`tli_recipe.plan.cost.verify_peak`, torch-free, so `plan` prints it too."""
+    return verify_peak(plan, batch=batch, length=length, dtype=dtype, whole=whole)
 
 
 # --------------------------------------------------------------------------------------------

@@ -492,6 +492,15 @@ class Plan(Frozen):
         ),
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_estimates(cls, data: Any) -> Any:
+        # `plan --json` appends `estimates` (memory per stage and verify's peak): derived from the plan, not part
+        # of it, so its output reads back as a Plan; any other unknown key is still refused
+        if isinstance(data, dict) and "estimates" in data:
+            data = {k: v for k, v in data.items() if k != "estimates"}
+        return data
+
     def injected(self) -> list[LayerEntry]:
         return [entry for entry in self.layers if entry.role == "injected"]
 

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from tli_recipe.plan.cost import human_seconds, lesa_cost
+from tli_recipe.plan.cost import (
+    PARTS,
+    VERIFY_BATCH,
+    VERIFY_DTYPE,
+    VERIFY_LENGTH,
+    human_seconds,
+    lesa_cost,
+    stage_memory,
+    verify_peak,
+)
 from tli_recipe.plan.model import Plan, TensorOp
 from tli_recipe.plan.ops import OPS
 from tli_recipe.plan.stages import ops_by_layer
@@ -102,8 +111,9 @@ def layer_policy(plan: Plan, output: int) -> str:
     return describe_ops([op for op in plan.tensors if op.layer == output])
 
 
-def plan_table(plan: Plan) -> str:
-    """The layer map and totals, as `tli-recipe plan` prints them."""
+def plan_table(plan: Plan, world_size: int | None = None) -> str:
+    """The layer map and totals, as `tli-recipe plan` prints them; ``world_size``: the GPUs the memory estimates
+    divide sharded parts over (None: per GPU of one, naming the sharded parts)."""
     multi = len(plan.sources) > 1
     slices = _slices(plan)
     rows = [("out", "source", "role", "slice", "policy")]
@@ -194,11 +204,52 @@ def plan_table(plan: Plan) -> str:
             f"in memory): about {human_seconds(cost.cpu_seconds)} on a 2-core CPU, less with more cores or "
             "--device cuda (estimate)"
         )
+    lines += memory_lines(plan, world_size)
     for w in plan.warnings:
         lines.append(f"warning     {w}")
     for b in plan.blocking:
         lines.append(f"blocking    {b}")
     return "\n".join(lines)
+
+
+_PART_NAMES = {"weights": "weights", "gradients": "gradients", "optimizer": "Adam state"}
+
+
+def memory_lines(plan: Plan, world_size: int | None = None) -> list[str]:
+    """Memory per device of each training stage and verify's peak (plan/cost.py), before any long work."""
+    lines = []
+    gpus = f"per GPU of {world_size}" if world_size else "per GPU"
+    if plan.stages:
+        lines += [
+            f"memory      train, {gpus}, from the parameter counts: weights, gradients and Adam state of the trainable",
+            "            part; activations are not counted (they grow with batch x sequence length)",
+        ]
+    for s in plan.stages:
+        m = stage_memory(plan, s, world_size)
+        parts = " + ".join(f"{human_bytes(m.per_device(p))} {_PART_NAMES[p]}" for p in PARTS if p not in m.offloaded)
+        lines.append(
+            f"            stage {s.name} ({m.setup}, {m.trainable_bytes} B per trainable parameter): {parts} = "
+            f"{human_bytes(m.total)}" + ("" if m.world_size_given or not m.sharded else " on 1 GPU")
+        )
+        shared = [_PART_NAMES[p] for p in m.sharded if p not in m.offloaded]
+        if shared and not m.world_size_given:
+            lines.append(f"              sharded: divide {', '.join(shared)} by the number of GPUs (or pass --gpus N)")
+        if m.offloaded:
+            cpu = sum(m.whole[p] for p in m.offloaded)
+            lines.append(
+                f"              in CPU memory instead: {', '.join(_PART_NAMES[p] for p in m.offloaded)} "
+                f"({human_bytes(cpu)} over all processes)"
+            )
+        lines += [f"              {note}" for note in m.notes]
+    if plan.tensors:
+        peak = verify_peak(plan, batch=VERIFY_BATCH, length=VERIFY_LENGTH, dtype=VERIFY_DTYPE)
+        lines += [
+            f"memory      verify: ~{human_bytes(peak.total)} at its peak above the interpreter "
+            f"(streamed, {VERIFY_DTYPE}, {VERIFY_BATCH} x {VERIFY_LENGTH} tokens):",
+            f"            the largest unit of weights ({peak.largest_unit}) {human_bytes(peak.weights)} + activations "
+            f"{human_bytes(peak.activations)}",
+        ]
+    return lines
 
 
 def _slices(plan: Plan) -> list[tuple[int, str]]:

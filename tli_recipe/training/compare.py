@@ -12,6 +12,7 @@ and after training; the tasks load before anything is grown, so a bad one fails 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -295,44 +296,51 @@ def write_outputs(rows: Sequence[CompareRow], folder: Path, steps: int, title: s
                 ]
             )
     written[2].write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot  # noqa: F401  (present: the plot can be drawn)
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         return written
     png = folder / "compare.png"
     plot_compare(rows, png, steps, title)
     return written + [png]
 
 
-def plot_compare(rows: Sequence[CompareRow], png: Path, steps: int, title: str = "") -> list[str]:
-    """The loss curves with the held-out losses as markers; returns the legend's labels."""
-    import matplotlib.pyplot as plt
+def compare_figure(rows: Sequence[CompareRow], steps: int, title: str = ""):
+    """The loss curves with the held-out losses as markers (a matplotlib ``Figure``, no pyplot state). Both
+    are losses in nats per token, so they share one y axis, labelled with that one quantity; the legend says
+    which marks are which: lines the training loss (a moving average), markers the held-out loss."""
+    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    window = 1
     for r in rows:
         if r.curve:
             xs, ys = zip(*r.curve)
             # a moving average over 5 steps (or a fifth of the run): single-step losses on small
             # batches are noisy, and every model sees the same batches, so the curves stay comparable
             k = max(1, min(5, len(ys) // 5))
+            window = max(window, k)
             smooth = [sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1]) for i in range(len(ys))]
             (line,) = ax.plot(xs, smooth, label=f"{r.name} ({r.stage})")
             ax.scatter([0], [r.init_loss], color=line.get_color(), marker="o", s=18)
             ax.scatter([xs[-1]], [r.final_loss], color=line.get_color(), marker="s", s=18)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (moving average); dots: held-out loss")
+    ax.set_ylabel("loss (nats/token)")
     ax.set_title(title or "growth methods at the same token budget")
     handles, _ = ax.get_legend_handles_labels()
+    average = f"moving average over {window} steps" if window > 1 else "per step"
     handles += [
+        Line2D([], [], color="gray", label=f"lines: training loss ({average})"),
         Line2D([], [], color="gray", marker="o", linestyle="", label="held-out loss at init (step 0)"),
         Line2D([], [], color="gray", marker="s", linestyle="", label=f"held-out loss after {steps} steps"),
     ]
-    legend = ax.legend(handles=handles, fontsize=8)
+    ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_compare(rows: Sequence[CompareRow], png: Path, steps: int, title: str = "") -> list[str]:
+    """:func:`compare_figure` saved as ``png``; returns the legend's labels."""
+    fig = compare_figure(rows, steps, title)
     fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return [t.get_text() for t in legend.get_texts()]
+    return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]

@@ -8,6 +8,7 @@ the last task name costs seconds, not an evaluation.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,42 +88,80 @@ def run_eval(
     return report
 
 
-def plot_report(report: EvalReport, path: Path) -> bool:
-    """A PNG beside the JSON: held-out loss per model, and accuracy ± stderr per task and model.
-    False (and no file) without matplotlib."""
-    try:
-        import matplotlib
+def value_axis(lows: Sequence[float], highs: Sequence[float], headroom: float = 0.35) -> tuple[float, float]:
+    """The y range of a bar chart of close values: from a little below the smallest value (never below 0, as
+    losses and accuracies are not negative) to above the largest, with ``headroom`` of the spread on top for
+    the value labels. A bar chart from 0 would make 4.20 and 3.98 look alike; the labels carry the values."""
+    lo, hi = min(lows), max(highs)
+    spread = hi - lo
+    pad = max(spread * 0.25, abs(hi) * 0.02, 1e-3)  # one model, or equal values: still a visible bar
+    return max(0.0, lo - pad), hi + max(spread * headroom, pad)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+
+def report_figure(report: EvalReport):
+    """The figure of :func:`plot_report` (a matplotlib ``Figure``, no pyplot state): a bar per model labelled
+    with its loss (3 decimals), a bar per task and model labelled ``acc ± stderr``; each y axis spans the data,
+    not 0 to the largest value. None when there is nothing to plot."""
+    from matplotlib.figure import Figure
+
     tasks = list(dict.fromkeys(r.task for r in report.tasks))
     panels = (1 if report.loss else 0) + (1 if tasks else 0)
     if not panels:
-        return False
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels + 1, 4), dpi=100, squeeze=False)
+        return None
+    fig = Figure(figsize=(5 * panels + 1, 4), dpi=100)
+    axis = iter(fig.subplots(1, panels, squeeze=False)[0])
     names = [Path(m).name or m for m in report.models]
-    axis = iter(axes[0])
     if report.loss:
         ax = next(axis)
-        ax.bar(range(len(report.loss)), [r.loss for r in report.loss], color="tab:blue")
-        ax.set_xticks(range(len(report.loss)), [Path(r.model).name for r in report.loss], rotation=20, ha="right")
+        losses = [r.loss for r in report.loss]
+        bars = ax.bar(range(len(losses)), losses, color="tab:blue")
+        ax.bar_label(bars, [f"{v:.3f}" for v in losses], padding=2, fontsize=8)
+        ax.set_ylim(*value_axis(losses, losses))
+        ax.set_xticks(range(len(losses)), [Path(r.model).name for r in report.loss], rotation=20, ha="right")
         ax.set_ylabel("held-out loss (nats/token)")
         ax.set_title("loss (lower is better)")
     if tasks:
         ax = next(axis)
         width = 0.8 / len(report.models)
+        lows, highs = [], []
         for j, model in enumerate(report.models):
-            rows = {r.task: r for r in report.tasks if r.model == model}
-            accs = [rows[t].acc if t in rows and rows[t].acc is not None else 0 for t in tasks]
-            errs = [rows[t].acc_stderr or 0 if t in rows else 0 for t in tasks]
-            ax.bar([i + j * width for i in range(len(tasks))], accs, width, yerr=errs, capsize=3, label=names[j])
+            rows = {r.task: r for r in report.tasks if r.model == model and r.acc is not None}
+            shown = [i for i, t in enumerate(tasks) if t in rows]  # a task without an accuracy gets no bar
+            accs = [rows[tasks[i]].acc for i in shown]
+            errs = [rows[tasks[i]].acc_stderr or 0.0 for i in shown]
+            xs = [i + j * width for i in shown]
+            ax.bar(xs, accs, width, yerr=errs, capsize=3, label=names[j])
+            for x, acc, err in zip(xs, accs, errs):
+                ax.annotate(
+                    f"{acc:.3f}±{err:.3f}",
+                    (x, acc + err),
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    rotation=90 if len(report.models) > 2 else 0,
+                )
+            lows += [a - e for a, e in zip(accs, errs)]
+            highs += [a + e for a, e in zip(accs, errs)]
+        if lows:
+            # rotated labels (more than two models) stand taller: more room on top
+            ax.set_ylim(*value_axis(lows, highs, headroom=0.35 if len(report.models) <= 2 else 0.8))
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
         ax.set_ylabel("accuracy (bars: ± 1 stderr)")
         ax.set_title("lm-eval tasks (higher is better)")
         ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_report(report: EvalReport, path: Path) -> bool:
+    """A PNG beside the JSON: held-out loss per model, and accuracy ± stderr per task and model (see
+    :func:`report_figure`). False (and no file) without matplotlib or without anything to plot."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return False
+    fig = report_figure(report)
+    if fig is None:
+        return False
     fig.savefig(path)
-    plt.close(fig)
     return True

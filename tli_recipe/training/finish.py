@@ -21,10 +21,10 @@ import yaml
 
 from tli_recipe._version import __version__
 from tli_recipe.errors import TliError
+from tli_recipe.execute.card import base_model_lines, model_name
 from tli_recipe.files import current_umask, make_folder, named, write_text_atomic
 from tli_recipe.plan.model import Plan
 from tli_recipe.plan.report import ranges
-from tli_recipe.recipe.sources import is_hub_id
 from tli_recipe.training.builtin import BuiltinStageConfig
 from tli_recipe.training.loading import load_model
 
@@ -340,9 +340,10 @@ def _loss(value: Optional[float]) -> str:
 def stage_card(cfg, metrics: dict, plan: Optional[Plan]) -> str:
     """README.md of ``<model>-<stage>``: what was trained, on what, and how it went."""
     base = plan.sources[plan.base_model] if plan is not None else None
+    # the model card's rule: a hub id, else the folder's name; never a path of this machine
     front = ["library_name: transformers", "pipeline_tag: text-generation", "tags: [tli-recipe, depth-up-scaling]"]
-    if base is not None and is_hub_id(base.ref) and base.ref != base.path:
-        front[:0] = [f"base_model: {base.ref}", "base_model_relation: finetune"]
+    if base is not None:
+        front[:0] = base_model_lines(base)
     name = plan.name if plan is not None else cfg.stage
     what = (
         f"LoRA adapters (r={cfg.lora.r}, alpha={cfg.lora.alpha:g}) on {', '.join(cfg.lora.targets)} of output layers "
@@ -353,7 +354,7 @@ def stage_card(cfg, metrics: dict, plan: Optional[Plan]) -> str:
     args = cfg.training_arguments
     steps = f"{metrics['global_step']} optimizer steps"
     grown = (
-        f"(grown from `{plan.base_model}` with {plan.totals.layers_before} -> {plan.totals.layers_after} layers)"
+        f"(grown from `{model_name(base)}` with {plan.totals.layers_before} -> {plan.totals.layers_after} layers)"
         if plan
         else ""
     )
@@ -367,7 +368,7 @@ def stage_card(cfg, metrics: dict, plan: Optional[Plan]) -> str:
 ---
 # {name}: stage {cfg.index} of {cfg.stages}, '{cfg.stage}'
 
-Trained by `tli-recipe train` ({metrics["tli_recipe_version"]}) from `{cfg.model}`
+Trained by `tli-recipe train` ({metrics["tli_recipe_version"]}) from `{Path(cfg.model).name}`
 {grown}.
 Trained: {what}; {metrics["trainable_parameters"]:,} trainable parameters. Every other tensor is unchanged.
 
