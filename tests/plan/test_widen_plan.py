@@ -106,3 +106,25 @@ def test_gemma_tied_folds_the_embedding_scale_into_the_final_norm(tmp_path):
     assert w.embed_factor == w.tied_fold == pytest.approx(0.5**0.5) and w.norm_offset == 1
     norm = next(op for op in plan.tensors if op.name == "model.norm.weight")
     assert (norm.op, norm.value, norm.value_offset) == ("widen", pytest.approx(0.5**0.5), 1)
+
+
+@pytest.mark.parametrize("name,added", [("widen-mlp", "+26.5M"), ("widen-heads", "+26.5M"), ("widen-h2", "481.4M")])
+def test_benchmark_widen_recipes_plan_as_their_headers_say(name, added):
+    """benchmarks/growth/widen-*.yaml: the sizes their headers state, exact, and stage `full` only, with
+    the same settings as the other growth recipes' `full` stage (compare_growth.sh compares them)."""
+    from conftest import ROOT
+
+    growth = ROOT / "benchmarks" / "growth"
+    smollm2 = f"base_model={CONFIGS / 'HuggingFaceTB__SmolLM2-135M'}"
+    plan = compile_plan(load_recipe(growth / f"{name}.yaml", [smollm2]))
+    tli = compile_plan(load_recipe(growth / "tli-k4.yaml", [smollm2]))
+    grown = plan.totals.parameters_after - plan.totals.parameters_before
+    shown = f"{plan.totals.parameters_after / 1e6:.1f}M" if name == "widen-h2" else f"+{grown / 1e6:.1f}M"
+    assert shown == added and added in (growth / f"{name}.yaml").read_text() and plan.function_preserving
+    assert plan.totals.layers_after == 30 and [s.name for s in plan.stages] == ["full"]
+    full = next(s for s in tli.stages if s.name == "full")
+    assert (
+        plan.stages[0].settings == full.settings and plan.stages[0].trainable_parameters == plan.totals.parameters_after
+    )
+    if name != "widen-h2":  # about TLI K = 4's added parameters
+        assert abs(grown - (tli.totals.parameters_after - tli.totals.parameters_before)) < 2e6
