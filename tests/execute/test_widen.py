@@ -11,6 +11,7 @@ from growing import grow, load_all
 from safetensors.torch import load_file
 
 from tli_recipe import verify_output
+from tli_recipe.errors import RecipeError
 
 CASES = [
     ("llama", False),
@@ -212,3 +213,47 @@ def test_widen_then_upcycle_is_exact(tiny, tmp_path, arch, tie, body):
     torch.testing.assert_close(logits_of(out), logits_of(base), atol=1e-5, rtol=0)
     report = verify_output(out)
     assert report.ok and not report.tensor_problems
+
+
+def _mixtral_runs(hidden: int, width: int, dtype: torch.dtype) -> bool:
+    """A forward and backward pass of a tiny random Mixtral with transformers' default experts kernel."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=width,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=2,
+        num_experts_per_tok=2,
+    )
+    model = MixtralForCausalLM(config).to(dtype)
+    ids = torch.randint(0, 64, (2, 7))
+    try:
+        model(ids, labels=ids).loss.backward()
+    except RuntimeError as exc:
+        assert "multiple of 16 bytes" in str(exc)
+        return False
+    return True
+
+
+def test_transformers_experts_need_rows_of_a_multiple_of_16_bytes():
+    """The premise of the plan's refusal (tests/plan/test_widen_plan.py): expert widths and hidden sizes
+    of a multiple of 4 in float32 and of 8 in bfloat16 run, others fail. If this starts failing,
+    transformers lifted the limit and check_expert_widths should go."""
+    assert _mixtral_runs(32, 20, torch.float32) and _mixtral_runs(32, 24, torch.bfloat16)
+    assert not _mixtral_runs(32, 18, torch.float32) and not _mixtral_runs(32, 20, torch.bfloat16)
+    assert not _mixtral_runs(34, 16, torch.float32) and _mixtral_runs(36, 16, torch.float32)
+
+
+def test_an_expert_width_that_fails_in_transformers_is_refused_and_its_neighbour_grows(tiny, tmp_path):
+    base = tiny_of(tiny, "llama", False)  # float32, intermediate 64
+    with pytest.raises(RecipeError, match=r"widen\.intermediate_size: 66 is the expert width.*expected 64 or 68"):
+        grow(tmp_path, base, "widen: {intermediate_size: 66}\nupcycle: {experts: 2, top_k: 2}", name="refused")
+    plan, out = grow(tmp_path, base, "widen: {intermediate_size: 68}\nupcycle: {experts: 2, top_k: 2}")
+    assert plan.upcycle is not None and plan.widen.config["intermediate_size"] == 68
+    torch.testing.assert_close(logits_of(out), logits_of(base), atol=1e-5, rtol=0)

@@ -106,3 +106,61 @@ def test_gemma_tied_folds_the_embedding_scale_into_the_final_norm(tmp_path):
     assert w.embed_factor == w.tied_fold == pytest.approx(0.5**0.5) and w.norm_offset == 1
     norm = next(op for op in plan.tensors if op.name == "model.norm.weight")
     assert (norm.op, norm.value, norm.value_offset) == ("widen", pytest.approx(0.5**0.5), 1)
+
+
+def test_an_moe_output_needs_expert_rows_of_a_multiple_of_16_bytes(tmp_path):
+    """transformers' grouped expert kernel fails on rows that are not a multiple of 16 bytes
+    (tests/execute/test_widen.py checks that premise): widths of 4 in float32, of 8 in bfloat16."""
+    up = "upcycle: {experts: 2, top_k: 1}\n"
+    text = refusal(tmp_path, f"base_model: {LLAMA_1B}\ndtype: float32\nwiden: {{intermediate_size: 8194}}\n{up}")
+    assert "recipe.yaml:3:28: widen.intermediate_size: 8194 is the expert width of an MoE output" in text
+    assert "a multiple of 4 in float32; expected 8192 or 8196" in text
+    # LLAMA_1B is bfloat16: 8196 works in float32 only
+    text = refusal(tmp_path, f"base_model: {LLAMA_1B}\nwiden: {{intermediate_size: 8196}}\n{up}")
+    assert "a multiple of 8 in bfloat16; expected 8192 or 8200" in text
+    plan = plan_of(tmp_path, f"base_model: {LLAMA_1B}\ndtype: float32\nwiden: {{intermediate_size: 8196}}\n{up}")
+    assert plan.config["intermediate_size"] == 8196 and plan.upcycle is not None
+    # a dense output has no grouped kernel: any width
+    assert plan_of(tmp_path, f"base_model: {LLAMA_1B}\nwiden: {{intermediate_size: 8194}}\n").widen is not None
+
+
+def test_a_base_model_whose_widths_misalign_is_refused_at_upcycle(tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    config = (LLAMA_1B / "config.json").read_text().replace('"intermediate_size": 8192', '"intermediate_size": 8194')
+    (folder / "config.json").write_text(config.replace('"hidden_size": 2048', '"hidden_size": 2050'))
+    text = refusal(tmp_path, f"base_model: {folder}\ndtype: float32\nupcycle: {{experts: 2, top_k: 1}}\n")
+    assert "recipe.yaml:3:1: upcycle: the hidden size 2050 of base_model is not a multiple of 4" in text
+    assert "recipe.yaml:3:1: upcycle: the expert width would be base_model's intermediate_size 8194" in text
+    assert "expected widen.intermediate_size 8196" in text
+    # widen's hidden size: n x the source's and a multiple of 4
+    folder = tmp_path / "odd-qwen3"
+    folder.mkdir()
+    config = (QWEN3_4B / "config.json").read_text()
+    (folder / "config.json").write_text(config.replace('"hidden_size": 2560', '"hidden_size": 2562'))
+    recipe = f"base_model: {folder}\ndtype: float32\nwiden: {{hidden_size: 7686}}\nupcycle: {{experts: 2, top_k: 1}}\n"
+    text = refusal(tmp_path, recipe)
+    assert "recipe.yaml:3:22: widen.hidden_size: 7686 is the hidden size of an MoE output" in text
+    assert "expected a multiple of 5124: 5124 or 10248" in text
+
+
+@pytest.mark.parametrize("name,added", [("widen-mlp", "+26.5M"), ("widen-heads", "+26.5M"), ("widen-h2", "481.4M")])
+def test_benchmark_widen_recipes_plan_as_their_headers_say(name, added):
+    """benchmarks/growth/widen-*.yaml: the sizes their headers state, exact, and stage `full` only, with
+    the same settings as the other growth recipes' `full` stage (compare_growth.sh compares them)."""
+    from conftest import ROOT
+
+    growth = ROOT / "benchmarks" / "growth"
+    smollm2 = f"base_model={CONFIGS / 'HuggingFaceTB__SmolLM2-135M'}"
+    plan = compile_plan(load_recipe(growth / f"{name}.yaml", [smollm2]))
+    tli = compile_plan(load_recipe(growth / "tli-k4.yaml", [smollm2]))
+    grown = plan.totals.parameters_after - plan.totals.parameters_before
+    shown = f"{plan.totals.parameters_after / 1e6:.1f}M" if name == "widen-h2" else f"+{grown / 1e6:.1f}M"
+    assert shown == added and added in (growth / f"{name}.yaml").read_text() and plan.function_preserving
+    assert plan.totals.layers_after == 30 and [s.name for s in plan.stages] == ["full"]
+    full = next(s for s in tli.stages if s.name == "full")
+    assert (
+        plan.stages[0].settings == full.settings and plan.stages[0].trainable_parameters == plan.totals.parameters_after
+    )
+    if name != "widen-h2":  # about TLI K = 4's added parameters
+        assert abs(grown - (tli.totals.parameters_after - tli.totals.parameters_before)) < 2e6

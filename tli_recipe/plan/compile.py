@@ -45,6 +45,7 @@ from tli_recipe.plan.tensor_ops import (
 )
 from tli_recipe.plan.upcycle import (
     UpcycleConfig,
+    check_expert_widths,
     check_moe_lora,
     check_output_tensors,
     resolve_upcycle,
@@ -95,16 +96,17 @@ def compile_plan(loaded: LoadedRecipe, access: Optional[Access] = None) -> Plan:
     ops, op_warnings = assign_tensor_ops(recipe, sources, layers, policies, problems)
     if wid is not None:
         ops = widen_ops(recipe, sources, ops, wid, problems)
+    out_dtype = recipe.dtype or sources.models[sources.base].dtype or "float32"
     moe = None
     if upc is not None:
         select_layers(upc, layers, problems)
         widths = wid.plan.config if wid is not None else arch.names(sources.configs[sources.base])
         ops = upcycle_ops(recipe, sources, layers, ops, upc, problems, hidden=widths.get("hidden_size"))
+        check_expert_widths(recipe, widths, arch.names(sources.configs[sources.base]), out_dtype, problems)
         moe = UpcycleConfig(upc, len(layers), widths.get("intermediate_size"))
         if wid is not None:
             moe = BothConfigs(moe, wid)
     injected = [e.output for e in layers if e.role == "injected"]
-    out_dtype = recipe.dtype or sources.models[sources.base].dtype or "float32"
     config, changes, blocking, config_warnings = rewrite_config(
         sources.base_config,
         sources.configs,

@@ -11,6 +11,7 @@ an injected identity layer stays the identity. Nothing here reads a tensor.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -384,3 +385,63 @@ def check_moe_lora(recipe: Recipe, upc: Upcycling, stages, problems: Problems) -
                     "linear module LoRA can adapt; expected attention targets, or a full-weight stage with "
                     "trainable: [router] or [experts]",
                 )
+
+
+#: Bytes per element of the output dtypes; transformers' default experts implementation (grouped_mm)
+#: refuses an expert weight whose rows are not a multiple of 16 bytes ("strides should be multiple of
+#: 16 bytes", torch 2.13 on CPU, transformers 5.25; docs/widen.md).
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+ALIGN_BYTES = 16
+
+
+def check_expert_widths(recipe: Recipe, widths: dict, source: dict, dtype: str, problems: Problems) -> None:
+    """Refuse an MoE output whose expert width (intermediate) or hidden size is not a multiple of 16 bytes
+    in ``dtype``: its experts' grouped matmul fails in transformers. Located at the widen field that made
+    the width, else at ``upcycle``; ``source`` holds the base model's widths (the least sizes widen takes)."""
+    step = ALIGN_BYTES // DTYPE_BYTES.get(dtype, 4)
+    w = recipe.widen
+
+    def near(value: int, unit: int, least: int) -> str:
+        lo, hi = value // unit * unit, -(-value // unit) * unit
+        return " or ".join(str(v) for v in dict.fromkeys(v for v in (lo, hi) if v >= least))
+
+    why = (
+        "transformers' grouped expert kernel (the default experts implementation) needs each expert weight row "
+        f"to be a multiple of {ALIGN_BYTES} bytes: a multiple of {step} in {dtype}"
+    )
+    hidden, inter = widths.get("hidden_size"), widths.get("intermediate_size")
+    if isinstance(hidden, int) and hidden % step:
+        if w is not None and w.hidden_size is not None:
+            unit = math.lcm(source["hidden_size"], step)
+            problems.add(
+                ("widen", "hidden_size"),
+                f"{hidden} is the hidden size of an MoE output, and {why}; expected a multiple of {unit}: "
+                f"{near(hidden, unit, unit)}",
+            )
+        else:
+            problems.add(
+                ("upcycle",),
+                f"the hidden size {hidden} of base_model is not a multiple of {step}, and {why}; expected a base "
+                f"model whose hidden_size is (or widen.hidden_size a multiple of {math.lcm(hidden, step)})",
+                prefer_key=True,
+            )
+    if isinstance(inter, int) and inter % step:
+        least = source.get("intermediate_size", inter)
+        sizes = near(inter, step, least)
+        if w is not None and w.intermediate_size is not None:
+            problems.add(
+                ("widen", "intermediate_size"),
+                f"{inter} is the expert width of an MoE output, and {why}; expected {sizes}",
+            )
+        elif w is not None and w.hidden_size is not None:
+            problems.add(
+                ("widen", "hidden_size"),
+                f"it makes the expert width {inter}, and {why}; expected widen.intermediate_size {sizes}",
+            )
+        else:
+            problems.add(
+                ("upcycle",),
+                f"the expert width would be base_model's intermediate_size {inter}, and {why}; expected "
+                f"widen.intermediate_size {near(inter, step, inter)}",
+                prefer_key=True,
+            )
