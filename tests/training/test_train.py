@@ -340,6 +340,21 @@ def test_every_progress_bar_names_its_stage_and_phase(tmp_path, base, data, capf
     for label in ("stage 'new': validation before training", "stage 'new': training", "stage 'new': final validation"):
         assert label in err, label
     assert err.index("validation before training") < err.index("stage 'new': training") < err.index("final validation")
+    # Loss, learning rate and tokens/s on the bar; the Trainer's raw log dicts nowhere.
+    assert "loss=" in err and "lr=" in err and "tokens/s=" in err and "validation=" in err
+    assert "{'loss'" not in err and "'learning_rate'" not in err
+
+
+def test_without_progress_no_raw_log_dicts_are_printed(tmp_path, base, data, capfd):
+    grown = grow(
+        tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data=data, steps=2, save=100)
+    )
+    messages = []
+    train_output(grown, progress=False, log=messages.append)
+    captured = capfd.readouterr()
+    assert "'loss'" not in captured.out + captured.err and "learning_rate" not in captured.out + captured.err
+    assert [m for m in messages if " took " in m] == [m for m in messages if m.startswith("stage 'new': step 1 took ")]
+    assert len([m for m in messages if " took " in m]) == 1
 
 
 @pytest.mark.parametrize("missing", [("peft",), ("accelerate",), ("peft", "accelerate")])

@@ -58,41 +58,113 @@ class TrainError(TliError):
 
 
 class Preempted(TliError):
-    """SIGTERM stopped training after a checkpoint; the same command resumes from it."""
+    """A signal stopped training after a checkpoint (SIGTERM, or a first Ctrl-C); the same command resumes
+    from it. The exit status is 128 + the signal's number: 143 for SIGTERM, 130 for Ctrl-C (SIGINT)."""
 
     exit_code = 128 + signal.SIGTERM
 
+    def __init__(self, message: str, signum: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + (signum or signal.SIGTERM)
+
+
+#: How the messages name each signal that stops training.
+SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
+
 
 class Preemption:
-    """SIGTERM (what SLURM and Kubernetes send before they stop a job) asks for a checkpoint at the next
-    optimizer step: every process finishes the step it is in, they agree (one all-reduce of a flag per
-    step, since the signal reaches them at different moments), the Trainer saves a checkpoint, and
-    :func:`train_stage` raises :class:`Preempted`. Used as a context manager around the stages."""
+    """SIGTERM (what SLURM and Kubernetes send before they stop a job) and a first Ctrl-C (SIGINT) ask for a
+    checkpoint at the next optimizer step: every process finishes the step it is in, they agree (one
+    all-reduce of a flag per step, since the signal reaches them at different moments), the Trainer saves a
+    checkpoint, and :func:`train_stage` raises :class:`Preempted`. A second Ctrl-C exits at once with status
+    130; the stage resumes from its last saved checkpoint. Used as a context manager around the stages.
+
+    Python runs a signal handler only when the main thread is back in the interpreter, and a training step
+    is one long call into torch (minutes for a long sequence on a CPU), so the signals are read here by a
+    thread from the interpreter's wakeup file descriptor, which the C-level handler writes at once: the
+    first Ctrl-C is acknowledged and the second one ends the process while the step still runs."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signum: Optional[int] = None  # the first signal that asked to stop
+        self.interrupts = 0  # Ctrl-C presses seen
+        self._previous: dict[int, object] = {}
+        self._pipe: Optional[tuple[int, int]] = None
+        self._wakeup = -1
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def name(self) -> str:
+        """How messages name the signal that stopped training."""
+        return SIGNAL_NAMES.get(self.signum or signal.SIGTERM, "SIGTERM")
 
     def __enter__(self) -> "Preemption":
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            self._previous = signal.signal(signal.SIGTERM, self._request)
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            return self
+        for signum in SIGNAL_NAMES:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        self._pipe = (read, write)
+        self._wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._watch, name="tli-recipe-signals", daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        if self._pipe is None:
+            return
+        signal.set_wakeup_fd(self._wakeup)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+        read, write = self._pipe
+        os.write(write, b"\0")  # not a signal number: the watching thread ends
+        if self._thread is not None:
+            self._thread.join()
+        os.close(read)
+        os.close(write)
+        self._pipe = self._thread = None
 
-    def _request(self, signum, frame) -> None:  # noqa: ARG002 - the handler signature
+    def _handle(self, signum, frame) -> None:
+        """The Python-level handler, run when the main thread is back in the interpreter: the request
+        (the thread may not have run yet); the thread alone counts Ctrl-C presses."""
+        self.signum = self.signum or signum
+        self.requested = True
+
+    def _watch(self) -> None:
+        read = self._pipe[0]  # type: ignore[index]
+        while True:
+            data = os.read(read, 64)
+            for signum in data:
+                if signum == 0:
+                    return
+                self.received(signum)
+
+    def received(self, signum: int) -> None:
+        """One delivered signal: SIGTERM or a first Ctrl-C asks for a stop at the next step; a second Ctrl-C
+        ends the process now, with status 130."""
+        if signum not in SIGNAL_NAMES:
+            return
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                _say(f"interrupted: Ctrl-C again: stopped at once; {RESUME_LAST}")
+                os._exit(128 + signal.SIGINT)
+            _say(
+                "Ctrl-C: stopping at the end of this optimizer step with a checkpoint "
+                "(press Ctrl-C again to stop at once, losing this step)"
+            )
+        self.signum = self.signum or signum
         self.requested = True
 
     def callback(self):
-        """A TrainerCallback that stops and saves at the first step boundary after SIGTERM in any process."""
+        """A TrainerCallback that stops and saves at the first step boundary after the signal in any process."""
         from transformers import TrainerCallback
 
         preemption = self
 
-        class StopOnSigterm(TrainerCallback):
+        class StopOnSignal(TrainerCallback):
             stopped_at: Optional[int] = None
 
             def on_step_end(self, args, state, control, **kwargs):  # noqa: ARG002
@@ -110,11 +182,22 @@ class Preemption:
                     self.stopped_at = state.global_step
                 return control
 
-        return StopOnSigterm()
+        return StopOnSignal()
+
+
+def _say(message: str) -> None:
+    """A line on stderr from the signal thread (the main process only: one speaks for all of them)."""
+    if is_main_process():
+        try:
+            sys.stderr.write(f"\n{message}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):  # a closed stderr must not keep the process from stopping
+            pass
 
 
 #: How an interrupted command continues.
 RESUME = "run the same command again to resume from the last checkpoint (--restart to start over)"
+RESUME_LAST = "the stage keeps its last saved checkpoint; " + RESUME
 
 #: What the built-in trainer needs beyond the base install: the ``train`` extra.
 TRAIN_EXTRA = ("peft", "accelerate")
@@ -219,8 +302,8 @@ def run_train(
     **kwargs,
 ) -> list[Path]:
     """``tli-recipe train``: the chosen stages of a grown checkpoint (``model_dir``), or one stage from an
-    emitted ``config`` file, with the command's flags applied; SIGTERM stops at a checkpoint
-    (:class:`Preempted`). Returns the stage directories."""
+    emitted ``config`` file, with the command's flags applied; SIGTERM or Ctrl-C stops at a checkpoint
+    (:class:`Preempted`), a second Ctrl-C at once. Returns the stage directories."""
     from tli_recipe.training.settings import flag_overrides
 
     with Preemption() as preemption:
@@ -542,7 +625,8 @@ def train_stage(
     preemption: Optional[Preemption] = None,
 ) -> Path:
     """Train one stage from its config; returns the finished stage directory. With ``preemption`` (a
-    :class:`Preemption` entered around the stages), SIGTERM saves a checkpoint and raises :class:`Preempted`."""
+    :class:`Preemption` entered around the stages), SIGTERM or Ctrl-C saves a checkpoint and raises
+    :class:`Preempted`."""
     require_train_extra()
     if isinstance(cfg, dict):
         cfg = BuiltinStageConfig.model_validate(cfg)
@@ -561,7 +645,7 @@ def train_stage(
         )
     work = out.with_name(out.name + ".partial")
     if preemption is not None and preemption.requested:  # between two stages: the next one does not start
-        raise Preempted(f"SIGTERM: stopped before stage '{stage}'; {RESUME}")
+        raise Preempted(f"{preemption.name}: stopped before stage '{stage}'; {RESUME}", preemption.signum)
 
     from transformers import Trainer, default_data_collator
 
@@ -610,13 +694,16 @@ def train_stage(
         data_collator=default_data_collator,
         callbacks=list(callbacks),
     )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from tli_recipe.training.progress import above_bars, labelled_progress, step_clock
+
+    clock = step_clock(stage, above_bars(log) if progress else log)
+    trainer.add_callback(clock)
+    trainer.remove_callback(PrinterCallback)  # the raw log dicts (with --no-progress); the summary ends the stage
     if progress:
-        from transformers.trainer_callback import ProgressCallback
-
-        from tli_recipe.training.progress import labelled_progress
-
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(labelled_progress(stage))
+        trainer.add_callback(labelled_progress(stage, clock, cfg.sequence_length))
     steps = trainer.args.max_steps if trainer.args.max_steps > 0 else None
     log(
         f"stage '{stage}': {trainable:,} trainable parameters"
@@ -629,13 +716,16 @@ def train_stage(
     stop = preemption.callback() if preemption is not None else None
     if stop is not None:
         trainer.add_callback(stop)
+    if preemption is not None and preemption.requested:  # while the data and the model loaded
+        raise Preempted(f"{preemption.name}: stopped before stage '{stage}' trained; {RESUME}", preemption.signum)
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout is for results
         trainer.train(resume_from_checkpoint=last)
         if stop is not None and stop.stopped_at is not None:
             trainer.accelerator.wait_for_everyone()  # every process's part of the checkpoint is written
             raise Preempted(
-                f"SIGTERM: stage '{stage}' stopped after step {stop.stopped_at}, saved in "
-                f"{work / f'checkpoint-{stop.stopped_at}'}; {RESUME}"
+                f"{preemption.name}: stage '{stage}' stopped after step {stop.stopped_at}, saved in "
+                f"{work / f'checkpoint-{stop.stopped_at}'}; {RESUME}",
+                preemption.signum,
             )
         final_eval = trainer.evaluate() if eval_blocks else {}
 
