@@ -124,3 +124,22 @@ def test_the_handlers_are_restored_after_training():
         assert p.requested and p.name == "Ctrl-C"
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), signal.set_wakeup_fd(-1)) == before
     signal.set_wakeup_fd(before[2])
+
+
+@pytest.mark.slow  # grows and trains a tiny model in a subprocess
+def test_ctrl_c_stops_compare_at_a_step_boundary(tmp_path):
+    base = add_char_tokenizer(build_tiny(tmp_path / "base", layers=4))
+    data = write_text(tmp_path / "train.txt", 40)
+    stage = "stages:\n  - name: new\n    trainable: [injected]\n"
+    recipe = write_recipe(tmp_path, f"name: tli\nbase_model: {base}\ninject: {{every: 2}}\n{stage}", "tli.yaml")
+    args = ["-m", "tli_recipe", "compare", str(recipe), "--data", str(data), "--heldout", str(data)]
+    args += ["--steps", "5000", "--sequence-length", "16", "--work", str(tmp_path / "cmp"), "--device", "cpu"]
+    run = _spawn(args, tmp_path)
+    seen = _read_until(run, "stage 'new': step 1 took ")
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=300)
+    err = "".join(seen) + err
+    assert run.returncode == 130, err[-3000:]
+    assert "interrupted: Ctrl-C: compare stopped while training tli (after step " in err, err[-3000:]
+    assert "no tables were written; the same command starts over" in err and out == ""
+    assert not (tmp_path / "cmp" / "compare.md").exists()

@@ -43,6 +43,7 @@ def test_the_summary_of_a_short_run_and_of_one_without_validation():
     ("step", "seconds", "first", "total", "line"),
     [
         (1, 2.34, 0, 10, "step 1 took 2.3 s; 10 steps -> about 23 s"),
+        (1, 0.0123, 0, 200, "step 1 took 0.01 s; 200 steps -> about 2.5 s"),
         (1, 1032.0, 0, 10, "step 1 took 17 min; 10 steps -> about 2.9 h"),
         (5, 60.0, 4, 10, "step 5 took 60 s; the 6 steps left of 10 -> about 6 min"),
     ],

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 def human_duration(seconds: float) -> str:
     """``45 s``, ``12 min``, ``3.4 h``, ``2.1 days``."""
     if seconds < 90:
-        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+        return f"{seconds:.2f} s" if seconds < 1 else f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     if seconds < 2 * 86400:
