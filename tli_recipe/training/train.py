@@ -752,7 +752,8 @@ def train_stage(
     stop = preemption.callback() if preemption is not None else None
     if stop is not None:
         trainer.add_callback(stop)
-    if preemption is not None and preemption.requested:  # while the data and the model loaded
+    # While the data and the model loaded. One process alone: several must agree first (the callback does).
+    if preemption is not None and preemption.requested and not dist_initialized():
         raise Preempted(f"{preemption.name}: stopped before stage '{stage}' trained; {RESUME}", preemption.signum)
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout is for results
         trainer.train(resume_from_checkpoint=last)
