@@ -58,7 +58,11 @@ def test_a_stage_name_different_from_its_settings_is_refused(grown, hostile_cli,
     ("field", "value", "problem"),
     [
         ("learning_rate", -1.0, "stages.0.settings.learning_rate: Input should be greater than 0"),
-        ("precision", "int4", "stages.0.settings.precision: Input should be 'bfloat16', 'float16' or 'float32'"),
+        (
+            "precision",
+            "int4",
+            "stages.0.settings.precision: Input should be 'auto', 'bfloat16', 'float16' or 'float32'",
+        ),
         ("datasets", [{"path": ""}], "stages.0.settings.datasets.0.path: String should have at least 1 character"),
         ("shell", "rm -rf", "stages.0.settings.shell: Extra inputs are not permitted"),
     ],

@@ -158,8 +158,11 @@ def test_precision_runs_anywhere_and_each_header_says_how_to_turn_it_off(tmp_pat
         tiny,
         "inject: {every: 4}",
         stages="""stages:
+  - name: auto
+    trainable: [injected]
   - name: bf
     trainable: [injected]
+    precision: bfloat16
   - name: half
     trainable: [injected]
     precision: float16
@@ -170,11 +173,17 @@ def test_precision_runs_anywhere_and_each_header_says_how_to_turn_it_off(tmp_pat
 """,
     )
     ax, lf, trl = (emitted(out, t) for t in ("axolotl", "llamafactory", "builtin"))
+    assert (ax["auto"]["bf16"], ax["auto"]["fp16"]) == ("auto", False)  # the default: Axolotl's own auto
     assert (ax["bf"]["bf16"], ax["bf"]["fp16"]) == ("auto", False)
     assert (ax["half"]["bf16"], ax["half"]["fp16"]) == (False, True)
     assert (ax["lora"]["bf16"], ax["lora"]["fp16"]) == (False, False)
     # LLaMA-Factory's bf16 is transformers' boolean (no auto): true, with the way out in the header.
+    assert lf["auto"]["bf16"] is True and lf["auto"]["fp16"] is False
     assert lf["bf"]["bf16"] is True and lf["bf"]["fp16"] is False and trl["bf"]["training_arguments"]["bf16"] is True
+    # The built-in trainer chooses when it starts: no bf16 or fp16 key, precision: auto.
+    auto_args = trl["auto"]["training_arguments"]
+    assert trl["auto"]["precision"] == "auto" and "bf16" not in auto_args and "fp16" not in auto_args
+    assert trl["bf"]["precision"] is None
     # Axolotl's auto-enabled fused LoRA kernels are Triton (CUDA): off, so the config also runs on a CPU.
     assert {k: ax["lora"][k] for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")} == dict.fromkeys(
         ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"), False
@@ -184,14 +193,25 @@ def test_precision_runs_anywhere_and_each_header_says_how_to_turn_it_off(tmp_pat
         t: {p.name: p.read_text().split("\n---", 1)[0] for p in (out / "training" / t).glob("0*.yaml")}
         for t in ("axolotl", "llamafactory", "builtin")
     }
-    header = lambda t, f: "".join(line for line in head[t][f].splitlines() if line.startswith("#"))  # noqa: E731
-    assert "Precision off: bf16: false" in header("axolotl", "01-bf.yaml")
-    assert "Precision off (float32): fp16: false" in header("axolotl", "02-half.yaml")
-    assert "needs a CUDA GPU" in header("axolotl", "03-lora.yaml") and "set them to true" in header(
-        "axolotl", "03-lora.yaml"
+    header = lambda t, f: " ".join(line for line in head[t][f].splitlines() if line.startswith("#"))  # noqa: E731
+    assert "Precision off: bf16: false" in header("axolotl", "01-auto.yaml")
+    assert "Precision off: bf16: false" in header("axolotl", "02-bf.yaml")
+    assert "Precision off (float32): fp16: false" in header("axolotl", "03-half.yaml")
+    assert "needs a CUDA GPU" in header("axolotl", "04-lora.yaml") and "set them to true" in header(
+        "axolotl", "04-lora.yaml"
     )
-    assert "bf16=false" in header("llamafactory", "01-bf.yaml") and "no auto" in header("llamafactory", "01-bf.yaml")
-    assert "precision=float32" in header("builtin", "01-bf.yaml")
+    assert "bf16=false" in header("llamafactory", "01-auto.yaml") and "no auto" in header(
+        "llamafactory", "01-auto.yaml"
+    )
+    assert "On a CPU or a" in header("llamafactory", "01-auto.yaml")
+    assert "bf16=false" in header("llamafactory", "02-bf.yaml") and "no auto" in header("llamafactory", "02-bf.yaml")
+    assert "float32 elsewhere" in header("builtin", "01-auto.yaml")
+    assert "many times slower than float32" in header("builtin", "02-bf.yaml")
+    assert "precision=float32" in header("builtin", "02-bf.yaml")
+    # No header recommends bfloat16 on a CPU (the old built-in one said it "also runs bfloat16 on a CPU").
+    for trainer, files in head.items():
+        for name in files:
+            assert "bfloat16 on a CPU" not in header(trainer, name), (trainer, name)
 
 
 # --- LLaMA-Factory ----------------------------------------------------------------------------------

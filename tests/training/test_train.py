@@ -341,6 +341,21 @@ def test_every_progress_bar_names_its_stage_and_phase(tmp_path, base, data, capf
     for label in ("stage 'new': validation before training", "stage 'new': training", "stage 'new': final validation"):
         assert label in err, label
     assert err.index("validation before training") < err.index("stage 'new': training") < err.index("final validation")
+    # Loss, learning rate and tokens/s on the bar; the Trainer's raw log dicts nowhere.
+    assert "loss=" in err and "lr=" in err and "tokens/s=" in err and "validation=" in err
+    assert "{'loss'" not in err and "'learning_rate'" not in err
+
+
+def test_without_progress_no_raw_log_dicts_are_printed(tmp_path, base, data, capfd):
+    grown = grow(
+        tmp_path, base, "  - name: new\n    trainable: [injected]\n" + FAST.format(data=data, steps=2, save=100)
+    )
+    messages = []
+    train_output(grown, progress=False, log=messages.append)
+    captured = capfd.readouterr()
+    assert "'loss'" not in captured.out + captured.err and "learning_rate" not in captured.out + captured.err
+    assert [m for m in messages if " took " in m] == [m for m in messages if m.startswith("stage 'new': step 1 took ")]
+    assert len([m for m in messages if " took " in m]) == 1
 
 
 @pytest.mark.parametrize("missing", [("peft",), ("accelerate",), ("peft", "accelerate")])
@@ -356,3 +371,50 @@ def test_train_without_the_train_extra_says_how_to_install_it(tmp_path, cli, mon
     assert result.stderr.endswith(
         "not installed); expected `pip install 'tli-recipe[train]'` (peft, accelerate>=1.1, matplotlib)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("precision", "said"),
+    [
+        ("", "stage 'p': precision auto -> float32 (training on the CPU; bfloat16 is many times slower"),
+        ("    precision: bfloat16\n", "stage 'p': warning: precision bfloat16 on the CPU: bfloat16 is many times"),
+    ],
+    ids=["default-auto", "explicit-bfloat16"],
+)
+def test_precision_auto_trains_in_float32_on_a_cpu_and_says_so(tmp_path, base, data, precision, said, monkeypatch):
+    import transformers
+
+    stage = FAST.format(data=data, steps=1, save=100).replace("    precision: float32\n", precision)
+    grown = grow(tmp_path, base, "  - name: p\n    trainable: [injected]\n" + stage)
+    seen = []
+    real = transformers.Trainer.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["args"].bf16)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "__init__", spy)
+    messages: list[str] = []
+    train_output(grown, progress=False, log=messages.append, device="cpu")
+    assert any(m.startswith(said) for m in messages), messages
+    assert seen == [bool(precision)]  # bf16 off unless the stage says bfloat16 (which keeps working on a CPU)
+
+
+def test_choose_precision_on_each_device(tmp_path, base, data):
+    from tli_recipe.training.train import choose_precision
+
+    grown = grow(tmp_path, base, "  - name: p\n    trainable: [injected]\n")  # every setting at its default
+    [cfg] = stage_configs(grown, data=[data])
+    assert cfg.precision == "auto" and "bf16" not in cfg.training_arguments
+    assert choose_precision(cfg, on_cpu=True) == (
+        {"bf16": False},
+        "precision auto -> float32 (training on the CPU; bfloat16 is many times slower than float32 on a CPU)",
+    )
+    assert choose_precision(cfg, False, ("NVIDIA H100", True)) == (
+        {"bf16": True},
+        "precision auto -> bfloat16 (the GPU, NVIDIA H100, has bfloat16)",
+    )
+    assert choose_precision(cfg, False, ("Tesla T4", False))[0] == {"bf16": False}
+    # A config whose training_arguments set bf16 (an edited --config file) is not second-guessed.
+    edited = cfg.model_copy(update={"training_arguments": {**cfg.training_arguments, "bf16": True}})
+    assert choose_precision(edited, False, ("Tesla T4", False)) == ({}, "precision bfloat16 (the stage's setting)")

@@ -433,24 +433,29 @@ def compare(
     Writes compare.md, compare.csv, compare.json and compare.png (loss curves) into --work.
     """
     from tli_recipe.training.compare import compare_recipes, table, write_outputs
+    from tli_recipe.training.train import Preempted
 
-    rows = compare_recipes(
-        recipes,
-        data,
-        heldout,
-        work=Path(work),
-        steps=steps,
-        stage=stage,
-        overrides=overrides,
-        sequence_length=sequence_length,
-        batch_size=batch_size,
-        eval_sequences=eval_sequences,
-        device=device,
-        tasks=tasks,
-        task_limit=task_limit,
-        online=online,
-        log=lambda msg: click.echo(msg, err=True),
-    )
+    try:
+        rows = compare_recipes(
+            recipes,
+            data,
+            heldout,
+            work=Path(work),
+            steps=steps,
+            stage=stage,
+            overrides=overrides,
+            sequence_length=sequence_length,
+            batch_size=batch_size,
+            eval_sequences=eval_sequences,
+            device=device,
+            tasks=tasks,
+            task_limit=task_limit,
+            online=online,
+            log=lambda msg: click.echo(msg, err=True),
+        )
+    except Preempted as exc:  # SIGTERM or a first Ctrl-C, at a step boundary
+        click.echo(f"interrupted: {exc}", err=True)
+        sys.exit(exc.exit_code)
     files = write_outputs(rows, Path(work), steps)
     click.echo(table(rows, steps))
     click.echo(f"wrote {', '.join(str(f) for f in files)}", err=True)

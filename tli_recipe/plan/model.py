@@ -281,7 +281,7 @@ class StageSettings(Frozen):
     batch_size: StrictInt = Field(ge=1)
     gradient_accumulation: StrictInt = Field(ge=1)
     sequence_length: StrictInt = Field(ge=2)
-    precision: Literal["bfloat16", "float16", "float32"]
+    precision: Literal["auto", "bfloat16", "float16", "float32"]
     gradient_checkpointing: StrictBool
     weight_decay: float = Field(ge=0)
     validation_fraction: float = Field(ge=0, lt=1)

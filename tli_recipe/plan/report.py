@@ -18,6 +18,9 @@ from tli_recipe.plan.stages import ops_by_layer
 from tli_recipe.plan.widen import widen_lines
 from tli_recipe.recipe.schema import projection_order
 
+#: How `plan` shows a stage's precision.
+PRECISIONS = {"auto": "auto (bfloat16 on a GPU with bfloat16, float32 on CPU)"}
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -189,6 +192,7 @@ def plan_table(plan: Plan, world_size: int | None = None) -> str:
             f"stage       {s.name}: {len(s.trainable_layers)} layers{groups}, {what}, "
             f"{human_count(s.trainable_parameters)} trainable parameters"
             + (f" (adapters on {len(s.parameters)} weights)" if s.lora else "")
+            + f", precision {PRECISIONS.get(s.settings.precision, s.settings.precision)}"
             + (
                 f"; objective mod: ensemble of layers {ranges(s.mod.layers)} ({human_count(s.mod.head_parameters)} "
                 f"head parameters, init {s.mod.init})"

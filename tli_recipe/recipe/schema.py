@@ -481,10 +481,12 @@ class Stage(Strict):
         ge=2,
         description="Tokens per packed training sequence (documents are joined with the EOS token, then cut).",
     )
-    precision: Literal["bfloat16", "float16", "float32"] = Field(
-        default="bfloat16",
+    precision: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
         description=(
-            "Mixed-precision compute dtype (autocast); float32 turns it off. Weights keep the checkpoint's dtype."
+            "Mixed-precision compute dtype (autocast); float32 turns it off. auto: bfloat16 on a GPU with bfloat16, "
+            "float32 on a CPU (where bfloat16 is many times slower), chosen when training starts. Weights keep the "
+            "checkpoint's dtype."
         ),
     )
     gradient_checkpointing: StrictBool = Field(

@@ -44,7 +44,7 @@ TRAINING_KEYS = (
     Key("gradient_accumulation", "gradient_accumulation_steps"),
     Key("max_steps", "max_steps"),
     Key("epochs", "num_epochs"),
-    Key("precision", "bf16", lambda p: "auto" if p == "bfloat16" else False),
+    Key("precision", "bf16", lambda p: "auto" if p in ("auto", "bfloat16") else False),
     # False, not absent: with bf16 auto on a machine without bfloat16, Axolotl would turn fp16 on instead.
     Key("precision", "fp16", is_fp16),
     Key("gradient_checkpointing", "gradient_checkpointing"),
@@ -134,6 +134,10 @@ class Axolotl(TrainerFormat):
 
     def notes(self, spec: StageSpec) -> list[str]:
         notes = {
+            "auto": [
+                "Precision: auto -> bf16: auto: bfloat16 where the GPU has it and float32 elsewhere (CPU, older GPUs);",
+                "fp16: false keeps Axolotl from falling back to float16. Precision off: bf16: false.",
+            ],
             "bfloat16": [
                 "Precision: bf16: auto trains in bfloat16 where the GPU has it and in float32 elsewhere (CPU,",
                 "older GPUs); fp16: false keeps Axolotl from falling back to float16. Precision off: bf16: false.",

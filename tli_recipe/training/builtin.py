@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -83,6 +83,11 @@ class BuiltinStageConfig(_Strict):
     mod: Optional[ModPlan] = Field(
         default=None, description="objective: mod: the Mixture-of-Depths ensemble head to train beside the parameters."
     )
+    precision: Optional[Literal["auto"]] = Field(
+        default=None,
+        description="auto: train sets bf16 when it starts (bfloat16 on a CUDA GPU with bfloat16, float32 elsewhere), "
+        "unless training_arguments set bf16 or fp16; absent: training_arguments decide.",
+    )
     training_arguments: dict[str, Any] = Field(
         description="Keyword arguments of transformers.TrainingArguments, less output_dir."
     )
@@ -98,8 +103,9 @@ ARGUMENT_KEYS = (
     Key("gradient_accumulation", "gradient_accumulation_steps"),
     Key("weight_decay", "weight_decay"),
     Key("optimizer", "optim"),
-    Key("precision", "bf16", is_bf16),
-    Key("precision", "fp16", is_fp16),
+    # precision auto: no bf16/fp16 key; train chooses them (BuiltinStageConfig.precision)
+    Key("precision", "bf16", lambda p: None if p == "auto" else is_bf16(p)),
+    Key("precision", "fp16", lambda p: None if p == "auto" else is_fp16(p)),
     Key("max_steps", "max_steps"),
     Key("epochs", "num_train_epochs", float),
     # (renamed activation_checkpointing in recent transformers; train() translates)
@@ -179,6 +185,7 @@ def builtin_config(
         trainable_parameters=list(spec.plan.parameters),
         lora=lora_settings(plan, spec),
         mod=spec.plan.mod,
+        precision="auto" if spec.settings.precision == "auto" else None,
         training_arguments=training_arguments(plan, spec),
     )
 
@@ -250,13 +257,22 @@ class Builtin(TrainerFormat):
     title = "tli-recipe (Hugging Face Trainer)"
 
     def notes(self, spec: StageSpec) -> list[str]:
-        if spec.settings.precision == "float32":
-            return ["Precision: float32 (bf16 and fp16 off)."]
-        return [
-            f"Precision: {spec.settings.precision} autocast (`tli-recipe train` also runs bfloat16 on a CPU; float16 "
-            "needs a GPU). Precision off:",
-            "re-emit or train with --set 'stages[*].precision=float32'.",
-        ]
+        return {
+            "auto": [
+                "Precision: auto (no bf16 key): `tli-recipe train` chooses bfloat16 on a CUDA GPU with bfloat16",
+                "and float32 elsewhere (on a CPU bfloat16 is many times slower), and says which. Fixed:",
+                "re-emit or train with --set 'stages[*].precision=float32' (or bfloat16).",
+            ],
+            "bfloat16": [
+                "Precision: bfloat16 autocast on any device; on a CPU it is many times slower than float32",
+                "(train warns). By device: --set 'stages[*].precision=auto'; off: --set 'stages[*].precision=float32'.",
+            ],
+            "float16": [
+                "Precision: float16 autocast (needs a GPU). Off: re-emit or train with",
+                "--set 'stages[*].precision=float32'.",
+            ],
+            "float32": ["Precision: float32 (bf16 and fp16 off)."],
+        }[spec.settings.precision]
 
     def stage(self, spec: StageSpec) -> StageFiles:
         ctx = self.ctx

@@ -19,6 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+#: What an interrupted compare leaves.
+START_OVER = "no tables were written; the same command starts over"
+
 
 @dataclass
 class CompareRow:
@@ -99,9 +102,52 @@ def compare_recipes(
     online: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[CompareRow]:
+    from tli_recipe.training.train import Preemption
+
+    # SIGTERM or a first Ctrl-C stops at the next step boundary with a checkpoint; a second Ctrl-C at once.
+    with Preemption() as preemption:
+        return _compare(
+            recipes,
+            data,
+            heldout,
+            work=work,
+            steps=steps,
+            stage=stage,
+            overrides=overrides,
+            sequence_length=sequence_length,
+            batch_size=batch_size,
+            eval_sequences=eval_sequences,
+            device=device,
+            tasks=tasks,
+            task_limit=task_limit,
+            online=online,
+            log=log,
+            preemption=preemption,
+        )
+
+
+def _compare(
+    recipes: Sequence[str | Path],
+    data: Sequence[str | Path],
+    heldout: Sequence[str | Path],
+    *,
+    work: Path,
+    steps: int,
+    stage: Optional[str],
+    overrides: Sequence[str],
+    sequence_length: int,
+    batch_size: int,
+    eval_sequences: Optional[int],
+    device: str,
+    tasks: Sequence[str],
+    task_limit: Optional[int],
+    online: bool,
+    log: Callable[[str], None],
+    preemption,
+) -> list[CompareRow]:
     from tli_recipe.execute.executor import execute_plan
     from tli_recipe.training.evaluate import evaluate_models
-    from tli_recipe.training.train import stage_configs, train_stage
+    from tli_recipe.training.train import Preempted, stage_configs, train_stage
 
     plans = _checked_plans(recipes, overrides, stage, log)
     task_set = None
@@ -121,6 +167,8 @@ def compare_recipes(
     rows = []
     work.mkdir(parents=True, exist_ok=True)
     for recipe, plan in zip(recipes, plans):
+        if preemption.requested:
+            raise Preempted(f"{preemption.name}: compare stopped before {plan.name}; {START_OVER}", preemption.signum)
         folder = work / plan.name
         started = time.perf_counter()
         grown = execute_plan(plan, folder / "grown", force=True, progress=False, log=log)
@@ -168,7 +216,23 @@ def compare_recipes(
             )
         logger = _loss_logger()
         started = time.perf_counter()
-        trained = train_stage(cfg, device=device, force=True, progress=False, log=log, callbacks=[logger])
+        try:  # restart: a run left by an interrupted compare is not resumed (its loss curve would be cut)
+            trained = train_stage(
+                cfg,
+                device=device,
+                force=True,
+                restart=True,
+                progress=False,
+                log=log,
+                callbacks=[logger],
+                preemption=preemption,
+            )
+        except Preempted:
+            raise Preempted(
+                f"{preemption.name}: compare stopped while training {plan.name} (after step "
+                f"{logger.curve[-1][0] if logger.curve else 0} of {steps}); {START_OVER}",
+                preemption.signum,
+            ) from None
         train_seconds = time.perf_counter() - started
         (final, _), final_tasks = held_out(trained), accuracies(trained)
         sp = next(s for s in plan.stages if s.name == cfg.stage)

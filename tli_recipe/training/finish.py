@@ -216,19 +216,42 @@ def finish_stage(
             raise named(exc, out) from exc
         raise
     shutil.rmtree(work, ignore_errors=True)
+    log(f"stage '{cfg.stage}': wrote {out} ({metrics['global_step']} steps); {summary_line(metrics)}")
 
-    def loss(value: Optional[float]) -> str:
-        return "None" if value is None else format(value, ".4f")
 
-    held = (
-        f"{loss(metrics['eval_loss_before'])} -> {loss(metrics['eval_loss_after'])}"
-        if metrics["eval_loss_before"] is not None and final_eval
-        else "n/a"
-    )
-    log(
-        f"stage '{cfg.stage}': wrote {out} ({metrics['global_step']} steps; training loss "
-        f"{loss(metrics['train_loss_first'])} -> {loss(metrics['train_loss_last'])}; validation loss {held})"
-    )
+#: Training losses averaged for the summary: one step's loss on a small batch is noise.
+SMOOTHING_STEPS = 10
+
+
+def loss_summary(rows: list[dict], final_eval_loss: Optional[float]) -> dict:
+    """The losses a stage ends with, from its :func:`loss_rows`: the validation loss at the start (the first
+    one logged) and at the end, and the training loss averaged over the last :data:`SMOOTHING_STEPS` steps."""
+    train = [r["loss"] for r in rows if r.get("loss") is not None]
+    held = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
+    last = train[-SMOOTHING_STEPS:]
+    return {
+        "train_loss_first": train[0] if train else None,
+        "train_loss_last": train[-1] if train else None,
+        "train_loss_smoothed": sum(last) / len(last) if last else None,
+        "train_loss_smoothed_steps": len(last),
+        "eval_loss_before": held[0] if held else None,
+        "eval_loss_after": final_eval_loss,
+    }
+
+
+def summary_line(metrics: dict) -> str:
+    """``validation loss A -> B (start -> end); training loss (smoothed over last N steps) C``."""
+    before, after = metrics.get("eval_loss_before"), metrics.get("eval_loss_after")
+    if before is not None and after is not None:
+        held = f"validation loss {before:.4f} -> {after:.4f} (start -> end)"
+    elif after is not None:
+        held = f"validation loss {after:.4f} at the end"
+    else:
+        held = "no validation loss (validation_fraction: 0)"
+    smoothed, steps = metrics.get("train_loss_smoothed"), metrics.get("train_loss_smoothed_steps")
+    if smoothed is None:
+        return held
+    return f"{held}; training loss (smoothed over last {steps} steps) {smoothed:.4f}"
 
 
 def _metrics(
@@ -252,8 +275,6 @@ def _metrics(
     plotted = plot_losses(
         rows, tmp / "losses.png", f"{name}, stage '{cfg.stage}': loss" if name else f"{cfg.stage}: loss"
     )
-    train_losses = [r["loss"] for r in rows if r.get("loss") is not None]
-    eval_losses = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
     return {
         "stage": cfg.stage,
         "input": cfg.model,
@@ -266,10 +287,7 @@ def _metrics(
         "train_sequences": n_train,
         "validation_sequences": n_eval,
         "sequence_length": cfg.sequence_length,
-        "train_loss_first": train_losses[0] if train_losses else None,
-        "train_loss_last": train_losses[-1] if train_losses else None,
-        "eval_loss_before": eval_losses[0] if eval_losses else None,
-        "eval_loss_after": final_eval.get("eval_loss"),
+        **loss_summary(rows, final_eval.get("eval_loss")),
         "eval_perplexity_after": math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
         "resumed_from": Path(resumed).name if resumed else None,
         "plot": "losses.png" if plotted else None,
@@ -376,8 +394,9 @@ Trained: {what}; {metrics["trainable_parameters"]:,} trainable parameters. Every
   sequences of {metrics["sequence_length"]} tokens.
 - Schedule: {steps}, learning rate {args.get("learning_rate")} ({args.get("lr_scheduler_type")}, {warmup} warmup
   steps), batch {args.get("per_device_train_batch_size")} x {args.get("gradient_accumulation_steps", 1)} per device.
-- Training loss: {_loss(metrics["train_loss_first"])} -> {_loss(metrics["train_loss_last"])};
-  validation loss: {_loss(metrics["eval_loss_before"])} -> {_loss(metrics["eval_loss_after"])}.
+- Validation loss: {_loss(metrics["eval_loss_before"])} -> {_loss(metrics["eval_loss_after"])} (start -> end);
+  training loss {_loss(metrics.get("train_loss_smoothed"))} (mean of the last {metrics.get("train_loss_smoothed_steps")}
+  steps).
 - Files: `training_config.yaml` (the stage config), `training_metrics.json`, `losses.csv`{plot_file},
   `plan.json` (the grown checkpoint's plan).
 

@@ -48,7 +48,8 @@ TRAINING_KEYS = (
     Key("optimizer", "optim"),
     Key("max_steps", "max_steps"),
     Key("epochs", "num_train_epochs", float),
-    Key("precision", "bf16", is_bf16),
+    # auto: true (LLaMA-Factory takes true or false only, and trains on GPUs; the header says how to turn it off)
+    Key("precision", "bf16", lambda p: p == "auto" or is_bf16(p)),
     Key("precision", "fp16", is_fp16),
     # LLaMA-Factory turns gradient checkpointing on unless told otherwise.
     Key("gradient_checkpointing", "disable_gradient_checkpointing", lambda on: not on),
@@ -166,6 +167,11 @@ class LlamaFactory(TrainerFormat):
     def notes(self, spec: StageSpec) -> list[str]:
         how = "set bf16: false here, or run `llamafactory-cli train FILE bf16=false` (its command line overrides keys)"
         return {
+            "auto": [
+                "Precision: auto -> bf16: true: LLaMA-Factory takes only true or false here (transformers'",
+                "TrainingArguments; no auto), and it trains on GPUs, nearly all of which have bfloat16. On a CPU or a",
+                "GPU without bfloat16 (it refuses bf16 there) train in float32: " + how + ".",
+            ],
             "bfloat16": [
                 "Precision: bf16: true needs a GPU with bfloat16: LLaMA-Factory takes only true or false here",
                 "(transformers' TrainingArguments; no auto), and refuses bf16 on a CPU. Precision off (float32):",

@@ -58,41 +58,113 @@ class TrainError(TliError):
 
 
 class Preempted(TliError):
-    """SIGTERM stopped training after a checkpoint; the same command resumes from it."""
+    """A signal stopped training after a checkpoint (SIGTERM, or a first Ctrl-C); the same command resumes
+    from it. The exit status is 128 + the signal's number: 143 for SIGTERM, 130 for Ctrl-C (SIGINT)."""
 
     exit_code = 128 + signal.SIGTERM
 
+    def __init__(self, message: str, signum: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + (signum or signal.SIGTERM)
+
+
+#: How the messages name each signal that stops training.
+SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
+
 
 class Preemption:
-    """SIGTERM (what SLURM and Kubernetes send before they stop a job) asks for a checkpoint at the next
-    optimizer step: every process finishes the step it is in, they agree (one all-reduce of a flag per
-    step, since the signal reaches them at different moments), the Trainer saves a checkpoint, and
-    :func:`train_stage` raises :class:`Preempted`. Used as a context manager around the stages."""
+    """SIGTERM (what SLURM and Kubernetes send before they stop a job) and a first Ctrl-C (SIGINT) ask for a
+    checkpoint at the next optimizer step: every process finishes the step it is in, they agree (one
+    all-reduce of a flag per step, since the signal reaches them at different moments), the Trainer saves a
+    checkpoint, and :func:`train_stage` raises :class:`Preempted`. A second Ctrl-C exits at once with status
+    130; the stage resumes from its last saved checkpoint. Used as a context manager around the stages.
+
+    Python runs a signal handler only when the main thread is back in the interpreter, and a training step
+    is one long call into torch (minutes for a long sequence on a CPU), so the signals are read here by a
+    thread from the interpreter's wakeup file descriptor, which the C-level handler writes at once: the
+    first Ctrl-C is acknowledged and the second one ends the process while the step still runs."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signum: Optional[int] = None  # the first signal that asked to stop
+        self.interrupts = 0  # Ctrl-C presses seen
+        self._previous: dict[int, object] = {}
+        self._pipe: Optional[tuple[int, int]] = None
+        self._wakeup = -1
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def name(self) -> str:
+        """How messages name the signal that stopped training."""
+        return SIGNAL_NAMES.get(self.signum or signal.SIGTERM, "SIGTERM")
 
     def __enter__(self) -> "Preemption":
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            self._previous = signal.signal(signal.SIGTERM, self._request)
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            return self
+        for signum in SIGNAL_NAMES:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        self._pipe = (read, write)
+        self._wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._watch, name="tli-recipe-signals", daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        if self._pipe is None:
+            return
+        signal.set_wakeup_fd(self._wakeup)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+        read, write = self._pipe
+        os.write(write, b"\0")  # not a signal number: the watching thread ends
+        if self._thread is not None:
+            self._thread.join()
+        os.close(read)
+        os.close(write)
+        self._pipe = self._thread = None
 
-    def _request(self, signum, frame) -> None:  # noqa: ARG002 - the handler signature
+    def _handle(self, signum, frame) -> None:
+        """The Python-level handler, run when the main thread is back in the interpreter: the request
+        (the thread may not have run yet); the thread alone counts Ctrl-C presses."""
+        self.signum = self.signum or signum
+        self.requested = True
+
+    def _watch(self) -> None:
+        read = self._pipe[0]  # type: ignore[index]
+        while True:
+            data = os.read(read, 64)
+            for signum in data:
+                if signum == 0:
+                    return
+                self.received(signum)
+
+    def received(self, signum: int) -> None:
+        """One delivered signal: SIGTERM or a first Ctrl-C asks for a stop at the next step; a second Ctrl-C
+        ends the process now, with status 130."""
+        if signum not in SIGNAL_NAMES:
+            return
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                _say(f"interrupted: Ctrl-C again: stopped at once; {RESUME_LAST}")
+                os._exit(128 + signal.SIGINT)
+            _say(
+                "Ctrl-C: stopping at the end of this optimizer step with a checkpoint "
+                "(press Ctrl-C again to stop at once, losing this step)"
+            )
+        self.signum = self.signum or signum
         self.requested = True
 
     def callback(self):
-        """A TrainerCallback that stops and saves at the first step boundary after SIGTERM in any process."""
+        """A TrainerCallback that stops and saves at the first step boundary after the signal in any process."""
         from transformers import TrainerCallback
 
         preemption = self
 
-        class StopOnSigterm(TrainerCallback):
+        class StopOnSignal(TrainerCallback):
             stopped_at: Optional[int] = None
 
             def on_step_end(self, args, state, control, **kwargs):  # noqa: ARG002
@@ -110,11 +182,22 @@ class Preemption:
                     self.stopped_at = state.global_step
                 return control
 
-        return StopOnSigterm()
+        return StopOnSignal()
+
+
+def _say(message: str) -> None:
+    """A line on stderr from the signal thread (the main process only: one speaks for all of them)."""
+    if is_main_process():
+        try:
+            sys.stderr.write(f"\n{message}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):  # a closed stderr must not keep the process from stopping
+            pass
 
 
 #: How an interrupted command continues.
 RESUME = "run the same command again to resume from the last checkpoint (--restart to start over)"
+RESUME_LAST = "the stage keeps its last saved checkpoint; " + RESUME
 
 #: What the built-in trainer needs beyond the base install: the ``train`` extra.
 TRAIN_EXTRA = ("peft", "accelerate")
@@ -219,8 +302,8 @@ def run_train(
     **kwargs,
 ) -> list[Path]:
     """``tli-recipe train``: the chosen stages of a grown checkpoint (``model_dir``), or one stage from an
-    emitted ``config`` file, with the command's flags applied; SIGTERM stops at a checkpoint
-    (:class:`Preempted`). Returns the stage directories."""
+    emitted ``config`` file, with the command's flags applied; SIGTERM or Ctrl-C stops at a checkpoint
+    (:class:`Preempted`), a second Ctrl-C at once. Returns the stage directories."""
     from tli_recipe.training.settings import flag_overrides
 
     with Preemption() as preemption:
@@ -273,6 +356,39 @@ def _device(device: str) -> bool:
     if device == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
     return device == "cpu" or not torch.cuda.is_available()
+
+
+#: Why a CPU trains in float32: measured on a CPU, bfloat16 autocast made each step many times slower.
+CPU_BFLOAT16 = "bfloat16 is many times slower than float32 on a CPU"
+
+
+def choose_precision(cfg: BuiltinStageConfig, on_cpu: bool, gpu: Optional[tuple[str, bool]] = None) -> tuple[dict, str]:
+    """The ``bf16`` argument that ``precision: auto`` resolves to, and the line that says what was chosen and
+    why. ``gpu``: the GPU's name and whether it has bfloat16 (None on a CPU). An explicit precision (or bf16 or
+    fp16 in the config's training_arguments) stays, with a warning for bfloat16 on a CPU."""
+    args = cfg.training_arguments
+    if cfg.precision == "auto" and "bf16" not in args and "fp16" not in args:
+        if on_cpu or gpu is None:
+            return {"bf16": False}, f"precision auto -> float32 (training on the CPU; {CPU_BFLOAT16})"
+        name, has_bf16 = gpu
+        if has_bf16:
+            return {"bf16": True}, f"precision auto -> bfloat16 (the GPU, {name}, has bfloat16)"
+        return {"bf16": False}, f"precision auto -> float32 (the GPU, {name}, has no bfloat16)"
+    chosen = "bfloat16" if args.get("bf16") else "float16" if args.get("fp16") else "float32"
+    if chosen == "bfloat16" and on_cpu:
+        return {}, (
+            f"warning: precision bfloat16 on the CPU: {CPU_BFLOAT16}; to train in float32 pass "
+            "--set 'stages[*].precision=auto' (or float32)"
+        )
+    return {}, f"precision {chosen} (the stage's setting)"
+
+
+def _gpu() -> Optional[tuple[str, bool]]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(), bool(torch.cuda.is_bf16_supported())
 
 
 def _initial_eval(path: Path):
@@ -424,6 +540,7 @@ def _arguments(
     validation: bool,
     report_to: str = "none",
     evaluate_first: bool = False,
+    precision: Optional[dict] = None,
 ):
     """``TrainingArguments`` of the stage (creating them also sets up the processes under ``accelerate launch``).
 
@@ -433,7 +550,7 @@ def _arguments(
     unsynchronised replicas (and DeepSpeed ZeRO-2 refused the evaluation)."""
     from transformers import TrainingArguments
 
-    args = dict(cfg.training_arguments)
+    args = {**cfg.training_arguments, **(precision or {})}  # precision: auto resolved (choose_precision)
     if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:  # transformers >= 5.2x renamed them
         for old, new in (
             ("gradient_checkpointing", "activation_checkpointing"),
@@ -542,7 +659,8 @@ def train_stage(
     preemption: Optional[Preemption] = None,
 ) -> Path:
     """Train one stage from its config; returns the finished stage directory. With ``preemption`` (a
-    :class:`Preemption` entered around the stages), SIGTERM saves a checkpoint and raises :class:`Preempted`."""
+    :class:`Preemption` entered around the stages), SIGTERM or Ctrl-C saves a checkpoint and raises
+    :class:`Preempted`."""
     require_train_extra()
     if isinstance(cfg, dict):
         cfg = BuiltinStageConfig.model_validate(cfg)
@@ -561,7 +679,7 @@ def train_stage(
         )
     work = out.with_name(out.name + ".partial")
     if preemption is not None and preemption.requested:  # between two stages: the next one does not start
-        raise Preempted(f"SIGTERM: stopped before stage '{stage}'; {RESUME}")
+        raise Preempted(f"{preemption.name}: stopped before stage '{stage}'; {RESUME}", preemption.signum)
 
     from transformers import Trainer, default_data_collator
 
@@ -576,7 +694,9 @@ def train_stage(
     # Decided before anyone evaluates: every process must take part in the same evaluations.
     # Step 0 only: a resumed run (a checkpoint in the work directory) is past it.
     evaluate_first = bool(eval_blocks) and (restart or (read_json(initial) is None and not last_checkpoint(work)))
-    targs = _arguments(cfg, work, on_cpu, progress, bool(eval_blocks), report_to, evaluate_first)
+    precision, why = choose_precision(cfg, on_cpu, None if on_cpu else _gpu())
+    log(f"stage '{stage}': {why}")
+    targs = _arguments(cfg, work, on_cpu, progress, bool(eval_blocks), report_to, evaluate_first, precision)
     last = _prepare_work(cfg, targs, work, restart)
     if last is not None:
         check_resume(Path(last))  # hostile input like any file read back: one line, not a Trainer traceback
@@ -610,13 +730,16 @@ def train_stage(
         data_collator=default_data_collator,
         callbacks=list(callbacks),
     )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from tli_recipe.training.progress import above_bars, labelled_progress, step_clock
+
+    clock = step_clock(stage, above_bars(log) if progress else log)
+    trainer.add_callback(clock)
+    trainer.remove_callback(PrinterCallback)  # the raw log dicts (with --no-progress); the summary ends the stage
     if progress:
-        from transformers.trainer_callback import ProgressCallback
-
-        from tli_recipe.training.progress import labelled_progress
-
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(labelled_progress(stage))
+        trainer.add_callback(labelled_progress(stage, clock, cfg.sequence_length))
     steps = trainer.args.max_steps if trainer.args.max_steps > 0 else None
     log(
         f"stage '{stage}': {trainable:,} trainable parameters"
@@ -629,13 +752,17 @@ def train_stage(
     stop = preemption.callback() if preemption is not None else None
     if stop is not None:
         trainer.add_callback(stop)
+    # While the data and the model loaded. One process alone: several must agree first (the callback does).
+    if preemption is not None and preemption.requested and not dist_initialized():
+        raise Preempted(f"{preemption.name}: stopped before stage '{stage}' trained; {RESUME}", preemption.signum)
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout is for results
         trainer.train(resume_from_checkpoint=last)
         if stop is not None and stop.stopped_at is not None:
             trainer.accelerator.wait_for_everyone()  # every process's part of the checkpoint is written
             raise Preempted(
-                f"SIGTERM: stage '{stage}' stopped after step {stop.stopped_at}, saved in "
-                f"{work / f'checkpoint-{stop.stopped_at}'}; {RESUME}"
+                f"{preemption.name}: stage '{stage}' stopped after step {stop.stopped_at}, saved in "
+                f"{work / f'checkpoint-{stop.stopped_at}'}; {RESUME}",
+                preemption.signum,
             )
         final_eval = trainer.evaluate() if eval_blocks else {}
 
