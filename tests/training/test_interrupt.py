@@ -113,6 +113,27 @@ def test_sigterm_and_ctrl_c_request_a_stop_and_name_the_signal(monkeypatch):
     assert exits == [130]
 
 
+def test_a_second_ctrl_c_removes_a_stage_folder_being_written(tmp_path, monkeypatch):
+    """Stopping at once while a finished stage is written leaves no half-written `.NAME.tmp-*` folder; folders
+    it is not writing stay."""
+    from tli_recipe.training import finish
+    from tli_recipe.training.train import Preemption
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    writing = tmp_path / ".new.tmp-abc"
+    (writing / "sub").mkdir(parents=True)
+    (writing / "sub" / "model.safetensors").write_bytes(b"half")
+    other = tmp_path / "new"
+    other.mkdir()
+    monkeypatch.setattr(finish, "WRITING", {writing})
+    p = Preemption()
+    p.received(signal.SIGINT)
+    assert writing.is_dir()  # the first Ctrl-C waits for the step boundary
+    p.received(signal.SIGINT)
+    assert exits == [130] and not writing.exists() and other.is_dir()
+
+
 def test_the_handlers_are_restored_after_training():
     from tli_recipe.training.train import Preemption
 

@@ -57,20 +57,32 @@ def quiet(msg: str) -> None:
     pass
 
 
-def test_injected_only_stage_trains_exactly_the_injected_layers(tmp_path, base, data):
+def test_injected_only_stage_trains_exactly_the_injected_layers(tmp_path, base, data, monkeypatch):
     import os
     import stat
+
+    from tli_recipe.execute import output as output_module
+    from tli_recipe.training import finish
 
     grown = grow(
         tmp_path,
         base,
         "  - name: injected-only\n    trainable: [injected]\n" + FAST.format(data=data, steps=12, save=100),
     )
+    swap, being_written = output_module.swap_into_place, []
+
+    def swapping(tmp, out, **kw):  # what a second Ctrl-C would remove at this moment
+        being_written.append(set(finish.WRITING))
+        return swap(tmp, out, **kw)
+
+    monkeypatch.setattr(output_module, "swap_into_place", swapping)
     umask = os.umask(0o027)
     try:
         [out] = train_output(grown, progress=False, log=quiet)
     finally:
         os.umask(umask)
+    assert [{p.parent for p in w} for w in being_written] == [{out.parent}] and not finish.WRITING
+    assert all(p.name.startswith(f".{out.name}.tmp-") for p in being_written[0])
     # The output follows the umask (not mkdtemp's private 0700), as every file in it does.
     assert stat.S_IMODE(out.stat().st_mode) == 0o750
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()} == {0o640}

@@ -180,6 +180,7 @@ def finish_stage(
     source = Path(cfg.model)
     make_folder(out.parent, log)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    WRITING.add(tmp)
     try:
         _private_to_umask(tmp)
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -215,8 +216,15 @@ def finish_stage(
         if isinstance(exc, OSError):  # a full disk names no file: name the stage output
             raise named(exc, out) from exc
         raise
+    finally:
+        WRITING.discard(tmp)
     shutil.rmtree(work, ignore_errors=True)
     log(f"stage '{cfg.stage}': wrote {out} ({metrics['global_step']} steps); {summary_line(metrics)}")
+
+
+#: The temporary folders of stage outputs being written now: a second Ctrl-C, which ends the process at once,
+#: removes them first (train.Preemption), so that no half-written stage is left beside its output.
+WRITING: set[Path] = set()
 
 
 #: Training losses averaged for the summary: one step's loss on a small batch is noise.

@@ -32,6 +32,7 @@ import yaml
 from pydantic import ValidationError
 
 from tli_recipe.errors import TliError
+from tli_recipe.training import finish
 from tli_recipe.training.builtin import (
     BuiltinStageConfig,
     absolute_config,
@@ -149,6 +150,8 @@ class Preemption:
         if signum == signal.SIGINT:
             self.interrupts += 1
             if self.interrupts > 1:
+                for tmp in list(finish.WRITING):  # a stage being written: no half-written folder stays
+                    shutil.rmtree(tmp, ignore_errors=True)
                 _say(f"interrupted: Ctrl-C again: stopped at once; {RESUME_LAST}")
                 os._exit(128 + signal.SIGINT)
             _say(
