@@ -102,171 +102,135 @@ def compare_recipes(
     online: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[CompareRow]:
-    from tli_recipe.training.train import Preemption
+    from tli_recipe.execute.executor import execute_plan
+    from tli_recipe.training.evaluate import evaluate_models
+    from tli_recipe.training.train import Preempted, Preemption, stage_configs, train_stage
 
     # SIGTERM or a first Ctrl-C stops at the next step boundary with a checkpoint; a second Ctrl-C at once.
     with Preemption() as preemption:
-        return _compare(
-            recipes,
-            data,
-            heldout,
-            work=work,
-            steps=steps,
-            stage=stage,
-            overrides=overrides,
-            sequence_length=sequence_length,
-            batch_size=batch_size,
-            eval_sequences=eval_sequences,
-            device=device,
-            tasks=tasks,
-            task_limit=task_limit,
-            online=online,
-            log=log,
-            preemption=preemption,
-        )
+        plans = _checked_plans(recipes, overrides, stage, log)
+        task_set = None
+        if tasks:
+            from tli_recipe.training.lmeval import TaskSet
 
+            task_set = TaskSet(tasks, online=online, limit=task_limit)
 
-def _compare(
-    recipes: Sequence[str | Path],
-    data: Sequence[str | Path],
-    heldout: Sequence[str | Path],
-    *,
-    work: Path,
-    steps: int,
-    stage: Optional[str],
-    overrides: Sequence[str],
-    sequence_length: int,
-    batch_size: int,
-    eval_sequences: Optional[int],
-    device: str,
-    tasks: Sequence[str],
-    task_limit: Optional[int],
-    online: bool,
-    log: Callable[[str], None],
-    preemption,
-) -> list[CompareRow]:
-    from tli_recipe.execute.executor import execute_plan
-    from tli_recipe.training.evaluate import evaluate_models
-    from tli_recipe.training.train import Preempted, stage_configs, train_stage
-
-    plans = _checked_plans(recipes, overrides, stage, log)
-    task_set = None
-    if tasks:
-        from tli_recipe.training.lmeval import TaskSet
-
-        task_set = TaskSet(tasks, online=online, limit=task_limit)
-
-    def accuracies(model: Path) -> dict[str, dict]:
-        if task_set is None:
-            return {}
-        return {
-            r.task: {"acc": r.acc, "acc_stderr": r.acc_stderr}
-            for r in task_set.score_models([model], log=log, device=device, limit=task_limit)
-        }
-
-    rows = []
-    work.mkdir(parents=True, exist_ok=True)
-    for recipe, plan in zip(recipes, plans):
-        if preemption.requested:
-            raise Preempted(f"{preemption.name}: compare stopped before {plan.name}; {START_OVER}", preemption.signum)
-        folder = work / plan.name
-        started = time.perf_counter()
-        grown = execute_plan(plan, folder / "grown", force=True, progress=False, log=log)
-        grow_seconds = time.perf_counter() - started
-
-        def held_out(model: Path) -> tuple[float, float]:
-            """The held-out loss, and the forward pass's throughput on it (tokens per second, no gradient;
-            loading and tokenizing not counted)."""
-            [result] = evaluate_models(
-                [model], heldout, sequence_length=sequence_length, max_sequences=eval_sequences, device=device
-            )
-            return result.loss, (result.tokens + result.sequences) / max(result.forward_seconds, 1e-9)
-
-        (init, forward_rate), init_tasks = held_out(grown), accuracies(grown)
-        cfg = stage_configs(grown, data=data, stages=[stage or plan.stages[0].name], into=folder / "trained")[0]
-        arguments = {
-            k: v for k, v in cfg.training_arguments.items() if k not in ("num_train_epochs", "eval_steps", "save_steps")
-        }
-        arguments.update(
-            max_steps=steps,
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=1,
-            logging_steps=1,
-            eval_strategy="no",
-            save_strategy="no",
-            report_to=[],
-            seed=0,
-            data_seed=0,
-        )
-        # every compared stage starts from the grown model, whatever its position, and sees the same tokens
-        cfg = cfg.model_copy(
-            update={
-                "model": str(grown),
-                "sequence_length": sequence_length,
-                "validation_fraction": 0.0,
-                "training_arguments": arguments,
+        def accuracies(model: Path) -> dict[str, dict]:
+            if task_set is None:
+                return {}
+            return {
+                r.task: {"acc": r.acc, "acc_stderr": r.acc_stderr}
+                for r in task_set.score_models([model], log=log, device=device, limit=task_limit)
             }
-        )
-        warmup = int(arguments.get("warmup_steps") or 0)
-        if warmup >= steps:
-            log(
-                f"warning: {plan.name}: stage '{cfg.stage}' warms up for {warmup} steps and compare trains {steps}: "
-                f"the learning rate never reaches its peak ({cfg.training_arguments.get('learning_rate')}); "
-                f"use --steps above {warmup} or --set 'stages[*].warmup_steps=...'"
+
+        rows = []
+        work.mkdir(parents=True, exist_ok=True)
+        for recipe, plan in zip(recipes, plans):
+            if preemption.requested:
+                raise Preempted(
+                    f"{preemption.name}: compare stopped before {plan.name}; {START_OVER}", preemption.signum
+                )
+            folder = work / plan.name
+            started = time.perf_counter()
+            grown = execute_plan(plan, folder / "grown", force=True, progress=False, log=log)
+            grow_seconds = time.perf_counter() - started
+
+            def held_out(model: Path) -> tuple[float, float]:
+                """The held-out loss, and the forward pass's throughput on it (tokens per second, no gradient;
+                loading and tokenizing not counted)."""
+                [result] = evaluate_models(
+                    [model], heldout, sequence_length=sequence_length, max_sequences=eval_sequences, device=device
+                )
+                return result.loss, (result.tokens + result.sequences) / max(result.forward_seconds, 1e-9)
+
+            (init, forward_rate), init_tasks = held_out(grown), accuracies(grown)
+            cfg = stage_configs(grown, data=data, stages=[stage or plan.stages[0].name], into=folder / "trained")[0]
+            arguments = {
+                k: v
+                for k, v in cfg.training_arguments.items()
+                if k not in ("num_train_epochs", "eval_steps", "save_steps")
+            }
+            arguments.update(
+                max_steps=steps,
+                per_device_train_batch_size=batch_size,
+                gradient_accumulation_steps=1,
+                logging_steps=1,
+                eval_strategy="no",
+                save_strategy="no",
+                report_to=[],
+                seed=0,
+                data_seed=0,
             )
-        logger = _loss_logger()
-        started = time.perf_counter()
-        try:  # restart: a run left by an interrupted compare is not resumed (its loss curve would be cut)
-            trained = train_stage(
-                cfg,
-                device=device,
-                force=True,
-                restart=True,
-                progress=False,
-                log=log,
-                callbacks=[logger],
-                preemption=preemption,
+            # every compared stage starts from the grown model, whatever its position, and sees the same tokens
+            cfg = cfg.model_copy(
+                update={
+                    "model": str(grown),
+                    "sequence_length": sequence_length,
+                    "validation_fraction": 0.0,
+                    "training_arguments": arguments,
+                }
             )
-        except Preempted:
-            raise Preempted(
-                f"{preemption.name}: compare stopped while training {plan.name} (after step "
-                f"{logger.curve[-1][0] if logger.curve else 0} of {steps}); {START_OVER}",
-                preemption.signum,
-            ) from None
-        train_seconds = time.perf_counter() - started
-        (final, _), final_tasks = held_out(trained), accuracies(trained)
-        sp = next(s for s in plan.stages if s.name == cfg.stage)
-        metrics = (
-            json.loads((trained / "training_metrics.json").read_text())
-            if (trained / "training_metrics.json").is_file()
-            else {}
-        )
-        rows.append(
-            CompareRow(
-                recipe=str(recipe),
-                name=plan.name,
-                stage=cfg.stage,
-                layers=plan.totals.layers_after,
-                parameters=plan.totals.parameters_after,
-                trainable=int(metrics.get("trainable_parameters", sp.trainable_parameters)),
-                function_preserving=plan.function_preserving,
-                init_loss=init,
-                final_loss=final,
-                grow_seconds=grow_seconds,
-                train_seconds=train_seconds,
-                curve=logger.curve,
-                init_tasks=init_tasks,
-                final_tasks=final_tasks,
-                objective=sp.settings.objective,
-                forward_tokens_per_second=forward_rate,
-                active_parameters=plan.upcycle.parameters_active if plan.upcycle else plan.totals.parameters_after,
-                step_seconds=metrics["train_seconds"] / metrics["global_step"]
-                if metrics.get("train_seconds") and metrics.get("global_step")
-                else None,
+            warmup = int(arguments.get("warmup_steps") or 0)
+            if warmup >= steps:
+                log(
+                    f"warning: {plan.name}: stage '{cfg.stage}' warms up for {warmup} steps and compare trains "
+                    f"{steps}: "
+                    f"the learning rate never reaches its peak ({cfg.training_arguments.get('learning_rate')}); "
+                    f"use --steps above {warmup} or --set 'stages[*].warmup_steps=...'"
+                )
+            logger = _loss_logger()
+            started = time.perf_counter()
+            try:  # restart: a run left by an interrupted compare is not resumed (its loss curve would be cut)
+                trained = train_stage(
+                    cfg,
+                    device=device,
+                    force=True,
+                    restart=True,
+                    progress=False,
+                    log=log,
+                    callbacks=[logger],
+                    preemption=preemption,
+                )
+            except Preempted:
+                raise Preempted(
+                    f"{preemption.name}: compare stopped while training {plan.name} (after step "
+                    f"{logger.curve[-1][0] if logger.curve else 0} of {steps}); {START_OVER}",
+                    preemption.signum,
+                ) from None
+            train_seconds = time.perf_counter() - started
+            (final, _), final_tasks = held_out(trained), accuracies(trained)
+            sp = next(s for s in plan.stages if s.name == cfg.stage)
+            metrics = (
+                json.loads((trained / "training_metrics.json").read_text())
+                if (trained / "training_metrics.json").is_file()
+                else {}
             )
-        )
-        log(f"{plan.name}: held-out loss {init:.4f} at init, {final:.4f} after {steps} steps of '{cfg.stage}'")
-    return rows
+            rows.append(
+                CompareRow(
+                    recipe=str(recipe),
+                    name=plan.name,
+                    stage=cfg.stage,
+                    layers=plan.totals.layers_after,
+                    parameters=plan.totals.parameters_after,
+                    trainable=int(metrics.get("trainable_parameters", sp.trainable_parameters)),
+                    function_preserving=plan.function_preserving,
+                    init_loss=init,
+                    final_loss=final,
+                    grow_seconds=grow_seconds,
+                    train_seconds=train_seconds,
+                    curve=logger.curve,
+                    init_tasks=init_tasks,
+                    final_tasks=final_tasks,
+                    objective=sp.settings.objective,
+                    forward_tokens_per_second=forward_rate,
+                    active_parameters=plan.upcycle.parameters_active if plan.upcycle else plan.totals.parameters_after,
+                    step_seconds=metrics["train_seconds"] / metrics["global_step"]
+                    if metrics.get("train_seconds") and metrics.get("global_step")
+                    else None,
+                )
+            )
+            log(f"{plan.name}: held-out loss {init:.4f} at init, {final:.4f} after {steps} steps of '{cfg.stage}'")
+        return rows
 
 
 def _task_names(rows: Sequence[CompareRow]) -> list[str]:
