@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import stat
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -489,10 +490,7 @@ class _StreamedModel:
             self._pool.clear()
             _return_freed_memory()
             return
-        wanted: dict[tuple, int] = {}
-        for key in keys:
-            info = self.checkpoint.tensors[key]
-            wanted[tuple(info.shape)] = wanted.get(tuple(info.shape), 0) + 1
+        wanted = Counter(tuple(self.checkpoint.tensors[key].shape) for key in keys)
         for (shape, dtype), buffers in list(self._pool.items()):
             del buffers[wanted.get(shape, 0) :]
             if not buffers:
